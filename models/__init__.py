@@ -1,0 +1,1 @@
+"""Robust networks, checkpoints, the perturbation engine, Grad-CAM and ARA."""
