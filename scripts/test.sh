@@ -5,6 +5,12 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# System tools some tests use: dciodvfy (DICOM validator). Installed when we may (root with
+# apt); the tests that need it skip with a reason otherwise.
+if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools) >/dev/null 2>&1 \
+    || echo "warning: could not install dicom3tools; DICOM validation tests will skip" >&2
+fi
 set +e
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?
