@@ -105,3 +105,10 @@ class ServiceUnavailableError(AexError):
 class JobCancelledError(AexError):
     code = "job_cancelled"
     http_status = 409
+
+
+class TrainingDivergedError(AexError):
+    """The training loss became NaN or infinite."""
+
+    code = "training_diverged"
+    http_status = 500
