@@ -1,0 +1,214 @@
+"""The ``aex`` command line: one typer app, one function per command.
+
+Commands stay thin: they parse options, call into ``models/`` (or ``worker/``,
+``service/``) and print results. Heavy imports (torch) happen inside the commands so
+``aex --help`` stays fast. To add a command, write one ``@app.command()`` function.
+Errors from ``aex.errors`` become a one-line message on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from aex.errors import AexError
+
+app = typer.Typer(
+    name="aex",
+    help="Adversarial explanations, Grad-CAM and robustness (ARA) for image classifiers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def friendly_errors(fn):
+    """Report project errors as ``error [code]: message`` instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except AexError as exc:
+            typer.echo(f"error [{exc.code}]: {exc.message}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def print_json(obj) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False))
+
+
+@app.command("import-reference")
+@friendly_errors
+def import_reference_cmd(
+    source: Annotated[Path, typer.Argument(help="a reference resnet44-*.pt file (legacy torch.save)")],
+    out: Annotated[Path, typer.Argument(help="where to write the .safetensors checkpoint")],
+) -> None:
+    """Convert one of the paper's released networks into an aex checkpoint, safely
+    (restricted unpickler; no code in the file is run)."""
+    from models.reference import import_reference
+
+    meta = import_reference(source, out)
+    print_json({"checkpoint": str(out), "arch": meta.arch, "activation": meta.arch_args.get("activation"),
+                "psi_state": meta.psi_state, "weights_sha256": meta.weights_sha256,
+                "source_sha256": meta.extra.get("source_sha256")})
+
+
+@app.command()
+@friendly_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option(help="an aex .safetensors checkpoint")],
+    data: Annotated[str, typer.Option(help="data set: ImageFolder dir, tar, .npz or CIFAR-10 root")],
+    n: Annotated[Optional[int], typer.Option(help="images in the seeded subset (default: all)")] = None,
+    seed: Annotated[int, typer.Option(help="subset seed (randperm rule of the data README)")] = 1776,
+    ara: Annotated[bool, typer.Option("--ara", help="also compute attack and BTR ARA (slow)")] = False,
+    plot: Annotated[Optional[Path], typer.Option(help="write the A(rho) curves to this PNG (needs --ara)")] = None,
+    batch_size: Annotated[int, typer.Option(help="images per batch")] = 100,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present)")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test")] = "test",
+    progress: Annotated[bool, typer.Option(help="tqdm progress bars on stderr")] = True,
+) -> None:
+    """Accuracy (and ARA) of a checkpoint on a seeded subset; prints JSON."""
+    from aex.errors import BadParameterError
+    from models.evaluation import evaluate_checkpoint
+
+    if plot is not None and not ara:
+        raise BadParameterError("--plot draws the ARA curves; add --ara")
+    print_json(evaluate_checkpoint(checkpoint, data, n=n, seed=seed, ara=ara, plot=plot, batch_size=batch_size,
+                                   device=device, split=split, progress=progress))
+
+
+@app.command()
+@friendly_errors
+def explain(
+    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...)")],
+    checkpoint: Annotated[Path, typer.Option(help="an aex .safetensors checkpoint")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    targets: Annotated[Optional[list[str]], typer.Option(
+        "--targets", "-t", help="predicted, runner-up, all, a class index or name; repeatable")] = None,
+    rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = 0.1,
+    steps: Annotated[int, typer.Option(help="search steps S")] = 35,
+    overshoot: Annotated[float, typer.Option(help="overshoot k")] = 5.0,
+    layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer, dotted name (default: model's)")] = None,
+    clamp: Annotated[bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search")] = False,
+    bound_check: Annotated[bool, typer.Option(help="fail if rho is not reached in half the steps")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: CUDA if present)")] = None,
+) -> None:
+    """Adversarial explanations and Grad-CAM for one image; writes PNGs and summary.json."""
+    from models.checkpoint import load_checkpoint
+    from models.explain import DEFAULT_TARGETS, Explainer, write_explanation
+    from models.gradcam import gradcam, layer_name, resolve_layer
+    from models.preprocess import load_image_for_model
+    from models.runtime import pick_device
+
+    model, meta = load_checkpoint(checkpoint, device=pick_device(device))
+    x = load_image_for_model(image, meta.input_size, meta.in_channels)
+    explainer = Explainer(model, meta.classes, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
+                          bound_check=bound_check)
+    result = explainer.explain(x, targets or list(DEFAULT_TARGETS))
+    target_layer = resolve_layer(model, layer)
+    cam = gradcam(model, x.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
+    summary = write_explanation(out, result, cam, extra_summary={
+        "image": str(image), "checkpoint": str(checkpoint),
+        "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
+    })
+    print_json({"out": str(out), "predicted": summary["predicted"],
+                "targets": [{k: t[k] for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
+                            for t in summary["targets"]]})
+
+
+@app.command()
+@friendly_errors
+def train(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option(help="checkpoint to write (.safetensors); resume state and the metrics "
+                                           "log go beside it as <stem>.resume.safetensors and <stem>.metrics.jsonl")],
+    data: Annotated[Optional[str], typer.Option(help="training data: ImageFolder dir or tar, MedMNIST .npz, "
+                                                     "CIFAR-10 root")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="resnet20_cifar, resnet44_cifar, preact_resnet, ...")] = None,
+    val_data: Annotated[Optional[str], typer.Option(help="validation data (default: the data's val split, a "
+                                                         "sibling val file, or a seeded test subset)")] = None,
+    test_data: Annotated[Optional[str], typer.Option(help="test data (default: the data's test split or a "
+                                                          "sibling test file, e.g. train.tar -> test.tar)")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="resize images to this (28, 32, 64, 224)")] = None,
+    in_channels: Annotated[Optional[int], typer.Option(help="1 (grey-scale) or 3 (RGB)")] = None,
+    depth: Annotated[Optional[int], typer.Option(help="preact_resnet depth 6n+2")] = None,
+    width: Annotated[Optional[int], typer.Option(help="preact_resnet first-stage width")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="cifar10, natural, medical or none (default: by data)")] = None,
+    holdout: Annotated[float, typer.Option(help="fraction held out when the data has no val or test split")] = 0.1,
+    robust: Annotated[bool, typer.Option("--robust", help="HHReLU + Lipschitz penalty with adaptive psi")] = False,
+    psi0: Annotated[float, typer.Option(help="adaptive psi: psi0")] = 220.0,
+    k_psi: Annotated[float, typer.Option(help="adaptive psi: k_psi")] = 0.02,
+    l_target: Annotated[Optional[float], typer.Option(help="adaptive psi: target cross-entropy (default "
+                                                           "1.5 * ln(classes) / ln(10): 1.5 on CIFAR-10)")] = None,
+    eps_better: Annotated[float, typer.Option(help="adaptive psi: largest step up")] = 1.0,
+    eps_worse: Annotated[float, typer.Option(help="adaptive psi: largest step down")] = 0.01,
+    zeta: Annotated[float, typer.Option(help="probability of the margin (tandem) scalar")] = 0.2,
+    z: Annotated[float, typer.Option(help="exponent of |gradient| in the penalty")] = 2.0,
+    hhrelu_delta: Annotated[float, typer.Option(help="HHReLU delta")] = 0.5,
+    adv_train: Annotated[Optional[str], typer.Option(help="adversarial training: l2 (eps 0.01) or l2min "
+                                                          "(eps 0.1); half-and-half with --robust")] = None,
+    adv_eps: Annotated[Optional[float], typer.Option(help="override the adversarial-training eps")] = None,
+    adv_steps: Annotated[int, typer.Option(help="adversarial-training search steps")] = 7,
+    epochs: Annotated[int, typer.Option(help="epochs (reference: 200)")] = 200,
+    batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.1,
+    schedule: Annotated[str, typer.Option(help="step (reference), cosine or onecycle")] = "step",
+    milestones: Annotated[Optional[list[int]], typer.Option(help="step schedule: epochs where lr /= 10 "
+                                                                 "(repeatable; default 85%, 97.5%)")] = None,
+    warmup_epochs: Annotated[float, typer.Option(help="cosine schedule: linear warm-up epochs")] = 0.0,
+    momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="weight decay (all parameters)")] = 1e-4,
+    seed: Annotated[int, typer.Option(help="seed of initial weights, shuffling and augmentation")] = 0,
+    val_n: Annotated[int, typer.Option(help="images of the per-epoch validation subset")] = 1000,
+    ara_n: Annotated[int, typer.Option(help="images for the final attack and BTR ARA (0: skip)")] = 100,
+    ara_seed: Annotated[int, typer.Option(help="seed of the ARA subset")] = 1776,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: CUDA if present)")] = None,
+    workers: Annotated[int, typer.Option(help="batch-preparation worker processes (0: in the main process)")] = 0,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
+    stop_after: Annotated[Optional[int], typer.Option(help="train this many epochs now, then stop (--resume "
+                                                           "later)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run at --out where it stopped")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="start over even if --out exists")] = False,
+    download: Annotated[bool, typer.Option("--download", help="download torchvision CIFAR-10 into --data")] = False,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="torch deterministic algorithms")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+) -> None:
+    """Train a classifier (standard, --robust, --adv-train); checkpoints every epoch; under
+    torchrun it trains with DistributedDataParallel. Ends with test accuracy and ARA."""
+    import click
+
+    from aex.errors import BadParameterError
+    from models.train import TrainConfig, stored_config
+    from models.train import train as run_training
+
+    given = dict(ctx.params)
+    given["out"] = str(out)
+    given["command"] = " ".join(sys.argv)
+    if resume and (data is None or arch is None) and (old := stored_config(out)) is not None:
+        # `aex train --out C --resume`: the stored options, with the ones typed now on top.
+        base = {**old.recipe(), "resume": True, "out": str(out), "command": given["command"]}
+        for name, value in given.items():
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+                base[name] = value
+        given = base
+    if given.get("data") is None or given.get("arch") is None:
+        raise BadParameterError("--data and --arch are required (unless --resume finds a run at --out)")
+    run = run_training(TrainConfig(**given))
+    if run.info.is_main and run.final:
+        print_json({"checkpoint": str(out), **run.final})
+
+
+def main() -> None:  # pragma: no cover - entry point for `python -m aex.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Evaluate a checkpoint on a data set: accuracy, and optionally both ARAs (CLI, workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aex.errors import DataError
+
+from .ara import compute_ara, plot_ara
+from .checkpoint import load_checkpoint
+from .data import load_dataset, seeded_subset
+from .runtime import eval_mode, model_device, pick_device
+
+
+def accuracy(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500, progress: bool = False
+) -> float:
+    """Top-1 accuracy. images: uint8 N x C x H x W (or float in [0, 1]); labels: N int64."""
+    device = model_device(model)
+    correct = 0
+    starts = range(0, int(labels.numel()), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="accuracy", unit="batch", leave=False)
+    with eval_mode(model), torch.no_grad():
+        for s in starts:
+            xb = images[s:s + batch_size].to(device)
+            xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
+            correct += int((model(xb).argmax(1).cpu() == labels[s:s + batch_size]).sum())
+    return correct / max(1, int(labels.numel()))
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    n: int | None = None,
+    seed: int = 1776,
+    ara: bool = False,
+    plot: str | os.PathLike | None = None,
+    batch_size: int = 100,
+    device: str | None = None,
+    split: str = "test",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Accuracy (and with ``ara`` both ARAs) on the seeded subset of ``data``'s split.
+
+    The subset is ``randperm(len, Generator().manual_seed(seed))[:n]`` over the data set's
+    path order (the shared rule). Returns a JSON-ready dict.
+    """
+    t0 = time.perf_counter()
+    model, meta = load_checkpoint(checkpoint, device=pick_device(device))
+    ds = load_dataset(data, split=split, input_size=meta.input_size, in_channels=meta.in_channels)
+    if list(ds.classes) != list(meta.classes) and not all(c.isdigit() for c in ds.classes):
+        raise DataError(
+            f"the data set's classes {ds.classes} differ from the checkpoint's {meta.classes}; "
+            "labels would not mean the same classes"
+        )
+    idx = seeded_subset(len(ds), n, seed)
+    images, labels = ds.images[idx], ds.labels[idx]
+    out: dict[str, Any] = {}
+    if ara:
+        res = compute_ara(model, images, labels, batch_size=batch_size, progress=progress)
+        out.update(accuracy=res.accuracy, attack_ara=res.attack_ara, btr_ara=res.btr_ara)
+        if plot:
+            plot_ara(res, plot, title=f"{Path(checkpoint).name}: n = {res.n}, accuracy {res.accuracy:.3f}")
+            out["plot"] = str(plot)
+    else:
+        out.update(accuracy=accuracy(model, images, labels, batch_size=max(batch_size, 256), progress=progress),
+                   attack_ara=None, btr_ara=None)
+    out.update(
+        n=int(labels.numel()), seed=seed, seconds=round(time.perf_counter() - t0, 3),
+        checkpoint=str(checkpoint), data=str(data), device=str(model_device(model)),
+    )
+    return out
