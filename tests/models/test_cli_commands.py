@@ -1,0 +1,109 @@
+"""The science-core commands of ``aex`` (import-reference, evaluate, explain) end to end."""
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from aex.cli import app
+from models.checkpoint import CheckpointMeta, save_checkpoint
+from models.data import load_dataset, seeded_subset
+
+from .conftest import make_tiny_model
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    model = make_tiny_model("hhrelu", seed=3, num_classes=2)
+    meta = CheckpointMeta(arch="preact_resnet",
+                          arch_args=dict(depth=8, width=4, num_classes=2, input_size=32, activation="hhrelu"),
+                          classes=["cat", "dog"], input_size=32, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3)
+    path = tmp_path / "tiny.safetensors"
+    save_checkpoint(path, model, meta)
+    return path, model
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "data" / c / f"{i:04d}.png")
+    return tmp_path / "data"
+
+
+def test_explain_writes_images_and_summary(tiny_checkpoint, folder, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    out = tmp_path / "expl"
+    res = runner.invoke(app, ["explain", str(folder / "cat" / "0000.png"), "--checkpoint", str(ckpt),
+                              "--out", str(out), "--layer", "pipe.3", "--no-bound-check"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [t["role"] for t in summary["targets"]] == ["predicted", "runner-up", "class", "class"]
+    assert summary["gradcam"]["layer"] == "pipe.3"
+    for t in summary["targets"]:
+        assert t["prob_after"] > t["prob_before"]
+        for key in ("image", "difference"):
+            assert Image.open(out / t[key]).size == (32, 32)
+    for name in ("input.png", "gradcam.png", "gradcam_overlay.png"):
+        assert Image.open(out / name).size == (32, 32)
+    printed = json.loads(res.stdout)
+    assert printed["predicted"]["class_name"] in ("cat", "dog")
+
+
+def test_evaluate_accuracy_and_ara_on_a_seeded_subset(tiny_checkpoint, folder, tmp_path):
+    ckpt, model = tiny_checkpoint
+    plot = tmp_path / "ara.png"
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5",
+                              "--seed", "3", "--ara", "--plot", str(plot), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["n"] == 5 and out["seed"] == 3 and out["checkpoint"] == str(ckpt)
+    ds = load_dataset(folder, "test")
+    idx = seeded_subset(len(ds), 5, 3)
+    with torch.no_grad():
+        pred = model(ds.images[idx].float() / 255).argmax(1)
+    assert out["accuracy"] == pytest.approx((pred == ds.labels[idx]).float().mean().item())
+    assert out["attack_ara"] >= 0 and out["btr_ara"] >= 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_refuses_plot_without_ara(tiny_checkpoint, folder, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--plot",
+                              str(tmp_path / "x.png")])
+    assert res.exit_code == 2 and "--ara" in res.output
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_import_reference_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"model_params": _Evil(marker)}, protocol=2))
+    res = runner.invoke(app, ["import-reference", str(bad), str(tmp_path / "out.safetensors")])
+    assert res.exit_code == 2 and "unsafe_checkpoint" in res.output and "system" in res.output
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+
+
+def test_import_reference_command(reference_checkpoints, tmp_path):
+    res = runner.invoke(app, ["import-reference", str(reference_checkpoints / "resnet44-robust.pt"),
+                              str(tmp_path / "robust.safetensors")])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["activation"] == "hhrelu" and out["psi_state"]["psi"] == pytest.approx(33778, rel=1e-3)
