@@ -124,6 +124,31 @@ def explain(
                             for t in summary["targets"]]})
 
 
+def _typed(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was typed (typer vendors click, so compare by name)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _typed_command(ctx: typer.Context) -> str:
+    """The options typed on the command line, as one shell line (``aex train ...``)."""
+    import shlex
+
+    parts = ["aex", ctx.info_name or "train"]
+    for param in ctx.command.params:
+        if not _typed(ctx, param.name):
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            parts.append(param.opts[0] if value else (param.secondary_opts or param.opts)[0])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                parts += [param.opts[0], str(v)]
+        else:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)
+
+
 @app.command()
 @friendly_errors
 def train(
@@ -143,6 +168,8 @@ def train(
     width: Annotated[Optional[int], typer.Option(help="preact_resnet first-stage width")] = None,
     augment: Annotated[Optional[str], typer.Option(help="cifar10, natural, medical or none (default: by data)")] = None,
     holdout: Annotated[float, typer.Option(help="fraction held out when the data has no val or test split")] = 0.1,
+    class_weights: Annotated[Optional[str], typer.Option(help="'balanced': weight the cross-entropy by "
+                                                              "N / (C * n_c) (skewed data sets)")] = None,
     robust: Annotated[bool, typer.Option("--robust", help="HHReLU + Lipschitz penalty with adaptive psi")] = False,
     psi0: Annotated[float, typer.Option(help="adaptive psi: psi0")] = 220.0,
     k_psi: Annotated[float, typer.Option(help="adaptive psi: k_psi")] = 0.02,
@@ -183,20 +210,18 @@ def train(
 ) -> None:
     """Train a classifier (standard, --robust, --adv-train); checkpoints every epoch; under
     torchrun it trains with DistributedDataParallel. Ends with test accuracy and ARA."""
-    import click
-
     from aex.errors import BadParameterError
     from models.train import TrainConfig, stored_config
     from models.train import train as run_training
 
     given = dict(ctx.params)
     given["out"] = str(out)
-    given["command"] = " ".join(sys.argv)
+    given["command"] = _typed_command(ctx)
     if resume and (data is None or arch is None) and (old := stored_config(out)) is not None:
         # `aex train --out C --resume`: the stored options, with the ones typed now on top.
         base = {**old.recipe(), "resume": True, "out": str(out), "command": given["command"]}
         for name, value in given.items():
-            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            if _typed(ctx, name):
                 base[name] = value
         given = base
     if given.get("data") is None or given.get("arch") is None:

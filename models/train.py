@@ -79,11 +79,12 @@ class TrainConfig:
     width: int | None = None
     augment: str | None = None  # None: chosen by the data set's kind
     holdout: float = 0.1  # fraction held out when the data has neither val nor test split
+    class_weights: str | None = None  # "balanced": CE weights N / (C * n_c) for skewed data
     # robust additions
     robust: bool = False
     psi0: float = PSI0
     k_psi: float = K_PSI
-    l_target: float = L_TARGET
+    l_target: float | None = None  # None: L_TARGET * ln(C) / ln(10), i.e. 1.5 for 10 classes
     eps_better: float = EPS_BETTER
     eps_worse: float = EPS_WORSE
     zeta: float = ZETA
@@ -119,6 +120,9 @@ class TrainConfig:
     stop_after: int | None = None  # epochs to train in this invocation (then stop; --resume later)
     command: str = ""
 
+    def __post_init__(self) -> None:
+        self.milestones = sorted(int(m) for m in self.milestones) if self.milestones else None
+
     def validate(self) -> None:
         if self.arch not in available():
             raise BadParameterError(f"unknown architecture {self.arch!r}; available: {', '.join(available())}")
@@ -139,6 +143,8 @@ class TrainConfig:
             raise BadParameterError("--holdout must be in [0, 1)")
         if self.hhrelu_delta <= 0:
             raise BadParameterError("--hhrelu-delta must be > 0")
+        if self.class_weights not in (None, "balanced"):
+            raise BadParameterError(f"--class-weights must be 'balanced' (or absent), got {self.class_weights!r}")
         if self.ara_n < 0 or self.workers < 0:
             raise BadParameterError("--ara-n and --workers must be >= 0")
 
@@ -331,6 +337,15 @@ def load_splits(cfg: TrainConfig) -> Splits:
     return Splits(train, val, test, val_source, test_source)
 
 
+def balanced_class_weights(data: ImageSet) -> torch.Tensor:
+    """N / (C * n_c) per class (1 everywhere for a balanced set); float32 C."""
+    counts = torch.bincount(data.labels, minlength=len(data.classes)).double()
+    if bool((counts == 0).any()):
+        missing = [data.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
+        raise DataError(f"class(es) {missing} have no training images; cannot balance")
+    return (counts.sum() / (len(counts) * counts)).float()
+
+
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images N x C x H x W, in [0, 1] units."""
     c = images.shape[1]
@@ -385,6 +400,15 @@ def build_model(cfg: TrainConfig, arch_args: dict[str, Any]) -> nn.Module:
         return create_model(cfg.arch, **arch_args)
     except ValueError as exc:
         raise BadParameterError(f"cannot build {cfg.arch}: {exc}") from None
+
+
+def loss_target(l_target: float | None, num_classes: int) -> float:
+    """The CE that adaptive psi steers toward. The reference's 1.5 is for CIFAR-10, where
+    chance is ln 10 = 2.30; by default it scales with ln C, so that on two classes (chance
+    0.69) psi does not grow until the network is worse than a constant guess."""
+    if l_target is not None:
+        return float(l_target)
+    return L_TARGET * math.log(num_classes) / math.log(10)
 
 
 def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
@@ -460,7 +484,7 @@ class StepStats:
 
 def train_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                cfg: TrainConfig, psi: AdaptivePsi | None, lr: float, gen: torch.Generator,
-               info: DistInfo) -> tuple[float, float, int]:
+               info: DistInfo, class_weight: torch.Tensor | None = None) -> tuple[float, float, int]:
     """One optimisation step. ``model`` may be the DDP wrapper of ``net``. Returns (global mean
     CE, penalty, correct count on this rank). ``gen`` supplies this step's randomness
     (half-and-half mask, penalty logits)."""
@@ -474,7 +498,7 @@ def train_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, x: 
     if cfg.robust:
         x.requires_grad_(True)
     logits = model(x)
-    ce = F.cross_entropy(logits, y)
+    ce = F.cross_entropy(logits, y, weight=class_weight)
     ce_global = all_reduce_sum(ce.detach().clone(), info) / info.world
     ce_value = float(ce_global)
     if not math.isfinite(ce_value):
@@ -510,7 +534,7 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         y = y.to(run.device, non_blocking=True)
         gen = step_generator(cfg.seed, "step", epoch, i, info.rank)
         ce, pen, correct = train_step(run.model, run.net, run.opt, x, y, cfg, run.psi,
-                                      run.schedule(run.global_step), gen, info)
+                                      run.schedule(run.global_step), gen, info, run.class_weight)
         run.global_step += 1
         stats.n += y.shape[0]
         stats.ce_sum += ce * y.shape[0]
@@ -559,6 +583,21 @@ def evaluate(net: nn.Module, data: ImageSet, device: torch.device, batch_size: i
     return float(totals[0]) / max(n, 1), n
 
 
+@torch.no_grad()
+def class_accuracy(net: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 256) -> list[float]:
+    """Recall of each class (accuracy over its images; NaN-free: 0 for an absent class)."""
+    was_training = net.training
+    net.eval()
+    preds = torch.cat([net(to_float(data.images[i:i + batch_size]).to(device)).argmax(1).cpu()
+                       for i in range(0, len(data), batch_size)])
+    net.train(was_training)
+    out = []
+    for c in range(len(data.classes)):
+        sel = data.labels == c
+        out.append(float((preds[sel] == c).double().mean()) if bool(sel.any()) else 0.0)
+    return out
+
+
 def final_metrics(run: Run) -> dict[str, Any]:
     """Test accuracy over the whole test set, then attack and BTR ARA on the seeded subset."""
     cfg = run.cfg
@@ -568,19 +607,41 @@ def final_metrics(run: Run) -> dict[str, Any]:
         return out
     t0 = time.perf_counter()
     acc, n = evaluate(run.net, test, run.device)
-    out.update(test_accuracy=acc, test_n=n, test_source=run.splits.test_source)
+    out.update(test_accuracy=acc, test_n=n, test_source=run.splits.test_source,
+               test_class_accuracy=class_accuracy(run.net, test, run.device))
     if cfg.ara_n > 0:
-        from .ara import compute_ara  # shared with `aex evaluate`
-
-        idx = seeded_subset(len(test), cfg.ara_n, cfg.ara_seed)
-        x = to_float(test.images[idx])
-        y = test.labels[idx]
-        for kind in ("attack", "btr"):
-            res = compute_ara(run.net, x, y, kind=kind, num_classes=len(test.classes), device=run.device)
-            out[f"ara_{kind}"] = float(res.ara)
-        out.update(ara_n=int(idx.numel()), ara_seed=cfg.ara_seed)
+        out.update(ara_metrics(run.net, test, cfg.ara_n, cfg.ara_seed, cfg.progress))
     out["final_eval_seconds"] = time.perf_counter() - t0
     return out
+
+
+def ara_metrics(net: nn.Module, test: ImageSet, n: int, seed: int, progress: bool = False) -> dict[str, Any]:
+    """Attack and BTR ARA on the seeded subset (the shared subset rule) of ``test``.
+
+    The reference checks that every search settles in its first half; if one does not, the
+    figures are still computed (and flagged) rather than losing the end of a long run."""
+    from aex.errors import BoundNotReachedError
+
+    from .ara import compute_ara  # shared with `aex evaluate`
+
+    idx = seeded_subset(len(test), n, seed)
+    images, labels = test.images[idx], test.labels[idx]
+    bound_ok = True
+    try:
+        res = compute_ara(net, images, labels, progress=progress)
+    except BoundNotReachedError as exc:
+        print(f"warning: {exc}; computing ARA without the bound check", file=sys.stderr)
+        bound_ok = False
+        res = compute_ara(net, images, labels, progress=progress, bound_check=False)
+    return {
+        "ara_attack": res.attack_ara,
+        "ara_btr": res.btr_ara,
+        "ara_accuracy": res.accuracy,
+        "ara_n": res.n,
+        "ara_seed": seed,
+        "ara_settings": res.settings,
+        "ara_bound_check_passed": bound_ok,
+    }
 
 
 # --------------------------------------------------------------------------- run state
@@ -599,6 +660,7 @@ class Run:
     opt: torch.optim.Optimizer
     schedule: LRSchedule
     psi: AdaptivePsi | None
+    class_weight: torch.Tensor | None = None
     epochs_done: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -706,7 +768,10 @@ def _progress(total: int, desc: str, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", dynamic_ncols=True, leave=False)
+    # In a log file (nohup), a line every 30 s instead of ten a second.
+    interactive = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", dynamic_ncols=interactive,
+                leave=False, mininterval=0.5 if interactive else 30.0)
 
 
 def _log(msg: str, info: DistInfo) -> None:
@@ -736,6 +801,8 @@ def prepare_run(cfg: TrainConfig) -> Run:
         raise BadParameterError(f"{out} already exists: pass --resume to continue it or --overwrite to start over")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # Subnormal floats (tiny gradients late in a schedule) slow x86 CPUs several-fold.
+    torch.set_flush_denormal(True)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -754,9 +821,12 @@ def prepare_run(cfg: TrainConfig) -> Run:
     opt = build_optimizer(cfg, net)
     steps = len(epoch_batches(len(splits.train), cfg.batch_size, 0, cfg.seed, info))
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.epochs, steps, list(cfg.milestones or []), cfg.warmup_epochs)
-    psi = AdaptivePsi(cfg.psi0, cfg.k_psi, cfg.l_target, cfg.eps_better, cfg.eps_worse) if cfg.robust else None
+    psi = None
+    if cfg.robust:
+        psi = AdaptivePsi(cfg.psi0, cfg.k_psi, loss_target(cfg.l_target, len(splits.train.classes)),
+                          cfg.eps_better, cfg.eps_worse)
     run = Run(cfg, info, device, splits, augmentation_kind(cfg, splits.train), arch_args, net, model, opt,
-              schedule, psi)
+              schedule, psi, balanced_class_weights(splits.train).to(device) if cfg.class_weights else None)
     if cfg.resume and has_state:
         load_resume(run)
         _log(f"resuming {out} after epoch {run.epochs_done} (step {run.global_step})", info)

@@ -1,0 +1,275 @@
+"""The trainer on tiny data sets the tests make themselves (tiny networks, a few steps)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import models.train as train_mod
+from aex.errors import BadParameterError
+from models.checkpoint import load_checkpoint, load_tensors, read_metadata
+from models.lr_schedule import LRSchedule, default_milestones
+from models.train import TrainConfig, epoch_batches, load_splits, metrics_path, resume_path, train
+
+TINY = dict(arch="preact_resnet", depth=8, width=4, batch_size=8, lr=0.05, ara_n=0, progress=False)
+
+
+def make_npz(path: Path, n_train=32, n_val=8, n_test=8, seed=0) -> Path:
+    """A MedMNIST-like file: 28x28 grey images, labels (N, 1); class 1 has a bright band."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 10:18, :] += 120
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+def make_folder(root: Path, n_per_class=20, size=32, classes=("cat", "dog")) -> Path:
+    rng = np.random.default_rng(1)
+    for ci, c in enumerate(classes):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            arr[:, : size // 2, ci] = 255
+            Image.fromarray(arr).save(root / c / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def npz(tmp_path) -> Path:
+    return make_npz(tmp_path / "tinymnist.npz")
+
+
+def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
+    args = dict(TINY)
+    args.update(kw)
+    return TrainConfig(data=str(data), out=str(out), **args)
+
+
+def final_state(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_tensors(resume_path(out)).items() if k.startswith(("model.", "optim."))}
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_onecycle_matches_torch_onecyclelr():
+    steps_per_epoch, epochs, lr = 7, 3, 0.2
+    sched = LRSchedule("onecycle", lr, epochs, steps_per_epoch)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                              cycle_momentum=False)
+    for t in range(epochs * steps_per_epoch):
+        assert sched(t) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
+        opt.step()
+        ref.step()
+
+
+def test_step_schedule_is_the_reference_at_200_epochs_and_cosine_decays_to_zero():
+    assert default_milestones(200) == [170, 195]
+    s = LRSchedule("step", 0.1, 200, 10)
+    assert s(169 * 10 + 9) == pytest.approx(0.1)
+    assert s(170 * 10) == pytest.approx(0.01)
+    assert s(195 * 10) == pytest.approx(0.001)
+    c = LRSchedule("cosine", 0.1, 4, 5, warmup_epochs=1)
+    assert c(0) == pytest.approx(0.02) and c(4) == pytest.approx(0.1)
+    assert c(5) == pytest.approx(0.1) and c(19) < 0.002
+    vals = [c(t) for t in range(5, 20)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_npz_uses_its_val_split_and_test_split(npz):
+    splits = load_splits(cfg_for(npz, npz.parent / "o.safetensors"))
+    assert len(splits.train) == 32 and len(splits.val) == 8 and len(splits.test) == 8
+    assert splits.val_source.endswith(":val") and splits.test_source.endswith(":test")
+    assert splits.train.kind == "medical" and splits.train.in_channels == 1
+
+
+def test_train_tar_finds_sibling_test_tar_and_validates_on_a_seeded_test_subset(tmp_path):
+    def write_tar(path: Path, split: str, n: int):
+        with tarfile.open(path, "w") as tf:
+            for c in ("a", "b"):
+                for i in range(n):
+                    buf = io.BytesIO()
+                    Image.fromarray(np.full((32, 32, 3), 40 if c == "a" else 200, np.uint8)).save(buf, "JPEG")
+                    info = tarfile.TarInfo(f"{split}/{c}/{i:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tf.addfile(info, buf)
+
+    write_tar(tmp_path / "train.tar", "train", 6)
+    write_tar(tmp_path / "test.tar", "test", 5)
+    splits = load_splits(cfg_for(tmp_path / "train.tar", tmp_path / "o.safetensors", val_n=4))
+    assert len(splits.train) == 12 and len(splits.test) == 10 and len(splits.val) == 4
+    assert splits.test_source == str(tmp_path / "test.tar")
+
+
+def test_folder_without_splits_holds_out_a_seeded_part(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    splits = load_splits(cfg_for(root, tmp_path / "o.safetensors", holdout=0.1))
+    assert len(splits.train) == 36 and len(splits.val) == 4 and splits.test is splits.val
+    assert splits.train.kind == "natural" and splits.train.classes == ["cat", "dog"]
+
+
+def test_epoch_batches_split_the_permutation_like_distributed_sampler():
+    one = epoch_batches(40, 8, epoch=3, seed=5, info=train_mod.DistInfo())
+    assert sorted(torch.cat(one).tolist()) == list(range(40))
+    r0 = epoch_batches(40, 4, 3, 5, train_mod.DistInfo(0, 2))
+    r1 = epoch_batches(40, 4, 3, 5, train_mod.DistInfo(1, 2))
+    assert len(r0) == len(r1) == 5
+    assert sorted(torch.cat(r0 + r1).tolist()) == list(range(40))
+    assert not torch.equal(torch.cat(one), torch.cat(epoch_batches(40, 8, 4, 5, train_mod.DistInfo())))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_robust_run_writes_checkpoint_resume_state_and_metrics_log(npz, tmp_path):
+    out = tmp_path / "run" / "net.safetensors"
+    run = train(cfg_for(npz, out, robust=True, epochs=2, schedule="onecycle"))
+    model, meta = load_checkpoint(out)
+    assert meta.arch_args["activation"] == "hhrelu" and meta.arch_args["zero_init_residual"] is False
+    assert meta.classes == ["0", "1"] and meta.in_channels == 1 and meta.input_size == 28
+    assert meta.psi_state["S"] == run.psi.S and meta.psi_state["psi0"] == 220.0
+    assert meta.recipe["robust"] is True and meta.recipe["epochs"] == 2
+    assert meta.metrics["epochs_done"] == 2 and meta.metrics["test_n"] == 8
+    assert 0.0 <= meta.metrics["test_accuracy"] <= 1.0
+    # The served file holds only the network; the resume file adds optimiser and RNG state.
+    assert all(k.startswith("model.") for k in load_tensors(out))
+    extra = load_tensors(resume_path(out))
+    assert any(k.startswith("optim.") for k in extra) and "rng.torch_cpu" in extra
+    lines = [json.loads(x) for x in metrics_path(out).read_text().splitlines()]
+    assert [r["event"] for r in lines] == ["epoch", "epoch", "final"]
+    for r in lines[:2]:
+        assert {"epoch", "loss", "penalty", "psi", "train_accuracy", "val_accuracy", "seconds"} <= set(r)
+        assert r["penalty"] > 0 and r["psi"] >= 220.0
+    # The stored mean/std come from the training images (not CIFAR's constants).
+    imgs = np.load(npz)["train_images"] / 255.0
+    assert meta.mean[0] == pytest.approx(imgs.mean(), abs=1e-5)
+    assert meta.std[0] == pytest.approx(imgs.std(), abs=1e-5)
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 2)
+
+
+def test_standard_run_zero_inits_residuals_and_learns(npz, tmp_path):
+    out = tmp_path / "std.safetensors"
+    run = train(cfg_for(npz, out, epochs=6, lr=0.1, schedule="cosine"))
+    meta = read_metadata(out)
+    assert meta.arch_args["activation"] == "relu" and meta.arch_args["zero_init_residual"] is True
+    assert meta.psi_state is None
+    # The bright band is easy: a few epochs separate the classes.
+    assert run.history[-1]["loss"] < run.history[0]["loss"]
+    assert meta.metrics["test_accuracy"] >= 0.75
+
+
+def test_existing_output_is_refused_without_resume_or_overwrite(npz, tmp_path):
+    out = tmp_path / "x.safetensors"
+    train(cfg_for(npz, out, epochs=1))
+    with pytest.raises(BadParameterError, match="--resume"):
+        train(cfg_for(npz, out, epochs=1))
+    with pytest.raises(BadParameterError, match="different training options"):
+        train(cfg_for(npz, out, epochs=1, lr=0.2, resume=True))
+
+
+@pytest.mark.parametrize("extra", [dict(robust=True), dict(robust=True, adv_train="l2")],
+                         ids=["robust", "robust+adv"])
+def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(npz, tmp_path, monkeypatch, extra):
+    kw = dict(epochs=2, schedule="onecycle", seed=3, **extra)
+    whole = tmp_path / "whole.safetensors"
+    run_whole = train(cfg_for(npz, whole, **kw))
+
+    # Kill the second run in the middle of epoch 2 (its third step raises).
+    broken = tmp_path / "broken.safetensors"
+    real_step = train_mod.train_step
+    calls = {"n": 0}
+
+    def dying_step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4 + 3:  # 4 steps per epoch
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(npz, broken, **kw))
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    assert read_metadata(resume_path(broken)).extra["resume"]["epochs_done"] == 1
+
+    run_resumed = train(cfg_for(npz, broken, resume=True, **kw))
+    a, b = final_state(whole), final_state(broken)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert run_resumed.psi.S == run_whole.psi.S and run_resumed.psi.psi == run_whole.psi.psi
+    assert read_metadata(broken).weights_sha256 == read_metadata(whole).weights_sha256
+    log_a = [json.loads(x) for x in metrics_path(whole).read_text().splitlines()]
+    log_b = [json.loads(x) for x in metrics_path(broken).read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "images_per_s", "final_eval_seconds")}
+    assert [strip(r) for r in log_a] == [strip(r) for r in log_b]
+
+
+def test_stop_after_then_resume_finishes_the_run(npz, tmp_path):
+    out = tmp_path / "s.safetensors"
+    run = train(cfg_for(npz, out, epochs=2, stop_after=1))
+    assert run.epochs_done == 1 and not run.final
+    assert "test_accuracy" not in read_metadata(out).metrics
+    run = train(cfg_for(npz, out, epochs=2, resume=True))
+    assert run.epochs_done == 2 and "test_accuracy" in read_metadata(out).metrics
+    # Resuming a finished run does nothing more.
+    before = out.stat().st_mtime_ns
+    train(cfg_for(npz, out, epochs=2, resume=True))
+    assert out.stat().st_mtime_ns == before
+
+
+def test_half_and_half_adversarial_batches_perturb_only_the_affected_rows(tmp_path):
+    from models.registry import create_model
+
+    torch.manual_seed(0)
+    net = create_model("preact_resnet", depth=8, width=4, in_channels=1, num_classes=2, input_size=28)
+    x = torch.rand(6, 1, 28, 28)
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    affected = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    net.train()
+    cfg = TrainConfig(data="", arch="preact_resnet", out="", adv_train="l2")
+    x_adv = train_mod.adversarial_examples(net, x, y, cfg, affected)
+    assert net.training  # the engine restored training mode
+    rms = (x_adv - x).pow(2).flatten(1).mean(1).sqrt()
+    assert torch.equal(x_adv[affected == 0], x[affected == 0])
+    # Bounded mode with eps 0.01: the affected rows end near the budget.
+    assert bool(((rms[affected == 1] > 0.005) & (rms[affected == 1] < 0.0125)).all())
+    cfg_min = TrainConfig(data="", arch="preact_resnet", out="", adv_train="l2min")
+    x_min = train_mod.adversarial_examples(net, x, y, cfg_min, torch.ones(6))
+    assert bool(((x_min - x).pow(2).flatten(1).mean(1).sqrt() <= 0.1 + 1e-6).all())
+
+
+def test_final_metrics_include_attack_and_btr_ara(npz, tmp_path):
+    pytest.importorskip("models.ara", reason="models/ara.py is not in this tree yet")
+    out = tmp_path / "ara.safetensors"
+    train(cfg_for(npz, out, epochs=1, ara_n=4, ara_seed=1776))
+    m = read_metadata(out).metrics
+    assert m["ara_n"] == 4 and m["ara_seed"] == 1776
+    assert m["ara_attack"] >= 0 and m["ara_btr"] >= 0
+    assert math.isfinite(m["ara_attack"]) and math.isfinite(m["ara_btr"])
+
+
+def test_folder_of_pngs_trains_end_to_end(tmp_path):
+    root = make_folder(tmp_path / "imgs")
+    out = tmp_path / "f.safetensors"
+    train(cfg_for(root, out, epochs=1, robust=True, input_size=28))
+    meta = read_metadata(out)
+    assert meta.input_size == 28 and meta.in_channels == 3 and meta.classes == ["cat", "dog"]
+    assert meta.metrics["test_n"] == 4
