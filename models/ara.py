@@ -140,10 +140,12 @@ def compute_ara(
         # One tick per search evaluation, so a slow CPU batch still shows movement.
         bar = tqdm(total=len(starts) * len(SEARCHES) * (steps + 1), desc="ARA", unit="step", leave=False)
 
-    def tick(done: int, total: int) -> None:
-        if bar is not None and done > tick.last:
-            bar.update(done - tick.last)
-        tick.last = done
+    shown = [0]  # evaluations of the current search already added to the bar
+
+    def tick(done: int, _total: int) -> None:
+        if bar is not None and done > shown[0]:
+            bar.update(done - shown[0])
+        shown[0] = done
 
     try:
         for i, start in enumerate(starts):
@@ -153,7 +155,7 @@ def compute_ara(
             for name, mode in SEARCHES.items():
                 if bar is not None:
                     bar.set_description(f"ARA batch {i + 1}/{len(starts)} {name}")
-                tick.last = 0
+                shown[0] = 0
                 res = perturbation_search(
                     model, xb, yb, mode=mode, steps=steps, eps=eps, overshoot=overshoot,
                     momentum=momentum, clamp=clamp, bound_check=bound_check, with_logits_after=False,
