@@ -92,7 +92,8 @@ def explain(
     checkpoint: Annotated[Path, typer.Option(help="an aex .safetensors checkpoint")],
     out: Annotated[Path, typer.Option(help="output folder")],
     targets: Annotated[Optional[list[str]], typer.Option(
-        "--targets", "-t", help="predicted, runner-up, all, a class index or name; repeatable")] = None,
+        "--targets", "-t", help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
+        "(default: predicted, runner-up, all)")] = None,
     rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = 0.1,
     steps: Annotated[int, typer.Option(help="search steps S")] = 35,
     overshoot: Annotated[float, typer.Option(help="overshoot k")] = 5.0,
@@ -112,7 +113,9 @@ def explain(
     x = load_image_for_model(image, meta.input_size, meta.in_channels)
     explainer = Explainer(model, meta.classes, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
                           bound_check=bound_check)
-    result = explainer.explain(x, targets or list(DEFAULT_TARGETS))
+    # "-t predicted -t cat" and "-t predicted,cat" both work.
+    specs = [s.strip() for t in (targets or DEFAULT_TARGETS) for s in str(t).split(",") if s.strip()]
+    result = explainer.explain(x, specs)
     target_layer = resolve_layer(model, layer)
     cam = gradcam(model, x.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
     summary = write_explanation(out, result, cam, extra_summary={

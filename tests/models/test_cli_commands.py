@@ -49,6 +49,7 @@ def test_explain_writes_images_and_summary(tiny_checkpoint, folder, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert [t["role"] for t in summary["targets"]] == ["predicted", "runner-up", "class", "class"]
+    assert [t["class_name"] for t in summary["targets"][2:]] == ["cat", "dog"]
     assert summary["gradcam"]["layer"] == "pipe.3"
     for t in summary["targets"]:
         assert t["prob_after"] > t["prob_before"]
@@ -107,3 +108,19 @@ def test_import_reference_command(reference_checkpoints, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["activation"] == "hhrelu" and out["psi_state"]["psi"] == pytest.approx(33778, rel=1e-3)
+
+
+def test_explain_target_list_and_errors(tiny_checkpoint, folder, tmp_path):
+    ckpt, _ = tiny_checkpoint
+    img = str(folder / "dog" / "0001.png")
+    res = runner.invoke(app, ["explain", img, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
+                              "-t", "dog,1", "-t", "runner-up", "--no-bound-check", "--clamp"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert [(t["role"], t["class_name"]) for t in summary["targets"]][:2] == [("class", "dog"), ("class", "dog")]
+    assert summary["settings"]["clamp"] is True
+    bad = runner.invoke(app, ["explain", img, "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "-t", "zebra"])
+    assert bad.exit_code == 2 and "unknown target" in bad.output
+    missing = runner.invoke(app, ["explain", img, "--checkpoint", str(tmp_path / "none.safetensors"),
+                                  "--out", str(tmp_path / "c")])
+    assert missing.exit_code == 2 and "not found" in missing.output
