@@ -273,3 +273,12 @@ def test_folder_of_pngs_trains_end_to_end(tmp_path):
     meta = read_metadata(out)
     assert meta.input_size == 28 and meta.in_channels == 3 and meta.classes == ["cat", "dog"]
     assert meta.metrics["test_n"] == 4
+
+
+def test_loader_workers_do_not_change_the_result(npz, tmp_path):
+    # Each batch draws from its own seeded generator, so worker processes see the same crops.
+    a = train(cfg_for(npz, tmp_path / "w0.safetensors", epochs=1, robust=True, workers=0))
+    b = train(cfg_for(npz, tmp_path / "w2.safetensors", epochs=1, robust=True, workers=2))
+    for (k, v), (k2, v2) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert a.psi.S == b.psi.S
