@@ -104,24 +104,19 @@ def explain(
 ) -> None:
     """Adversarial explanations and Grad-CAM for one image; writes PNGs and summary.json."""
     from models.checkpoint import load_checkpoint
-    from models.explain import DEFAULT_TARGETS, Explainer, write_explanation
-    from models.gradcam import gradcam, layer_name, resolve_layer
+    from models.explain import DEFAULT_TARGETS, explain_image, write_files
     from models.preprocess import load_image_for_model
     from models.runtime import pick_device
 
     model, meta = load_checkpoint(checkpoint, device=pick_device(device))
     x = load_image_for_model(image, meta.input_size, meta.in_channels)
-    explainer = Explainer(model, meta.classes, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
-                          bound_check=bound_check)
     # "-t predicted -t cat" and "-t predicted,cat" both work.
     specs = [s.strip() for t in (targets or DEFAULT_TARGETS) for s in str(t).split(",") if s.strip()]
-    result = explainer.explain(x, specs)
-    target_layer = resolve_layer(model, layer)
-    cam = gradcam(model, x.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
-    summary = write_explanation(out, result, cam, extra_summary={
-        "image": str(image), "checkpoint": str(checkpoint),
-        "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
-    })
+    # The same function renders the service's explain jobs.
+    summary, files = explain_image(
+        model, meta.classes, x, specs, layer=layer, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
+        bound_check=bound_check, extra_summary={"image": str(image), "checkpoint": str(checkpoint)})
+    write_files(out, summary, files)
     print_json({"out": str(out), "predicted": summary["predicted"],
                 "targets": [{k: t[k] for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
                             for t in summary["targets"]]})

@@ -112,3 +112,35 @@ class TrainingDivergedError(AexError):
 
     code = "training_diverged"
     http_status = 500
+
+
+class WorkerLostError(AexError):
+    """The worker running a job stopped renewing its lease (killed, out of memory, machine lost)."""
+
+    code = "worker_lost"
+    http_status = 500
+
+
+class JobTimeoutError(AexError):
+    """A job ran past its time limit and was stopped."""
+
+    code = "job_timeout"
+    http_status = 504
+
+
+class JobFailedError(AexError):
+    """A job raised an error that is not one of ours (a bug or an environment problem)."""
+
+    code = "job_failed"
+    http_status = 500
+
+
+def error_class_for(code: str) -> type[AexError]:
+    """The exception class that carries ``code`` (``JobFailedError`` when none does)."""
+    stack: list[type[AexError]] = [AexError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return JobFailedError

@@ -255,6 +255,70 @@ def _safe_name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:40] or "class"
 
 
+def render_explanation(
+    explanation: Explanation,
+    gradcam_map: torch.Tensor | None = None,
+    extra_summary: dict | None = None,
+) -> tuple[dict, dict[str, bytes]]:
+    """The summary and the PNGs of an explanation, in memory: (summary, {file name: PNG bytes}).
+
+    Files: input.png (the input as the model saw it), gradcam.png and gradcam_overlay.png
+    (with a map), and per target ``NN_role_class.png`` (x + delta) and ``..._diff.png`` (the
+    amplified difference). The summary names them under "files" and in each target."""
+    from .gradcam import heatmap_rgb, overlay_rgb
+
+    files = {"input.png": to_png_bytes(to_uint8_image(explanation.input))}
+    summary = {**(extra_summary or {}), **explanation.summary(), "files": {"input": "input.png"}}
+    if gradcam_map is not None:
+        files["gradcam.png"] = to_png_bytes(heatmap_rgb(gradcam_map))
+        files["gradcam_overlay.png"] = to_png_bytes(overlay_rgb(explanation.input, gradcam_map))
+        summary["files"].update(gradcam="gradcam.png", gradcam_overlay="gradcam_overlay.png")
+    for i, (t, s) in enumerate(zip(explanation.targets, summary["targets"])):
+        stem = f"{i:02d}_{t.role}_{_safe_name(t.class_name)}"
+        files[f"{stem}.png"] = to_png_bytes(explanation_uint8(t))
+        files[f"{stem}_diff.png"] = to_png_bytes(difference_uint8(t))
+        s["image"], s["difference"] = f"{stem}.png", f"{stem}_diff.png"
+    return summary, files
+
+
+def explain_image(
+    model: nn.Module,
+    classes: Sequence[str] | None,
+    image: torch.Tensor,
+    targets: Sequence[str | int] = DEFAULT_TARGETS,
+    *,
+    layer: str | None = None,
+    progress: ProgressFn | None = None,
+    extra_summary: dict | None = None,
+    **settings,
+) -> tuple[dict, dict[str, bytes]]:
+    """Adversarial explanations plus Grad-CAM of the predicted class for one image, rendered:
+    the one path behind ``aex explain`` and the service's explain jobs.
+
+    image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
+    default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
+    Returns ``render_explanation``'s (summary, files); the summary also has "gradcam":
+    {"layer", "class_index"}.
+    """
+    from .gradcam import gradcam, layer_name, resolve_layer
+
+    target_layer = resolve_layer(model, layer)  # a bad layer name fails before the search
+    result = Explainer(model, classes, **settings).explain(image, targets, progress=progress)
+    cam = gradcam(model, image.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
+    extra = {**(extra_summary or {}),
+             "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted}}
+    return render_explanation(result, cam, extra)
+
+
+def write_files(out_dir: str | os.PathLike, summary: dict, files: dict[str, bytes]) -> None:
+    """Write ``files`` and summary.json into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def write_explanation(
     out_dir: str | os.PathLike,
     explanation: Explanation,
@@ -263,20 +327,6 @@ def write_explanation(
 ) -> dict:
     """Write input.png, (gradcam.png, gradcam_overlay.png), one PNG per target and its
     amplified difference, and summary.json into ``out_dir``. Returns the summary."""
-    from .gradcam import heatmap_rgb, overlay_rgb
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "input.png").write_bytes(to_png_bytes(to_uint8_image(explanation.input)))
-    summary = {**(extra_summary or {}), **explanation.summary(), "files": {"input": "input.png"}}
-    if gradcam_map is not None:
-        (out / "gradcam.png").write_bytes(to_png_bytes(heatmap_rgb(gradcam_map)))
-        (out / "gradcam_overlay.png").write_bytes(to_png_bytes(overlay_rgb(explanation.input, gradcam_map)))
-        summary["files"].update(gradcam="gradcam.png", gradcam_overlay="gradcam_overlay.png")
-    for i, (t, s) in enumerate(zip(explanation.targets, summary["targets"])):
-        stem = f"{i:02d}_{t.role}_{_safe_name(t.class_name)}"
-        (out / f"{stem}.png").write_bytes(to_png_bytes(explanation_uint8(t)))
-        (out / f"{stem}_diff.png").write_bytes(to_png_bytes(difference_uint8(t)))
-        s["image"], s["difference"] = f"{stem}.png", f"{stem}_diff.png"
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary, files = render_explanation(explanation, gradcam_map, extra_summary)
+    write_files(out_dir, summary, files)
     return summary

@@ -1,0 +1,1 @@
+"""FastAPI front end of the explanation service (never imports torch)."""

@@ -1,0 +1,1 @@
+"""RQ workers: load checkpoints once, run classify and explain jobs."""
