@@ -53,17 +53,22 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--adv-train", default=None, choices=["l2", "l2min"])
+    ap.add_argument("--only", default=None, choices=["standard", "robust"],
+                    help="time one kind only (e.g. two processes side by side)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = {}
     for name, robust in (("standard", False), ("robust", True)):
+        if args.only and name != args.only:
+            continue
         cfg = TrainConfig(data="", arch=args.arch, out="", robust=robust, adv_train=args.adv_train)
         results[name] = time_steps(cfg, args.batch, args.warmup, args.steps, device)
         print(f"{name:9s} {results[name]:8.1f} images/s", flush=True)
-    ratio = results["standard"] / results["robust"]
-    print(f"ratio standard/robust {ratio:.2f}")
+    ratio = results["standard"] / results["robust"] if len(results) == 2 else None
+    if ratio is not None:
+        print(f"ratio standard/robust {ratio:.2f}")
     print(json.dumps({"arch": args.arch, "batch": args.batch, "device": str(device),
                       "threads": torch.get_num_threads(), "adv_train": args.adv_train,
                       "images_per_s": results, "ratio": ratio}))

@@ -610,7 +610,8 @@ def final_metrics(run: Run) -> dict[str, Any]:
     out.update(test_accuracy=acc, test_n=n, test_source=run.splits.test_source,
                test_class_accuracy=class_accuracy(run.net, test, run.device))
     if cfg.ara_n > 0:
-        out.update(ara_metrics(run.net, test, cfg.ara_n, cfg.ara_seed, cfg.progress))
+        # The ARA bar ticks ten times a second: only on a terminal, not into a log file.
+        out.update(ara_metrics(run.net, test, cfg.ara_n, cfg.ara_seed, cfg.progress and sys.stderr.isatty()))
     out["final_eval_seconds"] = time.perf_counter() - t0
     return out
 
