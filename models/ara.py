@@ -65,6 +65,18 @@ class AraResult:
             **self.settings,
         }
 
+    def radii_record(self, data: str, seed: int) -> dict:
+        """The per-image radii as stored in a checkpoint's ``metrics["ara_radii"]``; the
+        stability score ranks one image's radii against these."""
+        return {
+            "data": data,
+            "n": self.n,
+            "seed": seed,
+            "attack": [round(float(r), 7) for r in self.attack_r],
+            "btr": [round(float(r), 7) for r in self.btr_r],
+            "settings": dict(self.settings),
+        }
+
 
 def _radii(r) -> torch.Tensor:
     r = torch.as_tensor(np.asarray(r, dtype=np.float64)).reshape(-1)

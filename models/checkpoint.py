@@ -182,3 +182,26 @@ def load_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit architecture {meta.arch}: {exc}") from None
     return model.to(device).eval(), meta
+
+
+def update_metadata(path: str | os.PathLike, **changes: Any) -> CheckpointMeta:
+    """Rewrite a checkpoint's metadata (for example metrics measured later), atomically.
+
+    The tensors are copied unchanged, so the weights' sha256 stays the same (checked).
+    ``metrics`` given here are merged into the existing metrics; other fields replace.
+    """
+    path = Path(path)
+    meta = read_metadata(path)
+    tensors = load_tensors(path)
+    for key, value in changes.items():
+        if key not in CheckpointMeta.__dataclass_fields__ or key == "weights_sha256":
+            raise ValueError(f"cannot update metadata field {key!r}")
+        if key == "metrics":
+            meta.metrics = {**meta.metrics, **value}
+        else:
+            setattr(meta, key, value)
+    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    if meta.weights_sha256 and weights_sha256(state) != meta.weights_sha256:
+        raise CheckpointError(f"{path}: weights do not match their recorded sha256 (corrupt file?)")
+    _atomic_save(tensors, {META_KEY: meta.to_json()}, path)
+    return meta

@@ -13,7 +13,7 @@ from torch import nn
 from aex.errors import DataError
 
 from .ara import compute_ara, plot_ara
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, update_metadata
 from .data import load_dataset, seeded_subset
 from .runtime import eval_mode, model_device, pick_device
 
@@ -49,11 +49,14 @@ def evaluate_checkpoint(
     device: str | None = None,
     split: str = "test",
     progress: bool = False,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (and with ``ara`` both ARAs) on the seeded subset of ``data``'s split.
 
     The subset is ``randperm(len, Generator().manual_seed(seed))[:n]`` over the data set's
-    path order (the shared rule). Returns a JSON-ready dict.
+    path order (the shared rule). Returns a JSON-ready dict. With ``record`` (needs ``ara``)
+    the figures and per-image radii are written into the checkpoint's metrics, which the
+    stability score ranks single images against.
     """
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint, device=pick_device(device))
@@ -69,6 +72,13 @@ def evaluate_checkpoint(
     if ara:
         res = compute_ara(model, images, labels, batch_size=batch_size, progress=progress)
         out.update(accuracy=res.accuracy, attack_ara=res.attack_ara, btr_ara=res.btr_ara)
+        if record:
+            update_metadata(checkpoint, metrics={
+                "ara_attack": res.attack_ara, "ara_btr": res.btr_ara, "ara_accuracy": res.accuracy,
+                "ara_n": res.n, "ara_seed": seed, "ara_settings": res.settings,
+                "ara_radii": res.radii_record(str(data), seed),
+            })
+            out["recorded"] = True
         if plot:
             plot_ara(res, plot, title=f"{Path(checkpoint).name}: n = {res.n}, accuracy {res.accuracy:.3f}")
             out["plot"] = str(plot)
