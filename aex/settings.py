@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     job_heartbeat_ttl: int = Field(20, ge=1)
     maintenance_interval: int = Field(30, ge=1)
     log_level: str = "INFO"
+    # Set by the worker pool for its children (they stop when their supervisor is gone).
+    parent_pid: int | None = None
 
     @field_validator("model_dirs", mode="before")
     @classmethod

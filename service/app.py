@@ -1,0 +1,93 @@
+"""The FastAPI application: ``create_app(settings)``; run it with
+``uvicorn --factory service.app:create_app`` or ``aex serve``.
+
+This process never imports torch: it validates uploads with Pillow (models.imaging), reads
+checkpoint metadata from safetensors headers as JSON, and enqueues jobs by dotted path.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from aex import __version__
+from aex.errors import AexError, BadParameterError, ServiceUnavailableError
+from aex.settings import Settings
+from worker.protocol import connect
+
+from .jobs import Catalogue, JobService
+from .metrics import Metrics, MetricsMiddleware
+from .routes import ops, v1
+
+log = logging.getLogger("aex.service")
+
+HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as ``{"error": {"code", "message"}}`` with its status."""
+
+    @app.exception_handler(AexError)
+    async def aex_error(_request: Request, exc: AexError):
+        return error_response(exc.http_status, exc.code, exc.message)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def redis_gone(_request: Request, exc: Exception):
+        log.error("Redis is unreachable: %s", exc)
+        return error_response(ServiceUnavailableError.http_status, ServiceUnavailableError.code,
+                              f"the job store (Redis) is unreachable: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return error_response(BadParameterError.http_status, BadParameterError.code, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def internal(_request: Request, exc: Exception):
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API. ``settings``: None reads AEX_* from the environment, once."""
+    settings = settings or Settings()
+    if not settings.redis_url:
+        raise BadParameterError("AEX_REDIS_URL is not set (`aex serve` starts an embedded Redis and sets it)")
+    conn = connect(settings.redis_url, socket_timeout=settings.classify_wait_seconds + 10.0)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        conn.close()
+
+    app = FastAPI(
+        title="aex",
+        version=__version__,
+        description="Robust-network inference, Grad-CAM and adversarial explanations as queued jobs. "
+                    "Errors are JSON: {\"error\": {\"code\": ..., \"message\": ...}}.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.jobs = JobService(conn, settings, Catalogue(settings))
+    app.state.metrics = Metrics(conn)
+    install_error_handlers(app)
+    app.include_router(v1)
+    app.include_router(ops)
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    return app

@@ -1,0 +1,24 @@
+"""Dependencies the routes declare with ``Annotated``: the settings (read once, when the app
+is built) and the job service on the app's Redis connection."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from aex.settings import Settings
+
+from .jobs import JobService
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_jobs(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]

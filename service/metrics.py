@@ -1,0 +1,87 @@
+"""Prometheus metrics: requests of this API process, plus the cluster's queues, workers and
+jobs read from Redis at scrape time (the workers count job ends and durations there)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from redis import Redis
+from redis.exceptions import RedisError
+
+from worker.protocol import QUEUE_NAMES, JobKind, live_worker_keys, read_job_metrics
+
+
+class ClusterCollector:
+    """Queue depth, live workers, job outcomes and durations, from Redis."""
+
+    def __init__(self, conn: Redis):
+        self.conn = conn
+
+    def collect(self):
+        up = GaugeMetricFamily("aex_redis_up", "1 when Redis answered this scrape")
+        try:
+            depth = GaugeMetricFamily("aex_queue_depth", "jobs waiting in a queue", labels=["queue"])
+            workers = GaugeMetricFamily("aex_workers", "live workers serving a queue", labels=["queue"])
+            for kind in JobKind:
+                name = QUEUE_NAMES[kind]
+                depth.add_metric([kind.value], self.conn.llen(f"rq:queue:{name}"))
+                workers.add_metric([kind.value], len(live_worker_keys(self.conn, name)))
+            data = read_job_metrics(self.conn)
+        except RedisError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield depth
+        yield workers
+        jobs = CounterMetricFamily("aex_jobs", "jobs ended, by kind and outcome (finished, failed, cancelled, "
+                                               "abandoned = worker lost)", labels=["kind", "outcome"])
+        for (kind, outcome), n in sorted(data["outcomes"].items()):
+            jobs.add_metric([kind, outcome], n)
+        yield jobs
+        hist = HistogramMetricFamily("aex_job_duration_seconds", "run time of finished jobs, by kind",
+                                     labels=["kind"])
+        for kind, d in data["durations"].items():
+            hist.add_metric([kind], [(str(le), n) for le, n in d["buckets"]] + [("+Inf", d["count"])], d["sum"])
+        yield hist
+
+
+class Metrics:
+    """The API process's registry (one per app, so tests can build many apps)."""
+
+    def __init__(self, conn: Redis):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("aex_http_requests", "HTTP requests, by method, route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("aex_http_request_duration_seconds", "HTTP request latency, by method and route",
+                                 ["method", "route"], registry=self.registry)
+        self.registry.register(ClusterCollector(conn))
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: count every request under its route template."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
+            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)

@@ -1,0 +1,97 @@
+"""The checkpoints a worker process serves, loaded once before it takes any job."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from aex.errors import CheckpointError, UnknownModelError
+from aex.settings import Settings
+from models.catalogue import catalogue_entry, discover_checkpoints, read_checkpoint_metadata
+from models.checkpoint import CheckpointMeta, load_checkpoint
+from models.gradcam import default_gradcam_layer, layer_name
+from models.runtime import pick_device
+
+log = logging.getLogger("aex.worker")
+
+
+@dataclass
+class ServedModel:
+    """One loaded checkpoint: the network in eval mode on ``device`` and its metadata."""
+
+    name: str
+    path: Path
+    model: nn.Module
+    meta: CheckpointMeta
+    device: torch.device
+
+    def catalogue_entry(self) -> dict[str, Any]:
+        """What GET /v1/models shows, plus the layer names the API may accept for Grad-CAM."""
+        entry = catalogue_entry(self.name, self.path, read_checkpoint_metadata(self.path))
+        entry["gradcam_layer"] = layer_name(self.model, default_gradcam_layer(self.model))
+        entry["layers"] = [n for n, _ in self.model.named_modules() if n]
+        entry["device"] = self.device.type
+        return entry
+
+
+class ServedModels:
+    """Name -> ServedModel for every checkpoint in the settings' folders."""
+
+    def __init__(self, models: dict[str, ServedModel]):
+        self.models = models
+
+    @classmethod
+    def load(cls, settings: Settings) -> ServedModels:
+        """Load every checkpoint found in ``settings.checkpoint_dirs()`` onto the worker's
+        device. A folder named in AEX_MODEL_DIRS that does not exist, a checkpoint that does
+        not load, or no checkpoint at all stops the worker with CheckpointError: a worker
+        that silently serves less than it was told to is worse than one that does not start."""
+        missing = [str(d) for d in settings.model_dirs if not Path(d).is_dir()]
+        if missing:
+            raise CheckpointError(f"AEX_MODEL_DIRS names folders that do not exist: {', '.join(missing)}")
+        device = pick_device(settings.device)
+        paths = discover_checkpoints(settings.checkpoint_dirs())
+        if not paths:
+            raise CheckpointError(
+                "no checkpoints to serve in " + ", ".join(str(d) for d in settings.checkpoint_dirs())
+                + " (expected <name>/model.safetensors or <name>.safetensors)")
+        models = {}
+        for name, path in paths.items():
+            model, meta = load_checkpoint(path, device=device)
+            model.requires_grad_(False)  # explanations need input gradients only
+            models[name] = ServedModel(name, path, model, meta, device)
+            log.info("serving %s (%s, %d classes) from %s on %s", name, meta.arch, len(meta.classes), path, device)
+        return cls(models)
+
+    def get(self, name: str) -> ServedModel:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModelError(f"model {name!r} is not served by this worker; "
+                                    f"served: {', '.join(sorted(self.models))}") from None
+
+    def catalogue(self) -> list[dict[str, Any]]:
+        return [m.catalogue_entry() for m in self.models.values()]
+
+
+_served: ServedModels | None = None
+
+
+def install(served: ServedModels) -> None:
+    """Make ``served`` the process's models (the worker calls this before its work loop)."""
+    global _served
+    _served = served
+
+
+def served_models() -> ServedModels:
+    """The process's models; loaded here, once, if the process was not started by
+    ``aex worker`` (for example under a plain ``rq worker``)."""
+    global _served
+    if _served is None:
+        _served = ServedModels.load(Settings())
+    return _served
