@@ -233,6 +233,59 @@ def train(
         print_json({"checkpoint": str(out), **run.final})
 
 
+@app.command()
+@friendly_errors
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="listen address (AEX_HOST, default 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="listen port (AEX_PORT, default 8000)")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="worker processes to start (AEX_WORKERS, default 1; "
+                                                        "0: use workers started elsewhere)")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="Redis to use (AEX_REDIS_URL); unset: start an "
+                                                          "embedded one")] = None,
+) -> None:
+    """Run the web service: the API, N workers and (unless AEX_REDIS_URL is set) an embedded
+    Redis, with the bundled checkpoints and AEX_MODEL_DIRS. Ctrl-C stops everything cleanly."""
+    from aex.settings import Settings
+    from service.embedded import serve as serve_stack
+
+    overrides = {"host": host, "port": port, "workers": workers, "redis_url": redis_url}
+    serve_stack(Settings(**{k: v for k, v in overrides.items() if v is not None}))
+
+
+@app.command("worker")
+@friendly_errors
+def worker_cmd(
+    count: Annotated[Optional[int], typer.Option(help="worker processes (default: one per CUDA GPU, else "
+                                                      "AEX_WORKERS)")] = None,
+    redis_url: Annotated[Optional[str], typer.Option(help="the service's Redis (AEX_REDIS_URL)")] = None,
+    burst: Annotated[bool, typer.Option("--burst", help="one process: stop when the queues are empty")] = False,
+) -> None:
+    """Run workers against the service's Redis: each loads every served checkpoint once, then
+    takes classify and explain jobs. SIGTERM/Ctrl-C: finish the current job, then exit."""
+    from aex.settings import Settings
+
+    settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
+    from worker.process import cuda_devices, run_worker
+
+    gpus = cuda_devices()
+    n = count or (len(gpus) if len(gpus) > 1 else max(1, settings.workers))
+    if n == 1 or burst:
+        run_worker(settings, burst=burst)
+        return
+    import signal
+    import threading
+
+    from worker.pool import WorkerPool
+
+    pool = WorkerPool(settings, n, gpus=[gpus[i % len(gpus)] for i in range(n)] if gpus else None).start()
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+    pool.stop()
+
+
 def main() -> None:  # pragma: no cover - entry point for `python -m aex.cli`
     app()
 

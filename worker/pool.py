@@ -24,6 +24,7 @@ from aex.settings import Settings
 log = logging.getLogger("aex.pool")
 
 RESTART_PAUSE_SECONDS = 2.0
+CONFIG_ERROR_STATUS = 2  # `python -m worker` exits with 2 on an AexError (settings, checkpoints)
 
 
 class WorkerPool:
@@ -73,7 +74,11 @@ class WorkerPool:
                     if proc is None or proc.poll() is None or self._stopping.is_set():
                         continue
                     log.warning("worker %d (pid %d) exited with status %s", i, proc.pid, proc.returncode)
-                    if self.restart:
+                    if proc.returncode == CONFIG_ERROR_STATUS:
+                        # Bad settings or checkpoints: starting it again would fail the same way.
+                        log.error("worker %d stopped on a configuration error; not restarting it", i)
+                        self.procs[i] = None
+                    elif self.restart:
                         time.sleep(RESTART_PAUSE_SECONDS)
                         if not self._stopping.is_set():
                             self.procs[i] = self._spawn(i)

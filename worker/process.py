@@ -119,6 +119,13 @@ def configure_torch(settings: Settings) -> None:
         torch.set_num_threads(settings.torch_threads)
 
 
+def cuda_devices() -> list[int]:
+    """Indices of the CUDA devices this process can see (none without CUDA)."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
 def worker_name() -> str:
     return f"aex-{socket.gethostname()}-{os.getpid()}"
 
