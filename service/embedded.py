@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -19,6 +20,18 @@ from models.catalogue import discover_checkpoints
 from worker.pool import WorkerPool
 
 log = logging.getLogger("aex.serve")
+
+
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM: stop the stack."""
+
+
+def _raise_stop(_sig, _frame) -> None:
+    raise _Stop()
+
+
+def _already_stopping(_sig, _frame) -> None:
+    log.warning("already stopping: the workers are finishing their current jobs")
 
 
 class EmbeddedRedis:
@@ -72,10 +85,18 @@ def serve(settings: Settings) -> None:
         app = create_app(settings)
         log.info("aex API on http://%s:%d (docs: /docs), %d worker(s), Redis %s", settings.host, settings.port,
                  settings.workers, "embedded" if redis else settings.redis_url)
-        # uvicorn handles SIGINT/SIGTERM: it stops serving and returns.
-        uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                      log_level=settings.log_level.lower())).run()
+        # uvicorn catches SIGINT/SIGTERM, stops serving, then raises the signal again with
+        # the handlers it found: ours turn that into _Stop, so the clean-up below runs.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _raise_stop)
+        try:
+            uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                          log_level=settings.log_level.lower())).run()
+        except _Stop:
+            pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _already_stopping)
         if pool is not None:
             log.info("stopping workers (each finishes its current job)")
             pool.stop()

@@ -252,3 +252,9 @@ def encode_image(fmt: str, mode: str, size=(48, 40), seed: int = 0) -> bytes:
 @pytest.fixture(scope="session")
 def make_image():
     return encode_image
+
+
+@pytest.fixture(scope="session")
+def settings_for(redis_server, service_models):
+    """settings_for(db, **overrides): settings of a stack on Redis database ``db``."""
+    return lambda db, **overrides: stack_settings(redis_server, db, service_models, **overrides)

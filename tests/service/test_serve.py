@@ -1,0 +1,71 @@
+"""`aex serve` as the README says: one command starts an embedded Redis, a worker and the
+API; it answers POST /v1/classify; Ctrl-C stops all of it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_servers() -> set[int]:
+    return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("redis-server")}
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image, tmp_path, stop_signal):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}  # no AEX_REDIS_URL: embedded
+    env.update(AEX_MODEL_DIRS=str(service_models), AEX_BUNDLED_MODELS="false", AEX_PORT=str(port),
+               AEX_WORKERS="1", AEX_TORCH_THREADS="1", AEX_LOG_LEVEL="WARNING")
+    before = redis_servers()
+    log = open(tmp_path / "serve.log", "wb")
+    serve = subprocess.Popen([sys.executable, "-m", "aex.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log,
+                             stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.3)
+        children = psutil.Process(serve.pid).children(recursive=True)
+        assert children, "the worker runs as a child process"
+        ours = redis_servers() - before
+        assert ours, "an embedded redis-server was started"
+
+        resp = httpx.post(f"{base}/v1/classify", files={"image": ("x.png", make_image("PNG", "RGB"), "image/png")},
+                          data={"model": "tiny-rgb"}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["status"] == "finished" and len(resp.json()["result"]["probs"]) == 10
+    finally:
+        serve.send_signal(stop_signal)
+        code = serve.wait(60)
+    assert code == 0, (tmp_path / "serve.log").read_text()
+    _, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"workers left running: {alive}"
+    time.sleep(0.5)
+    assert not (ours & redis_servers()), "the embedded redis-server was left running"
