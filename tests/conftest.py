@@ -258,3 +258,16 @@ def make_image():
 def settings_for(redis_server, service_models):
     """settings_for(db, **overrides): settings of a stack on Redis database ``db``."""
     return lambda db, **overrides: stack_settings(redis_server, db, service_models, **overrides)
+
+
+@pytest.fixture
+def start_workers(tmp_path, request):
+    """start_workers(settings, n): n worker processes, registered, stopped after the test."""
+
+    def start(settings, n: int) -> list[WorkerProcess]:
+        procs = [WorkerProcess(settings, tmp_path / f"worker{i}.log") for i in range(n)]
+        request.addfinalizer(lambda: [p.stop(timeout=30) for p in procs])
+        wait_for_workers(settings, n, procs)
+        return procs
+
+    return start

@@ -1,0 +1,119 @@
+"""Worker processes under stress: killed mid-job, asked to stop mid-job, over their time
+limit, misconfigured. Real Redis, real `python -m worker` processes (marker e2e)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from rq.job import Job
+
+from service.app import create_app
+from worker.protocol import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def upload(data: bytes, **fields):
+    return {"files": {"image": ("x.png", data, "image/png")}, "data": {k: str(v) for k, v in fields.items()}}
+
+
+def running_on(client, conn, url: str, timeout: float = 60.0) -> int:
+    """Wait until the job runs and has made progress; returns the pid of its worker."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        view = client.get(url).json()
+        if view["status"] == "running" and view["progress"] and view["progress"]["done"] > 0:
+            job = Job.fetch(view["id"], connection=conn, serializer=SERIALIZER)
+            return int(conn.hget(f"rq:worker:{job.worker_name}", "pid"))
+        assert view["status"] in ("queued", "running"), view
+        time.sleep(0.05)
+    raise AssertionError("the job did not start")
+
+
+def test_a_killed_worker_fails_its_job_and_the_others_go_on(settings_for, make_image, poll, start_workers):
+    settings = settings_for(3)
+    conn = connect(settings.redis_url)
+    procs = start_workers(settings, 2)
+    with TestClient(create_app(settings)) as client:
+        image = make_image("PNG", "RGB")
+        url = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=1000)).headers["location"]
+        victim = running_on(client, conn, url)
+        assert victim in [p.pid for p in procs]
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+
+        # The other worker keeps serving.
+        for _ in range(3):
+            resp = client.post("/v1/classify", **upload(image, model="tiny-rgb"))
+            assert resp.status_code == 200 and resp.json()["status"] == "finished", resp.text
+        explained = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="predicted", steps=3))
+        assert poll(client, explained.headers["location"])["status"] == "finished"
+
+        # The killed job ends failed once its lease (job_heartbeat_ttl = 2 s) has run out.
+        view = poll(client, url, timeout=30)
+        assert view["status"] == "failed", view
+        assert view["error"]["code"] == "worker_lost"
+        assert time.monotonic() - killed_at < 30
+        # The dead worker leaves the registrations when its short TTL runs out.
+        deadline = time.monotonic() + 3 * settings.worker_ttl
+        while len(live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY])) > 1:
+            assert time.monotonic() < deadline, "the dead worker is still registered"
+            time.sleep(0.5)
+        assert 'outcome="abandoned"' in client.get("/metrics").text
+
+
+def test_sigterm_lets_the_current_job_finish(settings_for, make_image, poll, start_workers):
+    settings = settings_for(4)
+    conn = connect(settings.redis_url)
+    (worker,) = start_workers(settings, 1)
+    with TestClient(create_app(settings)) as client:
+        url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted",
+                                                  steps=300)).headers["location"]
+        assert running_on(client, conn, url) == worker.pid
+        worker.proc.send_signal(signal.SIGTERM)
+        view = poll(client, url, timeout=120)
+        assert view["status"] == "finished", view
+        assert view["progress"]["done"] == 300
+        assert worker.proc.wait(30) == 0
+        assert live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY]) == []
+        # With no worker left the service says so instead of queueing.
+        assert client.get("/readyz").status_code == 503
+
+
+def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_workers):
+    settings = settings_for(5, explain_timeout=1)
+    start_workers(settings, 1)
+    with TestClient(create_app(settings)) as client:
+        url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
+                                                  steps=1000)).headers["location"]
+        view = poll(client, url, timeout=60)
+        assert view["status"] == "failed" and view["error"]["code"] == "job_timeout", view
+        # The worker survives its job's timeout and takes the next one.
+        resp = client.post("/v1/classify", **upload(make_image("PNG", "RGB"), model="tiny-rgb"))
+        assert resp.status_code == 200
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"AEX_MODEL_DIRS": "/no/such/folder"}, "do not exist"),
+    ({"AEX_MODEL_DIRS": ""}, "no checkpoints to serve"),
+    ({"AEX_REDIS_URL": ""}, "AEX_REDIS_URL"),
+])
+def test_a_misconfigured_worker_stops_with_a_clear_message(settings_for, env, message):
+    full = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
+    full.update(settings_for(6).as_env())
+    full.update(env)
+    if env.get("AEX_REDIS_URL") == "":
+        full.pop("AEX_REDIS_URL")
+    out = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=full, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert message in out.stderr
