@@ -34,7 +34,7 @@ from typing import Any
 
 from rq.job import Job
 from rq.queue import Queue
-from rq.worker import SimpleWorker
+from rq.worker import SimpleWorker, WorkerStatus
 
 from aex.errors import BadParameterError, JobCancelledError
 from aex.settings import Settings
@@ -95,7 +95,7 @@ class AexWorker(SimpleWorker):
             beat.join()
         if ok:
             record_job(self.connection, job_kind(job), "finished", time.perf_counter() - start)
-        self.set_state("idle")
+        self.set_state(WorkerStatus.IDLE)
 
     def _renew_lease(self, job: Job, execution, done: threading.Event) -> None:
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
