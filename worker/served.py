@@ -64,6 +64,8 @@ class ServedModels:
         for name, path in paths.items():
             model, meta = load_checkpoint(path, device=device)
             model.requires_grad_(False)  # explanations need input gradients only
+            with torch.no_grad():  # one forward now, so the first job does not pay torch's warm-up
+                model(torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device))
             models[name] = ServedModel(name, path, model, meta, device)
             log.info("serving %s (%s, %d classes) from %s on %s", name, meta.arch, len(meta.classes), path, device)
         return cls(models)
