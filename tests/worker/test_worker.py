@@ -117,3 +117,18 @@ def test_a_misconfigured_worker_stops_with_a_clear_message(settings_for, env, me
                          timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr
+
+
+def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, poll, start_workers):
+    """No worker is left to clean up: the API itself fails the job once its lease is over."""
+    settings = settings_for(7)
+    conn = connect(settings.redis_url)
+    (worker,) = start_workers(settings, 1)
+    with TestClient(create_app(settings)) as client:
+        url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
+                                                  steps=1000)).headers["location"]
+        assert running_on(client, conn, url) == worker.pid
+        worker.proc.kill()
+        worker.proc.wait()
+        view = poll(client, url, timeout=30)
+        assert view["status"] == "failed" and view["error"]["code"] == "worker_lost", view
