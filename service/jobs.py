@@ -198,20 +198,25 @@ class JobService:
         except NoSuchJobError:
             raise UnknownJobError(f"unknown job {job_id!r} (finished jobs are kept AEX_RESULT_TTL seconds)") from None
 
-    def _lease_expired(self, job: Job) -> bool:
-        registry = self.queues[JobKind(job.meta["kind"])].started_job_registry
-        return job.id in registry.get_expired_job_ids()
+    @staticmethod
+    def _kind(job: Job) -> JobKind | None:
+        """The job's kind (None for an rq job that is not one of ours)."""
+        value = job.meta.get("kind")
+        return JobKind(value) if value in {k.value for k in JobKind} else None
+
+    def _lease_expired(self, job: Job, kind: JobKind) -> bool:
+        return job.id in self.queues[kind].started_job_registry.get_expired_job_ids()
 
     def view(self, job_id: str) -> JobView:
         job = self.fetch(job_id)
+        kind = self._kind(job)
         status = job.get_status(refresh=False)
-        if status == JobStatus.STARTED and job.meta.get("kind") in QUEUE_NAMES and self._lease_expired(job):
+        if status == JobStatus.STARTED and kind is not None and self._lease_expired(job, kind):
             # Its worker died: fail it now rather than at the next worker maintenance.
             reap_abandoned(self.conn)
             job = self.fetch(job_id)
             status = job.get_status(refresh=False)
         api_status = STATUS_FROM_RQ.get(status, ApiStatus.QUEUED)
-        kind = JobKind(job.meta["kind"]) if job.meta.get("kind") in QUEUE_NAMES else None
         url = f"/v1/jobs/{job.id}"
 
         position = None
@@ -220,7 +225,7 @@ class JobService:
         progress = Progress(**job.meta["progress"]) if isinstance(job.meta.get("progress"), dict) else None
 
         enq, start, end = _utc(job.enqueued_at), _utc(job.started_at), _utc(job.ended_at)
-        if api_status in (ApiStatus.QUEUED,):
+        if api_status is ApiStatus.QUEUED:
             start = end = None
         now = datetime.now(timezone.utc)
         timings = Timings(
