@@ -104,7 +104,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(checkpoint: Path, name: str, workers: int, threads: int, scratch: Path) -> tuple[subprocess.Popen, str]:
+def start_service(checkpoint: Path, name: str, workers: int, threads: int,
+                  scratch: Path) -> tuple[subprocess.Popen, str]:
     models = scratch / "models"
     models.mkdir()
     (models / f"{name}.safetensors").symlink_to(checkpoint.resolve())
@@ -192,7 +193,8 @@ def main() -> None:
             proc.wait(60)
         shutil.rmtree(scratch, ignore_errors=True)
 
-    ratio = local["images_per_s"] * args.workers / served["requests_per_s"] if served["requests_per_s"] else float("inf")
+    capacity = local["images_per_s"] * args.workers
+    ratio = capacity / served["requests_per_s"] if served["requests_per_s"] else float("inf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"checkpoint {checkpoint.name}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}, "
           f"{len(meta.classes)} classes; device {device}; {os.cpu_count()} cores")

@@ -56,6 +56,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 # Used by tests/service and tests/worker. Tiny checkpoints are built in a temporary folder,
 # never taken from models/checkpoints or ../shared.
 
+# Steps of an explain job meant to run until the test cancels or kills it (minutes even on a
+# fast machine; the tiny model does one step in about a millisecond).
+LONG_STEPS = 100_000
+
 SERVICE_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -116,7 +120,7 @@ def stack_settings(server, db: int, models: Path, **overrides):
 
     base = dict(redis_url=redis_url(server, db), model_dirs=[models], bundled_models=False, torch_threads=1,
                 worker_ttl=6, job_heartbeat_ttl=2, maintenance_interval=1, classify_wait_seconds=30.0,
-                log_level="WARNING")
+                max_explain_steps=LONG_STEPS, log_level="WARNING")
     return Settings(**{**base, **overrides})
 
 
@@ -211,6 +215,11 @@ def poll_job(client, url: str, timeout: float = 120.0, until=("finished", "faile
         if time.monotonic() > deadline:
             raise AssertionError(f"job still {view['status']} after {timeout} s: {view}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def long_steps() -> int:
+    return LONG_STEPS
 
 
 @pytest.fixture(scope="session")

@@ -140,7 +140,9 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     served = ServedModels.load(settings)  # before the first job: no model load per job
     install(served)
     conn = connect(settings.redis_url)
-    queues = [Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)]
+    # Classify first: a worker takes an explain job only when no classify job waits.
+    queues = [Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER)
+              for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)]
     w = AexWorker(
         queues, name=worker_name(), connection=conn, serializer=SERIALIZER,
         worker_ttl=settings.worker_ttl, maintenance_interval=settings.maintenance_interval,

@@ -142,11 +142,12 @@ def _running(api, url: str, timeout: float = 60.0) -> dict:
     raise AssertionError(f"job {url} did not start")
 
 
-def test_cancel_a_running_job(api, make_image, poll):
-    resp = api.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all", steps=1000))
+def test_cancel_a_running_job(api, make_image, poll, long_steps):
+    resp = api.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
+                                            steps=long_steps))
     url = resp.headers["location"]
     running = _running(api, url)
-    assert 0 < running["progress"]["done"] < running["progress"]["total"] == 1000
+    assert 0 < running["progress"]["done"] < running["progress"]["total"] == long_steps
     resp = api.delete(url)
     assert resp.status_code in (200, 202), resp.text
     view = poll(api, url, timeout=30)
@@ -157,7 +158,7 @@ def test_cancel_a_running_job(api, make_image, poll):
     assert api.delete(url).json()["status"] == "cancelled"
 
 
-def test_queue_depth_limit_and_cancelling_a_queued_job(service_stack, make_image, poll):
+def test_queue_depth_limit_and_cancelling_a_queued_job(service_stack, make_image, poll, long_steps):
     """Both workers busy: the next job waits (position 0), the one after is refused (429);
     the waiting one is cancelled at once."""
     from fastapi.testclient import TestClient
@@ -166,7 +167,7 @@ def test_queue_depth_limit_and_cancelling_a_queued_job(service_stack, make_image
 
     with TestClient(create_app(service_stack.model_copy(update={"max_queue_depth": 1}))) as client:
         image = make_image("PNG", "RGB")
-        long_jobs = [client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=1000))
+        long_jobs = [client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=long_steps))
                      .headers["location"] for _ in range(2)]
         try:
             for url in long_jobs:

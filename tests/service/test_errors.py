@@ -99,7 +99,7 @@ def test_unknown_image_of_a_real_job(api, make_image, poll):
     ("/v1/classify", {"colour": "blue"}, "colour"),
     ("/v1/explain", {"rho": -1}, "rho"),
     ("/v1/explain", {"steps": 0}, "steps"),
-    ("/v1/explain", {"steps": 5000}, "AEX_MAX_EXPLAIN_STEPS"),
+    ("/v1/explain", {"steps": 10**7}, "AEX_MAX_EXPLAIN_STEPS"),
     ("/v1/explain", {"targets": "predicted,zebra"}, "zebra"),
     ("/v1/explain", {"targets": "42"}, "42"),
     ("/v1/explain", {"targets": " , "}, "no targets"),
@@ -114,7 +114,8 @@ def test_bad_request_bodies(api, make_image):
     assert_error(api.post("/v1/classify", data={"model": "tiny-rgb"}), 400, "bad_parameter")  # not multipart
     resp = api.post("/v1/classify", files={"picture": ("x.png", make_image("PNG", "RGB"), "image/png")})
     assert "'image'" in assert_error(resp, 400, "bad_parameter")["message"]
-    two = api.post("/v1/classify", files=[("image", ("a.png", b"1", "image/png")), ("image", ("b.png", b"2", "image/png"))])
+    two = api.post("/v1/classify", files=[("image", ("a.png", b"1", "image/png")),
+                                          ("image", ("b.png", b"2", "image/png"))])
     assert_error(two, 400, "bad_parameter")
 
 

@@ -39,13 +39,15 @@ def running_on(client, conn, url: str, timeout: float = 60.0) -> int:
     raise AssertionError("the job did not start")
 
 
-def test_a_killed_worker_fails_its_job_and_the_others_go_on(settings_for, make_image, poll, start_workers):
+def test_a_killed_worker_fails_its_job_and_the_others_go_on(settings_for, make_image, poll, start_workers,
+                                                            long_steps):
     settings = settings_for(3)
     conn = connect(settings.redis_url)
     procs = start_workers(settings, 2)
     with TestClient(create_app(settings)) as client:
         image = make_image("PNG", "RGB")
-        url = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=1000)).headers["location"]
+        url = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all",
+                                                  steps=long_steps)).headers["location"]
         victim = running_on(client, conn, url)
         assert victim in [p.pid for p in procs]
         os.kill(victim, signal.SIGKILL)
@@ -77,24 +79,24 @@ def test_sigterm_lets_the_current_job_finish(settings_for, make_image, poll, sta
     (worker,) = start_workers(settings, 1)
     with TestClient(create_app(settings)) as client:
         url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted",
-                                                  steps=300)).headers["location"]
+                                                  steps=1500)).headers["location"]
         assert running_on(client, conn, url) == worker.pid
         worker.proc.send_signal(signal.SIGTERM)
         view = poll(client, url, timeout=120)
         assert view["status"] == "finished", view
-        assert view["progress"]["done"] == 300
+        assert view["progress"]["done"] == 1500
         assert worker.proc.wait(30) == 0
         assert live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY]) == []
         # With no worker left the service says so instead of queueing.
         assert client.get("/readyz").status_code == 503
 
 
-def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_workers):
+def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_workers, long_steps):
     settings = settings_for(5, explain_timeout=1)
     start_workers(settings, 1)
     with TestClient(create_app(settings)) as client:
         url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
-                                                  steps=1000)).headers["location"]
+                                                  steps=long_steps)).headers["location"]
         view = poll(client, url, timeout=60)
         assert view["status"] == "failed" and view["error"]["code"] == "job_timeout", view
         # The worker survives its job's timeout and takes the next one.
@@ -119,14 +121,14 @@ def test_a_misconfigured_worker_stops_with_a_clear_message(settings_for, env, me
     assert message in out.stderr
 
 
-def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, poll, start_workers):
+def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, poll, start_workers, long_steps):
     """No worker is left to clean up: the API itself fails the job once its lease is over."""
     settings = settings_for(7)
     conn = connect(settings.redis_url)
     (worker,) = start_workers(settings, 1)
     with TestClient(create_app(settings)) as client:
         url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
-                                                  steps=1000)).headers["location"]
+                                                  steps=long_steps)).headers["location"]
         assert running_on(client, conn, url) == worker.pid
         worker.proc.kill()
         worker.proc.wait()
