@@ -642,6 +642,8 @@ def ara_metrics(net: nn.Module, test: ImageSet, n: int, seed: int, progress: boo
         "ara_seed": seed,
         "ara_settings": res.settings,
         "ara_bound_check_passed": bound_ok,
+        # Per-image radii: the stability score ranks single images against them.
+        "ara_radii": res.radii_record(test.source, seed),
     }
 
 
