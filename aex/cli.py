@@ -92,38 +92,152 @@ def evaluate(
 @app.command()
 @friendly_errors
 def explain(
-    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...)")],
-    checkpoint: Annotated[Path, typer.Option(help="an aex .safetensors checkpoint")],
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...; with --url also DICOM .dcm)")],
     out: Annotated[Path, typer.Option(help="output folder")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="run offline with this aex .safetensors checkpoint "
+                                                            "(or use --url)")] = None,
+    url: Annotated[Optional[str], typer.Option(help="use the aex service at this address, e.g. "
+                                                    "http://127.0.0.1:8000 (or use --checkpoint)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="with --url: served model name (default: the service's)")] = None,
     targets: Annotated[Optional[list[str]], typer.Option(
         "--targets", "-t", help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
-        "(default: predicted, runner-up, all)")] = None,
+        "(default offline: predicted, runner-up, all; with --url: the service's, predicted, runner-up)")] = None,
     rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = 0.1,
     steps: Annotated[int, typer.Option(help="search steps S")] = 35,
-    overshoot: Annotated[float, typer.Option(help="overshoot k")] = 5.0,
+    overshoot: Annotated[float, typer.Option(help="overshoot k (offline only)")] = 5.0,
     layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer, dotted name (default: model's)")] = None,
-    clamp: Annotated[bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search")] = False,
-    bound_check: Annotated[bool, typer.Option(help="fail if rho is not reached in half the steps")] = True,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: CUDA if present)")] = None,
+    clamp: Annotated[bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search "
+                                                        "(offline only)")] = False,
+    bound_check: Annotated[bool, typer.Option(help="fail if rho is not reached in half the steps "
+                                                   "(offline only)")] = True,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (offline only; default: CUDA if "
+                                                       "present)")] = None,
+    progress: Annotated[bool, typer.Option(help="with --url: progress bar on stderr")] = True,
+    timeout: Annotated[float, typer.Option(help="with --url: seconds to wait for each HTTP request")] = 60.0,
 ) -> None:
-    """Adversarial explanations and Grad-CAM for one image; writes PNGs and summary.json."""
+    """Adversarial explanations and Grad-CAM for one image; writes PNGs and a summary.
+    Offline (--checkpoint): summary.json. Through the service (--url): every PNG, the DICOM
+    objects for DICOM input, and result.json."""
+    from aex.errors import BadParameterError
+
+    if (checkpoint is None) == (url is None):
+        raise BadParameterError("give exactly one of --checkpoint (run offline) and --url (use the service)")
+    if url is not None:
+        offline_only = [f"--{n.replace('_', '-')}" for n in ("overshoot", "clamp", "bound_check", "device")
+                        if _typed(ctx, n)]
+        if offline_only:
+            raise BadParameterError(f"offline-only options given with --url: {', '.join(offline_only)} "
+                                    f"(they need --checkpoint)")
+        _explain_via_service(image, out, url, model=model, targets=targets, rho=rho, steps=steps, layer=layer,
+                             progress=progress, timeout=timeout)
+        return
+    if model is not None:
+        raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
     from models.checkpoint import load_checkpoint
     from models.explain import DEFAULT_TARGETS, explain_image, write_files
     from models.preprocess import load_image_for_model
     from models.runtime import pick_device
 
-    model, meta = load_checkpoint(checkpoint, device=pick_device(device))
+    model_, meta = load_checkpoint(checkpoint, device=pick_device(device))
     x = load_image_for_model(image, meta.input_size, meta.in_channels)
     # "-t predicted -t cat" and "-t predicted,cat" both work.
-    specs = [s.strip() for t in (targets or DEFAULT_TARGETS) for s in str(t).split(",") if s.strip()]
+    specs = _split_targets(targets) or list(DEFAULT_TARGETS)
     # The same function renders the service's explain jobs.
     summary, files = explain_image(
-        model, meta.classes, x, specs, layer=layer, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
+        model_, meta.classes, x, specs, layer=layer, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
         bound_check=bound_check, extra_summary={"image": str(image), "checkpoint": str(checkpoint)})
     write_files(out, summary, files)
     print_json({"out": str(out), "predicted": summary["predicted"],
                 "targets": [{k: t[k] for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
                             for t in summary["targets"]]})
+
+
+def _split_targets(targets: Optional[list[str]]) -> list[str]:
+    return [s.strip() for t in (targets or []) for s in str(t).split(",") if s.strip()]
+
+
+class _JobProgress:
+    """on_progress for AexClient: a tqdm bar on stderr over the job's search steps (its
+    queue position while it waits)."""
+
+    def __init__(self, enabled: bool, what: str):
+        self.what, self.enabled, self.bar = what, enabled, None
+
+    def __call__(self, view: dict) -> None:
+        if self.bar is None:  # created at the first answer: nothing is drawn when the upload fails
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=None, desc=self.what, unit="step", file=sys.stderr, disable=not self.enabled,
+                            dynamic_ncols=True, leave=True)
+        status, prog = view.get("status"), view.get("progress") or {}
+        if status == "queued":
+            pos = view.get("queue_position")
+            self.bar.set_description(f"{self.what}: queued" + (f" (position {pos})" if pos is not None else ""))
+        elif prog.get("total"):
+            if self.bar.total != prog["total"]:
+                self.bar.reset(total=prog["total"])
+            self.bar.set_description(f"{self.what}: {prog.get('phase') or status}")
+            self.bar.n = prog["done"]
+            self.bar.refresh()
+        if status == "finished":
+            if not self.bar.total:
+                self.bar.reset(total=1)
+            self.bar.n = self.bar.total
+            self.bar.set_description(f"{self.what}: finished")
+        elif status in ("failed", "cancelled"):
+            self.bar.set_description(f"{self.what}: {status}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _explain_via_service(image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, progress,
+                         timeout) -> None:
+    from aex.client import AexClient
+
+    bar = _JobProgress(progress, "explain")
+    try:
+        with AexClient(url, timeout=timeout) as client:
+            job = client.explain(image, model=model, targets=_split_targets(targets) or None, rho=rho, steps=steps,
+                                 layer=layer, on_progress=bar)
+            saved = client.download_images(job, out) + client.download_dicom(job, out)
+    finally:
+        bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(job, indent=2) + "\n")
+    result = job["result"]
+    summary = {"out": str(out), "job": job["id"], "model": job.get("model"), "predicted": result["predicted"],
+               "targets": [{k: t.get(k) for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
+                           for t in result.get("targets", [])]}
+    if result.get("stability") is not None:
+        summary["stability"] = result["stability"]
+    summary["files"] = sorted(p.name for p in saved) + ["result.json"]
+    print_json(summary)
+
+
+@app.command()
+@friendly_errors
+def classify(
+    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, TIFF, BMP, WebP) or DICOM .dcm")],
+    url: Annotated[str, typer.Option(help="the aex service, e.g. http://127.0.0.1:8000")],
+    model: Annotated[Optional[str], typer.Option(help="served model name (default: the service's)")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="how many of the most probable classes to list")] = None,
+    stability: Annotated[bool, typer.Option("--stability", help="also the stability score (slower)")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bar on stderr while the job runs")] = True,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each HTTP request")] = 60.0,
+) -> None:
+    """Classify one image through the aex service; prints the result as JSON."""
+    from aex.client import AexClient
+
+    bar = _JobProgress(progress, "classify")
+    try:
+        with AexClient(url, timeout=timeout) as client:
+            job = client.classify(image, model=model, top_k=top_k, stability=stability, on_progress=bar)
+    finally:
+        bar.close()
+    print_json({"job": job["id"], **job["result"]})
 
 
 def _typed(ctx: typer.Context, name: str) -> bool:

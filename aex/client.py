@@ -1,0 +1,242 @@
+"""A small Python client of the aex service (httpx; never imports torch).
+
+    from aex.client import AexClient
+
+    with AexClient("http://127.0.0.1:8000") as client:
+        view = client.classify("cat.png", model="cifar10-robust", top_k=3)
+        job = client.explain("cat.png", targets=["predicted", "runner-up"], steps=35,
+                             on_progress=lambda v: print(v["status"], v.get("progress")))
+        client.download_images(job, "out/")
+
+Job views are the JSON of ``GET /v1/jobs/{id}`` as dicts. Every error the API reports
+(``{"error": {"code", "message"}}``) and every failed or cancelled job is raised as the
+named exception of ``aex.errors`` for its code; an unreachable service is a
+``ServiceUnavailableError``.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import re
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from aex.errors import AexError, BadParameterError, JobFailedError, ServiceUnavailableError, error_class_for
+
+TERMINAL = ("finished", "failed", "cancelled")
+# File names the client writes: what the service names its results, nothing with a path in it.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def api_error(code: str, message: str, status: int | None = None) -> AexError:
+    """The named exception for an API error code, carrying the service's own code (also for
+    codes this version does not know: they come back as JobFailedError with that code)."""
+    exc = error_class_for(code)(message)
+    if exc.code != code:
+        exc.code = code
+    if status is not None:
+        exc.http_status = status
+    return exc
+
+
+def _error_from_response(resp: httpx.Response) -> AexError:
+    try:
+        body = resp.json()
+        err = body["error"]
+        return api_error(str(err["code"]), str(err["message"]), resp.status_code)
+    except (ValueError, KeyError, TypeError):
+        text = resp.text.strip().splitlines()[0][:300] if resp.text.strip() else resp.reason_phrase
+        return api_error("http_error", f"HTTP {resp.status_code} from {resp.request.url}: {text}", resp.status_code)
+
+
+def job_error(view: dict[str, Any]) -> AexError:
+    """The exception for a failed or cancelled job view."""
+    err = view.get("error") or {}
+    code = err.get("code") or ("job_cancelled" if view.get("status") == "cancelled" else "job_failed")
+    return api_error(code, err.get("message") or f"job {view.get('id')} {view.get('status')}")
+
+
+def _media_type(path: Path) -> str:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return "application/dicom"
+    return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+
+def _safe_file_name(name: str) -> str:
+    if not SAFE_NAME.match(name) or ".." in name:
+        raise BadParameterError(f"the service named a result file {name!r}, which is not a plain file name")
+    return name
+
+
+class AexClient:
+    """Client of one aex service. ``url``: its base (``http://host:8000``); ``timeout``:
+    seconds for each HTTP request (not for a job: see ``wait``)."""
+
+    def __init__(self, url: str, timeout: float = 60.0, poll_interval: float = 0.2,
+                 transport: httpx.BaseTransport | None = None):
+        if not re.match(r"^https?://", url or ""):
+            raise BadParameterError(f"--url must be an http:// or https:// address, got {url!r}")
+        self.url = url.rstrip("/")
+        self.poll_interval = poll_interval
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
+                                 headers={"Accept": "application/json"})
+
+    # --- plumbing ----------------------------------------------------------------------
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> AexClient:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            resp = self.http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise ServiceUnavailableError(f"the service at {self.url} did not answer in time ({exc})") from None
+        except httpx.TransportError as exc:
+            raise ServiceUnavailableError(f"cannot reach the service at {self.url}: {exc}") from None
+        if resp.status_code >= 400:
+            raise _error_from_response(resp)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs) -> dict[str, Any]:
+        resp = self._request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:
+            raise api_error("http_error", f"{method} {path} answered something that is not JSON "
+                                          f"({resp.headers.get('content-type')})") from None
+
+    @staticmethod
+    def _upload(path: str | Path) -> dict[str, tuple[str, bytes, str]]:
+        path = Path(path)
+        if not path.is_file():
+            raise BadParameterError(f"no such file: {path}")
+        return {"image": (path.name, path.read_bytes(), _media_type(path))}
+
+    # --- the API -----------------------------------------------------------------------
+    def models(self) -> dict[str, Any]:
+        """``GET /v1/models``: {"default": name, "models": [entry, ...]}."""
+        return self._json("GET", "/v1/models")
+
+    def classify(self, path: str | Path, model: str | None = None, top_k: int | None = None,
+                 stability: bool = False, on_progress: ProgressFn | None = None,
+                 timeout: float | None = None) -> dict[str, Any]:
+        """Classify the image (or DICOM file) at ``path``; returns the finished job view
+        (waiting for it when the service answers 202)."""
+        data: dict[str, str] = {}
+        if model:
+            data["model"] = model
+        if top_k is not None:
+            data["top_k"] = str(top_k)
+        if stability:  # sent only when asked: a service without the option then still answers
+            data["stability"] = "true"
+        view = self._json("POST", "/v1/classify", files=self._upload(path), data=data)
+        if on_progress is not None:
+            on_progress(view)
+        if view.get("status") in TERMINAL:
+            return self._finished(view)
+        return self.wait(view["id"], on_progress, timeout=timeout)
+
+    def explain(self, path: str | Path, model: str | None = None,
+                targets: str | Iterable[str] | None = None, rho: float | None = None, steps: int | None = None,
+                layer: str | None = None, on_progress: ProgressFn | None = None, wait: bool = True,
+                timeout: float | None = None) -> dict[str, Any]:
+        """Queue adversarial explanations and Grad-CAM for the file at ``path``. ``targets``:
+        "predicted", "runner-up", "all", class names or indices (a list or a comma-separated
+        string; None: the service's default). Returns the finished job view, or with
+        ``wait=False`` the queued one."""
+        data: dict[str, str] = {}
+        if model:
+            data["model"] = model
+        if targets is not None:
+            data["targets"] = targets if isinstance(targets, str) else ",".join(str(t) for t in targets)
+        if rho is not None:
+            data["rho"] = repr(float(rho))
+        if steps is not None:
+            data["steps"] = str(int(steps))
+        if layer:
+            data["layer"] = layer
+        view = self._json("POST", "/v1/explain", files=self._upload(path), data=data)
+        if on_progress is not None:
+            on_progress(view)
+        if not wait:
+            return view
+        return self.wait(view["id"], on_progress, timeout=timeout)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """``GET /v1/jobs/{id}``: the job view as it is now."""
+        return self._json("GET", f"/v1/jobs/{job_id}")
+
+    def wait(self, job_id: str, on_progress: ProgressFn | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Poll the job until it ends; ``on_progress(view)`` is called after every poll.
+        Returns the finished view; a failed or cancelled job raises its named error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interval = self.poll_interval
+        while True:
+            view = self.job(job_id)
+            if on_progress is not None:
+                on_progress(view)
+            if view.get("status") in TERMINAL:
+                return self._finished(view)
+            if deadline is not None and time.monotonic() > deadline:
+                raise JobFailedError(f"job {job_id} is still {view.get('status')} after {timeout} s")
+            time.sleep(interval)
+            # Queued jobs can wait long; poll them less often (running ones keep the pace).
+            interval = min(interval * 1.5, 2.0) if view.get("status") == "queued" else self.poll_interval
+
+    @staticmethod
+    def _finished(view: dict[str, Any]) -> dict[str, Any]:
+        if view.get("status") != "finished":
+            raise job_error(view)
+        return view
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """``DELETE /v1/jobs/{id}``: cancel a queued job at once, a running one at its next step."""
+        return self._json("DELETE", f"/v1/jobs/{job_id}")
+
+    # --- results -----------------------------------------------------------------------
+    def download(self, url: str) -> bytes:
+        """The bytes at ``url`` (a path of the service, as the job view lists them)."""
+        return self._request("GET", url).content
+
+    def _save_all(self, links: dict[str, str], out_dir: str | Path) -> list[Path]:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for name, url in links.items():
+            path = out / _safe_file_name(name)
+            path.write_bytes(self.download(url))
+            paths.append(path)
+        return paths
+
+    def download_images(self, job: dict[str, Any], out_dir: str | Path) -> list[Path]:
+        """Save every PNG of a finished explain job (its ``images``) into ``out_dir``."""
+        return self._save_all(job.get("images") or {}, out_dir)
+
+    @staticmethod
+    def dicom_links(job: dict[str, Any]) -> dict[str, str]:
+        """name -> URL of the DICOM objects of a job (jobs on DICOM input), wherever the view
+        lists them (``dicom`` beside ``images``, or in the result)."""
+        for holder in (job, job.get("result") or {}):
+            links = holder.get("dicom")
+            if isinstance(links, dict) and all(isinstance(v, str) for v in links.values()):
+                return links
+        return {}
+
+    def download_dicom(self, job: dict[str, Any], out_dir: str | Path) -> list[Path]:
+        """Save every DICOM object of a finished job into ``out_dir`` (none for image input)."""
+        links = self.dicom_links(job)
+        return self._save_all({n if n.lower().endswith(".dcm") else f"{n}.dcm": u for n, u in links.items()},
+                              out_dir)
