@@ -280,3 +280,25 @@ def start_workers(tmp_path, request):
         return procs
 
     return start
+
+
+def write_tiny_medmnist(path: Path, n_train: int = 32, n_val: int = 8, n_test: int = 8, seed: int = 0) -> Path:
+    """A MedMNIST-like .npz: 28x28 grey images, labels (N, 1); class 1 has a bright band."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        labels = np.arange(n) % 2
+        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
+        images[labels == 1, 10:18, :] += 120
+        arrays[f"{split}_images"] = images
+        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def tiny_medmnist():
+    """The factory ``write_tiny_medmnist(path, n_train, n_val, n_test, seed) -> path``."""
+    return write_tiny_medmnist

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 from typer.testing import CliRunner
 
 from aex.cli import app
@@ -15,21 +14,9 @@ TINY = ["--arch", "preact_resnet", "--depth", "8", "--width", "4", "--batch-size
         "--ara-n", "0", "--no-progress", "--schedule", "onecycle"]
 
 
-def make_npz(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 24), ("val", 6), ("test", 6)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
-        images[labels == 1, 10:18, :] += 120
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
 
-
-def test_train_command_stops_and_resumes_from_out_alone(tmp_path):
-    data = make_npz(tmp_path / "tiny.npz")
+def test_train_command_stops_and_resumes_from_out_alone(tmp_path, tiny_medmnist):
+    data = tiny_medmnist(tmp_path / "tiny.npz", 24, 6, 6)
     out = tmp_path / "cli.safetensors"
     runner = CliRunner()
     first = runner.invoke(app, ["train", "--data", str(data), "--out", str(out), "--robust", "--epochs", "2",
@@ -52,8 +39,8 @@ def test_train_command_stops_and_resumes_from_out_alone(tmp_path):
     assert [r.get("epoch") for r in lines if r["event"] == "epoch"] == [1, 2]
 
 
-def test_train_command_reports_bad_options_as_named_errors(tmp_path):
-    data = make_npz(tmp_path / "tiny.npz")
+def test_train_command_reports_bad_options_as_named_errors(tmp_path, tiny_medmnist):
+    data = tiny_medmnist(tmp_path / "tiny.npz", 24, 6, 6)
     runner = CliRunner()
     res = runner.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x.safetensors"),
                               "--adv-train", "fgsm", *TINY])

@@ -10,7 +10,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -41,21 +40,9 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-def make_npz(path: Path) -> Path:
-    rng = np.random.default_rng(0)
-    arrays = {}
-    for split, n in (("train", 40), ("val", 8), ("test", 8)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
-        images[labels == 1, 10:18, :] += 120
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
 
-
-def test_two_gloo_ranks_end_with_identical_weights_and_psi(tmp_path):
-    data = make_npz(tmp_path / "tiny.npz")
+def test_two_gloo_ranks_end_with_identical_weights_and_psi(tmp_path, tiny_medmnist):
+    data = tiny_medmnist(tmp_path / "tiny.npz", 40, 8, 8)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     out = tmp_path / "ddp.safetensors"

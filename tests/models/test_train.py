@@ -22,19 +22,6 @@ from models.train import TrainConfig, epoch_batches, load_splits, metrics_path, 
 TINY = dict(arch="preact_resnet", depth=8, width=4, batch_size=8, lr=0.05, ara_n=0, progress=False)
 
 
-def make_npz(path: Path, n_train=32, n_val=8, n_test=8, seed=0) -> Path:
-    """A MedMNIST-like file: 28x28 grey images, labels (N, 1); class 1 has a bright band."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        labels = np.arange(n) % 2
-        images = rng.integers(0, 120, (n, 28, 28), dtype=np.uint8)
-        images[labels == 1, 10:18, :] += 120
-        arrays[f"{split}_images"] = images
-        arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
-
 
 def make_folder(root: Path, n_per_class=20, size=32, classes=("cat", "dog")) -> Path:
     rng = np.random.default_rng(1)
@@ -48,8 +35,8 @@ def make_folder(root: Path, n_per_class=20, size=32, classes=("cat", "dog")) -> 
 
 
 @pytest.fixture
-def npz(tmp_path) -> Path:
-    return make_npz(tmp_path / "tinymnist.npz")
+def npz(tmp_path, tiny_medmnist) -> Path:
+    return tiny_medmnist(tmp_path / "tinymnist.npz")
 
 
 def cfg_for(data: Path, out: Path, **kw) -> TrainConfig:
