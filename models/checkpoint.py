@@ -25,10 +25,10 @@ from torch import nn
 
 from aex.errors import CheckpointError
 
+from .catalogue import META_KEY, read_aex_metadata
 from .registry import create_model
 
 FORMAT_VERSION = 1
-META_KEY = "aex"
 MODEL_PREFIX = "model."
 REQUIRED = ("arch", "arch_args", "classes", "input_size", "in_channels", "mean", "std")
 
@@ -111,45 +111,9 @@ def save_checkpoint(
     return meta
 
 
-def _describe_bad_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK":
-        return "it is a zip archive (a torch.save file?), not safetensors"
-    if head[:1] == b"\x80":
-        return "it is a Python pickle (a legacy torch.save file?), which is never unpickled; use `aex import-reference` for the paper's networks"
-    return "it is not a valid safetensors file (truncated or corrupt?)"
-
-
-def _read_header(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: file is too short to be a checkpoint ({size} bytes)")
-        n = int.from_bytes(raw, "little")
-        if n <= 0 or n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: {_describe_bad_file(path)}")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CheckpointError(f"{path}: {_describe_bad_file(path)}") from None
-    return header
-
-
 def read_metadata(path: str | os.PathLike) -> CheckpointMeta:
     """Read only the metadata (cheap: no tensor data is touched)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    header = _read_header(path)
-    raw = (header.get("__metadata__") or {}).get(META_KEY)
-    if raw is None:
-        raise CheckpointError(f"{path}: safetensors file has no aex metadata (not an aex checkpoint)")
-    try:
-        return CheckpointMeta.from_dict(json.loads(raw))
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{path}: aex metadata is not valid JSON") from None
+    return CheckpointMeta.from_dict(read_aex_metadata(path))
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
