@@ -25,6 +25,7 @@ from worker.protocol import connect
 from .jobs import Catalogue, JobService
 from .metrics import Metrics, MetricsMiddleware
 from .routes import ops, v1
+from .viewer import install_viewer
 
 log = logging.getLogger("aex.service")
 
@@ -89,5 +90,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(ops)
+    install_viewer(app)  # the HTML viewer at / and its files at /static/
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

@@ -302,3 +302,34 @@ def write_tiny_medmnist(path: Path, n_train: int = 32, n_val: int = 8, n_test: i
 def tiny_medmnist():
     """The factory ``write_tiny_medmnist(path, n_train, n_val, n_test, seed) -> path``."""
     return write_tiny_medmnist
+
+
+@pytest.fixture(scope="session")
+def live_api(service_stack):
+    """The API of the session's stack served for real by uvicorn on a free 127.0.0.1 port
+    (in a thread of the test process), for clients outside the process: a browser, the
+    ``aex`` client. Yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.app import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here and handed over: no race for the port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service_stack), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="live-api")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

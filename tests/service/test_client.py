@@ -1,0 +1,164 @@
+"""The Python client and `aex classify/explain --url` against the real stack: uvicorn on a
+loopback port, a real Redis and two real worker processes serving tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from aex.cli import app
+from aex.client import AexClient
+from aex.errors import BadParameterError, JobCancelledError, ServiceUnavailableError, UnknownJobError, UnknownModelError
+from models.checkpoint import load_checkpoint
+from models.preprocess import load_image_for_model
+
+pytestmark = pytest.mark.e2e
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+@pytest.fixture
+def png(tmp_path, make_image) -> Path:
+    path = tmp_path / "picture.png"
+    path.write_bytes(make_image("PNG", "RGB", size=(60, 44), seed=7))
+    return path
+
+
+def model_probs(service_models: Path, name: str, image: Path) -> dict[str, float]:
+    """What the checkpoint itself says about the image, in this process."""
+    path = service_models / name / "model.safetensors"
+    model, meta = load_checkpoint(path if path.exists() else service_models / f"{name}.safetensors")
+    x = load_image_for_model(image.read_bytes(), meta.input_size, meta.in_channels)
+    with torch.no_grad():
+        probs = model(x[None]).softmax(1)[0]
+    return dict(zip(meta.classes, probs.tolist()))
+
+
+def test_aex_classify_prints_the_models_probabilities(live_api, service_models, png):
+    res = runner.invoke(app, ["classify", str(png), "--url", live_api, "--model", "tiny-rgb", "--top-k", "3"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    expected = model_probs(service_models, "tiny-rgb", png)
+    assert list(out["probs"]) == list(expected)
+    np.testing.assert_allclose([out["probs"][c] for c in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
+    assert [t["class_name"] for t in out["top"]] == sorted(expected, key=expected.get, reverse=True)[:3]
+    assert out["predicted"]["class_name"] == max(expected, key=expected.get)
+    assert len(out["job"]) == 32
+
+
+def test_aex_explain_saves_every_image_and_the_result(live_api, png, tmp_path):
+    out = tmp_path / "expl"
+    res = runner.invoke(app, ["explain", str(png), "--url", live_api, "--out", str(out), "--model", "tiny-rgb",
+                              "--steps", "5", "-t", "predicted,runner-up", "-t", "cat"])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.stdout)
+    job = json.loads((out / "result.json").read_text())
+    assert job["status"] == "finished" and job["id"] == printed["job"] and job["model"] == "tiny-rgb"
+    targets = job["result"]["targets"]
+    assert [t["role"] for t in targets] == ["predicted", "runner-up", "class"] and targets[2]["class_name"] == "cat"
+    assert [t["class_name"] for t in printed["targets"]] == [t["class_name"] for t in targets]
+    # Every PNG the service lists is saved, as a 32x32 image; nothing else but result.json.
+    names = set(job["images"])
+    assert {"input.png", "gradcam.png", "gradcam_overlay.png"} <= names and len(names) == 3 + 2 * 3
+    assert {p.name for p in out.iterdir()} == names | {"result.json"}
+    for name in names:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.size == (32, 32), name
+    for t in targets:
+        assert (out / t["image"]).is_file() and (out / t["difference"]).is_file()
+        assert 0 < t["rms"] < 0.2
+    # The progress bar reached the end of the 5 search steps.
+    assert "100%" in res.stderr and "explain: finished" in res.stderr
+
+
+def test_client_reports_progress_and_cancels(live_api, png, long_steps):
+    seen: list[dict] = []
+    with AexClient(live_api, poll_interval=0.05) as client:
+        assert {m["name"] for m in client.models()["models"]} == {"tiny-grey", "tiny-rgb"}
+        job = client.explain(png, model="tiny-grey", targets=["predicted"], steps=5, on_progress=seen.append)
+        assert job["status"] == "finished" and seen[-1] is job
+        assert seen[0]["status"] in ("queued", "running", "finished")
+        done = [v["progress"]["done"] for v in seen if v.get("progress")]
+        assert done == sorted(done) and job["progress"]["done"] == job["progress"]["total"] == 5
+
+        queued = client.explain(png, model="tiny-rgb", targets="all", steps=long_steps, wait=False)
+        deadline = time.monotonic() + 60
+        while (view := client.job(queued["id"]))["status"] != "running" or not view.get("progress"):
+            assert time.monotonic() < deadline, view
+            time.sleep(0.05)
+        client.cancel(queued["id"])
+        with pytest.raises(JobCancelledError) as info:
+            client.wait(queued["id"], timeout=30)
+        assert info.value.code == "job_cancelled"
+
+        with pytest.raises(UnknownJobError, match="unknown job"):
+            client.job("0" * 32)
+        with pytest.raises(UnknownModelError) as info:
+            client.classify(png, model="nope")
+        assert info.value.code == "unknown_model" and info.value.http_status == 404
+        with pytest.raises(BadParameterError, match="no such file"):
+            client.classify(png.parent / "missing.png")
+
+
+def test_errors_are_clear_messages_with_a_non_zero_exit(live_api, png, tmp_path):
+    res = runner.invoke(app, ["explain", str(png), "--url", live_api, "--out", str(tmp_path / "a"), "--model", "nope"])
+    assert res.exit_code == 2
+    assert "error [unknown_model]: unknown model 'nope'; served: tiny-grey, tiny-rgb" in res.stderr
+    assert not (tmp_path / "a").exists()
+
+    res = runner.invoke(app, ["classify", str(png), "--url", live_api, "--model", "nope"])
+    assert res.exit_code == 2 and "error [unknown_model]" in res.stderr
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    res = runner.invoke(app, ["classify", str(text), "--url", live_api])
+    assert res.exit_code == 2 and "error [unsupported_media_type]" in res.stderr
+
+    res = runner.invoke(app, ["explain", str(png), "--url", live_api, "--out", str(tmp_path / "b"), "--steps", "0"])
+    assert res.exit_code == 2 and "error [bad_parameter]" in res.stderr and "steps" in res.stderr
+
+    for both_or_neither in (["--url", live_api, "--checkpoint", str(tmp_path / "c.safetensors")], []):
+        res = runner.invoke(app, ["explain", str(png), "--out", str(tmp_path / "c"), *both_or_neither])
+        assert res.exit_code == 2
+        assert "give exactly one of --checkpoint (run offline) and --url (use the service)" in res.stderr
+
+    res = runner.invoke(app, ["explain", str(png), "--url", live_api, "--out", str(tmp_path / "d"), "--clamp"])
+    assert res.exit_code == 2 and "--clamp" in res.stderr and "--checkpoint" in res.stderr
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    res = runner.invoke(app, ["classify", str(png), "--url", dead])
+    assert res.exit_code == 2 and "error [service_unavailable]: cannot reach the service at" in res.stderr
+    with pytest.raises(ServiceUnavailableError):
+        AexClient(dead).models()
+
+
+def test_the_client_never_imports_torch(live_api, png):
+    """`aex classify --url` in a fresh process: answers, and torch is never imported."""
+    code = textwrap.dedent(f"""
+        import sys
+        from aex.cli import app
+        try:
+            app(["classify", {str(png)!r}, "--url", {live_api!r}, "--model", "tiny-grey", "--no-progress"])
+        except SystemExit as exc:
+            assert not exc.code, exc.code
+        heavy = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "torchvision")))
+        print("HEAVY", heavy, file=sys.stderr)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["predicted"]["class_name"] in ("normal", "pneumonia")
+    assert "HEAVY []" in out.stderr
