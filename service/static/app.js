@@ -36,7 +36,14 @@ class ApiError extends Error {
 
 function describeError(err) {
   const lead = ERROR_WORDS[err.code] || "The request failed";
-  return err.message ? `${lead}: ${err.message}` : `${lead}.`;
+  let message = err.message || "";
+  // "This file is not a supported image: not a supported image; send one of ..." reads
+  // badly: drop the service's first clause when the lead already says it.
+  const first = message.split(/[;:] /)[0];
+  if (first && first.length < message.length && lead.toLowerCase().endsWith(first.toLowerCase())) {
+    message = message.slice(first.length + 2);
+  }
+  return message ? `${lead}: ${message}` : `${lead}.`;
 }
 
 async function api(path, options = {}) {
