@@ -17,353 +17,72 @@ train one epoch, evaluate, save) and one ``train(config)`` that strings them tog
   the epoch's permutation is split by ``DistributedSampler``, the cross-entropy that drives
   psi is averaged over all ranks (so every rank holds the same psi), BatchNorm running
   statistics are averaged at the end of each epoch, and only rank 0 writes files.
+
+The pieces live beside this module: ``train_config`` (the options), ``distributed`` (DDP
+helpers), ``train_data`` (splits and epoch batches) and ``train_run`` (run state, checkpoint
+and resume). This module builds the network, trains and evaluates, and re-exports the
+names callers import from ``models.train``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from aex.errors import BadParameterError, DataError, TrainingDivergedError
+from aex.errors import BadParameterError, TrainingDivergedError
 
-from .checkpoint import CheckpointMeta, load_tensors, read_metadata, save_checkpoint
-from .data import ImageSet, load_dataset, seeded_subset
-from .lr_schedule import SCHEDULES, LRSchedule
-from .preprocess import AUGMENTATIONS, augment_batch, to_float
-from .registry import CIFAR10_MEAN, CIFAR10_STD, available, create_model
-from .robust import EPS_BETTER, EPS_WORSE, K_PSI, L_TARGET, PSI0, ZETA, Z, AdaptivePsi, input_gradient_penalty
-from .train_state import (
-    optimizer_from_tensors,
-    optimizer_to_tensors,
-    restore_rng,
-    rng_tensors,
-    step_generator,
+from .data import ImageSet, seeded_subset
+from .distributed import DistInfo, all_reduce_sum, average_buffers, init_distributed, rank_device
+from .lr_schedule import LRSchedule
+from .preprocess import to_float
+from .registry import CIFAR10_MEAN, CIFAR10_STD, create_model
+from .robust import L_TARGET, AdaptivePsi, input_gradient_penalty
+from .train_config import ADV_MODES, RUNTIME_FIELDS, TrainConfig, differing_fields, metrics_path, resume_path
+from .train_data import (
+    CIFAR_PRESETS,
+    EpochBatches,
+    Splits,
+    augmentation_kind,
+    balanced_class_weights,
+    channel_stats,
+    default_input_shape,
+    epoch_batches,
+    iterate_batches,
+    load_splits,
 )
-
-ADV_MODES = {"l2": ("bounded", 0.01), "l2min": ("l2min", 0.1)}
-# Fields that may change between a run and its resumption: where and how fast it runs, and
-# what is measured at the end. Everything else must match, or the resumed run would not be
-# the run that was started.
-RUNTIME_FIELDS = frozenset(
-    {"device", "workers", "threads", "progress", "resume", "overwrite", "download", "command",
-     "ara_n", "ara_seed", "test_data", "val_n", "deterministic", "stop_after"}
+from .train_run import (
+    Run,
+    append_metrics,
+    checkpoint_meta,
+    load_resume,
+    rewrite_metrics_log,
+    save_run,
+    stored_config,
 )
-CIFAR_PRESETS = {"resnet20_cifar", "resnet32_cifar", "resnet44_cifar", "resnet56_cifar"}
+from .train_state import step_generator
 
-
-@dataclass
-class TrainConfig:
-    """Every option of a training run (stored in the checkpoint's recipe)."""
-
-    data: str
-    arch: str
-    out: str
-    val_data: str | None = None
-    test_data: str | None = None
-    input_size: int | None = None
-    in_channels: int | None = None
-    depth: int | None = None
-    width: int | None = None
-    augment: str | None = None  # None: chosen by the data set's kind
-    holdout: float = 0.1  # fraction held out when the data has neither val nor test split
-    class_weights: str | None = None  # "balanced": CE weights N / (C * n_c) for skewed data
-    # robust additions
-    robust: bool = False
-    psi0: float = PSI0
-    k_psi: float = K_PSI
-    l_target: float | None = None  # None: L_TARGET * ln(C) / ln(10), i.e. 1.5 for 10 classes
-    eps_better: float = EPS_BETTER
-    eps_worse: float = EPS_WORSE
-    zeta: float = ZETA
-    z: float = Z
-    hhrelu_delta: float = 0.5
-    # adversarial training
-    adv_train: str | None = None  # "l2" | "l2min"
-    adv_eps: float | None = None  # default per mode (0.01 / 0.1)
-    adv_steps: int = 7
-    # optimisation
-    epochs: int = 200
-    batch_size: int = 128  # per process
-    lr: float = 0.1
-    schedule: str = "step"
-    milestones: list[int] | None = None
-    warmup_epochs: float = 0.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    seed: int = 0
-    # evaluation
-    val_n: int = 1000
-    ara_n: int = 100
-    ara_seed: int = 1776
-    # runtime
-    device: str | None = None
-    workers: int = 0
-    threads: int | None = None
-    progress: bool = True
-    resume: bool = False
-    overwrite: bool = False
-    download: bool = False
-    deterministic: bool = False
-    stop_after: int | None = None  # epochs to train in this invocation (then stop; --resume later)
-    command: str = ""
-
-    def __post_init__(self) -> None:
-        self.milestones = sorted(int(m) for m in self.milestones) if self.milestones else None
-
-    def validate(self) -> None:
-        if self.arch not in available():
-            raise BadParameterError(f"unknown architecture {self.arch!r}; available: {', '.join(available())}")
-        if self.adv_train is not None and self.adv_train not in ADV_MODES:
-            raise BadParameterError(f"--adv-train must be one of {', '.join(ADV_MODES)}, got {self.adv_train!r}")
-        if self.schedule not in SCHEDULES:
-            raise BadParameterError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
-        if self.augment is not None and self.augment not in AUGMENTATIONS:
-            raise BadParameterError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
-        for name in ("epochs", "batch_size", "adv_steps"):
-            if getattr(self, name) < 1:
-                raise BadParameterError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0:
-            raise BadParameterError("--lr must be > 0")
-        if not 0 <= self.zeta <= 1:
-            raise BadParameterError("--zeta must be in [0, 1]")
-        if not 0 <= self.holdout < 1:
-            raise BadParameterError("--holdout must be in [0, 1)")
-        if self.hhrelu_delta <= 0:
-            raise BadParameterError("--hhrelu-delta must be > 0")
-        if self.class_weights not in (None, "balanced"):
-            raise BadParameterError(f"--class-weights must be 'balanced' (or absent), got {self.class_weights!r}")
-        if self.ara_n < 0 or self.workers < 0:
-            raise BadParameterError("--ara-n and --workers must be >= 0")
-
-    def recipe(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def differing_fields(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """Names of training-relevant options on which two configs disagree."""
-    return [f.name for f in fields(TrainConfig)
-            if f.name not in RUNTIME_FIELDS | {"out"} and getattr(a, f.name) != getattr(b, f.name)]
-
-
-def resume_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".resume.safetensors")
-
-
-def metrics_path(out: str | os.PathLike) -> Path:
-    out = Path(out)
-    return out.with_name(out.stem + ".metrics.jsonl")
-
-
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group torchrun describes (WORLD_SIZE/RANK/LOCAL_RANK), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def average_buffers(net: nn.Module, info: DistInfo) -> None:
-    """Average floating-point buffers (BatchNorm running statistics) over all ranks, so
-    every rank ends the epoch with the same network."""
-    if not info.enabled:
-        return
-    for buf in net.buffers():
-        if buf.is_floating_point():
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-            buf.div_(info.world)
-
-
-def pick_device(name: str | None, info_local_rank: int = 0) -> torch.device:
-    if name:
-        dev = torch.device(name)
-    else:
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", info_local_rank)
-    return dev
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class Splits:
-    """train, val (per-epoch metric) and test (final metrics) sets, and where they came from."""
-
-    train: ImageSet
-    val: ImageSet | None
-    test: ImageSet | None
-    val_source: str
-    test_source: str
-
-
-def _has_split(spec: str, split: str) -> bool:
-    path = Path(spec)
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            return f"{split}_images" in z.files
-    if path.is_dir():
-        if (path / "cifar-10-batches-py").is_dir() or path.name == "cifar-10-batches-py":
-            return split in ("train", "test")
-        return (path / split).is_dir()
-    if path.is_file():
-        import tarfile
-
-        try:
-            with tarfile.open(path) as tf:
-                for name in tf.getnames():
-                    parts = name.lstrip("./").split("/")
-                    if split in parts[:2] and len(parts) >= 3:
-                        return True
-        except (tarfile.TarError, OSError):
-            return False
-    return False
-
-
-def _sibling(spec: str, split: str) -> str | None:
-    """``.../train.tar`` -> ``.../test.tar`` (or val) when that file exists."""
-    path = Path(spec)
-    if "train" not in path.name:
-        return None
-    other = path.with_name(path.name.replace("train", split))
-    return str(other) if other.exists() else None
-
-
-def _load_split_of(spec: str, size, channels, download: bool, prefer=("val", "test", "train")) -> ImageSet:
-    for split in prefer:
-        if _has_split(spec, split):
-            return load_dataset(spec, split, size, channels, download=download)
-    return load_dataset(spec, prefer[-1], size, channels, download=download)
-
-
-def default_input_shape(cfg: TrainConfig) -> tuple[int | None, int | None]:
-    """(input_size, in_channels) the architecture wants, None where the data decides."""
-    if cfg.arch in CIFAR_PRESETS:
-        return cfg.input_size or 32, cfg.in_channels or 3
-    if cfg.arch == "torchvision_resnet50":
-        return cfg.input_size or 224, cfg.in_channels or 3
-    return cfg.input_size, cfg.in_channels
-
-
-def load_splits(cfg: TrainConfig) -> Splits:
-    """Load train, val and test sets as the module docstring and ``TrainConfig`` describe.
-
-    val: ``val_data``, else the data's own val split (MedMNIST), else a sibling ``val`` file,
-    else a seeded ``val_n`` subset of the test set (CIFAR-10 has no val split), else a
-    held-out fraction of the training set. test: ``test_data``, the data's test split, a
-    sibling ``test`` file (``train.tar`` -> ``test.tar``), else the same held-out part.
-    """
-    size, channels = default_input_shape(cfg)
-    train = load_dataset(cfg.data, "train", size, channels, download=cfg.download)
-    size, channels = train.input_size, train.in_channels  # every split matches the train set
-
-    def load(spec: str, prefer) -> ImageSet:
-        s = _load_split_of(spec, size, channels, cfg.download, prefer)
-        if s.classes != train.classes:
-            raise DataError(f"{spec}: classes {s.classes} differ from the training set's {train.classes}")
-        return s
-
-    test, test_source = None, ""
-    if cfg.test_data:
-        test, test_source = load(cfg.test_data, ("test", "val", "train")), cfg.test_data
-    elif _has_split(cfg.data, "test"):
-        test, test_source = load_dataset(cfg.data, "test", size, channels, download=cfg.download), f"{cfg.data}:test"
-    elif (sib := _sibling(cfg.data, "test")) is not None:
-        test, test_source = load(sib, ("test", "val", "train")), sib
-
-    val, val_source = None, ""
-    if cfg.val_data:
-        val, val_source = load(cfg.val_data, ("val", "test", "train")), cfg.val_data
-    elif _has_split(cfg.data, "val"):
-        val, val_source = load_dataset(cfg.data, "val", size, channels), f"{cfg.data}:val"
-    elif (sib := _sibling(cfg.data, "val")) is not None:
-        val, val_source = load(sib, ("val", "test", "train")), sib
-
-    if val is None and test is None and cfg.holdout > 0 and len(train) >= 10:
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
-        n_hold = max(1, int(round(cfg.holdout * len(train))))
-        held = train.subset(perm[:n_hold].sort().values)
-        train = train.subset(perm[n_hold:].sort().values)
-        val = test = held
-        val_source = test_source = f"{cfg.data}:holdout({cfg.holdout})"
-    if val is None and test is not None:
-        # No val split (CIFAR-10): a fixed seeded subset of the test set, as a per-epoch
-        # signal only; the reported test accuracy is over the whole test set.
-        val = test.subset(seeded_subset(len(test), cfg.val_n, cfg.seed).sort().values)
-        val_source = f"{test_source}[seeded {len(val)} of {len(test)}]"
-    elif val is not None and cfg.val_n and len(val) > cfg.val_n:
-        val = val.subset(seeded_subset(len(val), cfg.val_n, cfg.seed).sort().values)
-        val_source += f"[seeded {len(val)}]"
-    return Splits(train, val, test, val_source, test_source)
-
-
-def balanced_class_weights(data: ImageSet) -> torch.Tensor:
-    """N / (C * n_c) per class (1 everywhere for a balanced set); float32 C."""
-    counts = torch.bincount(data.labels, minlength=len(data.classes)).double()
-    if bool((counts == 0).any()):
-        missing = [data.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
-        raise DataError(f"class(es) {missing} have no training images; cannot balance")
-    return (counts.sum() / (len(counts) * counts)).float()
-
-
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images N x C x H x W, in [0, 1] units."""
-    c = images.shape[1]
-    s = torch.zeros(c, dtype=torch.float64)
-    s2 = torch.zeros(c, dtype=torch.float64)
-    for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.float64).div_(255.0)
-        s += x.sum((0, 2, 3))
-        s2 += x.pow(2).sum((0, 2, 3))
-    n = images.shape[0] * images.shape[2] * images.shape[3]
-    mean = s / n
-    std = (s2 / n - mean.pow(2)).clamp_min(1e-12).sqrt()
-    return [round(float(v), 6) for v in mean], [round(max(float(v), 1e-3), 6) for v in std]
-
-
-def augmentation_kind(cfg: TrainConfig, train: ImageSet) -> str:
-    return cfg.augment or train.kind
-
+# Names that were defined here before the trainer was split, and that callers import (or
+# tests monkeypatch) as ``models.train.<name>``.
+__all__ = [
+    "ADV_MODES", "CIFAR_PRESETS", "RUNTIME_FIELDS", "DistInfo", "EpochBatches", "Run", "Splits",
+    "StepStats", "TrainConfig", "adversarial_examples", "all_reduce_sum", "ara_metrics",
+    "arch_args_for", "augmentation_kind", "average_buffers", "balanced_class_weights",
+    "build_model", "build_optimizer", "channel_stats", "checkpoint_meta", "class_accuracy",
+    "default_input_shape", "differing_fields", "epoch_batches", "evaluate", "final_metrics",
+    "finish", "init_distributed", "iterate_batches", "load_resume", "load_splits", "loss_target",
+    "metrics_path", "prepare_run", "resume_path", "save_run", "stored_config", "train",
+    "train_epochs", "train_one_epoch", "train_step",
+]
 
 # --------------------------------------------------------------------------- model
 
@@ -414,48 +133,6 @@ def loss_target(l_target: float | None, num_classes: int) -> float:
 def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     # The reference decays every parameter (BatchNorm included).
     return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-
-
-# --------------------------------------------------------------------------- batches
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, info: DistInfo) -> list[torch.Tensor]:
-    """This rank's index batches for ``epoch``: DistributedSampler's shuffled, padded split
-    (one process: a plain seeded permutation), cut into ``batch_size`` pieces. A last
-    partial batch is dropped unless it is the only one."""
-    sampler = DistributedSampler(range(n), num_replicas=info.world, rank=info.rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    idx = torch.tensor(list(sampler), dtype=torch.int64)
-    chunks = list(idx.split(batch_size))
-    if len(chunks) > 1 and len(chunks[-1]) < batch_size:
-        chunks.pop()
-    return chunks
-
-
-class EpochBatches(Dataset):
-    """Item i = augmented batch i of one epoch: (float N x C x H x W in [0, 1], int64 N).
-
-    Each batch draws from its own generator (``step_generator(seed, "augment", epoch, i,
-    rank)``), so the result does not depend on the number of loader workers."""
-
-    def __init__(self, data: ImageSet, chunks: list[torch.Tensor], kind: str, seed: int, epoch: int, rank: int):
-        self.data, self.chunks, self.kind = data, chunks, kind
-        self.seed, self.epoch, self.rank = seed, epoch, rank
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = self.chunks[i]
-        gen = step_generator(self.seed, "augment", self.epoch, i, self.rank)
-        x = augment_batch(to_float(self.data.images[idx]), self.kind, gen)
-        return x, self.data.labels[idx]
-
-
-def iterate_batches(source: EpochBatches, workers: int):
-    if workers <= 0:
-        return (source[i] for i in range(len(source)))
-    return iter(DataLoader(source, batch_size=None, shuffle=False, num_workers=workers))
 
 
 # --------------------------------------------------------------------------- one step / epoch
@@ -564,6 +241,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
     }
 
 
+# --------------------------------------------------------------------------- evaluation
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, data: ImageSet, device: torch.device, batch_size: int = 256,
              info: DistInfo | None = None) -> tuple[float, int]:
@@ -647,123 +327,7 @@ def ara_metrics(net: nn.Module, test: ImageSet, n: int, seed: int, progress: boo
     }
 
 
-# --------------------------------------------------------------------------- run state
-
-
-@dataclass
-class Run:
-    cfg: TrainConfig
-    info: DistInfo
-    device: torch.device
-    splits: Splits
-    aug_kind: str
-    arch_args: dict[str, Any]
-    net: nn.Module
-    model: nn.Module  # net, or its DistributedDataParallel wrapper
-    opt: torch.optim.Optimizer
-    schedule: LRSchedule
-    psi: AdaptivePsi | None
-    class_weight: torch.Tensor | None = None
-    epochs_done: int = 0
-    global_step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    final: dict[str, Any] = field(default_factory=dict)
-
-
-def checkpoint_meta(run: Run, extra: dict[str, Any] | None = None) -> CheckpointMeta:
-    train = run.splits.train
-    last = run.history[-1] if run.history else {}
-    metrics: dict[str, Any] = {"epochs_done": run.epochs_done}
-    for key in ("loss", "penalty", "train_accuracy", "val_accuracy", "val_n"):
-        if key in last:
-            metrics[key] = last[key]
-    if run.splits.val_source:
-        metrics["val_source"] = run.splits.val_source
-    metrics.update(run.final)
-    return CheckpointMeta(
-        arch=run.cfg.arch,
-        arch_args=run.arch_args,
-        classes=list(train.classes),
-        input_size=train.input_size,
-        in_channels=train.in_channels,
-        mean=list(run.arch_args["mean"]),
-        std=list(run.arch_args["std"]),
-        recipe=run.cfg.recipe(),
-        psi_state=run.psi.state_dict() if run.psi is not None else None,
-        metrics=metrics,
-        extra=extra or {},
-    )
-
-
-def save_run(run: Run) -> None:
-    """Write the resume file, then the served checkpoint (both atomic). Rank 0 only."""
-    if not run.info.is_main:
-        return
-    opt_tensors, opt_doc = optimizer_to_tensors(run.opt)
-    finished = run.epochs_done >= run.cfg.epochs and bool(run.final or run.splits.test is None)
-    state = {
-        "epochs_done": run.epochs_done,
-        "global_step": run.global_step,
-        "optimizer": opt_doc,
-        "history": run.history,
-        "finished": finished,
-        "world_size": run.info.world,
-    }
-    save_checkpoint(resume_path(run.cfg.out), run.net, checkpoint_meta(run, {"resume": state}),
-                    {**opt_tensors, **rng_tensors()})
-    save_checkpoint(run.cfg.out, run.net, checkpoint_meta(run))
-
-
-def load_resume(run: Run) -> None:
-    """Restore weights, optimiser, psi, counters and RNG from the resume file."""
-    path = resume_path(run.cfg.out)
-    meta = read_metadata(path)
-    tensors = load_tensors(path)
-    state = meta.extra["resume"]
-    net_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    run.net.load_state_dict(net_state, strict=True)
-    optimizer_from_tensors(run.opt, tensors, state["optimizer"])
-    if run.psi is not None and meta.psi_state is not None:
-        run.psi.load_state_dict(meta.psi_state)
-    restore_rng(tensors)
-    run.epochs_done = int(state["epochs_done"])
-    run.global_step = int(state["global_step"])
-    run.history = list(state.get("history", []))
-    if state.get("finished"):
-        run.final = {k: v for k, v in meta.metrics.items()
-                     if k.startswith(("test_", "ara_", "final_"))}
-
-
-def stored_config(out: str | os.PathLike) -> TrainConfig | None:
-    """The config a previous run at ``out`` was started with (None if there is none)."""
-    path = resume_path(out)
-    if not path.is_file():
-        return None
-    recipe = read_metadata(path).recipe
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in recipe.items() if k in known})
-
-
-def _rewrite_metrics_log(path: Path, epochs_done: int) -> None:
-    """Drop lines a killed run wrote after its last checkpoint."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("event") == "epoch" and rec.get("epoch", 0) <= epochs_done:
-            keep.append(line)
-    path.write_text("".join(k + "\n" for k in keep))
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+# --------------------------------------------------------------------------- progress and log
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -808,7 +372,7 @@ def prepare_run(cfg: TrainConfig) -> Run:
     torch.set_flush_denormal(True)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     info = init_distributed(device)
@@ -859,7 +423,7 @@ def train_epochs(run: Run) -> None:
     cfg, info = run.cfg, run.info
     log_path = metrics_path(cfg.out)
     if info.is_main:
-        _rewrite_metrics_log(log_path, run.epochs_done)
+        rewrite_metrics_log(log_path, run.epochs_done)
         tr = run.splits.train
         _log(f"training {cfg.arch} on {len(tr)} images {tr.in_channels}x{tr.input_size}x{tr.input_size} "
              f"({len(tr.classes)} classes, augment {run.aug_kind}) on {run.device}"
@@ -878,7 +442,7 @@ def train_epochs(run: Run) -> None:
         run.epochs_done = epoch + 1
         run.history.append(record)
         if info.is_main:
-            _append_metrics(log_path, record)
+            append_metrics(log_path, record)
             _log(_epoch_line(record, cfg.epochs), info)
         save_run(run)
     if info.enabled:
@@ -891,7 +455,7 @@ def finish(run: Run) -> None:
     """Final test accuracy and ARA (once), stored in both checkpoints and the log; rank 0."""
     if not run.final and run.splits.test is not None:
         run.final = final_metrics(run)
-        _append_metrics(metrics_path(run.cfg.out), {"event": "final", **run.final})
+        append_metrics(metrics_path(run.cfg.out), {"event": "final", **run.final})
         save_run(run)
     if run.final:
         _log("final: " + ", ".join(f"{k} {_fmt(v)}" for k, v in run.final.items()), run.info)
