@@ -61,6 +61,25 @@ class Settings(BaseSettings):
     # Jobs.
     classify_timeout: int = Field(60, ge=1)
     explain_timeout: int = Field(900, ge=1)
+    # Steps S of each stability search (l2min and btr); the default is the ARA setting, so a
+    # test image's score equals its ARA radius. Lower it only to trade accuracy for speed.
+    stability_steps: int = Field(450, ge=1)
+    # A finished result for the same input, checkpoint and parameters is served again
+    # (within AEX_RESULT_TTL) instead of being recomputed.
+    reuse_results: bool = True
+    # Workers ask torch for deterministic kernels (cuDNN and cuBLAS included on CUDA).
+    deterministic: bool = True
+
+    # Callbacks (callback_url): host names allowed (exact, or "*.example.org" for its
+    # subdomains), separated by commas; empty = callbacks refused. Attempts, each with a
+    # timeout, and the first pause between them (doubled after each failure).
+    callback_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    callback_attempts: int = Field(5, ge=1, le=20)
+    callback_timeout: float = Field(10.0, gt=0.0, le=300.0)
+    callback_backoff_seconds: float = Field(1.0, ge=0.0, le=600.0)
+    # The service's public address (https://aex.example.org); callbacks then carry absolute
+    # result URLs. Unset: paths (/v1/jobs/{id}).
+    public_url: str | None = None
 
     # Workers.
     workers: int = Field(1, ge=0)
@@ -81,7 +100,14 @@ class Settings(BaseSettings):
             return [Path(p.strip()).expanduser() for p in parts if p.strip()]
         return value
 
-    @field_validator("redis_url", "device", "default_model", mode="before")
+    @field_validator("callback_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return [str(h).strip().lower() for h in value or [] if str(h).strip()]
+
+    @field_validator("redis_url", "device", "default_model", "public_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -98,7 +124,9 @@ class Settings(BaseSettings):
                 continue
             key = f"AEX_{name.upper()}"
             if isinstance(value, list):
-                env[key] = os.pathsep.join(str(v) for v in value)
+                # Host names may hold ':' (IPv6), paths may hold ','.
+                sep = "," if name == "callback_allowed_hosts" else os.pathsep
+                env[key] = sep.join(str(v) for v in value)
             elif isinstance(value, bool):
                 env[key] = "true" if value else "false"
             else:

@@ -108,6 +108,16 @@ def read_checkpoint_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's metrics without the per-image ARA radii arrays (``ara_radii`` keeps its
+    n, seed, data and settings): what the model list and result provenance show."""
+    out = dict(metrics or {})
+    radii = out.get("ara_radii")
+    if isinstance(radii, dict):
+        out["ara_radii"] = {k: v for k, v in radii.items() if k not in ("attack", "btr")}
+    return out
+
+
 def catalogue_entry(name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The public description of one served checkpoint (GET /v1/models), JSON-safe."""
     return {
@@ -119,7 +129,7 @@ def catalogue_entry(name: str, path: Path, meta: dict[str, Any]) -> dict[str, An
         "num_classes": len(meta.get("classes", [])),
         "input_size": meta.get("input_size"),
         "in_channels": meta.get("in_channels"),
-        "metrics": meta.get("metrics", {}),
+        "metrics": public_metrics(meta.get("metrics", {})),
         "recipe": meta.get("recipe", {}),
         "weights_sha256": meta.get("weights_sha256", ""),
     }

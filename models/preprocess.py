@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .imaging import open_image, prepare_array
+from .imaging import match_channels, open_image, prepare_array, resize_center
+
+if TYPE_CHECKING:
+    from .dicom_input import DicomImage
 
 # Augmentation recipe per kind of data set (replicate pad, random crop, horizontal flip).
 # Chest X-rays are not flipped: left and right are anatomically different.
@@ -38,6 +42,20 @@ def load_image_for_model(
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     img = open_image(data, max_pixels) if max_pixels else open_image(data)
     return array_to_tensor(prepare_array(img, input_size, in_channels))
+
+
+def load_dicom_for_model(
+    data: bytes, input_size: int, in_channels: int, window: tuple[float, float] | None = None
+) -> tuple[torch.Tensor, DicomImage]:
+    """A single-frame DICOM file into the model's input (float C x H x W in [0, 1]), through
+    the DICOM display pipeline (``models.dicom_input``: Modality LUT, VOI window or the
+    ``window`` = (center, width) override, MONOCHROME1 inversion) and then the same channel
+    matching and resize/centre-crop as any other image. Also returns the parsed DicomImage."""
+    from .dicom_input import load_dicom_pixels  # pydicom only when DICOM comes in
+
+    dicom = load_dicom_pixels(data, window)
+    arr = resize_center(match_channels(dicom.pixels, in_channels), input_size)
+    return array_to_tensor(arr), dicom
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ Blocking Redis calls: the routes run these methods in the thread pool.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import threading
@@ -20,6 +21,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
+from aex import __version__
 from aex.errors import (
     BadParameterError,
     CheckpointError,
@@ -30,6 +32,7 @@ from aex.errors import (
 )
 from aex.settings import Settings
 from models.catalogue import catalogue_entry, discover_checkpoints, read_checkpoint_metadata
+from worker.callbacks import callback_meta, check_callback_url, delivery_record, notify_job_end
 from worker.protocol import (
     JOB_FUNCTIONS,
     QUEUE_NAMES,
@@ -39,20 +42,29 @@ from worker.protocol import (
     ApiStatus,
     JobKind,
     cancel_key,
+    classify_parameters,
+    dicom_key,
+    explain_parameters,
     images_key,
     live_worker_keys,
     published_catalogue,
     reap_abandoned,
+    record_job,
+    result_cache_key,
+    result_index_key,
     upload_key,
 )
 
-from .schemas import ClassifyParams, ErrorBody, ExplainParams, JobView, Progress, Timings
-from .uploads import check_image
+from .schemas import ClassifyParams, CommonParams, ErrorBody, ExplainParams, JobView, Progress, Timings
+from .uploads import Upload, check_dicom, check_image, is_dicom_upload
 
 log = logging.getLogger("aex.service")
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.png$")
+DICOM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.dcm$")
+# A reused result must outlive the answer by at least this long to be worth reusing.
+MIN_REUSE_TTL_SECONDS = 5
 
 
 class Catalogue:
@@ -146,16 +158,18 @@ class JobService:
             raise QueueFullError(f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = "
                                  f"{self.settings.max_queue_depth}); retry later")
 
-    def submit(self, kind: JobKind, image: bytes, model: str, kwargs: dict[str, Any]) -> str:
+    def submit(self, kind: JobKind, image: bytes, model: str, kwargs: dict[str, Any],
+               meta: dict[str, Any] | None = None, timeout: int | None = None) -> str:
         """Store the upload (with its TTL) and enqueue the job by dotted path. Returns its id."""
         self.check_capacity(kind)
         job_id = uuid.uuid4().hex
-        timeout = self.settings.classify_timeout if kind is JobKind.CLASSIFY else self.settings.explain_timeout
+        if timeout is None:
+            timeout = self.settings.classify_timeout if kind is JobKind.CLASSIFY else self.settings.explain_timeout
         self.conn.set(upload_key(job_id), image, ex=self.settings.upload_ttl)
         self.queues[kind].enqueue(
             JOB_FUNCTIONS[kind], kwargs={"model": model, **kwargs}, job_id=job_id, job_timeout=timeout,
             result_ttl=self.settings.result_ttl, failure_ttl=self.settings.result_ttl, ttl=self.settings.upload_ttl,
-            meta={"kind": kind.value, "model": model}, description=f"{kind.value} {model}",
+            meta={"kind": kind.value, "model": model, **(meta or {})}, description=f"{kind.value} {model}",
         )
         return job_id
 
@@ -164,18 +178,112 @@ class JobService:
         if seconds > 0:
             self.conn.xread({Result.get_key(job_id): "0-0"}, block=max(1, int(seconds * 1000)))
 
-    def classify(self, image: bytes, params: ClassifyParams) -> JobView:
-        """Check the image, queue a classify job on the high-priority queue and wait up to
-        AEX_CLASSIFY_WAIT_SECONDS for it."""
-        check_image(image, self.settings)
+    # --- shared by classify and explain --------------------------------------------------
+    def _check_input(self, upload: Upload, params: CommonParams) -> str:
+        """Refuse a bad upload before anything is queued; returns "dicom" or "image"."""
+        if is_dicom_upload(upload):
+            check_dicom(upload.data, self.settings, params.window)
+            return "dicom"
+        if params.window is not None:
+            raise BadParameterError("window_center / window_width apply to DICOM input only")
+        check_image(upload.data, self.settings)
+        return "image"
+
+    def _stability_steps(self, params: CommonParams) -> int:
+        if params.stability_steps is None:
+            return self.settings.stability_steps
+        if params.stability_steps > self.settings.max_explain_steps:
+            raise BadParameterError(f"stability_steps = {params.stability_steps} is over the limit of "
+                                    f"{self.settings.max_explain_steps} (AEX_MAX_EXPLAIN_STEPS)")
+        return params.stability_steps
+
+    def _job_meta(self, input_format: str, params: CommonParams) -> dict[str, Any]:
+        meta: dict[str, Any] = {"input_format": input_format}
+        if params.callback_url is not None:
+            url = check_callback_url(params.callback_url, self.settings.callback_allowed_hosts)
+            meta["callback"] = callback_meta(url, self.settings.callback_attempts, self.settings.callback_timeout,
+                                             self.settings.callback_backoff_seconds, self.settings.result_ttl,
+                                             self.settings.public_url)
+        return meta
+
+    def _cache_key(self, kind: JobKind, entry: dict[str, Any], data: bytes, parameters: dict[str, Any]) -> str:
+        checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
+        return result_cache_key(kind.value, entry["name"], checkpoint, hashlib.sha256(data).hexdigest(), parameters,
+                                __version__)
+
+    def _reuse(self, kind: JobKind, model: str, key: str, kwargs: dict[str, Any],
+               meta: dict[str, Any]) -> str | None:
+        """When a finished result for ``key`` is still kept, a new job that is finished at
+        once with a copy of it (``reused: true``, ``reused_from``: the job that computed it)
+        and shares its images; else None."""
+        if not self.settings.reuse_results:
+            return None
+        source_id = self.conn.get(result_index_key(key))
+        if not source_id:
+            return None
+        try:
+            source = Job.fetch(source_id.decode(), connection=self.conn, serializer=SERIALIZER)
+        except NoSuchJobError:
+            return None
+        result = source.return_value() if source.get_status(refresh=False) == JobStatus.FINISHED else None
+        ttl = self.conn.ttl(Result.get_key(source.id))
+        if kind is JobKind.EXPLAIN:
+            ttl = min(ttl, self.conn.ttl(images_key(source.id)))
+        if not isinstance(result, dict) or ttl < MIN_REUSE_TTL_SECONDS:
+            return None
+        job_id = uuid.uuid4().hex
+        now = datetime.now(timezone.utc)
+        job = Job.create(
+            JOB_FUNCTIONS[kind], kwargs={"model": model, **kwargs}, connection=self.conn, serializer=SERIALIZER,
+            id=job_id, result_ttl=ttl, failure_ttl=ttl, status=JobStatus.FINISHED, origin=self.queues[kind].name,
+            description=f"{kind.value} {model} (reused {source.id})",
+            meta={"kind": kind.value, "model": model, **meta, "cache_key": key, "reused_from": source.id,
+                  "result_job": source.meta.get("result_job", source.id)},
+        )
+        job.enqueued_at = job.started_at = job.ended_at = now
+        with self.conn.pipeline() as pipe:
+            job.save(pipeline=pipe)
+            Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value={**result, "reused": True,
+                                                                         "reused_from": source.id}, pipeline=pipe)
+            job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+            self.queues[kind].finished_job_registry.add(job, ttl, pipe)
+            pipe.execute()
+        record_job(self.conn, kind.value, "reused", None)
+        notify_job_end(self.conn, job, ApiStatus.FINISHED)
+        log.info("job %s answered from the result of job %s", job_id, source.id)
+        return job_id
+
+    def _start(self, kind: JobKind, upload: Upload, entry: dict[str, Any], kwargs: dict[str, Any],
+               meta: dict[str, Any], timeout: int | None = None) -> str:
+        """The id of a job answering the request: a reused result, or a newly queued job."""
+        key = self._cache_key(kind, entry, upload.data, kwargs)
+        job_id = self._reuse(kind, entry["name"], key, kwargs, meta)
+        if job_id is not None:
+            return job_id
+        if kind is JobKind.EXPLAIN:
+            kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
+        return self.submit(kind, upload.data, entry["name"], kwargs, {**meta, "cache_key": key}, timeout)
+
+    # --- the two kinds of job ----------------------------------------------------------
+    def classify(self, upload: Upload, params: ClassifyParams) -> JobView:
+        """Check the upload, queue a classify job on the high-priority queue (or answer from
+        an identical earlier one) and wait up to AEX_CLASSIFY_WAIT_SECONDS for it."""
+        input_format = self._check_input(upload, params)
         entry = self.catalogue.resolve(self.conn, params.model)
-        job_id = self.submit(JobKind.CLASSIFY, image, entry["name"], {"top_k": params.top_k})
+        stability_steps = self._stability_steps(params) if params.stability else None
+        kwargs = classify_parameters(params.top_k, params.stability, stability_steps or 0,
+                                     params.window_center, params.window_width)
+        meta = self._job_meta(input_format, params)
+        # The stability searches take seconds, not milliseconds: the explain time limit.
+        timeout = self.settings.explain_timeout if params.stability else None
+        job_id = self._start(JobKind.CLASSIFY, upload, entry, kwargs, meta, timeout)
         self.wait(job_id, self.settings.classify_wait_seconds)
         return self.view(job_id)
 
-    def explain(self, image: bytes, params: ExplainParams) -> JobView:
-        """Check the image and the parameters, queue an explain job; returns at once."""
-        check_image(image, self.settings)
+    def explain(self, upload: Upload, params: ExplainParams) -> JobView:
+        """Check the upload and the parameters, queue an explain job (or answer from an
+        identical earlier one); returns at once."""
+        input_format = self._check_input(upload, params)
         entry = self.catalogue.resolve(self.conn, params.model)
         if params.steps > self.settings.max_explain_steps:
             raise BadParameterError(f"steps = {params.steps} is over the limit of {self.settings.max_explain_steps} "
@@ -184,9 +292,11 @@ class JobService:
         if params.layer is not None and "layers" in entry and params.layer not in entry["layers"]:
             raise BadParameterError(f"model {entry['name']!r} has no layer {params.layer!r} (the default is "
                                     f"{entry.get('gradcam_layer')!r}; GET /v1/models/{entry['name']} lists them)")
-        job_id = self.submit(JobKind.EXPLAIN, image, entry["name"], {
-            "targets": params.targets, "rho": params.rho, "steps": params.steps, "layer": params.layer,
-            "result_ttl": self.settings.result_ttl})
+        # The default layer by name, so that naming it or not is the same request.
+        layer = params.layer or entry.get("gradcam_layer")
+        kwargs = explain_parameters(params.targets, params.rho, params.steps, layer, self._stability_steps(params),
+                                    params.window_center, params.window_width)
+        job_id = self._start(JobKind.EXPLAIN, upload, entry, kwargs, self._job_meta(input_format, params))
         return self.view(job_id)
 
     # --- reading -----------------------------------------------------------------------
@@ -234,7 +344,7 @@ class JobService:
             run_seconds=((end or now) - start).total_seconds() if start else None,
         )
 
-        result = images = error = None
+        result = images = dicom = error = None
         if api_status is ApiStatus.FINISHED:
             result = job.return_value()
             if isinstance(result, dict) and kind is JobKind.EXPLAIN:
@@ -245,6 +355,12 @@ class JobService:
                     for key in ("image", "difference"):
                         if target.get(key):
                             images[target[key]] = target[f"{key}_url"] = f"{url}/images/{target[key]}"
+                if result.get("dicom_files"):
+                    dicom = {name: f"{url}/dicom/{name}" for name in result["dicom_files"]}
+                    for target in result.get("targets", []):
+                        for key in ("dicom", "dicom_difference"):
+                            if target.get(key):
+                                target[f"{key}_url"] = f"{url}/dicom/{target[key]}"
         elif api_status is ApiStatus.FAILED:
             error = ErrorBody(**job.meta["error"]) if isinstance(job.meta.get("error"), dict) else ErrorBody(
                 code="job_failed", message=(job.exc_info or "the job failed").strip().splitlines()[-1])
@@ -253,16 +369,32 @@ class JobService:
 
         return JobView(id=job.id, url=url, kind=kind, status=api_status, model=job.meta.get("model"),
                        queue_position=position, progress=progress, timings=timings, result=result, images=images,
-                       error=error)
+                       dicom=dicom, callback=delivery_record(self.conn, job), error=error)
+
+    @staticmethod
+    def _result_job(job: Job) -> str:
+        """The job whose stored images a job shows (itself, or the one it reused)."""
+        return str(job.meta.get("result_job") or job.id)
 
     def image(self, job_id: str, name: str) -> bytes:
-        self.fetch(job_id)
+        job = self.fetch(job_id)
         if not IMAGE_NAME.match(name):
             raise UnknownJobError(f"job {job_id} has no image {name!r}")
-        data = self.conn.hget(images_key(job_id), name)
+        data = self.conn.hget(images_key(self._result_job(job)), name)
         if data is None:
             raise UnknownJobError(f"job {job_id} has no image {name!r} (not finished, not an explain job, or "
                                   f"expired)")
+        return data
+
+    def dicom(self, job_id: str, name: str) -> bytes:
+        """One DICOM Secondary Capture object of a finished explain job on DICOM input."""
+        job = self.fetch(job_id)
+        if not DICOM_NAME.match(name):
+            raise UnknownJobError(f"job {job_id} has no DICOM object {name!r}")
+        data = self.conn.hget(dicom_key(self._result_job(job)), name)
+        if data is None:
+            raise UnknownJobError(f"job {job_id} has no DICOM object {name!r} (not finished, not an explain job "
+                                  f"on DICOM input, or expired)")
         return data
 
     # --- cancelling --------------------------------------------------------------------
@@ -284,6 +416,8 @@ class JobService:
             try:
                 job.cancel()
                 self.conn.delete(upload_key(job_id))
+                # No worker will see this job end: tell its callback here.
+                notify_job_end(self.conn, job, ApiStatus.CANCELLED)
             except InvalidJobOperation:
                 pass  # cancelled by another request meanwhile
         return self.view(job_id)

@@ -29,11 +29,12 @@ def _job_response(view: JobView, status_code: int) -> JSONResponse:
 @v1.post("/classify", response_model=JobView, openapi_extra=multipart_openapi(ClassifyParams),
          responses={202: {"model": JobView, "description": "still running: poll the Location"}, **ERRORS})
 async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Response:
-    """Classify an image. Answers 200 with the result when the job ends within
-    AEX_CLASSIFY_WAIT_SECONDS, else 202 with ``Location: /v1/jobs/{id}``."""
+    """Classify an image or a DICOM file (optionally with its stability score). Answers 200
+    with the result when the job ends within AEX_CLASSIFY_WAIT_SECONDS (at once when an
+    identical request's result is still kept), else 202 with ``Location: /v1/jobs/{id}``."""
     upload = await read_upload(request, settings)
     params = parse_params(ClassifyParams, upload.fields)
-    view = await run_in_threadpool(jobs.classify, upload.data, params)
+    view = await run_in_threadpool(jobs.classify, upload, params)
     if view.status is ApiStatus.FINISHED:
         return _job_response(view, 200)
     if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
@@ -43,14 +44,16 @@ async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Re
 
 
 @v1.post("/explain", status_code=202, response_model=JobView, openapi_extra=multipart_openapi(ExplainParams),
-         responses=ERRORS)
+         responses={200: {"model": JobView, "description": "answered from an identical request's result "
+                                                           "(result.reused = true)"}, **ERRORS})
 async def explain(request: Request, settings: SettingsDep, jobs: JobsDep) -> Response:
-    """Queue adversarial explanations and Grad-CAM for an image; answers 202 with
-    ``Location: /v1/jobs/{id}``."""
+    """Queue adversarial explanations, Grad-CAM and the stability score for an image or a
+    DICOM file; answers 202 with ``Location: /v1/jobs/{id}``, or 200 with the finished job
+    when an identical request's result is still kept."""
     upload = await read_upload(request, settings)
     params = parse_params(ExplainParams, upload.fields)
-    view = await run_in_threadpool(jobs.explain, upload.data, params)
-    return _job_response(view, 202)
+    view = await run_in_threadpool(jobs.explain, upload, params)
+    return _job_response(view, 200 if view.status is ApiStatus.FINISHED else 202)
 
 
 @v1.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)
@@ -71,6 +74,16 @@ def cancel_job(job_id: str, jobs: JobsDep) -> Response:
 def get_image(job_id: str, name: str, jobs: JobsDep) -> Response:
     """One PNG of a finished explain job (names are in the job's ``images``)."""
     return Response(jobs.image(job_id, name), media_type="image/png")
+
+
+@v1.get("/jobs/{job_id}/dicom/{name}", response_class=Response, responses={
+    200: {"content": {"application/dicom": {}}, "description": "a DICOM Part 10 file (Secondary Capture)"},
+    **ERRORS})
+def get_dicom(job_id: str, name: str, jobs: JobsDep) -> Response:
+    """One DICOM Secondary Capture object of a finished explain job on DICOM input (names
+    are in the job's ``dicom``): in the source's study, a new series, referencing the source."""
+    return Response(jobs.dicom(job_id, name), media_type="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @v1.get("/models")

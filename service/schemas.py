@@ -5,32 +5,60 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aex.errors import BadParameterError
 from worker.protocol import ApiStatus, JobKind
 
 
-class ClassifyParams(BaseModel):
-    """Multipart form fields of POST /v1/classify."""
+IMAGE_DESCRIPTION = ("the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit), or a "
+                     "single-frame DICOM file (recognised by its DICM header, a .dcm name or application/dicom)")
+
+
+class CommonParams(BaseModel):
+    """Fields both POST /v1/classify and POST /v1/explain take."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    image: Any = Field(None, json_schema_extra={"type": "string", "format": "binary"},
-                       description="the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit)")
+    image: Any = Field(None, json_schema_extra={"type": "string", "format": "binary"}, description=IMAGE_DESCRIPTION)
     model: str | None = Field(None, description="served model name (GET /v1/models); default: AEX_DEFAULT_MODEL "
                                                 "or the first by name")
+    window_center: float | None = Field(None, description="DICOM only: VOI window centre overriding the file's "
+                                                          "(in modality units, e.g. HU); give window_width too")
+    window_width: float | None = Field(None, gt=0.0, description="DICOM only: VOI window width overriding the "
+                                                                 "file's; give window_center too")
+    stability_steps: int | None = Field(None, ge=1, description="steps of each stability search (default "
+                                                                "AEX_STABILITY_STEPS = 450, the ARA setting)")
+    callback_url: str | None = Field(None, description="http(s) URL that receives a JSON POST when the job "
+                                                       "ends; its host must be on AEX_CALLBACK_ALLOWED_HOSTS")
+
+    @field_validator("model", "callback_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value):
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _window_pair(self):
+        if (self.window_center is None) != (self.window_width is None):
+            raise ValueError("give both window_center and window_width, or neither")
+        return self
+
+    @property
+    def window(self) -> tuple[float, float] | None:
+        return None if self.window_center is None else (self.window_center, self.window_width)
+
+
+class ClassifyParams(CommonParams):
+    """Multipart form fields of POST /v1/classify."""
+
     top_k: int = Field(5, ge=1, le=1000, description="how many of the most probable classes to list")
+    stability: bool = Field(False, description="also compute the stability score (two searches: seconds, not "
+                                               "milliseconds; the answer is then usually 202)")
 
 
-class ExplainParams(BaseModel):
-    """Multipart form fields of POST /v1/explain."""
+class ExplainParams(CommonParams):
+    """Multipart form fields of POST /v1/explain (the stability score is always computed)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    image: Any = Field(None, json_schema_extra={"type": "string", "format": "binary"},
-                       description="the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit)")
-    model: str | None = Field(None, description="served model name; default as for /v1/classify")
     targets: list[str] = Field(["predicted", "runner-up"],
                                description="comma-separated: predicted, runner-up, all, class names or indices")
     rho: float = Field(0.1, gt=0.0, le=10.0, description="perturbation budget, RMS of delta in [0, 1] pixels")
@@ -46,9 +74,9 @@ class ExplainParams(BaseModel):
             return [s.strip() for v in value for s in str(v).split(",") if s.strip()]
         return value
 
-    @field_validator("layer", "model", mode="before")
+    @field_validator("layer", mode="before")
     @classmethod
-    def _blank_is_none(cls, value):
+    def _blank_layer_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
 
 
@@ -111,6 +139,12 @@ class JobView(BaseModel):
     progress: Progress | None = None
     timings: Timings
     result: dict[str, Any] | None = Field(None, description="when finished: probabilities, per-target "
-                                                            "probabilities before/after, rms(delta), image URLs")
+                                                            "probabilities before/after, rms(delta), image URLs, "
+                                                            "stability, provenance, reused")
     images: dict[str, str] | None = Field(None, description="name -> URL of each PNG (explain jobs)")
+    dicom: dict[str, str] | None = Field(None, description="name -> URL of each DICOM Secondary Capture object "
+                                                           "(explain jobs on DICOM input)")
+    callback: dict[str, Any] | None = Field(None, description="delivery of the callback_url POST: url, state "
+                                                              "(waiting, pending, retrying, delivered, failed), "
+                                                              "attempts, last_status, last_error")
     error: ErrorBody | None = None

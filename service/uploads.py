@@ -13,10 +13,13 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from aex.errors import BadParameterError, UploadTooLargeError
+from aex.errors import BadParameterError, DecompressionBombError, UploadTooLargeError
 from aex.settings import Settings
+from models.dicom_input import DicomImage, dicom_to_pixels, is_dicom, read_dicom
 from models.imaging import open_image
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+DICOM_MEDIA_TYPE = "application/dicom"
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the text fields
 MAX_TEXT_FIELD_BYTES = 16 * 1024
 
@@ -26,6 +29,7 @@ class Upload:
     data: bytes
     filename: str | None
     fields: dict[str, str | list[str]] = field(default_factory=dict)  # a repeated field is a list
+    content_type: str | None = None  # the file part's declared type
 
 
 def _too_large(limit: int) -> UploadTooLargeError:
@@ -74,7 +78,7 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
             else:
                 prev = fields[k]
                 fields[k] = [*prev, v] if isinstance(prev, list) else [prev, v]
-        return Upload(data=data, filename=image.filename, fields=fields)
+        return Upload(data=data, filename=image.filename, fields=fields, content_type=image.content_type)
     finally:
         await form.close()
 
@@ -83,3 +87,28 @@ def check_image(data: bytes, settings: Settings) -> Image.Image:
     """Decode the upload fully (the same decoder the workers use): UnsupportedMediaError (415),
     DecompressionBombError or UndecodableImageError (422) before anything is queued."""
     return open_image(data, max_pixels=settings.max_image_pixels)
+
+
+def is_dicom_upload(upload: Upload) -> bool:
+    """A DICOM file: the 'DICM' magic, a .dcm/.dicom name, or the application/dicom type."""
+    media = (upload.content_type or "").split(";")[0].strip().lower()
+    return (is_dicom(upload.data) or (upload.filename or "").lower().endswith(DICOM_SUFFIXES)
+            or media == DICOM_MEDIA_TYPE)
+
+
+def check_dicom(data: bytes, settings: Settings, window: tuple[float, float] | None) -> DicomImage:
+    """Parse the DICOM file and run its pixels through the display pipeline (pydicom and
+    NumPy; the workers do the same): UnsupportedMediaError (415) naming why a file is refused
+    (not DICOM, no pixel data, multi-frame, a transfer syntax that cannot be decoded),
+    DecompressionBombError (422) for dimensions over AEX_MAX_IMAGE_PIXELS before any pixel is
+    decoded, BadParameterError (400) for a window the file's VOI function cannot use."""
+    ds = read_dicom(data)
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        rows = cols = frames = 0
+    if rows * cols * max(1, frames) > settings.max_image_pixels:
+        raise DecompressionBombError(f"DICOM image is {cols}x{rows} x {frames} frame(s), over the limit of "
+                                     f"{settings.max_image_pixels} pixels (AEX_MAX_IMAGE_PIXELS)")
+    return dicom_to_pixels(ds, window)

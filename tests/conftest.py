@@ -87,13 +87,55 @@ def _tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str]
     save_checkpoint(path, model, meta)
 
 
+# Steps of each stability search in the test stacks (the service's default is the ARA's 450).
+SERVICE_STABILITY_STEPS = 20
+
+
+def stability_reference_images(n: int = 6, seed: int = 5):
+    """uint8 n x 28 x 28 grey images (gradients and noise): the "evaluation images" whose
+    ARA radii tiny-grey records in its metrics (ara_radii)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28] / 27.0
+    out = []
+    for i in range(n):
+        base = (xx * (i % 3) + yy * (2 - i % 3)) / 2.0 * 0.7 + rng.random((28, 28)) * 0.3
+        out.append((np.clip(base, 0, 1) * 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _record_ara_radii(path: Path) -> None:
+    """Store the per-image ARA radii (the ARA settings: S 450, eps 20) of
+    ``stability_reference_images`` in the checkpoint's metrics, as the trainer does; the
+    labels are the model's own predictions, so every image counts as correct."""
+    import torch
+
+    from models.ara import compute_ara
+    from models.checkpoint import load_checkpoint, update_metadata
+
+    model, _ = load_checkpoint(path)
+    images = torch.from_numpy(stability_reference_images())[:, None]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: more threads only fight over the shared cores
+    try:
+        with torch.no_grad():
+            labels = model(images.float() / 255.0).argmax(1)
+        res = compute_ara(model, images, labels, bound_check=False)
+    finally:
+        torch.set_num_threads(threads)
+    update_metadata(path, metrics={"ara_radii": res.radii_record("tests:stability_reference_images", 5)})
+
+
 @pytest.fixture(scope="session")
 def service_models(tmp_path_factory) -> Path:
     """A model folder with tiny-rgb (32x32 RGB, 10 named classes; <name>/model.safetensors)
-    and tiny-grey (28x28 grey, 2 classes; <name>.safetensors)."""
+    and tiny-grey (28x28 grey, 2 classes; <name>.safetensors; its metrics hold the ARA radii
+    of ``stability_reference_images``)."""
     folder = tmp_path_factory.mktemp("served-models")
     _tiny_checkpoint(folder / "tiny-rgb" / "model.safetensors", 3, 32, SERVICE_CLASSES, seed=0)
     _tiny_checkpoint(folder / "tiny-grey.safetensors", 1, 28, ["normal", "pneumonia"], seed=1)
+    _record_ara_radii(folder / "tiny-grey.safetensors")
     return folder
 
 
@@ -120,7 +162,7 @@ def stack_settings(server, db: int, models: Path, **overrides):
 
     base = dict(redis_url=redis_url(server, db), model_dirs=[models], bundled_models=False, torch_threads=1,
                 worker_ttl=6, job_heartbeat_ttl=2, maintenance_interval=1, classify_wait_seconds=30.0,
-                max_explain_steps=LONG_STEPS, log_level="WARNING")
+                max_explain_steps=LONG_STEPS, stability_steps=SERVICE_STABILITY_STEPS, log_level="WARNING")
     return Settings(**{**base, **overrides})
 
 
@@ -333,3 +375,62 @@ def live_api(service_stack):
         server.should_exit = True
         thread.join(30)
         sock.close()
+
+
+def write_dicom(pixels, photometric: str, slope=1.0, intercept=0.0, window=None) -> bytes:
+    """A single-frame DICOM file (Secondary Capture, explicit VR little endian) of ``pixels``
+    (uint16 H x W, stored as 16-bit with 12 bits used) with the given Photometric
+    Interpretation, Rescale Slope/Intercept and, when given, Window Center/Width, plus the
+    patient and study identifiers a PACS would have."""
+    import io
+
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "PX-001", "Test^Patient", "DX"
+    ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+    ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240102", "101500", "S1", "ACC-1"
+    ds.ReferringPhysicianName, ds.SeriesNumber, ds.InstanceNumber = "", 3, 1
+    ds.ConversionType, ds.PatientOrientation = "WSD", ["A", "F"]
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.PixelData = np.asarray(pixels).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def dicom_file():
+    """The writer ``write_dicom(pixels, photometric, slope, intercept, window) -> bytes``."""
+    return write_dicom
+
+
+def bundled_dicom(name: str) -> bytes:
+    """One of pydicom's bundled test files (never downloaded: there may be no network)."""
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} is not bundled with this pydicom")
+    return Path(path).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def pydicom_file():
+    """``bundled_dicom(name) -> bytes``: a pydicom test file, or a skip when it is absent."""
+    return bundled_dicom

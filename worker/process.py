@@ -15,7 +15,10 @@ parent's CUDA context) with:
 - short registrations (``worker_ttl``), so /readyz sees a dead worker within seconds;
 - its catalogue of checkpoints published in its rq registration hash;
 - job errors recorded in job.meta["error"] as {"code", "message"} for the API (also for
-  abandoned jobs: the worker's exception handlers run in rq's registry clean-up).
+  abandoned jobs: the worker's exception handlers run in rq's registry clean-up);
+- a finished job's result indexed under its cache key (``result_index_key``), so the API
+  can answer an identical request from it;
+- the job's callback (``worker.callbacks``) sent when it ends, in a thread.
 
 SIGTERM or SIGINT: warm shutdown, the current job is finished first (rq); a second signal
 stops at once.
@@ -40,8 +43,17 @@ from aex.errors import BadParameterError, JobCancelledError
 from aex.settings import Settings
 
 from . import jobs
+from .callbacks import notify_job_end
 from .protocol import (
-    CATALOGUE_FIELD, QUEUE_NAMES, SERIALIZER, JobKind, connect, job_kind, record_job, record_job_error,
+    CATALOGUE_FIELD,
+    QUEUE_NAMES,
+    SERIALIZER,
+    JobKind,
+    connect,
+    job_kind,
+    record_job,
+    record_job_error,
+    result_index_key,
 )
 from .served import ServedModels, install
 
@@ -51,9 +63,11 @@ log = logging.getLogger("aex.worker")
 class AexWorker(SimpleWorker):
     """See the module docstring."""
 
-    def __init__(self, *args, job_heartbeat_ttl: int = 20, catalogue: list[dict[str, Any]] | None = None, **kwargs):
+    def __init__(self, *args, job_heartbeat_ttl: int = 20, catalogue: list[dict[str, Any]] | None = None,
+                 reuse_results: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = job_heartbeat_ttl
+        self.reuse_results = reuse_results
         self.catalogue = catalogue or []
         self.push_exc_handler(self._record_failure)
 
@@ -95,7 +109,20 @@ class AexWorker(SimpleWorker):
             beat.join()
         if ok:
             record_job(self.connection, job_kind(job), "finished", time.perf_counter() - start)
+            self._index_result(job)
+        notify_job_end(self.connection, job)  # finished, failed, timed out or cancelled
         self.set_state(WorkerStatus.IDLE)
+
+    def _index_result(self, job: Job) -> None:
+        """Point the job's cache key at it, so an identical request is answered from this
+        result while it lives (the key expires with the result)."""
+        key = job.meta.get("cache_key")
+        if not key or not self.reuse_results:
+            return
+        try:
+            self.connection.set(result_index_key(key), job.id, ex=job.get_result_ttl(self.default_result_ttl))
+        except Exception:  # noqa: BLE001 - reuse is an optimisation; the job itself is done
+            log.warning("could not index the result of job %s:\n%s", job.id, traceback.format_exc())
 
     def _renew_lease(self, job: Job, execution, done: threading.Event) -> None:
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
@@ -113,10 +140,18 @@ class AexWorker(SimpleWorker):
 
 
 def configure_torch(settings: Settings) -> None:
+    """Threads, and (AEX_DETERMINISTIC) deterministic kernels, so the same input, model and
+    parameters give the same numbers on a given device (cuBLAS needs its workspace setting
+    before CUDA starts; ops without a deterministic kernel only warn)."""
     import torch
 
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def cuda_devices() -> list[int]:
@@ -147,7 +182,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         queues, name=worker_name(), connection=conn, serializer=SERIALIZER,
         worker_ttl=settings.worker_ttl, maintenance_interval=settings.maintenance_interval,
         default_result_ttl=settings.result_ttl, job_heartbeat_ttl=settings.job_heartbeat_ttl,
-        catalogue=served.catalogue(),
+        catalogue=served.catalogue(), reuse_results=settings.reuse_results,
     )
     log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
     return w.work(burst=burst, logging_level=settings.log_level.upper())

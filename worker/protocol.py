@@ -7,6 +7,7 @@ JSON serializer: nothing in Redis is ever unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import Enum
 from typing import Any
@@ -77,6 +78,56 @@ def cancel_key(job_id: str) -> str:
     return f"{PREFIX}:cancel:{job_id}"
 
 
+def dicom_key(job_id: str) -> str:
+    """DICOM results of a job: a hash name -> Part 10 bytes (with the result TTL)."""
+    return f"{PREFIX}:dicom:{job_id}"
+
+
+def result_index_key(cache_key: str) -> str:
+    """The id of the job whose finished result answers ``cache_key`` (result TTL)."""
+    return f"{PREFIX}:result:{cache_key}"
+
+
+def callback_key(job_id: str) -> str:
+    """The delivery record of a job's callback (JSON, with the result TTL)."""
+    return f"{PREFIX}:callback:{job_id}"
+
+
+# --- parameters and result reuse ---------------------------------------------------------
+# A job's parameters are built once, by the API, with these functions; the worker gets them
+# as its keyword arguments, records them in the result's provenance and keys the result on
+# them. Same input bytes + same checkpoint file + same parameters (+ same aex version) =
+# same result, which is then served again instead of being recomputed.
+
+
+def _window(window_center: float | None, window_width: float | None) -> list[float] | None:
+    return None if window_center is None else [float(window_center), float(window_width)]
+
+
+def classify_parameters(top_k: int, stability: bool, stability_steps: int,
+                        window_center: float | None = None, window_width: float | None = None) -> dict[str, Any]:
+    """The canonical parameters of a classify job (stability_steps only with stability)."""
+    return {"top_k": int(top_k), "stability": bool(stability),
+            "stability_steps": int(stability_steps) if stability else None,
+            "window": _window(window_center, window_width)}
+
+
+def explain_parameters(targets: list[str], rho: float, steps: int, layer: str | None, stability_steps: int,
+                       window_center: float | None = None, window_width: float | None = None) -> dict[str, Any]:
+    """The canonical parameters of an explain job; ``layer`` is the resolved layer name."""
+    return {"targets": [str(t).strip() for t in targets], "rho": float(rho), "steps": int(steps), "layer": layer,
+            "stability_steps": int(stability_steps), "window": _window(window_center, window_width)}
+
+
+def result_cache_key(kind: str, model: str, checkpoint_sha256: str, input_sha256: str,
+                     parameters: dict[str, Any], version: str) -> str:
+    """sha256 of everything a result depends on, as canonical JSON."""
+    material = {"kind": kind, "model": model, "checkpoint_sha256": checkpoint_sha256,
+                "input_sha256": input_sha256, "parameters": parameters, "aex": version}
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 # Field of rq's worker hash where each worker publishes the checkpoints it serves: the
 # catalogue lives exactly as long as the worker's registration does.
 CATALOGUE_FIELD = "aex_models"
@@ -84,7 +135,7 @@ CATALOGUE_FIELD = "aex_models"
 # Job counts and durations, written by every worker (and the reaper of abandoned jobs) so
 # the API's /metrics shows the whole cluster.
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
-OUTCOMES = ("finished", "failed", "cancelled", "abandoned")
+OUTCOMES = ("finished", "failed", "cancelled", "abandoned", "reused")
 
 
 def _duration_key(kind: str) -> str:
@@ -205,6 +256,11 @@ def record_job_error(job: Job, exc_type, exc_value, tb) -> bool:
     job.meta["error"] = error_of(exc_type, exc_value)
     job.save_meta()
     record_job(job.connection, job_kind(job), outcome, None)
+    if outcome == "abandoned":
+        # Nobody else will see this job end: its worker is gone.
+        from .callbacks import notify_job_end
+
+        notify_job_end(job.connection, job, ApiStatus.FAILED)
     return True
 
 

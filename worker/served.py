@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,15 @@ from models.runtime import pick_device
 log = logging.getLogger("aex.worker")
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 @dataclass
 class ServedModel:
     """One loaded checkpoint: the network in eval mode on ``device`` and its metadata."""
@@ -29,6 +39,7 @@ class ServedModel:
     model: nn.Module
     meta: CheckpointMeta
     device: torch.device
+    checkpoint_sha256: str = ""  # of the file as loaded (weights and metadata, metrics included)
 
     def catalogue_entry(self) -> dict[str, Any]:
         """What GET /v1/models shows, plus the layer names the API may accept for Grad-CAM."""
@@ -36,6 +47,7 @@ class ServedModel:
         entry["gradcam_layer"] = layer_name(self.model, default_gradcam_layer(self.model))
         entry["layers"] = [n for n, _ in self.model.named_modules() if n]
         entry["device"] = self.device.type
+        entry["checkpoint_sha256"] = self.checkpoint_sha256
         return entry
 
 
@@ -66,7 +78,7 @@ class ServedModels:
             model.requires_grad_(False)  # explanations need input gradients only
             with torch.no_grad():  # one forward now, so the first job does not pay torch's warm-up
                 model(torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device))
-            models[name] = ServedModel(name, path, model, meta, device)
+            models[name] = ServedModel(name, path, model, meta, device, file_sha256(path))
             log.info("serving %s (%s, %d classes) from %s on %s", name, meta.arch, len(meta.classes), path, device)
         return cls(models)
 

@@ -7,44 +7,20 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from aex.errors import UnsupportedMediaError
 from models.dicom_input import is_dicom, load_dicom_pixels, window_linear
 from models.dicom_output import secondary_captures
 
 
-def bundled(name: str) -> bytes:
-    path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} is not bundled with this pydicom")
-    return open(path, "rb").read()
+@pytest.fixture(scope="module")
+def bundled(pydicom_file):
+    return pydicom_file
 
 
-def write_dicom(pixels: np.ndarray, photometric: str, slope=1.0, intercept=0.0, window=None) -> bytes:
-    """A 16-bit single-frame DICOM of ``pixels`` (uint16 H x W) with the given settings."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName, ds.Modality = "PX-001", "Test^Patient", "DX"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+@pytest.fixture(scope="module")
+def write_dicom(dicom_file):
+    return dicom_file
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +29,7 @@ def xray(pneumonia_npz) -> np.ndarray:
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
-def test_pixels_match_hand_computation(xray, photometric):
+def test_pixels_match_hand_computation(xray, write_dicom, photometric):
     stored = xray.astype(np.uint16) * 16  # 12-bit values
     slope, intercept, center, width = 0.5, -100.0, 400.0, 900.0
     data = write_dicom(stored, photometric, slope, intercept, (center, width))
@@ -68,7 +44,7 @@ def test_pixels_match_hand_computation(xray, photometric):
     assert got.window == (center, width)
 
 
-def test_window_override_and_no_window(xray):
+def test_window_override_and_no_window(xray, write_dicom):
     stored = xray.astype(np.uint16) * 16
     data = write_dicom(stored, "MONOCHROME2", 1.0, 0.0, (2048.0, 4096.0))
     got = load_dicom_pixels(data, window=(1000.0, 500.0))
@@ -86,7 +62,7 @@ def test_window_function_edges():
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
-def test_bundled_files_decode(name):
+def test_bundled_files_decode(bundled, name):
     got = load_dicom_pixels(bundled(name))
     assert got.pixels.ndim == 3 and got.pixels.shape[-1] in (1, 3)
     assert 0.0 <= got.pixels.min() and got.pixels.max() <= 1.0
@@ -96,7 +72,7 @@ def test_bundled_files_decode(name):
     "name, reason",
     [("SC_rgb_rle_2frame.dcm", "multi-frame"), ("rtplan.dcm", "no pixel data"), ("JPEG-lossy.dcm", "compressed transfer syntax")],
 )
-def test_refusals_name_the_reason(name, reason):
+def test_refusals_name_the_reason(bundled, name, reason):
     with pytest.raises(UnsupportedMediaError, match=reason):
         load_dicom_pixels(bundled(name))
 
@@ -107,7 +83,7 @@ def test_not_dicom():
         load_dicom_pixels(b"\0" * 128 + b"DICM" + b"garbage")
 
 
-def test_secondary_capture_references_source(tmp_path, xray):
+def test_secondary_capture_references_source(tmp_path, xray, write_dicom):
     source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16) * 16, "MONOCHROME2")))
     overlay = np.random.default_rng(0).random((28, 28, 3))
     (name, blob), = secondary_captures(source, [("gradcam_overlay", overlay)], "model m; Grad-CAM")
@@ -121,7 +97,7 @@ def test_secondary_capture_references_source(tmp_path, xray):
 
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
-def test_dciodvfy_reports_no_errors(tmp_path, name):
+def test_dciodvfy_reports_no_errors(tmp_path, bundled, name):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it)")
     source = pydicom.dcmread(io.BytesIO(bundled(name)))

@@ -79,7 +79,7 @@ def png_size(data: bytes) -> tuple[tuple[int, int], str]:
 
 
 @pytest.mark.parametrize("model,size,fmt,mode", [("tiny-rgb", 32, "JPEG", "RGB"), ("tiny-grey", 28, "PNG", "I;16")])
-def test_explain_end_to_end(api, service_models, make_image, poll, model, size, fmt, mode):
+def test_explain_end_to_end(api, service_stack, service_models, make_image, poll, model, size, fmt, mode):
     data = make_image(fmt, mode, size=(64, 50))
     targets = "predicted,runner-up,cat" if model == "tiny-rgb" else "predicted,pneumonia"
     resp = api.post("/v1/explain", **upload(data, model=model, targets=targets, steps=5, rho=0.1))
@@ -88,7 +88,8 @@ def test_explain_end_to_end(api, service_models, make_image, poll, model, size, 
     assert location == f"/v1/jobs/{resp.json()['id']}"
     view = poll(api, location)
     assert view["status"] == "finished", view
-    assert view["progress"]["done"] == view["progress"]["total"] == 5
+    # One progress bar over the explanation search (5 steps) and the two stability searches.
+    assert view["progress"]["done"] == view["progress"]["total"] == 5 + 2 * (service_stack.stability_steps + 1)
 
     probs, classes, x = direct_probs(service_models, model, data)
     result = view["result"]

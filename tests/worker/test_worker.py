@@ -84,7 +84,7 @@ def test_sigterm_lets_the_current_job_finish(settings_for, make_image, poll, sta
         worker.proc.send_signal(signal.SIGTERM)
         view = poll(client, url, timeout=120)
         assert view["status"] == "finished", view
-        assert view["progress"]["done"] == 1500
+        assert view["progress"]["done"] == 1500 + 2 * (settings.stability_steps + 1)  # search, then stability
         assert worker.proc.wait(30) == 0
         assert live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY]) == []
         # With no worker left the service says so instead of queueing.

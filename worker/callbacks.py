@@ -1,0 +1,191 @@
+"""Callbacks: a POST to the client's ``callback_url`` when its job ends.
+
+The API checks the URL when the job is submitted (http or https, host on
+AEX_CALLBACK_ALLOWED_HOSTS) and stores it, with the retry policy, in ``job.meta["callback"]``.
+Whoever sees the job end sends it: the worker after running it (finished, failed, timed out,
+cancelled while running), the API for a job cancelled while queued or answered from an
+earlier result, and the registry clean-up (a worker's or the API's) for a job whose worker
+died. A claim in Redis (SET NX on the delivery record) makes that one delivery per job.
+
+Delivery runs in its own thread and never raises: connection errors, timeouts, 429 and 5xx
+are retried with exponential backoff; any other answer outside 2xx (redirects included: they
+are not followed, the target could be off the allow-list) ends it. The record
+(``callback_key(job_id)``: url, state, attempts, last status or error) shows in the job view.
+Torch-free: the API process uses it too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from redis import Redis
+from rq.job import Job
+
+from aex import __version__
+from aex.errors import BadParameterError
+
+from .protocol import STATUS_FROM_RQ, ApiStatus, callback_key
+
+log = logging.getLogger("aex.callbacks")
+
+MAX_URL_LENGTH = 2048
+MAX_BACKOFF_SECONDS = 300.0
+
+# Delivery states: pending (claimed, first attempt under way), retrying, delivered, failed.
+PENDING, RETRYING, DELIVERED, FAILED = "pending", "retrying", "delivered", "failed"
+
+
+def host_allowed(host: str, allowed: list[str]) -> bool:
+    """``host`` equals an entry, or an entry is ``*.domain`` and host is a subdomain of it."""
+    host = host.lower().rstrip(".")
+    for entry in allowed:
+        entry = entry.lower().rstrip(".")
+        if entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1:
+            return True
+        if host == entry:
+            return True
+    return False
+
+
+def check_callback_url(url: str, allowed_hosts: list[str]) -> str:
+    """The URL, if callbacks may go there; else BadParameterError naming the reason."""
+    url = url.strip()
+    if not allowed_hosts:
+        raise BadParameterError("callbacks are disabled on this service (AEX_CALLBACK_ALLOWED_HOSTS is empty)")
+    if len(url) > MAX_URL_LENGTH:
+        raise BadParameterError(f"callback_url is longer than {MAX_URL_LENGTH} characters")
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise BadParameterError(f"callback_url is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise BadParameterError(f"callback_url must be http:// or https://, got {parts.scheme or 'no'} scheme")
+    if not host:
+        raise BadParameterError("callback_url has no host")
+    if not host_allowed(host, allowed_hosts):
+        raise BadParameterError(f"callback host {host!r} is not allowed (AEX_CALLBACK_ALLOWED_HOSTS: "
+                                f"{', '.join(allowed_hosts)})")
+    return url
+
+
+def callback_meta(url: str, attempts: int, timeout: float, backoff: float, ttl: int,
+                  public_url: str | None) -> dict[str, Any]:
+    """What the API stores in ``job.meta["callback"]``: the URL and the delivery policy."""
+    return {"url": url, "attempts": int(attempts), "timeout": float(timeout), "backoff": float(backoff),
+            "ttl": int(ttl), "public_url": public_url}
+
+
+def delivery_record(conn: Redis, job: Job) -> dict[str, Any] | None:
+    """The job's delivery record as the job view shows it (None without a callback)."""
+    meta = job.meta.get("callback")
+    if not isinstance(meta, dict):
+        return None
+    raw = conn.get(callback_key(job.id))
+    if raw:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            pass
+    return {"url": meta.get("url"), "state": "waiting", "attempts": 0}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict[str, Any]:
+    """The JSON body of a callback: which job, how it ended, where its result is."""
+    path = f"/v1/jobs/{job.id}"
+    error = job.meta.get("error") if status is not ApiStatus.FINISHED else None
+    if status is ApiStatus.CANCELLED and not error:
+        error = {"code": "job_cancelled", "message": "the job was cancelled"}
+    return {
+        "job_id": job.id,
+        "kind": job.meta.get("kind"),
+        "model": job.meta.get("model"),
+        "status": status.value,
+        "result_url": (public_url.rstrip("/") + path) if public_url else path,
+        "error": error if isinstance(error, dict) else None,
+        "reused_from": job.meta.get("reused_from"),
+        "ended_at": job.ended_at.replace(tzinfo=timezone.utc).isoformat() if job.ended_at else _now(),
+    }
+
+
+def notify_job_end(conn: Redis, job: Job, status: ApiStatus | None = None) -> threading.Thread | None:
+    """Send the job's callback, once, in a thread (returned; None when there is nothing to
+    send or another process has already claimed it). Never raises."""
+    try:
+        meta = job.meta.get("callback")
+        if not isinstance(meta, dict) or not meta.get("url"):
+            return None
+        if status is None:
+            status = STATUS_FROM_RQ.get(job.get_status(refresh=True), ApiStatus.FAILED)
+        payload = job_end_payload(job, status, meta.get("public_url"))
+        record = {"url": meta["url"], "state": PENDING, "attempts": 0, "status_sent": status.value}
+        ttl = max(1, int(meta.get("ttl", 3600)))
+        if not conn.set(callback_key(job.id), json.dumps(record), nx=True, ex=ttl):
+            return None  # someone else sends it
+        thread = threading.Thread(target=deliver, args=(conn, job.id, meta, payload, record, ttl),
+                                  name=f"aex-callback-{job.id[:8]}", daemon=False)
+        thread.start()
+        return thread
+    except Exception:  # noqa: BLE001 - a callback must never break the job's own ending
+        log.exception("could not start the callback of job %s", getattr(job, "id", "?"))
+        return None
+
+
+def _save(conn: Redis, job_id: str, record: dict[str, Any], ttl: int) -> None:
+    try:
+        conn.set(callback_key(job_id), json.dumps(record), ex=ttl)
+    except Exception:  # noqa: BLE001 - the record is informative; delivery goes on
+        log.warning("could not record the callback state of job %s", job_id)
+
+
+def deliver(conn: Redis, job_id: str, meta: dict[str, Any], payload: dict[str, Any], record: dict[str, Any],
+            ttl: int) -> dict[str, Any]:
+    """POST ``payload`` to ``meta["url"]`` with retries; returns the final record."""
+    attempts = max(1, int(meta.get("attempts", 5)))
+    backoff = float(meta.get("backoff", 1.0))
+    headers = {"User-Agent": f"aex/{__version__}", "X-Aex-Job-Id": job_id}
+    try:
+        with httpx.Client(timeout=float(meta.get("timeout", 10.0)), follow_redirects=False) as client:
+            for attempt in range(1, attempts + 1):
+                record["attempts"] = attempt
+                record["last_attempt_at"] = _now()
+                retry = False
+                try:
+                    resp = client.post(meta["url"], json=payload, headers=headers)
+                except httpx.HTTPError as exc:
+                    record["last_status"], record["last_error"] = None, f"{type(exc).__name__}: {exc}"
+                    retry = True
+                else:
+                    record["last_status"], record["last_error"] = resp.status_code, None
+                    if 200 <= resp.status_code < 300:
+                        record["state"], record["delivered_at"] = DELIVERED, _now()
+                        _save(conn, job_id, record, ttl)
+                        return record
+                    retry = resp.status_code == 429 or resp.status_code >= 500
+                    if not retry:
+                        record["last_error"] = f"HTTP {resp.status_code}: not retried"
+                if not retry or attempt == attempts:
+                    break
+                record["state"] = RETRYING
+                _save(conn, job_id, record, ttl)
+                time.sleep(min(MAX_BACKOFF_SECONDS, backoff * 2 ** (attempt - 1)))
+    except Exception as exc:  # noqa: BLE001 - never let a callback kill its process
+        log.exception("callback of job %s failed unexpectedly", job_id)
+        record["last_error"] = f"{type(exc).__name__}: {exc}"
+    record["state"] = FAILED
+    _save(conn, job_id, record, ttl)
+    log.warning("callback of job %s to %s failed after %d attempt(s): %s", job_id, meta.get("url"),
+                record["attempts"], record.get("last_error") or record.get("last_status"))
+    return record
