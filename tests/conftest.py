@@ -105,6 +105,12 @@ def stability_reference_images(n: int = 6, seed: int = 5):
     return np.stack(out)
 
 
+@pytest.fixture(scope="session")
+def stability_images():
+    """``stability_reference_images()``: the images whose ARA radii tiny-grey records."""
+    return stability_reference_images()
+
+
 def _record_ara_radii(path: Path) -> None:
     """Store the per-image ARA radii (the ARA settings: S 450, eps 20) of
     ``stability_reference_images`` in the checkpoint's metrics, as the trainer does; the

@@ -1,0 +1,84 @@
+"""The callback sender on its own: which URLs pass the allow-list, and delivery against a
+real HTTP server on 127.0.0.1 (retries on 429/5xx, none on 4xx or redirects)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from aex.errors import BadParameterError
+from aex.settings import Settings
+from worker.callbacks import check_callback_url, deliver, host_allowed
+from worker.protocol import callback_key, connect
+
+
+@pytest.mark.parametrize("host,allowed,ok", [
+    ("127.0.0.1", ["127.0.0.1"], True),
+    ("hooks.example.org", ["*.example.org"], True),
+    ("a.b.example.org", ["*.example.org"], True),
+    ("example.org", ["*.example.org"], False),  # the wildcard is for subdomains only
+    ("badexample.org", ["*.example.org"], False),
+    ("Hooks.Example.ORG.", ["hooks.example.org"], True),
+    ("127.0.0.2", ["127.0.0.1"], False),
+    ("::1", ["::1"], True),
+])
+def test_host_allowed(host, allowed, ok):
+    assert host_allowed(host, allowed) is ok
+
+
+def test_check_callback_url():
+    allowed = Settings(callback_allowed_hosts="127.0.0.1, *.example.org").callback_allowed_hosts
+    assert allowed == ["127.0.0.1", "*.example.org"]
+    assert check_callback_url(" https://x.example.org:8443/h?a=1 ", allowed) == "https://x.example.org:8443/h?a=1"
+    assert check_callback_url("http://[::1]:8080/h", ["::1"]) == "http://[::1]:8080/h"
+    for url, fragment in [("http://10.0.0.1/h", "not allowed"), ("gopher://127.0.0.1/", "http:// or https://"),
+                          ("http:///h", "no host"), ("http://127.0.0.1/" + "a" * 3000, "longer than")]:
+        with pytest.raises(BadParameterError, match=fragment):
+            check_callback_url(url, allowed)
+    with pytest.raises(BadParameterError, match="disabled"):
+        check_callback_url("http://127.0.0.1/h", [])
+
+
+@pytest.fixture
+def server():
+    """A loopback HTTP server answering POSTs with the queued statuses (then 200)."""
+    state = {"statuses": [], "bodies": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            state["bodies"].append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            status = state["statuses"].pop(0) if state["statuses"] else 200
+            self.send_response(status)
+            if 300 <= status < 400:
+                self.send_header("Location", "http://127.0.0.1:9/elsewhere")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/hook"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("statuses,state,attempts", [
+    ([503, 429, 500], "delivered", 4),  # transient answers are retried
+    ([400], "failed", 1),
+    ([302], "failed", 1),  # redirects are not followed (the target could be off the allow-list)
+    ([503] * 5, "failed", 4),  # out of attempts
+])
+def test_deliver(redis_server, server, statuses, state, attempts):
+    conn = connect(f"{redis_server.url}?db=10")
+    server["statuses"] = list(statuses)
+    meta = {"url": server["url"], "attempts": 4, "timeout": 5.0, "backoff": 0.01}
+    record = deliver(conn, "job1", meta, {"job_id": "job1", "status": "finished"}, {"url": server["url"]}, 60)
+    assert record["state"] == state and record["attempts"] == attempts
+    assert len(server["bodies"]) == attempts and server["bodies"][0] == {"job_id": "job1", "status": "finished"}
+    assert json.loads(conn.get(callback_key("job1")))["state"] == state
