@@ -38,7 +38,8 @@ class ClusterCollector:
         yield depth
         yield workers
         jobs = CounterMetricFamily("aex_jobs", "jobs ended, by kind and outcome (finished, failed, cancelled, "
-                                               "abandoned = worker lost)", labels=["kind", "outcome"])
+                                               "abandoned = worker lost, reused = answered from an earlier "
+                                               "identical request's result)", labels=["kind", "outcome"])
         for (kind, outcome), n in sorted(data["outcomes"].items()):
             jobs.add_metric([kind, outcome], n)
         yield jobs

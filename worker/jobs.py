@@ -13,6 +13,7 @@ Models come from the process's ``ServedModels``, loaded once before the work loo
 from __future__ import annotations
 
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,8 @@ from .protocol import (
 )
 from .provenance import build_provenance, sha256_hex
 from .served import ServedModel, served_models
+
+log = logging.getLogger("aex.worker")
 
 # Set by the worker when rq's stop-job command arrives for the job in hand (pubsub thread).
 stop_requested = threading.Event()
@@ -308,7 +311,13 @@ def explain(
         dicom_files: dict[str, bytes] = {}
         if dicom is not None:
             t = time.perf_counter()
-            dicom_files = _secondary_captures(dicom, served, summary, files, parameters)
+            try:
+                dicom_files = _secondary_captures(dicom, served, summary, files, parameters)
+            except (AttributeError, KeyError, TypeError, ValueError) as exc:
+                # A source without the identifiers a derived object must copy (study, SOP
+                # instance, ...): the explanation stands; say why there are no DICOM objects.
+                log.warning("job %s: no DICOM outputs: %s: %s", job.id, type(exc).__name__, exc)
+                summary["dicom_error"] = f"no DICOM objects could be derived from this file: {type(exc).__name__}: {exc}"
             timings["dicom_seconds"] = time.perf_counter() - t
         with job.connection.pipeline() as pipe:
             pipe.hset(images_key(job.id), mapping=files)

@@ -122,15 +122,43 @@ def test_a_misconfigured_worker_stops_with_a_clear_message(settings_for, env, me
 
 
 def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, poll, start_workers, long_steps):
-    """No worker is left to clean up: the API itself fails the job once its lease is over."""
-    settings = settings_for(7)
+    """No worker is left to clean up: the API itself fails the job once its lease is over,
+    and sends the job's callback (a real receiver on 127.0.0.1)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    bodies = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *_args):
+            pass
+
+    hook = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    settings = settings_for(7, callback_allowed_hosts=["127.0.0.1"])
     conn = connect(settings.redis_url)
     (worker,) = start_workers(settings, 1)
-    with TestClient(create_app(settings)) as client:
-        url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
-                                                  steps=long_steps)).headers["location"]
-        assert running_on(client, conn, url) == worker.pid
-        worker.proc.kill()
-        worker.proc.wait()
-        view = poll(client, url, timeout=30)
-        assert view["status"] == "failed" and view["error"]["code"] == "worker_lost", view
+    try:
+        with TestClient(create_app(settings)) as client:
+            url = client.post("/v1/explain", **upload(
+                make_image("PNG", "RGB"), model="tiny-rgb", targets="all", steps=long_steps,
+                callback_url=f"http://127.0.0.1:{hook.server_address[1]}/done")).headers["location"]
+            assert running_on(client, conn, url) == worker.pid
+            worker.proc.kill()
+            worker.proc.wait()
+            view = poll(client, url, timeout=30)
+            assert view["status"] == "failed" and view["error"]["code"] == "worker_lost", view
+            deadline = time.monotonic() + 30
+            while client.get(url).json()["callback"]["state"] != "delivered":
+                assert time.monotonic() < deadline, client.get(url).json()["callback"]
+                time.sleep(0.05)
+            assert [b["status"] for b in bodies] == ["failed"] and bodies[0]["error"]["code"] == "worker_lost"
+    finally:
+        hook.shutdown()
+        hook.server_close()
