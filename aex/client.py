@@ -172,6 +172,8 @@ class AexClient:
             on_progress(view)
         if not wait:
             return view
+        if view.get("status") in TERMINAL:  # answered at once from an identical earlier request
+            return self._finished(view)
         return self.wait(view["id"], on_progress, timeout=timeout)
 
     def job(self, job_id: str) -> dict[str, Any]:

@@ -346,6 +346,9 @@ function stabilitySentences(s) {
     + (s.btr_found === false ? " (not reached within the search: at least this much)" : "")
     + (typeof s.btr_percentile === "number" ? `, larger than for ${Math.round(s.btr_percentile)}% of test images.` : "."));
   if (s.reference_n) details.push(`Reference: ${s.reference_n} test images recorded in the checkpoint.`);
+  if (s.comparable === false && typeof s.attack_percentile === "number") {
+    details.push("The reference radii were searched with other settings than this score, so the comparison is approximate.");
+  }
   return { headline: out.join(" "), details };
 }
 
@@ -390,9 +393,13 @@ function renderExplanations(view) {
       el("li", { text: `p(${t.class_name}): ${pct(t.prob_before)} → ${pct(t.prob_after)}` }),
       el("li", { text: `rms(δ) = ${num(t.rms, 3)}` }),
       after !== undefined ? el("li", { text: `decision afterwards: ${after}` }) : null);
+    const dicom = [[t.dicom_url, t.dicom, "x + δ"], [t.dicom_difference_url, t.dicom_difference, "δ amplified"]]
+      .filter(([url]) => url)
+      .map(([url, name, label]) => el("a", { href: url, download: name, text: `${label} (DICOM)` }));
     return el("article", { class: "card" },
       el("h4", {}, el("span", { class: "role", text: `${roleWords(t)}: ` }), t.class_name),
       facts,
+      dicom.length ? el("p", { class: "downloads" }, ...dicom.flatMap((a, i) => (i ? [" · ", a] : [a]))) : null,
       el("div", { class: "figures" },
         imageUrl ? figure(imageUrl, `x + δ toward ${t.class_name}`, `Explanation image toward ${t.class_name}`) : null,
         diffUrl ? figure(diffUrl, "δ amplified", `Amplified perturbation toward ${t.class_name}`) : null));
@@ -411,9 +418,23 @@ function dicomLinks(view) {
 
 function renderDicom(view) {
   const links = Object.entries(dicomLinks(view));
-  $("dicom").replaceChildren(...links.map(([name, url]) =>
-    el("li", {}, el("a", { href: url, download: name.endsWith(".dcm") ? name : `${name}.dcm`, text: name }))));
-  $("dicom-box").hidden = !links.length;
+  const problem = view.result && view.result.dicom_error;
+  const items = links.map(([name, url]) =>
+    el("li", {}, el("a", { href: url, download: name.endsWith(".dcm") ? name : `${name}.dcm`, text: name })));
+  if (problem) items.push(el("li", { class: "hint", text: problem }));
+  $("dicom").replaceChildren(...items);
+  $("dicom-box").hidden = !items.length;
+}
+
+function inputWords(view) {
+  // How a DICOM input was read (from the provenance); nothing for ordinary images.
+  const info = view.result && view.result.provenance && view.result.provenance.input;
+  if (!info || info.format !== "dicom") return "";
+  const parts = [info.modality, info.photometric_interpretation,
+    info.rows && info.columns ? `${info.columns}×${info.rows}` : null,
+    info.window ? `window ${info.window.map((v) => num(v, 4)).join(" / ")}` : "no window",
+    info.inverted ? "inverted (MONOCHROME1)" : null].filter(Boolean);
+  return ` DICOM input: ${parts.join(", ")}.`;
 }
 
 function renderResult(view) {
@@ -423,7 +444,11 @@ function renderResult(view) {
   const headline = $("headline");
   headline.replaceChildren("Predicted: ", el("strong", { text: pred.class_name }),
     ` (${pct(pred.prob)})` + (second ? `; runner-up: ${second.class_name} (${pct(second.prob)})` : "")
-    + (view.model ? ` by ${view.model}.` : "."));
+    + (view.model ? ` by ${view.model}.` : ".") + inputWords(view));
+  if (r.reused) {
+    $("status-text").textContent = "Finished: answered from an identical earlier request"
+      + (r.reused_from ? ` (job ${r.reused_from})` : "") + ".";
+  }
   renderProbs(r);
   renderGradcam(view);
   renderStability(r);

@@ -83,7 +83,39 @@ def test_aex_explain_saves_every_image_and_the_result(live_api, png, tmp_path):
     assert "100%" in res.stderr and "explain: finished" in res.stderr
 
 
-def test_client_reports_progress_and_cancels(live_api, png, long_steps):
+def structured_pixels(h: int = 60, w: int = 50) -> np.ndarray:
+    """uint16 H x W with 12-bit values: gradients plus a bright disc (an X-ray-like scene)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 3) ** 2 < (h / 4) ** 2) * 1500
+    return (xx * 40 + yy * 20 + disc).clip(0, 4095).astype(np.uint16)
+
+
+def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_file, tmp_path):
+    import pydicom
+
+    source = tmp_path / "scan.dcm"
+    source.write_bytes(dicom_file(structured_pixels(), "MONOCHROME2", window=(1800.0, 3600.0)))
+    src = pydicom.dcmread(source)
+    out = tmp_path / "expl"
+    res = runner.invoke(app, ["explain", str(source), "--url", live_api, "--out", str(out), "--model", "tiny-grey",
+                              "--steps", "5", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    job = json.loads((out / "result.json").read_text())
+    assert job["dicom"], job  # the overlay, each explanation and each difference
+    assert len(job["dicom"]) == 1 + 2 * len(job["result"]["targets"])
+    assert {p.name for p in out.iterdir()} == set(job["images"]) | set(job["dicom"]) | {"result.json"}
+    for name in job["dicom"]:
+        ds = pydicom.dcmread(out / name)
+        assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID, name
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SOPInstanceUID != src.SOPInstanceUID
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert ds.pixel_array.shape[:2] == (28, 28)
+    assert set(json.loads(res.stdout)["files"]) == set(job["images"]) | set(job["dicom"]) | {"result.json"}
+
+
+def test_client_reports_progress_and_cancels(live_api, service_stack, png, long_steps):
+    from worker.jobs import stability_evaluations
+
     seen: list[dict] = []
     with AexClient(live_api, poll_interval=0.05) as client:
         assert {m["name"] for m in client.models()["models"]} == {"tiny-grey", "tiny-rgb"}
@@ -91,7 +123,10 @@ def test_client_reports_progress_and_cancels(live_api, png, long_steps):
         assert job["status"] == "finished" and seen[-1] is job
         assert seen[0]["status"] in ("queued", "running", "finished")
         done = [v["progress"]["done"] for v in seen if v.get("progress")]
-        assert done == sorted(done) and job["progress"]["done"] == job["progress"]["total"] == 5
+        # One bar over the 5 explanation steps, then the two stability searches.
+        total = 5 + stability_evaluations(service_stack.stability_steps)
+        assert done == sorted(done) and job["progress"]["done"] == job["progress"]["total"] == total
+        assert job["result"]["settings"]["steps"] == 5
 
         queued = client.explain(png, model="tiny-rgb", targets="all", steps=long_steps, wait=False)
         deadline = time.monotonic() + 60

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +48,7 @@ def browser():
         browser.close()
 
 
-def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_image, tmp_path):
+def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_image, dicom_file, tmp_path):
     image = tmp_path / "picture.png"
     image.write_bytes(make_image("PNG", "RGB", size=(64, 48), seed=3))
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -78,7 +79,8 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     # What the page shows is what the job says.
     job_url = page.evaluate("() => JSON.parse(document.getElementById('raw').textContent).url")
     job = httpx.get(f"{live_api}{job_url}").json()
-    assert job["status"] == "finished" and job["progress"]["done"] == job["progress"]["total"] == 5
+    assert job["status"] == "finished" and job["progress"]["done"] == job["progress"]["total"]
+    assert job["result"]["settings"]["steps"] == 5
     result = job["result"]
     sizes = page.eval_on_selector_all("#explanations img", "imgs => imgs.map((i) => [i.naturalWidth, i.naturalHeight])")
     assert sizes == [[32, 32]] * (2 * len(result["targets"])) and len(result["targets"]) == 2
@@ -121,6 +123,28 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     assert page.get_attribute("#error", "role") == "alert"
     assert page.is_enabled("#explain")
     page.screenshot(path=str(tmp_path / "viewer-error.png"), full_page=True)
+
+    # A DICOM file on the grey model (whose checkpoint records reference radii): its DICOM
+    # objects are offered as downloads and the stability score is ranked against test images.
+    yy, xx = np.mgrid[0:60, 0:50]
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(dicom_file((xx * 40 + yy * 20).astype(np.uint16), "MONOCHROME2", window=(1800.0, 3600.0)))
+    page.select_option("#model", "tiny-grey")
+    page.set_input_files("#file", str(scan))
+    assert "DICOM" in page.inner_text("#file-name")
+    page.click("#explain")
+    page.wait_for_selector("#dicom-box:not([hidden])", timeout=120_000)
+    job_url = page.evaluate("() => JSON.parse(document.getElementById('raw').textContent).url")
+    job = httpx.get(f"{live_api}{job_url}").json()
+    links = page.eval_on_selector_all("#dicom a", "as => as.map((a) => new URL(a.href).pathname)")
+    assert links == list(job["dicom"].values()) and len(links) == 1 + 2 * len(job["result"]["targets"])
+    assert httpx.get(f"{live_api}{links[0]}").headers["content-type"] == "application/dicom"
+    assert "DICOM input: DX, MONOCHROME2, 50×60" in page.inner_text("#headline")
+    percentile = job["result"]["stability"]["attack_percentile"]
+    assert f"more stable than {round(percentile)}% of test images" in page.inner_text("#stability-text")
+    page.screenshot(path=str(tmp_path / "viewer-dicom.png"), full_page=True)
+    if NOTES.is_dir():
+        shutil.copy(tmp_path / "viewer-dicom.png", NOTES / "viewer-dicom.png")
     page.close()
     assert not outside, f"the page loaded from outside: {outside}"
     assert not [p for p in problems if "415" not in p], problems
