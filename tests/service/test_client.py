@@ -55,7 +55,14 @@ def test_aex_classify_prints_the_models_probabilities(live_api, service_models, 
     np.testing.assert_allclose([out["probs"][c] for c in expected], list(expected.values()), rtol=1e-5, atol=1e-6)
     assert [t["class_name"] for t in out["top"]] == sorted(expected, key=expected.get, reverse=True)[:3]
     assert out["predicted"]["class_name"] == max(expected, key=expected.get)
-    assert len(out["job"]) == 32
+    assert len(out["job"]) == 32 and "stability" not in out
+
+    res = runner.invoke(app, ["classify", str(png), "--url", live_api, "--model", "tiny-grey", "--stability"])
+    assert res.exit_code == 0, res.output
+    stability = json.loads(res.stdout)["stability"]
+    assert stability["attack_rms"] > 0 and stability["btr_rms"] > 0
+    assert 0 <= stability["attack_percentile"] <= 100 and stability["reference_n"] > 0
+    assert "classify: finished" in res.stderr
 
 
 def test_aex_explain_saves_every_image_and_the_result(live_api, png, tmp_path):
