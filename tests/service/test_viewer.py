@@ -56,7 +56,8 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
     outside: list[str] = []
-    page.on("request", lambda req: None if req.url.startswith((live_api, "blob:", "data:")) else outside.append(req.url))
+    page.on("request", lambda req: None if req.url.startswith((live_api, "blob:", "data:"))
+            else outside.append(req.url))
 
     page.goto(f"{live_api}/")
     page.wait_for_selector("#model option[value='tiny-rgb']", state="attached")
