@@ -62,6 +62,8 @@ def rank_device(name: str | None, local_rank: int = 0) -> torch.device:
     becomes ``cuda:<local_rank>``: each rank of a node must train on its own GPU, which the
     inference-side ``pick_device`` (one process, one device) has no notion of."""
     dev = pick_device(name)
-    if dev.type == "cuda" and dev.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dev = torch.device("cuda", local_rank)
+    if dev.type == "cuda" and dev.index is None:
+        # An explicit index also for one process: torch.cuda.set_device refuses a bare "cuda".
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        dev = torch.device("cuda", local_rank if multi else torch.cuda.current_device())
     return dev

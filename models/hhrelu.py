@@ -46,9 +46,17 @@ class HalfHuberReLU(nn.Module):
         if delta <= 0:
             raise ValueError(f"HHReLU delta must be > 0, got {delta}")
         self.register_buffer("d", torch.tensor(float(delta)))
+        # delta as a Python float as well: reading the buffer in forward (float(self.d)) would
+        # synchronise with the GPU at every activation, stalling its queue of kernels.
+        self.delta = float(delta)
+        self.register_load_state_dict_post_hook(_refresh_delta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _HalfHuberReLUFn.apply(x, float(self.d))
+        return _HalfHuberReLUFn.apply(x, self.delta)
 
     def extra_repr(self) -> str:
-        return f"delta={float(self.d)}"
+        return f"delta={self.delta}"
+
+
+def _refresh_delta(module: HalfHuberReLU, incompatible_keys) -> None:
+    module.delta = float(module.d)
