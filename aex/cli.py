@@ -74,8 +74,9 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present)")] = None,
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
     progress: Annotated[bool, typer.Option(help="tqdm progress bars on stderr")] = True,
-    record: Annotated[bool, typer.Option("--record", help="store the ARA figures and per-image radii in the "
-                                         "checkpoint's metrics (weights unchanged; needs --ara)")] = False,
+    record: Annotated[bool, typer.Option("--record", help="store the figures in the checkpoint's metrics "
+                                         "(weights unchanged): with --ara both ARAs and the per-image radii, "
+                                         "else the accuracy of the whole split")] = False,
 ) -> None:
     """Accuracy (and ARA) of a checkpoint on a seeded subset; prints JSON."""
     from aex.errors import BadParameterError
@@ -83,8 +84,6 @@ def evaluate(
 
     if plot is not None and not ara:
         raise BadParameterError("--plot draws the ARA curves; add --ara")
-    if record and not ara:
-        raise BadParameterError("--record stores ARA figures; add --ara")
     print_json(evaluate_checkpoint(checkpoint, data, n=n, seed=seed, ara=ara, plot=plot, batch_size=batch_size,
                                    device=device, split=split, progress=progress, record=record))
 

@@ -10,12 +10,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from aex.errors import DataError
+from aex.errors import BadParameterError, DataError
 
 from .ara import compute_ara, plot_ara
 from .checkpoint import load_checkpoint, update_metadata
 from .data import load_dataset, seeded_subset
-from .runtime import eval_mode, model_device, pick_device
+from .runtime import eval_mode, full_precision, model_device, pick_device
 
 
 def accuracy(
@@ -54,10 +54,20 @@ def evaluate_checkpoint(
     """Accuracy (and with ``ara`` both ARAs) on the seeded subset of ``data``'s split.
 
     The subset is ``randperm(len, Generator().manual_seed(seed))[:n]`` over the data set's
-    path order (the shared rule). Returns a JSON-ready dict. With ``record`` (needs ``ara``)
-    the figures and per-image radii are written into the checkpoint's metrics, which the
-    stability score ranks single images against.
+    path order (the shared rule). Returns a JSON-ready dict. With ``record`` the figures are
+    written into the checkpoint's metrics: with ``ara`` both ARAs and the per-image radii
+    (which the stability score ranks single images against); without it the accuracy, which
+    then must be over the whole split (``n`` None). CUDA runs in plain float32 (no TF32), so
+    the figures match a CPU's.
     """
+    if record and not ara and n is not None:
+        raise BadParameterError("recording an accuracy needs the whole split: drop --n (or add --ara to record ARA)")
+    with full_precision():
+        return _evaluate(checkpoint, data, n=n, seed=seed, ara=ara, plot=plot, batch_size=batch_size,
+                         device=device, split=split, progress=progress, record=record)
+
+
+def _evaluate(checkpoint, data, *, n, seed, ara, plot, batch_size, device, split, progress, record) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint, device=pick_device(device))
     ds = load_dataset(data, split=split, input_size=meta.input_size, in_channels=meta.in_channels)
@@ -85,6 +95,11 @@ def evaluate_checkpoint(
     else:
         out.update(accuracy=accuracy(model, images, labels, batch_size=max(batch_size, 256), progress=progress),
                    attack_ara=None, btr_ara=None)
+        if record:
+            update_metadata(checkpoint, metrics={
+                f"{split}_accuracy": out["accuracy"], f"{split}_n": int(labels.numel()), f"{split}_source": str(data),
+                f"{split}_device": str(model_device(model))})
+            out["recorded"] = True
     out.update(
         n=int(labels.numel()), seed=seed, seconds=round(time.perf_counter() - t0, 3),
         checkpoint=str(checkpoint), data=str(data), device=str(model_device(model)),

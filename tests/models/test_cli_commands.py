@@ -85,6 +85,27 @@ def test_evaluate_refuses_plot_without_ara(tiny_checkpoint, folder, tmp_path):
     assert res.exit_code == 2 and "--ara" in res.output
 
 
+def test_evaluate_record_stores_the_whole_split_accuracy(tiny_checkpoint, folder):
+    ckpt, _ = tiny_checkpoint
+    from models.checkpoint import load_checkpoint, read_metadata
+
+    before = read_metadata(ckpt)
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5",
+                              "--record", "--no-progress"])
+    assert res.exit_code == 2 and "whole split" in res.output  # a subset's accuracy is not the test accuracy
+    assert read_metadata(ckpt).metrics == before.metrics
+    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--record",
+                              "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    meta = read_metadata(ckpt)
+    assert out["recorded"] and out["n"] == 8
+    assert meta.metrics["test_accuracy"] == out["accuracy"] and meta.metrics["test_n"] == 8
+    assert meta.metrics["test_source"] == str(folder) and meta.metrics["test_device"] == "cpu"
+    assert meta.weights_sha256 == before.weights_sha256
+    load_checkpoint(ckpt)  # the weights still match their recorded sha256
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = str(marker)
