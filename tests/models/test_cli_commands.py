@@ -95,7 +95,7 @@ def test_evaluate_record_stores_the_whole_split_accuracy(tiny_checkpoint, folder
     assert res.exit_code == 2 and "whole split" in res.output  # a subset's accuracy is not the test accuracy
     assert read_metadata(ckpt).metrics == before.metrics
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--record",
-                              "--no-progress"])
+                              "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     meta = read_metadata(ckpt)

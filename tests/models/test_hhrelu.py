@@ -35,7 +35,12 @@ def test_values_and_derivatives_follow_the_formula(d):
     torch.testing.assert_close(g, x.detach().clamp(0, d) / d)  # f'(x) = clamp(x, 0, d) / d
     (h,) = torch.autograd.grad(g.sum(), x)
     inside = (x.detach() > 0) & (x.detach() < d)
-    torch.testing.assert_close(h, torch.where(inside, 1 / d, 0.0).to(h.dtype))
+    # f'' is undefined at the kinks 0 and d (the grid hits both exactly for d = 0.5 and 2);
+    # which one-sided value autograd gives there is a convention of the torch release (this
+    # test failed there under torch 2.11 on a GPU machine, passes under 2.14), so compare
+    # everywhere else.
+    smooth = (x.detach() != 0) & (x.detach() != d)
+    torch.testing.assert_close(h[smooth], torch.where(inside, 1 / d, 0.0).to(h.dtype)[smooth])
 
 
 def test_module_matches_function_and_keeps_delta_buffer():

@@ -1,0 +1,79 @@
+"""The checkpoints shipped in models/checkpoints/: each loads safely, describes itself, has a
+model card that states its figures, and (where ../shared/data is present) reproduces its
+recorded test accuracy exactly and its per-image ARA radii on a few images of the subset."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.ara import compute_ara
+from models.checkpoint import load_checkpoint
+from models.data import load_dataset, seeded_subset
+from models.evaluation import accuracy
+
+BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints"
+NAMES = sorted(p.name for p in BUNDLED.iterdir() if (p / "model.safetensors").is_file())
+# The data each bundled network was evaluated on, under ../shared/data.
+DATA = {"cifar10-robust": "cifar_test_tar", "cifar10-standard": "cifar_test_tar", "pneumonia-robust": "pneumonia_npz"}
+
+
+def test_the_three_served_networks_are_bundled():
+    assert {"cifar10-robust", "cifar10-standard", "pneumonia-robust"} <= set(NAMES)
+    for name in NAMES:
+        assert (BUNDLED / name / "model.safetensors").stat().st_size < 5_000_000, "keep bundled files small"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpoint_describes_itself_and_its_card_states_the_figures(name):
+    model, meta = load_checkpoint(BUNDLED / name / "model.safetensors")  # strict keys, sha256 verified
+    m = meta.metrics
+    for key in ("test_accuracy", "test_n", "ara_attack", "ara_btr", "ara_n", "ara_seed", "ara_radii"):
+        assert key in m, f"{name}: metrics lack {key}"
+    assert "aex train " in meta.recipe.get("command", "")
+    assert len(m["ara_radii"]["attack"]) == m["ara_n"] == len(m["ara_radii"]["btr"])
+    card = (BUNDLED / name / "MODEL_CARD.md").read_text()
+    assert meta.weights_sha256 in card
+    assert f"{m['test_accuracy']:.4f}" in card, f"{name}: card does not state test accuracy {m['test_accuracy']:.4f}"
+    assert "Not fit for" in card or "not fit for" in card
+
+
+def test_robust_cifar_network_is_far_harder_to_fool_than_the_standard_one():
+    """The paper's effect with our own trainer, on the same 100 images (same n and seed)."""
+    _, robust = load_checkpoint(BUNDLED / "cifar10-robust" / "model.safetensors")
+    _, standard = load_checkpoint(BUNDLED / "cifar10-standard" / "model.safetensors")
+    for key in ("ara_n", "ara_seed"):
+        assert robust.metrics[key] == standard.metrics[key]
+    assert robust.metrics["ara_attack"] >= 5 * standard.metrics["ara_attack"]
+    assert robust.metrics["ara_btr"] >= 5 * standard.metrics["ara_btr"]
+    assert robust.arch == standard.arch and robust.recipe["epochs"] == standard.recipe["epochs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_recorded_accuracy_and_radii_reproduce(name, request):
+    data_path = request.getfixturevalue(DATA[name])
+    model, meta = load_checkpoint(BUNDLED / name / "model.safetensors")
+    ds = load_dataset(data_path, "test", meta.input_size, meta.in_channels)
+    acc = accuracy(model, ds.images, ds.labels, batch_size=500)
+    assert len(ds) == meta.metrics["test_n"]
+    assert acc == pytest.approx(meta.metrics["test_accuracy"], abs=1e-9), f"{name}: {acc} vs recorded"
+
+    # Per-image radii: the searches are independent per image (eval mode), so the first few
+    # images of the seeded subset give the stored radii again (within float noise, 5%).
+    record = meta.metrics["ara_radii"]
+    idx = seeded_subset(len(ds), record["n"], record["seed"])[:4]
+    res = compute_ara(model, ds.images[idx], ds.labels[idx])
+    for search, got in (("attack", res.attack_r), ("btr", res.btr_r)):
+        want = torch.tensor(record[search][:4], dtype=torch.float64)
+        got = torch.as_tensor(got, dtype=torch.float64)
+        assert torch.allclose(got, want, rtol=0.05, atol=1e-4), f"{name} {search}: {got} vs {want}"
+
+
+def test_card_commands_name_the_checkpoint_they_describe():
+    for name in NAMES:
+        card = (BUNDLED / name / "MODEL_CARD.md").read_text()
+        assert re.search(rf"models/checkpoints/{re.escape(name)}/model\.safetensors", card), name
