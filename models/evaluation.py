@@ -90,7 +90,9 @@ def _evaluate(checkpoint, data, *, n, seed, ara, plot, batch_size, device, split
             })
             out["recorded"] = True
         if plot:
-            plot_ara(res, plot, title=f"{Path(checkpoint).name}: n = {res.n}, accuracy {res.accuracy:.3f}")
+            path = Path(checkpoint)
+            name = path.parent.name if path.stem == "model" else path.name  # bundled: <name>/model.safetensors
+            plot_ara(res, plot, title=f"{name}: n = {res.n}, accuracy {res.accuracy:.3f}")
             out["plot"] = str(plot)
     else:
         out.update(accuracy=accuracy(model, images, labels, batch_size=max(batch_size, 256), progress=progress),
