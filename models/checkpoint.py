@@ -83,6 +83,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes the file private (0600); a checkpoint gets the usual mode for a new
+        # file (0666 less the umask), so workers running as another user can read it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

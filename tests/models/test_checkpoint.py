@@ -109,3 +109,14 @@ def test_refuses_weights_that_do_not_fit_the_architecture(saved, tmp_path):
     save_file(tensors, str(other), metadata={"aex": meta.to_json()})
     with pytest.raises(CheckpointError, match="do not fit"):
         load_checkpoint(other)
+
+
+def test_saved_file_has_the_usual_mode_not_a_private_temporary_one(saved):
+    import os
+    import stat
+
+    _, path = saved
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
