@@ -53,6 +53,9 @@ class SearchResult:
     first_ok_step: N int64, the first evaluation t with ``follow == 0``; -1 if never.
     logits_before: N x num_classes at delta = 0.
     logits_after: N x num_classes at x + delta (None when not asked for).
+    saturated: N bool (explain mode): the target's probability rounded to 1 while the search
+        still followed the gradient, so the loss had nothing left to give and delta stopped
+        growing short of the budget; such samples are exempt from the bound check.
     """
 
     delta: torch.Tensor
@@ -61,6 +64,7 @@ class SearchResult:
     first_ok_step: torch.Tensor
     logits_before: torch.Tensor
     logits_after: torch.Tensor | None
+    saturated: torch.Tensor | None = None
 
 
 def rms(delta: torch.Tensor) -> torch.Tensor:
@@ -172,6 +176,7 @@ def perturbation_search(
 
         delta_out = torch.zeros_like(x)
         first_ok = torch.where(follow0, never, 0)
+        saturated = torch.zeros(n, dtype=torch.bool, device=device)
         logits_after = logits_before.clone() if with_logits_after else None
         # Rows that never move: not affected, or (l2min/btr) already on the far side of the
         # bound at delta = 0, where the direction -delta is zero.
@@ -180,13 +185,14 @@ def perturbation_search(
 
         if idx.numel():
             g0 = torch.autograd.grad(F.cross_entropy(logits0, y, reduction="sum"), delta0)[0]
-            delta_a, first_a, logits_a = _search_rows(
+            delta_a, first_a, logits_a, saturated_a = _search_rows(
                 model, x[idx], y[idx], g0[idx], logits_before[idx], follow0[idx], mode=mode,
                 steps=steps, eps=eps, overshoot=overshoot, momentum=momentum, clamp=clamp,
                 with_logits_after=with_logits_after, progress=progress, never=never,
             )
             delta_out[idx] = delta_a
             first_ok[idx] = first_a
+            saturated[idx] = saturated_a
             if with_logits_after:
                 logits_after[idx] = logits_a
         elif progress is not None:
@@ -194,7 +200,7 @@ def perturbation_search(
         del logits0, delta0
 
     if bound_check:
-        late = affected_mask & (first_ok > steps // 2)
+        late = affected_mask & (first_ok > steps // 2) & ~saturated
         if bool(late.any()):
             what = {
                 "bounded": f"reach the budget rms {eps}",
@@ -217,6 +223,7 @@ def perturbation_search(
         first_ok_step=torch.where(found, first_ok, -1),
         logits_before=logits_before,
         logits_after=logits_after,
+        saturated=saturated,
     )
 
 
@@ -237,10 +244,11 @@ def _search_rows(
     with_logits_after: bool,
     progress: ProgressFn | None,
     never: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The loop over the rows that move; evaluation t = 0 (g0, logits0, follow0) is done.
 
-    Returns (delta, first_ok_step with ``never`` for none, logits at x + delta or None).
+    Returns (delta, first_ok_step with ``never`` for none, logits at x + delta or None,
+    saturated: explain rows whose target probability rounded to 1 while still following).
     """
     tracks_best = mode in ("l2min", "btr")
     total = steps + (1 if tracks_best else 0)
@@ -248,6 +256,7 @@ def _search_rows(
     delta = torch.zeros_like(x, requires_grad=True)
     mom = torch.zeros_like(x) if momentum > 0 else None
     first_ok = torch.full((m,), never, dtype=torch.long, device=x.device)
+    saturated = torch.zeros(m, dtype=torch.bool, device=x.device)
     if tracks_best:
         # Zero delta (and its logits) stand for "nothing found", as in the reference.
         best_delta = torch.zeros_like(x)
@@ -268,6 +277,12 @@ def _search_rows(
             follow = _follow(mode, logits, y, delta, eps)
         reached = ~follow
         first_ok = torch.where(reached & (first_ok > t), t, first_ok)
+        if mode == "explain":
+            # A network already certain of the target (a standard one often is) gives a
+            # cross-entropy gradient that vanishes in float: delta cannot grow to the budget,
+            # and no larger rho or more steps would change that.
+            certain = logits.softmax(1).gather(1, y.unsqueeze(1))[:, 0] >= 1.0
+            saturated |= follow & certain
 
         if tracks_best:
             sq = delta.detach().pow(2).flatten(1).mean(1)
@@ -298,10 +313,10 @@ def _search_rows(
             progress(t + 1, total)
 
     if tracks_best:
-        return best_delta, first_ok, best_logits
+        return best_delta, first_ok, best_logits, saturated
     delta = delta.detach()
     out_logits = None
     if with_logits_after:
         with torch.no_grad():
             out_logits = model(x + delta)
-    return delta, first_ok, out_logits
+    return delta, first_ok, out_logits, saturated

@@ -193,3 +193,23 @@ def test_rms_is_per_sample():
     d = torch.zeros(2, 3, 4, 4)
     d[1] = 2.0
     assert rms(d).tolist() == [0.0, 2.0]
+
+
+def test_explaining_a_class_the_network_is_certain_of_is_not_a_bound_failure():
+    """The target's probability rounds to 1: the loss gradient vanishes and delta cannot grow
+    to rho, which no larger rho or more steps would change. A standard network is often this
+    certain of its predicted class; the search returns what it has instead of failing."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    with torch.no_grad():
+        net[1].weight.mul_(1000.0)
+    x = torch.rand(2, 3, 4, 4)
+    y = net(x).argmax(1)
+    assert bool((net(x).softmax(1).max(1).values == 1.0).all())
+    res = perturbation_search(net, x, y, mode="explain", steps=35, eps=0.1, overshoot=5.0, momentum=0.0)
+    assert bool(res.saturated.all()) and bool((res.rms < 0.1).all())
+    # A network that is never that certain still reaches rho (and nothing is marked saturated).
+    with torch.no_grad():
+        net[1].weight.div_(1000.0)
+    res = perturbation_search(net, x, y, mode="explain", steps=35, eps=0.1, overshoot=5.0, momentum=0.0)
+    assert not bool(res.saturated.any()) and bool((res.rms >= 0.1 - 1e-6).all())
