@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import shutil
@@ -62,9 +63,12 @@ def pick_checkpoint(given: str | None, scratch: Path) -> Path:
     return path
 
 
-def test_png(size: int, channels: int) -> bytes:
+def test_png(size: int, channels: int, serial: int = 0) -> bytes:
+    """A random image; ``serial`` is written into its first pixels, so every request can send
+    a different upload (the service reuses the result of an identical one)."""
     rng = np.random.default_rng(0)
     arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    arr[0, :3, 0] = [(serial >> 16) & 255, (serial >> 8) & 255, serial & 255]
     img = Image.fromarray(arr if channels == 3 else arr[..., 0])
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -130,17 +134,21 @@ def start_service(checkpoint: Path, name: str, workers: int, threads: int,
     raise SystemExit("aex serve did not become ready:\n" + (scratch / "serve.log").read_text())
 
 
-def drive(url: str, model: str, png: bytes, clients: int, warmup: float, duration: float) -> dict:
-    """K client threads posting /v1/classify back to back; latencies after the warm-up."""
+def drive(url: str, model: str, size: int, channels: int, clients: int, warmup: float, duration: float) -> dict:
+    """K client threads posting /v1/classify back to back, each request a different image (so
+    no answer comes from the service's result reuse); latencies after the warm-up."""
     start = time.monotonic()
     measure_from, stop_at = start + warmup, start + warmup + duration
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     lock = threading.Lock()
+    serials = itertools.count(1)
+    reused = [0]
 
     def client() -> None:
         with httpx.Client(base_url=url, timeout=60) as http:
             while (t0 := time.monotonic()) < stop_at:
+                png = test_png(size, channels, next(serials))
                 resp = http.post("/v1/classify", files={"image": ("x.png", png, "image/png")}, data={"model": model})
                 t1 = time.monotonic()
                 if t0 >= measure_from and t1 <= stop_at:
@@ -148,6 +156,7 @@ def drive(url: str, model: str, png: bytes, clients: int, warmup: float, duratio
                         statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
                         if resp.status_code == 200:
                             latencies.append(t1 - t0)
+                            reused[0] += bool((resp.json().get("result") or {}).get("reused"))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -156,7 +165,7 @@ def drive(url: str, model: str, png: bytes, clients: int, warmup: float, duratio
         t.join()
     return {"requests_per_s": len(latencies) / duration, "p50_ms": percentile(latencies, 50) * 1e3,
             "p95_ms": percentile(latencies, 95) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
-            "ok": len(latencies), "statuses": statuses, "clients": clients}
+            "ok": len(latencies), "statuses": statuses, "clients": clients, "reused": reused[0]}
 
 
 def main() -> None:
@@ -186,7 +195,7 @@ def main() -> None:
             url = args.url.rstrip("/")
         else:
             proc, url = start_service(checkpoint, name, args.workers, threads, scratch)
-        served = drive(url, name, png, args.clients, args.warmup, args.duration)
+        served = drive(url, name, meta.input_size, meta.in_channels, args.clients, args.warmup, args.duration)
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -196,15 +205,17 @@ def main() -> None:
     capacity = local["images_per_s"] * args.workers
     ratio = capacity / served["requests_per_s"] if served["requests_per_s"] else float("inf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"checkpoint {checkpoint.name}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}, "
+    label = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.name
+    print(f"checkpoint {label}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}, "
           f"{len(meta.classes)} classes; device {device}; {os.cpu_count()} cores")
     print(f"{'':28s}{'per s':>10s}{'p50 ms':>10s}{'p95 ms':>10s}")
     print(f"{'in-process (1 proc, ' + str(threads) + ' thr)':28s}{local['images_per_s']:10.1f}"
           f"{local['p50_ms']:10.2f}{local['p95_ms']:10.2f}")
     print(f"{'service (' + str(args.workers) + ' wkr, ' + str(args.clients) + ' clients)':28s}"
           f"{served['requests_per_s']:10.1f}{served['p50_ms']:10.2f}{served['p95_ms']:10.2f}")
-    print(f"overhead ratio (in-process x workers / service): {ratio:.2f}; statuses {served['statuses']}")
-    print(json.dumps({"checkpoint": str(checkpoint.name), "device": device, "workers": args.workers,
+    print(f"overhead ratio (in-process x workers / service): {ratio:.2f}; statuses {served['statuses']}; "
+          f"answers reused from an earlier identical upload: {served['reused']}")
+    print(json.dumps({"checkpoint": label, "device": device, "workers": args.workers,
                       "in_process": local, "service": served, "overhead_ratio": ratio}))
 
 
