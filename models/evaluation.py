@@ -37,6 +37,7 @@ def accuracy(
     return correct / max(1, int(labels.numel()))
 
 
+@full_precision()
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike,
@@ -62,12 +63,6 @@ def evaluate_checkpoint(
     """
     if record and not ara and n is not None:
         raise BadParameterError("recording an accuracy needs the whole split: drop --n (or add --ara to record ARA)")
-    with full_precision():
-        return _evaluate(checkpoint, data, n=n, seed=seed, ara=ara, plot=plot, batch_size=batch_size,
-                         device=device, split=split, progress=progress, record=record)
-
-
-def _evaluate(checkpoint, data, *, n, seed, ara, plot, batch_size, device, split, progress, record) -> dict[str, Any]:
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint, device=pick_device(device))
     ds = load_dataset(data, split=split, input_size=meta.input_size, in_channels=meta.in_channels)

@@ -64,7 +64,7 @@ class SearchResult:
     first_ok_step: torch.Tensor
     logits_before: torch.Tensor
     logits_after: torch.Tensor | None
-    saturated: torch.Tensor | None = None
+    saturated: torch.Tensor
 
 
 def rms(delta: torch.Tensor) -> torch.Tensor:

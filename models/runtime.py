@@ -51,7 +51,7 @@ def full_precision() -> Iterator[None]:
     """Plain float32 on CUDA for the duration (no TF32 in convolutions or matmuls), so that
     figures measured on a GPU are the figures a CPU measures: TF32 rounds inputs to 10-bit
     mantissas, enough to flip a borderline image of a test set (seen: 0.8660 on an H100,
-    0.8661 on the CPU for the same checkpoint)."""
+    0.8661 on the CPU for the same checkpoint). Also a decorator: ``@full_precision()``."""
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:

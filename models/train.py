@@ -279,25 +279,22 @@ def class_accuracy(net: nn.Module, data: ImageSet, device: torch.device, batch_s
     return out
 
 
+@full_precision()  # no TF32: the figures must be what `aex evaluate` gives on a CPU
 def final_metrics(run: Run) -> dict[str, Any]:
     """Test accuracy over the whole test set, then attack and BTR ARA on the seeded subset."""
-    test = run.splits.test
-    if test is None:
-        return {}
-    t0 = time.perf_counter()
-    with full_precision():  # no TF32: the figures must be what `aex evaluate` gives on a CPU
-        return {**_final_metrics(run, test), "final_eval_seconds": time.perf_counter() - t0}
-
-
-def _final_metrics(run: Run, test: ImageSet) -> dict[str, Any]:
     cfg = run.cfg
     out: dict[str, Any] = {}
+    test = run.splits.test
+    if test is None:
+        return out
+    t0 = time.perf_counter()
     acc, n = evaluate(run.net, test, run.device)
     out.update(test_accuracy=acc, test_n=n, test_source=run.splits.test_source,
                test_class_accuracy=class_accuracy(run.net, test, run.device))
     if cfg.ara_n > 0:
         # The ARA bar ticks ten times a second: only on a terminal, not into a log file.
         out.update(ara_metrics(run.net, test, cfg.ara_n, cfg.ara_seed, cfg.progress and sys.stderr.isatty()))
+    out["final_eval_seconds"] = time.perf_counter() - t0
     return out
 
 
