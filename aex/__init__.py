@@ -1,3 +1,8 @@
-"""aex: adversarial explanations and Grad-CAM for robust image classifiers."""
+"""aex: adversarial explanations and Grad-CAM for robust image classifiers.
 
-__version__ = "0.1.0"
+The top layer: the command line (``aex.cli``), the HTTP client (``aex.client``) and the
+``aex serve`` composition root (``aex.serve``)."""
+
+from models.version import __version__
+
+__all__ = ["__version__"]

@@ -16,7 +16,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from aex.errors import AexError
+from models import defaults as D
+from models.errors import AexError
+from models.explain.targets import split_specs
 
 app = typer.Typer(
     name="aex",
@@ -53,7 +55,7 @@ def import_reference_cmd(
 ) -> None:
     """Convert one of the paper's released networks into an aex checkpoint, safely
     (restricted unpickler; no code in the file is run)."""
-    from models.reference import import_reference
+    from models.store.reference import import_reference
 
     meta = import_reference(source, out)
     print_json({"checkpoint": str(out), "arch": meta.arch, "activation": meta.arch_args.get("activation"),
@@ -67,7 +69,7 @@ def evaluate(
     checkpoint: Annotated[Path, typer.Option(help="an aex .safetensors checkpoint")],
     data: Annotated[str, typer.Option(help="data set: ImageFolder dir, tar, .npz or CIFAR-10 root")],
     n: Annotated[Optional[int], typer.Option(help="images in the seeded subset (default: all)")] = None,
-    seed: Annotated[int, typer.Option(help="subset seed (randperm rule of the data README)")] = 1776,
+    seed: Annotated[int, typer.Option(help="subset seed (randperm rule of the data README)")] = D.ARA_SEED,
     ara: Annotated[bool, typer.Option("--ara", help="also compute attack and BTR ARA (slow)")] = False,
     plot: Annotated[Optional[Path], typer.Option(help="write the A(rho) curves to this PNG (needs --ara)")] = None,
     batch_size: Annotated[int, typer.Option(help="images per batch")] = 100,
@@ -79,8 +81,8 @@ def evaluate(
                                          "else the accuracy of the whole split")] = False,
 ) -> None:
     """Accuracy (and ARA) of a checkpoint on a seeded subset; prints JSON."""
-    from aex.errors import BadParameterError
-    from models.evaluation import evaluate_checkpoint
+    from models.errors import BadParameterError
+    from models.evaluation.evaluate import evaluate_checkpoint
 
     if plot is not None and not ara:
         raise BadParameterError("--plot draws the ARA curves; add --ara")
@@ -102,9 +104,9 @@ def explain(
     targets: Annotated[Optional[list[str]], typer.Option(
         "--targets", "-t", help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
         "(default offline: predicted, runner-up, all; with --url: the service's, predicted, runner-up)")] = None,
-    rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = 0.1,
-    steps: Annotated[int, typer.Option(help="search steps S")] = 35,
-    overshoot: Annotated[float, typer.Option(help="overshoot k (offline only)")] = 5.0,
+    rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = D.EXPLAIN_RHO,
+    steps: Annotated[int, typer.Option(help="search steps S")] = D.EXPLAIN_STEPS,
+    overshoot: Annotated[float, typer.Option(help="overshoot k (offline only)")] = D.EXPLAIN_OVERSHOOT,
     layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer, dotted name (default: model's)")] = None,
     clamp: Annotated[bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search "
                                                         "(offline only)")] = False,
@@ -112,13 +114,14 @@ def explain(
                                                    "(offline only)")] = True,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (offline only; default: CUDA if "
                                                        "present)")] = None,
-    progress: Annotated[bool, typer.Option(help="with --url: progress bar on stderr")] = True,
+    progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
     timeout: Annotated[float, typer.Option(help="with --url: seconds to wait for each HTTP request")] = 60.0,
 ) -> None:
     """Adversarial explanations and Grad-CAM for one image; writes PNGs and a summary.
-    Offline (--checkpoint): summary.json. Through the service (--url): every PNG, the DICOM
-    objects for DICOM input, and result.json."""
-    from aex.errors import BadParameterError
+    Offline (--checkpoint) and through the service (--url) alike: every PNG, the DICOM
+    objects for DICOM input, and the result JSON (summary.json offline, result.json from the
+    service); offline, the result is also printed."""
+    from models.errors import BadParameterError
 
     if (checkpoint is None) == (url is None):
         raise BadParameterError("give exactly one of --checkpoint (run offline) and --url (use the service)")
@@ -133,27 +136,51 @@ def explain(
         return
     if model is not None:
         raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
-    from models.checkpoint import load_checkpoint
-    from models.explain import DEFAULT_TARGETS, explain_image, write_files
-    from models.preprocess import load_image_for_model
-    from models.runtime import pick_device
+    from models.defaults import ARA_STEPS, DEFAULT_TARGETS
+    from models.dicom.pixels import is_dicom
+    from models.nn.runtime import pick_device
+    from models.render.explanation import write_files
+    from models.store.discovery import served_name
+    from worker.compute import explain_result
+    from worker.params import explain_parameters
+    from worker.served import ServedModel
 
-    model_, meta = load_checkpoint(checkpoint, device=pick_device(device))
-    x = load_image_for_model(image, meta.input_size, meta.in_channels)
-    # "-t predicted -t cat" and "-t predicted,cat" both work.
-    specs = _split_targets(targets) or list(DEFAULT_TARGETS)
-    # The same function renders the service's explain jobs.
-    summary, files = explain_image(
-        model_, meta.classes, x, specs, layer=layer, rho=rho, steps=steps, overshoot=overshoot, clamp=clamp,
-        bound_check=bound_check, extra_summary={"image": str(image), "checkpoint": str(checkpoint)})
-    write_files(out, summary, files)
-    print_json({"out": str(out), "predicted": summary["predicted"],
-                "targets": [{k: t[k] for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
-                            for t in summary["targets"]]})
+    served = ServedModel.load(served_name(checkpoint), checkpoint, pick_device(device))
+    data = image.read_bytes()
+    # "-t predicted -t cat" and "-t predicted,cat" both work; the default layer by name, as
+    # the service names it, so the parameters (and the result's cache key) are the service's.
+    parameters = explain_parameters(split_specs(targets) or list(DEFAULT_TARGETS), rho, steps,
+                                    layer or served.gradcam_layer, ARA_STEPS)
+    bar = _PhaseProgress(progress, "explain")
+    try:
+        # The same function computes the service's explain jobs, so this prints their result JSON.
+        result, files, dicom_files = explain_result(
+            served, data, "dicom" if is_dicom(data) else "image", parameters, progress=bar,
+            overshoot=overshoot, clamp=clamp, bound_check=bound_check)
+    finally:
+        bar.close()
+    write_files(out, result, {**files, **dicom_files})
+    print_json(result)
 
 
-def _split_targets(targets: Optional[list[str]]) -> list[str]:
-    return [s.strip() for t in (targets or []) for s in str(t).split(",") if s.strip()]
+class _PhaseProgress:
+    """progress(done, total, phase) as a tqdm bar on stderr (offline explanations)."""
+
+    def __init__(self, enabled: bool, what: str):
+        from tqdm import tqdm
+
+        self.what = what
+        self.bar = tqdm(total=None, desc=what, unit="step", file=sys.stderr, disable=not enabled, leave=True)
+
+    def __call__(self, done: int, total: int, phase: str) -> None:
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.set_description(f"{self.what}: {phase}", refresh=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _JobProgress:
@@ -199,7 +226,7 @@ def _explain_via_service(image: Path, out: Path, url: str, *, model, targets, rh
     bar = _JobProgress(progress, "explain")
     try:
         with AexClient(url, timeout=timeout) as client:
-            job = client.explain(image, model=model, targets=_split_targets(targets) or None, rho=rho, steps=steps,
+            job = client.explain(image, model=model, targets=split_specs(targets) or None, rho=rho, steps=steps,
                                  layer=layer, on_progress=bar)
             saved = client.download_images(job, out) + client.download_dicom(job, out)
     finally:
@@ -286,15 +313,15 @@ def train(
     class_weights: Annotated[Optional[str], typer.Option(help="'balanced': weight the cross-entropy by "
                                                               "N / (C * n_c) (skewed data sets)")] = None,
     robust: Annotated[bool, typer.Option("--robust", help="HHReLU + Lipschitz penalty with adaptive psi")] = False,
-    psi0: Annotated[float, typer.Option(help="adaptive psi: psi0")] = 220.0,
-    k_psi: Annotated[float, typer.Option(help="adaptive psi: k_psi")] = 0.02,
+    psi0: Annotated[float, typer.Option(help="adaptive psi: psi0")] = D.PSI0,
+    k_psi: Annotated[float, typer.Option(help="adaptive psi: k_psi")] = D.K_PSI,
     l_target: Annotated[Optional[float], typer.Option(help="adaptive psi: target cross-entropy (default "
                                                            "1.5 * ln(classes) / ln(10): 1.5 on CIFAR-10)")] = None,
-    eps_better: Annotated[float, typer.Option(help="adaptive psi: largest step up")] = 1.0,
-    eps_worse: Annotated[float, typer.Option(help="adaptive psi: largest step down")] = 0.01,
-    zeta: Annotated[float, typer.Option(help="probability of the margin (tandem) scalar")] = 0.2,
-    z: Annotated[float, typer.Option(help="exponent of |gradient| in the penalty")] = 2.0,
-    hhrelu_delta: Annotated[float, typer.Option(help="HHReLU delta")] = 0.5,
+    eps_better: Annotated[float, typer.Option(help="adaptive psi: largest step up")] = D.EPS_BETTER,
+    eps_worse: Annotated[float, typer.Option(help="adaptive psi: largest step down")] = D.EPS_WORSE,
+    zeta: Annotated[float, typer.Option(help="probability of the margin (tandem) scalar")] = D.ZETA,
+    z: Annotated[float, typer.Option(help="exponent of |gradient| in the penalty")] = D.Z,
+    hhrelu_delta: Annotated[float, typer.Option(help="HHReLU delta")] = D.HHRELU_DELTA,
     adv_train: Annotated[Optional[str], typer.Option(help="adversarial training: l2 (eps 0.01) or l2min "
                                                           "(eps 0.1); half-and-half with --robust")] = None,
     adv_eps: Annotated[Optional[float], typer.Option(help="override the adversarial-training eps")] = None,
@@ -311,7 +338,7 @@ def train(
     seed: Annotated[int, typer.Option(help="seed of initial weights, shuffling and augmentation")] = 0,
     val_n: Annotated[int, typer.Option(help="images of the per-epoch validation subset")] = 1000,
     ara_n: Annotated[int, typer.Option(help="images for the final attack and BTR ARA (0: skip)")] = 100,
-    ara_seed: Annotated[int, typer.Option(help="seed of the ARA subset")] = 1776,
+    ara_seed: Annotated[int, typer.Option(help="seed of the ARA subset")] = D.ARA_SEED,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: CUDA if present)")] = None,
     workers: Annotated[int, typer.Option(help="batch-preparation worker processes (0: in the main process)")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
@@ -331,9 +358,10 @@ def train(
     # 12x slower); passive waiting costs nothing measurable on an idle machine. Only takes
     # effect if torch is not imported yet (the usual case for the command line).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from aex.errors import BadParameterError
-    from models.train import TrainConfig, stored_config
-    from models.train import train as run_training
+    from models.errors import BadParameterError
+    from models.train.config import TrainConfig
+    from models.train.run import stored_config
+    from models.train.loop import train as run_training
 
     given = dict(ctx.params)
     given["out"] = str(out)
@@ -364,8 +392,8 @@ def serve(
 ) -> None:
     """Run the web service: the API, N workers and (unless AEX_REDIS_URL is set) an embedded
     Redis, with the bundled checkpoints and AEX_MODEL_DIRS. Ctrl-C stops everything cleanly."""
-    from aex.settings import Settings
-    from service.embedded import serve as serve_stack
+    from worker.settings import Settings
+    from aex.serve import serve as serve_stack
 
     overrides = {"host": host, "port": port, "workers": workers, "redis_url": redis_url}
     serve_stack(Settings(**{k: v for k, v in overrides.items() if v is not None}))
@@ -381,7 +409,7 @@ def worker_cmd(
 ) -> None:
     """Run workers against the service's Redis: each loads every served checkpoint once, then
     takes classify and explain jobs. SIGTERM/Ctrl-C: finish the current job, then exit."""
-    from aex.settings import Settings
+    from worker.settings import Settings
 
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
     from worker.process import cuda_devices, run_worker

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from aex.errors import AexError, BadParameterError, JobFailedError, ServiceUnavailableError, error_class_for
+from models.errors import AexError, BadParameterError, JobFailedError, ServiceUnavailableError, error_class_for
 
 TERMINAL = ("finished", "failed", "cancelled")
 # File names the client writes: what the service names its results, nothing with a path in it.

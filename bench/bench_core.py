@@ -33,10 +33,12 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.ara import ARA_STEPS, compute_ara  # noqa: E402
-from models.explain import EXPLAIN_STEPS, Explainer  # noqa: E402
-from models.registry import create_model  # noqa: E402
-from models.runtime import pick_device  # noqa: E402
+from models.defaults import ARA_STEPS  # noqa: E402
+from models.perturb.ara import compute_ara
+from models.defaults import EXPLAIN_STEPS  # noqa: E402
+from models.explain.adversarial import Explainer
+from models.nn.registry import create_model  # noqa: E402
+from models.nn.runtime import pick_device  # noqa: E402
 
 SHARED = Path(os.environ.get("AEX_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -85,8 +87,8 @@ def step_flops(model: torch.nn.Module, device: torch.device) -> tuple[float, flo
 def load_model(device: torch.device):
     ref = SHARED / "reference-checkpoints" / "resnet44-robust.pt"
     if ref.is_file():
-        from models.checkpoint import load_checkpoint
-        from models.reference import import_reference
+        from models.store.checkpoint import load_checkpoint
+        from models.store.reference import import_reference
 
         with tempfile.TemporaryDirectory() as tmp:
             import_reference(ref, Path(tmp) / "robust.safetensors")
@@ -100,7 +102,8 @@ def load_model(device: torch.device):
 def load_images(n: int):
     tar = SHARED / "cifar10-jpeg" / "test.tar"
     if tar.is_file():
-        from models.data import load_dataset, seeded_subset
+        from models.data.datasets import load_dataset
+        from models.data.splits import seeded_subset
 
         ds = load_dataset(tar, "test")
         idx = seeded_subset(len(ds), n, 1776)

@@ -43,10 +43,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from models.catalogue import discover_checkpoints  # noqa: E402
-from models.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint  # noqa: E402
-from models.preprocess import load_image_for_model  # noqa: E402
-from models.registry import CIFAR10_MEAN, CIFAR10_STD, create_model  # noqa: E402
+from models.store.discovery import discover_checkpoints  # noqa: E402
+from models.store.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint  # noqa: E402
+from models.data.tensors import load_image_for_model  # noqa: E402
+from models.nn.registry import CIFAR10_MEAN, CIFAR10_STD, create_model  # noqa: E402
 
 
 def pick_checkpoint(given: str | None, scratch: Path) -> Path:

@@ -17,10 +17,12 @@ import time
 
 import torch
 
-from models.registry import create_model
-from models.robust import AdaptivePsi
-from models.train import DistInfo, TrainConfig, train_step
-from models.train_state import step_generator
+from models.nn.registry import create_model
+from models.train.penalty import AdaptivePsi
+from models.train.distributed import DistInfo
+from models.train.config import TrainConfig
+from models.train.step import train_step
+from models.train.state import step_generator
 
 
 def time_steps(cfg: TrainConfig, batch: int, warmup: int, steps: int, device: torch.device) -> float:

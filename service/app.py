@@ -12,28 +12,24 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aex import __version__
-from aex.errors import AexError, BadParameterError, ServiceUnavailableError
-from aex.settings import Settings
-from worker.protocol import connect
+from models.version import __version__
+from models.errors import AexError, BadParameterError, ServiceUnavailableError
+from worker.settings import Settings
+from worker.queues import connect
 
-from .jobs import Catalogue, JobService
-from .metrics import Metrics, MetricsMiddleware
-from .routes import ops, v1
-from .viewer import install_viewer
+from service.errors import error_response, status_of
+from service.jobs import Catalogue, JobService
+from service.metrics import Metrics, MetricsMiddleware
+from service.routes import ops, v1
+from service.viewer import install_viewer
 
 log = logging.getLogger("aex.service")
 
 HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
-
-
-def error_response(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -41,19 +37,19 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AexError)
     async def aex_error(_request: Request, exc: AexError):
-        return error_response(exc.http_status, exc.code, exc.message)
+        return error_response(status_of(exc.code), exc.code, exc.message)
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def redis_gone(_request: Request, exc: Exception):
         log.error("Redis is unreachable: %s", exc)
-        return error_response(ServiceUnavailableError.http_status, ServiceUnavailableError.code,
+        return error_response(status_of(ServiceUnavailableError.code), ServiceUnavailableError.code,
                               f"the job store (Redis) is unreachable: {exc}")
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return error_response(BadParameterError.http_status, BadParameterError.code, problems)
+        return error_response(status_of(BadParameterError.code), BadParameterError.code, problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from aex.settings import Settings
+from worker.settings import Settings
 
-from .jobs import JobService
+from service.jobs import JobService
 
 
 def get_settings(request: Request) -> Settings:

@@ -21,42 +21,22 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
-from aex import __version__
-from aex.errors import (
-    BadParameterError,
-    CheckpointError,
-    QueueFullError,
-    ServiceUnavailableError,
-    UnknownJobError,
-    UnknownModelError,
-)
-from aex.settings import Settings
-from models.catalogue import catalogue_entry, discover_checkpoints, read_checkpoint_metadata
+from models.version import __version__
+from models.explain.targets import count_rows, parse_targets
+from models.errors import BadParameterError, CheckpointError, QueueFullError, ServiceUnavailableError, UnknownJobError, UnknownModelError
+from worker.settings import Settings
+from models.store.discovery import catalogue_entry, discover_checkpoints
+from models.store.header import read_checkpoint_metadata
 from worker.callbacks import callback_meta, check_callback_url, delivery_record, notify_job_end
-from worker.protocol import (
-    JOB_FUNCTIONS,
-    QUEUE_NAMES,
-    SERIALIZER,
-    STATUS_FROM_RQ,
-    TARGET_WORDS,
-    ApiStatus,
-    JobKind,
-    cancel_key,
-    classify_parameters,
-    dicom_key,
-    explain_parameters,
-    images_key,
-    live_worker_keys,
-    published_catalogue,
-    reap_abandoned,
-    record_job,
-    result_cache_key,
-    result_index_key,
-    upload_key,
-)
+from worker.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, live_worker_keys, published_catalogue
+from worker.states import STATUS_FROM_RQ, ApiStatus
+from worker.params import classify_parameters, explain_parameters, result_cache_key
+from worker.keys import cancel_key, dicom_key, images_key, result_index_key, upload_key
+from worker.failures import reap_abandoned
+from worker.job_metrics import record_job
 
-from .schemas import ClassifyParams, CommonParams, ErrorBody, ExplainParams, JobView, Progress, Timings
-from .uploads import Upload, check_dicom, check_image, is_dicom_upload
+from service.schemas import ClassifyParams, CommonParams, ErrorBody, ExplainParams, JobView, Progress, Timings
+from service.uploads import Upload, check_dicom, check_image, is_dicom_upload
 
 log = logging.getLogger("aex.service")
 
@@ -111,28 +91,14 @@ class Catalogue:
 
 
 def check_targets(targets: list[str], entry: dict[str, Any], max_rows: int) -> None:
-    """400 for a target the workers would refuse, or too many distinct ones."""
+    """400 for a target the workers would refuse (the one grammar, ``models.explain.targets``),
+    or for more explanations to render than AEX_MAX_EXPLAIN_ROWS (``all`` counts every class,
+    a repeated target counts each time: each one is rendered)."""
     classes = entry["classes"]
-    rows: set[int | str] = set()
-    for spec in targets:
-        key = spec.strip()
-        if key.lower() in ("predicted", "runner-up"):
-            rows.add(key.lower())
-        elif key.lower() == "all":
-            rows.update(range(len(classes)))
-        elif key in classes:
-            rows.add(classes.index(key))
-        elif key.isdigit() and int(key) < len(classes):
-            rows.add(int(key))
-        else:
-            raise BadParameterError(f"unknown target {spec!r}: use {', '.join(TARGET_WORDS)}, a class index below "
-                                    f"{len(classes)} or one of {', '.join(classes[:20])}"
-                                    + (", ..." if len(classes) > 20 else ""))
-    if not rows:
-        raise BadParameterError("no targets to explain")
-    if len(rows) > max_rows:
-        raise BadParameterError(f"{len(rows)} targets to explain, over the limit of {max_rows} (AEX_MAX_EXPLAIN_ROWS)")
-
+    rendered, _ = count_rows(parse_targets(targets, classes), len(classes))
+    if rendered > max_rows:
+        raise BadParameterError(f"{rendered} explanations to render, over the limit of {max_rows} "
+                                f"(AEX_MAX_EXPLAIN_ROWS)")
 
 def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:

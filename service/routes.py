@@ -8,12 +8,14 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from aex.errors import ServiceUnavailableError, error_class_for
-from worker.protocol import QUEUE_NAMES, ApiStatus, JobKind, live_worker_keys
+from models.errors import ServiceUnavailableError
+from service.errors import status_of
+from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from worker.states import ApiStatus
 
-from .deps import JobsDep, SettingsDep
-from .schemas import ClassifyParams, ErrorResponse, ExplainParams, JobView, multipart_openapi, parse_params
-from .uploads import read_upload
+from service.deps import JobsDep, SettingsDep
+from service.schemas import ClassifyParams, ErrorResponse, ExplainParams, JobView, multipart_openapi, parse_params
+from service.uploads import read_upload
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)}
 
@@ -38,7 +40,7 @@ async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Re
     if view.status is ApiStatus.FINISHED:
         return _job_response(view, 200)
     if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
-        status = error_class_for(view.error.code).http_status
+        status = status_of(view.error.code)
         return JSONResponse({"error": view.error.model_dump(), "job": view.model_dump(mode="json")}, status_code=status)
     return _job_response(view, 202)
 

@@ -7,8 +7,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from aex.errors import BadParameterError
-from worker.protocol import ApiStatus, JobKind
+from models.defaults import ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
+from models.errors import BadParameterError
+from models.explain.targets import split_specs
+from worker.states import ApiStatus
+from worker.queues import JobKind
 
 
 IMAGE_DESCRIPTION = ("the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit), or a "
@@ -28,7 +31,7 @@ class CommonParams(BaseModel):
     window_width: float | None = Field(None, gt=0.0, description="DICOM only: VOI window width overriding the "
                                                                  "file's; give window_center too")
     stability_steps: int | None = Field(None, ge=1, description="steps of each stability search (default "
-                                                                "AEX_STABILITY_STEPS = 450, the ARA setting)")
+                                                                f"AEX_STABILITY_STEPS = {ARA_STEPS}, the ARA setting)")
     callback_url: str | None = Field(None, description="http(s) URL that receives a JSON POST when the job "
                                                        "ends; its host must be on AEX_CALLBACK_ALLOWED_HOSTS")
 
@@ -59,20 +62,16 @@ class ClassifyParams(CommonParams):
 class ExplainParams(CommonParams):
     """Multipart form fields of POST /v1/explain (the stability score is always computed)."""
 
-    targets: list[str] = Field(["predicted", "runner-up"],
+    targets: list[str] = Field(list(REQUEST_TARGETS),
                                description="comma-separated: predicted, runner-up, all, class names or indices")
-    rho: float = Field(0.1, gt=0.0, le=10.0, description="perturbation budget, RMS of delta in [0, 1] pixels")
-    steps: int = Field(35, ge=1, description="search steps S (at most AEX_MAX_EXPLAIN_STEPS)")
+    rho: float = Field(EXPLAIN_RHO, gt=0.0, le=10.0, description="perturbation budget, RMS of delta in [0, 1] pixels")
+    steps: int = Field(EXPLAIN_STEPS, ge=1, description="search steps S (at most AEX_MAX_EXPLAIN_STEPS)")
     layer: str | None = Field(None, description="Grad-CAM layer, dotted module name (default: the model's)")
 
     @field_validator("targets", mode="before")
     @classmethod
     def _split_targets(cls, value):
-        if isinstance(value, str):
-            value = [value]
-        if isinstance(value, list):
-            return [s.strip() for v in value for s in str(v).split(",") if s.strip()]
-        return value
+        return [str(s) for s in split_specs(value)] if isinstance(value, (str, list)) else value
 
     @field_validator("layer", mode="before")
     @classmethod

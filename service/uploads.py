@@ -13,10 +13,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
-from aex.errors import BadParameterError, DecompressionBombError, UploadTooLargeError
-from aex.settings import Settings
-from models.dicom_input import DicomImage, dicom_to_pixels, is_dicom, read_dicom
-from models.imaging import open_image
+from models.errors import BadParameterError, DecompressionBombError, UploadTooLargeError
+from worker.settings import Settings
+from models.dicom.pixels import DicomImage, dicom_to_pixels, is_dicom, read_dicom
+from models.data.imaging import open_image
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DICOM_MEDIA_TYPE = "application/dicom"

@@ -67,8 +67,8 @@ def _tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str]
     import torch
     from torch import nn
 
-    from models.checkpoint import CheckpointMeta, save_checkpoint
-    from models.registry import create_model
+    from models.store.checkpoint import CheckpointMeta, save_checkpoint
+    from models.nn.registry import create_model
 
     torch.manual_seed(seed)
     args = dict(depth=8, width=4, num_classes=len(classes), in_channels=in_channels, input_size=size,
@@ -117,8 +117,8 @@ def _record_ara_radii(path: Path) -> None:
     labels are the model's own predictions, so every image counts as correct."""
     import torch
 
-    from models.ara import compute_ara
-    from models.checkpoint import load_checkpoint, update_metadata
+    from models.perturb.ara import compute_ara
+    from models.store.checkpoint import load_checkpoint, update_metadata
 
     model, _ = load_checkpoint(path)
     images = torch.from_numpy(stability_reference_images())[:, None]
@@ -149,7 +149,7 @@ def service_models(tmp_path_factory) -> Path:
 def redis_server(tmp_path_factory):
     """One real redis-server for the session: the one `aex serve` embeds (Unix socket, no
     snapshots), stopped at the end even if clients are still connected."""
-    from service.embedded import EmbeddedRedis
+    from aex.serve import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     server.start()
@@ -164,7 +164,7 @@ def redis_url(server, db: int) -> str:
 def stack_settings(server, db: int, models: Path, **overrides):
     """Settings of a test stack: short leases and registrations so a dead worker is noticed
     in seconds, one torch thread per worker (the test machine's cores are shared)."""
-    from aex.settings import Settings
+    from worker.settings import Settings
 
     base = dict(redis_url=redis_url(server, db), model_dirs=[models], bundled_models=False, torch_threads=1,
                 worker_ttl=6, job_heartbeat_ttl=2, maintenance_interval=1, classify_wait_seconds=30.0,
@@ -210,7 +210,7 @@ def wait_for_workers(settings, n: int, procs=(), timeout: float = 120.0) -> None
     """Block until ``n`` live workers serve both queues (or fail with the workers' logs)."""
     import time
 
-    from worker.protocol import QUEUE_NAMES, connect, live_worker_keys
+    from worker.queues import QUEUE_NAMES, connect, live_worker_keys
 
     conn = connect(settings.redis_url)
     deadline = time.monotonic() + timeout

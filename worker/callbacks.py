@@ -28,10 +28,11 @@ import httpx
 from redis import Redis
 from rq.job import Job
 
-from aex import __version__
-from aex.errors import BadParameterError
+from models.version import __version__
+from models.errors import BadParameterError
 
-from .protocol import STATUS_FROM_RQ, ApiStatus, callback_key
+from worker.states import STATUS_FROM_RQ, ApiStatus
+from worker.keys import callback_key
 
 log = logging.getLogger("aex.callbacks")
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from aex.settings import Settings
+from worker.settings import Settings
 
 log = logging.getLogger("aex.pool")
 

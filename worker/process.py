@@ -39,23 +39,16 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
-from aex.errors import BadParameterError, JobCancelledError
-from aex.settings import Settings
+from models.errors import BadParameterError, JobCancelledError
+from worker.settings import Settings
 
-from . import jobs
-from .callbacks import notify_job_end
-from .protocol import (
-    CATALOGUE_FIELD,
-    QUEUE_NAMES,
-    SERIALIZER,
-    JobKind,
-    connect,
-    job_kind,
-    record_job,
-    record_job_error,
-    result_index_key,
-)
-from .served import ServedModels, install
+from worker import jobs
+from worker.callbacks import notify_job_end
+from worker.keys import CATALOGUE_FIELD, result_index_key
+from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from worker.failures import job_kind, record_job_error
+from worker.job_metrics import record_job
+from worker.served import ServedModels, install
 
 log = logging.getLogger("aex.worker")
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from aex import __version__
-from models.catalogue import public_metrics
+from models.version import __version__
+from models.store.discovery import public_metrics
 
-from .served import ServedModel
+from worker.served import ServedModel
 
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "pydicom", "highdicom", "safetensors", "rq", "redis")
 

@@ -11,12 +11,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from aex.errors import CheckpointError, UnknownModelError
-from aex.settings import Settings
-from models.catalogue import catalogue_entry, discover_checkpoints, read_checkpoint_metadata
-from models.checkpoint import CheckpointMeta, load_checkpoint
-from models.gradcam import default_gradcam_layer, layer_name
-from models.runtime import pick_device
+from models.errors import CheckpointError, UnknownModelError
+from worker.settings import Settings
+from models.store.discovery import catalogue_entry, discover_checkpoints
+from models.store.header import read_checkpoint_metadata
+from models.store.checkpoint import CheckpointMeta, load_checkpoint
+from models.explain.gradcam import default_gradcam_layer, layer_name
+from models.nn.runtime import pick_device
 
 log = logging.getLogger("aex.worker")
 
@@ -41,10 +42,26 @@ class ServedModel:
     device: torch.device
     checkpoint_sha256: str = ""  # of the file as loaded (weights and metadata, metrics included)
 
+    @classmethod
+    def load(cls, name: str, path: Path, device: torch.device) -> ServedModel:
+        """Load one checkpoint for serving: eval mode, no parameter gradients (explanations
+        need input gradients only), and one forward pass so the first job does not pay
+        torch's warm-up."""
+        model, meta = load_checkpoint(path, device=device)
+        model.requires_grad_(False)
+        with torch.no_grad():
+            model(torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device))
+        return cls(name, Path(path), model, meta, device, file_sha256(path))
+
+    @property
+    def gradcam_layer(self) -> str:
+        """The dotted name of the model's default Grad-CAM layer."""
+        return layer_name(self.model, default_gradcam_layer(self.model))
+
     def catalogue_entry(self) -> dict[str, Any]:
         """What GET /v1/models shows, plus the layer names the API may accept for Grad-CAM."""
         entry = catalogue_entry(self.name, self.path, read_checkpoint_metadata(self.path))
-        entry["gradcam_layer"] = layer_name(self.model, default_gradcam_layer(self.model))
+        entry["gradcam_layer"] = self.gradcam_layer
         entry["layers"] = [n for n, _ in self.model.named_modules() if n]
         entry["device"] = self.device.type
         entry["checkpoint_sha256"] = self.checkpoint_sha256
@@ -74,12 +91,9 @@ class ServedModels:
                 + " (expected <name>/model.safetensors or <name>.safetensors)")
         models = {}
         for name, path in paths.items():
-            model, meta = load_checkpoint(path, device=device)
-            model.requires_grad_(False)  # explanations need input gradients only
-            with torch.no_grad():  # one forward now, so the first job does not pay torch's warm-up
-                model(torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device))
-            models[name] = ServedModel(name, path, model, meta, device, file_sha256(path))
-            log.info("serving %s (%s, %d classes) from %s on %s", name, meta.arch, len(meta.classes), path, device)
+            models[name] = served = ServedModel.load(name, path, device)
+            log.info("serving %s (%s, %d classes) from %s on %s", name, served.meta.arch, len(served.meta.classes),
+                     path, device)
         return cls(models)
 
     def get(self, name: str) -> ServedModel:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from typer.testing import CliRunner
 
 from aex.cli import app
-from models.checkpoint import read_metadata
+from models.store.checkpoint import read_metadata
 
 TINY = ["--arch", "preact_resnet", "--depth", "8", "--width", "4", "--batch-size", "8", "--lr", "0.05",
         "--ara-n", "0", "--no-progress", "--schedule", "onecycle"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.resnet import PreActResNet
+from models.nn.resnet import PreActResNet
 
 
 def make_tiny_model(activation: str = "relu", seed: int = 0, num_classes: int = 10, in_channels: int = 3) -> nn.Module:

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from aex.errors import BadParameterError
-from models.ara import accuracy_curve, ara_from_radii, compute_ara, plot_ara
+from models.errors import BadParameterError
+from models.perturb.ara import accuracy_curve, ara_from_radii, compute_ara
+from models.render.plots import plot_ara
 
 
 def test_ara_histogram_formula_by_hand():

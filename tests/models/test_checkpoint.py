@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from aex.errors import CheckpointError
-from models.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
-from models.registry import create_model
+from models.errors import CheckpointError
+from models.store.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
+from models.nn.registry import create_model
 
 ARGS = dict(depth=8, width=4, num_classes=3, input_size=32, activation="hhrelu")
 

@@ -11,10 +11,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aex.cli import app
-from models.checkpoint import CheckpointMeta, save_checkpoint
-from models.data import load_dataset, seeded_subset
+from models.store.checkpoint import CheckpointMeta, save_checkpoint
+from models.data.datasets import load_dataset
+from models.data.splits import seeded_subset
 
-from .conftest import make_tiny_model
+from tests.models.conftest import make_tiny_model
 
 runner = CliRunner()
 
@@ -87,7 +88,7 @@ def test_evaluate_refuses_plot_without_ara(tiny_checkpoint, folder, tmp_path):
 
 def test_evaluate_record_stores_the_whole_split_accuracy(tiny_checkpoint, folder):
     ckpt, _ = tiny_checkpoint
-    from models.checkpoint import load_checkpoint, read_metadata
+    from models.store.checkpoint import load_checkpoint, read_metadata
 
     before = read_metadata(ckpt)
     res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5",

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.evaluation import evaluate_checkpoint
-from models.explain import explain_image
-from models.runtime import full_precision
-from models.train import TrainConfig, train
+from models.store.checkpoint import load_checkpoint
+from models.evaluation.evaluate import evaluate_checkpoint
+from models.explain.pipeline import explain_image
+from models.nn.runtime import full_precision
+from models.train.config import TrainConfig
+from models.train.loop import train
 
-from .test_train import TINY, make_folder
+from tests.models.test_train import TINY, make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints"

@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from aex.errors import DataError
-from models.data import load_dataset, seeded_subset
+from models.errors import DataError
+from models.data.datasets import load_dataset
+from models.data.splits import seeded_subset
 
 
 def _make_folder(root, classes=("cat", "dog"), per_class=3, size=16):

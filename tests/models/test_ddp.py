@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from models.checkpoint import read_metadata
+from models.store.checkpoint import read_metadata
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,8 @@ RANK_SCRIPT = textwrap.dedent(
     import json, os, sys
     import torch
     from safetensors.torch import save_file
-    from models.train import TrainConfig, train
+    from models.train.config import TrainConfig
+    from models.train.loop import train
 
     data, out, report = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
@@ -71,7 +72,7 @@ def test_two_gloo_ranks_end_with_identical_weights_and_psi(tmp_path, tiny_medmni
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
     # The ranks really trained: weights moved away from the seed's initial ones.
-    from models.registry import create_model
+    from models.nn.registry import create_model
 
     torch.manual_seed(7)
     init = create_model("preact_resnet", depth=8, width=4, in_channels=1, num_classes=2, input_size=28,

@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from aex.errors import UnsupportedMediaError
-from models.dicom_input import is_dicom, load_dicom_pixels, window_linear
-from models.dicom_output import secondary_captures
+from models.errors import UnsupportedMediaError
+from models.dicom.pixels import is_dicom, load_dicom_pixels, window_linear
+from models.dicom.secondary_capture import secondary_captures
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from aex.errors import BadParameterError, BoundNotReachedError
-from models.explain import (
-    Explainer,
-    TargetExplanation,
-    difference_uint8,
-    explain,
-    explanation_uint8,
-    resolve_targets,
-    write_explanation,
-)
-from models.gradcam import gradcam
+from models.errors import BadParameterError, BoundNotReachedError
+from models.explain.adversarial import Explainer, TargetExplanation, explain
+from models.render.explanation import difference_uint8, explanation_uint8, write_explanation
+from models.explain.targets import resolve_targets
+from models.explain.gradcam import gradcam
 
 CLASSES = [f"c{i}" for i in range(10)]
 

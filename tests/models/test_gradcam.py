@@ -5,15 +5,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from aex.errors import BadParameterError
-from models.gradcam import (
-    default_gradcam_layer,
-    gradcam,
-    heatmap_rgb,
-    layer_name,
-    overlay_rgb,
-    resolve_layer,
-)
+from models.errors import BadParameterError
+from models.explain.gradcam import default_gradcam_layer, gradcam, layer_name, resolve_layer
+from models.render.colormap import heatmap_rgb, overlay_rgb
 
 
 def oracle(model, layer, x, classes):

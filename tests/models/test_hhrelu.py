@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.hhrelu import HalfHuberReLU, half_huber_relu
+from models.nn.hhrelu import HalfHuberReLU, half_huber_relu
 
 
 def piecewise(x: torch.Tensor, d: float) -> torch.Tensor:

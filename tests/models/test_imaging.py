@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aex.errors import DecompressionBombError, UndecodableImageError, UnsupportedMediaError
-from models.imaging import image_to_array, open_image, prepare_array, resize_center, to_png_bytes
+from models.errors import DecompressionBombError, UndecodableImageError, UnsupportedMediaError
+from models.data.imaging import image_to_array, open_image, prepare_array, resize_center
+from models.render.png import to_png_bytes
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:

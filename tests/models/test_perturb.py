@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aex.errors import BadParameterError, BoundNotReachedError
-from models.perturb import perturbation_search, rms, step_size
+from models.errors import BadParameterError, BoundNotReachedError
+from models.perturb.engine import perturbation_search, rms, step_size
 
 
 def spec_search(model, x, y, mode, steps, eps, overshoot=1.0, momentum=0.0, affected=None):

@@ -5,11 +5,11 @@ import subprocess
 import pytest
 import torch
 
-from aex.errors import CheckpointError, UnsafeCheckpointError
-from models.checkpoint import load_checkpoint, read_metadata
-from models.data import CIFAR10_CLASSES
-from models.reference import import_reference, load_reference, load_reference_file
-from models.registry import create_model
+from models.errors import CheckpointError, UnsafeCheckpointError
+from models.store.checkpoint import load_checkpoint, read_metadata
+from models.data.datasets import CIFAR10_CLASSES
+from models.store.reference import import_reference, load_reference, load_reference_file
+from models.nn.registry import create_model
 
 NAMES = ["standard", "adv-train", "all", "robust"]
 

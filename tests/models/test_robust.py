@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from models.registry import create_model
-from models.robust import AdaptivePsi, input_gradient_penalty, penalty_scalars
+from models.nn.registry import create_model
+from models.train.penalty import AdaptivePsi, input_gradient_penalty, penalty_scalars
 
 
 def hand_psi_sequence(losses, psi0=220.0, k=0.02, target=1.5, eps_better=1.0, eps_worse=0.01):

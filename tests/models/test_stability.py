@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.ara import compute_ara
-from models.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint, update_metadata
-from models.stability import percentile_of, stability_score
+from models.perturb.ara import compute_ara
+from models.store.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint, update_metadata
+from models.perturb.stability import percentile_of, stability_score
 
 
 def test_percentile_counts_strictly_smaller():

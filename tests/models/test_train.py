@@ -13,11 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-import models.train as train_mod
-from aex.errors import BadParameterError
-from models.checkpoint import load_checkpoint, load_tensors, read_metadata
-from models.lr_schedule import LRSchedule, default_milestones
-from models.train import TrainConfig, epoch_batches, load_splits, metrics_path, resume_path, train
+import models.train.step as train_mod
+from models.train.distributed import DistInfo
+from models.errors import BadParameterError
+from models.store.checkpoint import load_checkpoint, load_tensors, read_metadata
+from models.train.schedules import LRSchedule, default_milestones
+from models.train.config import TrainConfig, metrics_path, resume_path
+from models.train.data import epoch_batches, load_splits
+from models.train.loop import train
 
 TINY = dict(arch="preact_resnet", depth=8, width=4, batch_size=8, lr=0.05, ara_n=0, progress=False)
 
@@ -114,13 +117,13 @@ def test_folder_without_splits_holds_out_a_seeded_part(tmp_path):
 
 
 def test_epoch_batches_split_the_permutation_like_distributed_sampler():
-    one = epoch_batches(40, 8, epoch=3, seed=5, info=train_mod.DistInfo())
+    one = epoch_batches(40, 8, epoch=3, seed=5, info=DistInfo())
     assert sorted(torch.cat(one).tolist()) == list(range(40))
-    r0 = epoch_batches(40, 4, 3, 5, train_mod.DistInfo(0, 2))
-    r1 = epoch_batches(40, 4, 3, 5, train_mod.DistInfo(1, 2))
+    r0 = epoch_batches(40, 4, 3, 5, DistInfo(0, 2))
+    r1 = epoch_batches(40, 4, 3, 5, DistInfo(1, 2))
     assert len(r0) == len(r1) == 5
     assert sorted(torch.cat(r0 + r1).tolist()) == list(range(40))
-    assert not torch.equal(torch.cat(one), torch.cat(epoch_batches(40, 8, 4, 5, train_mod.DistInfo())))
+    assert not torch.equal(torch.cat(one), torch.cat(epoch_batches(40, 8, 4, 5, DistInfo())))
 
 
 # ----------------------------------------------------------------------------- training
@@ -223,7 +226,7 @@ def test_stop_after_then_resume_finishes_the_run(npz, tmp_path):
 
 
 def test_half_and_half_adversarial_batches_perturb_only_the_affected_rows(tmp_path):
-    from models.registry import create_model
+    from models.nn.registry import create_model
 
     torch.manual_seed(0)
     net = create_model("preact_resnet", depth=8, width=4, in_channels=1, num_classes=2, input_size=28)

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import load_checkpoint
-from models.explain import to_uint8_image
-from models.preprocess import load_image_for_model
+from models.store.checkpoint import load_checkpoint
+from models.render.png import to_uint8_image
+from models.data.tensors import load_image_for_model
 
 pytestmark = pytest.mark.e2e
 

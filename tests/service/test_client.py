@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from aex.cli import app
 from aex.client import AexClient
-from aex.errors import BadParameterError, JobCancelledError, ServiceUnavailableError, UnknownJobError, UnknownModelError
-from models.checkpoint import load_checkpoint
-from models.preprocess import load_image_for_model
+from models.errors import BadParameterError, JobCancelledError, ServiceUnavailableError, UnknownJobError, UnknownModelError
+from models.store.checkpoint import load_checkpoint
+from models.data.tensors import load_image_for_model
 
 pytestmark = pytest.mark.e2e
 

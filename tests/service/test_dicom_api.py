@@ -14,8 +14,8 @@ import pydicom
 import pytest
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.preprocess import load_dicom_for_model
+from models.store.checkpoint import load_checkpoint
+from models.data.tensors import load_dicom_for_model
 
 pytestmark = pytest.mark.e2e
 

@@ -120,7 +120,7 @@ def test_bad_request_bodies(api, make_image):
 
 
 def test_redis_gone(tmp_path, service_models, make_image):
-    from aex.settings import Settings
+    from worker.settings import Settings
 
     gone = Settings(redis_url=f"unix://{tmp_path / 'no-redis.sock'}", model_dirs=[service_models],
                     bundled_models=False)

@@ -14,9 +14,9 @@ def test_the_service_never_imports_torch(service_models, tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from fastapi.testclient import TestClient
-        from aex.settings import Settings
+        from worker.settings import Settings
         from service.app import create_app
-        import service.embedded, worker.pool, worker.protocol, models, models.imaging, models.catalogue
+        import aex.serve, worker.pool, worker.protocol, models, models.imaging, models.catalogue
         import aex.cli
         app = create_app(Settings(redis_url="unix://{tmp_path}/none.sock", model_dirs=["{service_models}"],
                                   bundled_models=False))

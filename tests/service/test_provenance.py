@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from aex.settings import Settings
-from models.ara import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
-from models.catalogue import read_checkpoint_metadata
-from models.imaging import to_png_bytes
-from models.stability import percentile_of
+from worker.settings import Settings
+from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
+from models.store.header import read_checkpoint_metadata
+from models.render.png import to_png_bytes
+from models.perturb.stability import percentile_of
 from service.app import create_app
 
 pytestmark = pytest.mark.e2e

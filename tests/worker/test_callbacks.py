@@ -9,10 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from aex.errors import BadParameterError
-from aex.settings import Settings
+from models.errors import BadParameterError
+from worker.settings import Settings
 from worker.callbacks import check_callback_url, deliver, host_allowed
-from worker.protocol import callback_key, connect
+from worker.keys import callback_key
+from worker.queues import connect
 
 
 @pytest.mark.parametrize("host,allowed,ok", [

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from rq.job import Job
 
 from service.app import create_app
-from worker.protocol import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
+from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 
 pytestmark = pytest.mark.e2e
 

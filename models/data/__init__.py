@@ -1,0 +1,1 @@
+"""Images and data sets: decoding, tensors, on-disk layouts, seeded subsets and augmentation."""

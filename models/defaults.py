@@ -1,0 +1,39 @@
+"""Every default of the science core, in one place: explanation (rho, steps, overshoot,
+momentum, targets), the ARA and stability searches (steps, eps, overshoot, momentum, bins)
+and the robust training penalty (adaptive psi, zeta, z, HHReLU delta).
+
+The CLI, the request schemas of the API, the workers and the algorithms read these names;
+none of them writes its own copy of a number. The values are the reference code's
+(wwoods/adversarial-explanations-cifar; ALGORITHMS.md). Torch-free.
+"""
+
+from __future__ import annotations
+
+# Adversarial explanations: the explain-mode search (ALGORITHMS.md "Adversarial explanations").
+EXPLAIN_RHO = 0.1  # budget: rms(delta), pixels in [0, 1]
+EXPLAIN_STEPS = 35  # S
+EXPLAIN_OVERSHOOT = 5.0  # k: the steps sum to rho * k
+EXPLAIN_MOMENTUM = 0.0  # mu
+# What is explained when nothing is named (the targets grammar: models.explain.targets): the
+# paper's figure (the decision, its runner-up and every class) for the library and the offline
+# command; the decision and its runner-up for a request to the service (each class costs a row).
+DEFAULT_TARGETS = ("predicted", "runner-up", "all")
+REQUEST_TARGETS = ("predicted", "runner-up")
+
+# Accuracy-Robustness Area and the stability score: the l2min and btr searches.
+ARA_STEPS = 450
+ARA_EPS = 20.0  # the step scale of l2min/btr (no budget: the search stops at the flip)
+ARA_OVERSHOOT = 1.0
+ARA_MOMENTUM = 0.9
+ARA_BINS = 1000  # histogram bins of the area integral
+ARA_SEED = 1776  # the seed of the evaluation subset (randperm rule of the data README)
+
+# The robust training penalty and its adaptive weight psi = psi0 * exp(k_psi * S).
+PSI0 = 220.0
+K_PSI = 0.02
+L_TARGET = 1.5  # the cross-entropy psi steers toward (CIFAR-10; scaled by ln C elsewhere)
+EPS_BETTER = 1.0  # largest step of S up per batch
+EPS_WORSE = 0.01  # largest step of S down per batch
+ZETA = 0.2  # probability of the margin (tandem) scalar
+Z = 2.0  # exponent of |gradient| in the penalty
+HHRELU_DELTA = 0.5

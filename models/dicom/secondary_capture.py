@@ -1,0 +1,116 @@
+"""DICOM output: result images as Secondary Capture objects in the source's study.
+
+Each derived image (the Grad-CAM overlay, an explanation) becomes one SC instance in a new
+series of the source study, carrying the source's patient and study identifiers, a
+Derivation Description naming the model and method, and a Source Image Sequence that
+references the source instance, so a PACS viewer shows it beside the original.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
+
+from models.version import __version__
+
+MANUFACTURER = "aex"
+# DCM code for "Secondary capture of derived image" would be vendor-specific; the purpose of
+# reference code below is the standard one for a source image of a derived object.
+SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
+
+
+def _to_uint8_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 H x W x 3 from uint8/float H x W (x 1|3) input; float values are in [0, 1]."""
+    arr = image
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    return np.ascontiguousarray(arr)
+
+
+_AXES = (("L", "R"), ("P", "A"), ("H", "F"))
+
+
+def _direction_label(cosines: Sequence[float]) -> str:
+    """PS3.3 C.7.6.1.1.1 direction letters of a unit vector, dominant axis first."""
+    parts = sorted(range(3), key=lambda i: -abs(cosines[i]))
+    return "".join(_AXES[i][0 if cosines[i] > 0 else 1] for i in parts if abs(cosines[i]) > 0.25)
+
+
+def _orientation(source: Dataset) -> list[str] | str:
+    po = source.get("PatientOrientation")
+    if po is not None and len(po) == 2:
+        return list(po)
+    iop = source.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        return [_direction_label([float(v) for v in iop[:3]]), _direction_label([float(v) for v in iop[3:]])]
+    return ""
+
+
+def _source_reference(source: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = source.SOPClassUID
+    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    purpose = Dataset()
+    purpose.CodeValue, purpose.CodingSchemeDesignator, purpose.CodeMeaning = SOURCE_PURPOSE
+    item.PurposeOfReferenceCodeSequence = DicomSequence([purpose])
+    return item
+
+
+def secondary_captures(
+    source: Dataset,
+    images: Sequence[tuple[str, np.ndarray]],
+    derivation: str,
+    series_description: str = "aex explanations",
+) -> list[tuple[str, bytes]]:
+    """Build one SC object per ``(name, image)`` in a new series of ``source``'s study.
+
+    images: uint8 or float [0, 1] arrays H x W, H x W x 1 or H x W x 3.
+    derivation: free text naming model and method (truncated to the 1024 chars DICOM allows).
+    Returns ``(name, DICOM Part 10 bytes)`` pairs.
+    """
+    series_uid = generate_uid()
+    out = []
+    for number, (name, image) in enumerate(images, start=1):
+        sc = hd.sc.SCImage.from_ref_dataset(
+            ref_dataset=source,
+            pixel_array=_to_uint8_rgb(image),
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            series_instance_uid=series_uid,
+            series_number=int(source.get("SeriesNumber", 0) or 0) + 900,
+            sop_instance_uid=generate_uid(),
+            instance_number=number,
+            manufacturer=MANUFACTURER,
+            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+            # highdicom insists on a value; it is replaced below by what the source says.
+            patient_orientation=("L", "P"),
+        )
+        # Derived images keep the source's row/column directions (resize and centre crop
+        # only), so its orientation holds; empty (Type 2) when the source does not say.
+        sc.PatientOrientation = _orientation(source)
+        sc.SeriesDescription = series_description[:64]
+        sc.ImageType = ["DERIVED", "SECONDARY"]
+        sc.DerivationDescription = derivation[:1024]
+        sc.SourceImageSequence = DicomSequence([_source_reference(source)])
+        sc.ImageComments = f"{name}: {derivation}"[:10240]
+        sc.SoftwareVersions = f"aex {__version__}"
+        sc.BurnedInAnnotation = "NO"
+        # Type 2C: dciodvfy cannot tell whether the body part is paired, so always send it
+        # (empty when the source does not say).
+        sc.Laterality = source.get("Laterality", "")
+        buf = io.BytesIO()
+        sc.save_as(buf, enforce_file_format=True)
+        out.append((name, buf.getvalue()))
+    return out

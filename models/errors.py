@@ -1,0 +1,128 @@
+"""The catalogue of error codes: every named error of the project, in one flat module.
+
+Each error carries a stable machine-readable ``code`` and a message, and nothing about any
+transport: the HTTP status of each code is mapped in one table in ``service/errors.py``, the
+command line prints ``error [code]: message``. ``TransientError`` marks the only failures
+worth retrying (a Redis hiccup, a callback host that timed out). Torch-free.
+"""
+
+from __future__ import annotations
+
+
+class AexError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    code = "aex_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class TransientError(AexError):
+    """A failure that may succeed on retry (network, Redis)."""
+
+    code = "transient"
+
+
+class CheckpointError(AexError):
+    """A checkpoint file is missing, truncated, unsafe or lacks metadata."""
+
+    code = "bad_checkpoint"
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A file would need code execution (a pickle global we do not allow) to load."""
+
+    code = "unsafe_checkpoint"
+
+
+class UnknownArchitectureError(AexError):
+    code = "unknown_architecture"
+
+
+class BoundNotReachedError(AexError):
+    """The perturbation search did not settle in its first half: raise eps or steps."""
+
+    code = "bound_not_reached"
+
+
+class DataError(AexError):
+    """A data set path or file cannot be read as one of the supported layouts."""
+
+    code = "bad_data"
+
+
+class BadParameterError(AexError):
+    code = "bad_parameter"
+
+
+class UnknownModelError(AexError):
+    code = "unknown_model"
+
+
+class UnknownJobError(AexError):
+    code = "unknown_job"
+
+
+class UploadTooLargeError(AexError):
+    code = "upload_too_large"
+
+
+class UnsupportedMediaError(AexError):
+    code = "unsupported_media_type"
+
+
+class UndecodableImageError(AexError):
+    code = "undecodable_image"
+
+
+class DecompressionBombError(UndecodableImageError):
+    code = "decompression_bomb"
+
+
+class QueueFullError(AexError):
+    code = "queue_full"
+
+
+class ServiceUnavailableError(AexError):
+    code = "service_unavailable"
+
+
+class JobCancelledError(AexError):
+    code = "job_cancelled"
+
+
+class TrainingDivergedError(AexError):
+    """The training loss became NaN or infinite."""
+
+    code = "training_diverged"
+
+
+class WorkerLostError(AexError):
+    """The worker running a job stopped renewing its lease (killed, out of memory, machine lost)."""
+
+    code = "worker_lost"
+
+
+class JobTimeoutError(AexError):
+    """A job ran past its time limit and was stopped."""
+
+    code = "job_timeout"
+
+
+class JobFailedError(AexError):
+    """A job raised an error that is not one of ours (a bug or an environment problem)."""
+
+    code = "job_failed"
+
+
+def error_class_for(code: str) -> type[AexError]:
+    """The exception class that carries ``code`` (``JobFailedError`` when none does)."""
+    stack: list[type[AexError]] = [AexError]
+    while stack:
+        cls = stack.pop()
+        if cls.code == code:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return JobFailedError

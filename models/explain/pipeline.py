@@ -1,0 +1,76 @@
+"""The one path that explains one image: classification, Grad-CAM of the predicted class,
+adversarial explanations of the targets, the stability score of the decision and the
+rendered PNGs. ``aex explain --checkpoint`` and the service's explain jobs both call
+``explain_image``, so the offline command gives the result JSON the service gives."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.defaults import DEFAULT_TARGETS
+from models.explain.adversarial import Explainer
+from models.explain.gradcam import gradcam, layer_name, resolve_layer
+from models.perturb.stability import stability_evaluations, stability_report
+from models.render.explanation import render_explanation
+
+# progress(done, total, phase): one bar over both phases ("search", then "stability").
+PhaseProgress = Callable[[int, int, str], None]
+
+
+def explain_image(
+    model: nn.Module,
+    classes: Sequence[str] | None,
+    image: torch.Tensor,
+    targets: Sequence[str | int] = DEFAULT_TARGETS,
+    *,
+    layer: str | None = None,
+    stability_steps: int | None = None,
+    ara_radii: dict[str, Any] | None = None,
+    progress: PhaseProgress | None = None,
+    extra_summary: dict | None = None,
+    timings: dict[str, float] | None = None,
+    **settings,
+) -> tuple[dict, dict[str, bytes]]:
+    """Adversarial explanations, Grad-CAM of the predicted class and (with
+    ``stability_steps``) the stability score of the decision for one image, rendered.
+
+    image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
+    default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
+    ara_radii: the checkpoint's recorded per-image radii, which the stability score is
+    ranked against. timings: filled with "explain_seconds" and "stability_seconds".
+    Returns ``render_explanation``'s (summary, files); the summary also has "gradcam":
+    {"layer", "class_index"} and, with ``stability_steps``, "stability".
+    """
+    target_layer = resolve_layer(model, layer)  # a bad layer name fails before the search
+    later = stability_evaluations(stability_steps) if stability_steps else 0
+    searched = [0]
+
+    def search_progress(done: int, total: int) -> None:
+        searched[0] = total
+        if progress is not None:
+            progress(done, total + later, "search")
+
+    timings = timings if timings is not None else {}
+    t = time.perf_counter()
+    result = Explainer(model, classes, **settings).explain(image, targets, progress=search_progress)
+    cam = gradcam(model, image.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
+    extra = {**(extra_summary or {}),
+             "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted}}
+    summary, files = render_explanation(result, cam, extra)
+    timings["explain_seconds"] = time.perf_counter() - t
+    if stability_steps:
+        t = time.perf_counter()
+
+        def stability_progress(done: int, total: int) -> None:
+            if progress is not None:
+                progress(searched[0] + done, searched[0] + total, "stability")
+
+        summary["stability"] = stability_report(model, image, result.classes, ara_radii, steps=stability_steps,
+                                                progress=stability_progress)
+        timings["stability_seconds"] = time.perf_counter() - t
+    return summary, files

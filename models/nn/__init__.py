@@ -1,0 +1,1 @@
+"""Networks: the half-Huber ReLU, pre-activation ResNets, the registry of architectures and where a model runs."""

@@ -1,0 +1,1 @@
+"""Pictures, made apart from the algorithms: colour maps, PNGs of explanations and plots."""

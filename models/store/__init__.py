@@ -1,0 +1,1 @@
+"""Checkpoints on disk: self-describing safetensors files, the torch-free header reader and discovery, the reference importer."""

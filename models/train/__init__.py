@@ -1,0 +1,1 @@
+"""The offline trainer: options, penalty, schedules, data, steps, run state, distributed training."""

@@ -1,0 +1,190 @@
+"""What a job computes, apart from the queue: the input decoded as the model sees it, the
+classification, the whole explanation (``models.explain.pipeline``) with its DICOM objects,
+and the provenance block. The rq job functions (``worker.jobs``) and ``aex explain
+--checkpoint`` both call these, so the offline command prints the result JSON a job returns.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.data.imaging import open_image, prepare_array
+from models.data.tensors import array_to_tensor, load_dicom_for_model
+from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT
+from models.dicom.pixels import DicomImage
+from models.errors import BadParameterError
+from models.explain.pipeline import explain_image
+from models.nn.runtime import eval_mode
+from models.perturb.stability import stability_method, stability_report
+from models.version import __version__
+from worker.params import result_cache_key
+from worker.provenance import build_provenance, sha256_hex
+from worker.served import ServedModel
+
+log = logging.getLogger("aex.worker")
+
+# progress(done, total, phase), called between search steps (it may raise to cancel).
+Progress = Callable[[int, int, str], None]
+
+
+def _dicom_info(dicom: DicomImage) -> dict[str, Any]:
+    """What the result says about a DICOM input: how its pixels were turned into the model's
+    view. No patient or study identifiers (they stay in the DICOM outputs)."""
+    ds = dicom.dataset
+    sop = ds.get("SOPClassUID")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+
+    def num(key):
+        value = ds.get(key)
+        return None if value is None or value == "" else float(value)
+
+    return {
+        "format": "dicom",
+        "sop_class": sop.name if sop is not None else None,
+        "modality": ds.get("Modality"),
+        "photometric_interpretation": ds.get("PhotometricInterpretation"),
+        "rows": ds.get("Rows"), "columns": ds.get("Columns"),
+        "bits_stored": ds.get("BitsStored"), "samples_per_pixel": ds.get("SamplesPerPixel"),
+        "transfer_syntax": ts.name if ts is not None else None,
+        "rescale_slope": num("RescaleSlope"), "rescale_intercept": num("RescaleIntercept"),
+        "window": list(dicom.window) if dicom.window is not None else None,
+        "inverted": str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1",
+    }
+
+
+def load_input(data: bytes, input_format: str, served: ServedModel, window: list[float] | None):
+    """(x float C x H x W in [0, 1], DicomImage or None, input description, input sha256)."""
+    digest = sha256_hex(data)
+    size, channels = served.meta.input_size, served.meta.in_channels
+    if input_format == "dicom":
+        x, dicom = load_dicom_for_model(data, size, channels, tuple(window) if window else None)
+        return x, dicom, _dicom_info(dicom), digest
+    if window:
+        raise BadParameterError("window_center / window_width apply to DICOM input only")
+    img = open_image(data)
+    info = {"format": (img.format or "").lower(), "mode": img.mode, "width": img.width, "height": img.height}
+    return array_to_tensor(prepare_array(img, size, channels)), None, info, digest
+
+
+def cache_key(kind: str, served: ServedModel, digest: str, parameters: dict[str, Any]) -> str:
+    """The key a result is indexed (and reused) by: ``worker.params.result_cache_key``."""
+    return result_cache_key(kind, served.name, served.checkpoint_sha256, digest, parameters, __version__)
+
+
+def classify_result(served: ServedModel, data: bytes, input_format: str, parameters: dict[str, Any],
+                    progress: Progress | None = None, worker: str | None = None) -> dict[str, Any]:
+    """The result of a classify job: top classes, every probability, (with ``stability``) the
+    stability score, and the provenance. parameters: ``worker.params.classify_parameters``."""
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    x, _dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
+    timings["decode_seconds"] = time.perf_counter() - start
+    t = time.perf_counter()
+    with eval_mode(served.model), torch.no_grad():
+        probs = served.model(x.unsqueeze(0).to(served.device)).softmax(1)[0].cpu()
+    timings["inference_seconds"] = time.perf_counter() - t
+    classes, top_k = served.meta.classes, int(parameters["top_k"])
+    order = probs.argsort(descending=True).tolist()
+    top = [{"class_index": i, "class_name": classes[i], "prob": float(probs[i])}
+           for i in order[: max(1, min(top_k, len(classes)))]]
+    result: dict[str, Any] = {"model": served.name, "predicted": top[0], "top": top,
+                              "probs": {c: float(p) for c, p in zip(classes, probs.tolist())}}
+    method: dict[str, Any] = {"top_k": top_k}
+    if parameters.get("stability"):
+        steps = int(parameters["stability_steps"])
+        t = time.perf_counter()
+        phase = None if progress is None else (lambda done, total: progress(done, total, "stability"))
+        result["stability"] = stability_report(served.model, x, classes, served.meta.metrics.get("ara_radii"),
+                                               steps=steps, progress=phase)
+        timings["stability_seconds"] = time.perf_counter() - t
+        method["stability"] = stability_method(steps)
+    key = cache_key("classify", served, digest, parameters)
+    timings["total_seconds"] = time.perf_counter() - start
+    result["seconds"] = timings["total_seconds"]
+    result["reused"] = False
+    result["provenance"] = build_provenance(
+        served, kind="classify", parameters=parameters, method=method, input_sha256=digest, input_info=info,
+        cache_key=key, timings=timings, worker=worker)
+    return result
+
+
+def _png_array(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def secondary_capture_files(dicom: DicomImage, served: ServedModel, summary: dict[str, Any],
+                            files: dict[str, bytes], parameters: dict[str, Any]) -> dict[str, bytes]:
+    """The Grad-CAM overlay, each explanation x + delta and its amplified difference as DICOM
+    Secondary Capture objects in a new series of the source's study; names are added to
+    ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference")."""
+    from models.dicom.secondary_capture import secondary_captures  # highdicom only when DICOM comes in
+
+    images = [("gradcam_overlay", _png_array(files["gradcam_overlay.png"]))]
+    for target in summary["targets"]:
+        for key in ("image", "difference"):
+            images.append((target[key][: -len(".png")], _png_array(files[target[key]])))
+    gradcam = summary["gradcam"]
+    targets = ", ".join(f"{t['role']} {t['class_name']}" for t in summary["targets"])
+    derivation = (
+        f"aex {__version__}, model {served.name} (checkpoint sha256 {served.checkpoint_sha256}). "
+        f"Grad-CAM of class {summary['predicted']['class_name']} at layer {gradcam['layer']}, overlaid on the "
+        f"input. Adversarial explanations (perturbation search in explain mode: rho {parameters['rho']}, "
+        f"steps {parameters['steps']}, overshoot {EXPLAIN_OVERSHOOT}, momentum {EXPLAIN_MOMENTUM}, no clamping) "
+        f"toward {targets}: x + delta and the amplified difference delta. Input resized to "
+        f"{served.meta.input_size} x {served.meta.input_size}. Not for primary diagnosis."
+    )
+    objects = secondary_captures(dicom.dataset, images, derivation, series_description=f"aex {served.name}")
+    out = {f"{name}.dcm": blob for name, blob in objects}
+    summary["dicom_files"] = list(out)
+    for target in summary["targets"]:
+        target["dicom"] = target["image"][: -len(".png")] + ".dcm"
+        target["dicom_difference"] = target["difference"][: -len(".png")] + ".dcm"
+    return out
+
+
+def explain_result(served: ServedModel, data: bytes, input_format: str, parameters: dict[str, Any],
+                   progress: Progress | None = None, worker: str | None = None,
+                   **search) -> tuple[dict[str, Any], dict[str, bytes], dict[str, bytes]]:
+    """The result of an explain job: (summary with provenance, PNGs by name, DICOM objects by
+    name, empty unless the input is DICOM). parameters: ``worker.params.explain_parameters``;
+    search: further ``Explainer`` settings the offline command may set (overshoot, clamp,
+    bound_check), recorded in the summary's "settings"."""
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    x, dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
+    timings["decode_seconds"] = time.perf_counter() - start
+    steps = int(parameters["stability_steps"])
+    summary, files = explain_image(
+        served.model, served.meta.classes, x, parameters["targets"], layer=parameters["layer"],
+        rho=parameters["rho"], steps=parameters["steps"], stability_steps=steps,
+        ara_radii=served.meta.metrics.get("ara_radii"), progress=progress, timings=timings,
+        extra_summary={"model": served.name}, **search)
+    dicom_files: dict[str, bytes] = {}
+    if dicom is not None:
+        t = time.perf_counter()
+        try:
+            dicom_files = secondary_capture_files(dicom, served, summary, files, parameters)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            # A source without the identifiers a derived object must copy (study, SOP
+            # instance, ...): the explanation stands; say why there are no DICOM objects.
+            log.warning("no DICOM outputs: %s: %s", type(exc).__name__, exc)
+            summary["dicom_error"] = f"no DICOM objects could be derived from this file: {type(exc).__name__}: {exc}"
+        timings["dicom_seconds"] = time.perf_counter() - t
+    key = cache_key("explain", served, digest, parameters)
+    timings["total_seconds"] = time.perf_counter() - start
+    summary["seconds"] = timings["total_seconds"]
+    summary["reused"] = False
+    method = {"explain": {**summary["settings"], "mode": "explain"}, "gradcam": summary["gradcam"],
+              "stability": stability_method(steps)}
+    summary["provenance"] = build_provenance(
+        served, kind="explain", parameters=parameters, method=method, input_sha256=digest, input_info=info,
+        cache_key=key, timings=timings, worker=worker)
+    return summary, files, dicom_files

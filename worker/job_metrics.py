@@ -1,0 +1,52 @@
+"""Job counts and durations in Redis, written by every worker (and the reaper of abandoned
+jobs) and read by the API's /metrics, so it shows the whole cluster."""
+
+from __future__ import annotations
+from worker.keys import duration_key, outcomes_key
+from worker.queues import JobKind
+from typing import Any
+from redis import Redis
+
+
+# Job counts and durations, written by every worker (and the reaper of abandoned jobs) so
+# the API's /metrics shows the whole cluster.
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+
+
+OUTCOMES = ("finished", "failed", "cancelled", "abandoned", "reused")
+
+
+def record_job(conn: Redis, kind: str, outcome: str, seconds: float | None) -> None:
+    """Count one job end (``outcome`` in OUTCOMES) and, when known, its run time."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hincrby(outcomes_key(), f"{kind}:{outcome}", 1)
+        if seconds is not None and outcome == "finished":
+            key = duration_key(kind)
+            for le in DURATION_BUCKETS:
+                if seconds <= le:
+                    pipe.hincrby(key, f"le:{le}", 1)
+            pipe.hincrby(key, "count", 1)
+            pipe.hincrbyfloat(key, "sum", float(seconds))
+        pipe.execute()
+
+
+def read_job_metrics(conn: Redis) -> dict[str, Any]:
+    """{"outcomes": {(kind, outcome): n}, "durations": {kind: {"buckets": [(le, n)], "count", "sum"}}}."""
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hgetall(outcomes_key())
+        for kind in JobKind:
+            pipe.hgetall(duration_key(kind.value))
+        raw_outcomes, *raw_durations = pipe.execute()
+    outcomes = {}
+    for field, n in raw_outcomes.items():
+        kind, _, outcome = field.decode().partition(":")
+        outcomes[(kind, outcome)] = int(n)
+    durations = {}
+    for kind, raw in zip(JobKind, raw_durations):
+        fields = {k.decode(): v for k, v in raw.items()}
+        durations[kind.value] = {
+            "buckets": [(le, int(fields.get(f"le:{le}", 0))) for le in DURATION_BUCKETS],
+            "count": int(fields.get("count", 0)),
+            "sum": float(fields.get("sum", 0.0)),
+        }
+    return {"outcomes": outcomes, "durations": durations}

@@ -1,0 +1,73 @@
+"""The queues between the API and the workers: job kinds, queue names, the job functions by
+dotted path, the JSON serializer, the Redis connection and the live workers with their
+published catalogues.
+
+Jobs are enqueued by dotted path ("worker.jobs.classify") with small JSON-safe keyword
+arguments and stored with rq's JSON serializer: nothing in Redis is ever unpickled.
+Torch-free: the API imports it."""
+
+from __future__ import annotations
+from worker.keys import CATALOGUE_FIELD
+import json
+from enum import Enum
+from typing import Any
+from redis import Redis
+from rq.serializers import JSONSerializer
+
+
+SERIALIZER = JSONSerializer
+
+
+class JobKind(str, Enum):
+    CLASSIFY = "classify"
+    EXPLAIN = "explain"
+
+
+# Queue names in the order workers serve them: classify is the high-priority queue.
+QUEUE_NAMES: dict[JobKind, str] = {JobKind.CLASSIFY: "aex-classify", JobKind.EXPLAIN: "aex-explain"}
+
+
+JOB_FUNCTIONS: dict[JobKind, str] = {JobKind.CLASSIFY: "worker.jobs.classify", JobKind.EXPLAIN: "worker.jobs.explain"}
+
+
+def connect(url: str, socket_timeout: float | None = None) -> Redis:
+    """A Redis client for ``url`` (redis://, rediss:// or unix://) that fails fast when the
+    server is gone instead of hanging."""
+    return Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=socket_timeout,
+                          health_check_interval=30)
+
+
+def live_worker_keys(conn: Redis, queue_name: str) -> list[str]:
+    """Keys of the workers registered on ``queue_name`` whose registration has not expired
+    (rq removes a dead worker from its sets only at the next registry clean-up)."""
+    from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+    keys = sorted(k.decode() for k in conn.smembers(WORKERS_BY_QUEUE_KEY % queue_name))
+    if not keys:
+        return []
+    with conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.exists(key)
+        alive = pipe.execute()
+    return [k for k, a in zip(keys, alive) if a]
+
+
+def published_catalogue(conn: Redis) -> dict[str, dict[str, Any]]:
+    """Union of the catalogues published by live workers: model name -> entry (with the
+    number of workers serving it)."""
+    keys = sorted(set(live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY]))
+                  | set(live_worker_keys(conn, QUEUE_NAMES[JobKind.EXPLAIN])))
+    if not keys:
+        return {}
+    with conn.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.hget(key, CATALOGUE_FIELD)
+        raw = pipe.execute()
+    out: dict[str, dict[str, Any]] = {}
+    for blob in raw:
+        if not blob:
+            continue
+        for entry in json.loads(blob):
+            known = out.setdefault(entry["name"], {**entry, "workers": 0})
+            known["workers"] += 1
+    return out
