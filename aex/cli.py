@@ -58,9 +58,16 @@ def import_reference_cmd(
     from models.store.reference import import_reference
 
     meta = import_reference(source, out)
-    print_json({"checkpoint": str(out), "arch": meta.arch, "activation": meta.arch_args.get("activation"),
-                "psi_state": meta.psi_state, "weights_sha256": meta.weights_sha256,
-                "source_sha256": meta.extra.get("source_sha256")})
+    print_json(
+        {
+            "checkpoint": str(out),
+            "arch": meta.arch,
+            "activation": meta.arch_args.get("activation"),
+            "psi_state": meta.psi_state,
+            "weights_sha256": meta.weights_sha256,
+            "source_sha256": meta.extra.get("source_sha256"),
+        }
+    )
 
 
 @app.command()
@@ -76,9 +83,15 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 ... (default: CUDA if present)")] = None,
     split: Annotated[str, typer.Option(help="train, val or test")] = "test",
     progress: Annotated[bool, typer.Option(help="tqdm progress bars on stderr")] = True,
-    record: Annotated[bool, typer.Option("--record", help="store the figures in the checkpoint's metrics "
-                                         "(weights unchanged): with --ara both ARAs and the per-image radii, "
-                                         "else the accuracy of the whole split")] = False,
+    record: Annotated[
+        bool,
+        typer.Option(
+            "--record",
+            help="store the figures in the checkpoint's metrics "
+            "(weights unchanged): with --ara both ARAs and the per-image radii, "
+            "else the accuracy of the whole split",
+        ),
+    ] = False,
 ) -> None:
     """Accuracy (and ARA) of a checkpoint on a seeded subset; prints JSON."""
     from models.errors import BadParameterError
@@ -86,8 +99,21 @@ def evaluate(
 
     if plot is not None and not ara:
         raise BadParameterError("--plot draws the ARA curves; add --ara")
-    print_json(evaluate_checkpoint(checkpoint, data, n=n, seed=seed, ara=ara, plot=plot, batch_size=batch_size,
-                                   device=device, split=split, progress=progress, record=record))
+    print_json(
+        evaluate_checkpoint(
+            checkpoint,
+            data,
+            n=n,
+            seed=seed,
+            ara=ara,
+            plot=plot,
+            batch_size=batch_size,
+            device=device,
+            split=split,
+            progress=progress,
+            record=record,
+        )
+    )
 
 
 @app.command()
@@ -96,24 +122,36 @@ def explain(
     ctx: typer.Context,
     image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...; with --url also DICOM .dcm)")],
     out: Annotated[Path, typer.Option(help="output folder")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="run offline with this aex .safetensors checkpoint "
-                                                            "(or use --url)")] = None,
-    url: Annotated[Optional[str], typer.Option(help="use the aex service at this address, e.g. "
-                                                    "http://127.0.0.1:8000 (or use --checkpoint)")] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="run offline with this aex .safetensors checkpoint (or use --url)")
+    ] = None,
+    url: Annotated[
+        Optional[str],
+        typer.Option(help="use the aex service at this address, e.g. http://127.0.0.1:8000 (or use --checkpoint)"),
+    ] = None,
     model: Annotated[Optional[str], typer.Option(help="with --url: served model name (default: the service's)")] = None,
-    targets: Annotated[Optional[list[str]], typer.Option(
-        "--targets", "-t", help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
-        "(default offline: predicted, runner-up, all; with --url: the service's, predicted, runner-up)")] = None,
+    targets: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--targets",
+            "-t",
+            help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
+            "(default offline: predicted, runner-up, all; with --url: the service's, predicted, runner-up)",
+        ),
+    ] = None,
     rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = D.EXPLAIN_RHO,
     steps: Annotated[int, typer.Option(help="search steps S")] = D.EXPLAIN_STEPS,
     overshoot: Annotated[float, typer.Option(help="overshoot k (offline only)")] = D.EXPLAIN_OVERSHOOT,
     layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer, dotted name (default: model's)")] = None,
-    clamp: Annotated[bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search "
-                                                        "(offline only)")] = False,
-    bound_check: Annotated[bool, typer.Option(help="fail if rho is not reached in half the steps "
-                                                   "(offline only)")] = True,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (offline only; default: CUDA if "
-                                                       "present)")] = None,
+    clamp: Annotated[
+        bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search (offline only)")
+    ] = False,
+    bound_check: Annotated[
+        bool, typer.Option(help="fail if rho is not reached in half the steps (offline only)")
+    ] = True,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu, cuda ... (offline only; default: CUDA if present)")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
     timeout: Annotated[float, typer.Option(help="with --url: seconds to wait for each HTTP request")] = 60.0,
 ) -> None:
@@ -126,13 +164,25 @@ def explain(
     if (checkpoint is None) == (url is None):
         raise BadParameterError("give exactly one of --checkpoint (run offline) and --url (use the service)")
     if url is not None:
-        offline_only = [f"--{n.replace('_', '-')}" for n in ("overshoot", "clamp", "bound_check", "device")
-                        if _typed(ctx, n)]
+        offline_only = [
+            f"--{n.replace('_', '-')}" for n in ("overshoot", "clamp", "bound_check", "device") if _typed(ctx, n)
+        ]
         if offline_only:
-            raise BadParameterError(f"offline-only options given with --url: {', '.join(offline_only)} "
-                                    f"(they need --checkpoint)")
-        _explain_via_service(image, out, url, model=model, targets=targets, rho=rho, steps=steps, layer=layer,
-                             progress=progress, timeout=timeout)
+            raise BadParameterError(
+                f"offline-only options given with --url: {', '.join(offline_only)} (they need --checkpoint)"
+            )
+        _explain_via_service(
+            image,
+            out,
+            url,
+            model=model,
+            targets=targets,
+            rho=rho,
+            steps=steps,
+            layer=layer,
+            progress=progress,
+            timeout=timeout,
+        )
         return
     if model is not None:
         raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
@@ -149,14 +199,22 @@ def explain(
     data = image.read_bytes()
     # "-t predicted -t cat" and "-t predicted,cat" both work; the default layer by name, as
     # the service names it, so the parameters (and the result's cache key) are the service's.
-    parameters = explain_parameters(split_specs(targets) or list(DEFAULT_TARGETS), rho, steps,
-                                    layer or served.gradcam_layer, ARA_STEPS)
+    parameters = explain_parameters(
+        split_specs(targets) or list(DEFAULT_TARGETS), rho, steps, layer or served.gradcam_layer, ARA_STEPS
+    )
     bar = _PhaseProgress(progress, "explain")
     try:
         # The same function computes the service's explain jobs, so this prints their result JSON.
         result, files, dicom_files = explain_result(
-            served, data, "dicom" if is_dicom(data) else "image", parameters, progress=bar,
-            overshoot=overshoot, clamp=clamp, bound_check=bound_check)
+            served,
+            data,
+            "dicom" if is_dicom(data) else "image",
+            parameters,
+            progress=bar,
+            overshoot=overshoot,
+            clamp=clamp,
+            bound_check=bound_check,
+        )
     finally:
         bar.close()
     write_files(out, result, {**files, **dicom_files})
@@ -194,8 +252,15 @@ class _JobProgress:
         if self.bar is None:  # created at the first answer: nothing is drawn when the upload fails
             from tqdm import tqdm
 
-            self.bar = tqdm(total=None, desc=self.what, unit="step", file=sys.stderr, disable=not self.enabled,
-                            dynamic_ncols=True, leave=True)
+            self.bar = tqdm(
+                total=None,
+                desc=self.what,
+                unit="step",
+                file=sys.stderr,
+                disable=not self.enabled,
+                dynamic_ncols=True,
+                leave=True,
+            )
         status, prog = view.get("status"), view.get("progress") or {}
         if status == "queued":
             pos = view.get("queue_position")
@@ -219,24 +284,39 @@ class _JobProgress:
             self.bar.close()
 
 
-def _explain_via_service(image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, progress,
-                         timeout) -> None:
+def _explain_via_service(
+    image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, progress, timeout
+) -> None:
     from aex.client import AexClient
 
     bar = _JobProgress(progress, "explain")
     try:
         with AexClient(url, timeout=timeout) as client:
-            job = client.explain(image, model=model, targets=split_specs(targets) or None, rho=rho, steps=steps,
-                                 layer=layer, on_progress=bar)
+            job = client.explain(
+                image,
+                model=model,
+                targets=split_specs(targets) or None,
+                rho=rho,
+                steps=steps,
+                layer=layer,
+                on_progress=bar,
+            )
             saved = client.download_images(job, out) + client.download_dicom(job, out)
     finally:
         bar.close()
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(job, indent=2) + "\n")
     result = job["result"]
-    summary = {"out": str(out), "job": job["id"], "model": job.get("model"), "predicted": result["predicted"],
-               "targets": [{k: t.get(k) for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
-                           for t in result.get("targets", [])]}
+    summary = {
+        "out": str(out),
+        "job": job["id"],
+        "model": job.get("model"),
+        "predicted": result["predicted"],
+        "targets": [
+            {k: t.get(k) for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
+            for t in result.get("targets", [])
+        ],
+    }
     if result.get("stability") is not None:
         summary["stability"] = result["stability"]
     summary["files"] = sorted(p.name for p in saved) + ["result.json"]
@@ -295,43 +375,63 @@ def _typed_command(ctx: typer.Context) -> str:
 @friendly_errors
 def train(
     ctx: typer.Context,
-    out: Annotated[Path, typer.Option(help="checkpoint to write (.safetensors); resume state and the metrics "
-                                           "log go beside it as <stem>.resume.safetensors and <stem>.metrics.jsonl")],
-    data: Annotated[Optional[str], typer.Option(help="training data: ImageFolder dir or tar, MedMNIST .npz, "
-                                                     "CIFAR-10 root")] = None,
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="checkpoint to write (.safetensors); resume state and the metrics "
+            "log go beside it as <stem>.resume.safetensors and <stem>.metrics.jsonl"
+        ),
+    ],
+    data: Annotated[
+        Optional[str], typer.Option(help="training data: ImageFolder dir or tar, MedMNIST .npz, CIFAR-10 root")
+    ] = None,
     arch: Annotated[Optional[str], typer.Option(help="resnet20_cifar, resnet44_cifar, preact_resnet, ...")] = None,
-    val_data: Annotated[Optional[str], typer.Option(help="validation data (default: the data's val split, a "
-                                                         "sibling val file, or a seeded test subset)")] = None,
-    test_data: Annotated[Optional[str], typer.Option(help="test data (default: the data's test split or a "
-                                                          "sibling test file, e.g. train.tar -> test.tar)")] = None,
+    val_data: Annotated[
+        Optional[str],
+        typer.Option(
+            help="validation data (default: the data's val split, a sibling val file, or a seeded test subset)"
+        ),
+    ] = None,
+    test_data: Annotated[
+        Optional[str],
+        typer.Option(
+            help="test data (default: the data's test split or a sibling test file, e.g. train.tar -> test.tar)"
+        ),
+    ] = None,
     input_size: Annotated[Optional[int], typer.Option(help="resize images to this (28, 32, 64, 224)")] = None,
     in_channels: Annotated[Optional[int], typer.Option(help="1 (grey-scale) or 3 (RGB)")] = None,
     depth: Annotated[Optional[int], typer.Option(help="preact_resnet depth 6n+2")] = None,
     width: Annotated[Optional[int], typer.Option(help="preact_resnet first-stage width")] = None,
     augment: Annotated[Optional[str], typer.Option(help="cifar10, natural, medical or none (default: by data)")] = None,
     holdout: Annotated[float, typer.Option(help="fraction held out when the data has no val or test split")] = 0.1,
-    class_weights: Annotated[Optional[str], typer.Option(help="'balanced': weight the cross-entropy by "
-                                                              "N / (C * n_c) (skewed data sets)")] = None,
+    class_weights: Annotated[
+        Optional[str], typer.Option(help="'balanced': weight the cross-entropy by N / (C * n_c) (skewed data sets)")
+    ] = None,
     robust: Annotated[bool, typer.Option("--robust", help="HHReLU + Lipschitz penalty with adaptive psi")] = False,
     psi0: Annotated[float, typer.Option(help="adaptive psi: psi0")] = D.PSI0,
     k_psi: Annotated[float, typer.Option(help="adaptive psi: k_psi")] = D.K_PSI,
-    l_target: Annotated[Optional[float], typer.Option(help="adaptive psi: target cross-entropy (default "
-                                                           "1.5 * ln(classes) / ln(10): 1.5 on CIFAR-10)")] = None,
+    l_target: Annotated[
+        Optional[float],
+        typer.Option(help="adaptive psi: target cross-entropy (default 1.5 * ln(classes) / ln(10): 1.5 on CIFAR-10)"),
+    ] = None,
     eps_better: Annotated[float, typer.Option(help="adaptive psi: largest step up")] = D.EPS_BETTER,
     eps_worse: Annotated[float, typer.Option(help="adaptive psi: largest step down")] = D.EPS_WORSE,
     zeta: Annotated[float, typer.Option(help="probability of the margin (tandem) scalar")] = D.ZETA,
     z: Annotated[float, typer.Option(help="exponent of |gradient| in the penalty")] = D.Z,
     hhrelu_delta: Annotated[float, typer.Option(help="HHReLU delta")] = D.HHRELU_DELTA,
-    adv_train: Annotated[Optional[str], typer.Option(help="adversarial training: l2 (eps 0.01) or l2min "
-                                                          "(eps 0.1); half-and-half with --robust")] = None,
+    adv_train: Annotated[
+        Optional[str],
+        typer.Option(help="adversarial training: l2 (eps 0.01) or l2min (eps 0.1); half-and-half with --robust"),
+    ] = None,
     adv_eps: Annotated[Optional[float], typer.Option(help="override the adversarial-training eps")] = None,
     adv_steps: Annotated[int, typer.Option(help="adversarial-training search steps")] = 7,
     epochs: Annotated[int, typer.Option(help="epochs (reference: 200)")] = 200,
     batch_size: Annotated[int, typer.Option(help="batch size per process")] = 128,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 0.1,
     schedule: Annotated[str, typer.Option(help="step (reference), cosine or onecycle")] = "step",
-    milestones: Annotated[Optional[list[int]], typer.Option(help="step schedule: epochs where lr /= 10 "
-                                                                 "(repeatable; default 85%, 97.5%)")] = None,
+    milestones: Annotated[
+        Optional[list[int]], typer.Option(help="step schedule: epochs where lr /= 10 (repeatable; default 85%, 97.5%)")
+    ] = None,
     warmup_epochs: Annotated[float, typer.Option(help="cosine schedule: linear warm-up epochs")] = 0.0,
     momentum: Annotated[float, typer.Option(help="SGD momentum")] = 0.9,
     weight_decay: Annotated[float, typer.Option(help="weight decay (all parameters)")] = 1e-4,
@@ -342,8 +442,9 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: CUDA if present)")] = None,
     workers: Annotated[int, typer.Option(help="batch-preparation worker processes (0: in the main process)")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
-    stop_after: Annotated[Optional[int], typer.Option(help="train this many epochs now, then stop (--resume "
-                                                           "later)")] = None,
+    stop_after: Annotated[
+        Optional[int], typer.Option(help="train this many epochs now, then stop (--resume later)")
+    ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run at --out where it stopped")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start over even if --out exists")] = False,
     download: Annotated[bool, typer.Option("--download", help="download torchvision CIFAR-10 into --data")] = False,
@@ -360,8 +461,8 @@ def train(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from models.errors import BadParameterError
     from models.train.config import TrainConfig
-    from models.train.run import stored_config
     from models.train.loop import train as run_training
+    from models.train.run import stored_config
 
     given = dict(ctx.params)
     given["out"] = str(out)
@@ -385,15 +486,18 @@ def train(
 def serve(
     host: Annotated[Optional[str], typer.Option(help="listen address (AEX_HOST, default 127.0.0.1)")] = None,
     port: Annotated[Optional[int], typer.Option(help="listen port (AEX_PORT, default 8000)")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="worker processes to start (AEX_WORKERS, default 1; "
-                                                        "0: use workers started elsewhere)")] = None,
-    redis_url: Annotated[Optional[str], typer.Option(help="Redis to use (AEX_REDIS_URL); unset: start an "
-                                                          "embedded one")] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="worker processes to start (AEX_WORKERS, default 1; 0: use workers started elsewhere)"),
+    ] = None,
+    redis_url: Annotated[
+        Optional[str], typer.Option(help="Redis to use (AEX_REDIS_URL); unset: start an embedded one")
+    ] = None,
 ) -> None:
     """Run the web service: the API, N workers and (unless AEX_REDIS_URL is set) an embedded
     Redis, with the bundled checkpoints and AEX_MODEL_DIRS. Ctrl-C stops everything cleanly."""
-    from worker.settings import Settings
     from aex.serve import serve as serve_stack
+    from worker.settings import Settings
 
     overrides = {"host": host, "port": port, "workers": workers, "redis_url": redis_url}
     serve_stack(Settings(**{k: v for k, v in overrides.items() if v is not None}))
@@ -402,8 +506,9 @@ def serve(
 @app.command("worker")
 @friendly_errors
 def worker_cmd(
-    count: Annotated[Optional[int], typer.Option(help="worker processes (default: one per CUDA GPU, else "
-                                                      "AEX_WORKERS)")] = None,
+    count: Annotated[
+        Optional[int], typer.Option(help="worker processes (default: one per CUDA GPU, else AEX_WORKERS)")
+    ] = None,
     redis_url: Annotated[Optional[str], typer.Option(help="the service's Redis (AEX_REDIS_URL)")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="one process: stop when the queues are empty")] = False,
 ) -> None:

@@ -79,14 +79,16 @@ class AexClient:
     """Client of one aex service. ``url``: its base (``http://host:8000``); ``timeout``:
     seconds for each HTTP request (not for a job: see ``wait``)."""
 
-    def __init__(self, url: str, timeout: float = 60.0, poll_interval: float = 0.2,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self, url: str, timeout: float = 60.0, poll_interval: float = 0.2, transport: httpx.BaseTransport | None = None
+    ):
         if not re.match(r"^https?://", url or ""):
             raise BadParameterError(f"--url must be an http:// or https:// address, got {url!r}")
         self.url = url.rstrip("/")
         self.poll_interval = poll_interval
-        self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
-                                 headers={"Accept": "application/json"})
+        self.http = httpx.Client(
+            base_url=self.url, timeout=timeout, transport=transport, headers={"Accept": "application/json"}
+        )
 
     # --- plumbing ----------------------------------------------------------------------
     def close(self) -> None:
@@ -114,8 +116,10 @@ class AexClient:
         try:
             return resp.json()
         except ValueError:
-            raise api_error("http_error", f"{method} {path} answered something that is not JSON "
-                                          f"({resp.headers.get('content-type')})") from None
+            raise api_error(
+                "http_error",
+                f"{method} {path} answered something that is not JSON ({resp.headers.get('content-type')})",
+            ) from None
 
     @staticmethod
     def _upload(path: str | Path) -> dict[str, tuple[str, bytes, str]]:
@@ -129,9 +133,15 @@ class AexClient:
         """``GET /v1/models``: {"default": name, "models": [entry, ...]}."""
         return self._json("GET", "/v1/models")
 
-    def classify(self, path: str | Path, model: str | None = None, top_k: int | None = None,
-                 stability: bool = False, on_progress: ProgressFn | None = None,
-                 timeout: float | None = None) -> dict[str, Any]:
+    def classify(
+        self,
+        path: str | Path,
+        model: str | None = None,
+        top_k: int | None = None,
+        stability: bool = False,
+        on_progress: ProgressFn | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
         """Classify the image (or DICOM file) at ``path``; returns the finished job view
         (waiting for it when the service answers 202)."""
         data: dict[str, str] = {}
@@ -148,10 +158,18 @@ class AexClient:
             return self._finished(view)
         return self.wait(view["id"], on_progress, timeout=timeout)
 
-    def explain(self, path: str | Path, model: str | None = None,
-                targets: str | Iterable[str] | None = None, rho: float | None = None, steps: int | None = None,
-                layer: str | None = None, on_progress: ProgressFn | None = None, wait: bool = True,
-                timeout: float | None = None) -> dict[str, Any]:
+    def explain(
+        self,
+        path: str | Path,
+        model: str | None = None,
+        targets: str | Iterable[str] | None = None,
+        rho: float | None = None,
+        steps: int | None = None,
+        layer: str | None = None,
+        on_progress: ProgressFn | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
         """Queue adversarial explanations and Grad-CAM for the file at ``path``. ``targets``:
         "predicted", "runner-up", "all", class names or indices (a list or a comma-separated
         string; None: the service's default). Returns the finished job view, or with
@@ -180,8 +198,7 @@ class AexClient:
         """``GET /v1/jobs/{id}``: the job view as it is now."""
         return self._json("GET", f"/v1/jobs/{job_id}")
 
-    def wait(self, job_id: str, on_progress: ProgressFn | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
+    def wait(self, job_id: str, on_progress: ProgressFn | None = None, timeout: float | None = None) -> dict[str, Any]:
         """Poll the job until it ends; ``on_progress(view)`` is called after every poll.
         Returns the finished view; a failed or cancelled job raises its named error."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -240,5 +257,4 @@ class AexClient:
     def download_dicom(self, job: dict[str, Any], out_dir: str | Path) -> list[Path]:
         """Save every DICOM object of a finished job into ``out_dir`` (none for image input)."""
         links = self.dicom_links(job)
-        return self._save_all({n if n.lower().endswith(".dcm") else f"{n}.dcm": u for n, u in links.items()},
-                              out_dir)
+        return self._save_all({n if n.lower().endswith(".dcm") else f"{n}.dcm": u for n, u in links.items()}, out_dir)

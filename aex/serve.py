@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from models.errors import CheckpointError
-from worker.settings import Settings
 from models.store.discovery import discover_checkpoints
 from worker.pool import WorkerPool
+from worker.settings import Settings
 
 log = logging.getLogger("aex.serve")
 
@@ -108,8 +108,11 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if settings.workers > 0 and not discover_checkpoints(settings.checkpoint_dirs()):
-        raise CheckpointError("no checkpoints to serve in " + ", ".join(str(d) for d in settings.checkpoint_dirs())
-                              + ": add <name>/model.safetensors there or set AEX_MODEL_DIRS")
+        raise CheckpointError(
+            "no checkpoints to serve in "
+            + ", ".join(str(d) for d in settings.checkpoint_dirs())
+            + ": add <name>/model.safetensors there or set AEX_MODEL_DIRS"
+        )
     redis = None
     if not settings.redis_url:
         redis = EmbeddedRedis(settings.redis_dir)
@@ -119,10 +122,16 @@ def serve(settings: Settings) -> None:
         if pool is not None:
             pool.start()
         app = create_app(settings)
-        log.info("aex API on http://%s:%d (docs: /docs), %d worker(s), Redis %s", settings.host, settings.port,
-                 settings.workers, "embedded" if redis else settings.redis_url)
-        server = _quiet_server(uvicorn)(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                                       log_level=settings.log_level.lower()))
+        log.info(
+            "aex API on http://%s:%d (docs: /docs), %d worker(s), Redis %s",
+            settings.host,
+            settings.port,
+            settings.workers,
+            "embedded" if redis else settings.redis_url,
+        )
+        server = _quiet_server(uvicorn)(
+            uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+        )
         # Ctrl-C / SIGTERM: uvicorn stops serving (a second Ctrl-C: at once), run() returns,
         # and the clean-up below runs.
         for sig in (signal.SIGINT, signal.SIGTERM):

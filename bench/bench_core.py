@@ -33,12 +33,14 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.defaults import ARA_STEPS  # noqa: E402
-from models.perturb.ara import compute_ara
-from models.defaults import EXPLAIN_STEPS  # noqa: E402
+from models.defaults import (
+    ARA_STEPS,
+    EXPLAIN_STEPS,
+)
 from models.explain.adversarial import Explainer
-from models.nn.registry import create_model  # noqa: E402
-from models.nn.runtime import pick_device  # noqa: E402
+from models.nn.registry import create_model
+from models.nn.runtime import pick_device
+from models.perturb.ara import compute_ara
 
 SHARED = Path(os.environ.get("AEX_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -73,9 +75,8 @@ def matmul_gflops(device: torch.device, seconds: float = 2.0) -> float:
 def step_flops(model: torch.nn.Module, device: torch.device) -> tuple[float, float]:
     """(forward FLOPs, forward + d/d input backward FLOPs) for one 32x32 image."""
     x = torch.rand(1, 3, 32, 32, device=device)
-    with FlopCounterMode(display=False) as fc:
-        with torch.no_grad():
-            model(x)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
     fwd = fc.get_total_flops()
     d = torch.zeros_like(x, requires_grad=True)
     with FlopCounterMode(display=False) as fc:
@@ -109,7 +110,11 @@ def load_images(n: int):
         idx = seeded_subset(len(ds), n, 1776)
         return ds.images[idx], ds.labels[idx], "CIFAR-10 JPEG test, seeded subset (seed 1776)"
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=g), "random images"
+    return (
+        torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8),
+        torch.randint(0, 10, (n,), generator=g),
+        "random images",
+    )
 
 
 def main() -> None:
@@ -155,8 +160,12 @@ def main() -> None:
 
     def rate(flops: float, sec: float) -> dict:
         g = flops / sec / 1e9
-        return {"seconds": round(sec, 3), "gflop": round(flops / 1e9, 1), "gflop_per_s": round(g, 1),
-                "fraction_of_matmul_rate": round(g / peak, 3)}
+        return {
+            "seconds": round(sec, 3),
+            "gflop": round(flops / 1e9, 1),
+            "gflop_per_s": round(g, 1),
+            "fraction_of_matmul_rate": round(g / peak, 3),
+        }
 
     report = {
         "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
@@ -167,19 +176,30 @@ def main() -> None:
         "matmul_fp32_gflop_per_s": round(peak, 1),
         "cudnn_conv_tf32": bool(torch.backends.cudnn.allow_tf32) if device.type == "cuda" else None,
         "explanation": {"targets": len(expl.targets), "rows": rows, "steps": EXPLAIN_STEPS, **rate(flops_expl, t_expl)},
-        "ara_batch": {"images": n_ara, "searches": 2, "steps": ARA_STEPS, "accuracy": ara.accuracy,
-                      "attack_ara": round(ara.attack_ara, 5), "btr_ara": round(ara.btr_ara, 5),
-                      "seconds_per_image": round(t_ara / n_ara, 3), **rate(flops_ara, t_ara)},
+        "ara_batch": {
+            "images": n_ara,
+            "searches": 2,
+            "steps": ARA_STEPS,
+            "accuracy": ara.accuracy,
+            "attack_ara": round(ara.attack_ara, 5),
+            "btr_ara": round(ara.btr_ara, 5),
+            "seconds_per_image": round(t_ara / n_ara, 3),
+            **rate(flops_ara, t_ara),
+        },
     }
     print(f"device {report['device']} ({report['torch_threads']} threads); model: {model_desc}")
     print(f"float32 matmul: {peak:,.1f} GFLOP/s")
     print(f"ResNet-44 per image: forward {fwd / 1e9:.3f} GFLOP, forward + input gradient {fwd_bwd / 1e9:.3f} GFLOP")
     e, a = report["explanation"], report["ara_batch"]
-    print(f"explanation ({e['targets']} targets, {e['rows']} rows x {EXPLAIN_STEPS} steps): {e['seconds']:.3f} s, "
-          f"{e['gflop_per_s']:,.1f} GFLOP/s = {e['fraction_of_matmul_rate']:.1%} of the matmul rate")
-    print(f"ARA batch ({n_ara} images, l2min + btr, {ARA_STEPS} steps): {a['seconds']:.2f} s "
-          f"({a['seconds_per_image']:.3f} s/image), {a['gflop_per_s']:,.1f} GFLOP/s = "
-          f"{a['fraction_of_matmul_rate']:.1%} of the matmul rate")
+    print(
+        f"explanation ({e['targets']} targets, {e['rows']} rows x {EXPLAIN_STEPS} steps): {e['seconds']:.3f} s, "
+        f"{e['gflop_per_s']:,.1f} GFLOP/s = {e['fraction_of_matmul_rate']:.1%} of the matmul rate"
+    )
+    print(
+        f"ARA batch ({n_ara} images, l2min + btr, {ARA_STEPS} steps): {a['seconds']:.2f} s "
+        f"({a['seconds_per_image']:.3f} s/image), {a['gflop_per_s']:,.1f} GFLOP/s = "
+        f"{a['fraction_of_matmul_rate']:.1%} of the matmul rate"
+    )
     print(json.dumps(report))
 
 

@@ -38,15 +38,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import httpx
+import numpy as np
+import torch
+from PIL import Image
 
-from models.store.discovery import discover_checkpoints  # noqa: E402
-from models.store.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint  # noqa: E402
-from models.data.tensors import load_image_for_model  # noqa: E402
-from models.nn.registry import CIFAR10_MEAN, CIFAR10_STD, create_model  # noqa: E402
+from models.data.tensors import load_image_for_model
+from models.nn.registry import CIFAR10_MEAN, CIFAR10_STD, create_model
+from models.store.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from models.store.discovery import discover_checkpoints
 
 
 def pick_checkpoint(given: str | None, scratch: Path) -> Path:
@@ -57,9 +57,19 @@ def pick_checkpoint(given: str | None, scratch: Path) -> Path:
         return next(iter(bundled.values()))
     args = dict(depth=20, width=16, num_classes=10, in_channels=3, input_size=32, activation="hhrelu")
     path = scratch / "random-resnet20.safetensors"
-    save_checkpoint(path, create_model("preact_resnet", **args), CheckpointMeta(
-        arch="preact_resnet", arch_args=args, classes=[f"class{i}" for i in range(10)], input_size=32,
-        in_channels=3, mean=list(CIFAR10_MEAN), std=list(CIFAR10_STD)))
+    save_checkpoint(
+        path,
+        create_model("preact_resnet", **args),
+        CheckpointMeta(
+            arch="preact_resnet",
+            arch_args=args,
+            classes=[f"class{i}" for i in range(10)],
+            input_size=32,
+            in_channels=3,
+            mean=list(CIFAR10_MEAN),
+            std=list(CIFAR10_STD),
+        ),
+    )
     return path
 
 
@@ -98,8 +108,13 @@ def in_process(checkpoint: Path, png: bytes, threads: int, duration: float) -> d
         t = time.perf_counter()
         once()
         times.append(time.perf_counter() - t)
-    return {"images_per_s": len(times) / sum(times), "p50_ms": percentile(times, 50) * 1e3,
-            "p95_ms": percentile(times, 95) * 1e3, "n": len(times), "threads": threads}
+    return {
+        "images_per_s": len(times) / sum(times),
+        "p50_ms": percentile(times, 50) * 1e3,
+        "p95_ms": percentile(times, 95) * 1e3,
+        "n": len(times),
+        "threads": threads,
+    }
 
 
 def free_port() -> int:
@@ -108,17 +123,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(checkpoint: Path, name: str, workers: int, threads: int,
-                  scratch: Path) -> tuple[subprocess.Popen, str]:
+def start_service(
+    checkpoint: Path, name: str, workers: int, threads: int, scratch: Path
+) -> tuple[subprocess.Popen, str]:
     models = scratch / "models"
     models.mkdir()
     (models / f"{name}.safetensors").symlink_to(checkpoint.resolve())
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
-    env.update(AEX_MODEL_DIRS=str(models), AEX_BUNDLED_MODELS="false", AEX_PORT=str(port), AEX_WORKERS=str(workers),
-               AEX_TORCH_THREADS=str(threads), AEX_LOG_LEVEL="WARNING", AEX_MAX_QUEUE_DEPTH="10000")
-    proc = subprocess.Popen([sys.executable, "-m", "aex.cli", "serve"], cwd=REPO, env=env,
-                            stdout=open(scratch / "serve.log", "wb"), stderr=subprocess.STDOUT)
+    env.update(
+        AEX_MODEL_DIRS=str(models),
+        AEX_BUNDLED_MODELS="false",
+        AEX_PORT=str(port),
+        AEX_WORKERS=str(workers),
+        AEX_TORCH_THREADS=str(threads),
+        AEX_LOG_LEVEL="WARNING",
+        AEX_MAX_QUEUE_DEPTH="10000",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aex.cli", "serve"],
+        cwd=REPO,
+        env=env,
+        stdout=open(scratch / "serve.log", "wb"),  # noqa: SIM115 - the child owns it
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -163,9 +191,16 @@ def drive(url: str, model: str, size: int, channels: int, clients: int, warmup: 
         t.start()
     for t in threads:
         t.join()
-    return {"requests_per_s": len(latencies) / duration, "p50_ms": percentile(latencies, 50) * 1e3,
-            "p95_ms": percentile(latencies, 95) * 1e3, "p99_ms": percentile(latencies, 99) * 1e3,
-            "ok": len(latencies), "statuses": statuses, "clients": clients, "reused": reused[0]}
+    return {
+        "requests_per_s": len(latencies) / duration,
+        "p50_ms": percentile(latencies, 50) * 1e3,
+        "p95_ms": percentile(latencies, 95) * 1e3,
+        "p99_ms": percentile(latencies, 99) * 1e3,
+        "ok": len(latencies),
+        "statuses": statuses,
+        "clients": clients,
+        "reused": reused[0],
+    }
 
 
 def main() -> None:
@@ -206,17 +241,35 @@ def main() -> None:
     ratio = capacity / served["requests_per_s"] if served["requests_per_s"] else float("inf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     label = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.name
-    print(f"checkpoint {label}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}, "
-          f"{len(meta.classes)} classes; device {device}; {os.cpu_count()} cores")
+    print(
+        f"checkpoint {label}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}, "
+        f"{len(meta.classes)} classes; device {device}; {os.cpu_count()} cores"
+    )
     print(f"{'':28s}{'per s':>10s}{'p50 ms':>10s}{'p95 ms':>10s}")
-    print(f"{'in-process (1 proc, ' + str(threads) + ' thr)':28s}{local['images_per_s']:10.1f}"
-          f"{local['p50_ms']:10.2f}{local['p95_ms']:10.2f}")
-    print(f"{'service (' + str(args.workers) + ' wkr, ' + str(args.clients) + ' clients)':28s}"
-          f"{served['requests_per_s']:10.1f}{served['p50_ms']:10.2f}{served['p95_ms']:10.2f}")
-    print(f"overhead ratio (in-process x workers / service): {ratio:.2f}; statuses {served['statuses']}; "
-          f"answers reused from an earlier identical upload: {served['reused']}")
-    print(json.dumps({"checkpoint": label, "device": device, "workers": args.workers,
-                      "in_process": local, "service": served, "overhead_ratio": ratio}))
+    print(
+        f"{'in-process (1 proc, ' + str(threads) + ' thr)':28s}{local['images_per_s']:10.1f}"
+        f"{local['p50_ms']:10.2f}{local['p95_ms']:10.2f}"
+    )
+    print(
+        f"{'service (' + str(args.workers) + ' wkr, ' + str(args.clients) + ' clients)':28s}"
+        f"{served['requests_per_s']:10.1f}{served['p50_ms']:10.2f}{served['p95_ms']:10.2f}"
+    )
+    print(
+        f"overhead ratio (in-process x workers / service): {ratio:.2f}; statuses {served['statuses']}; "
+        f"answers reused from an earlier identical upload: {served['reused']}"
+    )
+    print(
+        json.dumps(
+            {
+                "checkpoint": label,
+                "device": device,
+                "workers": args.workers,
+                "in_process": local,
+                "service": served,
+                "overhead_ratio": ratio,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -18,17 +18,18 @@ import time
 import torch
 
 from models.nn.registry import create_model
-from models.train.penalty import AdaptivePsi
-from models.train.distributed import DistInfo
 from models.train.config import TrainConfig
-from models.train.step import train_step
+from models.train.distributed import DistInfo
+from models.train.penalty import AdaptivePsi
 from models.train.state import step_generator
+from models.train.step import train_step
 
 
 def time_steps(cfg: TrainConfig, batch: int, warmup: int, steps: int, device: torch.device) -> float:
     torch.manual_seed(0)
-    net = create_model(cfg.arch, activation="hhrelu" if cfg.robust else "relu",
-                       zero_init_residual=not cfg.robust).to(device)
+    net = create_model(cfg.arch, activation="hhrelu" if cfg.robust else "relu", zero_init_residual=not cfg.robust).to(
+        device
+    )
     net.train()
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     psi = AdaptivePsi() if cfg.robust else None
@@ -55,8 +56,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--adv-train", default=None, choices=["l2", "l2min"])
-    ap.add_argument("--only", default=None, choices=["standard", "robust"],
-                    help="time one kind only (e.g. two processes side by side)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        choices=["standard", "robust"],
+        help="time one kind only (e.g. two processes side by side)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,9 +76,19 @@ def main() -> None:
     ratio = results["standard"] / results["robust"] if len(results) == 2 else None
     if ratio is not None:
         print(f"ratio standard/robust {ratio:.2f}")
-    print(json.dumps({"arch": args.arch, "batch": args.batch, "device": str(device),
-                      "threads": torch.get_num_threads(), "adv_train": args.adv_train,
-                      "images_per_s": results, "ratio": ratio}))
+    print(
+        json.dumps(
+            {
+                "arch": args.arch,
+                "batch": args.batch,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "adv_train": args.adv_train,
+                "images_per_s": results,
+                "ratio": ratio,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -16,16 +16,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.version import __version__
 from models.errors import AexError, BadParameterError, ServiceUnavailableError
-from worker.settings import Settings
-from worker.queues import connect
-
+from models.version import __version__
 from service.errors import error_response, status_of
 from service.jobs import Catalogue, JobService
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import ops, v1
 from service.viewer import install_viewer
+from worker.queues import connect
+from worker.settings import Settings
 
 log = logging.getLogger("aex.service")
 
@@ -43,8 +42,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RedisTimeoutError)
     async def redis_gone(_request: Request, exc: Exception):
         log.error("Redis is unreachable: %s", exc)
-        return error_response(status_of(ServiceUnavailableError.code), ServiceUnavailableError.code,
-                              f"the job store (Redis) is unreachable: {exc}")
+        return error_response(
+            status_of(ServiceUnavailableError.code),
+            ServiceUnavailableError.code,
+            f"the job store (Redis) is unreachable: {exc}",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):
@@ -77,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="aex",
         version=__version__,
         description="Robust-network inference, Grad-CAM and adversarial explanations as queued jobs. "
-                    "Errors are JSON: {\"error\": {\"code\": ..., \"message\": ...}}.",
+        'Errors are JSON: {"error": {"code": ..., "message": ...}}.',
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -5,13 +5,14 @@ Blocking Redis calls: the routes run these methods in the thread pool.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -21,22 +22,28 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
-from models.version import __version__
+from models.errors import (
+    BadParameterError,
+    CheckpointError,
+    QueueFullError,
+    ServiceUnavailableError,
+    UnknownJobError,
+    UnknownModelError,
+)
 from models.explain.targets import count_rows, parse_targets
-from models.errors import BadParameterError, CheckpointError, QueueFullError, ServiceUnavailableError, UnknownJobError, UnknownModelError
-from worker.settings import Settings
 from models.store.discovery import catalogue_entry, discover_checkpoints
 from models.store.header import read_checkpoint_metadata
-from worker.callbacks import callback_meta, check_callback_url, delivery_record, notify_job_end
-from worker.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, live_worker_keys, published_catalogue
-from worker.states import STATUS_FROM_RQ, ApiStatus
-from worker.params import classify_parameters, explain_parameters, result_cache_key
-from worker.keys import cancel_key, dicom_key, images_key, result_index_key, upload_key
-from worker.failures import reap_abandoned
-from worker.job_metrics import record_job
-
+from models.version import __version__
 from service.schemas import ClassifyParams, CommonParams, ErrorBody, ExplainParams, JobView, Progress, Timings
 from service.uploads import Upload, check_dicom, check_image, is_dicom_upload
+from worker.callbacks import callback_meta, check_callback_url, delivery_record, notify_job_end
+from worker.failures import reap_abandoned
+from worker.job_metrics import record_job
+from worker.keys import cancel_key, dicom_key, images_key, result_index_key, upload_key
+from worker.params import classify_parameters, explain_parameters, result_cache_key
+from worker.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, live_worker_keys, published_catalogue
+from worker.settings import Settings
+from worker.states import STATUS_FROM_RQ, ApiStatus
 
 log = logging.getLogger("aex.service")
 
@@ -82,8 +89,9 @@ class Catalogue:
         """The entry of model ``name`` (None: AEX_DEFAULT_MODEL, else the first by name)."""
         models = self.models(conn)
         if not models:
-            raise ServiceUnavailableError("no models are served (no worker has published any and no checkpoint "
-                                          "was found)")
+            raise ServiceUnavailableError(
+                "no models are served (no worker has published any and no checkpoint was found)"
+            )
         name = name or self.settings.default_model or sorted(models)[0]
         if name not in models:
             raise UnknownModelError(f"unknown model {name!r}; served: {', '.join(sorted(models))}")
@@ -97,13 +105,15 @@ def check_targets(targets: list[str], entry: dict[str, Any], max_rows: int) -> N
     classes = entry["classes"]
     rendered, _ = count_rows(parse_targets(targets, classes), len(classes))
     if rendered > max_rows:
-        raise BadParameterError(f"{rendered} explanations to render, over the limit of {max_rows} "
-                                f"(AEX_MAX_EXPLAIN_ROWS)")
+        raise BadParameterError(
+            f"{rendered} explanations to render, over the limit of {max_rows} (AEX_MAX_EXPLAIN_ROWS)"
+        )
+
 
 def _utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 class JobService:
@@ -121,11 +131,20 @@ class JobService:
             raise ServiceUnavailableError(f"no worker is serving the {kind.value} queue; start one with `aex worker`")
         depth = queue.count
         if depth >= self.settings.max_queue_depth:
-            raise QueueFullError(f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = "
-                                 f"{self.settings.max_queue_depth}); retry later")
+            raise QueueFullError(
+                f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = "
+                f"{self.settings.max_queue_depth}); retry later"
+            )
 
-    def submit(self, kind: JobKind, image: bytes, model: str, kwargs: dict[str, Any],
-               meta: dict[str, Any] | None = None, timeout: int | None = None) -> str:
+    def submit(
+        self,
+        kind: JobKind,
+        image: bytes,
+        model: str,
+        kwargs: dict[str, Any],
+        meta: dict[str, Any] | None = None,
+        timeout: int | None = None,
+    ) -> str:
         """Store the upload (with its TTL) and enqueue the job by dotted path. Returns its id."""
         self.check_capacity(kind)
         job_id = uuid.uuid4().hex
@@ -133,9 +152,15 @@ class JobService:
             timeout = self.settings.classify_timeout if kind is JobKind.CLASSIFY else self.settings.explain_timeout
         self.conn.set(upload_key(job_id), image, ex=self.settings.upload_ttl)
         self.queues[kind].enqueue(
-            JOB_FUNCTIONS[kind], kwargs={"model": model, **kwargs}, job_id=job_id, job_timeout=timeout,
-            result_ttl=self.settings.result_ttl, failure_ttl=self.settings.result_ttl, ttl=self.settings.upload_ttl,
-            meta={"kind": kind.value, "model": model, **(meta or {})}, description=f"{kind.value} {model}",
+            JOB_FUNCTIONS[kind],
+            kwargs={"model": model, **kwargs},
+            job_id=job_id,
+            job_timeout=timeout,
+            result_ttl=self.settings.result_ttl,
+            failure_ttl=self.settings.result_ttl,
+            ttl=self.settings.upload_ttl,
+            meta={"kind": kind.value, "model": model, **(meta or {})},
+            description=f"{kind.value} {model}",
         )
         return job_id
 
@@ -159,26 +184,33 @@ class JobService:
         if params.stability_steps is None:
             return self.settings.stability_steps
         if params.stability_steps > self.settings.max_explain_steps:
-            raise BadParameterError(f"stability_steps = {params.stability_steps} is over the limit of "
-                                    f"{self.settings.max_explain_steps} (AEX_MAX_EXPLAIN_STEPS)")
+            raise BadParameterError(
+                f"stability_steps = {params.stability_steps} is over the limit of "
+                f"{self.settings.max_explain_steps} (AEX_MAX_EXPLAIN_STEPS)"
+            )
         return params.stability_steps
 
     def _job_meta(self, input_format: str, params: CommonParams) -> dict[str, Any]:
         meta: dict[str, Any] = {"input_format": input_format}
         if params.callback_url is not None:
             url = check_callback_url(params.callback_url, self.settings.callback_allowed_hosts)
-            meta["callback"] = callback_meta(url, self.settings.callback_attempts, self.settings.callback_timeout,
-                                             self.settings.callback_backoff_seconds, self.settings.result_ttl,
-                                             self.settings.public_url)
+            meta["callback"] = callback_meta(
+                url,
+                self.settings.callback_attempts,
+                self.settings.callback_timeout,
+                self.settings.callback_backoff_seconds,
+                self.settings.result_ttl,
+                self.settings.public_url,
+            )
         return meta
 
     def _cache_key(self, kind: JobKind, entry: dict[str, Any], data: bytes, parameters: dict[str, Any]) -> str:
         checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
-        return result_cache_key(kind.value, entry["name"], checkpoint, hashlib.sha256(data).hexdigest(), parameters,
-                                __version__)
+        return result_cache_key(
+            kind.value, entry["name"], checkpoint, hashlib.sha256(data).hexdigest(), parameters, __version__
+        )
 
-    def _reuse(self, kind: JobKind, model: str, key: str, kwargs: dict[str, Any],
-               meta: dict[str, Any]) -> str | None:
+    def _reuse(self, kind: JobKind, model: str, key: str, kwargs: dict[str, Any], meta: dict[str, Any]) -> str | None:
         """When a finished result for ``key`` is still kept, a new job that is finished at
         once with a copy of it (``reused: true``, ``reused_from``: the job that computed it)
         and shares its images; else None."""
@@ -198,19 +230,37 @@ class JobService:
         if not isinstance(result, dict) or ttl < MIN_REUSE_TTL_SECONDS:
             return None
         job_id = uuid.uuid4().hex
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         job = Job.create(
-            JOB_FUNCTIONS[kind], kwargs={"model": model, **kwargs}, connection=self.conn, serializer=SERIALIZER,
-            id=job_id, result_ttl=ttl, failure_ttl=ttl, status=JobStatus.FINISHED, origin=self.queues[kind].name,
+            JOB_FUNCTIONS[kind],
+            kwargs={"model": model, **kwargs},
+            connection=self.conn,
+            serializer=SERIALIZER,
+            id=job_id,
+            result_ttl=ttl,
+            failure_ttl=ttl,
+            status=JobStatus.FINISHED,
+            origin=self.queues[kind].name,
             description=f"{kind.value} {model} (reused {source.id})",
-            meta={"kind": kind.value, "model": model, **meta, "cache_key": key, "reused_from": source.id,
-                  "result_job": source.meta.get("result_job", source.id)},
+            meta={
+                "kind": kind.value,
+                "model": model,
+                **meta,
+                "cache_key": key,
+                "reused_from": source.id,
+                "result_job": source.meta.get("result_job", source.id),
+            },
         )
         job.enqueued_at = job.started_at = job.ended_at = now
         with self.conn.pipeline() as pipe:
             job.save(pipeline=pipe)
-            Result.create(job, Result.Type.SUCCESSFUL, ttl, return_value={**result, "reused": True,
-                                                                         "reused_from": source.id}, pipeline=pipe)
+            Result.create(
+                job,
+                Result.Type.SUCCESSFUL,
+                ttl,
+                return_value={**result, "reused": True, "reused_from": source.id},
+                pipeline=pipe,
+            )
             job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
             self.queues[kind].finished_job_registry.add(job, ttl, pipe)
             pipe.execute()
@@ -219,8 +269,15 @@ class JobService:
         log.info("job %s answered from the result of job %s", job_id, source.id)
         return job_id
 
-    def _start(self, kind: JobKind, upload: Upload, entry: dict[str, Any], kwargs: dict[str, Any],
-               meta: dict[str, Any], timeout: int | None = None) -> str:
+    def _start(
+        self,
+        kind: JobKind,
+        upload: Upload,
+        entry: dict[str, Any],
+        kwargs: dict[str, Any],
+        meta: dict[str, Any],
+        timeout: int | None = None,
+    ) -> str:
         """The id of a job answering the request: a reused result, or a newly queued job."""
         key = self._cache_key(kind, entry, upload.data, kwargs)
         job_id = self._reuse(kind, entry["name"], key, kwargs, meta)
@@ -237,8 +294,9 @@ class JobService:
         input_format = self._check_input(upload, params)
         entry = self.catalogue.resolve(self.conn, params.model)
         stability_steps = self._stability_steps(params) if params.stability else None
-        kwargs = classify_parameters(params.top_k, params.stability, stability_steps or 0,
-                                     params.window_center, params.window_width)
+        kwargs = classify_parameters(
+            params.top_k, params.stability, stability_steps or 0, params.window_center, params.window_width
+        )
         meta = self._job_meta(input_format, params)
         # The stability searches take seconds, not milliseconds: the explain time limit.
         timeout = self.settings.explain_timeout if params.stability else None
@@ -252,16 +310,26 @@ class JobService:
         input_format = self._check_input(upload, params)
         entry = self.catalogue.resolve(self.conn, params.model)
         if params.steps > self.settings.max_explain_steps:
-            raise BadParameterError(f"steps = {params.steps} is over the limit of {self.settings.max_explain_steps} "
-                                    f"(AEX_MAX_EXPLAIN_STEPS)")
+            raise BadParameterError(
+                f"steps = {params.steps} is over the limit of {self.settings.max_explain_steps} (AEX_MAX_EXPLAIN_STEPS)"
+            )
         check_targets(params.targets, entry, self.settings.max_explain_rows)
         if params.layer is not None and "layers" in entry and params.layer not in entry["layers"]:
-            raise BadParameterError(f"model {entry['name']!r} has no layer {params.layer!r} (the default is "
-                                    f"{entry.get('gradcam_layer')!r}; GET /v1/models/{entry['name']} lists them)")
+            raise BadParameterError(
+                f"model {entry['name']!r} has no layer {params.layer!r} (the default is "
+                f"{entry.get('gradcam_layer')!r}; GET /v1/models/{entry['name']} lists them)"
+            )
         # The default layer by name, so that naming it or not is the same request.
         layer = params.layer or entry.get("gradcam_layer")
-        kwargs = explain_parameters(params.targets, params.rho, params.steps, layer, self._stability_steps(params),
-                                    params.window_center, params.window_width)
+        kwargs = explain_parameters(
+            params.targets,
+            params.rho,
+            params.steps,
+            layer,
+            self._stability_steps(params),
+            params.window_center,
+            params.window_width,
+        )
         job_id = self._start(JobKind.EXPLAIN, upload, entry, kwargs, self._job_meta(input_format, params))
         return self.view(job_id)
 
@@ -303,9 +371,11 @@ class JobService:
         enq, start, end = _utc(job.enqueued_at), _utc(job.started_at), _utc(job.ended_at)
         if api_status is ApiStatus.QUEUED:
             start = end = None
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         timings = Timings(
-            enqueued_at=enq, started_at=start, ended_at=end,
+            enqueued_at=enq,
+            started_at=start,
+            ended_at=end,
             queued_seconds=((start or now) - enq).total_seconds() if enq else None,
             run_seconds=((end or now) - start).total_seconds() if start else None,
         )
@@ -328,14 +398,29 @@ class JobService:
                             if target.get(key):
                                 target[f"{key}_url"] = f"{url}/dicom/{target[key]}"
         elif api_status is ApiStatus.FAILED:
-            error = ErrorBody(**job.meta["error"]) if isinstance(job.meta.get("error"), dict) else ErrorBody(
-                code="job_failed", message=(job.exc_info or "the job failed").strip().splitlines()[-1])
+            error = (
+                ErrorBody(**job.meta["error"])
+                if isinstance(job.meta.get("error"), dict)
+                else ErrorBody(code="job_failed", message=(job.exc_info or "the job failed").strip().splitlines()[-1])
+            )
         elif api_status is ApiStatus.CANCELLED:
             error = ErrorBody(code="job_cancelled", message="the job was cancelled")
 
-        return JobView(id=job.id, url=url, kind=kind, status=api_status, model=job.meta.get("model"),
-                       queue_position=position, progress=progress, timings=timings, result=result, images=images,
-                       dicom=dicom, callback=delivery_record(self.conn, job), error=error)
+        return JobView(
+            id=job.id,
+            url=url,
+            kind=kind,
+            status=api_status,
+            model=job.meta.get("model"),
+            queue_position=position,
+            progress=progress,
+            timings=timings,
+            result=result,
+            images=images,
+            dicom=dicom,
+            callback=delivery_record(self.conn, job),
+            error=error,
+        )
 
     @staticmethod
     def _result_job(job: Job) -> str:
@@ -348,8 +433,7 @@ class JobService:
             raise UnknownJobError(f"job {job_id} has no image {name!r}")
         data = self.conn.hget(images_key(self._result_job(job)), name)
         if data is None:
-            raise UnknownJobError(f"job {job_id} has no image {name!r} (not finished, not an explain job, or "
-                                  f"expired)")
+            raise UnknownJobError(f"job {job_id} has no image {name!r} (not finished, not an explain job, or expired)")
         return data
 
     def dicom(self, job_id: str, name: str) -> bytes:
@@ -359,8 +443,10 @@ class JobService:
             raise UnknownJobError(f"job {job_id} has no DICOM object {name!r}")
         data = self.conn.hget(dicom_key(self._result_job(job)), name)
         if data is None:
-            raise UnknownJobError(f"job {job_id} has no DICOM object {name!r} (not finished, not an explain job "
-                                  f"on DICOM input, or expired)")
+            raise UnknownJobError(
+                f"job {job_id} has no DICOM object {name!r} (not finished, not an explain job "
+                f"on DICOM input, or expired)"
+            )
         return data
 
     # --- cancelling --------------------------------------------------------------------
@@ -374,10 +460,9 @@ class JobService:
         # The flag covers the race where a worker takes the job while we cancel it.
         self.conn.set(cancel_key(job_id), 1, ex=self.settings.result_ttl)
         if status == JobStatus.STARTED:
-            try:
+            # It may have stopped running meanwhile; the flag (or its end) settles it.
+            with contextlib.suppress(InvalidJobOperation):
                 send_stop_job_command(self.conn, job_id, serializer=SERIALIZER)
-            except InvalidJobOperation:
-                pass  # it stopped running meanwhile; the flag (or its end) settles it
         else:
             try:
                 job.cancel()
@@ -387,4 +472,3 @@ class JobService:
             except InvalidJobOperation:
                 pass  # cancelled by another request meanwhile
         return self.view(job_id)
-

@@ -10,8 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
 from worker.job_metrics import read_job_metrics
+from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
 
 
 class ClusterCollector:
@@ -38,14 +38,17 @@ class ClusterCollector:
         yield up
         yield depth
         yield workers
-        jobs = CounterMetricFamily("aex_jobs", "jobs ended, by kind and outcome (finished, failed, cancelled, "
-                                               "abandoned = worker lost, reused = answered from an earlier "
-                                               "identical request's result)", labels=["kind", "outcome"])
+        jobs = CounterMetricFamily(
+            "aex_jobs",
+            "jobs ended, by kind and outcome (finished, failed, cancelled, "
+            "abandoned = worker lost, reused = answered from an earlier "
+            "identical request's result)",
+            labels=["kind", "outcome"],
+        )
         for (kind, outcome), n in sorted(data["outcomes"].items()):
             jobs.add_metric([kind, outcome], n)
         yield jobs
-        hist = HistogramMetricFamily("aex_job_duration_seconds", "run time of finished jobs, by kind",
-                                     labels=["kind"])
+        hist = HistogramMetricFamily("aex_job_duration_seconds", "run time of finished jobs, by kind", labels=["kind"])
         for kind, d in data["durations"].items():
             hist.add_metric([kind], [(str(le), n) for le, n in d["buckets"]] + [("+Inf", d["count"])], d["sum"])
         yield hist
@@ -56,10 +59,18 @@ class Metrics:
 
     def __init__(self, conn: Redis):
         self.registry = CollectorRegistry()
-        self.requests = Counter("aex_http_requests", "HTTP requests, by method, route and status",
-                                ["method", "route", "status"], registry=self.registry)
-        self.latency = Histogram("aex_http_request_duration_seconds", "HTTP request latency, by method and route",
-                                 ["method", "route"], registry=self.registry)
+        self.requests = Counter(
+            "aex_http_requests",
+            "HTTP requests, by method, route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "aex_http_request_duration_seconds",
+            "HTTP request latency, by method and route",
+            ["method", "route"],
+            registry=self.registry,
+        )
         self.registry.register(ClusterCollector(conn))
 
 

@@ -9,13 +9,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from models.errors import ServiceUnavailableError
-from service.errors import status_of
-from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
-from worker.states import ApiStatus
-
 from service.deps import JobsDep, SettingsDep
+from service.errors import status_of
 from service.schemas import ClassifyParams, ErrorResponse, ExplainParams, JobView, multipart_openapi, parse_params
 from service.uploads import read_upload
+from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from worker.states import ApiStatus
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)}
 
@@ -28,8 +27,12 @@ def _job_response(view: JobView, status_code: int) -> JSONResponse:
     return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
-@v1.post("/classify", response_model=JobView, openapi_extra=multipart_openapi(ClassifyParams),
-         responses={202: {"model": JobView, "description": "still running: poll the Location"}, **ERRORS})
+@v1.post(
+    "/classify",
+    response_model=JobView,
+    openapi_extra=multipart_openapi(ClassifyParams),
+    responses={202: {"model": JobView, "description": "still running: poll the Location"}, **ERRORS},
+)
 async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Response:
     """Classify an image or a DICOM file (optionally with its stability score). Answers 200
     with the result when the job ends within AEX_CLASSIFY_WAIT_SECONDS (at once when an
@@ -45,9 +48,16 @@ async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Re
     return _job_response(view, 202)
 
 
-@v1.post("/explain", status_code=202, response_model=JobView, openapi_extra=multipart_openapi(ExplainParams),
-         responses={200: {"model": JobView, "description": "answered from an identical request's result "
-                                                           "(result.reused = true)"}, **ERRORS})
+@v1.post(
+    "/explain",
+    status_code=202,
+    response_model=JobView,
+    openapi_extra=multipart_openapi(ExplainParams),
+    responses={
+        200: {"model": JobView, "description": "answered from an identical request's result (result.reused = true)"},
+        **ERRORS,
+    },
+)
 async def explain(request: Request, settings: SettingsDep, jobs: JobsDep) -> Response:
     """Queue adversarial explanations, Grad-CAM and the stability score for an image or a
     DICOM file; answers 202 with ``Location: /v1/jobs/{id}``, or 200 with the finished job
@@ -71,21 +81,32 @@ def cancel_job(job_id: str, jobs: JobsDep) -> Response:
     return _job_response(view, 202 if view.status is ApiStatus.RUNNING else 200)
 
 
-@v1.get("/jobs/{job_id}/images/{name}", response_class=Response, responses={
-    200: {"content": {"image/png": {}}, "description": "a PNG"}, **ERRORS})
+@v1.get(
+    "/jobs/{job_id}/images/{name}",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "a PNG"}, **ERRORS},
+)
 def get_image(job_id: str, name: str, jobs: JobsDep) -> Response:
     """One PNG of a finished explain job (names are in the job's ``images``)."""
     return Response(jobs.image(job_id, name), media_type="image/png")
 
 
-@v1.get("/jobs/{job_id}/dicom/{name}", response_class=Response, responses={
-    200: {"content": {"application/dicom": {}}, "description": "a DICOM Part 10 file (Secondary Capture)"},
-    **ERRORS})
+@v1.get(
+    "/jobs/{job_id}/dicom/{name}",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/dicom": {}}, "description": "a DICOM Part 10 file (Secondary Capture)"},
+        **ERRORS,
+    },
+)
 def get_dicom(job_id: str, name: str, jobs: JobsDep) -> Response:
     """One DICOM Secondary Capture object of a finished explain job on DICOM input (names
     are in the job's ``dicom``): in the source's study, a new series, referencing the source."""
-    return Response(jobs.dicom(job_id, name), media_type="application/dicom",
-                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return Response(
+        jobs.dicom(job_id, name),
+        media_type="application/dicom",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
 
 
 @v1.get("/models")
@@ -93,8 +114,10 @@ def list_models(settings: SettingsDep, jobs: JobsDep) -> dict:
     """The served checkpoints with their metadata and metrics."""
     models = jobs.catalogue.models(jobs.conn)
     default = settings.default_model or (sorted(models)[0] if models else None)
-    return {"default": default,
-            "models": [{k: v for k, v in models[name].items() if k != "layers"} for name in sorted(models)]}
+    return {
+        "default": default,
+        "models": [{k: v for k, v in models[name].items() if k != "layers"} for name in sorted(models)],
+    }
 
 
 @v1.get("/models/{name}", responses=ERRORS)

@@ -10,12 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from models.defaults import ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
 from models.errors import BadParameterError
 from models.explain.targets import split_specs
-from worker.states import ApiStatus
 from worker.queues import JobKind
+from worker.states import ApiStatus
 
-
-IMAGE_DESCRIPTION = ("the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit), or a "
-                     "single-frame DICOM file (recognised by its DICM header, a .dcm name or application/dicom)")
+IMAGE_DESCRIPTION = (
+    "the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit), or a "
+    "single-frame DICOM file (recognised by its DICM header, a .dcm name or application/dicom)"
+)
 
 
 class CommonParams(BaseModel):
@@ -24,16 +25,27 @@ class CommonParams(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     image: Any = Field(None, json_schema_extra={"type": "string", "format": "binary"}, description=IMAGE_DESCRIPTION)
-    model: str | None = Field(None, description="served model name (GET /v1/models); default: AEX_DEFAULT_MODEL "
-                                                "or the first by name")
-    window_center: float | None = Field(None, description="DICOM only: VOI window centre overriding the file's "
-                                                          "(in modality units, e.g. HU); give window_width too")
-    window_width: float | None = Field(None, gt=0.0, description="DICOM only: VOI window width overriding the "
-                                                                 "file's; give window_center too")
-    stability_steps: int | None = Field(None, ge=1, description="steps of each stability search (default "
-                                                                f"AEX_STABILITY_STEPS = {ARA_STEPS}, the ARA setting)")
-    callback_url: str | None = Field(None, description="http(s) URL that receives a JSON POST when the job "
-                                                       "ends; its host must be on AEX_CALLBACK_ALLOWED_HOSTS")
+    model: str | None = Field(
+        None, description="served model name (GET /v1/models); default: AEX_DEFAULT_MODEL or the first by name"
+    )
+    window_center: float | None = Field(
+        None,
+        description="DICOM only: VOI window centre overriding the file's "
+        "(in modality units, e.g. HU); give window_width too",
+    )
+    window_width: float | None = Field(
+        None, gt=0.0, description="DICOM only: VOI window width overriding the file's; give window_center too"
+    )
+    stability_steps: int | None = Field(
+        None,
+        ge=1,
+        description=f"steps of each stability search (default AEX_STABILITY_STEPS = {ARA_STEPS}, the ARA setting)",
+    )
+    callback_url: str | None = Field(
+        None,
+        description="http(s) URL that receives a JSON POST when the job "
+        "ends; its host must be on AEX_CALLBACK_ALLOWED_HOSTS",
+    )
 
     @field_validator("model", "callback_url", mode="before")
     @classmethod
@@ -55,15 +67,19 @@ class ClassifyParams(CommonParams):
     """Multipart form fields of POST /v1/classify."""
 
     top_k: int = Field(5, ge=1, le=1000, description="how many of the most probable classes to list")
-    stability: bool = Field(False, description="also compute the stability score (two searches: seconds, not "
-                                               "milliseconds; the answer is then usually 202)")
+    stability: bool = Field(
+        False,
+        description="also compute the stability score (two searches: seconds, not "
+        "milliseconds; the answer is then usually 202)",
+    )
 
 
 class ExplainParams(CommonParams):
     """Multipart form fields of POST /v1/explain (the stability score is always computed)."""
 
-    targets: list[str] = Field(list(REQUEST_TARGETS),
-                               description="comma-separated: predicted, runner-up, all, class names or indices")
+    targets: list[str] = Field(
+        list(REQUEST_TARGETS), description="comma-separated: predicted, runner-up, all, class names or indices"
+    )
     rho: float = Field(EXPLAIN_RHO, gt=0.0, le=10.0, description="perturbation budget, RMS of delta in [0, 1] pixels")
     steps: int = Field(EXPLAIN_STEPS, ge=1, description="search steps S (at most AEX_MAX_EXPLAIN_STEPS)")
     layer: str | None = Field(None, description="Grad-CAM layer, dotted module name (default: the model's)")
@@ -96,8 +112,12 @@ def multipart_openapi(model: type[BaseModel]) -> dict[str, Any]:
     # A list field arrives as one comma-separated text field.
     for name, prop in schema.get("properties", {}).items():
         if prop.get("type") == "array":
-            schema["properties"][name] = {"type": "string", "default": ",".join(prop.get("default", [])),
-                                          "description": prop.get("description", ""), "title": prop.get("title", name)}
+            schema["properties"][name] = {
+                "type": "string",
+                "default": ",".join(prop.get("default", [])),
+                "description": prop.get("description", ""),
+                "title": prop.get("title", name),
+            }
     return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
 
 
@@ -137,13 +157,20 @@ class JobView(BaseModel):
     queue_position: int | None = Field(None, description="0 = next to run; only while queued")
     progress: Progress | None = None
     timings: Timings
-    result: dict[str, Any] | None = Field(None, description="when finished: probabilities, per-target "
-                                                            "probabilities before/after, rms(delta), image URLs, "
-                                                            "stability, provenance, reused")
+    result: dict[str, Any] | None = Field(
+        None,
+        description="when finished: probabilities, per-target "
+        "probabilities before/after, rms(delta), image URLs, "
+        "stability, provenance, reused",
+    )
     images: dict[str, str] | None = Field(None, description="name -> URL of each PNG (explain jobs)")
-    dicom: dict[str, str] | None = Field(None, description="name -> URL of each DICOM Secondary Capture object "
-                                                           "(explain jobs on DICOM input)")
-    callback: dict[str, Any] | None = Field(None, description="delivery of the callback_url POST: url, state "
-                                                              "(waiting, pending, retrying, delivered, failed), "
-                                                              "attempts, last_status, last_error")
+    dicom: dict[str, str] | None = Field(
+        None, description="name -> URL of each DICOM Secondary Capture object (explain jobs on DICOM input)"
+    )
+    callback: dict[str, Any] | None = Field(
+        None,
+        description="delivery of the callback_url POST: url, state "
+        "(waiting, pending, retrying, delivered, failed), "
+        "attempts, last_status, last_error",
+    )
     error: ErrorBody | None = None

@@ -13,10 +13,10 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from models.data.imaging import open_image
+from models.dicom.pixels import DicomImage, dicom_to_pixels, is_dicom, read_dicom
 from models.errors import BadParameterError, DecompressionBombError, UploadTooLargeError
 from worker.settings import Settings
-from models.dicom.pixels import DicomImage, dicom_to_pixels, is_dicom, read_dicom
-from models.data.imaging import open_image
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 DICOM_MEDIA_TYPE = "application/dicom"
@@ -92,8 +92,9 @@ def check_image(data: bytes, settings: Settings) -> Image.Image:
 def is_dicom_upload(upload: Upload) -> bool:
     """A DICOM file: the 'DICM' magic, a .dcm/.dicom name, or the application/dicom type."""
     media = (upload.content_type or "").split(";")[0].strip().lower()
-    return (is_dicom(upload.data) or (upload.filename or "").lower().endswith(DICOM_SUFFIXES)
-            or media == DICOM_MEDIA_TYPE)
+    return (
+        is_dicom(upload.data) or (upload.filename or "").lower().endswith(DICOM_SUFFIXES) or media == DICOM_MEDIA_TYPE
+    )
 
 
 def check_dicom(data: bytes, settings: Settings, window: tuple[float, float] | None) -> DicomImage:
@@ -109,6 +110,8 @@ def check_dicom(data: bytes, settings: Settings, window: tuple[float, float] | N
     except (TypeError, ValueError):
         rows = cols = frames = 0
     if rows * cols * max(1, frames) > settings.max_image_pixels:
-        raise DecompressionBombError(f"DICOM image is {cols}x{rows} x {frames} frame(s), over the limit of "
-                                     f"{settings.max_image_pixels} pixels (AEX_MAX_IMAGE_PIXELS)")
+        raise DecompressionBombError(
+            f"DICOM image is {cols}x{rows} x {frames} frame(s), over the limit of "
+            f"{settings.max_image_pixels} pixels (AEX_MAX_IMAGE_PIXELS)"
+        )
     return dicom_to_pixels(ds, window)

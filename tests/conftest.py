@@ -67,12 +67,13 @@ def _tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str]
     import torch
     from torch import nn
 
-    from models.store.checkpoint import CheckpointMeta, save_checkpoint
     from models.nn.registry import create_model
+    from models.store.checkpoint import CheckpointMeta, save_checkpoint
 
     torch.manual_seed(seed)
-    args = dict(depth=8, width=4, num_classes=len(classes), in_channels=in_channels, input_size=size,
-                zero_init_residual=False)
+    args = dict(
+        depth=8, width=4, num_classes=len(classes), in_channels=in_channels, input_size=size, zero_init_residual=False
+    )
     model = create_model("preact_resnet", **args)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # random BN statistics, so the outputs depend on the image
@@ -81,9 +82,16 @@ def _tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str]
                 m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    meta = CheckpointMeta(arch="preact_resnet", arch_args=args, classes=classes, input_size=size,
-                          in_channels=in_channels, mean=[0.5] * in_channels, std=[0.25] * in_channels,
-                          metrics={"test_accuracy": 0.1, "n": 10, "seed": seed})
+    meta = CheckpointMeta(
+        arch="preact_resnet",
+        arch_args=args,
+        classes=classes,
+        input_size=size,
+        in_channels=in_channels,
+        mean=[0.5] * in_channels,
+        std=[0.25] * in_channels,
+        metrics={"test_accuracy": 0.1, "n": 10, "seed": seed},
+    )
     save_checkpoint(path, model, meta)
 
 
@@ -166,9 +174,19 @@ def stack_settings(server, db: int, models: Path, **overrides):
     in seconds, one torch thread per worker (the test machine's cores are shared)."""
     from worker.settings import Settings
 
-    base = dict(redis_url=redis_url(server, db), model_dirs=[models], bundled_models=False, torch_threads=1,
-                worker_ttl=6, job_heartbeat_ttl=2, maintenance_interval=1, classify_wait_seconds=30.0,
-                max_explain_steps=LONG_STEPS, stability_steps=SERVICE_STABILITY_STEPS, log_level="WARNING")
+    base = dict(
+        redis_url=redis_url(server, db),
+        model_dirs=[models],
+        bundled_models=False,
+        torch_threads=1,
+        worker_ttl=6,
+        job_heartbeat_ttl=2,
+        maintenance_interval=1,
+        classify_wait_seconds=30.0,
+        max_explain_steps=LONG_STEPS,
+        stability_steps=SERVICE_STABILITY_STEPS,
+        log_level="WARNING",
+    )
     return Settings(**{**base, **overrides})
 
 
@@ -182,8 +200,13 @@ class WorkerProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
         env.update(settings.as_env())
         self.log_path = log_path
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=REPO_ROOT,
-                                     stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker"],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=open(log_path, "wb"),  # noqa: SIM115 - the child owns it
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def pid(self) -> int:

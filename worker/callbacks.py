@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,11 +28,10 @@ import httpx
 from redis import Redis
 from rq.job import Job
 
-from models.version import __version__
 from models.errors import BadParameterError
-
-from worker.states import STATUS_FROM_RQ, ApiStatus
+from models.version import __version__
 from worker.keys import callback_key
+from worker.states import STATUS_FROM_RQ, ApiStatus
 
 log = logging.getLogger("aex.callbacks")
 
@@ -73,16 +72,24 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> str:
     if not host:
         raise BadParameterError("callback_url has no host")
     if not host_allowed(host, allowed_hosts):
-        raise BadParameterError(f"callback host {host!r} is not allowed (AEX_CALLBACK_ALLOWED_HOSTS: "
-                                f"{', '.join(allowed_hosts)})")
+        raise BadParameterError(
+            f"callback host {host!r} is not allowed (AEX_CALLBACK_ALLOWED_HOSTS: {', '.join(allowed_hosts)})"
+        )
     return url
 
 
-def callback_meta(url: str, attempts: int, timeout: float, backoff: float, ttl: int,
-                  public_url: str | None) -> dict[str, Any]:
+def callback_meta(
+    url: str, attempts: int, timeout: float, backoff: float, ttl: int, public_url: str | None
+) -> dict[str, Any]:
     """What the API stores in ``job.meta["callback"]``: the URL and the delivery policy."""
-    return {"url": url, "attempts": int(attempts), "timeout": float(timeout), "backoff": float(backoff),
-            "ttl": int(ttl), "public_url": public_url}
+    return {
+        "url": url,
+        "attempts": int(attempts),
+        "timeout": float(timeout),
+        "backoff": float(backoff),
+        "ttl": int(ttl),
+        "public_url": public_url,
+    }
 
 
 def delivery_record(conn: Redis, job: Job) -> dict[str, Any] | None:
@@ -100,7 +107,7 @@ def delivery_record(conn: Redis, job: Job) -> dict[str, Any] | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()
 
 
 def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict
         "result_url": (public_url.rstrip("/") + path) if public_url else path,
         "error": error if isinstance(error, dict) else None,
         "reused_from": job.meta.get("reused_from"),
-        "ended_at": job.ended_at.replace(tzinfo=timezone.utc).isoformat() if job.ended_at else _now(),
+        "ended_at": job.ended_at.replace(tzinfo=UTC).isoformat() if job.ended_at else _now(),
     }
 
 
@@ -135,11 +142,15 @@ def notify_job_end(conn: Redis, job: Job, status: ApiStatus | None = None) -> th
         ttl = max(1, int(meta.get("ttl", 3600)))
         if not conn.set(callback_key(job.id), json.dumps(record), nx=True, ex=ttl):
             return None  # someone else sends it
-        thread = threading.Thread(target=deliver, args=(conn, job.id, meta, payload, record, ttl),
-                                  name=f"aex-callback-{job.id[:8]}", daemon=False)
+        thread = threading.Thread(
+            target=deliver,
+            args=(conn, job.id, meta, payload, record, ttl),
+            name=f"aex-callback-{job.id[:8]}",
+            daemon=False,
+        )
         thread.start()
         return thread
-    except Exception:  # noqa: BLE001 - a callback must never break the job's own ending
+    except Exception:
         log.exception("could not start the callback of job %s", getattr(job, "id", "?"))
         return None
 
@@ -147,12 +158,13 @@ def notify_job_end(conn: Redis, job: Job, status: ApiStatus | None = None) -> th
 def _save(conn: Redis, job_id: str, record: dict[str, Any], ttl: int) -> None:
     try:
         conn.set(callback_key(job_id), json.dumps(record), ex=ttl)
-    except Exception:  # noqa: BLE001 - the record is informative; delivery goes on
+    except Exception:
         log.warning("could not record the callback state of job %s", job_id)
 
 
-def deliver(conn: Redis, job_id: str, meta: dict[str, Any], payload: dict[str, Any], record: dict[str, Any],
-            ttl: int) -> dict[str, Any]:
+def deliver(
+    conn: Redis, job_id: str, meta: dict[str, Any], payload: dict[str, Any], record: dict[str, Any], ttl: int
+) -> dict[str, Any]:
     """POST ``payload`` to ``meta["url"]`` with retries; returns the final record."""
     attempts = max(1, int(meta.get("attempts", 5)))
     backoff = float(meta.get("backoff", 1.0))
@@ -182,11 +194,16 @@ def deliver(conn: Redis, job_id: str, meta: dict[str, Any], payload: dict[str, A
                 record["state"] = RETRYING
                 _save(conn, job_id, record, ttl)
                 time.sleep(min(MAX_BACKOFF_SECONDS, backoff * 2 ** (attempt - 1)))
-    except Exception as exc:  # noqa: BLE001 - never let a callback kill its process
+    except Exception as exc:
         log.exception("callback of job %s failed unexpectedly", job_id)
         record["last_error"] = f"{type(exc).__name__}: {exc}"
     record["state"] = FAILED
     _save(conn, job_id, record, ttl)
-    log.warning("callback of job %s to %s failed after %d attempt(s): %s", job_id, meta.get("url"),
-                record["attempts"], record.get("last_error") or record.get("last_status"))
+    log.warning(
+        "callback of job %s to %s failed after %d attempt(s): %s",
+        job_id,
+        meta.get("url"),
+        record["attempts"],
+        record.get("last_error") or record.get("last_status"),
+    )
     return record

@@ -51,10 +51,13 @@ def _dicom_info(dicom: DicomImage) -> dict[str, Any]:
         "sop_class": sop.name if sop is not None else None,
         "modality": ds.get("Modality"),
         "photometric_interpretation": ds.get("PhotometricInterpretation"),
-        "rows": ds.get("Rows"), "columns": ds.get("Columns"),
-        "bits_stored": ds.get("BitsStored"), "samples_per_pixel": ds.get("SamplesPerPixel"),
+        "rows": ds.get("Rows"),
+        "columns": ds.get("Columns"),
+        "bits_stored": ds.get("BitsStored"),
+        "samples_per_pixel": ds.get("SamplesPerPixel"),
         "transfer_syntax": ts.name if ts is not None else None,
-        "rescale_slope": num("RescaleSlope"), "rescale_intercept": num("RescaleIntercept"),
+        "rescale_slope": num("RescaleSlope"),
+        "rescale_intercept": num("RescaleIntercept"),
         "window": list(dicom.window) if dicom.window is not None else None,
         "inverted": str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1",
     }
@@ -79,8 +82,14 @@ def cache_key(kind: str, served: ServedModel, digest: str, parameters: dict[str,
     return result_cache_key(kind, served.name, served.checkpoint_sha256, digest, parameters, __version__)
 
 
-def classify_result(served: ServedModel, data: bytes, input_format: str, parameters: dict[str, Any],
-                    progress: Progress | None = None, worker: str | None = None) -> dict[str, Any]:
+def classify_result(
+    served: ServedModel,
+    data: bytes,
+    input_format: str,
+    parameters: dict[str, Any],
+    progress: Progress | None = None,
+    worker: str | None = None,
+) -> dict[str, Any]:
     """The result of a classify job: top classes, every probability, (with ``stability``) the
     stability score, and the provenance. parameters: ``worker.params.classify_parameters``."""
     start = time.perf_counter()
@@ -93,17 +102,24 @@ def classify_result(served: ServedModel, data: bytes, input_format: str, paramet
     timings["inference_seconds"] = time.perf_counter() - t
     classes, top_k = served.meta.classes, int(parameters["top_k"])
     order = probs.argsort(descending=True).tolist()
-    top = [{"class_index": i, "class_name": classes[i], "prob": float(probs[i])}
-           for i in order[: max(1, min(top_k, len(classes)))]]
-    result: dict[str, Any] = {"model": served.name, "predicted": top[0], "top": top,
-                              "probs": {c: float(p) for c, p in zip(classes, probs.tolist())}}
+    top = [
+        {"class_index": i, "class_name": classes[i], "prob": float(probs[i])}
+        for i in order[: max(1, min(top_k, len(classes)))]
+    ]
+    result: dict[str, Any] = {
+        "model": served.name,
+        "predicted": top[0],
+        "top": top,
+        "probs": {c: float(p) for c, p in zip(classes, probs.tolist())},
+    }
     method: dict[str, Any] = {"top_k": top_k}
     if parameters.get("stability"):
         steps = int(parameters["stability_steps"])
         t = time.perf_counter()
         phase = None if progress is None else (lambda done, total: progress(done, total, "stability"))
-        result["stability"] = stability_report(served.model, x, classes, served.meta.metrics.get("ara_radii"),
-                                               steps=steps, progress=phase)
+        result["stability"] = stability_report(
+            served.model, x, classes, served.meta.metrics.get("ara_radii"), steps=steps, progress=phase
+        )
         timings["stability_seconds"] = time.perf_counter() - t
         method["stability"] = stability_method(steps)
     key = cache_key("classify", served, digest, parameters)
@@ -111,8 +127,16 @@ def classify_result(served: ServedModel, data: bytes, input_format: str, paramet
     result["seconds"] = timings["total_seconds"]
     result["reused"] = False
     result["provenance"] = build_provenance(
-        served, kind="classify", parameters=parameters, method=method, input_sha256=digest, input_info=info,
-        cache_key=key, timings=timings, worker=worker)
+        served,
+        kind="classify",
+        parameters=parameters,
+        method=method,
+        input_sha256=digest,
+        input_info=info,
+        cache_key=key,
+        timings=timings,
+        worker=worker,
+    )
     return result
 
 
@@ -120,8 +144,9 @@ def _png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def secondary_capture_files(dicom: DicomImage, served: ServedModel, summary: dict[str, Any],
-                            files: dict[str, bytes], parameters: dict[str, Any]) -> dict[str, bytes]:
+def secondary_capture_files(
+    dicom: DicomImage, served: ServedModel, summary: dict[str, Any], files: dict[str, bytes], parameters: dict[str, Any]
+) -> dict[str, bytes]:
     """The Grad-CAM overlay, each explanation x + delta and its amplified difference as DICOM
     Secondary Capture objects in a new series of the source's study; names are added to
     ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference")."""
@@ -150,9 +175,15 @@ def secondary_capture_files(dicom: DicomImage, served: ServedModel, summary: dic
     return out
 
 
-def explain_result(served: ServedModel, data: bytes, input_format: str, parameters: dict[str, Any],
-                   progress: Progress | None = None, worker: str | None = None,
-                   **search) -> tuple[dict[str, Any], dict[str, bytes], dict[str, bytes]]:
+def explain_result(
+    served: ServedModel,
+    data: bytes,
+    input_format: str,
+    parameters: dict[str, Any],
+    progress: Progress | None = None,
+    worker: str | None = None,
+    **search,
+) -> tuple[dict[str, Any], dict[str, bytes], dict[str, bytes]]:
     """The result of an explain job: (summary with provenance, PNGs by name, DICOM objects by
     name, empty unless the input is DICOM). parameters: ``worker.params.explain_parameters``;
     search: further ``Explainer`` settings the offline command may set (overshoot, clamp,
@@ -163,10 +194,20 @@ def explain_result(served: ServedModel, data: bytes, input_format: str, paramete
     timings["decode_seconds"] = time.perf_counter() - start
     steps = int(parameters["stability_steps"])
     summary, files = explain_image(
-        served.model, served.meta.classes, x, parameters["targets"], layer=parameters["layer"],
-        rho=parameters["rho"], steps=parameters["steps"], stability_steps=steps,
-        ara_radii=served.meta.metrics.get("ara_radii"), progress=progress, timings=timings,
-        extra_summary={"model": served.name}, **search)
+        served.model,
+        served.meta.classes,
+        x,
+        parameters["targets"],
+        layer=parameters["layer"],
+        rho=parameters["rho"],
+        steps=parameters["steps"],
+        stability_steps=steps,
+        ara_radii=served.meta.metrics.get("ara_radii"),
+        progress=progress,
+        timings=timings,
+        extra_summary={"model": served.name},
+        **search,
+    )
     dicom_files: dict[str, bytes] = {}
     if dicom is not None:
         t = time.perf_counter()
@@ -182,9 +223,20 @@ def explain_result(served: ServedModel, data: bytes, input_format: str, paramete
     timings["total_seconds"] = time.perf_counter() - start
     summary["seconds"] = timings["total_seconds"]
     summary["reused"] = False
-    method = {"explain": {**summary["settings"], "mode": "explain"}, "gradcam": summary["gradcam"],
-              "stability": stability_method(steps)}
+    method = {
+        "explain": {**summary["settings"], "mode": "explain"},
+        "gradcam": summary["gradcam"],
+        "stability": stability_method(steps),
+    }
     summary["provenance"] = build_provenance(
-        served, kind="explain", parameters=parameters, method=method, input_sha256=digest, input_info=info,
-        cache_key=key, timings=timings, worker=worker)
+        served,
+        kind="explain",
+        parameters=parameters,
+        method=method,
+        input_sha256=digest,
+        input_info=info,
+        cache_key=key,
+        timings=timings,
+        worker=worker,
+    )
     return summary, files, dicom_files

@@ -2,15 +2,17 @@
 counted, and the jobs of a dead worker reaped (rq's StartedJobRegistry clean-up)."""
 
 from __future__ import annotations
-from worker.callbacks import notify_job_end
-from worker.job_metrics import record_job
-from worker.states import ApiStatus
-from worker.queues import QUEUE_NAMES, SERIALIZER
+
 from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.timeouts import JobTimeoutException
+
 from models.errors import AexError, JobCancelledError, JobFailedError, JobTimeoutError, WorkerLostError
+from worker.callbacks import notify_job_end
+from worker.job_metrics import record_job
+from worker.queues import QUEUE_NAMES, SERIALIZER
+from worker.states import ApiStatus
 
 
 def job_kind(job: Job) -> str:
@@ -24,8 +26,10 @@ def error_of(exc_type, exc_value) -> dict[str, str]:
     if exc_type is not None and issubclass(exc_type, JobTimeoutException):
         return {"code": JobTimeoutError.code, "message": f"the job ran past its time limit ({exc_value})"}
     if exc_type is not None and issubclass(exc_type, AbandonedJobError):
-        return {"code": WorkerLostError.code,
-                "message": "the worker running this job stopped (killed, out of memory or lost); submit it again"}
+        return {
+            "code": WorkerLostError.code,
+            "message": "the worker running this job stopped (killed, out of memory or lost); submit it again",
+        }
     name = exc_type.__name__ if exc_type is not None else "Error"
     return {"code": JobFailedError.code, "message": f"{name}: {exc_value}"}
 
@@ -45,7 +49,6 @@ def record_job_error(job: Job, exc_type, exc_value, tb) -> bool:
     record_job(job.connection, job_kind(job), outcome, None)
     if outcome == "abandoned":
         # Nobody else will see this job end: its worker is gone.
-
 
         notify_job_end(job.connection, job, ApiStatus.FAILED)
     return True

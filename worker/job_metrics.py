@@ -2,11 +2,13 @@
 jobs) and read by the API's /metrics, so it shows the whole cluster."""
 
 from __future__ import annotations
-from worker.keys import duration_key, outcomes_key
-from worker.queues import JobKind
+
 from typing import Any
+
 from redis import Redis
 
+from worker.keys import duration_key, outcomes_key
+from worker.queues import JobKind
 
 # Job counts and durations, written by every worker (and the reaper of abandoned jobs) so
 # the API's /metrics shows the whole cluster.

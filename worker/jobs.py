@@ -71,18 +71,28 @@ def _keep_cache_key(job: Job, result: dict[str, Any]) -> None:
     job.meta["cache_key"] = result["provenance"]["cache_key"]  # the worker indexes the result under it
 
 
-def classify(model: str, top_k: int = 5, stability: bool = False, stability_steps: int | None = None,
-             window: list[float] | None = None) -> dict[str, Any]:
+def classify(
+    model: str,
+    top_k: int = 5,
+    stability: bool = False,
+    stability_steps: int | None = None,
+    window: list[float] | None = None,
+) -> dict[str, Any]:
     """Class probabilities of the uploaded image under ``model`` (and, with ``stability``,
     its stability score)."""
     job = _current_job()
     try:
         _check_cancelled(job)
         served = served_models().get(model)
-        parameters = classify_parameters(top_k, stability, int(stability_steps or ARA_STEPS),
-                                         *(window or (None, None)))
-        result = classify_result(served, _read_upload(job), job.meta.get("input_format", "image"), parameters,
-                                 progress=_Progress(job), worker=job.worker_name)
+        parameters = classify_parameters(top_k, stability, int(stability_steps or ARA_STEPS), *(window or (None, None)))
+        result = classify_result(
+            served,
+            _read_upload(job),
+            job.meta.get("input_format", "image"),
+            parameters,
+            progress=_Progress(job),
+            worker=job.worker_name,
+        )
         _keep_cache_key(job, result)
         return result
     finally:
@@ -109,11 +119,17 @@ def explain(
     try:
         _check_cancelled(job)
         served = served_models().get(model)
-        parameters = explain_parameters(targets, rho, steps, layer, int(stability_steps or ARA_STEPS),
-                                        *(window or (None, None)))
+        parameters = explain_parameters(
+            targets, rho, steps, layer, int(stability_steps or ARA_STEPS), *(window or (None, None))
+        )
         summary, files, dicom_files = explain_result(
-            served, _read_upload(job), job.meta.get("input_format", "image"), parameters,
-            progress=_Progress(job), worker=job.worker_name)
+            served,
+            _read_upload(job),
+            job.meta.get("input_format", "image"),
+            parameters,
+            progress=_Progress(job),
+            worker=job.worker_name,
+        )
         _check_cancelled(job)
         with job.connection.pipeline() as pipe:
             pipe.hset(images_key(job.id), mapping=files)

@@ -8,11 +8,11 @@ recomputed."""
 
 from __future__ import annotations
 
-from models.explain.targets import split_specs
 import hashlib
 import json
 from typing import Any
 
+from models.explain.targets import split_specs
 
 # Target words the API accepts besides class names and indices (models.explain knows more aliases).
 
@@ -21,25 +21,53 @@ def _window(window_center: float | None, window_width: float | None) -> list[flo
     return None if window_center is None else [float(window_center), float(window_width)]
 
 
-def classify_parameters(top_k: int, stability: bool, stability_steps: int,
-                        window_center: float | None = None, window_width: float | None = None) -> dict[str, Any]:
+def classify_parameters(
+    top_k: int,
+    stability: bool,
+    stability_steps: int,
+    window_center: float | None = None,
+    window_width: float | None = None,
+) -> dict[str, Any]:
     """The canonical parameters of a classify job (stability_steps only with stability)."""
-    return {"top_k": int(top_k), "stability": bool(stability),
-            "stability_steps": int(stability_steps) if stability else None,
-            "window": _window(window_center, window_width)}
+    return {
+        "top_k": int(top_k),
+        "stability": bool(stability),
+        "stability_steps": int(stability_steps) if stability else None,
+        "window": _window(window_center, window_width),
+    }
 
 
-def explain_parameters(targets: list[str], rho: float, steps: int, layer: str | None, stability_steps: int,
-                       window_center: float | None = None, window_width: float | None = None) -> dict[str, Any]:
+def explain_parameters(
+    targets: list[str],
+    rho: float,
+    steps: int,
+    layer: str | None,
+    stability_steps: int,
+    window_center: float | None = None,
+    window_width: float | None = None,
+) -> dict[str, Any]:
     """The canonical parameters of an explain job; ``layer`` is the resolved layer name."""
-    return {"targets": [str(t) for t in split_specs(targets)], "rho": float(rho), "steps": int(steps), "layer": layer,
-            "stability_steps": int(stability_steps), "window": _window(window_center, window_width)}
+    return {
+        "targets": [str(t) for t in split_specs(targets)],
+        "rho": float(rho),
+        "steps": int(steps),
+        "layer": layer,
+        "stability_steps": int(stability_steps),
+        "window": _window(window_center, window_width),
+    }
 
 
-def result_cache_key(kind: str, model: str, checkpoint_sha256: str, input_sha256: str,
-                     parameters: dict[str, Any], version: str) -> str:
+def result_cache_key(
+    kind: str, model: str, checkpoint_sha256: str, input_sha256: str, parameters: dict[str, Any], version: str
+) -> str:
     """sha256 of everything a result depends on, as canonical JSON."""
-    material = {"kind": kind, "model": model, "checkpoint_sha256": checkpoint_sha256,
-                "input_sha256": input_sha256, "parameters": parameters, "aex": version}
+    material = {
+        "kind": kind,
+        "model": model,
+        "checkpoint_sha256": checkpoint_sha256,
+        "input_sha256": input_sha256,
+        "parameters": parameters,
+        "aex": version,
+    }
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()

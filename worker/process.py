@@ -40,15 +40,14 @@ from rq.queue import Queue
 from rq.worker import SimpleWorker, WorkerStatus
 
 from models.errors import BadParameterError, JobCancelledError
-from worker.settings import Settings
-
 from worker import jobs
 from worker.callbacks import notify_job_end
-from worker.keys import CATALOGUE_FIELD, result_index_key
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from worker.failures import job_kind, record_job_error
 from worker.job_metrics import record_job
+from worker.keys import CATALOGUE_FIELD, result_index_key
+from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from worker.served import ServedModels, install
+from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
 
@@ -56,8 +55,14 @@ log = logging.getLogger("aex.worker")
 class AexWorker(SimpleWorker):
     """See the module docstring."""
 
-    def __init__(self, *args, job_heartbeat_ttl: int = 20, catalogue: list[dict[str, Any]] | None = None,
-                 reuse_results: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        job_heartbeat_ttl: int = 20,
+        catalogue: list[dict[str, Any]] | None = None,
+        reuse_results: bool = True,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self.reuse_results = reuse_results
@@ -91,8 +96,9 @@ class AexWorker(SimpleWorker):
         jobs.stop_requested.clear()
         execution = self.prepare_execution(job)
         done = threading.Event()
-        beat = threading.Thread(target=self._renew_lease, args=(job, execution, done), daemon=True,
-                                name="aex-job-lease")
+        beat = threading.Thread(
+            target=self._renew_lease, args=(job, execution, done), daemon=True, name="aex-job-lease"
+        )
         beat.start()
         start = time.perf_counter()
         try:
@@ -114,7 +120,7 @@ class AexWorker(SimpleWorker):
             return
         try:
             self.connection.set(result_index_key(key), job.id, ex=job.get_result_ttl(self.default_result_ttl))
-        except Exception:  # noqa: BLE001 - reuse is an optimisation; the job itself is done
+        except Exception:
             log.warning("could not index the result of job %s:\n%s", job.id, traceback.format_exc())
 
     def _renew_lease(self, job: Job, execution, done: threading.Event) -> None:
@@ -122,7 +128,7 @@ class AexWorker(SimpleWorker):
         while not done.wait(interval):
             try:
                 self.maintain_heartbeats(job, execution)
-            except Exception:  # noqa: BLE001 - a missed renewal is retried; the job goes on
+            except Exception:
                 log.warning("could not renew the lease of job %s:\n%s", job.id, traceback.format_exc())
 
     def _record_failure(self, job: Job, exc_type, exc_value, tb) -> bool:
@@ -169,13 +175,20 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     install(served)
     conn = connect(settings.redis_url)
     # Classify first: a worker takes an explain job only when no classify job waits.
-    queues = [Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER)
-              for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)]
+    queues = [
+        Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)
+    ]
     w = AexWorker(
-        queues, name=worker_name(), connection=conn, serializer=SERIALIZER,
-        worker_ttl=settings.worker_ttl, maintenance_interval=settings.maintenance_interval,
-        default_result_ttl=settings.result_ttl, job_heartbeat_ttl=settings.job_heartbeat_ttl,
-        catalogue=served.catalogue(), reuse_results=settings.reuse_results,
+        queues,
+        name=worker_name(),
+        connection=conn,
+        serializer=SERIALIZER,
+        worker_ttl=settings.worker_ttl,
+        maintenance_interval=settings.maintenance_interval,
+        default_result_ttl=settings.result_ttl,
+        job_heartbeat_ttl=settings.job_heartbeat_ttl,
+        catalogue=served.catalogue(),
+        reuse_results=settings.reuse_results,
     )
     log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
     return w.work(burst=burst, logging_level=settings.log_level.upper())

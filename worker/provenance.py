@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib import metadata
 from typing import Any
 
 import torch
 
-from models.version import __version__
 from models.store.discovery import public_metrics
-
+from models.version import __version__
 from worker.served import ServedModel
 
 PACKAGES = ("torch", "torchvision", "numpy", "pillow", "pydicom", "highdicom", "safetensors", "rq", "redis")
@@ -54,9 +53,11 @@ def device_description(device: torch.device) -> dict[str, Any]:
 def determinism() -> dict[str, Any]:
     """What torch was asked for: results are bit-identical on the same device type and
     thread count; across CPU and CUDA (or different GPUs) they agree only to rounding."""
-    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark)}
+    return {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
 
 
 def build_provenance(
@@ -82,8 +83,12 @@ def build_provenance(
         "checkpoint_sha256": served.checkpoint_sha256,
         "weights_sha256": served.meta.weights_sha256,
         "checkpoint_metrics": public_metrics(served.meta.metrics),
-        "architecture": {"arch": served.meta.arch, "input_size": served.meta.input_size,
-                         "in_channels": served.meta.in_channels, "num_classes": len(served.meta.classes)},
+        "architecture": {
+            "arch": served.meta.arch,
+            "input_size": served.meta.input_size,
+            "in_channels": served.meta.in_channels,
+            "num_classes": len(served.meta.classes),
+        },
         "parameters": parameters,
         "method": method,
         "input_sha256": input_sha256,
@@ -93,6 +98,6 @@ def build_provenance(
         "determinism": determinism(),
         "timings": {k: round(float(v), 6) for k, v in timings.items()},
         "cache_key": cache_key,
-        "computed_at": datetime.now(timezone.utc).isoformat(),
+        "computed_at": datetime.now(UTC).isoformat(),
         "worker": worker,
     }

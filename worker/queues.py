@@ -7,13 +7,15 @@ arguments and stored with rq's JSON serializer: nothing in Redis is ever unpickl
 Torch-free: the API imports it."""
 
 from __future__ import annotations
-from worker.keys import CATALOGUE_FIELD
+
 import json
 from enum import Enum
 from typing import Any
+
 from redis import Redis
 from rq.serializers import JSONSerializer
 
+from worker.keys import CATALOGUE_FIELD
 
 SERIALIZER = JSONSerializer
 
@@ -33,8 +35,7 @@ JOB_FUNCTIONS: dict[JobKind, str] = {JobKind.CLASSIFY: "worker.jobs.classify", J
 def connect(url: str, socket_timeout: float | None = None) -> Redis:
     """A Redis client for ``url`` (redis://, rediss:// or unix://) that fails fast when the
     server is gone instead of hanging."""
-    return Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=socket_timeout,
-                          health_check_interval=30)
+    return Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=socket_timeout, health_check_interval=30)
 
 
 def live_worker_keys(conn: Redis, queue_name: str) -> list[str]:
@@ -55,8 +56,10 @@ def live_worker_keys(conn: Redis, queue_name: str) -> list[str]:
 def published_catalogue(conn: Redis) -> dict[str, dict[str, Any]]:
     """Union of the catalogues published by live workers: model name -> entry (with the
     number of workers serving it)."""
-    keys = sorted(set(live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY]))
-                  | set(live_worker_keys(conn, QUEUE_NAMES[JobKind.EXPLAIN])))
+    keys = sorted(
+        set(live_worker_keys(conn, QUEUE_NAMES[JobKind.CLASSIFY]))
+        | set(live_worker_keys(conn, QUEUE_NAMES[JobKind.EXPLAIN]))
+    )
     if not keys:
         return {}
     with conn.pipeline(transaction=False) as pipe:

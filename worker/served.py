@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from models.errors import CheckpointError, UnknownModelError
-from worker.settings import Settings
-from models.store.discovery import catalogue_entry, discover_checkpoints
-from models.store.header import read_checkpoint_metadata
-from models.store.checkpoint import CheckpointMeta, load_checkpoint
 from models.explain.gradcam import default_gradcam_layer, layer_name
 from models.nn.runtime import pick_device
+from models.store.checkpoint import CheckpointMeta, load_checkpoint
+from models.store.discovery import catalogue_entry, discover_checkpoints
+from models.store.header import read_checkpoint_metadata
+from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
 
@@ -87,21 +87,30 @@ class ServedModels:
         paths = discover_checkpoints(settings.checkpoint_dirs())
         if not paths:
             raise CheckpointError(
-                "no checkpoints to serve in " + ", ".join(str(d) for d in settings.checkpoint_dirs())
-                + " (expected <name>/model.safetensors or <name>.safetensors)")
+                "no checkpoints to serve in "
+                + ", ".join(str(d) for d in settings.checkpoint_dirs())
+                + " (expected <name>/model.safetensors or <name>.safetensors)"
+            )
         models = {}
         for name, path in paths.items():
             models[name] = served = ServedModel.load(name, path, device)
-            log.info("serving %s (%s, %d classes) from %s on %s", name, served.meta.arch, len(served.meta.classes),
-                     path, device)
+            log.info(
+                "serving %s (%s, %d classes) from %s on %s",
+                name,
+                served.meta.arch,
+                len(served.meta.classes),
+                path,
+                device,
+            )
         return cls(models)
 
     def get(self, name: str) -> ServedModel:
         try:
             return self.models[name]
         except KeyError:
-            raise UnknownModelError(f"model {name!r} is not served by this worker; "
-                                    f"served: {', '.join(sorted(self.models))}") from None
+            raise UnknownModelError(
+                f"model {name!r} is not served by this worker; served: {', '.join(sorted(self.models))}"
+            ) from None
 
     def catalogue(self) -> list[dict[str, Any]]:
         return [m.catalogue_entry() for m in self.models.values()]

@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Annotated
 
-from models.defaults import ARA_STEPS
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from models.defaults import ARA_STEPS
 
 MIB = 1024 * 1024
 

@@ -1,7 +1,9 @@
 """Job states as the API shows them, and the one mapping from rq's job status to them."""
 
 from __future__ import annotations
+
 from enum import Enum
+
 from rq.job import JobStatus
 
 

@@ -2,9 +2,12 @@
 so the trainer never goes back to PIL after the first decode; one recipe per kind of data."""
 
 from __future__ import annotations
+
 from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
 if TYPE_CHECKING:
     pass
 

@@ -12,18 +12,20 @@ Decoded sets are cached on disk (``AEX_CACHE_DIR``, default ``~/.cache/aex``) ke
 source's path, size and mtime."""
 
 from __future__ import annotations
+
 import hashlib
 import io
 import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
-from models.errors import DataError
-from models.data.imaging import prepare_array
 
+from models.data.imaging import prepare_array
+from models.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -108,19 +110,17 @@ def _pick_split_prefix(names: list[str], split: str) -> str:
 
 def _load_tar(path: Path, split: str, input_size, in_channels) -> tuple[np.ndarray, list[int], list[str]]:
     try:
-        tf = tarfile.open(path)
+        tf = tarfile.open(path)  # noqa: SIM115 - closed by the `with tf` below, once it opened
     except (tarfile.TarError, OSError) as exc:
         raise DataError(f"{path}: not a readable tar file ({exc})") from None
     with tf:
         members = {m.name.lstrip("./"): m for m in tf.getmembers() if m.isfile()}
         prefix = _pick_split_prefix(list(members), split)
-        rel = [n[len(prefix):] for n in members if n.startswith(prefix)]
+        rel = [n[len(prefix) :] for n in members if n.startswith(prefix)]
         files, classes, labels = _folder_items([r for r in rel if r.count("/") == 1])
         if not files:
             raise DataError(f"{path}: no <class>/<image> files found (split {split!r})")
-        arrays = [
-            _decode(tf.extractfile(members[prefix + f]).read(), input_size, in_channels, f) for f in files
-        ]
+        arrays = [_decode(tf.extractfile(members[prefix + f]).read(), input_size, in_channels, f) for f in files]
     return np.stack(arrays), labels, classes
 
 
@@ -217,8 +217,10 @@ def load_dataset(
                 np.savez(tmp, images=images, labels=np.asarray(labels), classes=np.asarray(classes))
                 os.replace(tmp, cache)
     tensor = torch.from_numpy(np.ascontiguousarray(images))
-    if input_size is not None and tensor.shape[-1] != input_size or (
-        in_channels is not None and tensor.shape[1] != in_channels
+    if (
+        input_size is not None
+        and tensor.shape[-1] != input_size
+        or (in_channels is not None and tensor.shape[1] != in_channels)
     ):
         tensor = _resize_tensor(tensor, input_size or tensor.shape[-1], in_channels or tensor.shape[1])
     kind = _guess_kind(list(classes), tensor.shape[1], str(spec))
@@ -230,8 +232,10 @@ def _resize_tensor(images: torch.Tensor, size: int, channels: int) -> torch.Tens
     out = []
     for img in images.numpy():
         arr = img.transpose(1, 2, 0).astype(np.float32) / 255.0
-        pil = Image.fromarray((arr[..., 0] * 255).astype(np.uint8)) if arr.shape[-1] == 1 else Image.fromarray(
-            (arr * 255).astype(np.uint8)
+        pil = (
+            Image.fromarray((arr[..., 0] * 255).astype(np.uint8))
+            if arr.shape[-1] == 1
+            else Image.fromarray((arr * 255).astype(np.uint8))
         )
         out.append(_to_uint8_chw(prepare_array(pil, size, channels)))
     return torch.from_numpy(np.stack(out))

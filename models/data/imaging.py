@@ -32,9 +32,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise UnsupportedMediaError(
-            f"not a supported image; send one of {', '.join(SUPPORTED_FORMATS)}"
-        ) from None
+        raise UnsupportedMediaError(f"not a supported image; send one of {', '.join(SUPPORTED_FORMATS)}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DecompressionBombError("image dimensions are too large (decompression bomb?)") from None
     if img.format not in SUPPORTED_FORMATS:
@@ -115,8 +113,7 @@ def resize_center(arr: np.ndarray, size: int) -> np.ndarray:
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     chans = [
-        np.asarray(Image.fromarray(arr[..., i], mode="F").resize((nw, nh), Image.BICUBIC))
-        for i in range(arr.shape[-1])
+        np.asarray(Image.fromarray(arr[..., i], mode="F").resize((nw, nh), Image.BICUBIC)) for i in range(arr.shape[-1])
     ]
     out = np.stack(chans, axis=-1)
     top, left = (nh - size) // 2, (nw - size) // 2

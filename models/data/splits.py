@@ -2,7 +2,9 @@
 set's path order, so a seeded subset names the same images in every program."""
 
 from __future__ import annotations
+
 import torch
+
 from models.errors import DataError
 
 

@@ -3,12 +3,16 @@ workers: an image file or a DICOM file into the model's input (float C x H x W i
 normalisation lives inside the models), and uint8 batches into floats."""
 
 from __future__ import annotations
+
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
 from models.data.imaging import match_channels, open_image, prepare_array, resize_center
+
 if TYPE_CHECKING:
     from models.dicom.pixels import DicomImage
 

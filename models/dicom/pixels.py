@@ -90,9 +90,7 @@ def _decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
         raise UnsupportedMediaError(f"DICOM pixel data cannot be decoded ({name}): {exc}") from None
 
 
-def dicom_to_pixels(
-    ds: pydicom.Dataset, window: tuple[float, float] | None = None
-) -> DicomImage:
+def dicom_to_pixels(ds: pydicom.Dataset, window: tuple[float, float] | None = None) -> DicomImage:
     """Apply Modality LUT, VOI (or ``window`` = (center, width) override) and MONOCHROME1
     inversion; return float32 H x W x C pixels in [0, 1]."""
     _check_single_frame_image(ds)

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any
 
-
-from models.defaults import ARA_SEED
-from models.errors import BadParameterError, DataError
-
-from models.perturb.ara import compute_ara
-from models.render.plots import plot_ara
-from models.store.discovery import served_name
-from models.store.checkpoint import load_checkpoint, update_metadata
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
+from models.defaults import ARA_SEED
+from models.errors import BadParameterError, DataError
 from models.evaluation.accuracy import accuracy
 from models.nn.runtime import full_precision, model_device, pick_device
-
-
+from models.perturb.ara import compute_ara
+from models.render.plots import plot_ara
+from models.store.checkpoint import load_checkpoint, update_metadata
+from models.store.discovery import served_name
 
 
 @full_precision()
@@ -64,26 +59,46 @@ def evaluate_checkpoint(
         res = compute_ara(model, images, labels, batch_size=batch_size, progress=progress)
         out.update(accuracy=res.accuracy, attack_ara=res.attack_ara, btr_ara=res.btr_ara)
         if record:
-            update_metadata(checkpoint, metrics={
-                "ara_attack": res.attack_ara, "ara_btr": res.btr_ara, "ara_accuracy": res.accuracy,
-                "ara_n": res.n, "ara_seed": seed, "ara_settings": res.settings,
-                "ara_radii": res.radii_record(str(data), seed),
-            })
+            update_metadata(
+                checkpoint,
+                metrics={
+                    "ara_attack": res.attack_ara,
+                    "ara_btr": res.btr_ara,
+                    "ara_accuracy": res.accuracy,
+                    "ara_n": res.n,
+                    "ara_seed": seed,
+                    "ara_settings": res.settings,
+                    "ara_radii": res.radii_record(str(data), seed),
+                },
+            )
             out["recorded"] = True
         if plot:
             name = served_name(checkpoint)
             plot_ara(res, plot, title=f"{name}: n = {res.n}, accuracy {res.accuracy:.3f}")
             out["plot"] = str(plot)
     else:
-        out.update(accuracy=accuracy(model, images, labels, batch_size=max(batch_size, 256), progress=progress),
-                   attack_ara=None, btr_ara=None)
+        out.update(
+            accuracy=accuracy(model, images, labels, batch_size=max(batch_size, 256), progress=progress),
+            attack_ara=None,
+            btr_ara=None,
+        )
         if record:
-            update_metadata(checkpoint, metrics={
-                f"{split}_accuracy": out["accuracy"], f"{split}_n": int(labels.numel()), f"{split}_source": str(data),
-                f"{split}_device": str(model_device(model))})
+            update_metadata(
+                checkpoint,
+                metrics={
+                    f"{split}_accuracy": out["accuracy"],
+                    f"{split}_n": int(labels.numel()),
+                    f"{split}_source": str(data),
+                    f"{split}_device": str(model_device(model)),
+                },
+            )
             out["recorded"] = True
     out.update(
-        n=int(labels.numel()), seed=seed, seconds=round(time.perf_counter() - t0, 3),
-        checkpoint=str(checkpoint), data=str(data), device=str(model_device(model)),
+        n=int(labels.numel()),
+        seed=seed,
+        seconds=round(time.perf_counter() - t0, 3),
+        checkpoint=str(checkpoint),
+        data=str(data),
+        device=str(model_device(model)),
     )
     return out

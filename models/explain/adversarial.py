@@ -7,15 +7,18 @@ image run as one batch, one row per distinct class. On a robust network the imag
 what the network needs to see for c; on a standard one it looks like noise."""
 
 from __future__ import annotations
-from models.defaults import DEFAULT_TARGETS, EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT, EXPLAIN_RHO, EXPLAIN_STEPS
-from models.explain.targets import rank_classes, resolve_targets
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
 import torch
 from torch import nn
+
+from models.defaults import DEFAULT_TARGETS, EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT, EXPLAIN_RHO, EXPLAIN_STEPS
 from models.errors import BadParameterError
-from models.perturb.engine import ProgressFn, perturbation_search
+from models.explain.targets import rank_classes, resolve_targets
 from models.nn.runtime import eval_mode, model_device
+from models.perturb.engine import ProgressFn, perturbation_search
 
 
 @dataclass
@@ -70,10 +73,16 @@ class Explanation:
 
     def summary(self) -> dict:
         return {
-            "predicted": {"class_index": self.predicted, "class_name": self.classes[self.predicted],
-                          "prob": float(self.probs[self.predicted])},
-            "runner_up": {"class_index": self.runner_up, "class_name": self.classes[self.runner_up],
-                          "prob": float(self.probs[self.runner_up])},
+            "predicted": {
+                "class_index": self.predicted,
+                "class_name": self.classes[self.predicted],
+                "prob": float(self.probs[self.predicted]),
+            },
+            "runner_up": {
+                "class_index": self.runner_up,
+                "class_name": self.classes[self.runner_up],
+                "prob": float(self.probs[self.runner_up]),
+            },
             "probs": {c: float(p) for c, p in zip(self.classes, self.probs.tolist())},
             "settings": self.settings,
             "targets": [t.summary() for t in self.targets],
@@ -128,18 +137,27 @@ class Explainer:
         # One row per distinct class: the same target on the same image gives the same result.
         unique = list(dict.fromkeys(c for _, c in wanted))
         rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        chunks = [unique[i:i + self.batch_size] for i in range(0, len(unique), self.batch_size)]
+        chunks = [unique[i : i + self.batch_size] for i in range(0, len(unique), self.batch_size)]
         per_chunk = self.steps
 
         for k, chunk in enumerate(chunks):
+
             def chunk_progress(done: int, _total: int, k: int = k) -> None:
                 if progress is not None:
                     progress(k * per_chunk + done, len(chunks) * per_chunk)
 
             res = perturbation_search(
-                self.model, x.unsqueeze(0).expand(len(chunk), -1, -1, -1), chunk, mode="explain",
-                steps=self.steps, eps=self.rho, overshoot=self.overshoot, momentum=self.momentum,
-                clamp=self.clamp, bound_check=self.bound_check, progress=chunk_progress,
+                self.model,
+                x.unsqueeze(0).expand(len(chunk), -1, -1, -1),
+                chunk,
+                mode="explain",
+                steps=self.steps,
+                eps=self.rho,
+                overshoot=self.overshoot,
+                momentum=self.momentum,
+                clamp=self.clamp,
+                bound_check=self.bound_check,
+                progress=chunk_progress,
             )
             delta = res.delta.cpu()
             after = res.logits_after.softmax(1).cpu()
@@ -150,16 +168,34 @@ class Explainer:
         out = []
         for role, c in wanted:
             delta, after = rows[c]
-            out.append(TargetExplanation(
-                role=role, class_index=c, class_name=classes[c], image=x_cpu + delta, delta=delta,
-                rms=float(delta.pow(2).mean().sqrt()), probs_before=probs, probs_after=after,
-            ))
+            out.append(
+                TargetExplanation(
+                    role=role,
+                    class_index=c,
+                    class_name=classes[c],
+                    image=x_cpu + delta,
+                    delta=delta,
+                    rms=float(delta.pow(2).mean().sqrt()),
+                    probs_before=probs,
+                    probs_after=after,
+                )
+            )
         order = rank_classes(probs)
         return Explanation(
-            input=x_cpu, classes=classes, probs=probs, predicted=order[0],
-            runner_up=order[1] if len(order) > 1 else order[0], targets=out,
-            settings={"rho": self.rho, "steps": self.steps, "overshoot": self.overshoot,
-                      "momentum": self.momentum, "clamp": self.clamp, "bound_check": self.bound_check},
+            input=x_cpu,
+            classes=classes,
+            probs=probs,
+            predicted=order[0],
+            runner_up=order[1] if len(order) > 1 else order[0],
+            targets=out,
+            settings={
+                "rho": self.rho,
+                "steps": self.steps,
+                "overshoot": self.overshoot,
+                "momentum": self.momentum,
+                "clamp": self.clamp,
+                "bound_check": self.bound_check,
+            },
         )
 
 

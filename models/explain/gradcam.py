@@ -10,11 +10,14 @@ The forward hook that captures A is registered inside a context manager and alwa
 removed, even when the forward pass raises."""
 
 from __future__ import annotations
+
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from models.errors import BadParameterError
 from models.nn.runtime import eval_mode, model_device
 
@@ -31,9 +34,7 @@ def default_gradcam_layer(model: nn.Module) -> nn.Module:
             return layer
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise BadParameterError(
-            f"{type(model).__name__} has no gradcam_layer, layer4 or Conv2d; name a target layer"
-        )
+        raise BadParameterError(f"{type(model).__name__} has no gradcam_layer, layer4 or Conv2d; name a target layer")
     return convs[-1]
 
 
@@ -78,7 +79,7 @@ def minmax_per_image(maps: torch.Tensor, floor: float = 1e-12) -> torch.Tensor:
     """N x H x W -> each map scaled to [0, 1]; a constant map becomes all zeros."""
     flat = maps.flatten(1)
     lo = flat.min(1).values.view(-1, 1, 1)
-    span = (flat.max(1).values.view(-1, 1, 1) - lo)
+    span = flat.max(1).values.view(-1, 1, 1) - lo
     return torch.where(span > floor, (maps - lo) / span.clamp_min(floor), torch.zeros_like(maps))
 
 

@@ -59,8 +59,10 @@ def explain_image(
     t = time.perf_counter()
     result = Explainer(model, classes, **settings).explain(image, targets, progress=search_progress)
     cam = gradcam(model, image.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
-    extra = {**(extra_summary or {}),
-             "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted}}
+    extra = {
+        **(extra_summary or {}),
+        "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
+    }
     summary, files = render_explanation(result, cam, extra)
     timings["explain_seconds"] = time.perf_counter() - t
     if stability_steps:
@@ -70,7 +72,8 @@ def explain_image(
             if progress is not None:
                 progress(searched[0] + done, searched[0] + total, "stability")
 
-        summary["stability"] = stability_report(model, image, result.classes, ara_radii, steps=stability_steps,
-                                                progress=stability_progress)
+        summary["stability"] = stability_report(
+            model, image, result.classes, ara_radii, steps=stability_steps, progress=stability_progress
+        )
         timings["stability_seconds"] = time.perf_counter() - t
     return summary, files

@@ -10,10 +10,10 @@ differentiable torch ops so double back-propagation (the training penalty) works
 
 from __future__ import annotations
 
-from models.defaults import HHRELU_DELTA
-
 import torch
 from torch import nn
+
+from models.defaults import HHRELU_DELTA
 
 
 class _HalfHuberReLUFn(torch.autograd.Function):

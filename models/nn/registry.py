@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from models.defaults import HHRELU_DELTA
-
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from models.defaults import HHRELU_DELTA
 from models.errors import UnknownArchitectureError
-
 from models.nn.resnet import PreActResNet, make_activation
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -37,9 +35,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     try:
         fn = _REGISTRY[name]
     except KeyError:
-        raise UnknownArchitectureError(
-            f"unknown architecture {name!r}; available: {', '.join(available())}"
-        ) from None
+        raise UnknownArchitectureError(f"unknown architecture {name!r}; available: {', '.join(available())}") from None
     try:
         return fn(**kwargs)
     except TypeError as exc:
@@ -53,8 +49,9 @@ def preact_resnet(**kwargs: Any) -> nn.Module:
 
 def _cifar_preset(depth: int):
     def build(**kwargs: Any) -> nn.Module:
-        args = dict(depth=depth, width=16, in_channels=3, num_classes=10, input_size=32,
-                    mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        args = dict(
+            depth=depth, width=16, in_channels=3, num_classes=10, input_size=32, mean=CIFAR10_MEAN, std=CIFAR10_STD
+        )
         args.update(kwargs)
         return PreActResNet(**args)
 
@@ -92,9 +89,15 @@ def _swap_activations(module: nn.Module, activation: str, delta: float) -> None:
 
 
 @register("torchvision_resnet50")
-def torchvision_resnet50(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224,
-                         activation: str = "hhrelu", hhrelu_delta: float = HHRELU_DELTA,
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> nn.Module:
+def torchvision_resnet50(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    input_size: int = 224,
+    activation: str = "hhrelu",
+    hhrelu_delta: float = HHRELU_DELTA,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+) -> nn.Module:
     """torchvision's ResNet-50 with every ReLU swapped for ``activation`` (for ImageNet-size
     data on GPUs). Bottlenecks reuse one ReLU module three times; swapping the module keeps
     that sharing, which is harmless because HHReLU is stateless."""
@@ -104,5 +107,6 @@ def torchvision_resnet50(num_classes: int = 1000, in_channels: int = 3, input_si
     if in_channels != 3:
         net.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
     _swap_activations(net, activation, hhrelu_delta)
-    return _Normalized(net, mean[:in_channels] if in_channels == 1 else mean,
-                       std[:in_channels] if in_channels == 1 else std)
+    return _Normalized(
+        net, mean[:in_channels] if in_channels == 1 else mean, std[:in_channels] if in_channels == 1 else std
+    )

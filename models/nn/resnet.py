@@ -9,13 +9,12 @@ Inputs: float tensors N x C x H x W with values in [0, 1]. Outputs: logits N x n
 
 from __future__ import annotations
 
-from models.defaults import HHRELU_DELTA
-
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from models.defaults import HHRELU_DELTA
 from models.nn.hhrelu import HalfHuberReLU
 
 ACTIVATIONS = ("relu", "hhrelu")

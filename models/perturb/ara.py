@@ -7,16 +7,18 @@ ARA = integral over rho of max(0, A(rho) - 1/C), computed exactly as the referen
 a 1000-bin histogram of r over [0, max r]."""
 
 from __future__ import annotations
-from models.defaults import ARA_BINS, ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 from torch import nn
-from models.errors import BadParameterError
-from models.perturb.engine import perturbation_search
-from models.nn.runtime import model_device
 
+from models.defaults import ARA_BINS, ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
+from models.errors import BadParameterError
+from models.nn.runtime import model_device
+from models.perturb.engine import perturbation_search
 
 SEARCHES = {"attack": "l2min", "btr": "btr"}
 
@@ -152,16 +154,25 @@ def compute_ara(
 
     try:
         for i, start in enumerate(starts):
-            xb = images[start:start + batch_size].to(device)
+            xb = images[start : start + batch_size].to(device)
             xb = xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb.float()
-            yb = labels[start:start + batch_size].to(device)
+            yb = labels[start : start + batch_size].to(device)
             for name, mode in SEARCHES.items():
                 if bar is not None:
                     bar.set_description(f"ARA batch {i + 1}/{len(starts)} {name}")
                 shown[0] = 0
                 res = perturbation_search(
-                    model, xb, yb, mode=mode, steps=steps, eps=eps, overshoot=overshoot,
-                    momentum=momentum, clamp=clamp, bound_check=bound_check, with_logits_after=False,
+                    model,
+                    xb,
+                    yb,
+                    mode=mode,
+                    steps=steps,
+                    eps=eps,
+                    overshoot=overshoot,
+                    momentum=momentum,
+                    clamp=clamp,
+                    bound_check=bound_check,
+                    with_logits_after=False,
                     progress=tick,
                 )
                 radii[name].append(res.rms.double().cpu())

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import BadParameterError, BoundNotReachedError
-
 from models.nn.runtime import eval_mode, model_device
 
 MODES = ("bounded", "l2min", "btr", "explain")
@@ -186,9 +185,21 @@ def perturbation_search(
         if idx.numel():
             g0 = torch.autograd.grad(F.cross_entropy(logits0, y, reduction="sum"), delta0)[0]
             delta_a, first_a, logits_a, saturated_a = _search_rows(
-                model, x[idx], y[idx], g0[idx], logits_before[idx], follow0[idx], mode=mode,
-                steps=steps, eps=eps, overshoot=overshoot, momentum=momentum, clamp=clamp,
-                with_logits_after=with_logits_after, progress=progress, never=never,
+                model,
+                x[idx],
+                y[idx],
+                g0[idx],
+                logits_before[idx],
+                follow0[idx],
+                mode=mode,
+                steps=steps,
+                eps=eps,
+                overshoot=overshoot,
+                momentum=momentum,
+                clamp=clamp,
+                with_logits_after=with_logits_after,
+                progress=progress,
+                never=never,
             )
             delta_out[idx] = delta_a
             first_ok[idx] = first_a

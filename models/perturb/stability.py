@@ -23,8 +23,6 @@ from models.perturb.ara import SEARCHES
 from models.perturb.engine import ProgressFn, perturbation_search
 
 
-
-
 def percentile_of(value: float, reference: Sequence[float]) -> float | None:
     """Percent of ``reference`` strictly below ``value`` (None without a reference)."""
     if not reference:
@@ -54,13 +52,23 @@ def stability_score(
     total = 2 * (steps + 1)
     out: dict[str, Any] = {"predicted": predicted}
     for k, (name, mode) in enumerate(SEARCHES.items()):
+
         def report(done: int, _total: int, offset: int = k * (steps + 1)) -> None:
             if progress is not None:
                 progress(offset + done, total)
 
         res = perturbation_search(
-            model, x, [predicted], mode=mode, steps=steps, eps=eps, overshoot=ARA_OVERSHOOT,
-            momentum=ARA_MOMENTUM, bound_check=False, with_logits_after=False, progress=report,
+            model,
+            x,
+            [predicted],
+            mode=mode,
+            steps=steps,
+            eps=eps,
+            overshoot=ARA_OVERSHOOT,
+            momentum=ARA_MOMENTUM,
+            bound_check=False,
+            with_logits_after=False,
+            progress=report,
         )
         r = float(res.rms[0])
         out[f"{name}_rms"] = r
@@ -78,8 +86,14 @@ def stability_evaluations(steps: int) -> int:
 
 def stability_method(steps: int) -> dict[str, Any]:
     """Every setting of the stability searches, as a result's provenance states them."""
-    return {"searches": dict(SEARCHES), "steps": int(steps), "eps": ARA_EPS, "overshoot": ARA_OVERSHOOT,
-            "momentum": ARA_MOMENTUM, "clamp": False}
+    return {
+        "searches": dict(SEARCHES),
+        "steps": int(steps),
+        "eps": ARA_EPS,
+        "overshoot": ARA_OVERSHOOT,
+        "momentum": ARA_MOMENTUM,
+        "clamp": False,
+    }
 
 
 def stability_report(
@@ -106,13 +120,22 @@ def stability_report(
         ref_settings = radii.get("settings") or {}
         score["reference"] = {k: radii.get(k) for k in ("n", "seed", "data")} | {"settings": ref_settings}
         score["comparable"] = all(
-            ref_settings.get(k) == v for k, v in
-            (("steps", steps), ("eps", ARA_EPS), ("overshoot", ARA_OVERSHOOT), ("momentum", ARA_MOMENTUM)))
-        parts = [f"{score[f'{name}_percentile']:.0f}% ({label})" for name, label in
-                 (("attack", "decision flip"), ("btr", "no better than chance"))
-                 if score.get(f"{name}_percentile") is not None]
-        score["summary"] = (f"this decision is more stable than {' and '.join(parts)} of the "
-                            f"{score['reference_n']} evaluation images of the checkpoint") if parts else None
+            ref_settings.get(k) == v
+            for k, v in (("steps", steps), ("eps", ARA_EPS), ("overshoot", ARA_OVERSHOOT), ("momentum", ARA_MOMENTUM))
+        )
+        parts = [
+            f"{score[f'{name}_percentile']:.0f}% ({label})"
+            for name, label in (("attack", "decision flip"), ("btr", "no better than chance"))
+            if score.get(f"{name}_percentile") is not None
+        ]
+        score["summary"] = (
+            (
+                f"this decision is more stable than {' and '.join(parts)} of the "
+                f"{score['reference_n']} evaluation images of the checkpoint"
+            )
+            if parts
+            else None
+        )
     else:
         score["reference"], score["comparable"] = None, False
         score["summary"] = "the checkpoint records no per-image ARA radii, so no percentiles"

@@ -2,8 +2,10 @@
 on the input image, as uint8 RGB arrays."""
 
 from __future__ import annotations
+
 import numpy as np
 import torch
+
 from models.errors import BadParameterError
 
 

@@ -4,18 +4,18 @@ apart from the algorithms, which return tensors)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
 from models.render.png import to_png_bytes, to_uint8_image
 
 if TYPE_CHECKING:  # types only: the algorithms never depend on their pictures, nor these on them
     from models.explain.adversarial import Explanation, TargetExplanation
-
-
 
 
 def explanation_uint8(target: TargetExplanation) -> np.ndarray:

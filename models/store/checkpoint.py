@@ -24,9 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.errors import CheckpointError
-
-from models.store.header import META_KEY, read_aex_metadata
 from models.nn.registry import create_model
+from models.store.header import META_KEY, read_aex_metadata
 
 FORMAT_VERSION = 1
 MODEL_PREFIX = "model."
@@ -59,7 +58,7 @@ class CheckpointMeta:
         missing = [k for k in REQUIRED if k not in d]
         if missing:
             raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -142,7 +141,7 @@ def load_checkpoint(
     """
     meta = read_metadata(path)
     tensors = load_tensors(path)
-    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     if verify and meta.weights_sha256 and weights_sha256(state) != meta.weights_sha256:
         raise CheckpointError(f"{path}: weights do not match their recorded sha256 (corrupt file?)")
     model = create_model(meta.arch, **meta.arch_args)
@@ -169,7 +168,7 @@ def update_metadata(path: str | os.PathLike, **changes: Any) -> CheckpointMeta:
             meta.metrics = {**meta.metrics, **value}
         else:
             setattr(meta, key, value)
-    state = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     if meta.weights_sha256 and weights_sha256(state) != meta.weights_sha256:
         raise CheckpointError(f"{path}: weights do not match their recorded sha256 (corrupt file?)")
     _atomic_save(tensors, {META_KEY: meta.to_json()}, path)

@@ -8,11 +8,12 @@ never served):
 - ``D/<name>.safetensors``."""
 
 from __future__ import annotations
+
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from models.errors import CheckpointError
 
+from models.errors import CheckpointError
 
 CHECKPOINT_FILE = "model.safetensors"
 

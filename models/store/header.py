@@ -6,11 +6,12 @@ little-endian header length and a JSON header whose ``__metadata__.aex`` holds t
 checkpoint's metadata (see ``models.store.checkpoint``), so plain ``json`` reads it."""
 
 from __future__ import annotations
+
 import json
 from pathlib import Path
 from typing import Any
-from models.errors import CheckpointError
 
+from models.errors import CheckpointError
 
 META_KEY = "aex"  # the same key models.checkpoint writes
 
@@ -24,8 +25,10 @@ def _describe_bad_file(path: Path) -> str:
     if head[:2] == b"PK":
         return "it is a zip archive (a torch.save file?), not safetensors"
     if head[:1] == b"\x80":
-        return ("it is a Python pickle (a legacy torch.save file?), which is never unpickled; "
-                "use `aex import-reference` for the paper's networks")
+        return (
+            "it is a Python pickle (a legacy torch.save file?), which is never unpickled; "
+            "use `aex import-reference` for the paper's networks"
+        )
     return "it is not a valid safetensors file (truncated or corrupt?)"
 
 

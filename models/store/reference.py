@@ -22,13 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.data.datasets import CIFAR10_CLASSES
 from models.defaults import K_PSI, PSI0
 from models.errors import CheckpointError, UnsafeCheckpointError
-
-from models.store.checkpoint import CheckpointMeta, save_checkpoint
-from models.data.datasets import CIFAR10_CLASSES
 from models.nn.registry import create_model
-
+from models.store.checkpoint import CheckpointMeta, save_checkpoint
 
 REFERENCE_FUNCTION = "__main__.cifar10_preprocess"
 REFERENCE_SOURCE = "wwoods/adversarial-explanations-cifar"

@@ -4,27 +4,38 @@ beside its ``out`` checkpoint (``<stem>.resume.safetensors``, ``<stem>.metrics.j
 
 from __future__ import annotations
 
-from models.defaults import HHRELU_DELTA
-
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from models.errors import BadParameterError
-
-from models.train.schedules import SCHEDULES
 from models.data.augment import AUGMENTATIONS
+from models.defaults import ARA_SEED, EPS_BETTER, EPS_WORSE, HHRELU_DELTA, K_PSI, PSI0, ZETA, Z
+from models.errors import BadParameterError
 from models.nn.registry import available
-from models.defaults import ARA_SEED, EPS_BETTER, EPS_WORSE, K_PSI, PSI0, ZETA, Z
+from models.train.schedules import SCHEDULES
 
 ADV_MODES = {"l2": ("bounded", 0.01), "l2min": ("l2min", 0.1)}
 # Fields that may change between a run and its resumption: where and how fast it runs, and
 # what is measured at the end. Everything else must match, or the resumed run would not be
 # the run that was started.
 RUNTIME_FIELDS = frozenset(
-    {"device", "workers", "threads", "progress", "resume", "overwrite", "download", "command",
-     "ara_n", "ara_seed", "test_data", "val_n", "deterministic", "stop_after"}
+    {
+        "device",
+        "workers",
+        "threads",
+        "progress",
+        "resume",
+        "overwrite",
+        "download",
+        "command",
+        "ara_n",
+        "ara_seed",
+        "test_data",
+        "val_n",
+        "deterministic",
+        "stop_after",
+    }
 )
 
 
@@ -118,8 +129,11 @@ class TrainConfig:
 
 def differing_fields(a: TrainConfig, b: TrainConfig) -> list[str]:
     """Names of training-relevant options on which two configs disagree."""
-    return [f.name for f in fields(TrainConfig)
-            if f.name not in RUNTIME_FIELDS | {"out"} and getattr(a, f.name) != getattr(b, f.name)]
+    return [
+        f.name
+        for f in fields(TrainConfig)
+        if f.name not in RUNTIME_FIELDS | {"out"} and getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 def resume_path(out: str | os.PathLike) -> Path:

@@ -15,14 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from models.errors import DataError
-
+from models.data.augment import augment_batch
 from models.data.datasets import ImageSet, load_dataset
 from models.data.splits import seeded_subset
-from models.train.distributed import DistInfo
-from models.data.augment import augment_batch
 from models.data.tensors import to_float
+from models.errors import DataError
 from models.train.config import TrainConfig
+from models.train.distributed import DistInfo
 from models.train.state import step_generator
 
 CIFAR_PRESETS = {"resnet20_cifar", "resnet32_cifar", "resnet44_cifar", "resnet56_cifar"}
@@ -157,7 +156,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
     s = torch.zeros(c, dtype=torch.float64)
     s2 = torch.zeros(c, dtype=torch.float64)
     for i in range(0, images.shape[0], chunk):
-        x = images[i:i + chunk].to(torch.float64).div_(255.0)
+        x = images[i : i + chunk].to(torch.float64).div_(255.0)
         s += x.sum((0, 2, 3))
         s2 += x.pow(2).sum((0, 2, 3))
     n = images.shape[0] * images.shape[2] * images.shape[3]

@@ -25,25 +25,26 @@ state), ``distributed`` (DDP helpers), ``penalty`` and ``schedules``. This modul
 run, trains its epochs and finishes it."""
 
 from __future__ import annotations
-from models.train.step import arch_args_for, build_model, build_optimizer, loss_target, train_one_epoch
-from models.train.metrics import evaluate, final_metrics
+
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import nn
+
 from models.errors import BadParameterError
-from models.train.distributed import DistInfo, average_buffers, init_distributed, rank_device
-from models.train.schedules import LRSchedule
-from models.train.penalty import AdaptivePsi
 from models.train.config import TrainConfig, differing_fields, metrics_path, resume_path
 from models.train.data import augmentation_kind, balanced_class_weights, epoch_batches, load_splits
+from models.train.distributed import DistInfo, average_buffers, init_distributed, rank_device
+from models.train.metrics import evaluate, final_metrics
+from models.train.penalty import AdaptivePsi
 from models.train.run import Run, append_metrics, load_resume, rewrite_metrics_log, save_run, stored_config
-
-
+from models.train.schedules import LRSchedule
+from models.train.step import arch_args_for, build_model, build_optimizer, loss_target, train_one_epoch
 
 
 def _log(msg: str, info: DistInfo) -> None:
@@ -61,12 +62,16 @@ def prepare_run(cfg: TrainConfig) -> Run:
         diff = differing_fields(cfg, old)
         if diff:
             detail = ", ".join(f"{k}: {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in diff)
-            raise BadParameterError(f"--resume with different training options ({detail}); "
-                                    "resume with the original options or train to a new --out")
+            raise BadParameterError(
+                f"--resume with different training options ({detail}); "
+                "resume with the original options or train to a new --out"
+            )
     elif (out.exists() or has_state) and not cfg.overwrite:
         if cfg.resume:
-            raise BadParameterError(f"{out} exists but there is no resume state beside it "
-                                    f"({resume_path(out).name}); pass --overwrite to start over")
+            raise BadParameterError(
+                f"{out} exists but there is no resume state beside it "
+                f"({resume_path(out).name}); pass --overwrite to start over"
+            )
         raise BadParameterError(f"{out} already exists: pass --resume to continue it or --overwrite to start over")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -86,16 +91,30 @@ def prepare_run(cfg: TrainConfig) -> Run:
     if info.enabled:
         # BatchNorm buffers stay per rank during the epoch and are averaged at its end.
         model = nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        )
     opt = build_optimizer(cfg, net)
     steps = len(epoch_batches(len(splits.train), cfg.batch_size, 0, cfg.seed, info))
     schedule = LRSchedule(cfg.schedule, cfg.lr, cfg.epochs, steps, list(cfg.milestones or []), cfg.warmup_epochs)
     psi = None
     if cfg.robust:
-        psi = AdaptivePsi(cfg.psi0, cfg.k_psi, loss_target(cfg.l_target, len(splits.train.classes)),
-                          cfg.eps_better, cfg.eps_worse)
-    run = Run(cfg, info, device, splits, augmentation_kind(cfg, splits.train), arch_args, net, model, opt,
-              schedule, psi, balanced_class_weights(splits.train).to(device) if cfg.class_weights else None)
+        psi = AdaptivePsi(
+            cfg.psi0, cfg.k_psi, loss_target(cfg.l_target, len(splits.train.classes)), cfg.eps_better, cfg.eps_worse
+        )
+    run = Run(
+        cfg,
+        info,
+        device,
+        splits,
+        augmentation_kind(cfg, splits.train),
+        arch_args,
+        net,
+        model,
+        opt,
+        schedule,
+        psi,
+        balanced_class_weights(splits.train).to(device) if cfg.class_weights else None,
+    )
     if cfg.resume and has_state:
         load_resume(run)
         _log(f"resuming {out} after epoch {run.epochs_done} (step {run.global_step})", info)
@@ -127,10 +146,13 @@ def train_epochs(run: Run) -> None:
     if info.is_main:
         rewrite_metrics_log(log_path, run.epochs_done)
         tr = run.splits.train
-        _log(f"training {cfg.arch} on {len(tr)} images {tr.in_channels}x{tr.input_size}x{tr.input_size} "
-             f"({len(tr.classes)} classes, augment {run.aug_kind}) on {run.device}"
-             f"{f' x{info.world} ranks' if info.enabled else ''}; val {run.splits.val_source or 'none'}; "
-             f"test {run.splits.test_source or 'none'}; {run.schedule.steps_per_epoch} steps/epoch", info)
+        _log(
+            f"training {cfg.arch} on {len(tr)} images {tr.in_channels}x{tr.input_size}x{tr.input_size} "
+            f"({len(tr.classes)} classes, augment {run.aug_kind}) on {run.device}"
+            f"{f' x{info.world} ranks' if info.enabled else ''}; val {run.splits.val_source or 'none'}; "
+            f"test {run.splits.test_source or 'none'}; {run.schedule.steps_per_epoch} steps/epoch",
+            info,
+        )
     last_epoch = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, run.epochs_done + cfg.stop_after)
     for epoch in range(run.epochs_done, last_epoch):
         t0 = time.perf_counter()

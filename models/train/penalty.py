@@ -24,7 +24,6 @@ import torch
 from models.defaults import EPS_BETTER, EPS_WORSE, K_PSI, L_TARGET, PSI0, ZETA, Z
 
 
-
 @dataclass
 class AdaptivePsi:
     """The adaptive penalty weight. ``S`` is the running sum the reference calls

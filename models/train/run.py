@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from models.store.checkpoint import CheckpointMeta, load_tensors, read_metadata, save_checkpoint
-from models.train.distributed import DistInfo
-from models.train.schedules import LRSchedule
-from models.train.penalty import AdaptivePsi
 from models.train.config import TrainConfig, resume_path
 from models.train.data import Splits
+from models.train.distributed import DistInfo
+from models.train.penalty import AdaptivePsi
+from models.train.schedules import LRSchedule
 from models.train.state import optimizer_from_tensors, optimizer_to_tensors, restore_rng, rng_tensors
+
 
 @dataclass
 class Run:
@@ -84,8 +85,9 @@ def save_run(run: Run) -> None:
         "finished": finished,
         "world_size": run.info.world,
     }
-    save_checkpoint(resume_path(run.cfg.out), run.net, checkpoint_meta(run, {"resume": state}),
-                    {**opt_tensors, **rng_tensors()})
+    save_checkpoint(
+        resume_path(run.cfg.out), run.net, checkpoint_meta(run, {"resume": state}), {**opt_tensors, **rng_tensors()}
+    )
     save_checkpoint(run.cfg.out, run.net, checkpoint_meta(run))
 
 
@@ -95,7 +97,7 @@ def load_resume(run: Run) -> None:
     meta = read_metadata(path)
     tensors = load_tensors(path)
     state = meta.extra["resume"]
-    net_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    net_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     run.net.load_state_dict(net_state, strict=True)
     optimizer_from_tensors(run.opt, tensors, state["optimizer"])
     if run.psi is not None and meta.psi_state is not None:
@@ -105,8 +107,7 @@ def load_resume(run: Run) -> None:
     run.global_step = int(state["global_step"])
     run.history = list(state.get("history", []))
     if state.get("finished"):
-        run.final = {k: v for k, v in meta.metrics.items()
-                     if k.startswith(("test_", "ara_", "final_"))}
+        run.final = {k: v for k, v in meta.metrics.items() if k.startswith(("test_", "ara_", "final_"))}
 
 
 def stored_config(out: str | os.PathLike) -> TrainConfig | None:

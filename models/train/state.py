@@ -48,16 +48,14 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
     return tensors, doc
 
 
-def optimizer_from_tensors(
-    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], doc: dict[str, Any]
-) -> None:
+def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
     """Inverse of ``optimizer_to_tensors``; tensors move to each parameter's device."""
     params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         if not name.startswith(OPTIM_PREFIX):
             continue
-        idx, key = name[len(OPTIM_PREFIX):].split(".", 1)
+        idx, key = name[len(OPTIM_PREFIX) :].split(".", 1)
         state.setdefault(int(idx), {})[key] = value.to(params[int(idx)].device)
     for idx, values in doc.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(values)

@@ -3,22 +3,25 @@ adversarial examples of ``adv_train``, the cross-entropy plus the robust penalty
 adaptive psi, and the epoch loop over the run's batches."""
 
 from __future__ import annotations
+
 import math
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
-from models.errors import BadParameterError, TrainingDivergedError
+
 from models.data.datasets import ImageSet
-from models.train.distributed import DistInfo, all_reduce_sum
-from models.nn.registry import CIFAR10_MEAN, CIFAR10_STD, create_model
 from models.defaults import L_TARGET
-from models.train.penalty import AdaptivePsi, input_gradient_penalty
+from models.errors import BadParameterError, TrainingDivergedError
+from models.nn.registry import CIFAR10_MEAN, CIFAR10_STD, create_model
 from models.train.config import ADV_MODES, TrainConfig
 from models.train.data import EpochBatches, channel_stats, epoch_batches, iterate_batches
+from models.train.distributed import DistInfo, all_reduce_sum
+from models.train.penalty import AdaptivePsi, input_gradient_penalty
 from models.train.run import Run
 from models.train.state import step_generator
 
@@ -71,16 +74,27 @@ def build_optimizer(cfg: TrainConfig, net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def adversarial_examples(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
-                         affected: torch.Tensor) -> torch.Tensor:
+def adversarial_examples(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, affected: torch.Tensor
+) -> torch.Tensor:
     """x + delta from the perturbation engine (bounded or l2min, S=adv_steps, k=1, mu=0, no
     bound check); the engine runs the network in eval mode and restores its mode."""
     from models.perturb.engine import perturbation_search  # the engine shared with ARA and explanations
 
     mode, default_eps = ADV_MODES[cfg.adv_train]
-    result = perturbation_search(net, x, y, mode=mode, steps=cfg.adv_steps, eps=cfg.adv_eps or default_eps,
-                                 overshoot=1.0, momentum=0.0, affected=affected, bound_check=False,
-                                 with_logits_after=False)
+    result = perturbation_search(
+        net,
+        x,
+        y,
+        mode=mode,
+        steps=cfg.adv_steps,
+        eps=cfg.adv_eps or default_eps,
+        overshoot=1.0,
+        momentum=0.0,
+        affected=affected,
+        bound_check=False,
+        with_logits_after=False,
+    )
     return (x + result.delta).detach()
 
 
@@ -92,9 +106,19 @@ class StepStats:
     correct: int = 0
 
 
-def train_step(model: nn.Module, net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               cfg: TrainConfig, psi: AdaptivePsi | None, lr: float, gen: torch.Generator,
-               info: DistInfo, class_weight: torch.Tensor | None = None) -> tuple[float, float, int]:
+def train_step(
+    model: nn.Module,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    psi: AdaptivePsi | None,
+    lr: float,
+    gen: torch.Generator,
+    info: DistInfo,
+    class_weight: torch.Tensor | None = None,
+) -> tuple[float, float, int]:
     """One optimisation step. ``model`` may be the DDP wrapper of ``net``. Returns (global mean
     CE, penalty, correct count on this rank). ``gen`` supplies this step's randomness
     (half-and-half mask, penalty logits)."""
@@ -143,8 +167,9 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         x = x.to(run.device, non_blocking=True)
         y = y.to(run.device, non_blocking=True)
         gen = step_generator(cfg.seed, "step", epoch, i, info.rank)
-        ce, pen, correct = train_step(run.model, run.net, run.opt, x, y, cfg, run.psi,
-                                      run.schedule(run.global_step), gen, info, run.class_weight)
+        ce, pen, correct = train_step(
+            run.model, run.net, run.opt, x, y, cfg, run.psi, run.schedule(run.global_step), gen, info, run.class_weight
+        )
         run.global_step += 1
         stats.n += y.shape[0]
         stats.ce_sum += ce * y.shape[0]
@@ -161,7 +186,8 @@ def train_one_epoch(run: Run, epoch: int) -> dict[str, Any]:
         bar.close()
     seconds = time.perf_counter() - t0
     totals = all_reduce_sum(
-        torch.tensor([stats.n, stats.ce_sum, stats.penalty_sum, stats.correct], dtype=torch.float64), info)
+        torch.tensor([stats.n, stats.ce_sum, stats.penalty_sum, stats.correct], dtype=torch.float64), info
+    )
     n = max(float(totals[0]), 1.0)
     return {
         "loss": float(totals[1]) / n,
@@ -181,5 +207,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
     # In a log file (nohup), a line every 30 s instead of ten a second.
     interactive = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, file=sys.stderr, unit="batch", dynamic_ncols=interactive,
-                leave=False, mininterval=0.5 if interactive else 30.0)
+    return tqdm(
+        total=total,
+        desc=desc,
+        file=sys.stderr,
+        unit="batch",
+        dynamic_ncols=interactive,
+        leave=False,
+        mininterval=0.5 if interactive else 30.0,
+    )

@@ -13,8 +13,15 @@ def make_tiny_model(activation: str = "relu", seed: int = 0, num_classes: int = 
     """Depth-8, width-4 PreActResNet on 32x32 inputs with random BN statistics (so the
     residual branches and the head are not trivial), in eval mode."""
     torch.manual_seed(seed)
-    model = PreActResNet(depth=8, width=4, num_classes=num_classes, in_channels=in_channels, input_size=32,
-                         activation=activation, zero_init_residual=False)
+    model = PreActResNet(
+        depth=8,
+        width=4,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=32,
+        activation=activation,
+        zero_init_residual=False,
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():

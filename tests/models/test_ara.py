@@ -42,8 +42,9 @@ def test_compute_ara_on_a_tiny_network(tiny_hh_model, images, tmp_path):
     labels[:2] = (pred[:2] + 1) % 10  # two images wrong from the start
     u8 = (images * 255).round().to(torch.uint8)
     seen = []
-    res = compute_ara(tiny_hh_model, u8, labels, batch_size=4, steps=40, eps=2.0,
-                      on_batch=lambda d, t: seen.append((d, t)))
+    res = compute_ara(
+        tiny_hh_model, u8, labels, batch_size=4, steps=40, eps=2.0, on_batch=lambda d, t: seen.append((d, t))
+    )
     assert seen == [(1, 2), (2, 2)]
     assert res.n == 6 and res.num_classes == 10
     x = u8.float() / 255
@@ -55,7 +56,7 @@ def test_compute_ara_on_a_tiny_network(tiny_hh_model, images, tmp_path):
     assert np.all(res.attack_r[wrong] == 0) and np.all(res.attack_r[~wrong] > 0)
     assert res.attack_ara == pytest.approx(ara_from_radii(res.attack_r, 10))
     assert res.btr_ara == pytest.approx(ara_from_radii(res.btr_r, 10))
-    assert 0 < res.attack_ara and 0 < res.btr_ara
+    assert res.attack_ara > 0 and res.btr_ara > 0
     assert res.attack_curve.accuracy[0] == pytest.approx(res.accuracy)
     out = plot_ara(res, tmp_path / "curve.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

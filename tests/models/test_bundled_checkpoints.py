@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.perturb.ara import compute_ara
-from models.store.checkpoint import load_checkpoint
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
 from models.evaluation.accuracy import accuracy
+from models.perturb.ara import compute_ara
+from models.store.checkpoint import load_checkpoint
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints"
 NAMES = sorted(p.name for p in BUNDLED.iterdir() if (p / "model.safetensors").is_file())

@@ -8,9 +8,9 @@ import shutil
 import pytest
 
 from models.errors import CheckpointError
+from models.store.checkpoint import read_metadata
 from models.store.discovery import catalogue_entry, discover_checkpoints
 from models.store.header import read_checkpoint_metadata
-from models.store.checkpoint import read_metadata
 
 
 def test_layouts_are_found_and_trainer_state_is_not(service_models, tmp_path):

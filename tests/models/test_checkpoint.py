@@ -6,16 +6,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.errors import CheckpointError
-from models.store.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
 from models.nn.registry import create_model
+from models.store.checkpoint import CheckpointMeta, load_checkpoint, read_metadata, save_checkpoint
 
 ARGS = dict(depth=8, width=4, num_classes=3, input_size=32, activation="hhrelu")
 
 
 def make_meta() -> CheckpointMeta:
-    return CheckpointMeta(arch="preact_resnet", arch_args=dict(ARGS), classes=["a", "b", "c"], input_size=32,
-                          in_channels=3, mean=[0.5] * 3, std=[0.25] * 3, recipe={"epochs": 1},
-                          psi_state={"S": 1.0, "psi": 224.4}, metrics={"accuracy": 0.5, "n": 10, "seed": 1})
+    return CheckpointMeta(
+        arch="preact_resnet",
+        arch_args=dict(ARGS),
+        classes=["a", "b", "c"],
+        input_size=32,
+        in_channels=3,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+        recipe={"epochs": 1},
+        psi_state={"S": 1.0, "psi": 224.4},
+        metrics={"accuracy": 0.5, "n": 10, "seed": 1},
+    )
 
 
 @pytest.fixture

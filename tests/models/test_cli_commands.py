@@ -11,10 +11,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from aex.cli import app
-from models.store.checkpoint import CheckpointMeta, save_checkpoint
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
-
+from models.store.checkpoint import CheckpointMeta, save_checkpoint
 from tests.models.conftest import make_tiny_model
 
 runner = CliRunner()
@@ -23,9 +22,15 @@ runner = CliRunner()
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     model = make_tiny_model("hhrelu", seed=3, num_classes=2)
-    meta = CheckpointMeta(arch="preact_resnet",
-                          arch_args=dict(depth=8, width=4, num_classes=2, input_size=32, activation="hhrelu"),
-                          classes=["cat", "dog"], input_size=32, in_channels=3, mean=[0.5] * 3, std=[0.25] * 3)
+    meta = CheckpointMeta(
+        arch="preact_resnet",
+        arch_args=dict(depth=8, width=4, num_classes=2, input_size=32, activation="hhrelu"),
+        classes=["cat", "dog"],
+        input_size=32,
+        in_channels=3,
+        mean=[0.5] * 3,
+        std=[0.25] * 3,
+    )
     path = tmp_path / "tiny.safetensors"
     save_checkpoint(path, model, meta)
     return path, model
@@ -45,8 +50,20 @@ def folder(tmp_path):
 def test_explain_writes_images_and_summary(tiny_checkpoint, folder, tmp_path):
     ckpt, _ = tiny_checkpoint
     out = tmp_path / "expl"
-    res = runner.invoke(app, ["explain", str(folder / "cat" / "0000.png"), "--checkpoint", str(ckpt),
-                              "--out", str(out), "--layer", "pipe.3", "--no-bound-check"])
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            str(folder / "cat" / "0000.png"),
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--layer",
+            "pipe.3",
+            "--no-bound-check",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert [t["role"] for t in summary["targets"]] == ["predicted", "runner-up", "class", "class"]
@@ -65,8 +82,24 @@ def test_explain_writes_images_and_summary(tiny_checkpoint, folder, tmp_path):
 def test_evaluate_accuracy_and_ara_on_a_seeded_subset(tiny_checkpoint, folder, tmp_path):
     ckpt, model = tiny_checkpoint
     plot = tmp_path / "ara.png"
-    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5",
-                              "--seed", "3", "--ara", "--plot", str(plot), "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(folder),
+            "--n",
+            "5",
+            "--seed",
+            "3",
+            "--ara",
+            "--plot",
+            str(plot),
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["n"] == 5 and out["seed"] == 3 and out["checkpoint"] == str(ckpt)
@@ -81,8 +114,9 @@ def test_evaluate_accuracy_and_ara_on_a_seeded_subset(tiny_checkpoint, folder, t
 
 def test_evaluate_refuses_plot_without_ara(tiny_checkpoint, folder, tmp_path):
     ckpt, _ = tiny_checkpoint
-    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--plot",
-                              str(tmp_path / "x.png")])
+    res = runner.invoke(
+        app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--plot", str(tmp_path / "x.png")]
+    )
     assert res.exit_code == 2 and "--ara" in res.output
 
 
@@ -91,12 +125,15 @@ def test_evaluate_record_stores_the_whole_split_accuracy(tiny_checkpoint, folder
     from models.store.checkpoint import load_checkpoint, read_metadata
 
     before = read_metadata(ckpt)
-    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5",
-                              "--record", "--no-progress"])
+    res = runner.invoke(
+        app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5", "--record", "--no-progress"]
+    )
     assert res.exit_code == 2 and "whole split" in res.output  # a subset's accuracy is not the test accuracy
     assert read_metadata(ckpt).metrics == before.metrics
-    res = runner.invoke(app, ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--record",
-                              "--device", "cpu", "--no-progress"])
+    res = runner.invoke(
+        app,
+        ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--record", "--device", "cpu", "--no-progress"],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     meta = read_metadata(ckpt)
@@ -125,8 +162,10 @@ def test_import_reference_refuses_code(tmp_path):
 
 
 def test_import_reference_command(reference_checkpoints, tmp_path):
-    res = runner.invoke(app, ["import-reference", str(reference_checkpoints / "resnet44-robust.pt"),
-                              str(tmp_path / "robust.safetensors")])
+    res = runner.invoke(
+        app,
+        ["import-reference", str(reference_checkpoints / "resnet44-robust.pt"), str(tmp_path / "robust.safetensors")],
+    )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     assert out["activation"] == "hhrelu" and out["psi_state"]["psi"] == pytest.approx(33778, rel=1e-3)
@@ -135,14 +174,30 @@ def test_import_reference_command(reference_checkpoints, tmp_path):
 def test_explain_target_list_and_errors(tiny_checkpoint, folder, tmp_path):
     ckpt, _ = tiny_checkpoint
     img = str(folder / "dog" / "0001.png")
-    res = runner.invoke(app, ["explain", img, "--checkpoint", str(ckpt), "--out", str(tmp_path / "a"),
-                              "-t", "dog,1", "-t", "runner-up", "--no-bound-check", "--clamp"])
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            img,
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "a"),
+            "-t",
+            "dog,1",
+            "-t",
+            "runner-up",
+            "--no-bound-check",
+            "--clamp",
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert [(t["role"], t["class_name"]) for t in summary["targets"]][:2] == [("class", "dog"), ("class", "dog")]
     assert summary["settings"]["clamp"] is True
     bad = runner.invoke(app, ["explain", img, "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "-t", "zebra"])
     assert bad.exit_code == 2 and "unknown target" in bad.output
-    missing = runner.invoke(app, ["explain", img, "--checkpoint", str(tmp_path / "none.safetensors"),
-                                  "--out", str(tmp_path / "c")])
+    missing = runner.invoke(
+        app, ["explain", img, "--checkpoint", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "c")]
+    )
     assert missing.exit_code == 2 and "not found" in missing.output

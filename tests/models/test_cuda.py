@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.store.checkpoint import load_checkpoint
 from models.evaluation.evaluate import evaluate_checkpoint
 from models.explain.pipeline import explain_image
 from models.nn.runtime import full_precision
+from models.store.checkpoint import load_checkpoint
 from models.train.config import TrainConfig
 from models.train.loop import train
-
 from tests.models.test_train import TINY, make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

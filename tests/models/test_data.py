@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.errors import DataError
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
+from models.errors import DataError
 
 
 def _make_folder(root, classes=("cat", "dog"), per_class=3, size=16):
@@ -39,8 +39,11 @@ def test_resize_to_model_size_and_grey(tmp_path):
 
 def test_npz_split(tmp_path):
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "toy.npz", val_images=rng.integers(0, 255, (5, 28, 28), dtype=np.uint8),
-             val_labels=np.array([[0], [1], [1], [0], [1]]))
+    np.savez(
+        tmp_path / "toy.npz",
+        val_images=rng.integers(0, 255, (5, 28, 28), dtype=np.uint8),
+        val_labels=np.array([[0], [1], [1], [0], [1]]),
+    )
     d = load_dataset(tmp_path / "toy.npz", "val")
     assert d.images.shape == (5, 1, 28, 28) and d.labels.tolist() == [0, 1, 1, 0, 1]
     with pytest.raises(DataError, match="train_images"):

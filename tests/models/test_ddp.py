@@ -41,7 +41,6 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
-
 def test_two_gloo_ranks_end_with_identical_weights_and_psi(tmp_path, tiny_medmnist):
     data = tiny_medmnist(tmp_path / "tiny.npz", 40, 8, 8)
     script = tmp_path / "rank.py"
@@ -51,9 +50,23 @@ def test_two_gloo_ranks_end_with_identical_weights_and_psi(tmp_path, tiny_medmni
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AEX_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(script), str(data), str(out), str(report)],
-        cwd=tmp_path, env={**env, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(data),
+            str(out),
+            str(report),
+        ],
+        cwd=tmp_path,
+        env={**env, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -75,8 +88,16 @@ def test_two_gloo_ranks_end_with_identical_weights_and_psi(tmp_path, tiny_medmni
     from models.nn.registry import create_model
 
     torch.manual_seed(7)
-    init = create_model("preact_resnet", depth=8, width=4, in_channels=1, num_classes=2, input_size=28,
-                        activation="hhrelu", zero_init_residual=False).state_dict()
+    init = create_model(
+        "preact_resnet",
+        depth=8,
+        width=4,
+        in_channels=1,
+        num_classes=2,
+        input_size=28,
+        activation="hhrelu",
+        zero_init_residual=False,
+    ).state_dict()
     assert not torch.equal(init["pipe.0.weight"], w0["pipe.0.weight"])
     # Rank 0 alone wrote the checkpoint, with the same weights and psi.
     meta = read_metadata(out)

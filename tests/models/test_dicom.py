@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from models.errors import UnsupportedMediaError
 from models.dicom.pixels import is_dicom, load_dicom_pixels, window_linear
 from models.dicom.secondary_capture import secondary_captures
+from models.errors import UnsupportedMediaError
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +65,16 @@ def test_window_function_edges():
 def test_bundled_files_decode(bundled, name):
     got = load_dicom_pixels(bundled(name))
     assert got.pixels.ndim == 3 and got.pixels.shape[-1] in (1, 3)
-    assert 0.0 <= got.pixels.min() and got.pixels.max() <= 1.0
+    assert got.pixels.min() >= 0.0 and got.pixels.max() <= 1.0
 
 
 @pytest.mark.parametrize(
     "name, reason",
-    [("SC_rgb_rle_2frame.dcm", "multi-frame"), ("rtplan.dcm", "no pixel data"), ("JPEG-lossy.dcm", "compressed transfer syntax")],
+    [
+        ("SC_rgb_rle_2frame.dcm", "multi-frame"),
+        ("rtplan.dcm", "no pixel data"),
+        ("JPEG-lossy.dcm", "compressed transfer syntax"),
+    ],
 )
 def test_refusals_name_the_reason(bundled, name, reason):
     with pytest.raises(UnsupportedMediaError, match=reason):
@@ -86,7 +90,7 @@ def test_not_dicom():
 def test_secondary_capture_references_source(tmp_path, xray, write_dicom):
     source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16) * 16, "MONOCHROME2")))
     overlay = np.random.default_rng(0).random((28, 28, 3))
-    (name, blob), = secondary_captures(source, [("gradcam_overlay", overlay)], "model m; Grad-CAM")
+    ((name, blob),) = secondary_captures(source, [("gradcam_overlay", overlay)], "model m; Grad-CAM")
     sc = pydicom.dcmread(io.BytesIO(blob))
     assert name == "gradcam_overlay"
     assert sc.StudyInstanceUID == source.StudyInstanceUID and sc.PatientID == "PX-001"
@@ -101,7 +105,9 @@ def test_dciodvfy_reports_no_errors(tmp_path, bundled, name):
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it)")
     source = pydicom.dcmread(io.BytesIO(bundled(name)))
-    objs = secondary_captures(source, [("a", np.random.default_rng(1).random((32, 32, 3))), ("b", np.zeros((32, 32)))], "m")
+    objs = secondary_captures(
+        source, [("a", np.random.default_rng(1).random((32, 32, 3))), ("b", np.zeros((32, 32)))], "m"
+    )
     for obj_name, blob in objs:
         path = tmp_path / f"{obj_name}.dcm"
         path.write_bytes(blob)

@@ -6,9 +6,9 @@ import torch
 
 from models.errors import BadParameterError, BoundNotReachedError
 from models.explain.adversarial import Explainer, TargetExplanation, explain
-from models.render.explanation import difference_uint8, explanation_uint8, write_explanation
-from models.explain.targets import resolve_targets
 from models.explain.gradcam import gradcam
+from models.explain.targets import resolve_targets
+from models.render.explanation import difference_uint8, explanation_uint8, write_explanation
 
 CLASSES = [f"c{i}" for i in range(10)]
 
@@ -29,8 +29,7 @@ def test_default_targets_raise_each_target_probability(tiny_hh_model, images):
         torch.testing.assert_close(t.image, x + t.delta)
         torch.testing.assert_close(t.probs_before, probs)
         with torch.no_grad():
-            torch.testing.assert_close(tiny_hh_model(t.image[None]).softmax(1)[0], t.probs_after, atol=1e-5,
-                                       rtol=1e-4)
+            torch.testing.assert_close(tiny_hh_model(t.image[None]).softmax(1)[0], t.probs_after, atol=1e-5, rtol=1e-4)
     # The same class asked twice is the same explanation.
     assert torch.equal(res.targets[0].delta, res.targets[2 + order[0]].delta)
 
@@ -67,15 +66,17 @@ def test_display_arrays():
     delta[0, 0, 0] = 0.2
     delta[1, 1, 1] = -0.1
     x = torch.full((3, 4, 4), 0.9)
-    t = TargetExplanation("class", 0, "a", x + delta, delta, float(delta.pow(2).mean().sqrt()),
-                          torch.ones(2) / 2, torch.ones(2) / 2)
+    t = TargetExplanation(
+        "class", 0, "a", x + delta, delta, float(delta.pow(2).mean().sqrt()), torch.ones(2) / 2, torch.ones(2) / 2
+    )
     img = explanation_uint8(t)
     assert img.shape == (4, 4, 3) and img.dtype == np.uint8
     assert img[0, 0, 0] == 255  # 1.1 clamped for display
     diff = difference_uint8(t)
     assert diff[0, 0, 0] == 255 and diff[1, 1, 1] == 64 and diff[2, 2, 2] == 128
-    grey = TargetExplanation("class", 0, "a", torch.zeros(1, 4, 4), torch.zeros(1, 4, 4), 0.0,
-                             torch.ones(2) / 2, torch.ones(2) / 2)
+    grey = TargetExplanation(
+        "class", 0, "a", torch.zeros(1, 4, 4), torch.zeros(1, 4, 4), 0.0, torch.ones(2) / 2, torch.ones(2) / 2
+    )
     assert difference_uint8(grey).shape == (4, 4) and np.all(difference_uint8(grey) == 128)
 
 

@@ -14,14 +14,14 @@ def points_away_from_kinks(d: float, n: int = 40) -> torch.Tensor:
     so finite differences of the gradient are only valid away from them)."""
     g = torch.Generator().manual_seed(7)
     x = (torch.rand(n, generator=g, dtype=torch.float64) * 5 - 2) * d
-    near = ((x.abs() < 0.02 * d) | ((x - d).abs() < 0.02 * d))
+    near = (x.abs() < 0.02 * d) | ((x - d).abs() < 0.02 * d)
     return torch.where(near, x + 0.05 * d, x).requires_grad_(True)
 
 
 @pytest.mark.parametrize("d", [0.5, 0.1, 2.0])
 def test_gradcheck_and_gradgradcheck(d):
     x = points_away_from_kinks(d)
-    fn = lambda t: half_huber_relu(t, d)  # noqa: E731
+    fn = lambda t: half_huber_relu(t, d)
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
     assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-6)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.errors import DecompressionBombError, UndecodableImageError, UnsupportedMediaError
 from models.data.imaging import image_to_array, open_image, prepare_array, resize_center
+from models.errors import DecompressionBombError, UndecodableImageError, UnsupportedMediaError
 from models.render.png import to_png_bytes
 
 
@@ -20,7 +20,7 @@ def test_every_supported_format_decodes(fmt):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
     arr = image_to_array(open_image(_encode(rgb, fmt)))
     assert arr.shape == (20, 30, 3) and arr.dtype == np.float32
-    assert 0.0 <= arr.min() and arr.max() <= 1.0
+    assert arr.min() >= 0.0 and arr.max() <= 1.0
 
 
 def test_modes_grey_rgba_palette_16bit():

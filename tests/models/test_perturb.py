@@ -93,8 +93,9 @@ def test_engine_matches_literal_algorithm(tiny_model, images, mode, kw):
 def test_bounded_stays_within_eps_times_k_and_raises_loss(tiny_model, images):
     y = tiny_model(images).argmax(1)
     for k in (1.0, 3.0):
-        res = perturbation_search(tiny_model, images, y, mode="bounded", steps=7, eps=0.03, overshoot=k,
-                                  bound_check=False)
+        res = perturbation_search(
+            tiny_model, images, y, mode="bounded", steps=7, eps=0.03, overshoot=k, bound_check=False
+        )
         assert torch.all(res.rms <= 0.03 * k * (1 + 1e-5))
         assert torch.all(res.rms > 0.01)
         ce_before = F.cross_entropy(res.logits_before, y, reduction="none")
@@ -178,8 +179,9 @@ def test_no_grads_on_params_and_mode_restored(tiny_model, images):
 def test_progress_and_bad_parameters(tiny_model, images):
     calls = []
     y = tiny_model(images).argmax(1)
-    perturbation_search(tiny_model, images, y, mode="l2min", steps=12, eps=2.0,
-                        progress=lambda d, t: calls.append((d, t)))
+    perturbation_search(
+        tiny_model, images, y, mode="l2min", steps=12, eps=2.0, progress=lambda d, t: calls.append((d, t))
+    )
     assert calls[-1] == (13, 13) and [d for d, _ in calls] == sorted(d for d, _ in calls)
     with pytest.raises(BadParameterError):
         perturbation_search(tiny_model, images, y, mode="nope", steps=3, eps=1.0)

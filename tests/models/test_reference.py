@@ -5,11 +5,11 @@ import subprocess
 import pytest
 import torch
 
-from models.errors import CheckpointError, UnsafeCheckpointError
-from models.store.checkpoint import load_checkpoint, read_metadata
 from models.data.datasets import CIFAR10_CLASSES
-from models.store.reference import import_reference, load_reference, load_reference_file
+from models.errors import CheckpointError, UnsafeCheckpointError
 from models.nn.registry import create_model
+from models.store.checkpoint import load_checkpoint, read_metadata
+from models.store.reference import import_reference, load_reference, load_reference_file
 
 NAMES = ["standard", "adv-train", "all", "robust"]
 

@@ -3,9 +3,9 @@
 
 import pytest
 
-from models.store.checkpoint import load_checkpoint
 from models.data.datasets import load_dataset
 from models.evaluation.accuracy import accuracy
+from models.store.checkpoint import load_checkpoint
 from models.store.reference import import_reference
 
 REFERENCE_ACCURACY = {"standard": 0.8250, "adv-train": 0.8533, "all": 0.6681, "robust": 0.6664}

@@ -29,7 +29,7 @@ def test_psi_follows_the_formula_over_a_scripted_loss_sequence():
     expected = hand_psi_sequence(losses)
     for ce, (s, p) in zip(losses, expected):
         got = psi.update(ce)
-        assert psi.S == pytest.approx(s, rel=1e-12, abs=1e-15)
+        assert pytest.approx(s, rel=1e-12, abs=1e-15) == psi.S
         assert got == pytest.approx(p, rel=1e-12)
     assert psi.S > 0
 
@@ -40,23 +40,23 @@ def test_psi_worked_values():
     psi.update(3.0)  # worse than target: -ln 2 clipped to -0.01, but S stays >= 0
     assert psi.S == 0.0
     psi.update(0.5)  # better: -ln(1/3) = 1.0986 clipped to +1
-    assert psi.S == pytest.approx(1.0)
+    assert pytest.approx(1.0) == psi.S
     assert psi.psi == pytest.approx(220.0 * math.exp(0.02))
     psi.update(1.5 * math.exp(-0.25))  # unclipped step of exactly +0.25
-    assert psi.S == pytest.approx(1.25)
+    assert pytest.approx(1.25) == psi.S
     psi.update(3.0)
-    assert psi.S == pytest.approx(1.24)
+    assert pytest.approx(1.24) == psi.S
     psi.update(0.0)  # zero loss takes the full eps_better step
-    assert psi.S == pytest.approx(2.24)
+    assert pytest.approx(2.24) == psi.S
 
 
 def test_psi_constants_are_settable_and_state_round_trips():
     psi = AdaptivePsi(psi0=10.0, k_psi=0.5, l_target=1.0, eps_better=0.3, eps_worse=0.2)
     psi.update(0.1)
-    assert psi.S == pytest.approx(0.3)
+    assert pytest.approx(0.3) == psi.S
     assert psi.psi == pytest.approx(10.0 * math.exp(0.15))
     psi.update(math.e)  # -ln(e) = -1, clipped to -0.2
-    assert psi.S == pytest.approx(0.1)
+    assert pytest.approx(0.1) == psi.S
     other = AdaptivePsi()
     other.load_state_dict(psi.state_dict())
     assert other == psi
@@ -109,8 +109,16 @@ def test_penalty_value_on_a_linear_model_matches_the_closed_form():
 @pytest.mark.parametrize("activation", ["relu", "hhrelu"])
 def test_penalty_gradient_reaches_every_conv_weight(activation):
     torch.manual_seed(0)
-    net = create_model("preact_resnet", depth=8, width=4, in_channels=1, num_classes=3, input_size=28,
-                       activation=activation, zero_init_residual=False)
+    net = create_model(
+        "preact_resnet",
+        depth=8,
+        width=4,
+        in_channels=1,
+        num_classes=3,
+        input_size=28,
+        activation=activation,
+        zero_init_residual=False,
+    )
     net.train()
     x = torch.rand(4, 1, 28, 28, requires_grad=True)
     y = torch.tensor([0, 1, 2, 0])
@@ -125,8 +133,16 @@ def test_double_backprop_through_hhrelu_matches_finite_differences():
     # The penalty's derivative with respect to weights runs through HHReLU's backward (its
     # second derivative 1/delta on (0, delta)); compare it with central differences.
     torch.manual_seed(1)
-    net = create_model("preact_resnet", depth=8, width=2, in_channels=1, num_classes=2, input_size=28,
-                       activation="hhrelu", zero_init_residual=False).double()
+    net = create_model(
+        "preact_resnet",
+        depth=8,
+        width=2,
+        in_channels=1,
+        num_classes=2,
+        input_size=28,
+        activation="hhrelu",
+        zero_init_residual=False,
+    ).double()
     net.eval()  # fixed BatchNorm statistics: the penalty is a smooth function of the weights
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64) * 2
     y = torch.tensor([0, 1])
@@ -137,8 +153,9 @@ def test_double_backprop_through_hhrelu_matches_finite_differences():
         out = torch.func.functional_call(net, {"pipe.1.0.main.0.weight": w}, (xi,))
         return input_gradient_penalty(xi, out, y, psi=3.0, zeta=1.0)
 
-    assert torch.autograd.gradcheck(penalty_of, (weight.detach().clone().requires_grad_(True),),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(
+        penalty_of, (weight.detach().clone().requires_grad_(True),), eps=1e-6, atol=1e-6, rtol=1e-4
+    )
 
 
 def test_penalty_needs_an_input_that_requires_grad():

@@ -14,16 +14,15 @@ import torch
 from PIL import Image
 
 import models.train.step as train_mod
-from models.train.distributed import DistInfo
 from models.errors import BadParameterError
 from models.store.checkpoint import load_checkpoint, load_tensors, read_metadata
-from models.train.schedules import LRSchedule, default_milestones
 from models.train.config import TrainConfig, metrics_path, resume_path
 from models.train.data import epoch_batches, load_splits
+from models.train.distributed import DistInfo
 from models.train.loop import train
+from models.train.schedules import LRSchedule, default_milestones
 
 TINY = dict(arch="preact_resnet", depth=8, width=4, batch_size=8, lr=0.05, ara_n=0, progress=False)
-
 
 
 def make_folder(root: Path, n_per_class=20, size=32, classes=("cat", "dog")) -> Path:
@@ -59,8 +58,9 @@ def test_onecycle_matches_torch_onecyclelr():
     steps_per_epoch, epochs, lr = 7, 3, 0.2
     sched = LRSchedule("onecycle", lr, epochs, steps_per_epoch)
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
-    ref = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
-                                              cycle_momentum=False)
+    ref = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * steps_per_epoch, cycle_momentum=False
+    )
     for t in range(epochs * steps_per_epoch):
         assert sched(t) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
         opt.step()
@@ -175,8 +175,7 @@ def test_existing_output_is_refused_without_resume_or_overwrite(npz, tmp_path):
         train(cfg_for(npz, out, epochs=1, lr=0.2, resume=True))
 
 
-@pytest.mark.parametrize("extra", [dict(robust=True), dict(robust=True, adv_train="l2")],
-                         ids=["robust", "robust+adv"])
+@pytest.mark.parametrize("extra", [dict(robust=True), dict(robust=True, adv_train="l2")], ids=["robust", "robust+adv"])
 def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(npz, tmp_path, monkeypatch, extra):
     kw = dict(epochs=2, schedule="onecycle", seed=3, **extra)
     whole = tmp_path / "whole.safetensors"

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models.store.checkpoint import load_checkpoint
-from models.render.png import to_uint8_image
 from models.data.tensors import load_image_for_model
+from models.render.png import to_uint8_image
+from models.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -31,12 +31,24 @@ def direct_probs(models_dir, name: str, data: bytes) -> tuple[torch.Tensor, list
 
 
 def upload(data: bytes, name: str = "image.png", **fields):
-    return {"files": {"image": (name, data, "application/octet-stream")},
-            "data": {k: str(v) for k, v in fields.items()}}
+    return {
+        "files": {"image": (name, data, "application/octet-stream")},
+        "data": {k: str(v) for k, v in fields.items()},
+    }
 
 
-FORMATS = [("PNG", "RGB"), ("JPEG", "RGB"), ("TIFF", "RGB"), ("BMP", "RGB"), ("WEBP", "RGB"), ("PNG", "L"),
-           ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "I;16"), ("TIFF", "I;16")]
+FORMATS = [
+    ("PNG", "RGB"),
+    ("JPEG", "RGB"),
+    ("TIFF", "RGB"),
+    ("BMP", "RGB"),
+    ("WEBP", "RGB"),
+    ("PNG", "L"),
+    ("PNG", "RGBA"),
+    ("PNG", "P"),
+    ("PNG", "I;16"),
+    ("TIFF", "I;16"),
+]
 
 
 @pytest.mark.parametrize("fmt,mode", FORMATS)
@@ -112,8 +124,10 @@ def test_explain_end_to_end(api, service_stack, service_models, make_image, poll
         assert (w, h) == (size, size), name
     seen = np.asarray(Image.open(io.BytesIO(api.get(view["images"]["input.png"]).content)))
     np.testing.assert_array_equal(seen, to_uint8_image(x))
-    assert all(t["image_url"] in view["images"].values() and t["difference_url"] in view["images"].values()
-               for t in result["targets"])
+    assert all(
+        t["image_url"] in view["images"].values() and t["difference_url"] in view["images"].values()
+        for t in result["targets"]
+    )
 
 
 def test_twenty_concurrent_jobs_all_finish(api, make_image, poll):
@@ -144,8 +158,9 @@ def _running(api, url: str, timeout: float = 60.0) -> dict:
 
 
 def test_cancel_a_running_job(api, make_image, poll, long_steps):
-    resp = api.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
-                                            steps=long_steps))
+    resp = api.post(
+        "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all", steps=long_steps)
+    )
     url = resp.headers["location"]
     try:
         running = _running(api, url)
@@ -173,8 +188,12 @@ def test_queue_depth_limit_and_cancelling_a_queued_job(service_stack, make_image
 
     with TestClient(create_app(service_stack.model_copy(update={"max_queue_depth": 1}))) as client:
         image = make_image("PNG", "RGB")
-        long_jobs = [client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=long_steps))
-                     .headers["location"] for _ in range(2)]
+        long_jobs = [
+            client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=long_steps)).headers[
+                "location"
+            ]
+            for _ in range(2)
+        ]
         try:
             for url in long_jobs:
                 _running(client, url)
@@ -210,8 +229,9 @@ def test_models_lists_what_the_workers_serve(api):
 def test_gradcam_layer_can_be_chosen(api, make_image, poll):
     layers = api.get("/v1/models/tiny-rgb").json()["layers"]
     layer = next(n for n in layers if n.endswith("conv1") or n == "pipe.2")
-    resp = api.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted",
-                                            steps=2, layer=layer))
+    resp = api.post(
+        "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted", steps=2, layer=layer)
+    )
     view = poll(api, resp.headers["location"])
     assert view["status"] == "finished" and view["result"]["gradcam"]["layer"] == layer
 
@@ -228,8 +248,16 @@ def test_health_readiness_metrics_and_docs(api, make_image):
     assert 'aex_job_duration_seconds_bucket{kind="classify",le="+Inf"}' in text
     assert "aex_redis_up 1.0" in text
     spec = api.get("/openapi.json").json()
-    assert {"/v1/classify", "/v1/explain", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/images/{name}", "/v1/models",
-            "/healthz", "/readyz", "/metrics"} <= set(spec["paths"])
+    assert {
+        "/v1/classify",
+        "/v1/explain",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/images/{name}",
+        "/v1/models",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    } <= set(spec["paths"])
     form = spec["paths"]["/v1/explain"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert {"image", "model", "targets", "rho", "steps", "layer"} <= set(form["properties"])
     assert api.get("/docs").status_code == 200

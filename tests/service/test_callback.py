@@ -28,7 +28,7 @@ class Receiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.bodies.append(json.loads(body))
                 receiver.paths.append(self.path)
@@ -65,8 +65,13 @@ def receiver():
 
 @pytest.fixture(scope="module")
 def client(service_stack):
-    settings = service_stack.model_copy(update={"callback_allowed_hosts": ["127.0.0.1", "*.example.org"],
-                                                "callback_backoff_seconds": 0.2, "callback_attempts": 3})
+    settings = service_stack.model_copy(
+        update={
+            "callback_allowed_hosts": ["127.0.0.1", "*.example.org"],
+            "callback_backoff_seconds": 0.2,
+            "callback_attempts": 3,
+        }
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -88,8 +93,9 @@ def delivery(client, url: str, states=("delivered", "failed"), timeout: float = 
 def test_callback_is_retried_after_a_503_then_delivered(client, receiver, make_image, poll):
     hook = receiver([503])
     data = make_image("PNG", "RGB", seed=31)
-    resp = client.post("/v1/explain", **upload(data, model="tiny-rgb", targets="predicted", steps=3,
-                                               callback_url=hook.url))
+    resp = client.post(
+        "/v1/explain", **upload(data, model="tiny-rgb", targets="predicted", steps=3, callback_url=hook.url)
+    )
     assert resp.status_code == 202, resp.text
     assert resp.json()["callback"] == {"url": hook.url, "state": "waiting", "attempts": 0}
     assert poll(client, resp.headers["location"])["status"] == "finished"
@@ -105,8 +111,9 @@ def test_callback_is_retried_after_a_503_then_delivered(client, receiver, make_i
 
     # An identical request is answered from that result: the API itself sends its callback.
     again = receiver()
-    resp = client.post("/v1/explain", **upload(data, model="tiny-rgb", targets="predicted", steps=3,
-                                               callback_url=again.url))
+    resp = client.post(
+        "/v1/explain", **upload(data, model="tiny-rgb", targets="predicted", steps=3, callback_url=again.url)
+    )
     assert resp.status_code == 200 and resp.json()["result"]["reused_from"] == job_id
     assert delivery(client, resp.json()["url"])["callback"]["state"] == "delivered"
     assert again.bodies[0]["status"] == "finished" and again.bodies[0]["reused_from"] == job_id
@@ -114,8 +121,9 @@ def test_callback_is_retried_after_a_503_then_delivered(client, receiver, make_i
 
 def test_a_4xx_answer_is_not_retried(client, receiver, make_image):
     hook = receiver([404])
-    resp = client.post("/v1/classify", **upload(make_image("PNG", "RGB", seed=32), model="tiny-rgb",
-                                                callback_url=hook.url))
+    resp = client.post(
+        "/v1/classify", **upload(make_image("PNG", "RGB", seed=32), model="tiny-rgb", callback_url=hook.url)
+    )
     assert resp.status_code == 200, resp.text
     record = delivery(client, resp.json()["url"])["callback"]
     assert record["state"] == "failed" and record["attempts"] == 1 and record["last_status"] == 404
@@ -127,8 +135,7 @@ def test_an_unreachable_receiver_fails_the_delivery_not_the_worker(client, recei
     hook = receiver()
     url = hook.url
     hook.close()  # nobody listens on that port any more
-    resp = client.post("/v1/classify", **upload(make_image("PNG", "RGB", seed=33), model="tiny-rgb",
-                                                callback_url=url))
+    resp = client.post("/v1/classify", **upload(make_image("PNG", "RGB", seed=33), model="tiny-rgb", callback_url=url))
     assert resp.status_code == 200 and resp.json()["status"] == "finished"
     record = delivery(client, resp.json()["url"])["callback"]
     assert record["state"] == "failed" and record["attempts"] == 3 and record["last_status"] is None
@@ -139,8 +146,12 @@ def test_an_unreachable_receiver_fails_the_delivery_not_the_worker(client, recei
 
 def test_a_cancelled_job_calls_back_too(client, receiver, make_image, long_steps):
     hook = receiver()
-    resp = client.post("/v1/explain", **upload(make_image("PNG", "RGB", seed=35), model="tiny-rgb", targets="all",
-                                               steps=long_steps, callback_url=hook.url))
+    resp = client.post(
+        "/v1/explain",
+        **upload(
+            make_image("PNG", "RGB", seed=35), model="tiny-rgb", targets="all", steps=long_steps, callback_url=hook.url
+        ),
+    )
     url = resp.headers["location"]
     deadline = time.monotonic() + 60
     while client.get(url).json()["status"] != "running":
@@ -152,14 +163,17 @@ def test_a_cancelled_job_calls_back_too(client, receiver, make_image, long_steps
     assert hook.bodies[0]["status"] == "cancelled" and hook.bodies[0]["error"]["code"] == "job_cancelled"
 
 
-@pytest.mark.parametrize("url,fragment", [
-    ("http://169.254.169.254/latest/meta-data", "'169.254.169.254' is not allowed"),
-    ("http://example.org/hook", "'example.org' is not allowed"),
-    ("http://127.0.0.1.evil.net/hook", "not allowed"),
-    ("ftp://127.0.0.1/hook", "http:// or https://"),
-    ("/relative/hook", "http:// or https://"),
-    ("http://127.0.0.1:99999/hook", "not a valid URL"),
-])
+@pytest.mark.parametrize(
+    "url,fragment",
+    [
+        ("http://169.254.169.254/latest/meta-data", "'169.254.169.254' is not allowed"),
+        ("http://example.org/hook", "'example.org' is not allowed"),
+        ("http://127.0.0.1.evil.net/hook", "not allowed"),
+        ("ftp://127.0.0.1/hook", "http:// or https://"),
+        ("/relative/hook", "http:// or https://"),
+        ("http://127.0.0.1:99999/hook", "not a valid URL"),
+    ],
+)
 def test_callback_urls_off_the_allow_list_are_refused(client, make_image, url, fragment):
     resp = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", callback_url=url))
     assert resp.status_code == 400, resp.text
@@ -167,6 +181,7 @@ def test_callback_urls_off_the_allow_list_are_refused(client, make_image, url, f
 
 
 def test_callbacks_are_off_by_default(api, make_image):
-    off = api.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb",
-                                           callback_url="http://127.0.0.1:9/hook"))
+    off = api.post(
+        "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", callback_url="http://127.0.0.1:9/hook")
+    )
     assert off.status_code == 400 and "AEX_CALLBACK_ALLOWED_HOSTS is empty" in off.json()["error"]["message"]

@@ -19,9 +19,15 @@ from typer.testing import CliRunner
 
 from aex.cli import app
 from aex.client import AexClient
-from models.errors import BadParameterError, JobCancelledError, ServiceUnavailableError, UnknownJobError, UnknownModelError
-from models.store.checkpoint import load_checkpoint
 from models.data.tensors import load_image_for_model
+from models.errors import (
+    BadParameterError,
+    JobCancelledError,
+    ServiceUnavailableError,
+    UnknownJobError,
+    UnknownModelError,
+)
+from models.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -67,8 +73,25 @@ def test_aex_classify_prints_the_models_probabilities(live_api, service_models, 
 
 def test_aex_explain_saves_every_image_and_the_result(live_api, png, tmp_path):
     out = tmp_path / "expl"
-    res = runner.invoke(app, ["explain", str(png), "--url", live_api, "--out", str(out), "--model", "tiny-rgb",
-                              "--steps", "5", "-t", "predicted,runner-up", "-t", "cat"])
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            str(png),
+            "--url",
+            live_api,
+            "--out",
+            str(out),
+            "--model",
+            "tiny-rgb",
+            "--steps",
+            "5",
+            "-t",
+            "predicted,runner-up",
+            "-t",
+            "cat",
+        ],
+    )
     assert res.exit_code == 0, res.output
     printed = json.loads(res.stdout)
     job = json.loads((out / "result.json").read_text())
@@ -104,8 +127,22 @@ def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_fil
     source.write_bytes(dicom_file(structured_pixels(), "MONOCHROME2", window=(1800.0, 3600.0)))
     src = pydicom.dcmread(source)
     out = tmp_path / "expl"
-    res = runner.invoke(app, ["explain", str(source), "--url", live_api, "--out", str(out), "--model", "tiny-grey",
-                              "--steps", "5", "--no-progress"])
+    res = runner.invoke(
+        app,
+        [
+            "explain",
+            str(source),
+            "--url",
+            live_api,
+            "--out",
+            str(out),
+            "--model",
+            "tiny-grey",
+            "--steps",
+            "5",
+            "--no-progress",
+        ],
+    )
     assert res.exit_code == 0, res.output
     job = json.loads((out / "result.json").read_text())
     assert job["dicom"], job  # the overlay, each explanation and each difference

@@ -14,8 +14,8 @@ import pydicom
 import pytest
 import torch
 
-from models.store.checkpoint import load_checkpoint
 from models.data.tensors import load_dicom_for_model
+from models.store.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -71,17 +71,23 @@ def test_classify_sees_the_hand_computed_pixels(api, service_models, dicom_file,
     assert "PatientID" not in str(result) and "PX-001" not in str(result)  # no identifiers in the JSON
 
     # The window override replaces the file's; found by its DICM header under any name and type.
-    resp = api.post("/v1/classify", **upload(data, "scan.bin", model="tiny-grey", window_center=200,
-                                             window_width=300))
+    resp = api.post("/v1/classify", **upload(data, "scan.bin", model="tiny-grey", window_center=200, window_width=300))
     assert resp.status_code == 200, resp.text
     x = torch.from_numpy(by_hand(stored, photometric, 200.0, 300.0).astype(np.float32))[None]
     assert_probs(resp.json()["result"], model_probs(service_models, "tiny-grey", x))
     assert resp.json()["result"]["provenance"]["parameters"]["window"] == [200.0, 300.0]
 
 
-@pytest.mark.parametrize("name,model", [("CT_small.dcm", "tiny-grey"), ("MR_small.dcm", "tiny-grey"),
-                                        ("SC_rgb_rle.dcm", "tiny-rgb"), ("SC_rgb_jpeg_dcmtk.dcm", "tiny-rgb"),
-                                        ("CT_small.dcm", "tiny-rgb")])
+@pytest.mark.parametrize(
+    "name,model",
+    [
+        ("CT_small.dcm", "tiny-grey"),
+        ("MR_small.dcm", "tiny-grey"),
+        ("SC_rgb_rle.dcm", "tiny-rgb"),
+        ("SC_rgb_jpeg_dcmtk.dcm", "tiny-rgb"),
+        ("CT_small.dcm", "tiny-rgb"),
+    ],
+)
 def test_bundled_files_classify(api, service_models, pydicom_file, name, model):
     data = pydicom_file(name)
     resp = api.post("/v1/classify", **upload(data, name, "application/dicom", model=model))
@@ -92,8 +98,14 @@ def test_bundled_files_classify(api, service_models, pydicom_file, name, model):
 
 
 @pytest.mark.parametrize("path", ["/v1/classify", "/v1/explain"])
-@pytest.mark.parametrize("name,reason", [("SC_rgb_rle_2frame.dcm", "multi-frame"), ("rtplan.dcm", "no pixel data"),
-                                         ("JPEG-lossy.dcm", "compressed transfer syntax")])
+@pytest.mark.parametrize(
+    "name,reason",
+    [
+        ("SC_rgb_rle_2frame.dcm", "multi-frame"),
+        ("rtplan.dcm", "no pixel data"),
+        ("JPEG-lossy.dcm", "compressed transfer syntax"),
+    ],
+)
 def test_refused_files_name_the_reason(api, pydicom_file, path, name, reason):
     resp = api.post(path, **upload(pydicom_file(name), name, model="tiny-grey"))
     assert resp.status_code == 415, resp.text
@@ -105,8 +117,9 @@ def test_bad_dicom_requests(api, dicom_file, make_image):
     data = dicom_file(np.full((28, 28), 100, np.uint16), "MONOCHROME2")
     one = api.post("/v1/classify", **upload(data, model="tiny-grey", window_center=10))
     assert one.status_code == 400 and "window_width" in one.json()["error"]["message"]
-    png = api.post("/v1/classify", **upload(make_image("PNG", "L"), "x.png", model="tiny-grey", window_center=1,
-                                            window_width=2))
+    png = api.post(
+        "/v1/classify", **upload(make_image("PNG", "L"), "x.png", model="tiny-grey", window_center=1, window_width=2)
+    )
     assert png.status_code == 400 and "DICOM input only" in png.json()["error"]["message"]
     narrow = api.post("/v1/classify", **upload(data, model="tiny-grey", window_center=1, window_width=0.5))
     assert narrow.status_code == 400, narrow.text
@@ -119,8 +132,7 @@ def dciodvfy_errors(path) -> list[str]:
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
-def test_explain_returns_secondary_captures_in_the_source_study(api, service_models, dicom_file, xray, poll,
-                                                                tmp_path):
+def test_explain_returns_secondary_captures_in_the_source_study(api, service_models, dicom_file, xray, poll, tmp_path):
     stored = xray.astype(np.uint16) * 16
     data = dicom_file(stored, "MONOCHROME1", SLOPE, INTERCEPT, (CENTER, WIDTH))
     source = pydicom.dcmread(io.BytesIO(data))
@@ -157,13 +169,17 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
             assert dciodvfy_errors(tmp_path / name) == [], name
     assert len(series) == 1  # one new series beside the original
     if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it): the objects "
-                    "were checked with pydicom only")
+        pytest.skip(
+            "dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it): the objects "
+            "were checked with pydicom only"
+        )
 
 
 def test_no_dicom_outputs_for_image_input(api, make_image, poll):
-    resp = api.post("/v1/explain", **upload(make_image("PNG", "L", seed=11), "x.png", model="tiny-grey",
-                                            targets="predicted", steps=3))
+    resp = api.post(
+        "/v1/explain",
+        **upload(make_image("PNG", "L", seed=11), "x.png", model="tiny-grey", targets="predicted", steps=3),
+    )
     view = poll(api, resp.headers["location"])
     assert view["status"] == "finished" and view["dicom"] is None and "dicom_files" not in view["result"]
     assert api.get(f"{view['url']}/dicom/gradcam_overlay.dcm").status_code == 404

@@ -42,8 +42,7 @@ def assert_error(resp, status: int, code: str) -> dict:
 def test_bad_images(api, make_image, path):
     good = make_image("PNG", "RGB")
     assert_error(post(api, path, good[: len(good) // 2]), 422, "undecodable_image")
-    assert_error(post(api, path, b"just some notes, not an image\n" * 10, "notes.png"), 415,
-                 "unsupported_media_type")
+    assert_error(post(api, path, b"just some notes, not an image\n" * 10, "notes.png"), 415, "unsupported_media_type")
     assert_error(post(api, path, b""), 415, "unsupported_media_type")
     gif = make_image("PNG", "RGB")  # a real image of a format we do not take
     from io import BytesIO
@@ -69,8 +68,9 @@ def test_upload_over_the_limit(service_stack, make_image):
         assert_error(post(client, "/v1/classify", data), 413, "upload_too_large")
         assert_error(post(client, "/v1/explain", data), 413, "upload_too_large")
         # The body is refused on its declared length too, before it is read.
-        resp = client.post("/v1/classify", content=b"x" * 200_000,
-                           headers={"content-type": "multipart/form-data; boundary=zzz"})
+        resp = client.post(
+            "/v1/classify", content=b"x" * 200_000, headers={"content-type": "multipart/form-data; boundary=zzz"}
+        )
         assert_error(resp, 413, "upload_too_large")
 
 
@@ -93,18 +93,21 @@ def test_unknown_image_of_a_real_job(api, make_image, poll):
     assert_error(api.get(f"{url}/images/secret.txt"), 404, "unknown_job")
 
 
-@pytest.mark.parametrize("path,fields,fragment", [
-    ("/v1/classify", {"top_k": 0}, "top_k"),
-    ("/v1/classify", {"top_k": "many"}, "top_k"),
-    ("/v1/classify", {"colour": "blue"}, "colour"),
-    ("/v1/explain", {"rho": -1}, "rho"),
-    ("/v1/explain", {"steps": 0}, "steps"),
-    ("/v1/explain", {"steps": 10**7}, "AEX_MAX_EXPLAIN_STEPS"),
-    ("/v1/explain", {"targets": "predicted,zebra"}, "zebra"),
-    ("/v1/explain", {"targets": "42"}, "42"),
-    ("/v1/explain", {"targets": " , "}, "no targets"),
-    ("/v1/explain", {"layer": "no.such.layer"}, "no.such.layer"),
-])
+@pytest.mark.parametrize(
+    "path,fields,fragment",
+    [
+        ("/v1/classify", {"top_k": 0}, "top_k"),
+        ("/v1/classify", {"top_k": "many"}, "top_k"),
+        ("/v1/classify", {"colour": "blue"}, "colour"),
+        ("/v1/explain", {"rho": -1}, "rho"),
+        ("/v1/explain", {"steps": 0}, "steps"),
+        ("/v1/explain", {"steps": 10**7}, "AEX_MAX_EXPLAIN_STEPS"),
+        ("/v1/explain", {"targets": "predicted,zebra"}, "zebra"),
+        ("/v1/explain", {"targets": "42"}, "42"),
+        ("/v1/explain", {"targets": " , "}, "no targets"),
+        ("/v1/explain", {"layer": "no.such.layer"}, "no.such.layer"),
+    ],
+)
 def test_bad_parameters(api, make_image, path, fields, fragment):
     err = assert_error(post(api, path, make_image("PNG", "RGB"), model="tiny-rgb", **fields), 400, "bad_parameter")
     assert fragment in err["message"]
@@ -114,21 +117,22 @@ def test_bad_request_bodies(api, make_image):
     assert_error(api.post("/v1/classify", data={"model": "tiny-rgb"}), 400, "bad_parameter")  # not multipart
     resp = api.post("/v1/classify", files={"picture": ("x.png", make_image("PNG", "RGB"), "image/png")})
     assert "'image'" in assert_error(resp, 400, "bad_parameter")["message"]
-    two = api.post("/v1/classify", files=[("image", ("a.png", b"1", "image/png")),
-                                          ("image", ("b.png", b"2", "image/png"))])
+    two = api.post(
+        "/v1/classify", files=[("image", ("a.png", b"1", "image/png")), ("image", ("b.png", b"2", "image/png"))]
+    )
     assert_error(two, 400, "bad_parameter")
 
 
 def test_redis_gone(tmp_path, service_models, make_image):
     from worker.settings import Settings
 
-    gone = Settings(redis_url=f"unix://{tmp_path / 'no-redis.sock'}", model_dirs=[service_models],
-                    bundled_models=False)
+    gone = Settings(redis_url=f"unix://{tmp_path / 'no-redis.sock'}", model_dirs=[service_models], bundled_models=False)
     with TestClient(create_app(gone)) as client:
         assert client.get("/healthz").status_code == 200  # alive, but not ready
         assert_error(client.get("/readyz"), 503, "service_unavailable")
-        assert_error(post(client, "/v1/classify", make_image("PNG", "RGB"), model="tiny-rgb"), 503,
-                     "service_unavailable")
+        assert_error(
+            post(client, "/v1/classify", make_image("PNG", "RGB"), model="tiny-rgb"), 503, "service_unavailable"
+        )
         assert_error(client.get("/v1/jobs/0123456789abcdef0123456789abcdef"), 503, "service_unavailable")
         assert "aex_redis_up 0.0" in client.get("/metrics").text
 
@@ -139,6 +143,7 @@ def test_no_workers(settings_for, make_image):
         err = assert_error(client.get("/readyz"), 503, "service_unavailable")
         assert "classify" in err["message"] and "explain" in err["message"]
         for path in ("/v1/classify", "/v1/explain"):
-            err = assert_error(post(client, path, make_image("PNG", "RGB"), model="tiny-rgb"), 503,
-                               "service_unavailable")
+            err = assert_error(
+                post(client, path, make_image("PNG", "RGB"), model="tiny-rgb"), 503, "service_unavailable"
+            )
             assert "no worker" in err["message"]

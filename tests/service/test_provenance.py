@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from worker.settings import Settings
 from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
-from models.store.header import read_checkpoint_metadata
-from models.render.png import to_png_bytes
 from models.perturb.stability import percentile_of
+from models.render.png import to_png_bytes
+from models.store.header import read_checkpoint_metadata
 from service.app import create_app
+from worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
 
@@ -26,8 +26,9 @@ def upload(data: bytes, name: str = "x.png", **fields):
 
 
 def jobs_total(client, kind: str, outcome: str) -> float:
-    match = re.search(rf'^aex_jobs_total{{kind="{kind}",outcome="{outcome}"}} (\S+)$', client.get("/metrics").text,
-                      re.M)
+    match = re.search(
+        rf'^aex_jobs_total{{kind="{kind}",outcome="{outcome}"}} (\S+)$', client.get("/metrics").text, re.M
+    )
     return float(match.group(1)) if match else 0.0
 
 
@@ -65,20 +66,33 @@ def test_classify_result_carries_its_provenance(api, service_models, make_image)
 
 def test_explain_provenance_names_every_method_parameter(api, make_image, poll):
     default_layer = api.get("/v1/models/tiny-rgb").json()["gradcam_layer"]
-    resp = api.post("/v1/explain", **upload(make_image("PNG", "RGB", seed=22), model="tiny-rgb",
-                                            targets="predicted,cat", steps=4, rho=0.08))
+    resp = api.post(
+        "/v1/explain",
+        **upload(make_image("PNG", "RGB", seed=22), model="tiny-rgb", targets="predicted,cat", steps=4, rho=0.08),
+    )
     view = poll(api, resp.headers["location"])
     assert view["status"] == "finished", view
     prov = view["result"]["provenance"]
-    assert prov["parameters"] == {"targets": ["predicted", "cat"], "rho": 0.08, "steps": 4, "layer": default_layer,
-                                  "stability_steps": 20, "window": None}
+    assert prov["parameters"] == {
+        "targets": ["predicted", "cat"],
+        "rho": 0.08,
+        "steps": 4,
+        "layer": default_layer,
+        "stability_steps": 20,
+        "window": None,
+    }
     explain = prov["method"]["explain"]
     assert explain["rho"] == 0.08 and explain["steps"] == 4 and explain["overshoot"] == 5.0
     assert explain["clamp"] is False and explain["momentum"] == 0.0 and explain["bound_check"] is True
     assert prov["method"]["gradcam"]["layer"] == default_layer
-    assert prov["method"]["stability"] == {"searches": {"attack": "l2min", "btr": "btr"}, "steps": 20,
-                                           "eps": ARA_EPS, "overshoot": ARA_OVERSHOOT, "momentum": ARA_MOMENTUM,
-                                           "clamp": False}
+    assert prov["method"]["stability"] == {
+        "searches": {"attack": "l2min", "btr": "btr"},
+        "steps": 20,
+        "eps": ARA_EPS,
+        "overshoot": ARA_OVERSHOOT,
+        "momentum": ARA_MOMENTUM,
+        "clamp": False,
+    }
     assert {"decode_seconds", "explain_seconds", "stability_seconds", "total_seconds"} <= set(prov["timings"])
     # Explain results always carry the stability score; tiny-rgb records no radii to rank it by.
     stability = view["result"]["stability"]
@@ -101,7 +115,7 @@ def test_an_identical_request_is_answered_from_the_first_result(api, make_image,
     assert result["reused"] is True and result["reused_from"] == first["id"]
     # The very numbers the first job computed, with its provenance (its timings, worker, time).
     for key in ("probs", "targets", "stability", "provenance", "gradcam"):
-        strip = (lambda ts: [{k: v for k, v in t.items() if not k.endswith("_url")} for t in ts])
+        strip = lambda ts: [{k: v for k, v in t.items() if not k.endswith("_url")} for t in ts]
         a, b = first["result"][key], result[key]
         assert (strip(a) == strip(b)) if key == "targets" else (a == b), key
     assert set(second["images"]) == set(first["images"])
@@ -136,8 +150,12 @@ def test_the_same_request_computed_twice_gives_the_same_numbers(service_stack, m
     """With reuse off, two workers compute the same request independently: identical results."""
     with TestClient(create_app(service_stack.model_copy(update={"reuse_results": False}))) as client:
         data = make_image("PNG", "RGB", seed=24)
-        urls = [client.post("/v1/explain", **upload(data, model="tiny-rgb", targets="predicted,runner-up",
-                                                    steps=5)).headers["location"] for _ in range(2)]
+        urls = [
+            client.post(
+                "/v1/explain", **upload(data, model="tiny-rgb", targets="predicted,runner-up", steps=5)
+            ).headers["location"]
+            for _ in range(2)
+        ]
         views = [poll(client, url) for url in urls]
     a, b = (v["result"] for v in views)
     assert a["reused"] is False and b["reused"] is False
@@ -158,8 +176,9 @@ def test_stability_equals_the_ara_radius_of_a_test_image(service_stack, service_
     index = 2
     png = to_png_bytes(stability_images[index])
     with TestClient(create_app(service_stack.model_copy(update={"classify_wait_seconds": 0.0}))) as client:
-        resp = client.post("/v1/classify", **upload(png, model="tiny-grey", stability="true",
-                                                    stability_steps=ARA_STEPS))
+        resp = client.post(
+            "/v1/classify", **upload(png, model="tiny-grey", stability="true", stability_steps=ARA_STEPS)
+        )
         assert resp.status_code == 202, resp.text
         seen = []
         deadline = time.monotonic() + 300

@@ -28,20 +28,30 @@ def free_port() -> int:
 
 def redis_servers() -> set[int]:
     """Running redis-server processes (an exited one that init has not reaped yet is not)."""
-    return {p.pid for p in psutil.process_iter(["name", "status"])
-            if (p.info["name"] or "").startswith("redis-server") and p.info["status"] != psutil.STATUS_ZOMBIE}
+    return {
+        p.pid
+        for p in psutil.process_iter(["name", "status"])
+        if (p.info["name"] or "").startswith("redis-server") and p.info["status"] != psutil.STATUS_ZOMBIE
+    }
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image, tmp_path, stop_signal):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}  # no AEX_REDIS_URL: embedded
-    env.update(AEX_MODEL_DIRS=str(service_models), AEX_BUNDLED_MODELS="false", AEX_PORT=str(port),
-               AEX_WORKERS="1", AEX_TORCH_THREADS="1", AEX_LOG_LEVEL="WARNING")
+    env.update(
+        AEX_MODEL_DIRS=str(service_models),
+        AEX_BUNDLED_MODELS="false",
+        AEX_PORT=str(port),
+        AEX_WORKERS="1",
+        AEX_TORCH_THREADS="1",
+        AEX_LOG_LEVEL="WARNING",
+    )
     before = redis_servers()
-    log = open(tmp_path / "serve.log", "wb")
-    serve = subprocess.Popen([sys.executable, "-m", "aex.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log,
-                             stderr=subprocess.STDOUT)
+    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the child process writes it
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "aex.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -59,8 +69,12 @@ def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image
         ours = redis_servers() - before
         assert ours, "an embedded redis-server was started"
 
-        resp = httpx.post(f"{base}/v1/classify", files={"image": ("x.png", make_image("PNG", "RGB"), "image/png")},
-                          data={"model": "tiny-rgb"}, timeout=60)
+        resp = httpx.post(
+            f"{base}/v1/classify",
+            files={"image": ("x.png", make_image("PNG", "RGB"), "image/png")},
+            data={"model": "tiny-rgb"},
+            timeout=60,
+        )
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "finished" and len(resp.json()["result"]["probs"]) == 10
     finally:

@@ -15,8 +15,16 @@ pytestmark = pytest.mark.e2e
 
 STATIC = Path(__file__).resolve().parents[2] / "service" / "static"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 NOTES = Path("/work/notes")
 
 
@@ -38,10 +46,12 @@ def test_the_page_and_its_files_are_served(api):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; scripts/test.sh does it "
-                    "as root)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed "
-                                   "(pip install -e '.[test]')")
+        pytest.skip(
+            f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; scripts/test.sh does it as root)"
+        )
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')"
+    )
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
@@ -56,8 +66,9 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
     page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
     outside: list[str] = []
-    page.on("request", lambda req: None if req.url.startswith((live_api, "blob:", "data:"))
-            else outside.append(req.url))
+    page.on(
+        "request", lambda req: None if req.url.startswith((live_api, "blob:", "data:")) else outside.append(req.url)
+    )
 
     page.goto(f"{live_api}/")
     page.wait_for_selector("#model option[value='tiny-rgb']", state="attached")
@@ -72,10 +83,13 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     page.click("#explain")
 
     page.wait_for_selector("#results:not([hidden])", timeout=120_000)
-    page.wait_for_function("""() => {
+    page.wait_for_function(
+        """() => {
         const imgs = [...document.querySelectorAll('#explanations img, #gradcam img')];
         return imgs.length > 0 && imgs.every((i) => i.complete && i.naturalWidth > 0);
-    }""", timeout=30_000)
+    }""",
+        timeout=30_000,
+    )
 
     # What the page shows is what the job says.
     job_url = page.evaluate("() => JSON.parse(document.getElementById('raw').textContent).url")

@@ -10,22 +10,25 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from models.errors import BadParameterError
-from worker.settings import Settings
 from worker.callbacks import check_callback_url, deliver, host_allowed
 from worker.keys import callback_key
 from worker.queues import connect
+from worker.settings import Settings
 
 
-@pytest.mark.parametrize("host,allowed,ok", [
-    ("127.0.0.1", ["127.0.0.1"], True),
-    ("hooks.example.org", ["*.example.org"], True),
-    ("a.b.example.org", ["*.example.org"], True),
-    ("example.org", ["*.example.org"], False),  # the wildcard is for subdomains only
-    ("badexample.org", ["*.example.org"], False),
-    ("Hooks.Example.ORG.", ["hooks.example.org"], True),
-    ("127.0.0.2", ["127.0.0.1"], False),
-    ("::1", ["::1"], True),
-])
+@pytest.mark.parametrize(
+    "host,allowed,ok",
+    [
+        ("127.0.0.1", ["127.0.0.1"], True),
+        ("hooks.example.org", ["*.example.org"], True),
+        ("a.b.example.org", ["*.example.org"], True),
+        ("example.org", ["*.example.org"], False),  # the wildcard is for subdomains only
+        ("badexample.org", ["*.example.org"], False),
+        ("Hooks.Example.ORG.", ["hooks.example.org"], True),
+        ("127.0.0.2", ["127.0.0.1"], False),
+        ("::1", ["::1"], True),
+    ],
+)
 def test_host_allowed(host, allowed, ok):
     assert host_allowed(host, allowed) is ok
 
@@ -35,8 +38,12 @@ def test_check_callback_url():
     assert allowed == ["127.0.0.1", "*.example.org"]
     assert check_callback_url(" https://x.example.org:8443/h?a=1 ", allowed) == "https://x.example.org:8443/h?a=1"
     assert check_callback_url("http://[::1]:8080/h", ["::1"]) == "http://[::1]:8080/h"
-    for url, fragment in [("http://10.0.0.1/h", "not allowed"), ("gopher://127.0.0.1/", "http:// or https://"),
-                          ("http:///h", "no host"), ("http://127.0.0.1/" + "a" * 3000, "longer than")]:
+    for url, fragment in [
+        ("http://10.0.0.1/h", "not allowed"),
+        ("gopher://127.0.0.1/", "http:// or https://"),
+        ("http:///h", "no host"),
+        ("http://127.0.0.1/" + "a" * 3000, "longer than"),
+    ]:
         with pytest.raises(BadParameterError, match=fragment):
             check_callback_url(url, allowed)
     with pytest.raises(BadParameterError, match="disabled"):
@@ -49,7 +56,7 @@ def server():
     state = {"statuses": [], "bodies": []}
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             state["bodies"].append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             status = state["statuses"].pop(0) if state["statuses"] else 200
             self.send_response(status)
@@ -69,12 +76,15 @@ def server():
     httpd.server_close()
 
 
-@pytest.mark.parametrize("statuses,state,attempts", [
-    ([503, 429, 500], "delivered", 4),  # transient answers are retried
-    ([400], "failed", 1),
-    ([302], "failed", 1),  # redirects are not followed (the target could be off the allow-list)
-    ([503] * 5, "failed", 4),  # out of attempts
-])
+@pytest.mark.parametrize(
+    "statuses,state,attempts",
+    [
+        ([503, 429, 500], "delivered", 4),  # transient answers are retried
+        ([400], "failed", 1),
+        ([302], "failed", 1),  # redirects are not followed (the target could be off the allow-list)
+        ([503] * 5, "failed", 4),  # out of attempts
+    ],
+)
 def test_deliver(redis_server, server, statuses, state, attempts):
     conn = connect(f"{redis_server.url}?db=10")
     server["statuses"] = list(statuses)

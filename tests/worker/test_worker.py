@@ -39,15 +39,15 @@ def running_on(client, conn, url: str, timeout: float = 60.0) -> int:
     raise AssertionError("the job did not start")
 
 
-def test_a_killed_worker_fails_its_job_and_the_others_go_on(settings_for, make_image, poll, start_workers,
-                                                            long_steps):
+def test_a_killed_worker_fails_its_job_and_the_others_go_on(settings_for, make_image, poll, start_workers, long_steps):
     settings = settings_for(3)
     conn = connect(settings.redis_url)
     procs = start_workers(settings, 2)
     with TestClient(create_app(settings)) as client:
         image = make_image("PNG", "RGB")
-        url = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all",
-                                                  steps=long_steps)).headers["location"]
+        url = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=long_steps)).headers[
+            "location"
+        ]
         victim = running_on(client, conn, url)
         assert victim in [p.pid for p in procs]
         os.kill(victim, signal.SIGKILL)
@@ -78,8 +78,9 @@ def test_sigterm_lets_the_current_job_finish(settings_for, make_image, poll, sta
     conn = connect(settings.redis_url)
     (worker,) = start_workers(settings, 1)
     with TestClient(create_app(settings)) as client:
-        url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted",
-                                                  steps=1500)).headers["location"]
+        url = client.post(
+            "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted", steps=1500)
+        ).headers["location"]
         assert running_on(client, conn, url) == worker.pid
         worker.proc.send_signal(signal.SIGTERM)
         view = poll(client, url, timeout=120)
@@ -95,8 +96,9 @@ def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_w
     settings = settings_for(5, explain_timeout=1)
     start_workers(settings, 1)
     with TestClient(create_app(settings)) as client:
-        url = client.post("/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all",
-                                                  steps=long_steps)).headers["location"]
+        url = client.post(
+            "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all", steps=long_steps)
+        ).headers["location"]
         view = poll(client, url, timeout=60)
         assert view["status"] == "failed" and view["error"]["code"] == "job_timeout", view
         # The worker survives its job's timeout and takes the next one.
@@ -104,19 +106,23 @@ def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_w
         assert resp.status_code == 200
 
 
-@pytest.mark.parametrize("env,message", [
-    ({"AEX_MODEL_DIRS": "/no/such/folder"}, "do not exist"),
-    ({"AEX_MODEL_DIRS": ""}, "no checkpoints to serve"),
-    ({"AEX_REDIS_URL": ""}, "AEX_REDIS_URL"),
-])
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"AEX_MODEL_DIRS": "/no/such/folder"}, "do not exist"),
+        ({"AEX_MODEL_DIRS": ""}, "no checkpoints to serve"),
+        ({"AEX_REDIS_URL": ""}, "AEX_REDIS_URL"),
+    ],
+)
 def test_a_misconfigured_worker_stops_with_a_clear_message(settings_for, env, message):
     full = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
     full.update(settings_for(6).as_env())
     full.update(env)
     if env.get("AEX_REDIS_URL") == "":
         full.pop("AEX_REDIS_URL")
-    out = subprocess.run([sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=full, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=full, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert message in out.stderr
 
@@ -131,7 +137,7 @@ def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, 
     bodies = []
 
     class Hook(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
+        def do_POST(self):
             bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
             self.send_response(204)
             self.end_headers()
@@ -146,9 +152,16 @@ def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, 
     (worker,) = start_workers(settings, 1)
     try:
         with TestClient(create_app(settings)) as client:
-            url = client.post("/v1/explain", **upload(
-                make_image("PNG", "RGB"), model="tiny-rgb", targets="all", steps=long_steps,
-                callback_url=f"http://127.0.0.1:{hook.server_address[1]}/done")).headers["location"]
+            url = client.post(
+                "/v1/explain",
+                **upload(
+                    make_image("PNG", "RGB"),
+                    model="tiny-rgb",
+                    targets="all",
+                    steps=long_steps,
+                    callback_url=f"http://127.0.0.1:{hook.server_address[1]}/done",
+                ),
+            ).headers["location"]
             assert running_on(client, conn, url) == worker.pid
             worker.proc.kill()
             worker.proc.wait()
