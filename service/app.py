@@ -21,7 +21,9 @@ from models.version import __version__
 from service.errors import error_response, status_of
 from service.jobs import Catalogue, JobService
 from service.metrics import Metrics, MetricsMiddleware
-from service.routes import ops, v1
+from service.routes import jobs as job_routes
+from service.routes import models as model_routes
+from service.routes import ops as ops_routes
 from service.viewer import install_viewer
 from worker.queues import connect
 from worker.settings import Settings
@@ -86,8 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs = JobService(conn, settings, Catalogue(settings))
     app.state.metrics = Metrics(conn)
     install_error_handlers(app)
-    app.include_router(v1)
-    app.include_router(ops)
+    app.include_router(job_routes.router)
+    app.include_router(model_routes.router)
+    app.include_router(ops_routes.router)
     install_viewer(app)  # the HTML viewer at / and its files at /static/
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     return app

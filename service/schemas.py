@@ -130,6 +130,10 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# The error answers every /v1 route may give (documented in the OpenAPI schema).
+ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)}
+
+
 class Progress(BaseModel):
     done: int
     total: int

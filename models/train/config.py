@@ -1,10 +1,20 @@
 """The options of a training run: ``TrainConfig`` (validated, and stored whole in the
-checkpoint's recipe), which options a resumed run may change, and the files a run writes
-beside its ``out`` checkpoint (``<stem>.resume.safetensors``, ``<stem>.metrics.jsonl``)."""
+checkpoint's recipe), which options a resumed run may change, the files a run writes
+beside its ``out`` checkpoint (``<stem>.resume.safetensors``, ``<stem>.metrics.jsonl``),
+and how paths are recorded in a checkpoint.
+
+A checkpoint never holds a path of the machine that trained it: a path is recorded as
+typed when it is relative and stays inside the working directory, else by its last
+component (the data set's file or folder name); every data set read is recorded with its
+sha256 as well (``data_reference``), and the command line with its path arguments
+rewritten the same way (``portable_command``)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
+import shlex
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -127,13 +137,129 @@ class TrainConfig:
         return asdict(self)
 
 
+# Options that name data sets (recorded through ``data_reference``).
+DATA_FIELDS = ("data", "val_data", "test_data")
+
+
 def differing_fields(a: TrainConfig, b: TrainConfig) -> list[str]:
-    """Names of training-relevant options on which two configs disagree."""
+    """Names of training-relevant options on which two configs disagree.
+
+    Data sets are compared by name (``Path(portable_path(p)).name``): a checkpoint records
+    an absolute path by its name only, so the same file typed as another path matches here,
+    and its content is compared by sha256 separately (``data_reference``)."""
+
+    def same(name: str, x: Any, y: Any) -> bool:
+        if name in DATA_FIELDS and x and y:
+            return x == y or Path(portable_path(x)).name == Path(portable_path(y)).name
+        return x == y
+
     return [
         f.name
         for f in fields(TrainConfig)
-        if f.name not in RUNTIME_FIELDS | {"out"} and getattr(a, f.name) != getattr(b, f.name)
+        if f.name not in RUNTIME_FIELDS | {"out"} and not same(f.name, getattr(a, f.name), getattr(b, f.name))
     ]
+
+
+# --------------------------------------------------------------------------- recorded paths
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as a checkpoint records it: as typed when it is relative and does not climb
+    out of the working directory (``data/x.npz``), else its last component (``x.npz`` for
+    ``/srv/data/x.npz``, ``../shared/x.npz`` or ``~/x.npz``)."""
+    s = os.fspath(path)
+    if not os.path.isabs(s) and not s.startswith("~"):
+        norm = os.path.normpath(s)
+        if norm != os.pardir and not norm.startswith(os.pardir + os.sep):
+            return s
+    return Path(os.path.abspath(os.path.expanduser(s))).name or "."
+
+
+def data_reference(path: str | os.PathLike) -> dict[str, str]:
+    """How a checkpoint records the data set at ``path``.
+
+    ``{"path": p}`` when ``portable_path`` keeps it as typed, else ``{"name": n}``; plus
+    ``sha256`` of the file for a file (``.npz``, tar), or for a folder ``listing_sha256``:
+    a digest of its sorted relative file paths and sizes (cheap and stable, but blind to
+    contents that change without changing size). Nothing more for a path that does not
+    exist."""
+    s = os.fspath(path)
+    shown = portable_path(s)
+    ref = {"path": shown} if shown == s else {"name": shown}
+    ref.update(data_digest(s))
+    return ref
+
+
+def data_digest(path: str | os.PathLike) -> dict[str, str]:
+    """``{"sha256": ...}`` of a file, ``{"listing_sha256": ...}`` of a folder (see
+    ``data_reference``), ``{}`` where nothing is there."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.is_file():
+        st = p.stat()
+        return {"sha256": _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)}
+    if p.is_dir():
+        h = hashlib.sha256()
+        for line in sorted(
+            f"{(Path(d) / n).relative_to(p).as_posix()}\t{(Path(d) / n).stat().st_size}\n"
+            for d, _, names in os.walk(p)
+            for n in names
+            if (Path(d) / n).is_file()
+        ):
+            h.update(line.encode())
+        return {"listing_sha256": h.hexdigest()}
+    return {}
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, once per (path, size, mtime) in a process (a run hashes its data
+    when it starts, and again on resume checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _portable_arg(arg: str) -> str:
+    if arg.startswith("-") and "=" in arg:
+        opt, value = arg.split("=", 1)
+        return f"{opt}={_portable_arg(value)}"
+    if os.path.isabs(arg) or arg.startswith("~") or arg == os.pardir or arg.startswith(os.pardir + os.sep):
+        return portable_path(arg)
+    return arg
+
+
+def portable_command(command: str) -> str:
+    """The typed command line with every path argument recorded as ``portable_path`` does
+    (absolute, home-relative or climbing paths become their last component)."""
+    if not command:
+        return command
+    try:
+        return shlex.join(_portable_arg(a) for a in shlex.split(command))
+    except ValueError:  # unbalanced quotes: rewrite whitespace-separated words
+        return " ".join(_portable_arg(a) for a in command.split())
+
+
+def portable_recipe(cfg: TrainConfig, data_refs: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """The recipe a checkpoint stores: ``cfg.recipe()`` with its data sets, ``out`` and
+    ``command`` recorded without paths of this machine, plus ``data_refs``: role (``data``,
+    ``val_data``, ``test_data``) -> ``data_reference`` of each file the run read."""
+    recipe = cfg.recipe()
+    for name in (*DATA_FIELDS, "out"):
+        if recipe[name]:
+            recipe[name] = portable_path(recipe[name])
+    recipe["command"] = portable_command(recipe["command"])
+    recipe["data_refs"] = dict(data_refs or {})
+    return recipe
+
+
+def portable_source(source: str, file: str) -> str:
+    """A split's description (``<file>:test``, ``<file>[seeded 1000 of 10000]``) with its
+    ``file`` recorded as ``portable_path`` does."""
+    if file and source.startswith(file):
+        return portable_path(file) + source[len(file) :]
+    return portable_path(source) if os.path.isabs(source) or source.startswith("~") else source
 
 
 def resume_path(out: str | os.PathLike) -> Path:

@@ -158,7 +158,7 @@ def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_fil
 
 
 def test_client_reports_progress_and_cancels(live_api, service_stack, png, long_steps):
-    from worker.jobs import stability_evaluations
+    from models.perturb.stability import stability_evaluations
 
     seen: list[dict] = []
     with AexClient(live_api, poll_interval=0.05) as client:

@@ -5,18 +5,32 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def torch_free_modules() -> list[str]:
+    """The modules the import contract names as torch-free (pyproject.toml), so this test and
+    the contract cannot drift apart."""
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    contracts = config["tool"]["importlinter"]["contracts"]
+    (contract,) = [c for c in contracts if "never imports torch" in c["name"]]
+    return contract["source_modules"]
+
+
 def test_the_service_never_imports_torch(service_models, tmp_path):
+    modules = torch_free_modules()
+    assert "service" in modules and "aex.serve" in modules
     code = textwrap.dedent(f"""
-        import sys
+        import importlib, pkgutil, sys
         from fastapi.testclient import TestClient
         from worker.settings import Settings
         from service.app import create_app
-        import aex.serve, worker.pool, worker.protocol, models, models.imaging, models.catalogue
+        import service
+        for name in {modules!r} + [m.name for m in pkgutil.walk_packages(service.__path__, "service.")]:
+            importlib.import_module(name)
         import aex.cli
         app = create_app(Settings(redis_url="unix://{tmp_path}/none.sock", model_dirs=["{service_models}"],
                                   bundled_models=False))

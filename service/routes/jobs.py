@@ -1,25 +1,19 @@
-"""The HTTP routes: parse, call the job service, answer. Blocking work runs in the thread
-pool (plain ``def`` routes, or ``run_in_threadpool`` after an async body read)."""
+"""Jobs: submit a classification or an explanation, view a job, cancel it, download its PNGs
+and DICOM objects."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from models.errors import ServiceUnavailableError
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
-from service.schemas import ClassifyParams, ErrorResponse, ExplainParams, JobView, multipart_openapi, parse_params
+from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
 from service.uploads import read_upload
-from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
 from worker.states import ApiStatus
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)}
-
-v1 = APIRouter(prefix="/v1")
-ops = APIRouter()
+router = APIRouter(prefix="/v1", tags=["jobs"])
 
 
 def _job_response(view: JobView, status_code: int) -> JSONResponse:
@@ -27,7 +21,7 @@ def _job_response(view: JobView, status_code: int) -> JSONResponse:
     return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
 
 
-@v1.post(
+@router.post(
     "/classify",
     response_model=JobView,
     openapi_extra=multipart_openapi(ClassifyParams),
@@ -48,7 +42,7 @@ async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Re
     return _job_response(view, 202)
 
 
-@v1.post(
+@router.post(
     "/explain",
     status_code=202,
     response_model=JobView,
@@ -68,20 +62,20 @@ async def explain(request: Request, settings: SettingsDep, jobs: JobsDep) -> Res
     return _job_response(view, 200 if view.status is ApiStatus.FINISHED else 202)
 
 
-@v1.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)
+@router.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)
 def get_job(job_id: str, jobs: JobsDep) -> JobView:
     """Status, queue position, progress, timings and, when finished, the result."""
     return jobs.view(job_id)
 
 
-@v1.delete("/jobs/{job_id}", response_model=JobView, responses={202: {"model": JobView}, **ERRORS})
+@router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {"model": JobView}, **ERRORS})
 def cancel_job(job_id: str, jobs: JobsDep) -> Response:
     """Cancel a job: at once when queued (200), at the next search step when running (202)."""
     view = jobs.cancel(job_id)
     return _job_response(view, 202 if view.status is ApiStatus.RUNNING else 200)
 
 
-@v1.get(
+@router.get(
     "/jobs/{job_id}/images/{name}",
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "a PNG"}, **ERRORS},
@@ -91,7 +85,7 @@ def get_image(job_id: str, name: str, jobs: JobsDep) -> Response:
     return Response(jobs.image(job_id, name), media_type="image/png")
 
 
-@v1.get(
+@router.get(
     "/jobs/{job_id}/dicom/{name}",
     response_class=Response,
     responses={
@@ -107,43 +101,3 @@ def get_dicom(job_id: str, name: str, jobs: JobsDep) -> Response:
         media_type="application/dicom",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
-
-
-@v1.get("/models")
-def list_models(settings: SettingsDep, jobs: JobsDep) -> dict:
-    """The served checkpoints with their metadata and metrics."""
-    models = jobs.catalogue.models(jobs.conn)
-    default = settings.default_model or (sorted(models)[0] if models else None)
-    return {
-        "default": default,
-        "models": [{k: v for k, v in models[name].items() if k != "layers"} for name in sorted(models)],
-    }
-
-
-@v1.get("/models/{name}", responses=ERRORS)
-def get_model(name: str, jobs: JobsDep) -> dict:
-    """One served checkpoint, with the layer names accepted for Grad-CAM."""
-    return jobs.catalogue.resolve(jobs.conn, name)
-
-
-@ops.get("/healthz")
-def healthz() -> dict:
-    """The API process is alive."""
-    return {"status": "ok"}
-
-
-@ops.get("/readyz", responses={503: {"model": ErrorResponse}})
-def readyz(jobs: JobsDep) -> dict:
-    """Redis answers and every queue has at least one live worker."""
-    jobs.conn.ping()
-    workers = {kind.value: len(live_worker_keys(jobs.conn, QUEUE_NAMES[kind])) for kind in JobKind}
-    idle = [kind for kind, n in workers.items() if n == 0]
-    if idle:
-        raise ServiceUnavailableError(f"no live worker for the {', '.join(idle)} queue(s)")
-    return {"status": "ready", "workers": workers}
-
-
-@ops.get("/metrics", response_class=Response)
-def metrics(request: Request) -> Response:
-    """Prometheus text format."""
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,1 @@
+"""The commands of ``aex``, one module per group; ``aex.cli`` registers them on its app."""

@@ -1,0 +1,157 @@
+"""``aex explain``: offline with a checkpoint (the worker's own computation, so the same result
+JSON) or through a running service."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from aex.commands.common import JobProgress, PhaseProgress, friendly_errors, print_json, typed
+from models import defaults as D
+from models.explain.targets import split_specs
+
+
+@friendly_errors
+def explain(
+    ctx: typer.Context,
+    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...; with --url also DICOM .dcm)")],
+    out: Annotated[Path, typer.Option(help="output folder")],
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="run offline with this aex .safetensors checkpoint (or use --url)")
+    ] = None,
+    url: Annotated[
+        Optional[str],
+        typer.Option(help="use the aex service at this address, e.g. http://127.0.0.1:8000 (or use --checkpoint)"),
+    ] = None,
+    model: Annotated[Optional[str], typer.Option(help="with --url: served model name (default: the service's)")] = None,
+    targets: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--targets",
+            "-t",
+            help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
+            "(default offline: predicted, runner-up, all; with --url: the service's, predicted, runner-up)",
+        ),
+    ] = None,
+    rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = D.EXPLAIN_RHO,
+    steps: Annotated[int, typer.Option(help="search steps S")] = D.EXPLAIN_STEPS,
+    overshoot: Annotated[float, typer.Option(help="overshoot k (offline only)")] = D.EXPLAIN_OVERSHOOT,
+    layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer, dotted name (default: model's)")] = None,
+    clamp: Annotated[
+        bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search (offline only)")
+    ] = False,
+    bound_check: Annotated[
+        bool, typer.Option(help="fail if rho is not reached in half the steps (offline only)")
+    ] = True,
+    device: Annotated[
+        Optional[str], typer.Option(help="cpu, cuda ... (offline only; default: CUDA if present)")
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+    timeout: Annotated[float, typer.Option(help="with --url: seconds to wait for each HTTP request")] = 60.0,
+) -> None:
+    """Adversarial explanations and Grad-CAM for one image; writes PNGs and a summary.
+    Offline (--checkpoint) and through the service (--url) alike: every PNG, the DICOM
+    objects for DICOM input, and the result JSON (summary.json offline, result.json from the
+    service); offline, the result is also printed."""
+    from models.errors import BadParameterError
+
+    if (checkpoint is None) == (url is None):
+        raise BadParameterError("give exactly one of --checkpoint (run offline) and --url (use the service)")
+    if url is not None:
+        offline_only = [
+            f"--{n.replace('_', '-')}" for n in ("overshoot", "clamp", "bound_check", "device") if typed(ctx, n)
+        ]
+        if offline_only:
+            raise BadParameterError(
+                f"offline-only options given with --url: {', '.join(offline_only)} (they need --checkpoint)"
+            )
+        _explain_via_service(
+            image,
+            out,
+            url,
+            model=model,
+            targets=targets,
+            rho=rho,
+            steps=steps,
+            layer=layer,
+            progress=progress,
+            timeout=timeout,
+        )
+        return
+    if model is not None:
+        raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
+    from models.defaults import ARA_STEPS, DEFAULT_TARGETS
+    from models.dicom.pixels import is_dicom
+    from models.nn.runtime import pick_device
+    from models.render.explanation import write_files
+    from models.store.discovery import served_name
+    from worker.compute import explain_result
+    from worker.params import explain_parameters
+    from worker.served import ServedModel
+
+    served = ServedModel.load(served_name(checkpoint), checkpoint, pick_device(device))
+    data = image.read_bytes()
+    # "-t predicted -t cat" and "-t predicted,cat" both work; the default layer by name, as
+    # the service names it, so the parameters (and the result's cache key) are the service's.
+    parameters = explain_parameters(
+        split_specs(targets) or list(DEFAULT_TARGETS), rho, steps, layer or served.gradcam_layer, ARA_STEPS
+    )
+    bar = PhaseProgress(progress, "explain")
+    try:
+        # The same function computes the service's explain jobs, so this prints their result JSON.
+        result, files, dicom_files = explain_result(
+            served,
+            data,
+            "dicom" if is_dicom(data) else "image",
+            parameters,
+            progress=bar,
+            overshoot=overshoot,
+            clamp=clamp,
+            bound_check=bound_check,
+        )
+    finally:
+        bar.close()
+    write_files(out, result, {**files, **dicom_files})
+    print_json(result)
+
+
+def _explain_via_service(
+    image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, progress, timeout
+) -> None:
+    from aex.client import AexClient
+
+    bar = JobProgress(progress, "explain")
+    try:
+        with AexClient(url, timeout=timeout) as client:
+            job = client.explain(
+                image,
+                model=model,
+                targets=split_specs(targets) or None,
+                rho=rho,
+                steps=steps,
+                layer=layer,
+                on_progress=bar,
+            )
+            saved = client.download_images(job, out) + client.download_dicom(job, out)
+    finally:
+        bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(job, indent=2) + "\n")
+    result = job["result"]
+    summary = {
+        "out": str(out),
+        "job": job["id"],
+        "model": job.get("model"),
+        "predicted": result["predicted"],
+        "targets": [
+            {k: t.get(k) for k in ("role", "class_name", "rms", "prob_before", "prob_after")}
+            for t in result.get("targets", [])
+        ],
+    }
+    if result.get("stability") is not None:
+        summary["stability"] = result["stability"]
+    summary["files"] = sorted(p.name for p in saved) + ["result.json"]
+    print_json(summary)

@@ -1,0 +1,98 @@
+"""Admission: what is checked before a job is queued (the upload, the parameters, the targets,
+the callback, the queue's capacity), so that a bad request is a precise 4xx and never a
+failed job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis import Redis
+from rq.queue import Queue
+
+from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
+from models.explain.targets import count_rows, parse_targets
+from service.schemas import CommonParams, ExplainParams
+from service.uploads import Upload, check_dicom, check_image, is_dicom_upload
+from worker.callbacks import callback_meta, check_callback_url
+from worker.queues import JobKind, live_worker_keys
+from worker.settings import Settings
+
+
+def check_capacity(conn: Redis, queue: Queue, kind: JobKind, settings: Settings) -> None:
+    """503 when no live worker serves the queue, 429 when the queue is at its depth."""
+    if not live_worker_keys(conn, queue.name):
+        raise ServiceUnavailableError(f"no worker is serving the {kind.value} queue; start one with `aex worker`")
+    depth = queue.count
+    if depth >= settings.max_queue_depth:
+        raise QueueFullError(
+            f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = {settings.max_queue_depth}); retry later"
+        )
+
+
+def check_input(upload: Upload, params: CommonParams, settings: Settings) -> str:
+    """Refuse a bad upload before anything is queued; returns "dicom" or "image"."""
+    if is_dicom_upload(upload):
+        check_dicom(upload.data, settings, params.window)
+        return "dicom"
+    if params.window is not None:
+        raise BadParameterError("window_center / window_width apply to DICOM input only")
+    check_image(upload.data, settings)
+    return "image"
+
+
+def stability_steps(params: CommonParams, settings: Settings) -> int:
+    """The steps of each stability search: the request's, at most AEX_MAX_EXPLAIN_STEPS, or
+    AEX_STABILITY_STEPS."""
+    if params.stability_steps is None:
+        return settings.stability_steps
+    if params.stability_steps > settings.max_explain_steps:
+        raise BadParameterError(
+            f"stability_steps = {params.stability_steps} is over the limit of "
+            f"{settings.max_explain_steps} (AEX_MAX_EXPLAIN_STEPS)"
+        )
+    return params.stability_steps
+
+
+def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dict[str, Any]:
+    """What the job keeps in its meta: the input format and the checked callback."""
+    meta: dict[str, Any] = {"input_format": input_format}
+    if params.callback_url is not None:
+        url = check_callback_url(params.callback_url, settings.callback_allowed_hosts)
+        meta["callback"] = callback_meta(
+            url,
+            settings.callback_attempts,
+            settings.callback_timeout,
+            settings.callback_backoff_seconds,
+            settings.result_ttl,
+            settings.public_url,
+        )
+    return meta
+
+
+def check_targets(targets: list[str], entry: dict[str, Any], max_rows: int) -> None:
+    """400 for a target the workers would refuse (the one grammar, ``models.explain.targets``),
+    or for more explanations to render than AEX_MAX_EXPLAIN_ROWS (``all`` counts every class,
+    a repeated target counts each time: each one is rendered)."""
+    classes = entry["classes"]
+    rendered, _ = count_rows(parse_targets(targets, classes), len(classes))
+    if rendered > max_rows:
+        raise BadParameterError(
+            f"{rendered} explanations to render, over the limit of {max_rows} (AEX_MAX_EXPLAIN_ROWS)"
+        )
+
+
+def check_explain(params: ExplainParams, entry: dict[str, Any], settings: Settings) -> str | None:
+    """400 for explain parameters the workers would refuse or that are over the limits;
+    returns the Grad-CAM layer by name (the default one named, so that naming it or not is
+    the same request)."""
+    if params.steps > settings.max_explain_steps:
+        raise BadParameterError(
+            f"steps = {params.steps} is over the limit of {settings.max_explain_steps} (AEX_MAX_EXPLAIN_STEPS)"
+        )
+    check_targets(params.targets, entry, settings.max_explain_rows)
+    if params.layer is not None and "layers" in entry and params.layer not in entry["layers"]:
+        raise BadParameterError(
+            f"model {entry['name']!r} has no layer {params.layer!r} (the default is "
+            f"{entry.get('gradcam_layer')!r}; GET /v1/models/{entry['name']} lists them)"
+        )
+    return params.layer or entry.get("gradcam_layer")

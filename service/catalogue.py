@@ -1,0 +1,63 @@
+"""The served models as the API knows them: published by the live workers (cached a moment),
+or read from the checkpoint headers in the settings' folders while no worker has published."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from redis import Redis
+
+from models.errors import CheckpointError, ServiceUnavailableError, UnknownModelError
+from models.store.discovery import catalogue_entry, discover_checkpoints
+from models.store.header import read_checkpoint_metadata
+from worker.queues import published_catalogue
+from worker.settings import Settings
+
+log = logging.getLogger("aex.service")
+
+
+class Catalogue:
+    """The served models, as the live workers published them (cached a moment); when no
+    worker has published yet, read from the checkpoint headers in the settings' folders."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._models: dict[str, dict[str, Any]] = {}
+
+    def models(self, conn: Redis) -> dict[str, dict[str, Any]]:
+        with self._lock:
+            if time.monotonic() - self._at > self.settings.catalogue_cache_seconds or not self._models:
+                self._models = published_catalogue(conn) or self._from_files()
+                self._at = time.monotonic()
+            return self._models
+
+    def _from_files(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        try:
+            paths = discover_checkpoints(self.settings.checkpoint_dirs())
+        except CheckpointError as exc:
+            log.error("cannot list checkpoints: %s", exc.message)
+            return {}
+        for name, path in paths.items():
+            try:
+                out[name] = {**catalogue_entry(name, path, read_checkpoint_metadata(path)), "workers": 0}
+            except CheckpointError as exc:
+                log.error("skipping %s in the model list: %s", path, exc.message)
+        return out
+
+    def resolve(self, conn: Redis, name: str | None) -> dict[str, Any]:
+        """The entry of model ``name`` (None: AEX_DEFAULT_MODEL, else the first by name)."""
+        models = self.models(conn)
+        if not models:
+            raise ServiceUnavailableError(
+                "no models are served (no worker has published any and no checkpoint was found)"
+            )
+        name = name or self.settings.default_model or sorted(models)[0]
+        if name not in models:
+            raise UnknownModelError(f"unknown model {name!r}; served: {', '.join(sorted(models))}")
+        return models[name]

@@ -1,0 +1,96 @@
+"""Result reuse: a request whose input, checkpoint and parameters match a finished result that
+is still kept is answered by a new job, finished at once with a copy of that result."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from redis import Redis
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.results import Result
+
+from worker.callbacks import notify_job_end
+from worker.job_metrics import record_job
+from worker.keys import images_key, result_index_key
+from worker.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
+from worker.settings import Settings
+from worker.states import ApiStatus
+
+log = logging.getLogger("aex.service")
+
+# A reused result must outlive the answer by at least this long to be worth reusing.
+MIN_REUSE_TTL_SECONDS = 5
+
+
+def reuse_result(
+    conn: Redis,
+    queue: Queue,
+    settings: Settings,
+    kind: JobKind,
+    model: str,
+    key: str,
+    kwargs: dict[str, Any],
+    meta: dict[str, Any],
+) -> str | None:
+    """When a finished result for ``key`` is still kept, a new job that is finished at
+    once with a copy of it (``reused: true``, ``reused_from``: the job that computed it)
+    and shares its images; else None."""
+    if not settings.reuse_results:
+        return None
+    source_id = conn.get(result_index_key(key))
+    if not source_id:
+        return None
+    try:
+        source = Job.fetch(source_id.decode(), connection=conn, serializer=SERIALIZER)
+    except NoSuchJobError:
+        return None
+    result = source.return_value() if source.get_status(refresh=False) == JobStatus.FINISHED else None
+    ttl = conn.ttl(Result.get_key(source.id))
+    if kind is JobKind.EXPLAIN:
+        ttl = min(ttl, conn.ttl(images_key(source.id)))
+    if not isinstance(result, dict) or ttl < MIN_REUSE_TTL_SECONDS:
+        return None
+    job_id = uuid.uuid4().hex
+    now = datetime.now(UTC)
+    job = Job.create(
+        JOB_FUNCTIONS[kind],
+        kwargs={"model": model, **kwargs},
+        connection=conn,
+        serializer=SERIALIZER,
+        id=job_id,
+        result_ttl=ttl,
+        failure_ttl=ttl,
+        status=JobStatus.FINISHED,
+        origin=queue.name,
+        description=f"{kind.value} {model} (reused {source.id})",
+        meta={
+            "kind": kind.value,
+            "model": model,
+            **meta,
+            "cache_key": key,
+            "reused_from": source.id,
+            "result_job": source.meta.get("result_job", source.id),
+        },
+    )
+    job.enqueued_at = job.started_at = job.ended_at = now
+    with conn.pipeline() as pipe:
+        job.save(pipeline=pipe)
+        Result.create(
+            job,
+            Result.Type.SUCCESSFUL,
+            ttl,
+            return_value={**result, "reused": True, "reused_from": source.id},
+            pipeline=pipe,
+        )
+        job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
+        queue.finished_job_registry.add(job, ttl, pipe)
+        pipe.execute()
+    record_job(conn, kind.value, "reused", None)
+    notify_job_end(conn, job, ApiStatus.FINISHED)
+    log.info("job %s answered from the result of job %s", job_id, source.id)
+    return job_id

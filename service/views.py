@@ -1,0 +1,94 @@
+"""Job views: a job as GET /v1/jobs/{id} shows it (status, queue position, progress, timings,
+result with its image and DICOM URLs, callback delivery, error)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from redis import Redis
+from rq.job import Job
+from rq.queue import Queue
+
+from service.schemas import ErrorBody, JobView, Progress, Timings
+from worker.callbacks import delivery_record
+from worker.queues import JobKind
+from worker.states import STATUS_FROM_RQ, ApiStatus
+
+
+def _utc(dt: datetime | None) -> datetime | None:
+    if dt is None:
+        return None
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def kind_of(job: Job) -> JobKind | None:
+    """The job's kind (None for an rq job that is not one of ours)."""
+    value = job.meta.get("kind")
+    return JobKind(value) if value in {k.value for k in JobKind} else None
+
+
+def job_view(conn: Redis, job: Job, queue: Queue | None) -> JobView:
+    """The view of ``job`` (as fetched); ``queue``: the job's queue, for its position."""
+    kind = kind_of(job)
+    status = job.get_status(refresh=False)
+    api_status = STATUS_FROM_RQ.get(status, ApiStatus.QUEUED)
+    url = f"/v1/jobs/{job.id}"
+
+    position = None
+    if api_status is ApiStatus.QUEUED and queue is not None:
+        position = queue.get_job_position(job.id)
+    progress = Progress(**job.meta["progress"]) if isinstance(job.meta.get("progress"), dict) else None
+
+    enq, start, end = _utc(job.enqueued_at), _utc(job.started_at), _utc(job.ended_at)
+    if api_status is ApiStatus.QUEUED:
+        start = end = None
+    now = datetime.now(UTC)
+    timings = Timings(
+        enqueued_at=enq,
+        started_at=start,
+        ended_at=end,
+        queued_seconds=((start or now) - enq).total_seconds() if enq else None,
+        run_seconds=((end or now) - start).total_seconds() if start else None,
+    )
+
+    result = images = dicom = error = None
+    if api_status is ApiStatus.FINISHED:
+        result = job.return_value()
+        if isinstance(result, dict) and kind is JobKind.EXPLAIN:
+            images = {}
+            for name in (result.get("files") or {}).values():
+                images[name] = f"{url}/images/{name}"
+            for target in result.get("targets", []):
+                for key in ("image", "difference"):
+                    if target.get(key):
+                        images[target[key]] = target[f"{key}_url"] = f"{url}/images/{target[key]}"
+            if result.get("dicom_files"):
+                dicom = {name: f"{url}/dicom/{name}" for name in result["dicom_files"]}
+                for target in result.get("targets", []):
+                    for key in ("dicom", "dicom_difference"):
+                        if target.get(key):
+                            target[f"{key}_url"] = f"{url}/dicom/{target[key]}"
+    elif api_status is ApiStatus.FAILED:
+        error = (
+            ErrorBody(**job.meta["error"])
+            if isinstance(job.meta.get("error"), dict)
+            else ErrorBody(code="job_failed", message=(job.exc_info or "the job failed").strip().splitlines()[-1])
+        )
+    elif api_status is ApiStatus.CANCELLED:
+        error = ErrorBody(code="job_cancelled", message="the job was cancelled")
+
+    return JobView(
+        id=job.id,
+        url=url,
+        kind=kind,
+        status=api_status,
+        model=job.meta.get("model"),
+        queue_position=position,
+        progress=progress,
+        timings=timings,
+        result=result,
+        images=images,
+        dicom=dicom,
+        callback=delivery_record(conn, job),
+        error=error,
+    )
