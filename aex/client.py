@@ -169,6 +169,7 @@ class AexClient:
         on_progress: ProgressFn | None = None,
         wait: bool = True,
         timeout: float | None = None,
+        stability_steps: int | None = None,
     ) -> dict[str, Any]:
         """Queue adversarial explanations and Grad-CAM for the file at ``path``. ``targets``:
         "predicted", "runner-up", "all", class names or indices (a list or a comma-separated
@@ -185,6 +186,8 @@ class AexClient:
             data["steps"] = str(int(steps))
         if layer:
             data["layer"] = layer
+        if stability_steps is not None:
+            data["stability_steps"] = str(int(stability_steps))
         view = self._json("POST", "/v1/explain", files=self._upload(path), data=data)
         if on_progress is not None:
             on_progress(view)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the project with its test extras into .venv and run the whole test suite.
+# Install the project with its test extras into .venv, check lint, format and import contracts,
+# and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+# The versions CI ran (constraints.txt): a fresh clone installs exactly what was tested.
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 # System tools some tests use: dciodvfy (DICOM validator). Installed when we may (root with
 # apt); the tests that need it skip with a reason otherwise.
 if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
@@ -17,6 +19,10 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || echo "warning: could not install chromium; the viewer test will skip" >&2
 fi
+# Lint, format and the import contracts first: any of them failing fails the run.
+echo "ruff check" && .venv/bin/ruff check .
+echo "ruff format --check" && .venv/bin/ruff format --check .
+echo "lint-imports" && .venv/bin/lint-imports
 set +e
 .venv/bin/python -m pytest -q -ra "$@"
 rc=$?

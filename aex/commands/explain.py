@@ -40,6 +40,13 @@ def explain(
     steps: Annotated[int, typer.Option(help="search steps S")] = D.EXPLAIN_STEPS,
     overshoot: Annotated[float, typer.Option(help="overshoot k (offline only)")] = D.EXPLAIN_OVERSHOOT,
     layer: Annotated[Optional[str], typer.Option(help="Grad-CAM layer, dotted name (default: model's)")] = None,
+    stability_steps: Annotated[
+        Optional[int],
+        typer.Option(
+            help=f"steps of each stability search (default: {D.ARA_STEPS} offline, the ARA setting; the "
+            "service's AEX_STABILITY_STEPS with --url)"
+        ),
+    ] = None,
     clamp: Annotated[
         bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search (offline only)")
     ] = False,
@@ -77,6 +84,7 @@ def explain(
             rho=rho,
             steps=steps,
             layer=layer,
+            stability_steps=stability_steps,
             progress=progress,
             timeout=timeout,
         )
@@ -97,7 +105,11 @@ def explain(
     # "-t predicted -t cat" and "-t predicted,cat" both work; the default layer by name, as
     # the service names it, so the parameters (and the result's cache key) are the service's.
     parameters = explain_parameters(
-        split_specs(targets) or list(DEFAULT_TARGETS), rho, steps, layer or served.gradcam_layer, ARA_STEPS
+        split_specs(targets) or list(DEFAULT_TARGETS),
+        rho,
+        steps,
+        layer or served.gradcam_layer,
+        stability_steps or ARA_STEPS,
     )
     bar = PhaseProgress(progress, "explain")
     try:
@@ -119,7 +131,7 @@ def explain(
 
 
 def _explain_via_service(
-    image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, progress, timeout
+    image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, stability_steps, progress, timeout
 ) -> None:
     from aex.client import AexClient
 
@@ -133,6 +145,7 @@ def _explain_via_service(
                 rho=rho,
                 steps=steps,
                 layer=layer,
+                stability_steps=stability_steps,
                 on_progress=bar,
             )
             saved = client.download_images(job, out) + client.download_dicom(job, out)

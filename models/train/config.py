@@ -51,7 +51,8 @@ RUNTIME_FIELDS = frozenset(
 
 @dataclass
 class TrainConfig:
-    """Every option of a training run (stored in the checkpoint's recipe)."""
+    """Every option of a training run (stored in the checkpoint's recipe, paths recorded as
+    ``portable_recipe`` says)."""
 
     data: str
     arch: str
@@ -134,6 +135,7 @@ class TrainConfig:
             raise BadParameterError("--ara-n and --workers must be >= 0")
 
     def recipe(self) -> dict[str, Any]:
+        """Every option as given (``portable_recipe``: as a checkpoint records them)."""
         return asdict(self)
 
 

@@ -20,7 +20,7 @@ from models.data.datasets import ImageSet, load_dataset
 from models.data.splits import seeded_subset
 from models.data.tensors import to_float
 from models.errors import DataError
-from models.train.config import TrainConfig
+from models.train.config import TrainConfig, data_reference
 from models.train.distributed import DistInfo
 from models.train.state import step_generator
 
@@ -32,13 +32,17 @@ CIFAR_PRESETS = {"resnet20_cifar", "resnet32_cifar", "resnet44_cifar", "resnet56
 
 @dataclass
 class Splits:
-    """train, val (per-epoch metric) and test (final metrics) sets, and where they came from."""
+    """train, val (per-epoch metric) and test (final metrics) sets, and where they came from:
+    ``*_source`` describes the split (``<file>:test``, ...), ``*_file`` is the data set it was
+    read from ("" for none)."""
 
     train: ImageSet
     val: ImageSet | None
     test: ImageSet | None
     val_source: str
     test_source: str
+    val_file: str = ""
+    test_file: str = ""
 
 
 def _has_split(spec: str, split: str) -> bool:
@@ -107,21 +111,23 @@ def load_splits(cfg: TrainConfig) -> Splits:
             raise DataError(f"{spec}: classes {s.classes} differ from the training set's {train.classes}")
         return s
 
-    test, test_source = None, ""
+    test, test_source, test_file = None, "", ""
     if cfg.test_data:
         test, test_source = load(cfg.test_data, ("test", "val", "train")), cfg.test_data
+        test_file = cfg.test_data
     elif _has_split(cfg.data, "test"):
         test, test_source = load_dataset(cfg.data, "test", size, channels, download=cfg.download), f"{cfg.data}:test"
+        test_file = cfg.data
     elif (sib := _sibling(cfg.data, "test")) is not None:
-        test, test_source = load(sib, ("test", "val", "train")), sib
+        test, test_source, test_file = load(sib, ("test", "val", "train")), sib, sib
 
-    val, val_source = None, ""
+    val, val_source, val_file = None, "", ""
     if cfg.val_data:
-        val, val_source = load(cfg.val_data, ("val", "test", "train")), cfg.val_data
+        val, val_source, val_file = load(cfg.val_data, ("val", "test", "train")), cfg.val_data, cfg.val_data
     elif _has_split(cfg.data, "val"):
-        val, val_source = load_dataset(cfg.data, "val", size, channels), f"{cfg.data}:val"
+        val, val_source, val_file = load_dataset(cfg.data, "val", size, channels), f"{cfg.data}:val", cfg.data
     elif (sib := _sibling(cfg.data, "val")) is not None:
-        val, val_source = load(sib, ("val", "test", "train")), sib
+        val, val_source, val_file = load(sib, ("val", "test", "train")), sib, sib
 
     if val is None and test is None and cfg.holdout > 0 and len(train) >= 10:
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
@@ -130,15 +136,26 @@ def load_splits(cfg: TrainConfig) -> Splits:
         train = train.subset(perm[n_hold:].sort().values)
         val = test = held
         val_source = test_source = f"{cfg.data}:holdout({cfg.holdout})"
+        val_file = test_file = cfg.data
     if val is None and test is not None:
         # No val split (CIFAR-10): a fixed seeded subset of the test set, as a per-epoch
         # signal only; the reported test accuracy is over the whole test set.
         val = test.subset(seeded_subset(len(test), cfg.val_n, cfg.seed).sort().values)
-        val_source = f"{test_source}[seeded {len(val)} of {len(test)}]"
+        val_source, val_file = f"{test_source}[seeded {len(val)} of {len(test)}]", test_file
     elif val is not None and cfg.val_n and len(val) > cfg.val_n:
         val = val.subset(seeded_subset(len(val), cfg.val_n, cfg.seed).sort().values)
         val_source += f"[seeded {len(val)}]"
-    return Splits(train, val, test, val_source, test_source)
+    return Splits(train, val, test, val_source, test_source, val_file, test_file)
+
+
+def data_refs(cfg: TrainConfig, splits: Splits) -> dict[str, dict[str, str]]:
+    """``data_reference`` of every data set the run reads, by role: ``data`` (training set),
+    and ``val_data`` / ``test_data`` where that split came from another file."""
+    refs = {"data": data_reference(cfg.data)}
+    for role, file in (("val_data", splits.val_file), ("test_data", splits.test_file)):
+        if file and file != cfg.data:
+            refs[role] = data_reference(file)
+    return refs
 
 
 def balanced_class_weights(data: ImageSet) -> torch.Tensor:

@@ -38,11 +38,19 @@ from torch import nn
 
 from models.errors import BadParameterError
 from models.train.config import TrainConfig, differing_fields, metrics_path, resume_path
-from models.train.data import augmentation_kind, balanced_class_weights, epoch_batches, load_splits
+from models.train.data import augmentation_kind, balanced_class_weights, data_refs, epoch_batches, load_splits
 from models.train.distributed import DistInfo, average_buffers, init_distributed, rank_device
 from models.train.metrics import evaluate, final_metrics
 from models.train.penalty import AdaptivePsi
-from models.train.run import Run, append_metrics, load_resume, rewrite_metrics_log, save_run, stored_config
+from models.train.run import (
+    Run,
+    append_metrics,
+    load_resume,
+    rewrite_metrics_log,
+    save_run,
+    stored_config,
+    stored_data_refs,
+)
 from models.train.schedules import LRSchedule
 from models.train.step import arch_args_for, build_model, build_optimizer, loss_target, train_one_epoch
 
@@ -84,7 +92,19 @@ def prepare_run(cfg: TrainConfig) -> Run:
         torch.cuda.set_device(device)
     info = init_distributed(device)
 
+    old_refs = stored_data_refs(out) if cfg.resume and has_state else {}
+    for role, ref in old_refs.items():
+        typed = getattr(cfg, role, None)
+        if "name" in ref and typed == ref["name"] and not cfg.download and not Path(typed).exists():
+            raise BadParameterError(
+                f"{out} records its {role.replace('_', ' ')} by name only ({ref['name']}) and no file "
+                f"of that name and content is in the working directory or beside the checkpoint: "
+                f"resume with --{role.replace('_', '-')} PATH"
+            )
     splits = load_splits(cfg)
+    refs = data_refs(cfg, splits)
+    if old_refs:
+        check_same_data(refs, old_refs, cfg)
     arch_args = arch_args_for(cfg, splits.train)
     net = build_model(cfg, arch_args).to(device)
     model: nn.Module = net
@@ -114,6 +134,7 @@ def prepare_run(cfg: TrainConfig) -> Run:
         schedule,
         psi,
         balanced_class_weights(splits.train).to(device) if cfg.class_weights else None,
+        refs,
     )
     if cfg.resume and has_state:
         load_resume(run)
@@ -122,6 +143,20 @@ def prepare_run(cfg: TrainConfig) -> Run:
         metrics_path(out).parent.mkdir(parents=True, exist_ok=True)
         metrics_path(out).write_text("")
     return run
+
+
+def check_same_data(refs: dict[str, dict[str, str]], old: dict[str, dict[str, str]], cfg: TrainConfig) -> None:
+    """Refuse to resume on a training (or typed validation) set whose content differs from
+    the one the run started on: same digest kind, different value."""
+    for role in ("data", "val_data") if cfg.val_data else ("data",):
+        new, was = refs.get(role, {}), old.get(role, {})
+        for key in ("sha256", "listing_sha256"):
+            if key in new and key in was and new[key] != was[key]:
+                raise BadParameterError(
+                    f"--resume with different {role.replace('_', '-')}: {getattr(cfg, role)} has {key} "
+                    f"{new[key][:12]}..., the run started on one with {was[key][:12]}...; "
+                    "resume with the original data or train to a new --out"
+                )
 
 
 def train(cfg: TrainConfig) -> Run:

@@ -15,6 +15,7 @@ from models.data.splits import seeded_subset
 from models.evaluation.accuracy import class_accuracy as per_class
 from models.evaluation.accuracy import predictions
 from models.nn.runtime import full_precision
+from models.train.config import portable_path, portable_source
 from models.train.distributed import DistInfo, all_reduce_sum
 from models.train.run import Run
 
@@ -51,7 +52,7 @@ def final_metrics(run: Run) -> dict[str, Any]:
     out.update(
         test_accuracy=acc,
         test_n=n,
-        test_source=run.splits.test_source,
+        test_source=portable_source(run.splits.test_source, run.splits.test_file),
         test_class_accuracy=class_accuracy(run.net, test, run.device),
     )
     if cfg.ara_n > 0:
@@ -87,5 +88,5 @@ def ara_metrics(net: nn.Module, test: ImageSet, n: int, seed: int, progress: boo
         "ara_settings": res.settings,
         "ara_bound_check_passed": bound_ok,
         # Per-image radii: the stability score ranks single images against them.
-        "ara_radii": res.radii_record(test.source, seed),
+        "ara_radii": res.radii_record(portable_path(test.source), seed),
     }

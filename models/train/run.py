@@ -18,7 +18,14 @@ import torch
 from torch import nn
 
 from models.store.checkpoint import CheckpointMeta, load_tensors, read_metadata, save_checkpoint
-from models.train.config import TrainConfig, resume_path
+from models.train.config import (
+    DATA_FIELDS,
+    TrainConfig,
+    data_digest,
+    portable_recipe,
+    portable_source,
+    resume_path,
+)
 from models.train.data import Splits
 from models.train.distributed import DistInfo
 from models.train.penalty import AdaptivePsi
@@ -40,6 +47,7 @@ class Run:
     schedule: LRSchedule
     psi: AdaptivePsi | None
     class_weight: torch.Tensor | None = None
+    data_refs: dict[str, dict[str, str]] = field(default_factory=dict)  # data.data_refs
     epochs_done: int = 0
     global_step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -54,7 +62,7 @@ def checkpoint_meta(run: Run, extra: dict[str, Any] | None = None) -> Checkpoint
         if key in last:
             metrics[key] = last[key]
     if run.splits.val_source:
-        metrics["val_source"] = run.splits.val_source
+        metrics["val_source"] = portable_source(run.splits.val_source, run.splits.val_file)
     metrics.update(run.final)
     return CheckpointMeta(
         arch=run.cfg.arch,
@@ -64,7 +72,7 @@ def checkpoint_meta(run: Run, extra: dict[str, Any] | None = None) -> Checkpoint
         in_channels=train.in_channels,
         mean=list(run.arch_args["mean"]),
         std=list(run.arch_args["std"]),
-        recipe=run.cfg.recipe(),
+        recipe=portable_recipe(run.cfg, run.data_refs),
         psi_state=run.psi.state_dict() if run.psi is not None else None,
         metrics=metrics,
         extra=extra or {},
@@ -111,13 +119,42 @@ def load_resume(run: Run) -> None:
 
 
 def stored_config(out: str | os.PathLike) -> TrainConfig | None:
-    """The config a previous run at ``out`` was started with (None if there is none)."""
+    """The config a previous run at ``out`` was started with (None if there is none).
+
+    The checkpoint records a data set typed as an absolute (or climbing) path by its name
+    only (``data_reference``). Such a data set is looked for as that name in the working
+    directory, then beside ``out``, and taken only where its sha256 (a folder: its listing
+    digest) is the recorded one; otherwise the name stays, and resuming needs ``--data``
+    (``--val-data``, ``--test-data``) typed again."""
     path = resume_path(out)
     if not path.is_file():
         return None
     recipe = read_metadata(path).recipe
     known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in recipe.items() if k in known})
+    cfg = TrainConfig(**{k: v for k, v in recipe.items() if k in known})
+    refs = recipe.get("data_refs") or {}
+    for name in DATA_FIELDS:
+        ref, value = refs.get(name), getattr(cfg, name)
+        if value and isinstance(ref, dict) and "name" in ref:
+            found = locate_data(ref, [Path(value), Path(out).parent / ref["name"]])
+            if found is not None:
+                setattr(cfg, name, found)
+    return cfg
+
+
+def stored_data_refs(out: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """The ``data_refs`` the resume state at ``out`` recorded ({} for none, or an older file)."""
+    path = resume_path(out)
+    return dict(read_metadata(path).recipe.get("data_refs") or {}) if path.is_file() else {}
+
+
+def locate_data(ref: dict[str, str], candidates: list[Path]) -> str | None:
+    """The first candidate whose digest is the one ``ref`` records (None: none is)."""
+    want = {k: v for k, v in ref.items() if k in ("sha256", "listing_sha256")}
+    for cand in candidates:
+        if want and cand.exists() and data_digest(cand) == want:
+            return str(cand)
+    return None
 
 
 def rewrite_metrics_log(path: Path, epochs_done: int) -> None:

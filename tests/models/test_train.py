@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -16,10 +17,18 @@ from PIL import Image
 import models.train.step as train_mod
 from models.errors import BadParameterError
 from models.store.checkpoint import load_checkpoint, load_tensors, read_metadata
-from models.train.config import TrainConfig, metrics_path, resume_path
+from models.train.config import (
+    TrainConfig,
+    data_reference,
+    metrics_path,
+    portable_command,
+    portable_path,
+    resume_path,
+)
 from models.train.data import epoch_batches, load_splits
 from models.train.distributed import DistInfo
 from models.train.loop import train
+from models.train.run import stored_config
 from models.train.schedules import LRSchedule, default_milestones
 
 TINY = dict(arch="preact_resnet", depth=8, width=4, batch_size=8, lr=0.05, ara_n=0, progress=False)
@@ -271,3 +280,96 @@ def test_loader_workers_do_not_change_the_result(npz, tmp_path):
     for (k, v), (k2, v2) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
     assert a.psi.S == b.psi.S
+
+
+# ----------------------------------------------------------------------------- recorded paths
+
+
+def metadata_strings(obj, key=""):
+    """(key path, string) for every string in a metadata document (keys included)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{key}.{k}", str(k)
+            yield from metadata_strings(v, f"{key}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from metadata_strings(v, f"{key}[{i}]")
+    elif isinstance(obj, str):
+        yield key, obj
+
+
+def test_paths_are_recorded_as_typed_when_relative_else_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.npz").write_bytes(b"abc")
+    assert portable_path("d/x.npz") == "d/x.npz" and portable_path("./d/../d/x.npz") == "./d/../d/x.npz"
+    for climbing in ("/srv/data/x.npz", "../shared/data/x.npz", "d/../../x.npz", "~/x.npz"):
+        assert portable_path(climbing) == "x.npz", climbing
+    sha = hashlib.sha256(b"abc").hexdigest()
+    assert data_reference("d/x.npz") == {"path": "d/x.npz", "sha256": sha}
+    assert data_reference(str(tmp_path / "d" / "x.npz")) == {"name": "x.npz", "sha256": sha}
+    folder = data_reference(str(tmp_path / "d"))
+    assert folder["name"] == "d" and len(folder["listing_sha256"]) == 64 and "sha256" not in folder
+    assert data_reference("missing.npz") == {"path": "missing.npz"}
+    cmd = f"aex train --data {tmp_path}/d/x.npz --out=/home/u/runs/r.safetensors --test-data ../t.tar --lr 0.1"
+    assert portable_command(cmd) == "aex train --data x.npz --out=r.safetensors --test-data t.tar --lr 0.1"
+
+
+def test_checkpoint_metadata_holds_no_path_of_the_machine_that_trained_it(npz, tmp_path):
+    out = tmp_path / "run" / "abs.safetensors"
+    command = f"aex train --data {npz} --test-data {npz} --out {out} --epochs 1"
+    train(cfg_for(npz, out, test_data=str(npz), epochs=1, ara_n=4, command=command))
+    sha = hashlib.sha256(npz.read_bytes()).hexdigest()
+    for path in (out, resume_path(out)):
+        meta = json.loads(read_metadata(path).to_json())
+        assert {"recipe", "metrics", "extra"} <= set(meta)
+        for key, text in metadata_strings(meta):
+            assert str(tmp_path) not in text and not text.startswith("/"), (path.name, key, text)
+        recipe, metrics = meta["recipe"], meta["metrics"]
+        assert recipe["data"] == recipe["test_data"] == "tinymnist.npz" and recipe["out"] == "abs.safetensors"
+        assert (
+            recipe["command"]
+            == "aex train --data tinymnist.npz --test-data tinymnist.npz --out abs.safetensors --epochs 1"
+        )
+        # The data set's name and sha256; the test split came from the same file.
+        assert recipe["data_refs"] == {"data": {"name": "tinymnist.npz", "sha256": sha}}
+        assert metrics["test_source"] == "tinymnist.npz" and metrics["val_source"] == "tinymnist.npz:val"
+    assert read_metadata(out).metrics["ara_radii"]["data"] == "tinymnist.npz"
+
+
+def test_sibling_test_file_is_recorded_by_name_and_sha256(tmp_path):
+    root = make_folder(tmp_path / "train")
+    make_folder(tmp_path / "test", n_per_class=4)
+    out = tmp_path / "sib.safetensors"
+    train(cfg_for(root, out, epochs=1, input_size=28, val_n=4))
+    meta = read_metadata(out)
+    refs = meta.recipe["data_refs"]
+    assert refs["data"]["name"] == "train" and refs["test_data"]["name"] == "test"
+    assert len(refs["test_data"]["listing_sha256"]) == 64
+    assert meta.metrics["test_source"] == "test" and meta.metrics["val_source"] == "test[seeded 4 of 8]"
+    assert all(str(tmp_path) not in text for _, text in metadata_strings(json.loads(meta.to_json())))
+
+
+def test_resume_finds_data_recorded_by_name_only_by_its_sha256_or_asks_for_it(tiny_medmnist, tmp_path):
+    for folder in ("runs", "elsewhere", "moved"):
+        (tmp_path / folder).mkdir()
+    data = tiny_medmnist(tmp_path / "runs" / "tiny.npz", 16, 4, 4)
+    out = tmp_path / "runs" / "r.safetensors"
+    train(cfg_for(data, out, epochs=2, stop_after=1))
+    assert read_metadata(resume_path(out)).recipe["data"] == "tiny.npz"
+    # Beside the checkpoint, with the recorded sha256: found (`aex train --out C --resume`).
+    assert stored_config(out).data == str(data)
+    # The same name with other content is refused.
+    other = tiny_medmnist(tmp_path / "elsewhere" / "tiny.npz", 16, 4, 4, seed=7)
+    with pytest.raises(BadParameterError, match="different data"):
+        train(cfg_for(other, out, epochs=2, resume=True))
+    # Moved away, and another file of its name beside the checkpoint: not taken for it.
+    moved = tmp_path / "moved" / "tiny.npz"
+    data.rename(moved)
+    data.write_bytes(other.read_bytes())
+    assert stored_config(out).data == "tiny.npz"
+    with pytest.raises(BadParameterError, match="--data PATH"):
+        train(TrainConfig(**{**stored_config(out).recipe(), "resume": True, "out": str(out)}))
+    # Typed again, from wherever it is now, the run goes on.
+    run = train(cfg_for(moved, out, epochs=2, resume=True))
+    assert run.epochs_done == 2 and "test_accuracy" in read_metadata(out).metrics

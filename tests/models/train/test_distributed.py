@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from models.store.checkpoint import read_metadata
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 RANK_SCRIPT = textwrap.dedent(
     """
