@@ -10,7 +10,7 @@
 
 Job views are the JSON of ``GET /v1/jobs/{id}`` as dicts. Every error the API reports
 (``{"error": {"code", "message"}}``) and every failed or cancelled job is raised as the
-named exception of ``aex.errors`` for its code; an unreachable service is a
+named exception of ``models.errors`` for its code; an unreachable service is a
 ``ServiceUnavailableError``.
 """
 

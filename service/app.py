@@ -1,7 +1,7 @@
 """The FastAPI application: ``create_app(settings)``; run it with
 ``uvicorn --factory service.app:create_app`` or ``aex serve``.
 
-This process never imports torch: it validates uploads with Pillow (models.imaging), reads
+This process never imports torch: it validates uploads with Pillow (models.data.imaging, models.dicom.pixels), reads
 checkpoint metadata from safetensors headers as JSON, and enqueues jobs by dotted path.
 """
 

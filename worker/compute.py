@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.data.imaging import open_image, prepare_array
-from models.data.tensors import array_to_tensor, load_dicom_for_model
+from models.data.imaging import open_image
+from models.data.tensors import image_to_tensor, load_dicom_for_model
 from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT
 from models.dicom.pixels import DicomImage
 from models.errors import BadParameterError
@@ -74,7 +74,7 @@ def load_input(data: bytes, input_format: str, served: ServedModel, window: list
         raise BadParameterError("window_center / window_width apply to DICOM input only")
     img = open_image(data)
     info = {"format": (img.format or "").lower(), "mode": img.mode, "width": img.width, "height": img.height}
-    return array_to_tensor(prepare_array(img, size, channels)), None, info, digest
+    return image_to_tensor(img, size, channels), None, info, digest
 
 
 def cache_key(kind: str, served: ServedModel, digest: str, parameters: dict[str, Any]) -> str:

@@ -14,8 +14,6 @@ from typing import Any
 
 from models.explain.targets import split_specs
 
-# Target words the API accepts besides class names and indices (models.explain knows more aliases).
-
 
 def _window(window_center: float | None, window_width: float | None) -> list[float] | None:
     return None if window_center is None else [float(window_center), float(window_width)]

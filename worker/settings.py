@@ -29,8 +29,8 @@ def bundled_checkpoint_dir() -> Path:
 class Settings(BaseSettings):
     """Settings shared by ``aex serve``, the API and ``aex worker``.
 
-    Durations are seconds; sizes are bytes. See /work/notes/README-service.md (the README's
-    service section) for the table of every variable.
+    Durations are seconds; sizes are bytes. The README's settings table lists every field
+    with its variable, default and meaning (tests/test_readme.py keeps the two equal).
     """
 
     model_config = SettingsConfigDict(env_prefix="AEX_", extra="ignore", validate_default=True)

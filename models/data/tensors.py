@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from models.data.imaging import match_channels, open_image, prepare_array, resize_center
 
@@ -28,6 +29,12 @@ def load_image_for_model(
     """Decode an image file or bytes into the model's input: float C x H x W in [0, 1]."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     img = open_image(data, max_pixels) if max_pixels else open_image(data)
+    return image_to_tensor(img, input_size, in_channels)
+
+
+def image_to_tensor(img: Image.Image, input_size: int, in_channels: int) -> torch.Tensor:
+    """A decoded PIL image into the model's input: float C x H x W in [0, 1] (the one path:
+    channels matched, shorter side resized, centre-cropped)."""
     return array_to_tensor(prepare_array(img, input_size, in_channels))
 
 
@@ -35,7 +42,7 @@ def load_dicom_for_model(
     data: bytes, input_size: int, in_channels: int, window: tuple[float, float] | None = None
 ) -> tuple[torch.Tensor, DicomImage]:
     """A single-frame DICOM file into the model's input (float C x H x W in [0, 1]), through
-    the DICOM display pipeline (``models.dicom_input``: Modality LUT, VOI window or the
+    the DICOM display pipeline (``models.dicom.pixels``: Modality LUT, VOI window or the
     ``window`` = (center, width) override, MONOCHROME1 inversion) and then the same channel
     matching and resize/centre-crop as any other image. Also returns the parsed DicomImage."""
     from models.dicom.pixels import load_dicom_pixels  # pydicom only when DICOM comes in

@@ -13,7 +13,7 @@ from typing import Any
 
 from models.errors import CheckpointError
 
-META_KEY = "aex"  # the same key models.checkpoint writes
+META_KEY = "aex"  # the same key models.store.checkpoint writes
 
 
 MAX_HEADER_BYTES = 100_000_000

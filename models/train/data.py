@@ -3,8 +3,8 @@ derived from the training set (balanced class weights, per-channel statistics, t
 augmentation kind), and the batches of one epoch (this rank's shuffled index batches,
 augmented per batch from the step's own generator).
 
-Data sets are decoded once into uint8 tensors (``models.data``); batches are sliced from
-them and augmented as whole tensors (``models.preprocess.augment_batch``)."""
+Data sets are decoded once into uint8 tensors (``models.data.datasets``); batches are sliced from
+them and augmented as whole tensors (``models.data.augment``)."""
 
 from __future__ import annotations
 

@@ -3,12 +3,12 @@ train one epoch, evaluate, save) and one ``train(config)`` that strings them tog
 
 - Standard training, or ``robust``: HHReLU, no zero-init of the residual branches, and the
   Lipschitz-inspired input-gradient penalty with tandem zeta and adaptive psi
-  (``models.robust``).
+  (``models.train.penalty``).
 - ``adv_train`` ``l2`` (bounded, eps 0.01) or ``l2min`` (eps 0.1): each batch is replaced by
   perturbed images from the perturbation engine (S=7, k=1, mu=0, no bound check, network in
   eval mode while it searches); with ``robust`` only a random half of each batch is perturbed.
-- Data sets are decoded once into uint8 tensors (``models.data``); batches are sliced from
-  them and augmented as whole tensors (``models.preprocess.augment_batch``).
+- Data sets are decoded once into uint8 tensors (``models.data.datasets``); batches are sliced from
+  them and augmented as whole tensors (``models.data.augment``).
 - At the end of every epoch the run is checkpointed atomically: ``<out>`` (the served
   checkpoint: weights and metadata only) and ``<stem>.resume.safetensors`` (weights,
   optimiser momentum, psi state, epoch and step counters, global RNG state), and one JSON
