@@ -11,8 +11,9 @@ from rq.queue import Queue
 
 from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
 from models.explain.targets import count_rows, parse_targets
+from service.multipart import Upload
 from service.schemas import CommonParams, ExplainParams
-from service.uploads import Upload, check_dicom, check_image, is_dicom_upload
+from service.uploads import check_dicom, check_image, is_dicom_upload
 from worker.callbacks import callback_meta, check_callback_url
 from worker.queues import JobKind, live_worker_keys
 from worker.settings import Settings

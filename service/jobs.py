@@ -26,9 +26,9 @@ from models.errors import (
 from models.version import __version__
 from service import admission
 from service.catalogue import Catalogue
+from service.multipart import Upload
 from service.reuse import reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
-from service.uploads import Upload
 from service.views import job_view, kind_of
 from worker.callbacks import notify_job_end
 from worker.failures import reap_abandoned

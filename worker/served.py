@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.data.sources import file_sha256
 from models.errors import CheckpointError, UnknownModelError
 from models.explain.gradcam import default_gradcam_layer, layer_name
 from models.nn.runtime import pick_device
@@ -20,15 +20,6 @@ from models.store.header import read_checkpoint_metadata
 from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB pieces."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

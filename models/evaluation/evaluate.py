@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from models.data.datasets import load_dataset
+from models.data.sources import portable_path
 from models.data.splits import seeded_subset
 from models.defaults import ARA_SEED
 from models.errors import BadParameterError, DataError
@@ -68,7 +69,7 @@ def evaluate_checkpoint(
                     "ara_n": res.n,
                     "ara_seed": seed,
                     "ara_settings": res.settings,
-                    "ara_radii": res.radii_record(str(data), seed),
+                    "ara_radii": res.radii_record(portable_path(data), seed),
                 },
             )
             out["recorded"] = True
@@ -88,7 +89,7 @@ def evaluate_checkpoint(
                 metrics={
                     f"{split}_accuracy": out["accuracy"],
                     f"{split}_n": int(labels.numel()),
-                    f"{split}_source": str(data),
+                    f"{split}_source": portable_path(data),
                     f"{split}_device": str(model_device(model)),
                 },
             )

@@ -10,7 +10,6 @@ and reported as ``UnsafeCheckpointError`` naming the global.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import pickle
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from models.data.datasets import CIFAR10_CLASSES
+from models.data.sources import file_sha256
 from models.defaults import K_PSI, PSI0
 from models.errors import CheckpointError, UnsafeCheckpointError
 from models.nn.registry import create_model
@@ -45,14 +45,6 @@ class ReferenceNetwork:
     state_dict: dict[str, torch.Tensor]
     training_options: dict[str, Any]
     meta: CheckpointMeta
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _refused_global(message: str) -> str | None:
@@ -169,7 +161,7 @@ def load_reference(path: str | os.PathLike) -> ReferenceNetwork:
         std=args["std"],
         recipe=recipe,
         psi_state=psi_state,
-        extra={"source_file": path.name, "source_sha256": _sha256_file(path)},
+        extra={"source_file": path.name, "source_sha256": file_sha256(path)},
     )
     return ReferenceNetwork(model=model, state_dict=state, training_options=options, meta=meta)
 

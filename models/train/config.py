@@ -11,8 +11,6 @@ rewritten the same way (``portable_command``)."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import shlex
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from models.data.augment import AUGMENTATIONS
+from models.data.sources import portable_path
 from models.defaults import ARA_SEED, EPS_BETTER, EPS_WORSE, HHRELU_DELTA, K_PSI, PSI0, ZETA, Z
 from models.errors import BadParameterError
 from models.nn.registry import available
@@ -165,70 +164,12 @@ def differing_fields(a: TrainConfig, b: TrainConfig) -> list[str]:
 # --------------------------------------------------------------------------- recorded paths
 
 
-def portable_path(path: str | os.PathLike) -> str:
-    """``path`` as a checkpoint records it: as typed when it is relative and does not climb
-    out of the working directory (``data/x.npz``), else its last component (``x.npz`` for
-    ``/srv/data/x.npz``, ``../shared/x.npz`` or ``~/x.npz``)."""
-    s = os.fspath(path)
-    if not os.path.isabs(s) and not s.startswith("~"):
-        norm = os.path.normpath(s)
-        if norm != os.pardir and not norm.startswith(os.pardir + os.sep):
-            return s
-    return Path(os.path.abspath(os.path.expanduser(s))).name or "."
-
-
-def data_reference(path: str | os.PathLike) -> dict[str, str]:
-    """How a checkpoint records the data set at ``path``.
-
-    ``{"path": p}`` when ``portable_path`` keeps it as typed, else ``{"name": n}``; plus
-    ``sha256`` of the file for a file (``.npz``, tar), or for a folder ``listing_sha256``:
-    a digest of its sorted relative file paths and sizes (cheap and stable, but blind to
-    contents that change without changing size). Nothing more for a path that does not
-    exist."""
-    s = os.fspath(path)
-    shown = portable_path(s)
-    ref = {"path": shown} if shown == s else {"name": shown}
-    ref.update(data_digest(s))
-    return ref
-
-
-def data_digest(path: str | os.PathLike) -> dict[str, str]:
-    """``{"sha256": ...}`` of a file, ``{"listing_sha256": ...}`` of a folder (see
-    ``data_reference``), ``{}`` where nothing is there."""
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if p.is_file():
-        st = p.stat()
-        return {"sha256": _file_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)}
-    if p.is_dir():
-        h = hashlib.sha256()
-        for line in sorted(
-            f"{(Path(d) / n).relative_to(p).as_posix()}\t{(Path(d) / n).stat().st_size}\n"
-            for d, _, names in os.walk(p)
-            for n in names
-            if (Path(d) / n).is_file()
-        ):
-            h.update(line.encode())
-        return {"listing_sha256": h.hexdigest()}
-    return {}
-
-
-@functools.lru_cache(maxsize=32)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, once per (path, size, mtime) in a process (a run hashes its data
-    when it starts, and again on resume checks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _portable_arg(arg: str) -> str:
     if arg.startswith("-") and "=" in arg:
         opt, value = arg.split("=", 1)
         return f"{opt}={_portable_arg(value)}"
-    if os.path.isabs(arg) or arg.startswith("~") or arg == os.pardir or arg.startswith(os.pardir + os.sep):
-        return portable_path(arg)
+    if os.sep in arg or arg.startswith("~") or arg == os.pardir:
+        return portable_path(arg)  # a relative path inside the working directory stays as typed
     return arg
 
 
@@ -254,14 +195,6 @@ def portable_recipe(cfg: TrainConfig, data_refs: dict[str, dict[str, str]] | Non
     recipe["command"] = portable_command(recipe["command"])
     recipe["data_refs"] = dict(data_refs or {})
     return recipe
-
-
-def portable_source(source: str, file: str) -> str:
-    """A split's description (``<file>:test``, ``<file>[seeded 1000 of 10000]``) with its
-    ``file`` recorded as ``portable_path`` does."""
-    if file and source.startswith(file):
-        return portable_path(file) + source[len(file) :]
-    return portable_path(source) if os.path.isabs(source) or source.startswith("~") else source
 
 
 def resume_path(out: str | os.PathLike) -> Path:

@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models.data.augment import augment_batch
 from models.data.datasets import ImageSet, load_dataset
+from models.data.sources import data_reference
 from models.data.splits import seeded_subset
 from models.data.tensors import to_float
 from models.errors import DataError
-from models.train.config import TrainConfig, data_reference
+from models.train.config import TrainConfig
 from models.train.distributed import DistInfo
 from models.train.state import step_generator
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from models.data.datasets import ImageSet
+from models.data.sources import portable_path, portable_source
 from models.data.splits import seeded_subset
 from models.evaluation.accuracy import class_accuracy as per_class
 from models.evaluation.accuracy import predictions
 from models.nn.runtime import full_precision
-from models.train.config import portable_path, portable_source
 from models.train.distributed import DistInfo, all_reduce_sum
 from models.train.run import Run
 

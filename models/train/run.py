@@ -17,15 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.data.sources import data_digest, portable_source
 from models.store.checkpoint import CheckpointMeta, load_tensors, read_metadata, save_checkpoint
-from models.train.config import (
-    DATA_FIELDS,
-    TrainConfig,
-    data_digest,
-    portable_recipe,
-    portable_source,
-    resume_path,
-)
+from models.train.config import DATA_FIELDS, TrainConfig, portable_recipe, resume_path
 from models.train.data import Splits
 from models.train.distributed import DistInfo
 from models.train.penalty import AdaptivePsi

@@ -9,8 +9,8 @@ from starlette.concurrency import run_in_threadpool
 
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
+from service.multipart import read_upload
 from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
-from service.uploads import read_upload
 from worker.states import ApiStatus
 
 router = APIRouter(prefix="/v1", tags=["jobs"])

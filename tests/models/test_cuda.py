@@ -15,7 +15,7 @@ from models.nn.runtime import full_precision
 from models.store.checkpoint import load_checkpoint
 from models.train.config import TrainConfig
 from models.train.loop import train
-from tests.models.test_train import TINY, make_folder
+from tests.models.train.test_loop import TINY, make_folder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints"

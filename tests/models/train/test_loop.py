@@ -311,8 +311,13 @@ def test_paths_are_recorded_as_typed_when_relative_else_by_name(tmp_path, monkey
     folder = data_reference(str(tmp_path / "d"))
     assert folder["name"] == "d" and len(folder["listing_sha256"]) == 64 and "sha256" not in folder
     assert data_reference("missing.npz") == {"path": "missing.npz"}
-    cmd = f"aex train --data {tmp_path}/d/x.npz --out=/home/u/runs/r.safetensors --test-data ../t.tar --lr 0.1"
-    assert portable_command(cmd) == "aex train --data x.npz --out=r.safetensors --test-data t.tar --lr 0.1"
+    cmd = (
+        f"/opt/venv/bin/aex train --data {tmp_path}/d/x.npz --out=/home/u/runs/r.safetensors "
+        "--val-data d/../../v.npz --test-data ../t.tar --lr 0.1 --out runs/r.safetensors"
+    )
+    assert portable_command(cmd) == (
+        "aex train --data x.npz --out=r.safetensors --val-data v.npz --test-data t.tar --lr 0.1 --out runs/r.safetensors"
+    )
 
 
 def test_checkpoint_metadata_holds_no_path_of_the_machine_that_trained_it(npz, tmp_path):

@@ -15,8 +15,9 @@ from models.data.splits import seeded_subset
 from models.evaluation.accuracy import accuracy
 from models.perturb.ara import compute_ara
 from models.store.checkpoint import load_checkpoint
+from models.store.header import read_aex_metadata
 
-BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints"
+BUNDLED = Path(__file__).resolve().parents[3] / "models" / "checkpoints"
 NAMES = sorted(p.name for p in BUNDLED.iterdir() if (p / "model.safetensors").is_file())
 # The data each bundled network was evaluated on, under ../shared/data.
 DATA = {"cifar10-robust": "cifar_test_tar", "cifar10-standard": "cifar_test_tar", "pneumonia-robust": "pneumonia_npz"}
@@ -51,6 +52,27 @@ def test_robust_cifar_network_is_far_harder_to_fool_than_the_standard_one():
     assert robust.metrics["ara_attack"] >= 5 * standard.metrics["ara_attack"]
     assert robust.metrics["ara_btr"] >= 5 * standard.metrics["ara_btr"]
     assert robust.arch == standard.arch and robust.recipe["epochs"] == standard.recipe["epochs"]
+
+
+def _strings(obj, key: str = ""):
+    """(key path, string) for every string in a metadata document, its keys included."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{key}.{k}", str(k)
+            yield from _strings(v, f"{key}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _strings(v, f"{key}[{i}]")
+    elif isinstance(obj, str):
+        yield key, obj
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metadata_holds_no_path_of_the_machine_that_trained_it(name):
+    meta = read_aex_metadata(BUNDLED / name / "model.safetensors")
+    for key, text in _strings(meta):
+        bad = text.startswith(("/", "~")) or any(d in text for d in ("/work/", "/home/", "/root/", "/Users/", "/tmp/"))
+        assert not bad, f"{name}: metadata {key} holds a path of the machine that trained it: {text[:120]!r}"
 
 
 @pytest.mark.slow
