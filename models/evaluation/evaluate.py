@@ -60,18 +60,7 @@ def evaluate_checkpoint(
         res = compute_ara(model, images, labels, batch_size=batch_size, progress=progress)
         out.update(accuracy=res.accuracy, attack_ara=res.attack_ara, btr_ara=res.btr_ara)
         if record:
-            update_metadata(
-                checkpoint,
-                metrics={
-                    "ara_attack": res.attack_ara,
-                    "ara_btr": res.btr_ara,
-                    "ara_accuracy": res.accuracy,
-                    "ara_n": res.n,
-                    "ara_seed": seed,
-                    "ara_settings": res.settings,
-                    "ara_radii": res.radii_record(portable_path(data), seed),
-                },
-            )
+            update_metadata(checkpoint, metrics=res.metrics_record(portable_path(data), seed))
             out["recorded"] = True
         if plot:
             name = served_name(checkpoint)

@@ -58,6 +58,21 @@ class AraResult:
             **self.settings,
         }
 
+    def metrics_record(self, data: str, seed: int) -> dict:
+        """The figures as a checkpoint's ``metrics`` store them (``aex evaluate --record`` and
+        the trainer's final figures): both areas, the clean accuracy, n, seed, the search
+        settings and the per-image radii. data: how the data set is named (no machine path)."""
+        return {
+            "ara_attack": self.attack_ara,
+            "ara_btr": self.btr_ara,
+            "ara_accuracy": self.accuracy,
+            "ara_n": self.n,
+            "ara_seed": seed,
+            "ara_settings": self.settings,
+            # Per-image radii: the stability score ranks single images against them.
+            "ara_radii": self.radii_record(data, seed),
+        }
+
     def radii_record(self, data: str, seed: int) -> dict:
         """The per-image radii as stored in a checkpoint's ``metrics["ara_radii"]``; the
         stability score ranks one image's radii against these."""

@@ -79,14 +79,6 @@ def ara_metrics(net: nn.Module, test: ImageSet, n: int, seed: int, progress: boo
         print(f"warning: {exc}; computing ARA without the bound check", file=sys.stderr)
         bound_ok = False
         res = compute_ara(net, images, labels, progress=progress, bound_check=False)
-    return {
-        "ara_attack": res.attack_ara,
-        "ara_btr": res.btr_ara,
-        "ara_accuracy": res.accuracy,
-        "ara_n": res.n,
-        "ara_seed": seed,
-        "ara_settings": res.settings,
-        "ara_bound_check_passed": bound_ok,
-        # Per-image radii: the stability score ranks single images against them.
-        "ara_radii": res.radii_record(portable_path(test.source), seed),
-    }
+    record = res.metrics_record(portable_path(test.source), seed)
+    record["ara_bound_check_passed"] = bound_ok
+    return record
