@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from aex.commands import explain, science, service, train
+from aex.commands import admin, explain, science, service, train
 
 app = typer.Typer(
     name="aex",
@@ -29,6 +29,9 @@ app.command()(service.classify)
 app.command()(train.train)
 app.command()(service.serve)
 app.command("worker")(service.worker_cmd)
+app.add_typer(admin.keys_app)
+app.command()(admin.audit)
+app.command("data-key")(admin.data_key)
 
 
 def main() -> None:  # pragma: no cover - entry point for `python -m aex.cli`

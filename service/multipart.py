@@ -1,19 +1,22 @@
-"""Reading a request body: the multipart form in memory with a size limit, its ``image`` file
-part and its text fields.
+"""Reading a request body: the multipart form in memory with a size limit and a deadline, its
+``image`` file part and its text fields.
 
 FastAPI's own form parsing spools files over 1 MB to a temporary file; an upload here never
-touches the disk (the size limit bounds the memory it takes).
+touches the disk (the size limit bounds the memory it takes, AEX_BODY_TIMEOUT_SECONDS the
+time). A body must end with its closing boundary: one cut short is refused, never parsed
+into a form with defaulted fields.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import anyio
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from models.errors import BadParameterError, UploadTooLargeError
+from models.errors import BadParameterError, RequestTimeoutError, UploadTooLargeError
 from worker.settings import Settings
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the text fields
@@ -29,15 +32,28 @@ class Upload:
     content_type: str | None = None  # the file part's declared type
 
 
+class _Parser(MultiPartParser):
+    """starlette's multipart parser, noting whether the closing boundary arrived (python-
+    multipart calls ``on_end`` only there; its ``finalize`` accepts a body cut short)."""
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 def _too_large(limit: int) -> UploadTooLargeError:
     return UploadTooLargeError(f"the upload is over the limit of {limit} bytes (AEX_MAX_UPLOAD_BYTES)")
 
 
 async def read_upload(request: Request, settings: Settings) -> Upload:
-    """The ``image`` file and the text fields of a multipart/form-data request.
+    """The ``image`` file and the text fields of a multipart/form-data request (a repeated
+    text field is a list: ``service.schemas.parse_params`` decides whether it may be).
 
-    Raises UploadTooLargeError (413) as soon as the body passes the limit, and
-    BadParameterError (400) for a body that is not multipart or lacks the image."""
+    Raises UploadTooLargeError (413) as soon as the body passes the limit,
+    RequestTimeoutError (408) when the whole body has not arrived within
+    AEX_BODY_TIMEOUT_SECONDS, and BadParameterError (400) for a body that is not multipart,
+    is malformed or cut short (no closing boundary), or lacks the image."""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         raise BadParameterError("send multipart/form-data with the image in a file field named 'image'")
     limit = settings.max_upload_bytes + FORM_OVERHEAD_BYTES
@@ -53,12 +69,24 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
                 raise _too_large(settings.max_upload_bytes)
             yield chunk
 
-    parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=16, max_part_size=MAX_TEXT_FIELD_BYTES)
+    parser = _Parser(request.headers, limited(), max_files=1, max_fields=16, max_part_size=MAX_TEXT_FIELD_BYTES)
     parser.spool_max_size = limit + 1  # keep the file part in memory
+    timeout = settings.body_timeout_seconds
     try:
-        form = await parser.parse()
+        # One deadline over the whole body, however slowly its bytes trickle in.
+        with anyio.fail_after(timeout):
+            form = await parser.parse()
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive whole within {timeout:g} s (AEX_BODY_TIMEOUT_SECONDS)"
+        ) from None
     except MultiPartException as exc:
         raise BadParameterError(f"malformed multipart body: {exc.message}") from None
+    except ClientDisconnect:
+        raise BadParameterError("the client closed the connection before the request body ended") from None
+    if not parser.complete:
+        await form.close()
+        raise BadParameterError("malformed multipart body: it ends before its closing boundary (cut short?)")
     try:
         image = form.get("image")
         if not isinstance(image, UploadFile):

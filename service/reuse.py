@@ -4,7 +4,6 @@ is still kept is answered by a new job, finished at once with a copy of that res
 from __future__ import annotations
 
 import logging
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,6 +14,7 @@ from rq.queue import Queue
 from rq.results import Result
 
 from worker.callbacks import notify_job_end
+from worker.epoch import new_job_id
 from worker.job_metrics import record_job
 from worker.keys import images_key, result_index_key
 from worker.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
@@ -55,7 +55,7 @@ def reuse_result(
         ttl = min(ttl, conn.ttl(images_key(source.id)))
     if not isinstance(result, dict) or ttl < MIN_REUSE_TTL_SECONDS:
         return None
-    job_id = uuid.uuid4().hex
+    job_id = new_job_id(conn)
     now = datetime.now(UTC)
     job = Job.create(
         JOB_FUNCTIONS[kind],

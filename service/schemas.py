@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -95,8 +95,23 @@ class ExplainParams(CommonParams):
         return None if isinstance(value, str) and not value.strip() else value
 
 
+def repeatable_fields(model: type[BaseModel]) -> frozenset[str]:
+    """The form fields that may be given more than once (list-valued: ``targets``, whose
+    values are joined); every other field takes one value."""
+    return frozenset(name for name, f in model.model_fields.items() if get_origin(f.annotation) is list)
+
+
 def parse_params(model: type[BaseModel], fields: dict[str, Any]) -> BaseModel:
-    """Validate form fields; any problem is a 400 with every message."""
+    """Validate form fields; any problem is a 400 with every message (a single-valued field
+    given more than once is one: it is never silently turned into a list or the last value)."""
+    repeatable = repeatable_fields(model)
+    repeated = sorted(
+        k for k, v in fields.items() if isinstance(v, list) and k in model.model_fields and k not in repeatable
+    )
+    if repeated:
+        raise BadParameterError(
+            "; ".join(f"{k}: given {len(fields[k])} times, this field takes one value" for k in repeated)
+        )
     try:
         return model.model_validate(fields)
     except ValidationError as exc:
@@ -104,12 +119,20 @@ def parse_params(model: type[BaseModel], fields: dict[str, Any]) -> BaseModel:
         raise BadParameterError(problems) from None
 
 
+# The declared types of the ``image`` part (any is read; the bytes decide: ``service.uploads``).
+IMAGE_CONTENT_TYPES = (
+    "image/png, image/jpeg, image/tiff, image/bmp, image/webp, application/dicom, application/octet-stream"
+)
+
+
 def multipart_openapi(model: type[BaseModel]) -> dict[str, Any]:
     """openapi_extra documenting a multipart body with ``model``'s fields (the routes read
-    the body themselves, in memory and with a size limit)."""
+    the body themselves, in memory, with a size limit and a deadline), as a form can carry
+    them: every field is text given at most once (a left-out field is unset, there is no
+    null), except ``image``, the file part, and a list field, one comma-separated text that
+    may be repeated; window_center and window_width come together."""
     schema = model.model_json_schema()
     schema["required"] = ["image"]
-    # A list field arrives as one comma-separated text field.
     for name, prop in schema.get("properties", {}).items():
         if prop.get("type") == "array":
             schema["properties"][name] = {
@@ -118,7 +141,16 @@ def multipart_openapi(model: type[BaseModel]) -> dict[str, Any]:
                 "description": prop.get("description", ""),
                 "title": prop.get("title", name),
             }
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+        elif "anyOf" in prop:
+            # X | None: the field is X when given (unset when left out).
+            kept = [alt for alt in prop["anyOf"] if alt.get("type") != "null"]
+            if len(kept) == 1:
+                rest = {k: v for k, v in prop.items() if k not in ("anyOf", "default")}
+                schema["properties"][name] = {**kept[0], **rest}
+    if {"window_center", "window_width"} <= set(schema.get("properties", {})):
+        schema["dependentRequired"] = {"window_center": ["window_width"], "window_width": ["window_center"]}
+    media = {"schema": schema, "encoding": {"image": {"contentType": IMAGE_CONTENT_TYPES}}}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": media}}}
 
 
 class ErrorBody(BaseModel):
@@ -131,7 +163,7 @@ class ErrorResponse(BaseModel):
 
 
 # The error answers every /v1 route may give (documented in the OpenAPI schema).
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 429, 503)}
+ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 429, 503)}
 
 
 class Progress(BaseModel):

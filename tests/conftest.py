@@ -463,3 +463,53 @@ def bundled_dicom(name: str) -> bytes:
 def pydicom_file():
     """``bundled_dicom(name) -> bytes``: a pydicom test file, or a skip when it is absent."""
     return bundled_dicom
+
+
+@pytest.fixture(scope="module")
+def serve_api():
+    """serve_api(settings) -> base URL: the API with ``settings`` served for real by uvicorn on
+    a free 127.0.0.1 port, with the limits `aex serve` gives it (service.server.server_options:
+    AEX_MAX_CONNECTIONS, keep-alive); each is stopped at the end of the test module."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.server import server_options
+
+    running = []
+
+    def serve(settings) -> str:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        config = uvicorn.Config(create_app(settings), log_level="warning", **server_options(settings))
+        server = uvicorn.Server(config)
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="serve-api")
+        thread.start()
+        running.append((server, thread, sock))
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, thread, sock in running:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def settings_on(service_models):
+    """settings_on(server, db, **overrides): settings of a test stack on a Redis server of the
+    test's own (an ``aex.serve.EmbeddedRedis``), database ``db``."""
+    return lambda server, db, **overrides: stack_settings(server, db, service_models, **overrides)
+
+
+@pytest.fixture(scope="session")
+def worker_process():
+    """The class ``WorkerProcess(settings, log_path)``: one ``python -m worker``."""
+    return WorkerProcess

@@ -10,7 +10,10 @@ died. A claim in Redis (SET NX on the delivery record) makes that one delivery p
 Delivery runs in its own thread and never raises: connection errors, timeouts, 429 and 5xx
 are retried with exponential backoff; any other answer outside 2xx (redirects included: they
 are not followed, the target could be off the allow-list) ends it. The record
-(``callback_key(job_id)``: url, state, attempts, last status or error) shows in the job view.
+(``callback_key(job_id)``: url, state, attempts, last status or error) shows in the job view,
+with the URL redacted (no query, no user info). With a ``CallbackPolicy`` (from the settings)
+each POST is signed (Standard Webhooks) and goes to the address the host resolved to once,
+checked against the allow-list (``worker.webhooks``); no proxy is taken from the environment.
 Torch-free: the API process uses it too.
 """
 
@@ -20,6 +23,7 @@ import json
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +36,7 @@ from models.errors import BadParameterError
 from models.version import __version__
 from worker.keys import callback_key
 from worker.states import STATUS_FROM_RQ, ApiStatus
+from worker.webhooks import PinnedTarget, ip_on_allow_list, parse_callback_secret, pin, redact_url, signed_headers
 
 log = logging.getLogger("aex.callbacks")
 
@@ -45,6 +50,8 @@ PENDING, RETRYING, DELIVERED, FAILED = "pending", "retrying", "delivered", "fail
 def host_allowed(host: str, allowed: list[str]) -> bool:
     """``host`` equals an entry, or an entry is ``*.domain`` and host is a subdomain of it."""
     host = host.lower().rstrip(".")
+    if ip_on_allow_list(host, allowed):  # an IP entry, or a network such as 10.0.0.0/8
+        return True
     for entry in allowed:
         entry = entry.lower().rstrip(".")
         if entry.startswith("*.") and host.endswith(entry[1:]) and len(host) > len(entry) - 1:
@@ -78,6 +85,21 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> str:
     return url
 
 
+@dataclass(frozen=True)
+class CallbackPolicy:
+    """How callbacks are sent: ``secret`` signs them (None: unsigned), ``allowed_hosts`` are
+    the allow-list the resolved address is checked against (None: only a host that is an IP
+    address, as the API checked it, may be a non-public address)."""
+
+    secret: bytes | None = None
+    allowed_hosts: list[str] | None = field(default=None)
+
+    @classmethod
+    def from_settings(cls, settings) -> CallbackPolicy:
+        secret = settings.callback_secret.get_secret_value() if settings.callback_secret is not None else None
+        return cls(parse_callback_secret(secret) if secret else None, list(settings.callback_allowed_hosts))
+
+
 def callback_meta(
     url: str, attempts: int, timeout: float, backoff: float, ttl: int, public_url: str | None
 ) -> dict[str, Any]:
@@ -100,10 +122,11 @@ def delivery_record(conn: Redis, job: Job) -> dict[str, Any] | None:
     raw = conn.get(callback_key(job.id))
     if raw:
         try:
-            return json.loads(raw)
+            record = json.loads(raw)
+            return {**record, "url": redact_url(record.get("url"))} if isinstance(record, dict) else record
         except json.JSONDecodeError:
             pass
-    return {"url": meta.get("url"), "state": "waiting", "attempts": 0}
+    return {"url": redact_url(meta.get("url")), "state": "waiting", "attempts": 0}
 
 
 def _now() -> str:
@@ -128,7 +151,9 @@ def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict
     }
 
 
-def notify_job_end(conn: Redis, job: Job, status: ApiStatus | None = None) -> threading.Thread | None:
+def notify_job_end(
+    conn: Redis, job: Job, status: ApiStatus | None = None, policy: CallbackPolicy | None = None
+) -> threading.Thread | None:
     """Send the job's callback, once, in a thread (returned; None when there is nothing to
     send or another process has already claimed it). Never raises."""
     try:
@@ -138,13 +163,13 @@ def notify_job_end(conn: Redis, job: Job, status: ApiStatus | None = None) -> th
         if status is None:
             status = STATUS_FROM_RQ.get(job.get_status(refresh=True), ApiStatus.FAILED)
         payload = job_end_payload(job, status, meta.get("public_url"))
-        record = {"url": meta["url"], "state": PENDING, "attempts": 0, "status_sent": status.value}
+        record = {"url": redact_url(meta["url"]), "state": PENDING, "attempts": 0, "status_sent": status.value}
         ttl = max(1, int(meta.get("ttl", 3600)))
         if not conn.set(callback_key(job.id), json.dumps(record), nx=True, ex=ttl):
             return None  # someone else sends it
         thread = threading.Thread(
             target=deliver,
-            args=(conn, job.id, meta, payload, record, ttl),
+            args=(conn, job.id, meta, payload, record, ttl, policy),
             name=f"aex-callback-{job.id[:8]}",
             daemon=False,
         )
@@ -162,23 +187,58 @@ def _save(conn: Redis, job_id: str, record: dict[str, Any], ttl: int) -> None:
         log.warning("could not record the callback state of job %s", job_id)
 
 
+def _error_text(exc: Exception) -> str:
+    """A delivery error for the record: its kind and reason, never a URL (its query may hold a token)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text and "://" not in text and "?" not in text else type(exc).__name__
+
+
+def _pin(url: str, policy: CallbackPolicy) -> PinnedTarget:
+    allowed = policy.allowed_hosts
+    if allowed is None:  # the API checked an IP-address host against its allow-list
+        host = urlsplit(url).hostname or ""
+        allowed = [host] if ip_on_allow_list(host, [host]) else []
+    return pin(url, allowed)
+
+
 def deliver(
-    conn: Redis, job_id: str, meta: dict[str, Any], payload: dict[str, Any], record: dict[str, Any], ttl: int
+    conn: Redis,
+    job_id: str,
+    meta: dict[str, Any],
+    payload: dict[str, Any],
+    record: dict[str, Any],
+    ttl: int,
+    policy: CallbackPolicy | None = None,
 ) -> dict[str, Any]:
     """POST ``payload`` to ``meta["url"]`` with retries; returns the final record."""
+    policy = policy or CallbackPolicy()
     attempts = max(1, int(meta.get("attempts", 5)))
     backoff = float(meta.get("backoff", 1.0))
-    headers = {"User-Agent": f"aex/{__version__}", "X-Aex-Job-Id": job_id}
+    headers = {"User-Agent": f"aex/{__version__}", "X-Aex-Job-Id": job_id, "Content-Type": "application/json"}
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    record["url"] = redact_url(meta.get("url"))
+    target: PinnedTarget | None = None
     try:
-        with httpx.Client(timeout=float(meta.get("timeout", 10.0)), follow_redirects=False) as client:
+        with httpx.Client(timeout=float(meta.get("timeout", 10.0)), follow_redirects=False, trust_env=False) as client:
             for attempt in range(1, attempts + 1):
                 record["attempts"] = attempt
                 record["last_attempt_at"] = _now()
                 retry = False
                 try:
-                    resp = client.post(meta["url"], json=payload, headers=headers)
-                except httpx.HTTPError as exc:
-                    record["last_status"], record["last_error"] = None, f"{type(exc).__name__}: {exc}"
+                    if target is None:  # resolved once, then every attempt goes to that address
+                        target = _pin(meta["url"], policy)
+                    signed = signed_headers(policy.secret, job_id, body) if policy.secret else {}
+                    resp = client.post(
+                        target.url,
+                        content=body,
+                        headers={**headers, **signed, "Host": target.host_header},
+                        extensions={"sni_hostname": target.sni_hostname},
+                    )
+                except BadParameterError as exc:  # the host resolves to an address not allowed
+                    record["last_status"], record["last_error"] = None, exc.message
+                    break
+                except (httpx.HTTPError, OSError) as exc:
+                    record["last_status"], record["last_error"] = None, _error_text(exc)
                     retry = True
                 else:
                     record["last_status"], record["last_error"] = resp.status_code, None
@@ -196,13 +256,13 @@ def deliver(
                 time.sleep(min(MAX_BACKOFF_SECONDS, backoff * 2 ** (attempt - 1)))
     except Exception as exc:
         log.exception("callback of job %s failed unexpectedly", job_id)
-        record["last_error"] = f"{type(exc).__name__}: {exc}"
+        record["last_error"] = type(exc).__name__
     record["state"] = FAILED
     _save(conn, job_id, record, ttl)
     log.warning(
         "callback of job %s to %s failed after %d attempt(s): %s",
         job_id,
-        meta.get("url"),
+        redact_url(meta.get("url")),
         record["attempts"],
         record.get("last_error") or record.get("last_status"),
     )

@@ -6,6 +6,7 @@ and the provenance block. The rq job functions (``worker.jobs``) and ``aex expla
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
@@ -16,10 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.data.imaging import open_image
+from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
 from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT
 from models.dicom.pixels import DicomImage
+from models.dicom.reading import attribute, first_number
 from models.errors import BadParameterError
 from models.explain.pipeline import explain_image
 from models.nn.runtime import eval_mode
@@ -28,6 +30,7 @@ from models.version import __version__
 from worker.params import result_cache_key
 from worker.provenance import build_provenance, sha256_hex
 from worker.served import ServedModel
+from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
 
@@ -43,8 +46,7 @@ def _dicom_info(dicom: DicomImage) -> dict[str, Any]:
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
 
     def num(key):
-        value = ds.get(key)
-        return None if value is None or value == "" else float(value)
+        return attribute(ds, key, first_number)
 
     return {
         "format": "dicom",
@@ -63,17 +65,40 @@ def _dicom_info(dicom: DicomImage) -> dict[str, Any]:
     }
 
 
-def load_input(data: bytes, input_format: str, served: ServedModel, window: list[float] | None):
-    """(x float C x H x W in [0, 1], DicomImage or None, input description, input sha256)."""
+@functools.cache
+def upload_limits() -> tuple[int, int]:
+    """(AEX_MAX_IMAGE_PIXELS, AEX_MAX_ASPECT_RATIO) of this process: a worker gets the API's
+    settings as its environment (``Settings.as_env``), so it checks with the API's limits."""
+    settings = Settings()
+    return settings.max_image_pixels, settings.max_aspect_ratio
+
+
+def load_input(
+    data: bytes,
+    input_format: str,
+    served: ServedModel,
+    window: list[float] | None,
+    limits: tuple[int, int] | None = None,
+):
+    """(x float C x H x W in [0, 1], DicomImage or None, input description, input sha256).
+
+    The same decoding functions and checks as the API's admission (``service.uploads``), with
+    ``limits`` = (max pixels, max aspect ratio), by default ``upload_limits()``; a JPEG is
+    decoded at the reduced scale the model's input size allows, and only the region the model
+    sees is converted to float (``models.data.imaging``)."""
     digest = sha256_hex(data)
     size, channels = served.meta.input_size, served.meta.in_channels
+    max_pixels, max_aspect = limits or upload_limits()
     if input_format == "dicom":
-        x, dicom = load_dicom_for_model(data, size, channels, tuple(window) if window else None)
+        x, dicom = load_dicom_for_model(
+            data, size, channels, tuple(window) if window else None, max_pixels=max_pixels, max_aspect=max_aspect
+        )
         return x, dicom, _dicom_info(dicom), digest
     if window:
         raise BadParameterError("window_center / window_width apply to DICOM input only")
-    img = open_image(data)
-    info = {"format": (img.format or "").lower(), "mode": img.mode, "width": img.width, "height": img.height}
+    img = open_image(data, max_pixels, max_aspect, draft=size)
+    width, height = source_size(img)
+    info = {"format": (img.format or "").lower(), "mode": img.mode, "width": width, "height": height}
     return image_to_tensor(img, size, channels), None, info, digest
 
 

@@ -1,22 +1,66 @@
-"""How a job that fails is recorded: its error as {"code", "message"} in job.meta, the outcome
-counted, and the jobs of a dead worker reaped (rq's StartedJobRegistry clean-up)."""
+"""How a job that fails is recorded, and which failures run it again: its error as {"code",
+"message"} in job.meta, the outcome counted, a run cut short from outside (its worker died or
+lost Redis) queued again while AEX_JOB_RETRIES allows, and the jobs of a dead worker reaped
+(rq's StartedJobRegistry clean-up).
+
+Retrying is safe because results are deterministic; only a run cut short is retried: any
+other failure (a bad image, a time limit, a cancel) would end the same way again. The retry
+itself is rq's: the exception handler gives the job one retry in memory, and rq's failure
+handling (the worker's, or the registry clean-up's) then queues it again instead of failing
+it. The upload is deleted at the job's final end only.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import redis.exceptions
 from redis import Redis
 from rq.exceptions import AbandonedJobError
 from rq.job import Job
+from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
-from models.errors import AexError, JobCancelledError, JobFailedError, JobTimeoutError, WorkerLostError
+from models.errors import (
+    AexError,
+    JobCancelledError,
+    JobFailedError,
+    JobTimeoutError,
+    TransientError,
+    WorkerLostError,
+)
 from worker.callbacks import notify_job_end
 from worker.job_metrics import record_job
+from worker.keys import cancel_key, upload_key
 from worker.queues import QUEUE_NAMES, SERIALIZER
 from worker.states import ApiStatus
+
+log = logging.getLogger("aex.worker")
+
+# Redis unreachable (restarting, network): a failure of the moment, not of the job.
+REDIS_OUTAGE: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+# rq's clean-up lock is held 15 minutes when its holder dies (or loses Redis) before
+# releasing it: no job of the queue would be reaped for that long. Ours expires sooner.
+MAINTENANCE_LOCK_SECONDS = 60
 
 
 def job_kind(job: Job) -> str:
     return str(job.meta.get("kind", "unknown"))
+
+
+def retried(job: Job) -> int:
+    """How many times the job was queued again after a run cut short."""
+    return int(job.meta.get("retried") or 0)
+
+
+def cut_short(exc_type) -> bool:
+    """Whether a run ended by something outside the job: its worker died (rq's
+    AbandonedJobError) or lost Redis."""
+    return exc_type is not None and issubclass(exc_type, (AbandonedJobError, *REDIS_OUTAGE))
 
 
 def error_of(exc_type, exc_value) -> dict[str, str]:
@@ -28,16 +72,48 @@ def error_of(exc_type, exc_value) -> dict[str, str]:
     if exc_type is not None and issubclass(exc_type, AbandonedJobError):
         return {
             "code": WorkerLostError.code,
-            "message": "the worker running this job stopped (killed, out of memory or lost); submit it again",
+            "message": "the worker running this job stopped (killed, out of memory or lost), "
+            "as many times as AEX_JOB_RETRIES allows; submit it again",
         }
+    if exc_type is not None and issubclass(exc_type, REDIS_OUTAGE):
+        return {"code": TransientError.code, "message": f"the job store (Redis) was unreachable: {exc_value}"}
     name = exc_type.__name__ if exc_type is not None else "Error"
     return {"code": JobFailedError.code, "message": f"{name}: {exc_value}"}
 
 
-def record_job_error(job: Job, exc_type, exc_value, tb) -> bool:
-    """rq exception handler (worker failures and the clean-up of abandoned jobs alike): keep
-    {"code", "message"} in job.meta["error"] and count the outcome. Returns True so rq's
-    other handlers (its log) still run."""
+def discard_upload(conn: Redis, job_id: str) -> None:
+    """Delete a job's upload: at its final end, never while it may run again."""
+    conn.delete(upload_key(job_id))
+
+
+def _retry(job: Job, exc_type, retries: int) -> bool:
+    """Give a run cut short one more run (rq queues it again, at the front: it was accepted
+    before what waits behind it) while retries are left and nobody cancelled it."""
+    if not cut_short(exc_type) or retried(job) >= retries or job.connection.exists(cancel_key(job.id)):
+        return False
+    job.meta["retried"] = retried(job) + 1
+    job.meta.pop("progress", None)  # the view would show the cut run's progress while queued
+    job.meta.pop("error", None)
+    job.retries_left = 1  # in memory only: rq's retry stores 0, so no other failure retries it
+    job.enqueue_at_front_on_retry = True
+    record_job(job.connection, job_kind(job), "retried", None)
+    log.warning(
+        "job %s: run cut short (%s); queued again, retry %d of %d",
+        job.id,
+        exc_type.__name__,
+        retried(job),
+        retries,
+    )
+    return True
+
+
+def record_job_error(job: Job, exc_type, exc_value, tb, retries: int = 0) -> bool:
+    """rq exception handler (worker failures and the clean-up of abandoned jobs alike): queue
+    a run cut short again while ``retries`` allows; else keep {"code", "message"} in
+    job.meta["error"] and count the outcome. Returns True so rq's other handlers (its log)
+    still run."""
+    if _retry(job, exc_type, retries):
+        return True
     if isinstance(exc_value, JobCancelledError):
         outcome = "cancelled"
     elif exc_type is not None and issubclass(exc_type, AbandonedJobError):
@@ -48,22 +124,37 @@ def record_job_error(job: Job, exc_type, exc_value, tb) -> bool:
     job.save_meta()
     record_job(job.connection, job_kind(job), outcome, None)
     if outcome == "abandoned":
-        # Nobody else will see this job end: its worker is gone.
-
+        # Its final end, and nobody else will see it: its worker is gone.
+        discard_upload(job.connection, job.id)
         notify_job_end(job.connection, job, ApiStatus.FAILED)
     return True
 
 
-def reap_abandoned(conn: Redis) -> None:
-    """Fail the jobs whose worker stopped renewing its lease (rq's StartedJobRegistry
-    clean-up). Workers do this in their maintenance; the API also does it when a client
-    polls a running job, so a job never stays "running" after the last worker died."""
-    from rq.queue import Queue
+def job_error_handler(retries: int) -> Callable[..., bool]:
+    """``record_job_error`` with the retry budget, as rq calls an exception handler."""
+    return functools.partial(record_job_error, retries=retries)
 
+
+@contextmanager
+def maintenance_lock(queue: Queue) -> Iterator[bool]:
+    """rq's clean-up lock of ``queue`` (yields whether this process holds it), for at most
+    MAINTENANCE_LOCK_SECONDS, released at the end."""
+    held = bool(queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS))
+    try:
+        yield held
+    finally:
+        if held:
+            queue.release_maintenance_lock()
+
+
+def reap_abandoned(conn: Redis, retries: int) -> None:
+    """Queue again, or fail, the jobs whose worker stopped renewing its lease (rq's
+    StartedJobRegistry clean-up). Workers do this in their maintenance; the API also does it
+    when a client polls a running job, so a job never stays "running" after the last worker
+    died."""
+    handler = job_error_handler(retries)
     for name in QUEUE_NAMES.values():
         queue = Queue(name, connection=conn, serializer=SERIALIZER)
-        if queue.acquire_maintenance_lock():  # else a worker is cleaning right now
-            try:
-                queue.started_job_registry.cleanup(exception_handlers=[record_job_error])
-            finally:
-                queue.release_maintenance_lock()
+        with maintenance_lock(queue) as held:
+            if held:  # else a worker is cleaning right now
+                queue.started_job_registry.cleanup(exception_handlers=[handler])

@@ -15,11 +15,13 @@ from worker.queues import JobKind
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
-OUTCOMES = ("finished", "failed", "cancelled", "abandoned", "reused")
+# abandoned: its worker died and no retry was left (worker_lost); retried: a run cut short
+# (its worker died or lost Redis) and the job queued again (not an end: it runs again).
+OUTCOMES = ("finished", "failed", "cancelled", "abandoned", "reused", "retried")
 
 
 def record_job(conn: Redis, kind: str, outcome: str, seconds: float | None) -> None:
-    """Count one job end (``outcome`` in OUTCOMES) and, when known, its run time."""
+    """Count one job end, or retry (``outcome`` in OUTCOMES) and, when known, its run time."""
     with conn.pipeline(transaction=False) as pipe:
         pipe.hincrby(outcomes_key(), f"{kind}:{outcome}", 1)
         if seconds is not None and outcome == "finished":

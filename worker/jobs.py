@@ -3,7 +3,8 @@
 Each takes small JSON-safe keyword arguments: the canonical parameters the API built with
 ``worker.params.classify_parameters`` / ``explain_parameters``. The upload is read from
 Redis (the API stored it under ``upload_key(job_id)``, and said in ``job.meta["input_format"]``
-whether it is DICOM) and deleted when the job ends. What is computed comes from
+whether it is DICOM); the worker process deletes it once the job has ended for good (not
+when its run is cut short and it is queued again: ``worker.failures``). What is computed comes from
 ``worker.compute``; here it is wired to the job: progress and cancellation through
 job.meta, PNGs and DICOM objects stored in Redis hashes with the result TTL. The job's cache
 key (``job.meta["cache_key"]``) is what the worker process indexes the finished result by.
@@ -81,22 +82,19 @@ def classify(
     """Class probabilities of the uploaded image under ``model`` (and, with ``stability``,
     its stability score)."""
     job = _current_job()
-    try:
-        _check_cancelled(job)
-        served = served_models().get(model)
-        parameters = classify_parameters(top_k, stability, int(stability_steps or ARA_STEPS), *(window or (None, None)))
-        result = classify_result(
-            served,
-            _read_upload(job),
-            job.meta.get("input_format", "image"),
-            parameters,
-            progress=_Progress(job),
-            worker=job.worker_name,
-        )
-        _keep_cache_key(job, result)
-        return result
-    finally:
-        job.connection.delete(upload_key(job.id))
+    _check_cancelled(job)
+    served = served_models().get(model)
+    parameters = classify_parameters(top_k, stability, int(stability_steps or ARA_STEPS), *(window or (None, None)))
+    result = classify_result(
+        served,
+        _read_upload(job),
+        job.meta.get("input_format", "image"),
+        parameters,
+        progress=_Progress(job),
+        worker=job.worker_name,
+    )
+    _keep_cache_key(job, result)
+    return result
 
 
 def explain(
@@ -116,29 +114,26 @@ def explain(
     go to the hash ``images_key(job_id)``, the DICOM objects (DICOM input only) to
     ``dicom_key(job_id)``, both with ``result_ttl``; the summary is returned."""
     job = _current_job()
-    try:
-        _check_cancelled(job)
-        served = served_models().get(model)
-        parameters = explain_parameters(
-            targets, rho, steps, layer, int(stability_steps or ARA_STEPS), *(window or (None, None))
-        )
-        summary, files, dicom_files = explain_result(
-            served,
-            _read_upload(job),
-            job.meta.get("input_format", "image"),
-            parameters,
-            progress=_Progress(job),
-            worker=job.worker_name,
-        )
-        _check_cancelled(job)
-        with job.connection.pipeline() as pipe:
-            pipe.hset(images_key(job.id), mapping=files)
-            pipe.expire(images_key(job.id), result_ttl)
-            if dicom_files:
-                pipe.hset(dicom_key(job.id), mapping=dicom_files)
-                pipe.expire(dicom_key(job.id), result_ttl)
-            pipe.execute()
-        _keep_cache_key(job, summary)
-        return summary
-    finally:
-        job.connection.delete(upload_key(job.id))
+    _check_cancelled(job)
+    served = served_models().get(model)
+    parameters = explain_parameters(
+        targets, rho, steps, layer, int(stability_steps or ARA_STEPS), *(window or (None, None))
+    )
+    summary, files, dicom_files = explain_result(
+        served,
+        _read_upload(job),
+        job.meta.get("input_format", "image"),
+        parameters,
+        progress=_Progress(job),
+        worker=job.worker_name,
+    )
+    _check_cancelled(job)
+    with job.connection.pipeline() as pipe:
+        pipe.hset(images_key(job.id), mapping=files)
+        pipe.expire(images_key(job.id), result_ttl)
+        if dicom_files:
+            pipe.hset(dicom_key(job.id), mapping=dicom_files)
+            pipe.expire(dicom_key(job.id), result_ttl)
+        pipe.execute()
+    _keep_cache_key(job, summary)
+    return summary

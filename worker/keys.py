@@ -46,3 +46,40 @@ def duration_key(kind: str) -> str:
 
 def outcomes_key() -> str:
     return f"{PREFIX}:metrics:outcomes"
+
+
+def store_epoch_key() -> str:
+    """The job store's epoch (``worker.epoch``): a random id, set once, without a TTL."""
+    return f"{PREFIX}:store:epoch"
+
+
+def api_key_key(name: str) -> str:
+    """One API key by name: a hash (digest of its token, scopes, created_at); never the token."""
+    return f"{PREFIX}:apikey:{name}"
+
+
+def api_key_digest_key(digest: str) -> str:
+    """The name of the API key whose token has SHA-256 ``digest`` (the lookup at each request)."""
+    return f"{PREFIX}:apikey-digest:{digest}"
+
+
+def api_key_names_key() -> str:
+    """The set of API key names (GET /v1/keys lists it without a SCAN)."""
+    return f"{PREFIX}:apikeys"
+
+
+def audit_key() -> str:
+    """The audit trail: a stream of access records, trimmed to AEX_AUDIT_RETENTION_SECONDS."""
+    return f"{PREFIX}:audit"
+
+
+def principal_jobs_key(owner_digest: str) -> str:
+    """The ids of a principal's jobs that may still be queued or running (a sorted set by
+    reservation time; named by a digest of the principal, so no identity is in a key name)."""
+    return f"{PREFIX}:principal-jobs:{owner_digest}"
+
+
+def scoped_result_index_key(scope: str, cache_key: str) -> str:
+    """``result_index_key`` within one reuse scope (``service.auth.reuse_scope``: a principal
+    or its tenant, as a digest): a result is reused only for whoever may see it."""
+    return f"{PREFIX}:result:{scope}:{cache_key}"

@@ -10,10 +10,18 @@ parent's CUDA context) with:
 - a lease on the running job: a thread renews the job's entry in rq's StartedJobRegistry
   every ``job_heartbeat_ttl / 3`` seconds. A worker that dies (SIGKILL, out of memory, lost
   machine) stops renewing; once the lease has passed, the next registry clean-up (any
-  worker's maintenance, or the API when a client polls the job) marks the job failed with
-  code ``worker_lost``;
+  worker's maintenance, or the API when a client polls the job) queues the job again for
+  another worker (AEX_JOB_RETRIES times, ``worker.failures``), then fails it with code
+  ``worker_lost``;
 - short registrations (``worker_ttl``), so /readyz sees a dead worker within seconds;
-- its catalogue of checkpoints published in its rq registration hash;
+- its catalogue of checkpoints published in its rq registration hash, registered again at
+  the next heartbeat when Redis lost it (a restart, with or without persistence);
+- a Redis outage ridden out: each command is retried for about REDIS_RETRY_SECONDS (so a
+  Redis restart pauses a running job instead of failing it), the work loop waits for Redis
+  instead of quitting, and a run cut short by a longer outage is retried like a dead
+  worker's; a running job that Redis lost (a restart without persistence: the API answers
+  ``job_lost``) is stopped, and nothing of it is recorded;
+- the upload deleted, and the callback sent, once the job has ended for good;
 - job errors recorded in job.meta["error"] as {"code", "message"} for the API (also for
   abandoned jobs: the worker's exception handlers run in rq's registry clean-up);
 - a finished job's result indexed under its cache key (``result_index_key``), so the API
@@ -33,27 +41,43 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from rq.job import Job
+from rq import worker_registration
+from rq.exceptions import InvalidJobOperation
+from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.registry import clean_registries
+from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from models.errors import BadParameterError, JobCancelledError
 from worker import jobs
 from worker.callbacks import notify_job_end
-from worker.failures import job_kind, record_job_error
+from worker.failures import REDIS_OUTAGE, discard_upload, job_kind, maintenance_lock, record_job_error
 from worker.job_metrics import record_job
 from worker.keys import CATALOGUE_FIELD, result_index_key
 from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from worker.served import ServedModels, install
 from worker.settings import Settings
+from worker.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
 
 log = logging.getLogger("aex.worker")
+
+# Every Redis command of a worker is retried for about this long (``worker.queues.connect``)
+# before it fails: a Redis restart pauses the worker and its job instead of failing them.
+REDIS_RETRY_SECONDS = 20
+# An idle worker sends a heartbeat (and registers again if Redis lost it) at least this often.
+REREGISTER_WITHIN_SECONDS = 5
 
 
 class AexWorker(SimpleWorker):
     """See the module docstring."""
+
+    # rq's dequeue loop waits this long at most between two tries to reach Redis (rq: 60 s).
+    max_connection_wait_time = 2.0
 
     def __init__(
         self,
@@ -61,30 +85,94 @@ class AexWorker(SimpleWorker):
         job_heartbeat_ttl: int = 20,
         catalogue: list[dict[str, Any]] | None = None,
         reuse_results: bool = True,
+        job_retries: int = 0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self.reuse_results = reuse_results
+        self.job_retries = job_retries
         self.catalogue = catalogue or []
+        self._lost_job_id: str | None = None  # the running job Redis lost (restart without persistence)
         self.push_exc_handler(self._record_failure)
 
     # --- registration and leases -------------------------------------------------------
     @property
     def dequeue_timeout(self) -> int:
-        # Heartbeats happen between blocking dequeues: keep each well inside worker_ttl.
-        return max(1, self.worker_ttl // 3)
+        # Heartbeats happen between blocking dequeues: keep each well inside worker_ttl, and
+        # short enough that a registration Redis lost (a restart) is made again in seconds.
+        return max(1, min(self.worker_ttl // 3, REREGISTER_WITHIN_SECONDS))
 
     def heartbeat(self, timeout: int | None = None, pipeline=None):
         # rq adds 60 s to every registration; ours expire after worker_ttl so a dead worker
         # leaves /readyz and the catalogue quickly.
-        super().heartbeat(min(timeout or self.worker_ttl, self.worker_ttl), pipeline=pipeline)
+        ttl = min(timeout or self.worker_ttl, self.worker_ttl)
+        if pipeline is not None:
+            super().heartbeat(ttl, pipeline=pipeline)
+            return
+        with self._outage("sending its heartbeat"):
+            self._ensure_registered()
+            super().heartbeat(ttl)
+
+    def _ensure_registered(self) -> None:
+        """Register again (catalogue included) when Redis no longer has this worker's
+        registration: Redis restarted without persistence, or stayed away longer than
+        worker_ttl. (A heartbeat alone would only recreate part of the hash.)"""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hexists(self.key, "birth")
+            pipe.sismember(self.redis_workers_keys, self.key)
+            born, listed = pipe.execute()
+        if born and listed:
+            return
+        log.warning("worker %s: Redis lost its registration (restarted?); registering again", self.name)
+        self.last_heartbeat = now()
+        with self.connection.pipeline() as pipe:
+            pipe.delete(self.key)
+            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl)
+            pipe.execute()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return self.job_heartbeat_ttl
 
     def serialize(self) -> dict:
         return {**super().serialize(), CATALOGUE_FIELD: json.dumps(self.catalogue)}
+
+    # --- riding out a Redis outage -----------------------------------------------------
+    @contextmanager
+    def _outage(self, doing: str) -> Iterator[None]:
+        """Log a Redis outage (each command was already retried for REDIS_RETRY_SECONDS)
+        and go on: what was skipped is done again at the next turn of the work loop."""
+        try:
+            yield
+        except REDIS_OUTAGE as exc:
+            log.warning("worker %s: Redis unreachable while %s (%s); trying again", self.name, doing, exc)
+
+    def set_state(self, state: str, pipeline=None):
+        if pipeline is not None:
+            return super().set_state(state, pipeline=pipeline)
+        self._state = state  # published again with the next registration if Redis is away
+        with self._outage(f"setting its state to {state}"):
+            super().set_state(state)
+
+    def check_for_suspension(self, burst: bool):
+        with self._outage("checking for suspension"):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self):
+        with self._outage("cleaning the registries"):
+            super().run_maintenance_tasks()
+
+    def clean_registries(self):
+        # rq's, with a lock that does not outlive a holder that died or lost Redis by 15 min.
+        for queue in self.queues:
+            with maintenance_lock(queue) as held:
+                if held:
+                    clean_registries(queue, self._exc_handlers)
+                    worker_registration.clean_worker_registry(queue)
+                    queue.intermediate_queue.cleanup(self, queue)
+        self.last_cleaned_at = now()
 
     # --- cancellation ------------------------------------------------------------------
     def kill_horse(self, sig=None):
@@ -94,7 +182,18 @@ class AexWorker(SimpleWorker):
     # --- running a job -----------------------------------------------------------------
     def execute_job(self, job: Job, queue: Queue):
         jobs.stop_requested.clear()
-        execution = self.prepare_execution(job)
+        self._lost_job_id = None
+        if job.get_status(refresh=False) != JobStatus.QUEUED:
+            # Queued twice: the worker that lost Redis and the registry clean-up both queued
+            # its cut run again. It runs elsewhere, or has ended: running it again could only
+            # overwrite its end.
+            log.warning("job %s taken from its queue while %s; skipped", job.id, job.get_status(refresh=False))
+            return
+        try:
+            execution = self.prepare_execution(job)
+        except REDIS_OUTAGE as exc:
+            self._put_back(job, queue, exc)
+            return
         done = threading.Event()
         beat = threading.Thread(
             target=self._renew_lease, args=(job, execution, done), daemon=True, name="aex-job-lease"
@@ -103,14 +202,47 @@ class AexWorker(SimpleWorker):
         start = time.perf_counter()
         try:
             ok = self.perform_job(job, queue, execution)
+            self._settle(job, ok, time.perf_counter() - start)
+        except REDIS_OUTAGE as exc:
+            # Its end is not recorded: its lease runs out, and the registry clean-up queues it
+            # again (or fails it) once Redis is back. The upload stays until then.
+            log.warning("job %s: Redis unreachable while its end was recorded (%s); left to its lease", job.id, exc)
         finally:
             done.set()
             beat.join()
-        if ok:
-            record_job(self.connection, job_kind(job), "finished", time.perf_counter() - start)
-            self._index_result(job)
-        notify_job_end(self.connection, job)  # finished, failed, timed out or cancelled
         self.set_state(WorkerStatus.IDLE)
+
+    def _settle(self, job: Job, ok: bool, seconds: float) -> None:
+        """After a run, as Redis records the job: when it has ended for good, count it,
+        index its result, delete its upload and send its callback; when it was queued again
+        (a run cut short), keep the upload for the next run."""
+        if self._lost_job_id == job.id or not self.connection.hexists(job.key, "data"):
+            # Redis lost it (restarted without persistence): the API answers job_lost. Remove
+            # the fields this run wrote since, which no reader could use.
+            log.warning("job %s: Redis lost it while it ran (restarted without persistence?)", job.id)
+            self.connection.delete(job.key)
+            return
+        try:
+            status = STATUS_FROM_RQ.get(job.get_status(refresh=True))
+        except InvalidJobOperation:
+            return
+        if status not in TERMINAL:
+            return
+        if ok and status is ApiStatus.FINISHED:
+            record_job(self.connection, job_kind(job), "finished", seconds)
+            self._index_result(job)
+        discard_upload(self.connection, job.id)
+        notify_job_end(self.connection, job, status)  # finished, failed, timed out or cancelled
+
+    def _put_back(self, job: Job, queue: Queue, exc: Exception) -> None:
+        """A job taken from its queue that could not be started (Redis went away): put it
+        back at the front of its queue, where it was."""
+        log.warning("job %s: Redis unreachable before it started (%s); putting it back in its queue", job.id, exc)
+        try:
+            if job.get_status(refresh=True) == JobStatus.QUEUED:
+                queue.push_job_id(job.id, at_front=True)
+        except (*REDIS_OUTAGE, InvalidJobOperation):
+            log.error("job %s could not be put back in its queue: it will not run", job.id, exc_info=True)
 
     def _index_result(self, job: Job) -> None:
         """Point the job's cache key at it, so an identical request is answered from this
@@ -127,15 +259,22 @@ class AexWorker(SimpleWorker):
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
         while not done.wait(interval):
             try:
+                if not self.connection.hexists(job.key, "data"):
+                    self._lost_job_id = job.id  # no need to finish what nobody can fetch
+                    self.kill_horse()
+                    return
                 self.maintain_heartbeats(job, execution)
+                self._ensure_registered()  # seen by /readyz even while one long job runs
             except Exception:
                 log.warning("could not renew the lease of job %s:\n%s", job.id, traceback.format_exc())
 
     def _record_failure(self, job: Job, exc_type, exc_value, tb) -> bool:
+        if self._lost_job_id == job.id:
+            return False  # stopped because Redis lost it: nothing to record
         if isinstance(exc_value, JobCancelledError):
             # handle_job_failure marks the job rq STOPPED (our "cancelled") when this is set.
             self._stopped_job_id = job.id
-        return record_job_error(job, exc_type, exc_value, tb)
+        return record_job_error(job, exc_type, exc_value, tb, retries=self.job_retries)
 
 
 def configure_torch(settings: Settings) -> None:
@@ -173,7 +312,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     configure_torch(settings)
     served = ServedModels.load(settings)  # before the first job: no model load per job
     install(served)
-    conn = connect(settings.redis_url)
+    conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
     # Classify first: a worker takes an explain job only when no classify job waits.
     queues = [
         Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)
@@ -189,6 +328,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         job_heartbeat_ttl=settings.job_heartbeat_ttl,
         catalogue=served.catalogue(),
         reuse_results=settings.reuse_results,
+        job_retries=settings.job_retries,
     )
     log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
     return w.work(burst=burst, logging_level=settings.log_level.upper())

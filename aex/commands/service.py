@@ -20,13 +20,16 @@ def classify(
     stability: Annotated[bool, typer.Option("--stability", help="also the stability score (slower)")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr while the job runs")] = True,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each HTTP request")] = 60.0,
+    token: Annotated[
+        Optional[str], typer.Option(help="access token (default: AEX_TOKEN, else the token file)", show_default=False)
+    ] = None,
 ) -> None:
     """Classify one image through the aex service; prints the result as JSON."""
     from aex.client import AexClient
 
     bar = JobProgress(progress, "classify")
     try:
-        with AexClient(url, timeout=timeout) as client:
+        with AexClient(url, timeout=timeout, token=token) as client:
             job = client.classify(image, model=model, top_k=top_k, stability=stability, on_progress=bar)
     finally:
         bar.close()

@@ -12,7 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.data.imaging import match_channels, open_image, prepare_array, resize_center
+from models.data.imaging import (
+    DEFAULT_MAX_ASPECT,
+    DEFAULT_MAX_PIXELS,
+    gather,
+    open_image,
+    prepare_array,
+    prepare_region,
+    strip_rows,
+)
 
 if TYPE_CHECKING:
     from models.dicom.pixels import DicomImage
@@ -24,11 +32,16 @@ def array_to_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def load_image_for_model(
-    source: str | os.PathLike | bytes, input_size: int, in_channels: int, max_pixels: int | None = None
+    source: str | os.PathLike | bytes,
+    input_size: int,
+    in_channels: int,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
 ) -> torch.Tensor:
-    """Decode an image file or bytes into the model's input: float C x H x W in [0, 1]."""
+    """Decode an image file or bytes into the model's input: float C x H x W in [0, 1] (a
+    JPEG decoded at the reduced scale the input size allows, as the workers do)."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
-    img = open_image(data, max_pixels) if max_pixels else open_image(data)
+    img = open_image(data, max_pixels, max_aspect, draft=input_size)
     return image_to_tensor(img, input_size, in_channels)
 
 
@@ -39,17 +52,28 @@ def image_to_tensor(img: Image.Image, input_size: int, in_channels: int) -> torc
 
 
 def load_dicom_for_model(
-    data: bytes, input_size: int, in_channels: int, window: tuple[float, float] | None = None
+    data: bytes,
+    input_size: int,
+    in_channels: int,
+    window: tuple[float, float] | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    max_aspect: float | None = DEFAULT_MAX_ASPECT,
 ) -> tuple[torch.Tensor, DicomImage]:
     """A single-frame DICOM file into the model's input (float C x H x W in [0, 1]), through
     the DICOM display pipeline (``models.dicom.pixels``: Modality LUT, VOI window or the
-    ``window`` = (center, width) override, MONOCHROME1 inversion) and then the same channel
-    matching and resize/centre-crop as any other image. Also returns the parsed DicomImage."""
+    ``window`` = (center, width) override, MONOCHROME1 inversion) and then the same
+    block-averaging, channel matching and resize/centre-crop as any other image
+    (``prepare_region``: only the region the model sees is computed in float). Also returns
+    the parsed DicomImage."""
     from models.dicom.pixels import load_dicom_pixels  # pydicom only when DICOM comes in
 
-    dicom = load_dicom_pixels(data, window)
-    arr = resize_center(match_channels(dicom.pixels, in_channels), input_size)
-    return array_to_tensor(arr), dicom
+    dicom = load_dicom_pixels(data, window, max_pixels, max_aspect)
+    width, height = dicom.size
+
+    def read(box: tuple[int, int, int, int], k: int) -> np.ndarray:
+        return gather(dicom.strips(box, strip_rows(box[2] - box[0], k)), k)
+
+    return array_to_tensor(prepare_region(width, height, read, input_size, in_channels)), dicom
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

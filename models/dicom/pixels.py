@@ -6,40 +6,83 @@ Sequence, or a caller's window override), then Presentation: MONOCHROME1 is inve
 bright always means dense. Colour images (RGB, YBR_* converted by pydicom, PALETTE COLOR)
 are scaled by their stored bit depth. Pydicom and NumPy only: the service imports this
 without torch.
+
+The file is read and its Image Pixel module checked by ``models.dicom.reading`` (the same
+function for the API's admission check and the worker). Every attribute the pipeline uses is
+read through ``reading.attribute`` and checked before it is used, so a missing lookup table,
+a window or rescale value that is not a number, or a LUT without its descriptor is
+InvalidDicomError (422) naming the attribute, never its value. Values that come out NaN or
+infinite after the Modality LUT are NonFinitePixelsError (422), counted.
+
+Memory: the decoded pixel array (at most 2 bytes x the pixel limit, ``reading``), plus float64
+strips of about STRIP_PIXELS pixels: ``dicom_to_pixels`` checks every pixel strip by strip,
+and the display pixels are computed strip by strip for the region a caller reads
+(``DicomImage.strips``); the full-resolution float image exists only when asked for
+(``DicomImage.pixels``).
 """
 
 from __future__ import annotations
 
-import io
+import math
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from pydicom.errors import InvalidDicomError
+from PIL import Image
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-from models.errors import BadParameterError, UnsupportedMediaError
+from models.dicom.reading import (
+    Geometry,
+    attribute,
+    check_pixel_length,
+    first_number,
+    image_geometry,
+    is_dicom,
+    read_dicom,
+    transfer_syntax,
+    whole,
+)
+from models.errors import AexError, BadParameterError, InvalidDicomError, NonFinitePixelsError, UnsupportedMediaError
 
+__all__ = ["DicomImage", "dicom_to_pixels", "is_dicom", "load_dicom_pixels", "read_dicom", "window_linear"]
 
-def is_dicom(data: bytes) -> bool:
-    """True for a DICOM Part 10 file (the 'DICM' magic after the 128-byte preamble)."""
-    return len(data) >= 132 and data[128:132] == b"DICM"
+STRIP_PIXELS = 1 << 20
+
+# raw rows (h x w, or h x w x 3) -> float64 h x w x C display values in [0, 1]
+Display = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass
 class DicomImage:
-    """pixels: float32 H x W x C in [0, 1] (C = 1 or 3); dataset: the parsed source."""
+    """A decoded DICOM image and its display pipeline: ``strips`` or ``pixels`` give float32
+    H x W x C in [0, 1] (C = 1 or 3); dataset: the parsed source."""
 
-    pixels: np.ndarray
     dataset: pydicom.Dataset
     window: tuple[float, float] | None  # (center, width) actually applied, if any
+    raw: np.ndarray  # the stored values, rows x columns (x 3)
+    display: Display
+    channels: int
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) = (Columns, Rows)."""
+        return int(self.raw.shape[1]), int(self.raw.shape[0])
 
-def read_dicom(data: bytes) -> pydicom.Dataset:
-    try:
-        return pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as exc:
-        raise UnsupportedMediaError(f"not a readable DICOM file: {exc}") from None
+    def strips(self, box: tuple[int, int, int, int] | None = None, rows: int | None = None) -> Iterator[np.ndarray]:
+        """The display pixels of ``box`` (left, top, right, bottom; the whole image by
+        default), ``rows`` rows at a time (about STRIP_PIXELS pixels by default)."""
+        w, h = self.size
+        left, top, right, bottom = box or (0, 0, w, h)
+        rows = rows or max(1, STRIP_PIXELS // max(1, right - left))
+        for y in range(top, bottom, rows):
+            yield self.display(self.raw[y : min(bottom, y + rows), left:right]).astype(np.float32)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The whole image at full resolution: float32 H x W x C in [0, 1]."""
+        return np.concatenate(list(self.strips()), axis=0)
 
 
 def window_linear(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
@@ -47,7 +90,10 @@ def window_linear(values: np.ndarray, center: float, width: float, function: str
     x = values.astype(np.float64)
     function = (function or "LINEAR").upper()
     if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+        if width <= 0:
+            raise BadParameterError("window width must be > 0 for SIGMOID")
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function == "LINEAR_EXACT":
         if width <= 0:
             raise BadParameterError("window width must be > 0 for LINEAR_EXACT")
@@ -60,73 +106,221 @@ def window_linear(values: np.ndarray, center: float, width: float, function: str
     return np.clip(y, 0.0, 1.0)
 
 
-def _first(value) -> float:
-    return float(value[0]) if isinstance(value, pydicom.multival.MultiValue) else float(value)
+def _row_strips(raw: np.ndarray) -> Iterator[np.ndarray]:
+    rows = max(1, STRIP_PIXELS // max(1, raw.shape[1]))
+    for y in range(0, raw.shape[0], rows):
+        yield raw[y : y + rows]
 
 
-def _check_single_frame_image(ds: pydicom.Dataset) -> None:
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = getattr(ds, "SOPClassUID", None)
-        name = sop.name if sop is not None else "unknown SOP class"
-        raise UnsupportedMediaError(f"DICOM object has no pixel data ({name}); send an image object")
+def _guarded(fn: Callable[..., np.ndarray], message: str) -> Callable[..., np.ndarray]:
+    """``fn`` whose failures (pydicom's, NumPy's) are InvalidDicomError(``message``)."""
+
+    def call(*args):
+        try:
+            with np.errstate(all="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return fn(*args)
+        except AexError:
+            raise
+        except Exception:
+            raise InvalidDicomError(message) from None
+
+    return call
+
+
+def _decode(ds: pydicom.Dataset, geometry: Geometry) -> np.ndarray:
+    ts = transfer_syntax(ds)
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-    except (TypeError, ValueError):
-        raise UnsupportedMediaError(f"invalid Number of Frames {ds.get('NumberOfFrames')!r}") from None
-    if frames > 1:
-        raise UnsupportedMediaError(f"multi-frame DICOM ({frames} frames) is not supported; send one frame")
-
-
-def _decode_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        encapsulated = ts is not None and ts.is_transfer_syntax and ts.is_encapsulated
+        name = ts.name if ts is not None and ts.is_transfer_syntax else "an unknown transfer syntax"
+    except Exception:
+        encapsulated, name = False, "an unknown transfer syntax"
     try:
-        return ds.pixel_array
-    except (NotImplementedError, RuntimeError, ValueError, AttributeError) as exc:
-        name = ts.name if ts is not None else "unknown transfer syntax"
-        if ts is not None and ts.is_compressed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            raw = ds.pixel_array
+    except Exception:
+        if encapsulated:
             raise UnsupportedMediaError(
-                f"compressed transfer syntax {name} ({ts}) cannot be decoded here: {exc}"
+                f"compressed transfer syntax {name} cannot be decoded here (no decoder for it, or corrupt data)"
             ) from None
-        raise UnsupportedMediaError(f"DICOM pixel data cannot be decoded ({name}): {exc}") from None
+        if ts is None or name == "an unknown transfer syntax":
+            raise UnsupportedMediaError(
+                "the file's transfer syntax is missing or unknown; its pixels cannot be decoded"
+            ) from None
+        raise InvalidDicomError(
+            f"DICOM attribute {geometry.keyword} cannot be decoded as the Image Pixel module describes it"
+        ) from None
+    expected = (geometry.rows, geometry.columns) + ((3,) if geometry.samples == 3 else ())
+    if raw.shape != expected:
+        raise InvalidDicomError(
+            f"DICOM attribute {geometry.keyword} decodes to {raw.shape}, not Rows x Columns"
+            + (" x 3" if geometry.samples == 3 else "")
+        )
+    return raw
 
 
-def dicom_to_pixels(ds: pydicom.Dataset, window: tuple[float, float] | None = None) -> DicomImage:
-    """Apply Modality LUT, VOI (or ``window`` = (center, width) override) and MONOCHROME1
-    inversion; return float32 H x W x C pixels in [0, 1]."""
-    _check_single_frame_image(ds)
-    raw = _decode_pixels(ds)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    if photometric == "PALETTE COLOR":
-        rgb = apply_color_lut(raw, ds).astype(np.float64)
-        return DicomImage((rgb / 65535.0 if rgb.max() > 255 else rgb / 255.0).astype(np.float32), ds, None)
-    if raw.ndim == 3:  # RGB (pydicom converts YBR_* to RGB by default)
-        bits = int(ds.get("BitsStored", 8))
-        return DicomImage((raw.astype(np.float64) / (2**bits - 1)).clip(0, 1).astype(np.float32), ds, None)
-    if raw.ndim != 2:
-        raise UnsupportedMediaError(f"unexpected pixel array shape {raw.shape}")
-    values = apply_modality_lut(raw, ds).astype(np.float64)
-    applied = None
+def _lut_item(ds: pydicom.Dataset, sequence: str) -> pydicom.Dataset:
+    """The first item of a LUT sequence, with a usable LUTDescriptor and LUTData."""
+    items = attribute(ds, sequence, list, [], "a sequence")
+    if not items:
+        raise InvalidDicomError(f"DICOM attribute {sequence} has no item")
+    item = items[0]
+    descriptor = attribute(item, "LUTDescriptor", lambda v: [int(x) for x in v], None, "three integers")
+    if descriptor is None or len(descriptor) != 3:
+        raise InvalidDicomError(f"DICOM attribute LUTDescriptor of {sequence} is missing or not three integers")
+    if not 1 <= descriptor[2] <= 16:
+        raise InvalidDicomError(f"DICOM attribute LUTDescriptor of {sequence} gives a bit depth outside 1 to 16")
+    if not attribute(item, "LUTData", len, 0, "lookup table data"):
+        raise InvalidDicomError(f"DICOM attribute LUTData of {sequence} is missing")
+    return item
+
+
+def _modality(ds: pydicom.Dataset) -> Display:
+    """Stored values -> modality values (float64): the Modality LUT Sequence, or Rescale
+    Slope/Intercept (both present), or the values as they are."""
+    if "ModalityLUTSequence" in ds:
+        _lut_item(ds, "ModalityLUTSequence")
+        return _guarded(
+            lambda raw: apply_modality_lut(raw, ds).astype(np.float64),
+            "the Modality LUT (DICOM attribute ModalityLUTSequence) cannot be applied",
+        )
+    slope = attribute(ds, "RescaleSlope", first_number, None, "a number")
+    intercept = attribute(ds, "RescaleIntercept", first_number, None, "a number")
+    if slope is None or intercept is None:
+        return lambda raw: raw.astype(np.float64)
+
+    def rescale(raw: np.ndarray) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            values = raw.astype(np.float64) * slope
+            values += intercept
+        return values
+
+    return rescale
+
+
+def _check_window(center: float, width: float, function: str, error: type[AexError], names: tuple[str, str]) -> None:
+    for name, value in zip(names, (center, width)):
+        if not math.isfinite(value):
+            raise error(f"{name} is not a finite number")
+    exact = function in ("SIGMOID", "LINEAR_EXACT")
+    if (width <= 0) if exact else (width < 1):
+        raise error(f"{names[1]} must be {'> 0' if exact else '>= 1'} for a {function} VOI window")
+
+
+# (raw strip, modality values of the strip) -> float64 values in [0, 1]
+Voi = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _voi(
+    ds: pydicom.Dataset, window: tuple[float, float] | None
+) -> tuple[Voi | None, tuple[float, float] | None, bool]:
+    """(the VOI transform or None for the image's own min-max, the window applied, whether it
+    is a lookup table to try on every strip)."""
+    function = attribute(ds, "VOILUTFunction", lambda v: str(v).strip().upper(), "LINEAR")
     if window is not None:
         center, width = float(window[0]), float(window[1])
-        out = window_linear(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
-        applied = (center, width)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        out = window_linear(values, center, width, str(ds.get("VOILUTFunction", "LINEAR")))
-        applied = (center, width)
-    elif "VOILUTSequence" in ds:
-        lut = apply_voi_lut(raw if "ModalityLUTSequence" in ds else values, ds, index=0).astype(np.float64)
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2])
-        out = lut / (2**bits - 1)
-    else:
-        lo, hi = float(values.min()), float(values.max())
-        out = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
-    if photometric == "MONOCHROME1":
-        out = 1.0 - out
-    return DicomImage(np.clip(out, 0.0, 1.0).astype(np.float32)[..., None], ds, applied)
+        _check_window(center, width, function, BadParameterError, ("window_center", "window_width"))
+        return (lambda _raw, values: window_linear(values, center, width, function)), (center, width), False
+    center = attribute(ds, "WindowCenter", first_number, None, "a number")
+    width = attribute(ds, "WindowWidth", first_number, None, "a number")
+    if center is not None and width is not None:
+        _check_window(
+            center, width, function, InvalidDicomError, ("DICOM attribute WindowCenter", "DICOM attribute WindowWidth")
+        )
+        return (lambda _raw, values: window_linear(values, center, width, function)), (center, width), False
+    if "VOILUTSequence" in ds:
+        bits = int(_lut_item(ds, "VOILUTSequence").LUTDescriptor[2])
+        use_raw = "ModalityLUTSequence" in ds
+        lut = _guarded(
+            lambda raw, values: apply_voi_lut(raw if use_raw else values, ds, index=0).astype(np.float64),
+            "the VOI LUT (DICOM attribute VOILUTSequence) cannot be applied",
+        )
+        return (lambda raw, values: lut(raw, values) / (2**bits - 1)), None, True
+    return None, None, False
 
 
-def load_dicom_pixels(data: bytes, window: tuple[float, float] | None = None) -> DicomImage:
-    """Parse DICOM bytes and return the display-ready pixels (see ``dicom_to_pixels``)."""
-    return dicom_to_pixels(read_dicom(data), window)
+def _grey(ds: pydicom.Dataset, raw: np.ndarray, window, photometric: str) -> DicomImage:
+    modality = _modality(ds)
+    voi, applied, try_lut = _voi(ds, window)
+    nan = pinf = ninf = 0
+    lo, hi = math.inf, -math.inf
+    for strip in _row_strips(raw):  # every pixel checked, whatever region is read later
+        values = modality(strip)
+        nan, pinf, ninf = (
+            nan + int(np.isnan(values).sum()),
+            pinf + int(np.isposinf(values).sum()),
+            ninf + int(np.isneginf(values).sum()),
+        )
+        if voi is None and values.size:
+            lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+        elif try_lut:
+            voi(strip, values)
+    if nan or pinf or ninf:
+        raise NonFinitePixelsError(
+            f"{nan + pinf + ninf} of the {raw.size} DICOM pixel values are not finite after the Modality LUT "
+            f"(RescaleSlope, RescaleIntercept or ModalityLUTSequence): {nan} NaN, {pinf} +inf, {ninf} -inf"
+        )
+    invert = photometric == "MONOCHROME1"
+
+    def display(strip: np.ndarray) -> np.ndarray:
+        values = modality(strip)
+        if voi is not None:
+            out = voi(strip, values)
+        else:
+            out = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        if invert:
+            out = 1.0 - out
+        return np.clip(out, 0.0, 1.0)[..., None]
+
+    return DicomImage(ds, applied, raw, display, 1)
+
+
+def _palette(ds: pydicom.Dataset, raw: np.ndarray) -> DicomImage:
+    for colour in ("Red", "Green", "Blue"):
+        descriptor = f"{colour}PaletteColorLookupTableDescriptor"
+        if attribute(ds, descriptor, lambda v: [int(x) for x in v], None, "three integers") is None:
+            raise InvalidDicomError(f"PALETTE COLOR image without DICOM attribute {descriptor}")
+        data = f"{colour}PaletteColorLookupTableData"
+        if data not in ds and f"Segmented{data}" not in ds:
+            raise InvalidDicomError(f"PALETTE COLOR image without DICOM attribute {data}")
+    lut = _guarded(
+        lambda strip: apply_color_lut(strip, ds),
+        "the Palette Color Lookup Table (DICOM attributes *PaletteColorLookupTableDescriptor and *Data) cannot be applied",
+    )
+    top = max(int(lut(strip).max()) for strip in _row_strips(raw))
+    scale = 65535.0 if top > 255 else 255.0
+    return DicomImage(ds, None, raw, lambda strip: lut(strip).astype(np.float64) / scale, 3)
+
+
+def dicom_to_pixels(
+    ds: pydicom.Dataset,
+    window: tuple[float, float] | None = None,
+    max_pixels: int | None = None,
+    max_aspect: float | None = None,
+) -> DicomImage:
+    """Check the image (``reading.image_geometry``), decode its pixel data and set up its
+    display pipeline: Modality LUT, VOI (or ``window`` = (center, width) override) and
+    MONOCHROME1 inversion. Every pixel is run through the checks here (non-finite values,
+    lookup tables that cannot be applied), so a DicomImage returned displays without error."""
+    geometry = image_geometry(ds, max_pixels, max_aspect)
+    check_pixel_length(ds, geometry)
+    raw = _decode(ds, geometry)
+    if geometry.photometric == "PALETTE COLOR":
+        return _palette(ds, raw)
+    if raw.ndim == 3:  # RGB (pydicom converts YBR_* to RGB by default)
+        top = 2 ** attribute(ds, "BitsStored", whole, geometry.bits_allocated) - 1
+        return DicomImage(ds, None, raw, lambda strip: np.clip(strip.astype(np.float64) / top, 0.0, 1.0), 3)
+    return _grey(ds, raw, window, geometry.photometric)
+
+
+def load_dicom_pixels(
+    data: bytes,
+    window: tuple[float, float] | None = None,
+    max_pixels: int | None = None,
+    max_aspect: float | None = None,
+) -> DicomImage:
+    """Parse DICOM bytes within the limits (``reading.read_dicom``) and return the checked
+    image with its display pipeline (see ``dicom_to_pixels``)."""
+    return dicom_to_pixels(read_dicom(data, max_pixels, max_aspect), window, max_pixels, max_aspect)

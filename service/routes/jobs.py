@@ -11,7 +11,7 @@ from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
 from service.multipart import read_upload
 from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
-from worker.states import ApiStatus
+from worker.states import TERMINAL, ApiStatus
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -70,9 +70,10 @@ def get_job(job_id: str, jobs: JobsDep) -> JobView:
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {"model": JobView}, **ERRORS})
 def cancel_job(job_id: str, jobs: JobsDep) -> Response:
-    """Cancel a job: at once when queued (200), at the next search step when running (202)."""
+    """Cancel a job: at once when queued (200, ``cancelled``), at its next search step when
+    running or being taken by a worker (202); a job already over is shown as it is (200)."""
     view = jobs.cancel(job_id)
-    return _job_response(view, 202 if view.status is ApiStatus.RUNNING else 200)
+    return _job_response(view, 200 if view.status in TERMINAL else 202)
 
 
 @router.get(

@@ -1,9 +1,12 @@
 // The aex viewer: plain JavaScript against the public API (/v1/...). No build step, no
 // libraries; every node is built with the DOM API (text via textContent, never innerHTML).
+// The access token pasted in the page is kept in sessionStorage (this tab, until it closes)
+// and sent as "Authorization: Bearer"; images and DICOM objects are fetched with it.
 "use strict";
 
 const POLL_MS = 250;
 const MAX_BARS = 20;
+const TOKEN_KEY = "aex-token";
 
 // Words in front of the service's own message, by error code.
 const ERROR_WORDS = {
@@ -22,10 +25,43 @@ const ERROR_WORDS = {
   job_cancelled: "The job was cancelled",
   job_failed: "The job failed",
   network: "Could not reach the service",
+  unauthenticated: "An access token is needed (paste it above)",
+  forbidden: "This access token may not do that",
+  too_many_jobs: "You have the most jobs this service allows queued or running",
 };
 
 const $ = (id) => document.getElementById(id);
-const state = { models: {}, file: null, previewUrl: null, job: null, timer: null };
+const state = { models: {}, file: null, previewUrl: null, job: null, timer: null, blobs: [] };
+
+// --- the access token ---------------------------------------------------------------------
+function token() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch (_) { return ""; }
+}
+
+function setToken(value) {
+  try {
+    if (value) sessionStorage.setItem(TOKEN_KEY, value);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch (_) { /* storage disabled: the token lasts until the page is left */ }
+  state.token = value;
+  showTokenState();
+}
+
+function currentToken() {
+  return state.token !== undefined ? state.token : token();
+}
+
+function authHeaders(extra = {}) {
+  const t = currentToken();
+  return t ? { ...extra, Authorization: `Bearer ${t}` } : extra;
+}
+
+function showTokenState() {
+  const has = Boolean(currentToken());
+  $("token").value = "";
+  $("token").placeholder = has ? "a token is set for this tab (paste another to replace it)" : "aex_…";
+  $("token-forget").hidden = !has;
+}
 
 class ApiError extends Error {
   constructor(code, message) {
@@ -49,7 +85,7 @@ function describeError(err) {
 async function api(path, options = {}) {
   let resp;
   try {
-    resp = await fetch(path, { headers: { Accept: "application/json" }, ...options });
+    resp = await fetch(path, { ...options, headers: authHeaders({ Accept: "application/json", ...(options.headers || {}) }) });
   } catch (e) {
     throw new ApiError("network", String(e.message || e));
   }
@@ -80,9 +116,43 @@ function el(tag, attrs = {}, ...children) {
 const pct = (p) => `${(100 * p).toFixed(p >= 0.995 || p < 0.0005 ? 0 : 1)} %`;
 const num = (x, digits = 4) => (x === null || x === undefined ? "–" : Number(x).toPrecision(digits));
 
+// An output of the service, fetched with the token (an <img src> or a link cannot send it)
+// and shown from a blob: URL; without a token the URL is used as it is.
+async function authedBlobUrl(url) {
+  const resp = await fetch(url, { headers: authHeaders() });
+  if (!resp.ok) throw new ApiError(`http_${resp.status}`, `HTTP ${resp.status} for ${url}`);
+  const blobUrl = URL.createObjectURL(await resp.blob());
+  state.blobs.push(blobUrl);
+  return blobUrl;
+}
+
+function releaseBlobs() {
+  for (const u of state.blobs) URL.revokeObjectURL(u);
+  state.blobs = [];
+}
+
 function figure(src, caption, alt, extraClass = "") {
-  const img = el("img", { src, alt, class: `px ${extraClass}`.trim(), loading: "eager", decoding: "async" });
+  const img = el("img", { alt, class: `px ${extraClass}`.trim(), loading: "eager", decoding: "async", "data-src": src });
+  if (src.startsWith("blob:") || !currentToken()) img.src = src;
+  else authedBlobUrl(src).then((u) => { img.src = u; }, (err) => showError(err));
   return el("figure", {}, img, el("figcaption", { text: caption }));
+}
+
+function download(url, name, text) {
+  const a = el("a", { href: url, download: name, text });
+  a.addEventListener("click", async (e) => {
+    if (!currentToken()) return; // the browser fetches it
+    e.preventDefault();
+    try {
+      const tmp = el("a", { href: await authedBlobUrl(url), download: name });
+      document.body.append(tmp);
+      tmp.click();
+      tmp.remove();
+    } catch (err) {
+      showError(err);
+    }
+  });
+  return a;
 }
 
 function showError(err) {
@@ -136,6 +206,7 @@ async function loadModels() {
   } catch (err) {
     select.replaceChildren(el("option", { value: "", text: "the model list could not be loaded" }));
     showError(err);
+    if (err.code === "unauthenticated") $("token").focus();
   }
 }
 
@@ -395,7 +466,7 @@ function renderExplanations(view) {
       after !== undefined ? el("li", { text: `decision afterwards: ${after}` }) : null);
     const dicom = [[t.dicom_url, t.dicom, "x + δ"], [t.dicom_difference_url, t.dicom_difference, "δ amplified"]]
       .filter(([url]) => url)
-      .map(([url, name, label]) => el("a", { href: url, download: name, text: `${label} (DICOM)` }));
+      .map(([url, name, label]) => download(url, name, `${label} (DICOM)`));
     return el("article", { class: "card" },
       el("h4", {}, el("span", { class: "role", text: `${roleWords(t)}: ` }), t.class_name),
       facts,
@@ -420,7 +491,7 @@ function renderDicom(view) {
   const links = Object.entries(dicomLinks(view));
   const problem = view.result && view.result.dicom_error;
   const items = links.map(([name, url]) =>
-    el("li", {}, el("a", { href: url, download: name.endsWith(".dcm") ? name : `${name}.dcm`, text: name })));
+    el("li", {}, download(url, name.endsWith(".dcm") ? name : `${name}.dcm`, name)));
   if (problem) items.push(el("li", { class: "hint", text: problem }));
   $("dicom").replaceChildren(...items);
   $("dicom-box").hidden = !items.length;
@@ -438,6 +509,7 @@ function inputWords(view) {
 }
 
 function renderResult(view) {
+  releaseBlobs();
   const r = view.result || {};
   const pred = r.predicted || {};
   const second = r.runner_up || (r.top && r.top[1]);
@@ -464,6 +536,16 @@ function renderResult(view) {
 // --- start --------------------------------------------------------------------------------
 document.addEventListener("DOMContentLoaded", () => {
   setupDrop();
+  showTokenState();
+  $("token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const value = $("token").value.trim();
+    if (!value) return;
+    setToken(value);
+    clearError();
+    loadModels();
+  });
+  $("token-forget").addEventListener("click", () => { setToken(""); loadModels(); });
   $("model").addEventListener("change", showModelInfo);
   $("form").addEventListener("submit", (e) => { e.preventDefault(); submit("explain"); });
   $("classify").addEventListener("click", () => submit("classify"));

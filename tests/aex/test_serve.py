@@ -1,5 +1,6 @@
 """`aex serve` as the README says: one command starts an embedded Redis, a worker and the
-API; it answers POST /v1/classify; Ctrl-C stops all of it."""
+API; it answers POST /v1/classify; Ctrl-C stops all of it; a Redis that dies is started
+again and the service carries on by itself."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def redis_servers() -> set[int]:
     }
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image, tmp_path, stop_signal):
+def start_serve(service_models, tmp_path, **env_extra) -> tuple[subprocess.Popen, str]:
+    """`aex serve` with one worker and the embedded Redis; returns it once /readyz is 200."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}  # no AEX_REDIS_URL: embedded
     env.update(
@@ -46,35 +47,41 @@ def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image
         AEX_WORKERS="1",
         AEX_TORCH_THREADS="1",
         AEX_LOG_LEVEL="WARNING",
+        **env_extra,
     )
-    before = redis_servers()
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the child process writes it
     serve = subprocess.Popen(
         [sys.executable, "-m", "aex.cli", "serve"], cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert serve.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return serve, base
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        time.sleep(0.3)
+
+
+def classify(base: str, image: bytes) -> httpx.Response:
+    return httpx.post(
+        f"{base}/v1/classify", files={"image": ("x.png", image, "image/png")}, data={"model": "tiny-rgb"}, timeout=60
+    )
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image, tmp_path, stop_signal):
+    serve, base = start_serve(service_models, tmp_path)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.3)
         children = psutil.Process(serve.pid).children(recursive=True)
-        assert children, "the worker runs as a child process"
-        ours = redis_servers() - before
+        assert any(p.name().startswith("python") for p in children), "the worker runs as a child process"
+        ours = {p.pid for p in children if p.name().startswith("redis-server")}
         assert ours, "an embedded redis-server was started"
 
-        resp = httpx.post(
-            f"{base}/v1/classify",
-            files={"image": ("x.png", make_image("PNG", "RGB"), "image/png")},
-            data={"model": "tiny-rgb"},
-            timeout=60,
-        )
+        resp = classify(base, make_image("PNG", "RGB"))
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "finished" and len(resp.json()["result"]["probs"]) == 10
     finally:
@@ -85,3 +92,36 @@ def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image
     assert not alive, f"workers left running: {alive}"
     time.sleep(0.5)
     assert not (ours & redis_servers()), "the embedded redis-server was left running"
+
+
+def test_aex_serve_starts_its_redis_again_and_reports_the_jobs_it_lost(service_models, make_image, tmp_path, capsys):
+    """Without AEX_REDIS_DIR the embedded Redis has no persistence: killed, it is started
+    again empty; the worker registers again by itself (default AEX_WORKER_TTL), /readyz is
+    back within 30 s, and a job accepted before answers 410 job_lost, not "expired"."""
+    serve, base = start_serve(service_models, tmp_path)
+    try:
+        image = make_image("PNG", "RGB")
+        before = classify(base, image)
+        assert before.status_code == 200 and before.json()["status"] == "finished", before.text
+        (redis,) = [p for p in psutil.Process(serve.pid).children() if p.name().startswith("redis-server")]
+        redis.kill()
+        killed = time.monotonic()
+        while True:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() - killed < 30, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        with capsys.disabled():
+            print(f"\naex serve, Redis SIGKILLed (no persistence): readyz back after {time.monotonic() - killed:.1f} s")
+        lost = httpx.get(f"{base}/v1/jobs/{before.json()['id']}", timeout=10)
+        assert lost.status_code == 410 and lost.json()["error"]["code"] == "job_lost", lost.text
+        after = classify(base, image)
+        assert after.status_code == 200 and after.json()["status"] == "finished", after.text
+        assert "starting it again" in (tmp_path / "serve.log").read_text()
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(60)
+    assert code == 0, (tmp_path / "serve.log").read_text()

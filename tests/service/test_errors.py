@@ -9,6 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
+from service.metrics import KNOWN_METHODS, method_label
 
 pytestmark = pytest.mark.e2e
 
@@ -147,3 +148,19 @@ def test_no_workers(settings_for, make_image):
                 post(client, path, make_image("PNG", "RGB"), model="tiny-rgb"), 503, "service_unavailable"
             )
             assert "no worker" in err["message"]
+
+
+def test_metrics_label_values_are_bounded(api):
+    """An invented method or a path no route has adds no label value of its own: methods are
+    the known ones or "other", routes are templates or "unmatched"."""
+    assert method_label("FOO") == method_label("get") == "other" and "GET" in KNOWN_METHODS
+    for i, method in enumerate(["FOO", "BREW", "X-" + "A" * 40, "PROPFIND"]):
+        assert_error(api.request(method, f"/v1/no-such-{'z' * (i + 1)}"), 404, "not_found")
+        assert_error(api.request(method, "/v1/classify"), 405, "method_not_allowed")
+        assert_error(api.request(method, f"/v1/jobs/{'0' * 32}"), 405, "method_not_allowed")
+    text = api.get("/metrics").text
+    series = [line for line in text.splitlines() if line.startswith("aex_http_requests_total{")]
+    methods = {line.split('method="', 1)[1].split('"', 1)[0] for line in series}
+    routes = {line.split('route="', 1)[1].split('"', 1)[0] for line in series}
+    assert "other" in methods and methods <= KNOWN_METHODS | {"other"}, methods
+    assert "unmatched" in routes and not any("no-such" in r or "0000" in r for r in routes), routes

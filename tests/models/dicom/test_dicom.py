@@ -8,9 +8,21 @@ import numpy as np
 import pydicom
 import pytest
 
+from models.data.imaging import block_mean, reduction_factor, resize_center
+from models.data.tensors import load_dicom_for_model
 from models.dicom.pixels import is_dicom, load_dicom_pixels, window_linear
+from models.dicom.reading import HEADER_ALLOWANCE
 from models.dicom.secondary_capture import secondary_captures
-from models.errors import UnsupportedMediaError
+from models.errors import (
+    AexError,
+    BadParameterError,
+    DecompressionBombError,
+    ExtremeAspectRatioError,
+    InvalidDicomError,
+    NonFinitePixelsError,
+    UnsupportedMediaError,
+)
+from tests.hostile import OK, deflated, dicom, dicom_cases, set_raw
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +126,100 @@ def test_dciodvfy_reports_no_errors(tmp_path, bundled, name):
         out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
         errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
         assert not errors, errors
+
+
+# --- Hostile DICOM: one check for the API and the worker, named attributes, bounded memory ----
+
+HOSTILE_DICOM = [c for c in dicom_cases() if c.expect != (OK,) and not c.name.startswith("dicom-cut-")]
+LIMITS = dict(max_pixels=50_000_000, max_aspect=20)
+
+
+@pytest.mark.parametrize("case", HOSTILE_DICOM, ids=[c.name for c in HOSTILE_DICOM])
+def test_malformed_modules_are_refused_the_same_way_by_the_api_and_the_worker(case):
+    with pytest.raises(AexError) as api:
+        load_dicom_pixels(case.data, None, **LIMITS)  # what service.uploads.check_dicom runs
+    with pytest.raises(AexError) as worker:
+        load_dicom_for_model(case.data, 32, 3, None, **LIMITS)  # what worker.compute.load_input runs
+    assert api.value.code == worker.value.code and api.value.code in case.expect, api.value.message
+    assert not any(p in api.value.message for p in ("PX-HOSTILE", "Hostile", "Doe", "John")), api.value.message
+
+
+@pytest.mark.parametrize(
+    "name, keyword",
+    [
+        ("dicom-palette-no-luts", "RedPaletteColorLookupTableDescriptor"),
+        ("dicom-palette-no-lut-data", "RedPaletteColorLookupTableData"),
+        ("dicom-voi-lut-no-descriptor", "LUTDescriptor of VOILUTSequence"),
+        ("dicom-modality-lut-no-descriptor", "LUTDescriptor of ModalityLUTSequence"),
+        ("dicom-WindowCenter-text", "WindowCenter"),
+        ("dicom-WindowWidth-nan", "WindowWidth"),
+        ("dicom-RescaleSlope-text", "RescaleSlope"),
+        ("dicom-pixel-data-long", "PixelData"),
+        ("dicom-pixel-data-short", "PixelData"),
+        ("dicom-frames-text", "NumberOfFrames"),
+        ("dicom-bits-allocated-7", "BitsAllocated"),
+    ],
+)
+def test_refusals_name_the_attribute_never_its_value(name, keyword):
+    case = next(c for c in dicom_cases() if c.name == name)
+    with pytest.raises(InvalidDicomError) as info:
+        load_dicom_pixels(case.data)
+    assert keyword in info.value.message and "Doe" not in info.value.message
+
+
+def test_non_finite_values_after_the_modality_lut_are_counted():
+    stored = np.arange(16, dtype=np.uint16).reshape(4, 4)
+    data = set_raw(dicom(stored), 0x0028, 0x1053, b"DS", b"1e308")  # RescaleSlope: 1e308 x 2 and up overflow
+    with pytest.raises(NonFinitePixelsError) as info:
+        load_dicom_pixels(data)
+    assert "14 of the 16" in info.value.message and "0 NaN, 14 +inf, 0 -inf" in info.value.message
+
+
+def test_a_window_override_must_be_finite():
+    for window in ((float("nan"), 100.0), (10.0, float("inf")), (10.0, 0.5)):
+        with pytest.raises(BadParameterError):
+            load_dicom_pixels(dicom(), window)
+
+
+def test_deflated_data_set_reads_as_its_inflated_self():
+    plain = load_dicom_pixels(dicom(np.zeros((64, 64), np.uint16)))
+    inflated = load_dicom_pixels(deflated(64 * 64 * 2))
+    np.testing.assert_array_equal(inflated.pixels, plain.pixels)
+    assert inflated.dataset.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
+
+
+def test_deflate_bomb_is_refused_while_inflating():
+    import tracemalloc
+
+    bomb = deflated(64 << 20)  # 64 MiB of pixel data for a 64 x 64 image, in about 64 KB
+    assert len(bomb) < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(DecompressionBombError, match="inflates past"):
+            load_dicom_pixels(bomb)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * HEADER_ALLOWANCE, peak  # its header allowance, never the 64 MiB
+    with pytest.raises(DecompressionBombError, match="AEX_MAX_IMAGE_PIXELS"):
+        load_dicom_pixels(deflated(64, 20000, 20000), max_pixels=50_000_000)  # refused from the header
+
+
+def test_decoded_size_limit_before_any_pixel_is_decoded():
+    with pytest.raises(DecompressionBombError, match="AEX_MAX_IMAGE_PIXELS"):
+        load_dicom_pixels(dicom(np.zeros((64, 64), np.uint16)), max_pixels=64 * 63)
+    with pytest.raises(ExtremeAspectRatioError):
+        load_dicom_pixels(dicom(np.zeros((2, 64), np.uint16)), max_aspect=20)
+
+
+def test_strips_and_regions_are_the_pixels(write_dicom, xray):
+    stored = np.kron(xray.astype(np.uint16) * 16, np.ones((9, 7), np.uint16))  # 252 x 196
+    image = load_dicom_pixels(write_dicom(stored, "MONOCHROME1", 0.5, -100.0, (400.0, 900.0)))
+    full = image.pixels
+    assert full.shape == (252, 196, 1) and image.size == (196, 252)
+    region = np.concatenate(list(image.strips((10, 20, 150, 200), rows=7)), axis=0)
+    np.testing.assert_array_equal(region, full[20:200, 10:150])
+    x, _ = load_dicom_for_model(write_dicom(stored, "MONOCHROME1", 0.5, -100.0, (400.0, 900.0)), 28, 1)
+    k = reduction_factor(196, 252, 28)
+    expected = resize_center(block_mean(full, k), 28)
+    np.testing.assert_allclose(x.numpy()[0], expected[..., 0], atol=1e-5)

@@ -1,0 +1,124 @@
+"""The guard: the Authenticator of the app (API keys and OIDC, or none when AEX_AUTH=off), the start-up check of the auth settings, and the ``requires(scope)`` dependency of the routes.
+
+A route declares ``principal: Annotated[Principal, requires(Scope.READ)]`` (or
+``dependencies=[requires(Scope.METRICS)]``); the principal is authenticated once per request
+(``request.state.principal``, which the audit trail reads). A missing or invalid token is
+``unauthenticated`` (401: the app adds ``WWW-Authenticate: challenge(request)``), a valid one
+without the scope ``forbidden`` (403). Torch-free.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Any
+
+from fastapi import Depends, Request
+from redis import Redis
+
+from models.errors import BadParameterError, UnauthenticatedError
+from service.auth.apikeys import TOKEN_PREFIX, ApiKeyStore
+from service.auth.oidc import OidcVerifier, check_fetch_url
+from service.auth.principal import LOCAL, Principal, Scope, require
+
+log = logging.getLogger("aex.auth")
+
+MAX_AUTHORIZATION_LENGTH = 8192
+NO_TOKEN = (
+    "this request needs an Authorization: Bearer <token> header "
+    "(`aex serve` printed where its first token is; `aex keys create` makes more)"
+)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether the API's listen address ``host`` is loopback only (127.0.0.0/8, ::1, localhost)."""
+    host = (host or "").strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_settings(settings: Any) -> None:
+    """Refuse settings that would open the service (the app factory calls this first):
+    AEX_AUTH=off on an address other than loopback, half an OIDC configuration. AEX_AUTH=off
+    on loopback is accepted and logged as a warning, loudly."""
+    if settings.auth == "off":
+        if not is_loopback_host(settings.host):
+            raise BadParameterError(
+                f"AEX_AUTH=off is accepted only when the API listens on a loopback address, not {settings.host!r}: "
+                "anyone who reaches the port could read every job; keep AEX_AUTH=on (the default) or set AEX_HOST=127.0.0.1"
+            )
+        log.warning(
+            "AUTHENTICATION IS OFF (AEX_AUTH=off): every request to http://%s:%d is served without a token, "
+            "as one local user with every scope. Only for a single-user machine; never with patient data on a shared one.",
+            settings.host,
+            settings.port,
+        )
+    if bool(settings.oidc_issuer) != bool(settings.oidc_audience):
+        raise BadParameterError("OIDC needs both AEX_OIDC_ISSUER and AEX_OIDC_AUDIENCE (or neither)")
+    if settings.oidc_issuer:
+        if settings.oidc_jwks_url:
+            check_fetch_url(settings.oidc_jwks_url, "AEX_OIDC_JWKS_URL")
+        else:
+            check_fetch_url(settings.oidc_issuer, "AEX_OIDC_ISSUER (its keys are discovered from it)")
+
+
+class Authenticator:
+    """Turns an ``Authorization`` header into a Principal. ``enabled`` False: everyone is
+    the local user (AEX_AUTH=off, accepted on loopback only)."""
+
+    def __init__(self, enabled: bool, keys: ApiKeyStore | None = None, oidc: OidcVerifier | None = None):
+        self.enabled, self.keys, self.oidc = enabled, keys, oidc
+
+    @classmethod
+    def from_settings(cls, settings: Any, conn: Redis) -> Authenticator:
+        oidc = OidcVerifier.from_settings(settings) if settings.oidc_issuer else None
+        return cls(settings.auth == "on", ApiKeyStore(conn), oidc)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        if not self.enabled:
+            return LOCAL
+        if not authorization:
+            raise UnauthenticatedError(NO_TOKEN)
+        if len(authorization) > MAX_AUTHORIZATION_LENGTH:
+            raise UnauthenticatedError("the Authorization header is too long")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
+        if token.startswith(TOKEN_PREFIX) and self.keys is not None:
+            return self.keys.authenticate(token)
+        if self.oidc is not None and token.count(".") == 2:
+            return self.oidc.authenticate(token)
+        raise UnauthenticatedError("the bearer token is not a valid API key or OIDC token")
+
+
+def current_principal(request: Request) -> Principal:
+    """The request's principal, authenticated once (kept in ``request.state.principal``)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        auth: Authenticator = request.app.state.auth
+        principal = auth.authenticate(request.headers.get("authorization"))
+        request.state.principal = principal
+    return principal
+
+
+def requires(scope: Scope | str):
+    """The FastAPI dependency of a route that needs ``scope``: answers with the Principal."""
+    value = scope.value if isinstance(scope, Scope) else Scope(scope).value
+
+    def principal_with_scope(request: Request) -> Principal:
+        return require(current_principal(request), value)
+
+    principal_with_scope.__name__ = f"requires_{value}"
+    return Depends(principal_with_scope)
+
+
+def challenge(request: Request) -> str:
+    """The ``WWW-Authenticate`` value of a 401 (RFC 6750): ``invalid_token`` when one was sent."""
+    if request.headers.get("authorization"):
+        return 'Bearer realm="aex", error="invalid_token"'
+    return 'Bearer realm="aex"'

@@ -1,0 +1,65 @@
+"""Fairness: at most AEX_MAX_JOBS_PER_PRINCIPAL queued or running jobs per principal, so one client cannot fill the queue for everyone.
+
+Each principal has a sorted set of the ids of its jobs that may still be waiting or running
+(``principal_jobs_key``; the score is when the id was reserved). ``reserve`` adds the new job's
+id first and counts afterwards, so two requests racing for the last place cannot both get it
+(at worst both are refused); ids of jobs that ended or expired are pruned while counting (an
+id reserved moments ago whose job is not enqueued yet still counts). Torch-free.
+"""
+
+from __future__ import annotations
+
+import time
+
+from redis import Redis
+from rq.job import Job, JobStatus
+
+from models.errors import TooManyJobsError
+from service.auth.principal import Principal, owner_digest
+from worker.keys import principal_jobs_key
+from worker.queues import SERIALIZER
+
+ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
+# An id reserved this recently counts even before its job exists (it is being enqueued).
+RESERVATION_SECONDS = 30.0
+
+
+def active_jobs(conn: Redis, principal: Principal, keep: str | None = None) -> list[str]:
+    """Ids of the principal's jobs still queued or running (``keep``: an id reserved for a
+    job not enqueued yet, counted as active). Ended or expired ones are dropped from the set."""
+    key = principal_jobs_key(owner_digest(principal))
+    now = time.time()
+    entries = [(i.decode() if isinstance(i, bytes) else str(i), s) for i, s in conn.zrange(key, 0, -1, withscores=True)]
+    entries = [(i, s) for i, s in entries if i != keep]
+    jobs = Job.fetch_many([i for i, _ in entries], connection=conn, serializer=SERIALIZER) if entries else []
+    active, ended = [], []
+    for (job_id, reserved_at), job in zip(entries, jobs):
+        if job is None:
+            pending = now - reserved_at < RESERVATION_SECONDS
+        else:
+            pending = job.get_status(refresh=False) in ACTIVE
+        (active if pending else ended).append(job_id)
+    if ended:
+        conn.zrem(key, *ended)
+    return active + ([keep] if keep else [])
+
+
+def reserve(conn: Redis, principal: Principal, job_id: str, limit: int, ttl: int) -> None:
+    """Count ``job_id`` among the principal's jobs, or raise TooManyJobsError (429) when it
+    would make more than ``limit``. ``ttl``: how long the set may outlive its last job (the
+    longest a job can wait and run)."""
+    key = principal_jobs_key(owner_digest(principal))
+    with conn.pipeline() as pipe:
+        pipe.zadd(key, {job_id: time.time()})
+        pipe.expire(key, max(1, int(ttl)))
+        pipe.execute()
+    if len(active_jobs(conn, principal, keep=job_id)) > limit:
+        conn.zrem(key, job_id)
+        raise TooManyJobsError(
+            f"you have {limit} jobs queued or running (AEX_MAX_JOBS_PER_PRINCIPAL): wait for one to end, or cancel one"
+        )
+
+
+def release(conn: Redis, principal: Principal, job_id: str) -> None:
+    """Forget a reserved id whose job was not enqueued after all."""
+    conn.zrem(principal_jobs_key(owner_digest(principal)), job_id)

@@ -1,0 +1,160 @@
+"""The audit trail (service/audit.py) on a real Redis: records and their reader, retention,
+fields checked against their shape (nothing a client typed gets in), and the middleware's
+one record per request, refused ones included."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+
+from models.errors import AexError, BadParameterError
+from service.audit import AuditLog, AuditMiddleware, note, parse_since, to_json_lines
+from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
+from service.errors import error_response, status_of
+from worker.keys import audit_key
+from worker.queues import connect
+
+DB = 12
+JOB = "0123456789abcdef0123456789abcdef"
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def conn(redis_server):
+    conn = connect(f"{redis_server.url}?db={DB}")
+    conn.flushdb()
+    yield conn
+    conn.flushdb()
+    conn.close()
+
+
+def test_records_are_written_and_read_back(conn):
+    log = AuditLog(conn)
+    key = Principal("key", "ci", None, frozenset({"submit"}))
+    first = log.record(key, "POST /v1/explain", 202, job_id=JOB, model="cifar10-robust", input_sha256=SHA)
+    log.record(None, "GET /v1/jobs/{job_id}", 401, job_id=JOB)
+    records = log.read()
+    assert [r["id"] for r in records][0] == first
+    assert records[0] == {
+        "id": first,
+        "time": records[0]["time"],
+        "principal": "key:ci",
+        "action": "POST /v1/explain",
+        "job_id": JOB,
+        "model": "cifar10-robust",
+        "input_sha256": SHA,
+        "status": 202,
+    }
+    assert records[1]["principal"] == "anonymous" and records[1]["status"] == 401 and records[1]["model"] is None
+    assert datetime.fromisoformat(records[0]["time"]) <= datetime.now(UTC)
+    assert log.read(since=first) == records[1:]  # a record id: the records after it
+    assert log.read(limit=1) == records[:1]
+    assert log.read(since="1h") == records and log.read(until="2h") == []
+    lines = to_json_lines(records).splitlines()
+    assert [json.loads(line) for line in lines] == records
+
+
+def test_fields_of_another_shape_never_reach_the_trail(conn):
+    log = AuditLog(conn)
+    log.record(
+        "oidc:user-1@ward\n7\x00",
+        "GET /v1/jobs/Test^Patient 19700101",
+        200,
+        job_id="Test^Patient",
+        model="../Test^Patient",
+        input_sha256="19700101",
+    )
+    (record,) = log.read()
+    assert record["principal"] == "oidc:user-1@ward7"
+    assert record["action"] == "unknown" and record["job_id"] is None and record["model"] is None
+    assert record["input_sha256"] is None
+    raw = b"".join(v for _, fields in conn.xrange(audit_key()) for v in fields.values())
+    assert b"Patient" not in raw and b"19700101" not in raw
+
+
+def test_old_records_are_trimmed_and_never_read(conn):
+    log = AuditLog(conn, retention_seconds=60, max_records=100_000)
+    old_ms = int(time.time() * 1000) - 3_600_000
+    with conn.pipeline() as pipe:
+        for i in range(250):
+            pipe.xadd(
+                audit_key(), {"time": "old", "principal": "key:x", "action": "x", "status": "200"}, id=f"{old_ms}-{i}"
+            )
+        pipe.execute()
+    log.record("key:x", "GET /v1/models", 200)
+    assert conn.xlen(audit_key()) < 251  # trimmed by whole stream nodes (MINID ~)
+    assert [r["action"] for r in log.read()] == ["GET /v1/models"]
+    assert [r["action"] for r in log.read(since="2h")] == ["GET /v1/models"]
+    capped = AuditLog(conn, retention_seconds=86400, max_records=10)
+    for _ in range(300):
+        capped.record("key:x", "GET /v1/models", 200)
+    assert conn.xlen(audit_key()) <= 10 + 100  # MAXLEN ~ trims whole nodes of 100 entries
+
+
+def test_since_takes_durations_times_and_record_ids():
+    now = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ms = int(now.timestamp() * 1000)
+    assert parse_since("15m", now) == f"{ms - 15 * 60_000}-0"
+    assert parse_since("7d", now) == f"{int((now - timedelta(days=7)).timestamp() * 1000)}-0"
+    assert parse_since("2026-01-02T03:04:05Z") == f"{ms}-0" == parse_since("2026-01-02T03:04:05")
+    assert parse_since("2026-01-02T04:04:05+01:00") == f"{ms}-0"
+    assert parse_since("1767323045000-3") == "(1767323045000-3"
+    for bad in ["yesterday", "1w", "-5m", "Test^Patient"]:
+        with pytest.raises(BadParameterError, match="since/until"):
+            parse_since(bad)
+
+
+@pytest.fixture
+def app(conn):
+    """A tiny app with the guard and the audit middleware, as the service will have them."""
+    app = FastAPI()
+    app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
+    log = AuditLog(conn)
+
+    @app.exception_handler(AexError)
+    async def aex_error(_request: Request, exc: AexError):
+        return error_response(status_of(exc.code), exc.code, exc.message)
+
+    @app.get("/v1/jobs/{job_id}")
+    def view(job_id: str, request: Request, principal: Annotated[Principal, requires(Scope.READ)]) -> dict:
+        note(request, model="tiny-rgb", input_sha256=SHA)
+        return {"id": job_id}
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    app.add_middleware(AuditMiddleware, audit=log)
+    with TestClient(app) as client:
+        yield client, ApiKeyStore(conn), log
+
+
+def test_the_middleware_writes_one_record_per_request(app):
+    client, store, log = app
+    _, token = store.create("reader", ["read"])
+    _, metrics_only = store.create("prometheus", ["metrics"])
+    assert client.get(f"/v1/jobs/{JOB}").status_code == 401
+    assert client.get(f"/v1/jobs/{JOB}", headers={"Authorization": "Bearer " + metrics_only}).status_code == 403
+    assert client.get(f"/v1/jobs/{JOB}", headers={"Authorization": "Bearer " + token}).status_code == 200
+    assert client.get("/v1/jobs/Test^Patient", headers={"Authorization": "Bearer " + token}).status_code == 200
+    assert client.get("/v1/Test^Patient/19700101").status_code == 404
+    assert client.get("/healthz").status_code == 200  # not audited
+    records = log.read()
+    assert [(r["principal"], r["status"]) for r in records] == [
+        ("anonymous", 401),
+        ("key:prometheus", 403),
+        ("key:reader", 200),
+        ("key:reader", 200),
+        ("anonymous", 404),
+    ]
+    assert {r["action"] for r in records[:4]} == {"GET /v1/jobs/{job_id}"}
+    assert records[4]["action"] == "GET unmatched"  # never the raw path
+    assert [r["job_id"] for r in records] == [JOB, JOB, JOB, None, None]
+    assert records[2]["model"] == "tiny-rgb" and records[2]["input_sha256"] == SHA
+    assert "Patient" not in to_json_lines(records) and token not in to_json_lines(records)
