@@ -194,3 +194,10 @@ def error_class_for(code: str) -> type[AexError]:
             return cls
         stack.extend(cls.__subclasses__())
     return JobFailedError
+
+
+class JobRefusedError(AexError):
+    """A worker refused a job that is not one of aex's (it names another function or rq
+    callbacks): forged by someone who could write to Redis. Nothing it names was run."""
+
+    code = "job_refused"

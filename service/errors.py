@@ -38,6 +38,7 @@ HTTP_STATUS: dict[str, int] = {
     e.WorkerLostError.code: 500,
     e.JobTimeoutError.code: 504,
     e.JobFailedError.code: 500,
+    e.JobRefusedError.code: 500,
     e.UnauthenticatedError.code: 401,
     e.ForbiddenError.code: 403,
     e.KeyExistsError.code: 409,

@@ -53,13 +53,13 @@ from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from models.errors import BadParameterError, JobCancelledError
+from models.errors import BadParameterError, JobCancelledError, JobRefusedError
 from worker import jobs
 from worker.callbacks import notify_job_end
 from worker.failures import REDIS_OUTAGE, discard_upload, job_kind, maintenance_lock, record_job_error
 from worker.job_metrics import record_job
 from worker.keys import CATALOGUE_FIELD, result_index_key
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, refusal
 from worker.served import ServedModels, install
 from worker.settings import Settings
 from worker.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
@@ -183,6 +183,10 @@ class AexWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue):
         jobs.stop_requested.clear()
         self._lost_job_id = None
+        reason = refusal(job)
+        if reason is not None:
+            self._refuse(job, reason)
+            return
         if job.get_status(refresh=False) != JobStatus.QUEUED:
             # Queued twice: the worker that lost Redis and the registry clean-up both queued
             # its cut run again. It runs elsewhere, or has ended: running it again could only
@@ -210,6 +214,19 @@ class AexWorker(SimpleWorker):
         finally:
             done.set()
             beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _refuse(self, job: Job, reason: str) -> None:
+        """Fail a job that is not aex's without running or importing anything it names (no
+        callback: its URL came from whoever forged it)."""
+        log.error("job %s refused without running it: %s", job.id, reason)
+        job.meta["error"] = {"code": JobRefusedError.code, "message": f"the worker refused this job: {reason}"}
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job.save_meta()
+            pipe.execute()
+        record_job(self.connection, job_kind(job), "failed", None)
+        discard_upload(self.connection, job.id)
         self.set_state(WorkerStatus.IDLE)
 
     def _settle(self, job: Job, ok: bool, seconds: float) -> None:

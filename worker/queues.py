@@ -43,6 +43,25 @@ def lane_of(kind: JobKind, stability: bool = False) -> JobKind:
 JOB_FUNCTIONS: dict[JobKind, str] = {JobKind.CLASSIFY: "worker.jobs.classify", JobKind.EXPLAIN: "worker.jobs.explain"}
 
 
+def refusal(job) -> str | None:
+    """Why a worker must not run ``job`` (None: it may). Whoever can write to Redis could
+    store a job naming any importable function (rq imports the dotted name it is given, and
+    the names of its success/failure/stopped callbacks): only aex's own job functions run,
+    and no job may name an rq callback. Nothing is imported to decide."""
+    try:
+        name = job.func_name
+    except Exception:  # data that does not even decode as a job
+        return "the job's data cannot be read"
+    if name not in JOB_FUNCTIONS.values():
+        return "it names a function that is not one of aex's job functions"
+    if any(
+        getattr(job, attr, None)
+        for attr in ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name")
+    ):
+        return "it names rq callbacks, which aex jobs never have"
+    return None
+
+
 def connect(url: str, socket_timeout: float | None = None, retry_seconds: int = 5) -> Redis:
     """A Redis client for ``url`` (redis://, rediss:// or unix://) that fails fast when the
     server is gone instead of hanging, and rides out a Redis restart: a command that finds

@@ -13,7 +13,7 @@ from service.app import create_app
 
 pytestmark = pytest.mark.e2e
 
-JOBS = 120
+JOBS = 200
 
 
 def test_cancel_right_after_submit_never_answers_5xx(service_stack, make_image, poll):

@@ -181,3 +181,36 @@ def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, 
     finally:
         hook.shutdown()
         hook.server_close()
+
+
+@pytest.mark.parametrize("forged", ["function", "callback"])
+def test_a_job_that_is_not_aexs_is_refused_without_running(service_stack, tmp_path, forged):
+    """Whoever can write to Redis could queue any importable function: the worker refuses it
+    (failed, code job_refused) and runs nothing it names."""
+    import time
+
+    from rq import Callback
+    from rq.job import Job
+    from rq.queue import Queue
+
+    from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+
+    conn = connect(service_stack.redis_url)
+    queue = Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
+    marker = tmp_path / "ran"
+    if forged == "function":
+        job = queue.enqueue("os.makedirs", str(marker))
+    else:  # aex's own function, but with an rq callback that would import and run os.makedirs
+        job = queue.enqueue(
+            "worker.jobs.classify",
+            model="tiny-rgb",
+            on_failure=Callback("os.makedirs"),
+            meta={"kind": "classify", "model": "tiny-rgb"},
+        )
+    deadline = time.monotonic() + 60
+    while job.get_status(refresh=True) not in ("failed", "finished") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job = Job.fetch(job.id, connection=conn, serializer=SERIALIZER)
+    assert job.get_status() == "failed"
+    assert job.meta["error"]["code"] == "job_refused"
+    assert not marker.exists()
