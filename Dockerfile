@@ -29,12 +29,13 @@ RUN pip install torch==2.14.1 torchvision==0.29.1
 # --- the project on top -------------------------------------------------------------
 FROM torch-${VARIANT} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY aex ./aex
 COPY models ./models
 COPY service ./service
 COPY worker ./worker
-RUN pip install . && python -c "import aex.cli, service.app, worker.process"
+# The versions CI ran (constraints.txt); torch is already there for the chosen variant.
+RUN pip install -c constraints.txt . && python -c "import aex.cli, service.app, worker.process"
 
 # --- runtime: the environment only, as an unprivileged user ---------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -50,4 +51,6 @@ USER aex
 WORKDIR /home/aex
 EXPOSE 8000
 # Without AEX_REDIS_URL, `aex serve` runs everything in this container (embedded Redis).
+# It listens on all interfaces of the container, so authentication stays on (AEX_AUTH=on, the
+# default): the first admin token is written to /home/aex/.config/aex/token.
 CMD ["aex", "serve"]

@@ -1,13 +1,17 @@
 """The one job service behind the routes: admission (``service.admission``), result reuse
-(``service.reuse``), enqueueing, job views (``service.views``), outputs and cancelling.
+(``service.reuse``), enqueueing, job views (``service.views``), outputs and cancelling, each
+for the principal that asks.
 
+A job belongs to its submitter (``job.meta["owner"]``); another principal gets the same 404
+for it as for a job that does not exist (``fetch_for``), ``admin`` sees every job. Each
+principal has at most AEX_MAX_JOBS_PER_PRINCIPAL jobs queued or running (``service.quota``).
+Uploads are stored, and outputs read, sealed with AEX_DATA_KEY (``worker.crypto``).
 Blocking Redis calls: the routes run these methods in the thread pool.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import re
 from typing import Any
@@ -24,13 +28,15 @@ from models.errors import (
     UnknownJobError,
 )
 from models.version import __version__
-from service import admission
+from service import admission, quota
+from service.auth.principal import Principal, can_access, owner_meta, owner_of_meta, reuse_scope
 from service.catalogue import Catalogue
 from service.multipart import Upload
 from service.reuse import reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
 from service.views import job_view, kind_of
-from worker.callbacks import notify_job_end
+from worker.callbacks import CallbackPolicy, notify_job_end
+from worker.crypto import DataCipher, blob_context
 from worker.epoch import lost_in_restart, new_job_id
 from worker.failures import reap_abandoned
 from worker.keys import cancel_key, dicom_key, images_key, upload_key
@@ -46,11 +52,25 @@ IMAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.png$")
 DICOM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.dcm$")
 
 
-class JobService:
-    """Admission, enqueueing and views of jobs on one Redis connection."""
+def unknown_job(job_id: str) -> str:
+    """The one message of a job that is not there, or not the asker's."""
+    return f"unknown job {job_id!r} (finished jobs are kept AEX_RESULT_TTL seconds)"
 
-    def __init__(self, conn: Redis, settings: Settings, catalogue: Catalogue):
+
+class JobService:
+    """Admission, enqueueing and views of jobs on one Redis connection. ``cipher`` seals
+    uploads and opens outputs; ``policy`` is how callbacks sent from the API are sent."""
+
+    def __init__(
+        self,
+        conn: Redis,
+        settings: Settings,
+        catalogue: Catalogue,
+        cipher: DataCipher,
+        policy: CallbackPolicy | None = None,
+    ):
         self.conn, self.settings, self.catalogue = conn, settings, catalogue
+        self.cipher, self.policy = cipher, policy
         # One queue per lane (named by the kind it was made for; ``worker.queues.lane_of``).
         self.queues = {k: Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in JobKind}
 
@@ -67,26 +87,39 @@ class JobService:
         meta: dict[str, Any] | None = None,
         timeout: int | None = None,
         lane: JobKind | None = None,
+        principal: Principal | None = None,
     ) -> str:
-        """Store the upload (with its TTL) and enqueue the job by dotted path on the queue of
-        ``lane`` (default: its kind's). Returns its id."""
+        """Count the job against ``principal``'s share (429 ``too_many_jobs`` beyond
+        AEX_MAX_JOBS_PER_PRINCIPAL), store the upload sealed (with its TTL) and enqueue the job
+        by dotted path on the queue of ``lane`` (default: its kind's). Returns its id."""
         lane = lane or kind
         admission.check_capacity(self.conn, self.queues[lane], lane, self.settings)
         job_id = new_job_id(self.conn)
         if timeout is None:
             timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
-        self.conn.set(upload_key(job_id), image, ex=self.settings.upload_ttl)
-        self.queues[lane].enqueue(
-            JOB_FUNCTIONS[kind],
-            kwargs={"model": model, **kwargs},
-            job_id=job_id,
-            job_timeout=timeout,
-            result_ttl=self.settings.result_ttl,
-            failure_ttl=self.settings.result_ttl,
-            ttl=self.settings.upload_ttl,
-            meta={"kind": kind.value, "model": model, **(meta or {})},
-            description=f"{kind.value} {model}",
-        )
+        if principal is not None:
+            # The longest a job can wait and run (every retry included): the share's set lives that long.
+            ttl = self.settings.upload_ttl + timeout * (self.settings.job_retries + 1)
+            quota.reserve(self.conn, principal, job_id, self.settings.max_jobs_per_principal, ttl)
+        try:
+            sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
+            self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
+            self.queues[lane].enqueue(
+                JOB_FUNCTIONS[kind],
+                kwargs={"model": model, **kwargs},
+                job_id=job_id,
+                job_timeout=timeout,
+                result_ttl=self.settings.result_ttl,
+                failure_ttl=self.settings.result_ttl,
+                ttl=self.settings.upload_ttl,
+                meta={"kind": kind.value, "model": model, **(meta or {})},
+                description=f"{kind.value} {model}",
+            )
+        except BaseException:
+            if principal is not None:
+                with contextlib.suppress(Exception):  # Redis may be what failed
+                    quota.release(self.conn, principal, job_id)
+            raise
         return job_id
 
     def wait(self, job_id: str, seconds: float) -> None:
@@ -94,14 +127,13 @@ class JobService:
         if seconds > 0:
             self.conn.xread({Result.get_key(job_id): "0-0"}, block=max(1, int(seconds * 1000)))
 
-    def _cache_key(self, kind: JobKind, entry: dict[str, Any], data: bytes, parameters: dict[str, Any]) -> str:
+    def _cache_key(self, kind: JobKind, entry: dict[str, Any], digest: str, parameters: dict[str, Any]) -> str:
         checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
-        return result_cache_key(
-            kind.value, entry["name"], checkpoint, hashlib.sha256(data).hexdigest(), parameters, __version__
-        )
+        return result_cache_key(kind.value, entry["name"], checkpoint, digest, parameters, __version__)
 
     def _start(
         self,
+        principal: Principal,
         kind: JobKind,
         upload: Upload,
         entry: dict[str, Any],
@@ -109,18 +141,24 @@ class JobService:
         meta: dict[str, Any],
         lane: JobKind,
     ) -> str:
-        """The id of a job answering the request: a reused result, or a newly queued job on
-        the queue of ``lane``."""
-        key = self._cache_key(kind, entry, upload.data, kwargs)
-        job_id = reuse_result(self.conn, self.queues[lane], self.settings, kind, entry["name"], key, kwargs, meta)
+        """The id of a job of ``principal`` answering the request: a reused result (of the
+        same principal or tenant), or a newly queued job on the queue of ``lane``."""
+        scope = reuse_scope(principal)
+        meta = {**meta, "owner": owner_meta(principal), "input_sha256": upload.sha256, "reuse_scope": scope}
+        key = self._cache_key(kind, entry, upload.sha256, kwargs)
+        queue = self.queues[lane]
+        job_id = reuse_result(
+            self.conn, queue, self.settings, kind, entry["name"], key, kwargs, meta, scope, self.policy
+        )
         if job_id is not None:
             return job_id
         if kind is JobKind.EXPLAIN:
             kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
-        return self.submit(kind, upload.data, entry["name"], kwargs, {**meta, "cache_key": key}, lane=lane)
+        meta = {**meta, "cache_key": key}
+        return self.submit(kind, upload.data, entry["name"], kwargs, meta, lane=lane, principal=principal)
 
     # --- the two kinds of job ----------------------------------------------------------
-    def classify(self, upload: Upload, params: ClassifyParams) -> JobView:
+    def classify(self, principal: Principal, upload: Upload, params: ClassifyParams) -> JobView:
         """Check the upload, queue a classify job (or answer from an identical earlier one)
         and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
         high-priority classify queue; one with the stability score (seconds of searches, the
@@ -133,11 +171,11 @@ class JobService:
         )
         meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
-        job_id = self._start(JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
+        job_id = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
         self.wait(job_id, self.settings.classify_wait_seconds)
-        return self.view(job_id)
+        return self.view(principal, job_id)
 
-    def explain(self, upload: Upload, params: ExplainParams) -> JobView:
+    def explain(self, principal: Principal, upload: Upload, params: ExplainParams) -> JobView:
         """Check the upload and the parameters, queue an explain job (or answer from an
         identical earlier one); returns at once."""
         input_format = admission.check_input(upload, params, self.settings)
@@ -153,6 +191,7 @@ class JobService:
             params.window_width,
         )
         job_id = self._start(
+            principal,
             JobKind.EXPLAIN,
             upload,
             entry,
@@ -160,10 +199,11 @@ class JobService:
             admission.job_meta(input_format, params, self.settings),
             lane_of(JobKind.EXPLAIN),
         )
-        return self.view(job_id)
+        return self.view(principal, job_id)
 
     # --- reading -----------------------------------------------------------------------
     def fetch(self, job_id: str) -> Job:
+        """The job ``job_id``, whoever owns it (internal: the routes use ``fetch_for``)."""
         if not JOB_ID.match(job_id):
             raise UnknownJobError(f"unknown job {job_id!r}")
         try:
@@ -174,15 +214,24 @@ class JobService:
                     f"job {job_id} is gone: the job store (Redis) lost its data after the job was accepted "
                     "(restarted without persistence, or emptied); submit it again"
                 ) from None
-            raise UnknownJobError(f"unknown job {job_id!r} (finished jobs are kept AEX_RESULT_TTL seconds)") from None
+            raise UnknownJobError(unknown_job(job_id)) from None
 
-    def view(self, job_id: str) -> JobView:
+    def fetch_for(self, principal: Principal, job_id: str) -> Job:
+        """The job ``job_id`` if ``principal`` may see it (its own; every job for ``admin``).
+        Another principal's job is answered exactly as a job that does not exist: nothing
+        tells one from the other."""
         job = self.fetch(job_id)
+        if not can_access(principal, owner_of_meta(job.meta)):
+            raise UnknownJobError(unknown_job(job_id))
+        return job
+
+    def view(self, principal: Principal, job_id: str) -> JobView:
+        job = self.fetch_for(principal, job_id)
         queue = self.queue_of(job) if kind_of(job) is not None else None
         started = job.get_status(refresh=False) == JobStatus.STARTED
         if started and queue is not None and job.id in queue.started_job_registry.get_expired_job_ids():
             # Its worker died: fail it now rather than at the next worker maintenance.
-            reap_abandoned(self.conn, self.settings.job_retries)
+            reap_abandoned(self.conn, self.settings.job_retries, self.policy)
             job = self.fetch(job_id)
         return job_view(self.conn, job, queue)
 
@@ -191,21 +240,26 @@ class JobService:
         """The job whose stored images a job shows (itself, or the one it reused)."""
         return str(job.meta.get("result_job") or job.id)
 
-    def image(self, job_id: str, name: str) -> bytes:
-        job = self.fetch(job_id)
+    def _output(self, redis_key: str, name: str) -> bytes | None:
+        """The output ``name`` of the hash ``redis_key``, opened (None when absent)."""
+        data = self.conn.hget(redis_key, name)
+        return None if data is None else self.cipher.open(data, blob_context(redis_key, name))
+
+    def image(self, principal: Principal, job_id: str, name: str) -> bytes:
+        job = self.fetch_for(principal, job_id)
         if not IMAGE_NAME.match(name):
             raise UnknownJobError(f"job {job_id} has no image {name!r}")
-        data = self.conn.hget(images_key(self._result_job(job)), name)
+        data = self._output(images_key(self._result_job(job)), name)
         if data is None:
             raise UnknownJobError(f"job {job_id} has no image {name!r} (not finished, not an explain job, or expired)")
         return data
 
-    def dicom(self, job_id: str, name: str) -> bytes:
+    def dicom(self, principal: Principal, job_id: str, name: str) -> bytes:
         """One DICOM Secondary Capture object of a finished explain job on DICOM input."""
-        job = self.fetch(job_id)
+        job = self.fetch_for(principal, job_id)
         if not DICOM_NAME.match(name):
             raise UnknownJobError(f"job {job_id} has no DICOM object {name!r}")
-        data = self.conn.hget(dicom_key(self._result_job(job)), name)
+        data = self._output(dicom_key(self._result_job(job)), name)
         if data is None:
             raise UnknownJobError(
                 f"job {job_id} has no DICOM object {name!r} (not finished, not an explain job "
@@ -214,7 +268,7 @@ class JobService:
         return data
 
     # --- cancelling --------------------------------------------------------------------
-    def cancel(self, job_id: str) -> JobView:
+    def cancel(self, principal: Principal, job_id: str) -> JobView:
         """Cancel a queued job at once; ask a running one to stop at its next step (it then
         shows "cancelled"). A job already over is left as it is.
 
@@ -223,9 +277,9 @@ class JobService:
         took it out (LREM is atomic with a worker's dequeue) is the job cancelled here; else
         a worker has it, and the flag and the stop command end it as "cancelled" (or it ends
         before it looks, as it would have anyway)."""
-        job = self.fetch(job_id)
+        job = self.fetch_for(principal, job_id)
         if STATUS_FROM_RQ.get(job.get_status(refresh=False)) in TERMINAL:
-            return self.view(job_id)
+            return self.view(principal, job_id)
         self.conn.set(cancel_key(job_id), 1, ex=self.settings.result_ttl)
         queue = self.queue_of(job)
         if queue is not None and self.conn.lrem(queue.key, 0, job_id):
@@ -236,9 +290,9 @@ class JobService:
             else:
                 self.conn.delete(upload_key(job_id))
                 # No worker will see this job end: tell its callback here.
-                notify_job_end(self.conn, job, ApiStatus.CANCELLED)
+                notify_job_end(self.conn, job, ApiStatus.CANCELLED, policy=self.policy)
         else:
             # A worker has it (or is taking it, or it has just ended): stop it if it runs.
             with contextlib.suppress(InvalidJobOperation, NoSuchJobError):
                 send_stop_job_command(self.conn, job_id, serializer=SERIALIZER)
-        return self.view(job_id)
+        return self.view(principal, job_id)

@@ -9,7 +9,9 @@ into a form with defaulted fields.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import anyio
 from starlette.datastructures import UploadFile
@@ -30,6 +32,11 @@ class Upload:
     filename: str | None
     fields: dict[str, str | list[str]] = field(default_factory=dict)  # a repeated field is a list
     content_type: str | None = None  # the file part's declared type
+
+    @cached_property
+    def sha256(self) -> str:
+        """SHA-256 (hex) of the file: the cache key's input digest and the audit trail's."""
+        return hashlib.sha256(self.data).hexdigest()
 
 
 class _Parser(MultiPartParser):

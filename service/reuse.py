@@ -1,5 +1,12 @@
 """Result reuse: a request whose input, checkpoint and parameters match a finished result that
-is still kept is answered by a new job, finished at once with a copy of that result."""
+is still kept, within the requester's reuse scope, is answered by a new job, finished at once
+with a copy of that result.
+
+The index is per reuse scope (``scoped_result_index_key``: the principal, or its OIDC tenant),
+so one client's upload is never answered from another's job, and whether someone else
+submitted the same scan cannot be learnt. The new job belongs to the requester; the job whose
+result it copies (``result_job`` in its meta, for its images and DICOM objects) is never named
+in what a client sees: result, view or callback."""
 
 from __future__ import annotations
 
@@ -13,10 +20,10 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
-from worker.callbacks import notify_job_end
+from worker.callbacks import CallbackPolicy, notify_job_end
 from worker.epoch import new_job_id
 from worker.job_metrics import record_job
-from worker.keys import images_key, result_index_key
+from worker.keys import images_key, scoped_result_index_key
 from worker.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
 from worker.settings import Settings
 from worker.states import ApiStatus
@@ -36,13 +43,15 @@ def reuse_result(
     key: str,
     kwargs: dict[str, Any],
     meta: dict[str, Any],
+    scope: str,
+    policy: CallbackPolicy | None = None,
 ) -> str | None:
-    """When a finished result for ``key`` is still kept, a new job that is finished at
-    once with a copy of it (``reused: true``, ``reused_from``: the job that computed it)
-    and shares its images; else None."""
+    """When a finished result for ``key`` is still kept within reuse scope ``scope``, a new
+    job (its meta: ``meta``, the requester's owner included) that is finished at once with a
+    copy of it (``reused: true``) and shares its images; else None."""
     if not settings.reuse_results:
         return None
-    source_id = conn.get(result_index_key(key))
+    source_id = conn.get(scoped_result_index_key(scope, key))
     if not source_id:
         return None
     try:
@@ -67,13 +76,12 @@ def reuse_result(
         failure_ttl=ttl,
         status=JobStatus.FINISHED,
         origin=queue.name,
-        description=f"{kind.value} {model} (reused {source.id})",
+        description=f"{kind.value} {model} (reused)",
         meta={
             "kind": kind.value,
             "model": model,
             **meta,
             "cache_key": key,
-            "reused_from": source.id,
             "result_job": source.meta.get("result_job", source.id),
         },
     )
@@ -84,13 +92,13 @@ def reuse_result(
             job,
             Result.Type.SUCCESSFUL,
             ttl,
-            return_value={**result, "reused": True, "reused_from": source.id},
+            return_value={**{k: v for k, v in result.items() if k != "reused_from"}, "reused": True},
             pipeline=pipe,
         )
         job.cleanup(ttl, pipeline=pipe, remove_from_queue=False)
         queue.finished_job_registry.add(job, ttl, pipe)
         pipe.execute()
     record_job(conn, kind.value, "reused", None)
-    notify_job_end(conn, job, ApiStatus.FINISHED)
+    notify_job_end(conn, job, ApiStatus.FINISHED, policy=policy)
     log.info("job %s answered from the result of job %s", job_id, source.id)
     return job_id

@@ -134,7 +134,8 @@ def _now() -> str:
 
 
 def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict[str, Any]:
-    """The JSON body of a callback: which job, how it ended, where its result is."""
+    """The JSON body of a callback: which job, how it ended, where its result is (never the id
+    of another job: a reused result does not say whose it was)."""
     path = f"/v1/jobs/{job.id}"
     error = job.meta.get("error") if status is not ApiStatus.FINISHED else None
     if status is ApiStatus.CANCELLED and not error:
@@ -146,7 +147,7 @@ def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict
         "status": status.value,
         "result_url": (public_url.rstrip("/") + path) if public_url else path,
         "error": error if isinstance(error, dict) else None,
-        "reused_from": job.meta.get("reused_from"),
+        "reused": bool(job.meta.get("result_job")),  # answered from an earlier result (never whose)
         "ended_at": job.ended_at.replace(tzinfo=UTC).isoformat() if job.ended_at else _now(),
     }
 

@@ -241,8 +241,13 @@ def explain_result(
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             # A source without the identifiers a derived object must copy (study, SOP
             # instance, ...): the explanation stands; say why there are no DICOM objects.
-            log.warning("no DICOM outputs: %s: %s", type(exc).__name__, exc)
-            summary["dicom_error"] = f"no DICOM objects could be derived from this file: {type(exc).__name__}: {exc}"
+            # The exception's text may quote the source's attributes (patient data): never
+            # log or return it, only its class.
+            log.warning("no DICOM outputs: %s while deriving them from the source", type(exc).__name__)
+            summary["dicom_error"] = (
+                "no DICOM objects could be derived from this file: it lacks an identifier a derived object must "
+                f"copy (study, series or SOP instance) or holds one that is not valid ({type(exc).__name__})"
+            )
         timings["dicom_seconds"] = time.perf_counter() - t
     key = cache_key("explain", served, digest, parameters)
     timings["total_seconds"] = time.perf_counter() - start

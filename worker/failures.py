@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -32,7 +33,7 @@ from models.errors import (
     TransientError,
     WorkerLostError,
 )
-from worker.callbacks import notify_job_end
+from worker.callbacks import CallbackPolicy, notify_job_end
 from worker.job_metrics import record_job
 from worker.keys import cancel_key, upload_key
 from worker.queues import QUEUE_NAMES, SERIALIZER
@@ -63,6 +64,33 @@ def cut_short(exc_type) -> bool:
     return exc_type is not None and issubclass(exc_type, (AbandonedJobError, *REDIS_OUTAGE))
 
 
+def redacted_traceback(exc_type, exc_value, tb) -> str:
+    """The traceback of a failed job as logs and Redis may keep it: every frame (file, line,
+    code), each exception's class, and the message only of aex's own errors (written to name
+    attributes, never their values). Any other exception's text may quote the input (a DICOM
+    attribute holding patient data), so it is withheld."""
+    out: list[str] = []
+    for cls, value, frames in _chain(exc_type, exc_value, tb):
+        out.append("Traceback (most recent call last):")
+        out.extend(line.rstrip("\n") for line in traceback.format_list(frames))
+        shown = value.message if isinstance(value, AexError) else "(message withheld: it may quote the input)"
+        out.append(f"{cls.__module__}.{cls.__qualname__}: {shown}")
+    return "\n".join(out)
+
+
+def _chain(exc_type, exc_value, tb):
+    """(class, value, frames) of an exception and the ones it was raised from, oldest first."""
+    chain, seen = [], set()
+    value = exc_value
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        chain.append((type(value), value, traceback.extract_tb(value.__traceback__)))
+        value = value.__cause__ or (None if value.__suppress_context__ else value.__context__)
+    if not chain and exc_type is not None:
+        chain.append((exc_type, None, traceback.extract_tb(tb)))
+    return list(reversed(chain))
+
+
 def error_of(exc_type, exc_value) -> dict[str, str]:
     """{"code", "message"} for the exception that ended a job, as the API reports it."""
     if isinstance(exc_value, AexError):
@@ -78,7 +106,11 @@ def error_of(exc_type, exc_value) -> dict[str, str]:
     if exc_type is not None and issubclass(exc_type, REDIS_OUTAGE):
         return {"code": TransientError.code, "message": f"the job store (Redis) was unreachable: {exc_value}"}
     name = exc_type.__name__ if exc_type is not None else "Error"
-    return {"code": JobFailedError.code, "message": f"{name}: {exc_value}"}
+    # Not ours: its text may quote the input (patient data); the class is enough to report.
+    return {
+        "code": JobFailedError.code,
+        "message": f"the job failed with an unexpected {name}; the worker's log has its traceback",
+    }
 
 
 def discard_upload(conn: Redis, job_id: str) -> None:
@@ -107,11 +139,13 @@ def _retry(job: Job, exc_type, retries: int) -> bool:
     return True
 
 
-def record_job_error(job: Job, exc_type, exc_value, tb, retries: int = 0) -> bool:
+def record_job_error(
+    job: Job, exc_type, exc_value, tb, retries: int = 0, policy: CallbackPolicy | None = None
+) -> bool:
     """rq exception handler (worker failures and the clean-up of abandoned jobs alike): queue
     a run cut short again while ``retries`` allows; else keep {"code", "message"} in
     job.meta["error"] and count the outcome. Returns True so rq's other handlers (its log)
-    still run."""
+    still run. ``policy``: how the callback of an abandoned job is sent (signed, pinned)."""
     if _retry(job, exc_type, retries):
         return True
     if isinstance(exc_value, JobCancelledError):
@@ -126,13 +160,14 @@ def record_job_error(job: Job, exc_type, exc_value, tb, retries: int = 0) -> boo
     if outcome == "abandoned":
         # Its final end, and nobody else will see it: its worker is gone.
         discard_upload(job.connection, job.id)
-        notify_job_end(job.connection, job, ApiStatus.FAILED)
+        notify_job_end(job.connection, job, ApiStatus.FAILED, policy=policy)
     return True
 
 
-def job_error_handler(retries: int) -> Callable[..., bool]:
-    """``record_job_error`` with the retry budget, as rq calls an exception handler."""
-    return functools.partial(record_job_error, retries=retries)
+def job_error_handler(retries: int, policy: CallbackPolicy | None = None) -> Callable[..., bool]:
+    """``record_job_error`` with the retry budget and the callback policy, as rq calls an
+    exception handler."""
+    return functools.partial(record_job_error, retries=retries, policy=policy)
 
 
 @contextmanager
@@ -147,12 +182,12 @@ def maintenance_lock(queue: Queue) -> Iterator[bool]:
             queue.release_maintenance_lock()
 
 
-def reap_abandoned(conn: Redis, retries: int) -> None:
+def reap_abandoned(conn: Redis, retries: int, policy: CallbackPolicy | None = None) -> None:
     """Queue again, or fail, the jobs whose worker stopped renewing its lease (rq's
     StartedJobRegistry clean-up). Workers do this in their maintenance; the API also does it
     when a client polls a running job, so a job never stays "running" after the last worker
     died."""
-    handler = job_error_handler(retries)
+    handler = job_error_handler(retries, policy)
     for name in QUEUE_NAMES.values():
         queue = Queue(name, connection=conn, serializer=SERIALIZER)
         with maintenance_lock(queue) as held:

@@ -2,13 +2,15 @@
 
 Each takes small JSON-safe keyword arguments: the canonical parameters the API built with
 ``worker.params.classify_parameters`` / ``explain_parameters``. The upload is read from
-Redis (the API stored it under ``upload_key(job_id)``, and said in ``job.meta["input_format"]``
-whether it is DICOM); the worker process deletes it once the job has ended for good (not
-when its run is cut short and it is queued again: ``worker.failures``). What is computed comes from
-``worker.compute``; here it is wired to the job: progress and cancellation through
-job.meta, PNGs and DICOM objects stored in Redis hashes with the result TTL. The job's cache
-key (``job.meta["cache_key"]``) is what the worker process indexes the finished result by.
-Models come from the process's ``ServedModels``, loaded once before the work loop.
+Redis (the API stored it sealed under ``upload_key(job_id)``, and said in
+``job.meta["input_format"]`` whether it is DICOM); the worker process deletes it once the job
+has ended for good (not when its run is cut short and it is queued again: ``worker.failures``).
+What is computed comes from ``worker.compute``; here it is wired to the job: progress and
+cancellation through job.meta, PNGs and DICOM objects stored sealed (``worker.crypto``, one
+blob per hash field) in Redis hashes with the result TTL. The job's cache key
+(``job.meta["cache_key"]``) is what the worker process indexes the finished result by.
+Models come from the process's ``ServedModels``, and the data cipher from AEX_DATA_KEY,
+both installed once before the work loop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from rq.job import Job
 from models.defaults import ARA_STEPS
 from models.errors import BadParameterError, JobCancelledError
 from worker.compute import classify_result, explain_result
+from worker.crypto import DataCipher, blob_context
 from worker.keys import cancel_key, dicom_key, images_key, upload_key
 from worker.params import classify_parameters, explain_parameters
 from worker.served import served_models
@@ -31,6 +34,26 @@ from worker.served import served_models
 stop_requested = threading.Event()
 
 PROGRESS_EVERY_SECONDS = 0.2
+
+_cipher: DataCipher | None = None
+
+
+def install_cipher(cipher: DataCipher) -> None:
+    """The cipher of this process (``run_worker`` installs it from AEX_DATA_KEY at start)."""
+    global _cipher
+    _cipher = cipher
+
+
+def data_cipher() -> DataCipher:
+    if _cipher is None:
+        raise RuntimeError("no data cipher installed: the worker process installs it before its first job")
+    return _cipher
+
+
+def seal_fields(redis_key: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    """``files`` sealed for the hash ``redis_key``, each bound to its field name."""
+    cipher = data_cipher()
+    return {name: cipher.seal(data, blob_context(redis_key, name)) for name, data in files.items()}
 
 
 def _current_job() -> Job:
@@ -49,7 +72,7 @@ def _read_upload(job: Job) -> bytes:
     data = job.connection.get(upload_key(job.id))
     if data is None:
         raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
-    return data
+    return data_cipher().open(data, blob_context(upload_key(job.id)))
 
 
 class _Progress:
@@ -112,7 +135,7 @@ def explain(
 
     The PNGs (input, gradcam, gradcam_overlay, one per target and its amplified difference)
     go to the hash ``images_key(job_id)``, the DICOM objects (DICOM input only) to
-    ``dicom_key(job_id)``, both with ``result_ttl``; the summary is returned."""
+    ``dicom_key(job_id)``, both sealed and with ``result_ttl``; the summary is returned."""
     job = _current_job()
     _check_cancelled(job)
     served = served_models().get(model)
@@ -128,6 +151,8 @@ def explain(
         worker=job.worker_name,
     )
     _check_cancelled(job)
+    files = seal_fields(images_key(job.id), files)
+    dicom_files = seal_fields(dicom_key(job.id), dicom_files)
     with job.connection.pipeline() as pipe:
         pipe.hset(images_key(job.id), mapping=files)
         pipe.expire(images_key(job.id), result_ttl)

@@ -25,11 +25,6 @@ def dicom_key(job_id: str) -> str:
     return f"{PREFIX}:dicom:{job_id}"
 
 
-def result_index_key(cache_key: str) -> str:
-    """The id of the job whose finished result answers ``cache_key`` (result TTL)."""
-    return f"{PREFIX}:result:{cache_key}"
-
-
 def callback_key(job_id: str) -> str:
     """The delivery record of a job's callback (JSON, with the result TTL)."""
     return f"{PREFIX}:callback:{job_id}"
@@ -80,6 +75,7 @@ def principal_jobs_key(owner_digest: str) -> str:
 
 
 def scoped_result_index_key(scope: str, cache_key: str) -> str:
-    """``result_index_key`` within one reuse scope (``service.auth.reuse_scope``: a principal
-    or its tenant, as a digest): a result is reused only for whoever may see it."""
+    """The id of the job whose finished result answers ``cache_key`` within one reuse scope
+    (``service.auth.reuse_scope``: a principal or its tenant, as a digest), with the result
+    TTL: a result is reused only for whoever may see it."""
     return f"{PREFIX}:result:{scope}:{cache_key}"

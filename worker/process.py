@@ -21,11 +21,15 @@ parent's CUDA context) with:
   instead of quitting, and a run cut short by a longer outage is retried like a dead
   worker's; a running job that Redis lost (a restart without persistence: the API answers
   ``job_lost``) is stopped, and nothing of it is recorded;
-- the upload deleted, and the callback sent, once the job has ended for good;
+- uploads read, and outputs stored, sealed with AEX_DATA_KEY (``worker.crypto``): the cipher is
+  built once at start, and a worker without a key refuses to start;
+- the upload deleted, and the callback sent (signed and pinned: ``CallbackPolicy``), once the
+  job has ended for good;
 - job errors recorded in job.meta["error"] as {"code", "message"} for the API (also for
   abandoned jobs: the worker's exception handlers run in rq's registry clean-up);
-- a finished job's result indexed under its cache key (``result_index_key``), so the API
-  can answer an identical request from it;
+- a finished job's result indexed under its cache key within the reuse scope of its
+  submitter (``scoped_result_index_key``: the principal, or its tenant), so the API can answer
+  an identical request of the same principal from it, and nobody else's;
 - the job's callback (``worker.callbacks``) sent when it ends, in a thread.
 
 SIGTERM or SIGINT: warm shutdown, the current job is finished first (rq); a second signal
@@ -48,6 +52,7 @@ from typing import Any
 from rq import worker_registration
 from rq.exceptions import InvalidJobOperation
 from rq.job import Job, JobStatus
+from rq.job_lifecycle import call_exception_handlers
 from rq.queue import Queue
 from rq.registry import clean_registries
 from rq.utils import now
@@ -55,10 +60,18 @@ from rq.worker import SimpleWorker, WorkerStatus
 
 from models.errors import BadParameterError, JobCancelledError, JobRefusedError
 from worker import jobs
-from worker.callbacks import notify_job_end
-from worker.failures import REDIS_OUTAGE, discard_upload, job_kind, maintenance_lock, record_job_error
+from worker.callbacks import CallbackPolicy, notify_job_end
+from worker.crypto import cipher_from_settings
+from worker.failures import (
+    REDIS_OUTAGE,
+    discard_upload,
+    job_kind,
+    maintenance_lock,
+    record_job_error,
+    redacted_traceback,
+)
 from worker.job_metrics import record_job
-from worker.keys import CATALOGUE_FIELD, result_index_key
+from worker.keys import CATALOGUE_FIELD, scoped_result_index_key
 from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, refusal
 from worker.served import ServedModels, install
 from worker.settings import Settings
@@ -86,9 +99,11 @@ class AexWorker(SimpleWorker):
         catalogue: list[dict[str, Any]] | None = None,
         reuse_results: bool = True,
         job_retries: int = 0,
+        callback_policy: CallbackPolicy | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.callback_policy = callback_policy
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self.reuse_results = reuse_results
         self.job_retries = job_retries
@@ -249,7 +264,8 @@ class AexWorker(SimpleWorker):
             record_job(self.connection, job_kind(job), "finished", seconds)
             self._index_result(job)
         discard_upload(self.connection, job.id)
-        notify_job_end(self.connection, job, status)  # finished, failed, timed out or cancelled
+        # Finished, failed, timed out or cancelled.
+        notify_job_end(self.connection, job, status, policy=self.callback_policy)
 
     def _put_back(self, job: Job, queue: Queue, exc: Exception) -> None:
         """A job taken from its queue that could not be started (Redis went away): put it
@@ -262,13 +278,15 @@ class AexWorker(SimpleWorker):
             log.error("job %s could not be put back in its queue: it will not run", job.id, exc_info=True)
 
     def _index_result(self, job: Job) -> None:
-        """Point the job's cache key at it, so an identical request is answered from this
-        result while it lives (the key expires with the result)."""
-        key = job.meta.get("cache_key")
-        if not key or not self.reuse_results:
+        """Point the job's cache key, within its submitter's reuse scope, at it, so an
+        identical request of the same principal (or tenant) is answered from this result while
+        it lives (the key expires with the result). A job without a reuse scope is not indexed."""
+        key, scope = job.meta.get("cache_key"), job.meta.get("reuse_scope")
+        if not key or not scope or not self.reuse_results:
             return
         try:
-            self.connection.set(result_index_key(key), job.id, ex=job.get_result_ttl(self.default_result_ttl))
+            ttl = job.get_result_ttl(self.default_result_ttl)
+            self.connection.set(scoped_result_index_key(scope, key), job.id, ex=ttl)
         except Exception:
             log.warning("could not index the result of job %s:\n%s", job.id, traceback.format_exc())
 
@@ -285,13 +303,26 @@ class AexWorker(SimpleWorker):
             except Exception:
                 log.warning("could not renew the lease of job %s:\n%s", job.id, traceback.format_exc())
 
+    # --- what a failure leaves in logs and Redis --------------------------------------
+    def handle_exception(self, job: Job, *exc_info):
+        # rq logs the exception's whole text (and the job's arguments); a text may quote the
+        # input, so only the redacted traceback is logged.
+        self._last_redacted = redacted_traceback(*exc_info)
+        self.log.error("Worker %s: job %s failed:\n%s", self.name, job.id, self._last_redacted)
+        call_exception_handlers(self._exc_handlers, job, *exc_info)
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
+        # rq stores exc_string in the job's hash and its failed registry: keep it redacted.
+        redacted = getattr(self, "_last_redacted", "") if exc_string else exc_string
+        return super().handle_job_failure(job, queue, started_job_registry, exc_string=redacted, execution=execution)
+
     def _record_failure(self, job: Job, exc_type, exc_value, tb) -> bool:
         if self._lost_job_id == job.id:
             return False  # stopped because Redis lost it: nothing to record
         if isinstance(exc_value, JobCancelledError):
             # handle_job_failure marks the job rq STOPPED (our "cancelled") when this is set.
             self._stopped_job_id = job.id
-        return record_job_error(job, exc_type, exc_value, tb, retries=self.job_retries)
+        return record_job_error(job, exc_type, exc_value, tb, retries=self.job_retries, policy=self.callback_policy)
 
 
 def configure_torch(settings: Settings) -> None:
@@ -326,6 +357,9 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not settings.redis_url:
         raise BadParameterError("AEX_REDIS_URL is not set: a worker needs the Redis server of the service")
+    # Before anything is loaded: a worker without AEX_DATA_KEY (or with a malformed one) stops here.
+    jobs.install_cipher(cipher_from_settings(settings.data_key))
+    policy = CallbackPolicy.from_settings(settings)
     configure_torch(settings)
     served = ServedModels.load(settings)  # before the first job: no model load per job
     install(served)
@@ -346,6 +380,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         catalogue=served.catalogue(),
         reuse_results=settings.reuse_results,
         job_retries=settings.job_retries,
+        callback_policy=policy,
     )
     log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
     return w.work(burst=burst, logging_level=settings.log_level.upper())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,7 +25,7 @@ MIB = 1024 * 1024
 # whose "secret" would be the public key).
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 # List settings whose items are separated by commas (the others are paths: os.pathsep).
-COMMA_LISTS = ("callback_allowed_hosts", "oidc_algorithms")
+COMMA_LISTS = ("callback_allowed_hosts", "oidc_algorithms", "cors_origins", "trusted_hosts")
 
 
 def bundled_checkpoint_dir() -> Path:
@@ -71,6 +72,12 @@ class Settings(BaseSettings):
     max_explain_steps: int = Field(1000, ge=1)
     max_explain_rows: int = Field(100, ge=1)
     catalogue_cache_seconds: float = Field(2.0, ge=0.0)
+    # Browser origins (scheme://host[:port]) allowed to call the API from another origin, such
+    # as an OHIF viewer, separated by commas; empty: none (no CORS headers are sent at all).
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Host header values the API answers (exact, or "*.example.org"), separated by commas;
+    # empty: any (others are answered 400).
+    trusted_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Lifetimes in Redis.
     upload_ttl: int = Field(3600, ge=1)
@@ -153,6 +160,28 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
         return [str(h).strip().lower() for h in value or [] if str(h).strip()]
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        origins = []
+        for item in (str(i).strip() for i in items):
+            if not item:
+                continue
+            parts = urlsplit(item)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+                raise ValueError(
+                    f"AEX_CORS_ORIGINS takes origins such as https://viewer.example.org (no '*', no path), not {item!r}"
+                )
+            origins.append(f"{parts.scheme}://{parts.netloc}".lower())
+        return origins
+
+    @field_validator("trusted_hosts", mode="before")
+    @classmethod
+    def _split_trusted(cls, value):
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        return [str(h).strip().lower() for h in items if str(h).strip()]
 
     @field_validator("oidc_algorithms", mode="before")
     @classmethod

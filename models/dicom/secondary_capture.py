@@ -8,7 +8,9 @@ references the source instance, so a PACS viewer shows it beside the original.
 
 from __future__ import annotations
 
+import copy
 import io
+import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -67,6 +69,45 @@ def _source_reference(source: Dataset) -> Dataset:
     return item
 
 
+# Value representations whose text must parse (dates, times, numbers as strings): a derived
+# object copies them from the source, and pydicom refuses (quoting the value) those that do not.
+_PARSED_VRS = {
+    "DA": pydicom.valuerep.DA,
+    "DT": pydicom.valuerep.DT,
+    "TM": pydicom.valuerep.TM,
+    "DS": pydicom.valuerep.DSfloat,
+    "IS": pydicom.valuerep.IS,
+}
+
+
+def usable_source(source: Dataset) -> tuple[Dataset, list[str]]:
+    """A copy of ``source`` (without its pixel data) in which every top-level attribute whose
+    value does not parse for its VR (a birth date "19XX", a time "noon") is emptied, and the
+    keywords so emptied. Patient and study attributes are Type 2 in a derived object, so an
+    empty value is valid where a garbled one would fail, and only keywords, never values,
+    are reported (they may be patient data)."""
+    ref = Dataset()
+    ref.file_meta = copy.deepcopy(getattr(source, "file_meta", Dataset()))
+    emptied = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for elem in source:
+            if elem.keyword == "PixelData":
+                continue
+            elem = copy.deepcopy(elem)
+            parse = _PARSED_VRS.get(elem.VR)
+            if parse is not None and elem.value not in (None, ""):
+                values = elem.value if isinstance(elem.value, pydicom.multival.MultiValue) else [elem.value]
+                try:
+                    for v in values:
+                        parse(str(v)) if elem.VR in ("DA", "DT", "TM") else parse(v)
+                except (ValueError, TypeError, OverflowError):
+                    elem.value = ""
+                    emptied.append(elem.keyword or str(elem.tag))
+            ref.add(elem)
+    return ref, emptied
+
+
 def secondary_captures(
     source: Dataset,
     images: Sequence[tuple[str, np.ndarray]],
@@ -79,6 +120,7 @@ def secondary_captures(
     derivation: free text naming model and method (truncated to the 1024 chars DICOM allows).
     Returns ``(name, DICOM Part 10 bytes)`` pairs.
     """
+    source, _emptied = usable_source(source)
     series_uid = generate_uid()
     out = []
     for number, (name, image) in enumerate(images, start=1):

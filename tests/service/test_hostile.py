@@ -69,7 +69,9 @@ def test_hostile_upload(api, poll, case):
     view = classify.json() if classify.status_code == 200 else poll(api, classify.headers["location"])
     assert view["status"] == "finished", view
     assert_finite_result(view["result"])
-    view = poll(api, explain.headers["location"])
+    # 200: answered at once from an identical earlier request's result (the same bytes may
+    # stand in the corpus twice, e.g. an untruncated file); 202: queued.
+    view = explain.json() if explain.status_code == 200 else poll(api, explain.headers["location"])
     assert view["status"] == "finished", view
     assert_finite_result(view["result"])
 
@@ -100,8 +102,8 @@ def test_good_image_still_classifies_and_explains(api, make_image, poll):
     assert resp.status_code == 200, resp.text
     assert_finite_result(resp.json()["result"])
     resp = submit(api, "/v1/explain", good, targets="predicted,runner-up", steps=5)
-    assert resp.status_code == 202, resp.text
-    view = poll(api, resp.headers["location"])
+    assert resp.status_code in (200, 202), resp.text
+    view = resp.json() if resp.status_code == 200 else poll(api, resp.headers["location"])
     assert view["status"] == "finished", view
     assert_finite_result(view["result"])
 
