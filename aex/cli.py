@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from aex.commands import admin, explain, science, service, train
+from aex.commands import admin, explain, science, service, train, watch
 
 app = typer.Typer(
     name="aex",
@@ -32,6 +32,7 @@ app.command("worker")(service.worker_cmd)
 app.add_typer(admin.keys_app)
 app.command()(admin.audit)
 app.command("data-key")(admin.data_key)
+app.command()(watch.watch)
 
 
 def main() -> None:  # pragma: no cover - entry point for `python -m aex.cli`

@@ -1,6 +1,10 @@
 """``aex serve``: Redis (embedded unless AEX_REDIS_URL is set), N workers and the API in one
 command, stopped cleanly on Ctrl-C / SIGTERM.
 
+Before anything starts, the auth settings are checked and the data key is settled; once Redis
+answers, the first admin token is made when none exists (``aex.bootstrap``: its file's path is
+printed, never the token).
+
 The embedded Redis is supervised: when it dies it is started again on the same socket, and
 the API and the workers carry on by themselves (without AEX_REDIS_DIR it starts empty:
 jobs accepted before answer ``job_lost``; with it, nothing accepted is lost).
@@ -21,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,6 +82,8 @@ class EmbeddedRedis:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Called after each restart by the supervisor (without persistence Redis is empty then).
+        self.on_restart: Callable[[], None] | None = None
 
     @property
     def url(self) -> str:
@@ -178,6 +185,12 @@ class EmbeddedRedis:
                 except Exception:
                     log.exception("could not start the embedded Redis again; trying again in 1 s")
                     self._stopping.wait(1.0)
+                    continue
+                if self.on_restart is not None:
+                    try:
+                        self.on_restart()
+                    except Exception:
+                        log.exception("could not set up the embedded Redis again after its restart")
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop watching; without persistence empty the server first (its data only lived
@@ -213,10 +226,14 @@ def serve(settings: Settings) -> None:
     """Run until interrupted. See the module docstring."""
     import uvicorn
 
+    from aex.bootstrap import FirstAdmin, with_data_key
     from service.app import create_app
+    from service.auth import check_auth_settings
     from service.server import server_options
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    check_auth_settings(settings)  # before anything starts (AEX_AUTH=off only on loopback)
+    settings = with_data_key(settings)  # before the workers: they get it through their environment
     if settings.workers > 0 and not discover_checkpoints(settings.checkpoint_dirs()):
         raise CheckpointError(
             "no checkpoints to serve in "
@@ -227,9 +244,13 @@ def serve(settings: Settings) -> None:
     if not settings.redis_url:
         redis = EmbeddedRedis(settings.redis_dir, persistent=settings.redis_dir is not None)
         settings = settings.model_copy(update={"redis_url": redis.start()})
-        redis.supervise()
     pool = WorkerPool(settings, settings.workers) if settings.workers > 0 else None
     try:
+        first_admin = FirstAdmin(settings)
+        first_admin.ensure()
+        if redis is not None:
+            redis.on_restart = first_admin.restore
+            redis.supervise()
         if pool is not None:
             pool.start()
         app = create_app(settings)

@@ -185,6 +185,32 @@ class DecryptionError(AexError):
     code = "decryption_failed"
 
 
+class UnknownPacsError(AexError):
+    """A request named a PACS that AEX_PACS does not configure (requests name PACS, never URLs)."""
+
+    code = "unknown_pacs"
+
+
+class InstanceNotFoundError(AexError):
+    """The PACS has no instance with the Study, Series and SOP Instance UIDs given (named in
+    the message: UIDs are not patient data)."""
+
+    code = "instance_not_found"
+
+
+class PacsError(AexError):
+    """A PACS answered, but not as DICOMweb or DIMSE should (refused credentials, a malformed
+    answer, a store it rejected); the message names the PACS, never its address."""
+
+    code = "pacs_error"
+
+
+class PacsUnreachableError(PacsError):
+    """A PACS could not be reached (connection refused, timed out, 5xx) after bounded retries."""
+
+    code = "pacs_unreachable"
+
+
 def error_class_for(code: str) -> type[AexError]:
     """The exception class that carries ``code`` (``JobFailedError`` when none does)."""
     stack: list[type[AexError]] = [AexError]

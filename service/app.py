@@ -3,6 +3,12 @@
 
 This process never imports torch: it validates uploads with Pillow (models.data.imaging, models.dicom.pixels), reads
 checkpoint metadata from safetensors headers as JSON, and enqueues jobs by dotted path.
+
+The trust boundary is set up here: the auth settings checked first (``service.auth``), the
+authenticator every route's ``requires(scope)`` uses, the audit trail's middleware, the data
+cipher (AEX_DATA_KEY: no key, no API) and the callback policy handed to the job service,
+``WWW-Authenticate`` on every 401, CORS for the allowed origins only (AEX_CORS_ORIGINS), the
+trusted ``Host`` values (AEX_TRUSTED_HOSTS), and ``/docs`` without any external load.
 """
 
 from __future__ import annotations
@@ -18,16 +24,24 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from models.errors import AexError, BadParameterError, ServiceUnavailableError
+from models.errors import AexError, BadParameterError, ServiceUnavailableError, UnauthenticatedError
 from models.version import __version__
+from service.audit import AuditLog, AuditMiddleware
+from service.auth import Authenticator, challenge, check_auth_settings
+from service.docs import install_docs
 from service.errors import error_response, status_of
 from service.jobs import Catalogue, JobService
 from service.metrics import Metrics, MetricsMiddleware
+from service.routes import admin as admin_routes
 from service.routes import jobs as job_routes
 from service.routes import models as model_routes
 from service.routes import ops as ops_routes
 from service.viewer import install_viewer
+from worker.callbacks import CallbackPolicy
+from worker.crypto import cipher_from_settings
 from worker.queues import connect
 from worker.settings import Settings
 
@@ -40,8 +54,11 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as ``{"error": {"code", "message"}}`` with its status."""
 
     @app.exception_handler(AexError)
-    async def aex_error(_request: Request, exc: AexError):
-        return error_response(status_of(exc.code), exc.code, exc.message)
+    async def aex_error(request: Request, exc: AexError):
+        resp = error_response(status_of(exc.code), exc.code, exc.message)
+        if exc.code == UnauthenticatedError.code:
+            resp.headers["WWW-Authenticate"] = challenge(request)
+        return resp
 
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
@@ -113,10 +130,15 @@ class InternalErrorMiddleware:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API. ``settings``: None reads AEX_* from the environment, once."""
+    """Build the API. ``settings``: None reads AEX_* from the environment, once. Refuses
+    settings that would open the service (AEX_AUTH=off off loopback), and a missing or
+    malformed AEX_DATA_KEY."""
     settings = settings or Settings()
+    check_auth_settings(settings)
     if not settings.redis_url:
         raise BadParameterError("AEX_REDIS_URL is not set (`aex serve` starts an embedded Redis and sets it)")
+    cipher = cipher_from_settings(settings.data_key)
+    policy = CallbackPolicy.from_settings(settings)
     conn = connect(settings.redis_url, socket_timeout=settings.classify_wait_seconds + 10.0)
 
     @asynccontextmanager
@@ -130,14 +152,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Robust-network inference, Grad-CAM and adversarial explanations as queued jobs. "
         'Errors are JSON: {"error": {"code": ..., "message": ...}}.',
         lifespan=lifespan,
+        docs_url=None,  # service.docs serves /docs without a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
-    app.state.jobs = JobService(conn, settings, Catalogue(settings))
+    app.state.auth = Authenticator.from_settings(settings, conn)
+    app.state.audit = AuditLog.from_settings(conn, settings)
+    app.state.jobs = JobService(conn, settings, Catalogue(settings), cipher, policy)
     app.state.metrics = Metrics(conn)
-    install_error_handlers(app)
+    install_error_handlers(app)  # adds the innermost middleware
     app.include_router(job_routes.router)
     app.include_router(model_routes.router)
+    app.include_router(admin_routes.router)
     app.include_router(ops_routes.router)
     install_viewer(app)  # the HTML viewer at / and its files at /static/
+    install_docs(app)
+    # Outermost last: the trusted hosts, then CORS (preflights answered before any token is
+    # asked for), metrics, and the audit trail, which sees the final status of each request.
+    app.add_middleware(AuditMiddleware, audit=app.state.audit)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["Location"],
+            allow_credentials=False,  # tokens travel in the Authorization header, never in cookies
+            max_age=600,
+        )
+    if settings.trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.trusted_hosts)
     return app

@@ -37,6 +37,7 @@ RELATIVE = re.compile(r"^(\d{1,9})\s*([smhd])$")
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_PRINCIPAL = 200
 MAX_READ = 10_000
+MAX_STREAM_PART = 2**64 - 1
 ANONYMOUS = "anonymous"
 AUDITED_PREFIXES = ("/v1/", "/metrics")
 
@@ -134,10 +135,15 @@ def parse_since(text: str, now: datetime | None = None) -> str:
     exclusive: the records after it)."""
     text = (text or "").strip()
     if STREAM_ID.match(text):
+        if any(int(part) > MAX_STREAM_PART for part in text.split("-")):
+            raise BadParameterError("a record id is <milliseconds>-<sequence>, each at most 2**64 - 1")
         return f"({text}"
     m = RELATIVE.match(text)
     if m:
-        when = (now or datetime.now(UTC)) - timedelta(seconds=int(m.group(1)) * UNITS[m.group(2)])
+        try:
+            when = (now or datetime.now(UTC)) - timedelta(seconds=int(m.group(1)) * UNITS[m.group(2)])
+        except OverflowError:  # before year 1: from the start
+            return "0-0"
     else:
         try:
             when = datetime.fromisoformat(text.replace("Z", "+00:00"))

@@ -45,6 +45,10 @@ HTTP_STATUS: dict[str, int] = {
     e.UnknownKeyError.code: 404,
     e.TooManyJobsError.code: 429,
     e.DecryptionError.code: 500,
+    e.UnknownPacsError.code: 400,
+    e.InstanceNotFoundError.code: 404,
+    e.PacsError.code: 502,
+    e.PacsUnreachableError.code: 502,
 }
 
 

@@ -1,5 +1,5 @@
 """Reading a request body: the multipart form in memory with a size limit and a deadline, its
-``image`` file part and its text fields.
+``image`` file part and its text fields (and a small JSON body, ``read_json``, the same way).
 
 FastAPI's own form parsing spools files over 1 MB to a temporary file; an upload here never
 touches the disk (the size limit bounds the memory it takes, AEX_BODY_TIMEOUT_SECONDS the
@@ -10,6 +10,7 @@ into a form with defaulted fields.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -113,3 +114,29 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
         return Upload(data=data, filename=image.filename, fields=fields, content_type=image.content_type)
     finally:
         await form.close()
+
+
+async def read_json(request: Request, settings: Settings, limit: int) -> object:
+    """A small JSON body (at most ``limit`` bytes, within AEX_BODY_TIMEOUT_SECONDS), read only
+    once the route has authenticated the request: 413 beyond the limit, 400 for anything that
+    is not JSON."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise BadParameterError("send the request as application/json")
+    chunks, total = [], 0
+    try:
+        with anyio.fail_after(settings.body_timeout_seconds):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > limit:
+                    raise UploadTooLargeError(f"the request body is over the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body did not arrive whole within {settings.body_timeout_seconds:g} s"
+        ) from None
+    except ClientDisconnect:
+        raise BadParameterError("the client closed the connection before the request body ended") from None
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError):
+        raise BadParameterError("the request body is not valid JSON") from None

@@ -163,7 +163,9 @@ class ErrorResponse(BaseModel):
 
 
 # The error answers every /v1 route may give (documented in the OpenAPI schema).
-ERRORS: dict[int | str, dict] = {code: {"model": ErrorResponse} for code in (400, 404, 408, 413, 415, 422, 429, 503)}
+ERRORS: dict[int | str, dict] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 415, 422, 429, 503)
+}
 
 
 class Progress(BaseModel):

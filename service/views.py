@@ -54,6 +54,8 @@ def job_view(conn: Redis, job: Job, queue: Queue | None) -> JobView:
     result = images = dicom = error = None
     if api_status is ApiStatus.FINISHED:
         result = job.return_value()
+        if isinstance(result, dict):
+            result.pop("reused_from", None)  # never another job's id (older results carried it)
         if isinstance(result, dict) and kind is JobKind.EXPLAIN:
             images = {}
             for name in (result.get("files") or {}).values():

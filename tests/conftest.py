@@ -171,7 +171,10 @@ def redis_url(server, db: int) -> str:
 
 def stack_settings(server, db: int, models: Path, **overrides):
     """Settings of a test stack: short leases and registrations so a dead worker is noticed
-    in seconds, one torch thread per worker (the test machine's cores are shared)."""
+    in seconds, one torch thread per worker (the test machine's cores are shared), the
+    session's data key and callback secret, and authentication on (the default: clients need a token, see
+    ``tests.tokens``), with room for many jobs of one principal (the tests are one client)."""
+    from tests.tokens import CALLBACK_SECRET, DATA_KEY
     from worker.settings import Settings
 
     base = dict(
@@ -186,6 +189,9 @@ def stack_settings(server, db: int, models: Path, **overrides):
         max_explain_steps=LONG_STEPS,
         stability_steps=SERVICE_STABILITY_STEPS,
         log_level="WARNING",
+        data_key=DATA_KEY,
+        callback_secret=CALLBACK_SECRET,
+        max_jobs_per_principal=1000,
     )
     return Settings(**{**base, **overrides})
 
@@ -262,13 +268,19 @@ def service_stack(redis_server, service_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def api(service_stack):
-    """A TestClient on the API of the session's stack."""
-    from fastapi.testclient import TestClient
+def api_token(service_stack) -> str:
+    """The token of the session's admin key in the stack's Redis (``tests.tokens``)."""
+    from tests.tokens import token_for
 
-    from service.app import create_app
+    return token_for(service_stack)
 
-    with TestClient(create_app(service_stack)) as client:
+
+@pytest.fixture(scope="session")
+def api(service_stack, api_token):
+    """A TestClient on the API of the session's stack, sending the admin token."""
+    from tests.tokens import api_client
+
+    with api_client(service_stack) as client:
         yield client
 
 

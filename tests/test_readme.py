@@ -17,6 +17,7 @@ import pytest
 
 from service.app import HTTP_CODES, create_app
 from service.errors import HTTP_STATUS
+from worker.crypto import generate_data_key
 from worker.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -72,7 +73,9 @@ def setting_default(name: str) -> str:
 
 @pytest.fixture(scope="module")
 def openapi() -> dict[str, Any]:
-    settings = Settings(redis_url="unix:///nonexistent.sock", bundled_models=False, model_dirs=[])
+    settings = Settings(
+        redis_url="unix:///nonexistent.sock", bundled_models=False, model_dirs=[], data_key=generate_data_key()
+    )
     return create_app(settings).openapi()
 
 

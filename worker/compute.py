@@ -169,31 +169,58 @@ def _png_array(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def secondary_capture_files(
-    dicom: DicomImage, served: ServedModel, summary: dict[str, Any], files: dict[str, bytes], parameters: dict[str, Any]
-) -> dict[str, bytes]:
-    """The Grad-CAM overlay, each explanation x + delta and its amplified difference as DICOM
-    Secondary Capture objects in a new series of the source's study; names are added to
-    ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference")."""
-    from models.dicom.secondary_capture import secondary_captures  # highdicom only when DICOM comes in
-
-    images = [("gradcam_overlay", _png_array(files["gradcam_overlay.png"]))]
-    for target in summary["targets"]:
-        for key in ("image", "difference"):
-            images.append((target[key][: -len(".png")], _png_array(files[target[key]])))
-    gradcam = summary["gradcam"]
+def _derivation(served: ServedModel, summary: dict[str, Any], parameters: dict[str, Any]) -> str:
+    """How the derived objects were made, in words (their Derivation Description)."""
+    settings = summary.get("settings") or {}
     targets = ", ".join(f"{t['role']} {t['class_name']}" for t in summary["targets"])
-    derivation = (
+    return (
         f"aex {__version__}, model {served.name} (checkpoint sha256 {served.checkpoint_sha256}). "
-        f"Grad-CAM of class {summary['predicted']['class_name']} at layer {gradcam['layer']}, overlaid on the "
-        f"input. Adversarial explanations (perturbation search in explain mode: rho {parameters['rho']}, "
-        f"steps {parameters['steps']}, overshoot {EXPLAIN_OVERSHOOT}, momentum {EXPLAIN_MOMENTUM}, no clamping) "
-        f"toward {targets}: x + delta and the amplified difference delta. Input resized to "
-        f"{served.meta.input_size} x {served.meta.input_size}. Not for primary diagnosis."
+        f"Grad-CAM of class {summary['predicted']['class_name']} at layer {summary['gradcam']['layer']}, overlaid "
+        f"on the input. Adversarial explanations (perturbation search in explain mode: rho {parameters['rho']}, "
+        f"steps {parameters['steps']}, overshoot {settings.get('overshoot', EXPLAIN_OVERSHOOT)}, momentum "
+        f"{settings.get('momentum', EXPLAIN_MOMENTUM)}, {'' if settings.get('clamp') else 'no '}clamping) toward "
+        f"{targets}: x + delta and the amplified difference delta. Input resized to {served.meta.input_size} x "
+        f"{served.meta.input_size}. Not for primary diagnosis."
     )
-    objects = secondary_captures(dicom.dataset, images, derivation, series_description=f"aex {served.name}")
-    out = {f"{name}.dcm": blob for name, blob in objects}
+
+
+def secondary_capture_files(
+    dicom: DicomImage,
+    served: ServedModel,
+    summary: dict[str, Any],
+    files: dict[str, bytes],
+    parameters: dict[str, Any],
+    gradcam: torch.Tensor,
+) -> dict[str, bytes]:
+    """The DICOM objects of an explanation, each in a new series of the source's study
+    (``models.dicom.results``): the Grad-CAM map as a Parametric Map on the source's own pixel
+    grid, the overlay, each explanation x + delta and its amplified difference as Secondary
+    Captures, and the Comprehensive 3D SR that describes them. Their names are added to
+    ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference") and their
+    identifiers to ``summary["dicom_objects"]`` (name, role, SOP Class, SOP Instance and
+    Series Instance UIDs; never a patient attribute)."""
+    from models.data.geometry import map_to_source  # highdicom only when DICOM comes in
+    from models.dicom.equipment import Provenance
+    from models.dicom.results import explanation_objects
+
+    images = [("gradcam_overlay", "gradcam_overlay", _png_array(files["gradcam_overlay.png"]))]
+    for target in summary["targets"]:
+        for key, role in (("image", "explanation"), ("difference", "explanation_difference")):
+            images.append((target[key][: -len(".png")], role, _png_array(files[target[key]])))
+    width, height = dicom.size
+    objects = explanation_objects(
+        dicom.dataset,
+        map_to_source(gradcam.numpy(), width, height),
+        images,
+        summary,
+        served.meta.metrics,
+        parameters,
+        Provenance(served.name, served.checkpoint_sha256),
+        _derivation(served, summary, parameters),
+    )
+    out = {obj.name: obj.data for obj in objects}
     summary["dicom_files"] = list(out)
+    summary["dicom_objects"] = [obj.listing() for obj in objects]
     for target in summary["targets"]:
         target["dicom"] = target["image"][: -len(".png")] + ".dcm"
         target["dicom_difference"] = target["difference"][: -len(".png")] + ".dcm"
@@ -218,6 +245,7 @@ def explain_result(
     x, dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
     timings["decode_seconds"] = time.perf_counter() - start
     steps = int(parameters["stability_steps"])
+    maps: dict[str, torch.Tensor] = {}
     summary, files = explain_image(
         served.model,
         served.meta.classes,
@@ -231,13 +259,14 @@ def explain_result(
         progress=progress,
         timings=timings,
         extra_summary={"model": served.name},
+        maps=maps,
         **search,
     )
     dicom_files: dict[str, bytes] = {}
     if dicom is not None:
         t = time.perf_counter()
         try:
-            dicom_files = secondary_capture_files(dicom, served, summary, files, parameters)
+            dicom_files = secondary_capture_files(dicom, served, summary, files, parameters, maps["gradcam"])
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             # A source without the identifiers a derived object must copy (study, SOP
             # instance, ...): the explanation stands; say why there are no DICOM objects.

@@ -139,9 +139,7 @@ def _retry(job: Job, exc_type, retries: int) -> bool:
     return True
 
 
-def record_job_error(
-    job: Job, exc_type, exc_value, tb, retries: int = 0, policy: CallbackPolicy | None = None
-) -> bool:
+def record_job_error(job: Job, exc_type, exc_value, tb, retries: int = 0, policy: CallbackPolicy | None = None) -> bool:
     """rq exception handler (worker failures and the clean-up of abandoned jobs alike): queue
     a run cut short again while ``retries`` allows; else keep {"code", "message"} in
     job.meta["error"] and count the outcome. Returns True so rq's other handlers (its log)

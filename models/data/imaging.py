@@ -271,6 +271,19 @@ def reduction_factor(width: int, height: int, size: int) -> int:
     return max(1, min(width, height) // (REDUCING_GAP * size))
 
 
+def model_view(width: int, height: int, input_size: int) -> tuple[int, tuple[float, float, float, float]]:
+    """(k, box): the factor a ``width`` x ``height`` source is block-averaged by before its
+    resize, and the region (left, top, right, bottom) of the block-averaged image (ceil(width /
+    k) x ceil(height / k) pixels) that the model's input_size x input_size input is resampled
+    from: its centre square, or all of it when it is already that size. ``prepare_region``
+    runs this geometry; ``models.data.geometry`` inverts it."""
+    k = reduction_factor(width, height, input_size)
+    hr, wr = -(-height // k), -(-width // k)
+    if (hr, wr) == (input_size, input_size):
+        return k, (0.0, 0.0, float(wr), float(hr))
+    return k, centre_box(hr, wr, input_size)
+
+
 # read(box, k): the region box = (left, top, right, bottom) of the source, in source pixels
 # (multiples of k but at the image's edges), as float32 H x W x C block-averaged by k.
 RegionReader = Callable[[tuple[int, int, int, int], int], np.ndarray]
@@ -281,11 +294,10 @@ def prepare_region(width: int, height: int, read: RegionReader, input_size: int,
     be read by region: float32 input_size x input_size x in_channels. The same pixels as
     "to float, block-average by ``reduction_factor``, match channels, ``resize_center``",
     reading only the centre region that the bicubic filter touches."""
-    k = reduction_factor(width, height, input_size)
+    k, box = model_view(width, height, input_size)
     hr, wr = -(-height // k), -(-width // k)
     if (hr, wr) == (input_size, input_size):
         return match_channels(read((0, 0, width, height), k), in_channels)
-    box = centre_box(hr, wr, input_size)
     margin = math.ceil(BICUBIC_SUPPORT * max(1.0, (box[2] - box[0]) / input_size)) + 2
     x0, y0 = max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin)
     x1, y1 = min(wr, math.ceil(box[2]) + margin), min(hr, math.ceil(box[3]) + margin)

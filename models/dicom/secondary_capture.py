@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from models.dicom.equipment import MANUFACTURER, Provenance
+from models.dicom.uids import UidFor
 from models.version import __version__
 
-MANUFACTURER = "aex"
 # DCM code for "Secondary capture of derived image" would be vendor-specific; the purpose of
 # reference code below is the standard one for a source image of a derived object.
 SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
@@ -108,20 +109,41 @@ def usable_source(source: Dataset) -> tuple[Dataset, list[str]]:
     return ref, emptied
 
 
-def secondary_captures(
+# Attributes of the source's grey-scale display pipeline: an RGB Secondary Capture that keeps
+# any of them renders black (or wrongly windowed) in some viewers, so none is ever written.
+VOI_AND_RESCALE = (
+    "WindowCenter",
+    "WindowWidth",
+    "WindowCenterWidthExplanation",
+    "VOILUTFunction",
+    "VOILUTSequence",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+)
+
+
+def secondary_capture_datasets(
     source: Dataset,
     images: Sequence[tuple[str, np.ndarray]],
     derivation: str,
     series_description: str = "aex explanations",
-) -> list[tuple[str, bytes]]:
-    """Build one SC object per ``(name, image)`` in a new series of ``source``'s study.
-
-    images: uint8 or float [0, 1] arrays H x W, H x W x 1 or H x W x 3.
-    derivation: free text naming model and method (truncated to the 1024 chars DICOM allows).
-    Returns ``(name, DICOM Part 10 bytes)`` pairs.
-    """
+    *,
+    provenance: Provenance | None = None,
+    uid: UidFor | None = None,
+) -> list[tuple[str, hd.sc.SCImage]]:
+    """One SC data set per ``(name, image)`` in a new series of ``source``'s study (see
+    ``secondary_captures``). provenance: the served model, recorded in the Contributing
+    Equipment Sequence and the General Equipment Module (its series description then says
+    "not for diagnostic use"); uid(role): the series' and instances' UIDs ("series/sc",
+    "instance/sc/<name>"; random UIDs without it)."""
     source, _emptied = usable_source(source)
-    series_uid = generate_uid()
+    uid = uid or (lambda _role: generate_uid())
+    if provenance is not None:
+        series_description = provenance.series_description("explanations")
+    equipment = None if provenance is None else [provenance.contributing_equipment(derivation[:1024])]
+    series_uid = uid("series/sc")
     out = []
     for number, (name, image) in enumerate(images, start=1):
         sc = hd.sc.SCImage.from_ref_dataset(
@@ -132,12 +154,13 @@ def secondary_captures(
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
             series_instance_uid=series_uid,
             series_number=int(source.get("SeriesNumber", 0) or 0) + 900,
-            sop_instance_uid=generate_uid(),
+            sop_instance_uid=uid(f"instance/sc/{name}"),
             instance_number=number,
             manufacturer=MANUFACTURER,
             transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
             # highdicom insists on a value; it is replaced below by what the source says.
             patient_orientation=("L", "P"),
+            contributing_equipment=equipment,
         )
         # Derived images keep the source's row/column directions (resize and centre crop
         # only), so its orientation holds; empty (Type 2) when the source does not say.
@@ -148,11 +171,42 @@ def secondary_captures(
         sc.SourceImageSequence = DicomSequence([_source_reference(source)])
         sc.ImageComments = f"{name}: {derivation}"[:10240]
         sc.SoftwareVersions = f"aex {__version__}"
+        if provenance is not None:
+            provenance.stamp(sc)
         sc.BurnedInAnnotation = "NO"
         # Type 2C: dciodvfy cannot tell whether the body part is paired, so always send it
         # (empty when the source does not say).
         sc.Laterality = source.get("Laterality", "")
-        buf = io.BytesIO()
-        sc.save_as(buf, enforce_file_format=True)
-        out.append((name, buf.getvalue()))
+        for keyword in VOI_AND_RESCALE:
+            if keyword in sc:
+                del sc[keyword]
+        out.append((name, sc))
     return out
+
+
+def part10(ds: Dataset) -> bytes:
+    """A data set as the bytes of a DICOM Part 10 file."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def secondary_captures(
+    source: Dataset,
+    images: Sequence[tuple[str, np.ndarray]],
+    derivation: str,
+    series_description: str = "aex explanations",
+    **identity,
+) -> list[tuple[str, bytes]]:
+    """Build one SC object per ``(name, image)`` in a new series of ``source``'s study: RGB,
+    uncompressed, without the source's VOI and rescale attributes (``VOI_AND_RESCALE``).
+
+    images: uint8 or float [0, 1] arrays H x W, H x W x 1 or H x W x 3.
+    derivation: free text naming model and method (truncated to the 1024 chars DICOM allows).
+    identity: ``provenance`` and ``uid`` (see ``secondary_capture_datasets``).
+    Returns ``(name, DICOM Part 10 bytes)`` pairs.
+    """
+    return [
+        (name, part10(sc))
+        for name, sc in secondary_capture_datasets(source, images, derivation, series_description, **identity)
+    ]

@@ -34,6 +34,7 @@ def explain_image(
     progress: PhaseProgress | None = None,
     extra_summary: dict | None = None,
     timings: dict[str, float] | None = None,
+    maps: dict[str, torch.Tensor] | None = None,
     **settings,
 ) -> tuple[dict, dict[str, bytes]]:
     """Adversarial explanations, Grad-CAM of the predicted class and (with
@@ -42,7 +43,8 @@ def explain_image(
     image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
     default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
     ara_radii: the checkpoint's recorded per-image radii, which the stability score is
-    ranked against. timings: filled with "explain_seconds" and "stability_seconds".
+    ranked against. timings: filled with "explain_seconds" and "stability_seconds". maps:
+    filled with "gradcam", the Grad-CAM map (float H x W in [0, 1], CPU, the input's grid).
     Returns ``render_explanation``'s (summary, files); the summary also has "gradcam":
     {"layer", "class_index"} and, with ``stability_steps``, "stability".
     """
@@ -59,6 +61,8 @@ def explain_image(
     t = time.perf_counter()
     result = Explainer(model, classes, **settings).explain(image, targets, progress=search_progress)
     cam = gradcam(model, image.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
+    if maps is not None:
+        maps["gradcam"] = cam
     extra = {
         **(extra_summary or {}),
         "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},

@@ -70,11 +70,14 @@ class ApiKeyStore:
     def __init__(self, conn: Redis):
         self.conn = conn
 
-    def create(self, name: str, scopes) -> tuple[dict[str, Any], str]:
+    def create(self, name: str, scopes, token: str | None = None) -> tuple[dict[str, Any], str]:
         """Create key ``name`` with ``scopes``; returns (its listing, the token). The token is
-        not kept: it cannot be shown again. KeyExistsError when the name is taken."""
+        not kept: it cannot be shown again. KeyExistsError when the name is taken. ``token``:
+        the token to give it (only to restore a key its holder still has; default: a new one)."""
         name, values = check_name(name), check_scopes(scopes)
-        token = new_token()
+        if token is not None and not TOKEN_PATTERN.match(token):
+            raise BadParameterError("a restored token must be an aex API key token (aex_ + 43 characters)")
+        token = token or new_token()
         digest = token_digest(token)
         created = datetime.now(UTC).isoformat(timespec="seconds")
         # The name is claimed atomically: two creations of one name cannot both succeed.
@@ -132,13 +135,14 @@ class ApiKeyStore:
             raise UnauthenticatedError("unknown or revoked API key")
         return Principal("key", name, None, frozenset(_text(scopes).split()), uid=_text(uid) or None)
 
-    def ensure_first_admin(self) -> str | None:
+    def ensure_first_admin(self, token: str | None = None) -> str | None:
         """When no key exists, create ``admin`` with every scope and return its token (for
-        ``aex serve`` to write to AEX_TOKEN_FILE); else None."""
+        ``aex serve`` to write to AEX_TOKEN_FILE); else None. ``token``: the one to give it
+        (``aex serve`` restoring its first admin in its embedded Redis, restarted empty)."""
         if self.exists():
             return None
         try:
-            _, token = self.create(FIRST_ADMIN, sorted(ALL_SCOPES))
+            _, token = self.create(FIRST_ADMIN, sorted(ALL_SCOPES), token=token)
         except KeyExistsError:
             return None  # another process made it meanwhile
         return token

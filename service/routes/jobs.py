@@ -1,12 +1,17 @@
 """Jobs: submit a classification or an explanation, view a job, cancel it, download its PNGs
-and DICOM objects."""
+and DICOM objects; each for the principal that asks (``submit`` to submit, ``read`` for the
+rest), and each noted in the audit trail with the job, the model and the input's sha256."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.audit import note
+from service.auth import Principal, Scope, requires
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
 from service.multipart import read_upload
@@ -14,6 +19,9 @@ from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, mult
 from worker.states import TERMINAL, ApiStatus
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+
+Submitter = Annotated[Principal, requires(Scope.SUBMIT)]
+Reader = Annotated[Principal, requires(Scope.READ)]
 
 
 def _job_response(view: JobView, status_code: int) -> JSONResponse:
@@ -27,13 +35,15 @@ def _job_response(view: JobView, status_code: int) -> JSONResponse:
     openapi_extra=multipart_openapi(ClassifyParams),
     responses={202: {"model": JobView, "description": "still running: poll the Location"}, **ERRORS},
 )
-async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Response:
+async def classify(request: Request, principal: Submitter, settings: SettingsDep, jobs: JobsDep) -> Response:
     """Classify an image or a DICOM file (optionally with its stability score). Answers 200
     with the result when the job ends within AEX_CLASSIFY_WAIT_SECONDS (at once when an
     identical request's result is still kept), else 202 with ``Location: /v1/jobs/{id}``."""
     upload = await read_upload(request, settings)
     params = parse_params(ClassifyParams, upload.fields)
-    view = await run_in_threadpool(jobs.classify, upload, params)
+    note(request, model=params.model, input_sha256=upload.sha256)
+    view = await run_in_threadpool(jobs.classify, principal, upload, params)
+    note(request, job_id=view.id, model=view.model)
     if view.status is ApiStatus.FINISHED:
         return _job_response(view, 200)
     if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
@@ -52,27 +62,32 @@ async def classify(request: Request, settings: SettingsDep, jobs: JobsDep) -> Re
         **ERRORS,
     },
 )
-async def explain(request: Request, settings: SettingsDep, jobs: JobsDep) -> Response:
+async def explain(request: Request, principal: Submitter, settings: SettingsDep, jobs: JobsDep) -> Response:
     """Queue adversarial explanations, Grad-CAM and the stability score for an image or a
     DICOM file; answers 202 with ``Location: /v1/jobs/{id}``, or 200 with the finished job
     when an identical request's result is still kept."""
     upload = await read_upload(request, settings)
     params = parse_params(ExplainParams, upload.fields)
-    view = await run_in_threadpool(jobs.explain, upload, params)
+    note(request, model=params.model, input_sha256=upload.sha256)
+    view = await run_in_threadpool(jobs.explain, principal, upload, params)
+    note(request, job_id=view.id, model=view.model)
     return _job_response(view, 200 if view.status is ApiStatus.FINISHED else 202)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)
-def get_job(job_id: str, jobs: JobsDep) -> JobView:
+def get_job(request: Request, job_id: str, principal: Reader, jobs: JobsDep) -> JobView:
     """Status, queue position, progress, timings and, when finished, the result."""
-    return jobs.view(job_id)
+    view = jobs.view(principal, job_id)
+    note(request, model=view.model)
+    return view
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {"model": JobView}, **ERRORS})
-def cancel_job(job_id: str, jobs: JobsDep) -> Response:
+def cancel_job(request: Request, job_id: str, principal: Reader, jobs: JobsDep) -> Response:
     """Cancel a job: at once when queued (200, ``cancelled``), at its next search step when
     running or being taken by a worker (202); a job already over is shown as it is (200)."""
-    view = jobs.cancel(job_id)
+    view = jobs.cancel(principal, job_id)
+    note(request, model=view.model)
     return _job_response(view, 200 if view.status in TERMINAL else 202)
 
 
@@ -81,9 +96,9 @@ def cancel_job(job_id: str, jobs: JobsDep) -> Response:
     response_class=Response,
     responses={200: {"content": {"image/png": {}}, "description": "a PNG"}, **ERRORS},
 )
-def get_image(job_id: str, name: str, jobs: JobsDep) -> Response:
+def get_image(job_id: str, name: str, principal: Reader, jobs: JobsDep) -> Response:
     """One PNG of a finished explain job (names are in the job's ``images``)."""
-    return Response(jobs.image(job_id, name), media_type="image/png")
+    return Response(jobs.image(principal, job_id, name), media_type="image/png")
 
 
 @router.get(
@@ -94,11 +109,11 @@ def get_image(job_id: str, name: str, jobs: JobsDep) -> Response:
         **ERRORS,
     },
 )
-def get_dicom(job_id: str, name: str, jobs: JobsDep) -> Response:
+def get_dicom(job_id: str, name: str, principal: Reader, jobs: JobsDep) -> Response:
     """One DICOM Secondary Capture object of a finished explain job on DICOM input (names
     are in the job's ``dicom``): in the source's study, a new series, referencing the source."""
     return Response(
-        jobs.dicom(job_id, name),
+        jobs.dicom(principal, job_id, name),
         media_type="application/dicom",
         headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )

@@ -1,13 +1,14 @@
-"""Models: the served checkpoints with their metadata and recorded figures."""
+"""Models: the served checkpoints with their metadata and recorded figures (the ``read`` scope)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.auth import Scope, requires
 from service.deps import JobsDep, SettingsDep
 from service.schemas import ERRORS
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[requires(Scope.READ)])
 
 
 @router.get("/models")

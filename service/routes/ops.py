@@ -1,4 +1,5 @@
-"""Operations: liveness, readiness and Prometheus metrics (outside /v1)."""
+"""Operations: liveness and readiness (open, saying nothing beyond their status) and Prometheus
+metrics (the ``metrics`` scope), outside /v1."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from models.errors import ServiceUnavailableError
+from service.auth import Scope, requires
 from service.deps import JobsDep
 from service.schemas import ErrorResponse
 from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
@@ -21,16 +23,15 @@ def healthz() -> dict:
 
 @router.get("/readyz", responses={503: {"model": ErrorResponse}})
 def readyz(jobs: JobsDep) -> dict:
-    """Redis answers and every queue has at least one live worker."""
+    """Redis answers and every queue has at least one live worker (how many: ``/metrics``)."""
     jobs.conn.ping()
-    workers = {kind.value: len(live_worker_keys(jobs.conn, QUEUE_NAMES[kind])) for kind in JobKind}
-    idle = [kind for kind, n in workers.items() if n == 0]
+    idle = [kind.value for kind in JobKind if not live_worker_keys(jobs.conn, QUEUE_NAMES[kind])]
     if idle:
         raise ServiceUnavailableError(f"no live worker for the {', '.join(idle)} queue(s)")
-    return {"status": "ready", "workers": workers}
+    return {"status": "ready"}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, dependencies=[requires(Scope.METRICS)])
 def metrics(request: Request) -> Response:
     """Prometheus text format."""
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

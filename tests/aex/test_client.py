@@ -1,5 +1,7 @@
 """The Python client and `aex classify/explain --url` against the real stack: uvicorn on a
-loopback port, a real Redis and two real worker processes serving tiny checkpoints."""
+loopback port, a real Redis and two real worker processes serving tiny checkpoints, with
+authentication on: the commands read the token from AEX_TOKEN or the token file, the client
+takes ``token=``."""
 
 from __future__ import annotations
 
@@ -33,6 +35,18 @@ pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def token_file(api_token, tmp_path, monkeypatch) -> Path:
+    """The admin token where `aex serve` would write it (AEX_TOKEN_FILE, mode 0600): the
+    commands find it there by themselves, as after the README's first command."""
+    from aex.credentials import write_token
+
+    monkeypatch.delenv("AEX_TOKEN", raising=False)
+    path = write_token(tmp_path / "config" / "aex" / "token", api_token)
+    monkeypatch.setenv("AEX_TOKEN_FILE", str(path))
+    return path
 
 
 @pytest.fixture
@@ -157,11 +171,11 @@ def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_fil
     assert set(json.loads(res.stdout)["files"]) == set(job["images"]) | set(job["dicom"]) | {"result.json"}
 
 
-def test_client_reports_progress_and_cancels(live_api, service_stack, png, long_steps):
+def test_client_reports_progress_and_cancels(live_api, service_stack, api_token, png, long_steps):
     from models.perturb.stability import stability_evaluations
 
     seen: list[dict] = []
-    with AexClient(live_api, poll_interval=0.05) as client:
+    with AexClient(live_api, poll_interval=0.05, token=api_token) as client:
         assert {m["name"] for m in client.models()["models"]} == {"tiny-grey", "tiny-rgb"}
         job = client.explain(png, model="tiny-grey", targets=["predicted"], steps=5, on_progress=seen.append)
         assert job["status"] == "finished" and seen[-1] is job
@@ -241,3 +255,13 @@ def test_the_client_never_imports_torch(live_api, png):
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["predicted"]["class_name"] in ("normal", "pneumonia")
     assert "HEAVY []" in out.stderr
+
+
+def test_without_a_valid_token_the_commands_say_how_to_get_one(live_api, png, tmp_path, monkeypatch):
+    monkeypatch.setenv("AEX_TOKEN_FILE", str(tmp_path / "no-token-here"))
+    res = runner.invoke(app, ["classify", str(png), "--url", live_api, "--model", "tiny-rgb"])
+    assert res.exit_code == 2 and "error [unauthenticated]" in res.stderr and "aex serve" in res.stderr
+    forged = "aex_" + "A" * 43
+    res = runner.invoke(app, ["classify", str(png), "--url", live_api, "--token", forged])
+    assert res.exit_code == 2 and "error [unauthenticated]: unknown or revoked API key" in res.stderr
+    assert forged not in res.output

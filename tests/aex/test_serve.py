@@ -1,6 +1,7 @@
 """`aex serve` as the README says: one command starts an embedded Redis, a worker and the
-API; it answers POST /v1/classify; Ctrl-C stops all of it; a Redis that dies is started
-again and the service carries on by itself."""
+API, makes the first admin token and says where it is (never printing it); with that token
+it answers POST /v1/classify (without it: 401); Ctrl-C stops all of it; a Redis that dies is
+started again and the service carries on by itself, the token still working."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def redis_servers() -> set[int]:
 
 
 def start_serve(service_models, tmp_path, **env_extra) -> tuple[subprocess.Popen, str]:
-    """`aex serve` with one worker and the embedded Redis; returns it once /readyz is 200."""
+    """`aex serve` with one worker and the embedded Redis, its token file in ``tmp_path``;
+    returns it once /readyz is 200."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}  # no AEX_REDIS_URL: embedded
     env.update(
@@ -47,6 +49,7 @@ def start_serve(service_models, tmp_path, **env_extra) -> tuple[subprocess.Popen
         AEX_WORKERS="1",
         AEX_TORCH_THREADS="1",
         AEX_LOG_LEVEL="WARNING",
+        AEX_TOKEN_FILE=str(tmp_path / "config" / "token"),
         **env_extra,
     )
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - the child process writes it
@@ -66,9 +69,22 @@ def start_serve(service_models, tmp_path, **env_extra) -> tuple[subprocess.Popen
         time.sleep(0.3)
 
 
-def classify(base: str, image: bytes) -> httpx.Response:
+def token_of(tmp_path) -> str:
+    """The first admin token, read as the CLI reads it (mode 0600 checked)."""
+    from aex.credentials import read_token
+
+    path = tmp_path / "config" / "token"
+    assert path.stat().st_mode & 0o777 == 0o600
+    return read_token(path)
+
+
+def classify(base: str, image: bytes, token: str | None) -> httpx.Response:
     return httpx.post(
-        f"{base}/v1/classify", files={"image": ("x.png", image, "image/png")}, data={"model": "tiny-rgb"}, timeout=60
+        f"{base}/v1/classify",
+        files={"image": ("x.png", image, "image/png")},
+        data={"model": "tiny-rgb"},
+        headers={"Authorization": f"Bearer {token}"} if token else None,
+        timeout=60,
     )
 
 
@@ -81,7 +97,13 @@ def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image
         ours = {p.pid for p in children if p.name().startswith("redis-server")}
         assert ours, "an embedded redis-server was started"
 
-        resp = classify(base, make_image("PNG", "RGB"))
+        token = token_of(tmp_path)
+        printed = (tmp_path / "serve.log").read_text()
+        assert str(tmp_path / "config" / "token") in printed and token not in printed
+        assert "Access token" in printed and "aex keys create" in printed  # how to use it, and more
+        refused = classify(base, make_image("PNG", "RGB"), None)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Bearer")
+        resp = classify(base, make_image("PNG", "RGB"), token)
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "finished" and len(resp.json()["result"]["probs"]) == 10
     finally:
@@ -101,7 +123,8 @@ def test_aex_serve_starts_its_redis_again_and_reports_the_jobs_it_lost(service_m
     serve, base = start_serve(service_models, tmp_path)
     try:
         image = make_image("PNG", "RGB")
-        before = classify(base, image)
+        token = token_of(tmp_path)
+        before = classify(base, image, token)
         assert before.status_code == 200 and before.json()["status"] == "finished", before.text
         (redis,) = [p for p in psutil.Process(serve.pid).children() if p.name().startswith("redis-server")]
         redis.kill()
@@ -116,9 +139,12 @@ def test_aex_serve_starts_its_redis_again_and_reports_the_jobs_it_lost(service_m
             time.sleep(0.2)
         with capsys.disabled():
             print(f"\naex serve, Redis SIGKILLed (no persistence): readyz back after {time.monotonic() - killed:.1f} s")
-        lost = httpx.get(f"{base}/v1/jobs/{before.json()['id']}", timeout=10)
+        # The first admin key is back in the empty Redis, with the same token.
+        auth = {"Authorization": f"Bearer {token}"}
+        lost = httpx.get(f"{base}/v1/jobs/{before.json()['id']}", headers=auth, timeout=10)
         assert lost.status_code == 410 and lost.json()["error"]["code"] == "job_lost", lost.text
-        after = classify(base, image)
+        assert token_of(tmp_path) == token
+        after = classify(base, image, token)
         assert after.status_code == 200 and after.json()["status"] == "finished", after.text
         assert "starting it again" in (tmp_path / "serve.log").read_text()
     finally:

@@ -1,5 +1,6 @@
 """callback_url: a real HTTP receiver on 127.0.0.1 (http.server in a thread) gets the POST
-when a job ends, after retries on 503, never retried on 4xx; hosts off the allow-list are
+when a job ends, signed (Standard Webhooks, AEX_CALLBACK_SECRET), after retries on 503, never
+retried on 4xx; a reused result's callback names no other job; hosts off the allow-list are
 refused at submit time (real Redis, real workers; marker e2e)."""
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
+from tests.tokens import CALLBACK_SECRET, api_client
+from worker.webhooks import parse_callback_secret, verify_signature
 
 pytestmark = pytest.mark.e2e
 
@@ -25,6 +26,7 @@ class Receiver:
         self.statuses = list(statuses)
         self.bodies: list[dict] = []
         self.paths: list[str] = []
+        self.signed: list[bool] = []  # whether each POST carried a valid signature of its body
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,6 +34,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 receiver.bodies.append(json.loads(body))
                 receiver.paths.append(self.path)
+                receiver.signed.append(verify_signature(parse_callback_secret(CALLBACK_SECRET), self.headers, body))
                 status = receiver.statuses.pop(0) if receiver.statuses else 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -72,7 +75,7 @@ def client(service_stack):
             "callback_attempts": 3,
         }
     )
-    with TestClient(create_app(settings)) as c:
+    with api_client(settings) as c:
         yield c
 
 
@@ -106,6 +109,7 @@ def test_callback_is_retried_after_a_503_then_delivered(client, receiver, make_i
     assert record["state"] == "delivered" and record["attempts"] == 2 and record["last_status"] == 200
     assert len(hook.bodies) == 2 and hook.bodies[0] == hook.bodies[1]  # the same body, sent again
     assert hook.paths == ["/hooks/aex?token=t1"] * 2
+    assert hook.signed == [True, True]  # sent by the worker, signed with the shared secret
     body = hook.bodies[-1]
     assert body["job_id"] == job_id and body["status"] == "finished" and body["kind"] == "explain"
     assert body["model"] == "tiny-rgb" and body["result_url"] == f"/v1/jobs/{job_id}" and body["error"] is None
@@ -115,9 +119,11 @@ def test_callback_is_retried_after_a_503_then_delivered(client, receiver, make_i
     resp = client.post(
         "/v1/explain", **upload(data, model="tiny-rgb", targets="predicted", steps=3, callback_url=again.url)
     )
-    assert resp.status_code == 200 and resp.json()["result"]["reused_from"] == job_id
+    assert resp.status_code == 200 and resp.json()["result"]["reused"] is True
+    assert job_id not in resp.text  # never the id of the job whose result it copies
     assert delivery(client, resp.json()["url"])["callback"]["state"] == "delivered"
-    assert again.bodies[0]["status"] == "finished" and again.bodies[0]["reused_from"] == job_id
+    assert again.bodies[0]["status"] == "finished" and again.bodies[0]["reused"] is True
+    assert job_id not in json.dumps(again.bodies[0]) and again.signed == [True]  # sent by the API, signed
 
 
 def test_a_4xx_answer_is_not_retried(client, receiver, make_image):

@@ -7,9 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
+from tests.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +20,7 @@ def test_cancel_right_after_submit_never_answers_5xx(service_stack, make_image, 
     # No wait: the classify answers 202 while its job is queued, then the DELETE races the
     # two workers dequeuing it (queued, being taken, running or already over).
     settings = service_stack.model_copy(update={"classify_wait_seconds": 0.0, "reuse_results": False})
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
 
         def submit_and_cancel(i: int) -> tuple[str, int, dict]:
             path, fields = (

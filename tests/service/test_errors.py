@@ -6,10 +6,9 @@ import struct
 import zlib
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.metrics import KNOWN_METHODS, method_label
+from tests.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +64,7 @@ def test_decompression_bomb(api):
 def test_upload_over_the_limit(service_stack, make_image):
     data = make_image("PNG", "RGB", size=(200, 200))
     small = service_stack.model_copy(update={"max_upload_bytes": len(data) - 1})
-    with TestClient(create_app(small)) as client:
+    with api_client(small) as client:
         assert_error(post(client, "/v1/classify", data), 413, "upload_too_large")
         assert_error(post(client, "/v1/explain", data), 413, "upload_too_large")
         # The body is refused on its declared length too, before it is read.
@@ -125,10 +124,24 @@ def test_bad_request_bodies(api, make_image):
 
 
 def test_redis_gone(tmp_path, service_models, make_image):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.tokens import DATA_KEY, bearer
     from worker.settings import Settings
 
-    gone = Settings(redis_url=f"unix://{tmp_path / 'no-redis.sock'}", model_dirs=[service_models], bundled_models=False)
-    with TestClient(create_app(gone)) as client:
+    gone = Settings(
+        redis_url=f"unix://{tmp_path / 'no-redis.sock'}",
+        model_dirs=[service_models],
+        bundled_models=False,
+        data_key=DATA_KEY,
+    )
+    # API keys live in Redis: without it a token cannot be checked, which is a 503, not a 401.
+    with TestClient(create_app(gone), headers=bearer("aex_" + "A" * 43)) as client:
+        assert_error(client.get("/v1/models"), 503, "service_unavailable")
+        assert_error(client.get("/metrics"), 503, "service_unavailable")
+    # The rest without authentication (AEX_AUTH=off, accepted on loopback): what Redis alone does.
+    with TestClient(create_app(gone.model_copy(update={"auth": "off"}))) as client:
         assert client.get("/healthz").status_code == 200  # alive, but not ready
         assert_error(client.get("/readyz"), 503, "service_unavailable")
         assert_error(
@@ -140,7 +153,7 @@ def test_redis_gone(tmp_path, service_models, make_image):
 
 def test_no_workers(settings_for, make_image):
     # Database 9 of the session's Redis: no worker serves it.
-    with TestClient(create_app(settings_for(9))) as client:
+    with api_client(settings_for(9)) as client:
         err = assert_error(client.get("/readyz"), 503, "service_unavailable")
         assert "classify" in err["message"] and "explain" in err["message"]
         for path in ("/v1/classify", "/v1/explain"):

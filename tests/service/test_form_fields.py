@@ -5,10 +5,9 @@ each a 400 before anything is queued; repeated ``targets`` are joined."""
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
 from service.schemas import ClassifyParams, ExplainParams, repeatable_fields
+from tests.tokens import api_client
 from worker.queues import connect
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +40,7 @@ def idle(settings_for):
     settings = settings_for(NO_WORKERS_DB)
     conn = connect(settings.redis_url)
     conn.flushdb()
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         yield client
     left = sorted(k.decode() for k in conn.keys("*") if not k.startswith(b"rq:workers"))
     conn.flushdb()

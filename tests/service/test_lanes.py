@@ -7,9 +7,8 @@ import time
 from datetime import datetime
 
 import pytest
-from fastapi.testclient import TestClient
 
-from service.app import create_app
+from tests.tokens import api_client
 from worker.queues import JobKind, lane_of
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +48,7 @@ def test_a_plain_classify_is_not_held_behind_stability_classifies(service_stack,
     (on one FIFO queue it would wait for all three, minutes)."""
     settings = service_stack.model_copy(update={"classify_wait_seconds": 0.0})
     images = [make_image("PNG", "L", size=(28, 28), seed=700 + i) for i in range(4)]
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         slow = []
         try:
             for i in range(2):

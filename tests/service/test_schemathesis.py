@@ -1,5 +1,6 @@
 """Schemathesis against the running API (uvicorn on loopback, real Redis and workers): every
-operation of the OpenAPI schema, with a bounded number of generated requests, never answers 5xx."""
+operation of the OpenAPI schema, with a bounded number of generated requests sent with an
+admin token (so they reach the routes, not only the guard), never answers 5xx."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from service.app import create_app
+from tests.tokens import DATA_KEY, auth_headers
 from worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +24,9 @@ MAX_EXAMPLES = 25
 def operation_labels() -> list[tuple[str, str]]:
     """(method, path) of every operation, from the schema of an app that needs no Redis (the
     same schema the running API serves: test_the_served_schema_is_the_one_tested)."""
-    app = create_app(Settings(redis_url="unix:///nonexistent.sock", bundled_models=False, model_dirs=[]))
+    app = create_app(
+        Settings(redis_url="unix:///nonexistent.sock", bundled_models=False, model_dirs=[], data_key=DATA_KEY)
+    )
     return [(method.upper(), path) for path, ops in app.openapi()["paths"].items() for method in ops]
 
 
@@ -57,11 +61,13 @@ CASES = [(m, p, GenerationMode.POSITIVE) for m, p in OPERATIONS] + [
 
 
 @pytest.mark.parametrize("method,path,mode", CASES, ids=[f"{m} {p} {g.value}" for m, p, g in CASES])
-def test_no_operation_answers_5xx(served_schema, fuzzed_api, method, path, mode):
+def test_no_operation_answers_5xx(served_schema, fuzzed_api, service_stack, method, path, mode):
     # Hypothesis over each operation's strategy, not schemathesis' pytest plugin: its lazy
     # loader (schemathesis.pytest.from_fixture, 4.32) reads Function._nodeid, which pytest 9
     # no longer has; a schema known at import would need the stack before it is started.
     operation = served_schema[path][method]
+    # An admin key of its own (made again if a generated DELETE /v1/keys/{name} revoked it).
+    headers = auth_headers(service_stack, "fuzz-admin")
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -72,6 +78,6 @@ def test_no_operation_answers_5xx(served_schema, fuzzed_api, method, path, mode)
         suppress_health_check=list(HealthCheck),
     )
     def check(case):
-        case.call_and_validate(base_url=fuzzed_api, checks=[not_a_server_error], timeout=60)
+        case.call_and_validate(base_url=fuzzed_api, headers=headers, checks=[not_a_server_error], timeout=60)
 
     check()

@@ -58,7 +58,7 @@ def browser():
         browser.close()
 
 
-def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_image, dicom_file, tmp_path):
+def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, api_token, make_image, dicom_file, tmp_path):
     image = tmp_path / "picture.png"
     image.write_bytes(make_image("PNG", "RGB", size=(64, 48), seed=3))
     page = browser.new_page(viewport={"width": 1280, "height": 900})
@@ -70,7 +70,15 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
         "request", lambda req: None if req.url.startswith((live_api, "blob:", "data:")) else outside.append(req.url)
     )
 
+    auth = {"Authorization": f"Bearer {api_token}"}
     page.goto(f"{live_api}/")
+    # Authentication is on: the page asks for a token, which is pasted in its field.
+    page.locator("#error").wait_for(state="visible")
+    assert page.inner_text("#error").startswith("An access token is needed")
+    assert all("401" in p for p in problems), problems  # the refused model list, nothing else
+    problems.clear()
+    page.fill("#token", api_token)
+    page.press("#token", "Enter")
     page.wait_for_selector("#model option[value='tiny-rgb']", state="attached")
     page.select_option("#model", "tiny-rgb")
     assert "airplane, automobile, bird" in page.inner_text("#model-info")
@@ -93,7 +101,7 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
 
     # What the page shows is what the job says.
     job_url = page.evaluate("() => JSON.parse(document.getElementById('raw').textContent).url")
-    job = httpx.get(f"{live_api}{job_url}").json()
+    job = httpx.get(f"{live_api}{job_url}", headers=auth).json()
     assert job["status"] == "finished" and job["progress"]["done"] == job["progress"]["total"]
     assert job["result"]["settings"]["steps"] == 5
     result = job["result"]
@@ -103,7 +111,9 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     for t in result["targets"]:
         assert t["class_name"] in captions
         assert f"{100 * t['prob_before']:.1f} %" in captions or f"{100 * t['prob_before']:.0f} %" in captions
-    gradcam = page.eval_on_selector_all("#gradcam img", "imgs => imgs.map((i) => new URL(i.src).pathname)")
+    # Outputs are fetched with the token and shown from blob: URLs; data-src keeps their path.
+    assert page.eval_on_selector_all("#gradcam img", "imgs => imgs.every((i) => i.src.startsWith('blob:'))")
+    gradcam = page.eval_on_selector_all("#gradcam img", "imgs => imgs.map((i) => i.dataset.src)")
     assert gradcam == [job["images"][n] for n in ("input.png", "gradcam.png", "gradcam_overlay.png")]
     assert page.locator("#probs li").count() == len(result["probs"]) == 10
     assert result["predicted"]["class_name"] in page.inner_text("#headline")
@@ -150,10 +160,11 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     page.click("#explain")
     page.wait_for_selector("#dicom-box:not([hidden])", timeout=120_000)
     job_url = page.evaluate("() => JSON.parse(document.getElementById('raw').textContent).url")
-    job = httpx.get(f"{live_api}{job_url}").json()
+    job = httpx.get(f"{live_api}{job_url}", headers=auth).json()
     links = page.eval_on_selector_all("#dicom a", "as => as.map((a) => new URL(a.href).pathname)")
     assert links == list(job["dicom"].values()) and len(links) == 1 + 2 * len(job["result"]["targets"])
-    assert httpx.get(f"{live_api}{links[0]}").headers["content-type"] == "application/dicom"
+    assert httpx.get(f"{live_api}{links[0]}", headers=auth).headers["content-type"] == "application/dicom"
+    assert httpx.get(f"{live_api}{links[0]}").status_code == 401  # never without the token
     assert "DICOM input: DX, MONOCHROME2, 50×60" in page.inner_text("#headline")
     percentile = job["result"]["stability"]["attack_percentile"]
     assert f"more stable than {round(percentile)}% of test images" in page.inner_text("#stability-text")
@@ -163,3 +174,24 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, make_i
     page.close()
     assert not outside, f"the page loaded from outside: {outside}"
     assert not [p for p in problems if "415" not in p], problems
+
+
+def test_the_docs_page_runs_in_chromium_with_nothing_from_outside(browser, live_api):
+    """/docs: Swagger UI from the service's own files under its strict CSP (a violation would be
+    a console error), the schema drawn, the Authorize button for the bearer token."""
+    page = browser.new_page()
+    problems: list[str] = []
+    outside: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+    page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+    page.on(
+        "request", lambda req: None if req.url.startswith((live_api, "blob:", "data:")) else outside.append(req.url)
+    )
+    page.goto(f"{live_api}/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert page.inner_text(".swagger-ui .info .title").startswith("aex")
+    page.wait_for_selector(".opblock-summary-path[data-path='/v1/classify']", state="attached")
+    assert page.locator("button.authorize").count() == 1
+    page.close()
+    assert not outside, f"/docs loaded from outside: {outside}"
+    assert not problems, problems

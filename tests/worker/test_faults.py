@@ -22,6 +22,7 @@ import httpx
 import pytest
 from rq.job import Job
 
+from tests.tokens import auth_headers
 from worker.keys import upload_key
 from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 
@@ -39,6 +40,7 @@ class Stack:
     def __init__(self, server, settings, base: str, spawn: Callable[[], object]):
         self.server, self.settings, self.base, self.spawn = server, settings, base, spawn
         self.conn = connect(settings.redis_url)
+        self.headers = auth_headers(settings)  # an admin key, kept by the append-only file like the rest
         self.workers = [spawn(), spawn()]
         self.wait_for_workers(2)
 
@@ -185,7 +187,7 @@ class Tally:
 def client(stack: Stack, tally: Tally, route: str, image: bytes, **fields) -> None:
     """One client: submit, then poll to the end (run in its own thread, with its own connection)."""
     deadline = time.monotonic() + JOB_DEADLINE
-    with httpx.Client(base_url=stack.base, timeout=60) as http:
+    with httpx.Client(base_url=stack.base, timeout=60, headers=stack.headers) as http:
         tally.settle(http, tally.submit(http, route, image, deadline, **fields), deadline)
 
 
@@ -252,7 +254,7 @@ def test_redis_killed_while_idle(stack, make_image, capsys):
     killed = stack.kill_redis()
     readyz = stack.readyz_back(killed)
     # What Redis held before is still there (append-only file): the finished job and its result.
-    with httpx.Client(base_url=stack.base, timeout=30) as http:
+    with httpx.Client(base_url=stack.base, timeout=30, headers=stack.headers) as http:
         view = http.get(f"/v1/jobs/{tally.ids[0]}").json()
     assert view["status"] == "finished" and view["result"]["probs"], view
     run_clients(

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from rq.job import Job
 
-from service.app import create_app
+from tests.tokens import api_client
 from worker.keys import upload_key
 from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 
@@ -48,7 +47,7 @@ def test_a_killed_worker_s_job_runs_again_on_another_and_the_others_go_on(
     settings = settings_for(3)
     conn = connect(settings.redis_url)
     procs = start_workers(settings, 2)
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         image = make_image("PNG", "RGB")
         url = client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="predicted", steps=3000)).headers[
             "location"
@@ -81,7 +80,7 @@ def test_sigterm_lets_the_current_job_finish(settings_for, make_image, poll, sta
     settings = settings_for(4)
     conn = connect(settings.redis_url)
     (worker,) = start_workers(settings, 1)
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         url = client.post(
             "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="predicted", steps=1500)
         ).headers["location"]
@@ -99,7 +98,7 @@ def test_sigterm_lets_the_current_job_finish(settings_for, make_image, poll, sta
 def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_workers, long_steps):
     settings = settings_for(5, explain_timeout=1)
     start_workers(settings, 1)
-    with TestClient(create_app(settings)) as client:
+    with api_client(settings) as client:
         url = client.post(
             "/v1/explain", **upload(make_image("PNG", "RGB"), model="tiny-rgb", targets="all", steps=long_steps)
         ).headers["location"]
@@ -116,14 +115,17 @@ def test_a_job_over_its_time_limit_fails(settings_for, make_image, poll, start_w
         ({"AEX_MODEL_DIRS": "/no/such/folder"}, "do not exist"),
         ({"AEX_MODEL_DIRS": ""}, "no checkpoints to serve"),
         ({"AEX_REDIS_URL": ""}, "AEX_REDIS_URL"),
+        ({"AEX_DATA_KEY": ""}, "AEX_DATA_KEY is not set"),  # never a worker that stores patient data in clear
+        ({"AEX_DATA_KEY": "not-a-key"}, "AEX_DATA_KEY must be base64 of 32 random bytes"),
     ],
 )
 def test_a_misconfigured_worker_stops_with_a_clear_message(settings_for, env, message):
     full = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
     full.update(settings_for(6).as_env())
     full.update(env)
-    if env.get("AEX_REDIS_URL") == "":
-        full.pop("AEX_REDIS_URL")
+    for name in ("AEX_REDIS_URL", "AEX_DATA_KEY"):
+        if env.get(name) == "":
+            full.pop(name)
     out = subprocess.run(
         [sys.executable, "-m", "worker"], cwd=REPO_ROOT, env=full, capture_output=True, text=True, timeout=120
     )
@@ -156,7 +158,7 @@ def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, 
     conn = connect(settings.redis_url)
     (worker,) = start_workers(settings, 1)
     try:
-        with TestClient(create_app(settings)) as client:
+        with api_client(settings) as client:
             url = client.post(
                 "/v1/explain",
                 **upload(

@@ -1,8 +1,6 @@
 """DICOM in and out, on pydicom's bundled files and on files written from real X-rays."""
 
 import io
-import shutil
-import subprocess
 
 import numpy as np
 import pydicom
@@ -12,7 +10,9 @@ from models.data.imaging import block_mean, reduction_factor, resize_center
 from models.data.tensors import load_dicom_for_model
 from models.dicom.pixels import is_dicom, load_dicom_pixels, window_linear
 from models.dicom.reading import HEADER_ALLOWANCE
-from models.dicom.secondary_capture import secondary_captures
+from models.dicom.equipment import Provenance
+from models.dicom.secondary_capture import VOI_AND_RESCALE, secondary_captures, usable_source
+from models.dicom.uids import derived_uid, device_uid, result_uids
 from models.errors import (
     AexError,
     BadParameterError,
@@ -22,6 +22,7 @@ from models.errors import (
     NonFinitePixelsError,
     UnsupportedMediaError,
 )
+from tests.dciodvfy import check_with_dciodvfy, have_dciodvfy, require_dciodvfy
 from tests.hostile import OK, deflated, dicom, dicom_cases, set_raw
 
 
@@ -114,18 +115,60 @@ def test_secondary_capture_references_source(tmp_path, xray, write_dicom):
 
 @pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
 def test_dciodvfy_reports_no_errors(tmp_path, bundled, name):
-    if shutil.which("dciodvfy") is None:
-        pytest.skip("dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it)")
+    require_dciodvfy()
     source = pydicom.dcmread(io.BytesIO(bundled(name)))
     objs = secondary_captures(
         source, [("a", np.random.default_rng(1).random((32, 32, 3))), ("b", np.zeros((32, 32)))], "m"
     )
-    for obj_name, blob in objs:
-        path = tmp_path / f"{obj_name}.dcm"
-        path.write_bytes(blob)
-        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
-        errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-        assert not errors, errors
+    assert check_with_dciodvfy(tmp_path, {f"{n}.dcm": blob for n, blob in objs}) == {}
+
+
+def lut_item(bits: int = 16) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [4, 0, bits]
+    item.LUTData = [0, 100, 200, 300]
+    return item
+
+
+def test_secondary_captures_carry_no_voi_or_rescale_and_the_model_as_equipment(tmp_path, xray, write_dicom):
+    source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16) * 16, "MONOCHROME2", 0.5, -100.0, (400, 900))))
+    source.VOILUTSequence = [lut_item()]
+    source.ModalityLUTSequence = [lut_item()]
+    source.VOILUTFunction, source.RescaleType = "LINEAR", "HU"
+    sha = "ab" * 32
+    provenance = Provenance("tiny-grey", sha)
+    params = {"rho": 0.1}
+    objs = secondary_captures(
+        source,
+        [("overlay", np.random.default_rng(0).random((28, 28, 3))), ("diff", np.full((28, 28), 0.5))],
+        "model m; Grad-CAM",
+        provenance=provenance,
+        uid=result_uids(source.SOPInstanceUID, sha, params),
+    )
+    for name, blob in objs:
+        sc = pydicom.dcmread(io.BytesIO(blob))
+        assert not [k for k in VOI_AND_RESCALE if k in sc], name
+        for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept", "VOILUTSequence"):
+            assert keyword not in sc, (name, keyword)
+        assert "ModalityLUTSequence" not in sc
+        assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BitsAllocated) == ("RGB", 3, 8)
+        assert sc.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert "not for diagnostic use" in sc.SeriesDescription
+        (aex,) = [e for e in sc.ContributingEquipmentSequence if e.Manufacturer == "aex"]
+        assert (aex.ManufacturerModelName, aex.DeviceUID) == ("tiny-grey", device_uid(sha))
+        assert aex.SoftwareVersions.startswith("aex ")
+        assert sc.SOPInstanceUID == derived_uid(source.SOPInstanceUID, sha, params, f"instance/sc/{name}")
+        assert sc.SeriesInstanceUID == derived_uid(source.SOPInstanceUID, sha, params, "series/sc")
+    if have_dciodvfy():
+        assert check_with_dciodvfy(tmp_path, {f"{n}.dcm": blob for n, blob in objs}) == {}
+
+
+def test_usable_source_empties_what_does_not_parse_without_quoting_it(xray, write_dicom):
+    source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16), "MONOCHROME2")))
+    source.PatientBirthDate = "19XX0101"
+    usable, emptied = usable_source(source)
+    assert emptied == ["PatientBirthDate"] and usable.PatientBirthDate == "" and "PixelData" not in usable
+    assert source.PatientBirthDate == "19XX0101"  # the source itself is left as it is
 
 
 # --- Hostile DICOM: one check for the API and the worker, named attributes, bounded memory ----

@@ -1,0 +1,139 @@
+"""``aex watch``: follow a configured PACS and submit explain jobs for its new instances through the aex service (the engine is ``aex.watcher``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from aex.commands.common import friendly_errors
+
+TERMINAL = ("finished", "failed", "cancelled")
+
+
+def _form_fields(spec: dict[str, Any], path: str) -> set[str]:
+    try:
+        schema = spec["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        if "$ref" in schema:
+            schema = spec["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]]
+        return set(schema.get("properties", {}))
+    except (KeyError, TypeError, AttributeError):
+        return set()
+
+
+def takes_references(client) -> bool:
+    """Whether the service's ``POST /v1/explain`` accepts an input by reference (the form
+    fields ``pacs``, ``study_uid``, ``series_uid``, ``instance_uid``), from its OpenAPI schema."""
+    from models.errors import AexError
+
+    try:
+        spec = client._json("GET", "/openapi.json")
+    except AexError:
+        return False
+    return {"pacs", "study_uid", "series_uid", "instance_uid"} <= _form_fields(spec, "/v1/explain")
+
+
+def make_submit(client, settings, model: str | None, by_reference: bool, store: bool):
+    """The one function that submits an instance (a ``worker.pacs.PacsReference``) and
+    returns its job id: by reference when the service takes references (it then fetches the
+    instance, and stores the results back with ``store``), else by fetching the instance here
+    and uploading it."""
+    from worker.pacs import fetch_instance
+
+    def submit(ref) -> str:
+        fields = {"model": model} if model else {}
+        if by_reference:
+            fields.update(ref.as_dict())
+            fields["store"] = "true" if store else "false"
+            # Plain form fields, sent as multipart/form-data like an upload.
+            view = client._json("POST", "/v1/explain", files={k: (None, v) for k, v in fields.items()})
+        else:
+            data = fetch_instance(settings, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid)
+            files = {"image": (f"{ref.instance_uid}.dcm", data, "application/dicom")}
+            view = client._json("POST", "/v1/explain", data=fields, files=files)
+        return str(view["id"])
+
+    return submit
+
+
+def make_collect(client):
+    """collect(job_id): the DICOM objects of a finished job, None while it runs; a failed or
+    cancelled job raises its error."""
+    from aex.client import job_error
+
+    def collect(job_id: str) -> list[bytes] | None:
+        view = client.job(job_id)
+        if view.get("status") not in TERMINAL:
+            return None
+        if view.get("status") != "finished":
+            raise job_error(view)
+        return [client.download(url) for url in client.dicom_links(view).values()]
+
+    return collect
+
+
+@friendly_errors
+def watch(
+    pacs: Annotated[str, typer.Option(help="the PACS to follow: a name of AEX_PACS")],
+    url: Annotated[str, typer.Option(help="the aex service, e.g. http://127.0.0.1:8000")],
+    model: Annotated[Optional[str], typer.Option(help="served model name (default: the service's)")] = None,
+    modality: Annotated[
+        Optional[str], typer.Option(help="only these modalities, separated by commas (e.g. CR,DX); default: any")
+    ] = None,
+    store: Annotated[bool, typer.Option(help="store the result objects back into the source's study")] = True,
+    feed: Annotated[
+        str, typer.Option(help="auto (Orthanc's change feed when the PACS is an Orthanc), orthanc, or qido (a poll)")
+    ] = "auto",
+    interval: Annotated[float, typer.Option(help="seconds between two looks at the PACS when nothing is new")] = 5.0,
+    redis_url: Annotated[
+        Optional[str], typer.Option(help="the service's Redis, where the watcher keeps its state (AEX_REDIS_URL)")
+    ] = None,
+    token: Annotated[
+        Optional[str], typer.Option(help="access token (default: AEX_TOKEN, else the token file)", show_default=False)
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each HTTP request to the service")] = 60.0,
+) -> None:
+    """Follow new stable studies of a PACS and submit an explain job for each matching
+    instance, once (state in Redis: it resumes where it stopped). Ctrl-C stops it cleanly."""
+    import logging
+    import signal
+    import threading
+
+    from aex.client import AexClient
+    from aex.watcher import WatchState, Watcher
+    from models.errors import BadParameterError
+    from worker.queues import connect
+    from worker.settings import Settings
+
+    if feed not in ("auto", "orthanc", "qido"):
+        raise BadParameterError(f"--feed takes auto, orthanc or qido, not {feed!r}")
+    settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
+    if not settings.redis_url:
+        raise BadParameterError("aex watch keeps its state in the service's Redis: set AEX_REDIS_URL or --redis-url")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    modalities = frozenset(m.strip().upper() for m in (modality or "").split(",") if m.strip())
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    conn = connect(settings.redis_url)
+    try:
+        with AexClient(url, timeout=timeout, token=token) as client:
+            by_reference = takes_references(client)
+            watcher = Watcher(
+                settings,
+                pacs,
+                WatchState(conn, pacs, model),
+                make_submit(client, settings, model, by_reference, store),
+                modalities=modalities,
+                interval=interval,
+                feed=feed,
+                collect=make_collect(client) if store and not by_reference else None,
+                stop=stop,
+            )
+            mode = "by reference" if by_reference else "by upload"
+            typer.echo(f"watching PACS {pacs!r} ({watcher.feed} feed, submitting {mode}); Ctrl-C stops", err=True)
+            watcher.run()
+            typer.echo(f"stopped after submitting {len(watcher.submitted)} jobs", err=True)
+    finally:
+        conn.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,82 @@
+"""The DICOM objects of one explanation: Parametric Map, Secondary Captures and the SR that describes them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from models.dicom.equipment import Provenance
+from models.dicom.parametric_map import parametric_map
+from models.dicom.secondary_capture import part10, secondary_capture_datasets, usable_source
+from models.dicom.sr import measurement_report
+from models.dicom.uids import result_uids
+
+PARAMETRIC_MAP = "gradcam_parametric_map"  # names of the files (".dcm" added) and roles
+REPORT = "structured_report"
+
+
+@dataclass(frozen=True)
+class DerivedObject:
+    """One object: its file name, role, Part 10 bytes and identifiers (no patient attribute)."""
+
+    name: str
+    role: str
+    data: bytes
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+    def listing(self) -> dict[str, str]:
+        """What a job result says about it."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "sop_class_uid": self.sop_class_uid,
+            "sop_instance_uid": self.sop_instance_uid,
+            "series_instance_uid": self.series_instance_uid,
+        }
+
+
+def _object(name: str, role: str, ds: Dataset) -> DerivedObject:
+    return DerivedObject(
+        f"{name}.dcm", role, part10(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
+    )
+
+
+def explanation_objects(
+    source: Dataset,
+    gradcam: np.ndarray,
+    images: Sequence[tuple[str, str, np.ndarray]],
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    parameters: Mapping[str, Any],
+    provenance: Provenance,
+    derivation: str,
+) -> list[DerivedObject]:
+    """Every DICOM object of one explanation of ``source``, in three new series of its study
+    (Parametric Map, Secondary Capture, SR: a series holds one modality), with UIDs derived
+    from (source SOP Instance UID, checkpoint sha256, ``parameters``, role), so the same request
+    on the same input gives the same UIDs and a re-store replaces instead of duplicating.
+
+    gradcam: the Grad-CAM map on the source's grid (float Rows x Columns in [0, 1],
+    ``models.data.geometry.map_to_source``); images: (name, role, image) of each Secondary
+    Capture (the overlay, each explanation and its difference; see
+    ``secondary_capture.secondary_captures``); summary, metrics: see ``sr.measurement_report``;
+    derivation: the free text of how they were made. The PM comes first, the SR last."""
+    usable, _emptied = usable_source(source)
+    uid = result_uids(str(usable.SOPInstanceUID), provenance.checkpoint_sha256, parameters)
+    pm = parametric_map(usable, gradcam, provenance, uid, f"Grad-CAM of {summary['predicted']['class_name']}")
+    captures = secondary_capture_datasets(
+        usable, [(name, image) for name, _role, image in images], derivation, provenance=provenance, uid=uid
+    )
+    roles = {name: role for name, role, _image in images}
+    sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid)
+    return [
+        _object(PARAMETRIC_MAP, PARAMETRIC_MAP, pm),
+        *(_object(name, roles[name], sc) for name, sc in captures),
+        _object(REPORT, REPORT, sr),
+    ]

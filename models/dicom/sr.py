@@ -1,0 +1,241 @@
+"""The explanation's findings as a Comprehensive 3D SR: a TID 1500 Measurement Report built with highdicom."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from models.dicom.equipment import MANUFACTURER, Provenance
+from models.dicom.uids import UidFor
+
+# Codes: DICOM's (DCM 130403 "Gradient-weighted class activation", 122157 "Probability", 121415
+# "Percentile Ranking of measurement", SCT 363679005 "Imaging procedure") where PS3.16 has one;
+# otherwise the private coding scheme 99AEX, declared in the SR's Coding Scheme Identification
+# Sequence. Its code values are fixed (``AEX``); a class of the classifier is the code (99AEX,
+# its name, its name), the same for every model that names a class alike.
+SCHEME = "99AEX"
+SERIES_OFFSET = 902  # the source's Series Number + this
+AEX = {
+    "classification": ("CLASSIFICATION", "Image classification"),
+    "predicted": ("PREDICTED-CLASS", "Predicted class"),
+    "stability": ("STABILITY", "Decision stability"),
+    "attack_rms": ("FLIP-RADIUS", "Smallest RMS perturbation that changes the decision"),
+    "btr_rms": ("CHANCE-RADIUS", "Smallest RMS perturbation to chance-level probability"),
+    "model": ("MODEL-METRICS", "Recorded metrics of the model"),
+    "test_accuracy": ("TEST-ACCURACY", "Test accuracy"),
+    "ara_attack": ("ARA-ATTACK", "Adversarial robustness area, attack"),
+    "ara_btr": ("ARA-BTR", "Adversarial robustness area, better than random"),
+    "explained": ("EXPLAINED-CLASS", "Explained class"),
+    "adversarial": ("ADV-EXPLANATION", "Adversarial explanation"),
+    "target": ("TARGET-CLASS", "Target class"),
+    "delta_rms": ("DELTA-RMS", "RMS of the perturbation"),
+    "prob_before": ("PROB-BEFORE", "Target class probability before perturbation"),
+    "prob_after": ("PROB-AFTER", "Target class probability after perturbation"),
+}
+NO_UNITS = codes.UCUM.NoUnits
+
+
+def code(key: str) -> hd.sr.CodedConcept:
+    """The 99AEX concept ``AEX[key]``."""
+    value, meaning = AEX[key]
+    return hd.sr.CodedConcept(value, SCHEME, meaning)
+
+
+def class_code(name: str) -> hd.sr.CodedConcept:
+    """A class of the classifier as a 99AEX concept: its name as code value and meaning (a
+    backslash, the value separator, becomes '/'; the meaning is cut at 64 characters)."""
+    text = "".join(ch if ch.isprintable() and ch != "\\" else "/" for ch in str(name)) or "unnamed"
+    return hd.sr.CodedConcept(text, SCHEME, text[:64])
+
+
+def coding_scheme() -> Dataset:
+    """The Coding Scheme Identification Sequence item that declares 99AEX."""
+    item = Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = "aex explanation concepts"
+    item.CodingSchemeResponsibleOrganization = "aex project"
+    return item
+
+
+def _num(key: str | hd.sr.CodedConcept, value: float, unit=NO_UNITS, **kw) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=code(key) if isinstance(key, str) else key, value=float(value), unit=unit, **kw)
+
+
+def _ref(ds: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
+    return hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
+
+
+def _percentile(value: float | None, n: int) -> hd.sr.MeasurementProperties | None:
+    if value is None:
+        return None
+    rank = hd.sr.NumContentItem(
+        name=codes.DCM.PercentileRankingOfMeasurement,
+        value=float(value),
+        unit=codes.UCUM.Percent,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+    )
+    population = f"the same radius of the {n} evaluation images recorded in the checkpoint"
+    return hd.sr.MeasurementProperties(
+        measurement_statistical_properties=hd.sr.MeasurementStatisticalProperties([rank], population)
+    )
+
+
+def _groups(
+    source: Dataset,
+    pm: Dataset,
+    images: Mapping[str, Dataset],
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    algorithm: hd.sr.AlgorithmIdentification,
+    uid: UidFor,
+) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    def group(key: str, name: str, **kw) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+        tracking = hd.sr.TrackingIdentifier(uid=uid(f"tracking/{key}"), identifier=name[:64])
+        return hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tracking, algorithm_id=algorithm, **kw)
+
+    predicted = summary["predicted"]
+    out = [
+        group(
+            "classification",
+            "classification",
+            finding_type=code("classification"),
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"]))],
+            measurements=[_num(codes.DCM.Probability, predicted["prob"])],
+            source_images=[_ref(source)],
+        )
+    ]
+    for i, (name, prob) in enumerate(summary["probs"].items()):
+        out.append(
+            group(
+                f"class/{i}",
+                f"class {name}",
+                finding_type=class_code(name),
+                measurements=[_num(codes.DCM.Probability, prob)],
+                source_images=[_ref(source)],
+            )
+        )
+    stability = summary.get("stability")
+    if stability:
+        n = int(stability.get("reference_n") or 0)
+        radii = [
+            _num(k, stability[k], properties=_percentile(stability.get(k.replace("_rms", "_percentile")), n))
+            for k in ("attack_rms", "btr_rms")
+            if stability.get(k) is not None
+        ]
+        if radii:
+            out.append(group("stability", "stability", finding_type=code("stability"), measurements=radii))
+    recorded = [_num(k, metrics[k]) for k in ("test_accuracy", "ara_attack", "ara_btr") if _is_number(metrics.get(k))]
+    if recorded:
+        out.append(group("model", "model metrics", finding_type=code("model"), measurements=recorded))
+    cam = [pm] + ([images["gradcam_overlay"]] if "gradcam_overlay" in images else [])
+    explained = list(summary["probs"])[summary["gradcam"]["class_index"]]
+    out.append(
+        group(
+            "gradcam",
+            "Grad-CAM",
+            finding_type=codes.DCM.GradientWeightedClassActivation,
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("explained"), class_code(explained))],
+            source_images=[_ref(ds) for ds in cam],
+        )
+    )
+    for i, target in enumerate(summary["targets"]):
+        refs = [images[s] for s in (_stem(target["image"]), _stem(target["difference"])) if s in images]
+        out.append(
+            group(
+                f"target/{i}",
+                f"{target['role']} {target['class_name']}",
+                finding_type=code("adversarial"),
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("target"), class_code(target["class_name"]))],
+                measurements=[
+                    _num(concept, target[k])
+                    for k, concept in (("rms", "delta_rms"), ("prob_before", "prob_before"), ("prob_after", "prob_after"))
+                    if _is_number(target.get(k))
+                ],
+                source_images=[_ref(ds) for ds in refs],
+            )
+        )
+    return out
+
+
+def _stem(name: str) -> str:
+    return name.rsplit(".", 1)[0]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
+def measurement_report(
+    source: Dataset,
+    pm: Dataset,
+    images: Mapping[str, Dataset],
+    summary: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    parameters: Mapping[str, Any],
+    provenance: Provenance,
+    uid: UidFor,
+) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR of one explanation, in a new series of ``source``'s study.
+
+    Content: the observer (the served model as a device), then TID 1501 measurement groups,
+    each with the algorithm identification (TID 4019: model name; checkpoint sha256 and aex
+    version; the canonical parameters as JSON): the classification (predicted class and its
+    probability, referencing the source image), one group per class with its probability, the
+    decision's stability radii with their percentile among the checkpoint's evaluation images
+    (TID 311), the model's recorded metrics (test accuracy, attack and BTR ARA), the Grad-CAM
+    map (referencing the Parametric Map and the overlay) and each adversarial explanation
+    (rms(delta), the target's probability before and after, referencing its two Secondary
+    Captures). Completion COMPLETE, Preliminary, Verification Flag UNVERIFIED.
+
+    source: the source (``secondary_capture.usable_source``); pm: the Parametric Map;
+    images: the Secondary Captures by name ("gradcam_overlay", each target's stems, as the
+    summary names its PNGs without ".png"); summary: the explain summary (predicted, probs,
+    gradcam, targets, stability); metrics: the checkpoint's recorded metrics; parameters:
+    the request's canonical parameters; uid(role): "series/sr", "instance/sr", "tracking/..."."""
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=provenance.model,
+        version=f"checkpoint sha256 {provenance.checkpoint_sha256}, aex {provenance.software_version}",
+        parameters=[json.dumps(dict(parameters), sort_keys=True)],
+        manufacturer=MANUFACTURER,
+    )
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=provenance.device_uid,
+        name=provenance.model,
+        manufacturer_name=MANUFACTURER,
+        model_name=provenance.model,
+        serial_number=provenance.checkpoint_sha256[:64],
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=context,
+        procedure_reported=codes.SCT.ImagingProcedure,
+        imaging_measurements=_groups(source, pm, images, summary, metrics, algorithm, uid),
+    )
+    evidence: Sequence[Dataset] = [source, pm, *images.values()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # highdicom's warnings may quote source values
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=evidence,
+            content=report[0],
+            series_instance_uid=uid("series/sr"),
+            series_number=int(source.get("SeriesNumber") or 0) + SERIES_OFFSET,
+            sop_instance_uid=uid("instance/sr"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            contributing_equipment=[provenance.contributing_equipment("Findings of the served model")],
+        )
+    provenance.stamp(sr)
+    sr.SeriesDescription = provenance.series_description("report")
+    sr.CodingSchemeIdentificationSequence = [coding_scheme()]
+    return sr

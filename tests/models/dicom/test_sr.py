@@ -1,0 +1,206 @@
+"""The explanation's DICOM objects together: the TID 1500 SR and what it references, deterministic UIDs, dciodvfy."""
+
+import io
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from models.data.geometry import map_to_source
+from models.dicom.equipment import Provenance
+from models.dicom.results import PARAMETRIC_MAP, REPORT, explanation_objects
+from models.dicom.uids import derived_uid, device_uid
+from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
+
+SHA = "5eed" * 16
+CLASSES = ["normal", "pneumonia", "effusion"]
+PARAMETERS = {"targets": ["predicted", "runner-up"], "rho": 0.1, "steps": 5, "layer": "l", "stability_steps": 20}
+METRICS = {"test_accuracy": 0.875, "ara_attack": 0.0123, "ara_btr": 0.0045, "ara_radii": {"n": 6}}
+
+
+def summary() -> dict:
+    probs = dict(zip(CLASSES, [0.15, 0.7, 0.15]))
+    targets = []
+    for i, (role, c) in enumerate([("predicted", 1), ("runner-up", 0)]):
+        stem = f"{i:02d}_{role}_{CLASSES[c]}"
+        targets.append(
+            {
+                "role": role,
+                "class_index": c,
+                "class_name": CLASSES[c],
+                "rms": 0.02 + i / 100,
+                "prob_before": probs[CLASSES[c]],
+                "prob_after": 0.9,
+                "image": f"{stem}.png",
+                "difference": f"{stem}_diff.png",
+            }
+        )
+    return {
+        "predicted": {"class_index": 1, "class_name": "pneumonia", "prob": 0.7},
+        "probs": probs,
+        "gradcam": {"layer": "l", "class_index": 1},
+        "targets": targets,
+        "stability": {
+            "attack_rms": 0.031,
+            "btr_rms": 0.017,
+            "attack_percentile": 50.0,
+            "btr_percentile": 33.3,
+            "reference_n": 6,
+        },
+    }
+
+
+def images(s: dict) -> list:
+    rng = np.random.default_rng(3)
+    out = [("gradcam_overlay", "gradcam_overlay", rng.random((28, 28, 3)))]
+    for t in s["targets"]:
+        out.append((t["image"][:-4], "explanation", rng.random((28, 28, 1))))
+        out.append((t["difference"][:-4], "explanation_difference", rng.random((28, 28, 1))))
+    return out
+
+
+def objects(source, parameters=PARAMETERS, sha=SHA):
+    s = summary()
+    cam = np.random.default_rng(1).random((28, 28)).astype(np.float32)
+    values = map_to_source(cam, int(source.Columns), int(source.Rows))
+    return explanation_objects(source, values, images(s), s, METRICS, parameters, Provenance("tiny", sha), "how")
+
+
+@pytest.fixture(scope="module")
+def source(dicom_file):
+    pixels = (np.mgrid[0:512, 0:640].sum(0) * 3).clip(0, 4095).astype(np.uint16)
+    return pydicom.dcmread(io.BytesIO(dicom_file(pixels, "MONOCHROME1", 0.5, -100.0, (400.0, 900.0))))
+
+
+@pytest.fixture(scope="module")
+def built(source):
+    objs = objects(source)
+    return objs, {o.name: pydicom.dcmread(io.BytesIO(o.data)) for o in objs}
+
+
+def content_items(items):
+    for item in items:
+        yield item
+        yield from content_items(item.get("ContentSequence", []))
+
+
+def concept(item) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return code.CodingSchemeDesignator, code.CodeValue
+
+
+def groups(sr) -> list:
+    return [i for i in content_items(sr.ContentSequence) if concept(i) == ("DCM", "125007")]
+
+
+def finding(group) -> tuple[str, str]:
+    (item,) = [i for i in group.ContentSequence if concept(i) == ("DCM", "121071")]
+    return item.ConceptCodeSequence[0].CodingSchemeDesignator, item.ConceptCodeSequence[0].CodeValue
+
+
+def nums(group) -> dict:
+    return {
+        concept(i): float(i.MeasuredValueSequence[0].NumericValue)
+        for i in group.ContentSequence
+        if i.ValueType == "NUM"
+    }
+
+
+def test_objects_roles_and_listing(built, source):
+    objs, ds = built
+    assert [o.role for o in objs][0] == PARAMETRIC_MAP and objs[-1].role == REPORT
+    assert {o.role for o in objs} == {PARAMETRIC_MAP, "gradcam_overlay", "explanation", "explanation_difference", REPORT}
+    classes = {o.role: ds[o.name].SOPClassUID for o in objs}
+    assert classes[PARAMETRIC_MAP] == pydicom.uid.ParametricMapStorage
+    assert classes["explanation"] == pydicom.uid.SecondaryCaptureImageStorage
+    assert classes[REPORT] == pydicom.uid.Comprehensive3DSRStorage
+    assert len({o.series_instance_uid for o in objs}) == 3  # PM, SC and SR series: one modality each
+    for o in objs:
+        d = ds[o.name]
+        assert (d.SOPInstanceUID, d.SeriesInstanceUID, d.SOPClassUID) == (
+            o.sop_instance_uid,
+            o.series_instance_uid,
+            o.sop_class_uid,
+        )
+        assert d.StudyInstanceUID == source.StudyInstanceUID and d.PatientName == source.PatientName
+        assert "not for diagnostic use" in d.SeriesDescription
+        assert set(o.listing()) == {"name", "role", "sop_class_uid", "sop_instance_uid", "series_instance_uid"}
+    listing = json.dumps([o.listing() for o in objs])
+    assert "Test^Patient" not in listing and "PX-001" not in listing
+
+
+def test_sr_references_the_parametric_map_and_every_secondary_capture(built, source):
+    objs, ds = built
+    sr = ds["structured_report.dcm"]
+    referenced = {
+        (i.ReferencedSOPSequence[0].ReferencedSOPClassUID, i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        for i in content_items(sr.ContentSequence)
+        if i.ValueType == "IMAGE"
+    }
+    described = {(o.sop_class_uid, o.sop_instance_uid) for o in objs if o.role != REPORT}
+    assert described <= referenced
+    assert (source.SOPClassUID, source.SOPInstanceUID) in referenced
+    evidence = {
+        (i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID)
+        for series in sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for i in series.ReferencedSOPSequence
+    }
+    assert described <= evidence
+
+
+def test_sr_holds_the_classification_stability_and_model(built):
+    _, ds = built
+    sr = ds["structured_report.dcm"]
+    assert (sr.VerificationFlag, sr.CompletionFlag) == ("UNVERIFIED", "COMPLETE")
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    by_finding = {finding(g): g for g in groups(sr)}
+    probability = ("DCM", "122157")
+    for name, p in summary()["probs"].items():  # every class probability
+        assert nums(by_finding[("99AEX", name)])[probability] == pytest.approx(p)
+    classification = by_finding[("99AEX", "CLASSIFICATION")]
+    (predicted,) = [i for i in classification.ContentSequence if concept(i) == ("99AEX", "PREDICTED-CLASS")]
+    assert predicted.ConceptCodeSequence[0].CodeValue == "pneumonia"
+    stability = by_finding[("99AEX", "STABILITY")]
+    assert nums(stability) == {("99AEX", "FLIP-RADIUS"): 0.031, ("99AEX", "CHANCE-RADIUS"): 0.017}
+    percentiles = [
+        float(i.MeasuredValueSequence[0].NumericValue)
+        for i in content_items(stability.ContentSequence)
+        if concept(i) == ("DCM", "121415")
+    ]
+    assert sorted(percentiles) == [33.3, 50.0]
+    model = nums(by_finding[("99AEX", "MODEL-METRICS")])
+    assert model == {("99AEX", "TEST-ACCURACY"): 0.875, ("99AEX", "ARA-ATTACK"): 0.0123, ("99AEX", "ARA-BTR"): 0.0045}
+    algorithm = {
+        concept(i): i.TextValue for i in classification.ContentSequence if concept(i)[1] in ("111001", "111003")
+    }
+    assert algorithm[("DCM", "111001")] == "tiny" and SHA in algorithm[("DCM", "111003")]
+    assert ("DCM", "130403") in by_finding  # the Grad-CAM group
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99AEX"
+    aex = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "aex"]
+    assert aex and aex[0].DeviceUID == device_uid(SHA) and aex[0].ManufacturerModelName == "tiny"
+
+
+def test_uids_are_deterministic(source, built):
+    objs, _ = built
+    again = objects(source)
+    assert [(o.sop_instance_uid, o.series_instance_uid) for o in again] == [
+        (o.sop_instance_uid, o.series_instance_uid) for o in objs
+    ]
+    other_rho = objects(source, {**PARAMETERS, "rho": 0.2})
+    other_model = objects(source, sha="f00d" * 16)
+    for other in (other_rho, other_model):
+        assert not {o.sop_instance_uid for o in other} & {o.sop_instance_uid for o in objs}
+        assert not {o.series_instance_uid for o in other} & {o.series_instance_uid for o in objs}
+    uid = derived_uid("1.2.3", SHA, PARAMETERS, "instance/pm")
+    assert uid == derived_uid("1.2.3", SHA, dict(reversed(PARAMETERS.items())), "instance/pm")  # key order
+    assert uid != derived_uid("1.2.4", SHA, PARAMETERS, "instance/pm")
+    assert uid != derived_uid("1.2.3", SHA, PARAMETERS, "instance/sr")
+    assert uid.startswith("2.25.") and len(uid) <= 64 and uid[5:].isdigit()
+
+
+@pytest.mark.parametrize("name", ["xray16", "CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+def test_every_object_passes_dciodvfy(tmp_path, source, pydicom_file, name):
+    require_dciodvfy()
+    src = source if name == "xray16" else pydicom.dcmread(io.BytesIO(pydicom_file(name)))
+    assert check_with_dciodvfy(tmp_path, {o.name: o.data for o in objects(src)}) == {}
