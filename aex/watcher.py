@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from datetime import date, timedelta
@@ -55,6 +54,8 @@ CHANGES_PAGE = 100
 QIDO_LOOKBACK_DAYS = 1
 # Codes of submissions worth trying again later; any other refusal is final for that instance.
 RETRY_LATER = {QueueFullError.code, ServiceUnavailableError.code, "too_many_jobs", "pacs_unreachable", "http_error"}
+# Codes that say the watcher itself is misconfigured (its token, its model): it stops.
+FATAL = {"unauthenticated", "forbidden", "unknown_model", "unknown_pacs"}
 
 Submit = Callable[[PacsReference], str]
 
@@ -136,7 +137,7 @@ class WatchState:
                 pipe.set(key, f"pending:{self.run_id}", ex=MEMORY_SECONDS)
                 pipe.execute()
                 return True
-            except Exception:  # noqa: BLE001 - redis WatchError: someone else moved first
+            except Exception:
                 return False
 
     def record(self, instance_uid: str, outcome: str) -> None:
@@ -276,6 +277,9 @@ class Watcher:
             try:
                 job_id = self.submit(ref)
             except AexError as exc:
+                if exc.code in FATAL:
+                    self.state.release(ref.instance_uid)
+                    raise
                 if exc.code in RETRY_LATER:
                     self.state.release(ref.instance_uid)
                     log.warning("%s: %s (trying again later)", ref.describe(), exc.message)
@@ -301,12 +305,16 @@ class Watcher:
             try:
                 objects = self.collect(job_id)
             except AexError as exc:  # failed, cancelled, expired: nothing to store
-                log.warning("job %s on %s ended without results: [%s] %s", job_id, ref.describe(), exc.code, exc.message)
+                log.warning(
+                    "job %s on %s ended without results: [%s] %s", job_id, ref.describe(), exc.code, exc.message
+                )
                 self.state.untrack_job(job_id)
                 continue
             if objects is None:
                 continue
             report = store_results(self.settings, self.pacs, objects) if objects else None
             if report:
-                log.info("job %s: %d objects stored to %r, %d failed", job_id, report["stored"], self.pacs, report["failed"])
+                log.info(
+                    "job %s: %d objects stored to %r, %d failed", job_id, report["stored"], self.pacs, report["failed"]
+                )
             self.state.untrack_job(job_id)

@@ -13,6 +13,13 @@ if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools) >/dev/null 2>&1 \
     || echo "warning: could not install dicom3tools; DICOM validation tests will skip" >&2
 fi
+# Orthanc and its DICOMweb plugin for the PACS tests (tests/pacs start one on loopback
+# ports): installed when we may; those tests skip with a reason otherwise.
+if { ! command -v Orthanc >/dev/null 2>&1 || ! dpkg -s orthanc-dicomweb >/dev/null 2>&1; } \
+  && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb) >/dev/null 2>&1 \
+    || echo "warning: could not install orthanc and orthanc-dicomweb; the PACS tests will skip" >&2
+fi
 # Chromium for the viewer test (driven by the playwright package with this executable; no
 # browser download); the test skips with a reason without it.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -1,7 +1,9 @@
-"""The OpenAPI page at ``/docs``: Swagger UI served from the ``swagger-ui-bundle`` package's own files, nothing loaded from outside.
+"""The OpenAPI page at ``/docs``: Swagger UI served from the ``fastapi-swagger`` package's own files, nothing loaded from outside.
 
 FastAPI's default page loads Swagger UI from a CDN; this one serves the script, the style sheet
-and the icon under ``/docs/`` and answers the page with a strict Content-Security-Policy: its
+and the icon the ``fastapi-swagger`` package ships (Swagger UI 5, which reads the OpenAPI 3.1
+schema FastAPI writes; the ``swagger-ui-bundle`` package's Swagger UI 4 cannot) under
+``/docs/``, without that package's own routes, and answers the page with a strict Content-Security-Policy: its
 one inline script (Swagger UI's start-up) is allowed by its SHA-256 hash, nothing else inline
 runs, and nothing is fetched from another origin (``/openapi.json`` included). The routes of
 the schema that need a token show it (an HTTP bearer security scheme), so the page's
@@ -13,13 +15,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from pathlib import Path
+from importlib import resources
 
 from fastapi import FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from starlette.exceptions import HTTPException
-from swagger_ui_bundle import swagger_ui_path
 
 ASSETS = {
     "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
@@ -76,7 +77,7 @@ def install_docs(app: FastAPI) -> None:
     """``/docs`` and its files (the app is built with ``docs_url=None``), and the schema with
     its security scheme at ``/openapi.json``."""
     html, csp = docs_page(app.title)
-    folder = Path(swagger_ui_path)
+    folder = resources.files("fastapi_swagger") / "resources"
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -89,6 +90,8 @@ def install_docs(app: FastAPI) -> None:
     def docs_asset(name: str) -> FileResponse:
         if name not in ASSETS:
             raise HTTPException(404, "Not Found")
-        return FileResponse(folder / name, media_type=ASSETS[name], headers={"X-Content-Type-Options": "nosniff"})
+        return FileResponse(
+            str(folder / name), media_type=ASSETS[name], headers={"X-Content-Type-Options": "nosniff"}
+        )
 
     app.openapi = lambda: secured_openapi(app)  # type: ignore[method-assign]

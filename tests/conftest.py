@@ -95,6 +95,9 @@ def _tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str]
     save_checkpoint(path, model, meta)
 
 
+# Callback hosts of the session stack's workers (and of the API in tests/service/test_callback.py).
+CALLBACK_HOSTS = ["127.0.0.1", "*.example.org"]
+
 # Steps of each stability search in the test stacks (the service's default is the ARA's 450).
 SERVICE_STABILITY_STEPS = 20
 
@@ -255,10 +258,14 @@ def wait_for_workers(settings, n: int, procs=(), timeout: float = 120.0) -> None
 
 @pytest.fixture(scope="session")
 def service_stack(redis_server, service_models, tmp_path_factory):
-    """Two real workers on Redis db 0; yields their settings."""
+    """Two real workers on Redis db 0; yields their settings (the API's). The workers also
+    allow callbacks to the receivers tests/service/test_callback.py runs on 127.0.0.1 (a
+    worker checks the address it connects to against its own AEX_CALLBACK_ALLOWED_HOSTS); the
+    settings yielded keep the default, no callbacks, which the API enforces at submission."""
     settings = stack_settings(redis_server, 0, service_models)
+    workers = settings.model_copy(update={"callback_allowed_hosts": CALLBACK_HOSTS})
     logs = tmp_path_factory.mktemp("worker-logs")
-    procs = [WorkerProcess(settings, logs / f"worker{i}.log") for i in range(2)]
+    procs = [WorkerProcess(workers, logs / f"worker{i}.log") for i in range(2)]
     try:
         wait_for_workers(settings, 2, procs)
         yield settings

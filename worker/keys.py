@@ -84,6 +84,7 @@ def scoped_result_index_key(scope: str, cache_key: str) -> str:
 def watch_key(pacs: str, model: str, part: str) -> str:
     """State of ``aex watch --pacs pacs --model model``: ``part`` "cursor" (where it is in the
     PACS's change feed or poll, a string), "instance:<SOP Instance UID>" (that instance was
-    submitted: its job id, kept AEX_WATCH_MEMORY seconds) or "jobs" (a hash job id -> the
-    instance, for the jobs whose results the watcher stores back itself)."""
+    submitted: "job:<id>", "failed:<code>", or "pending:<run>" while it is), "lock" (the run
+    following it) or "jobs" (a hash job id -> the instance, for the jobs whose results the
+    watcher stores back itself). Names, never addresses: a PACS is named as AEX_PACS names it."""
     return f"{PREFIX}:watch:{pacs}:{model}:{part}"

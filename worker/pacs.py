@@ -205,6 +205,12 @@ def fetch_instance(
     return data
 
 
+def fetch_reference(settings: Settings, reference: dict[str, str]) -> bytes:
+    """``fetch_instance`` of a reference as jobs carry it (``PacsReference.as_dict()``)."""
+    ref = PacsReference(**reference)
+    return fetch_instance(settings, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid)
+
+
 def _too_large(ref: PacsReference, limit: int) -> UploadTooLargeError:
     return UploadTooLargeError(f"{ref.describe()} is larger than AEX_MAX_UPLOAD_BYTES ({limit} bytes)")
 

@@ -111,6 +111,8 @@ class PacsEndpoint(BaseModel):
             raise ValueError("give either token (bearer) or username and password (basic), not both")
         if (self.username is None) != (self.password is None):
             raise ValueError("username and password go together")
+        if any(v is not None and not v.get_secret_value() for v in (self.token, self.password)) or self.username == "":
+            raise ValueError("token, username and password may not be empty")
         if self.store_via == "stow" and self.url is None:
             raise ValueError('store_via "stow" needs url')
         if self.store_via == "dimse" and self.dimse is None:

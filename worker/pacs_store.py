@@ -44,7 +44,7 @@ def _describe(data: bytes) -> tuple[Dataset, dict[str, Any]]:
             "study_uid": str(ds.StudyInstanceUID),
             "series_uid": str(ds.SeriesInstanceUID),
         }
-    except Exception:  # noqa: BLE001 - our own objects: any failure here is a bug upstream
+    except Exception:
         raise BadParameterError("a result object to store is not a DICOM Part 10 file with its UIDs") from None
     return ds, row
 
@@ -75,6 +75,18 @@ def store_results(
     }
 
 
+def store_report(settings: Settings, pacs: str, objects: Sequence[bytes]) -> dict[str, Any]:
+    """``store_results`` for a job's result: never raises one of aex's errors (the results
+    are kept whatever the PACS does); a PACS that could not take them is reported as
+    ``{"pacs", "error": {"code", "message"}}``."""
+    from models.errors import AexError
+
+    try:
+        return store_results(settings, pacs, objects)
+    except AexError as exc:
+        return {"pacs": pacs, "stored": 0, "failed": len(objects), "error": {"code": exc.code, "message": exc.message}}
+
+
 # --- STOW-RS ------------------------------------------------------------------------------
 def _multipart(objects: Sequence[bytes]) -> bytes:
     out = bytearray()
@@ -102,7 +114,7 @@ def _stow(ep: PacsEndpoint, pacs: str, objects: Sequence[bytes], rows: list[dict
             body = _multipart([objects[i] for i in indices])
             what = f"store {len(indices)} objects in study {study}"
 
-            def post(study=study, body=body) -> requests.Response:
+            def post(study=study, body=body, what=what) -> requests.Response:
                 resp = session.post(f"{ep.url}/studies/{study}", data=body, headers=headers, timeout=timeouts(ep))
                 # 409 and 400 carry the failed and the stored objects in their body.
                 if resp.status_code not in (200, 202, 400, 409):
@@ -125,7 +137,9 @@ def _stow_statuses(resp, pacs: str, rows: list[dict]) -> None:
         answer = Dataset.from_json(resp.json()) if resp.content else Dataset()
     except ValueError:
         raise PacsError(f"PACS {pacs!r} answered a store with something that is not DICOM JSON") from None
-    referenced = {str(item.get("ReferencedSOPInstanceUID", "")): item for item in answer.get("ReferencedSOPSequence", [])}
+    referenced = {
+        str(item.get("ReferencedSOPInstanceUID", "")): item for item in answer.get("ReferencedSOPSequence", [])
+    }
     failed = {str(item.get("ReferencedSOPInstanceUID", "")): item for item in answer.get("FailedSOPSequence", [])}
     for row in rows:
         uid = row["sop_instance_uid"]
@@ -154,7 +168,9 @@ def _c_store(ep: PacsEndpoint, pacs: str, datasets: list[Dataset], rows: list[di
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ep.timeout
     pairs = {(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}
     for sop_class, syntax in sorted(pairs):
-        ae.add_requested_context(sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+        ae.add_requested_context(
+            sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
+        )
     pause, assoc = backoff, None
     for attempt in range(1, max(1, attempts) + 1):
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)

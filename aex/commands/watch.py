@@ -21,36 +21,46 @@ def _form_fields(spec: dict[str, Any], path: str) -> set[str]:
         return set()
 
 
-def takes_references(client) -> bool:
-    """Whether the service's ``POST /v1/explain`` accepts an input by reference (the form
-    fields ``pacs``, ``study_uid``, ``series_uid``, ``instance_uid``), from its OpenAPI schema."""
+REFERENCE_FIELDS = {"pacs", "study_uid", "series_uid", "instance_uid"}
+
+
+def explain_fields(client) -> set[str]:
+    """The form fields of the service's ``POST /v1/explain``, from its OpenAPI schema (empty
+    when it cannot be read)."""
     from models.errors import AexError
 
     try:
-        spec = client._json("GET", "/openapi.json")
+        return _form_fields(client._json("GET", "/openapi.json"), "/v1/explain")
     except AexError:
-        return False
-    return {"pacs", "study_uid", "series_uid", "instance_uid"} <= _form_fields(spec, "/v1/explain")
+        return set()
 
 
-def make_submit(client, settings, model: str | None, by_reference: bool, store: bool):
+def takes_references(fields: set[str]) -> bool:
+    """Whether those fields take an input by reference (``pacs`` and the three UIDs)."""
+    return REFERENCE_FIELDS.issubset(fields)
+
+
+def make_submit(client, settings, model: str | None, fields: set[str], store: bool):
     """The one function that submits an instance (a ``worker.pacs.PacsReference``) and
     returns its job id: by reference when the service takes references (it then fetches the
     instance, and stores the results back with ``store``), else by fetching the instance here
     and uploading it."""
     from worker.pacs import fetch_instance
 
+    by_reference = takes_references(fields)
+
     def submit(ref) -> str:
-        fields = {"model": model} if model else {}
+        form = {"model": model} if model else {}
         if by_reference:
-            fields.update(ref.as_dict())
-            fields["store"] = "true" if store else "false"
+            form.update(ref.as_dict())
+            if "store" in fields:  # an unknown field would be refused
+                form["store"] = "true" if store else "false"
             # Plain form fields, sent as multipart/form-data like an upload.
-            view = client._json("POST", "/v1/explain", files={k: (None, v) for k, v in fields.items()})
+            view = client._json("POST", "/v1/explain", files={k: (None, v) for k, v in form.items()})
         else:
             data = fetch_instance(settings, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid)
             files = {"image": (f"{ref.instance_uid}.dcm", data, "application/dicom")}
-            view = client._json("POST", "/v1/explain", data=fields, files=files)
+            view = client._json("POST", "/v1/explain", data=form, files=files)
         return str(view["id"])
 
     return submit
@@ -100,7 +110,7 @@ def watch(
     import threading
 
     from aex.client import AexClient
-    from aex.watcher import WatchState, Watcher
+    from aex.watcher import Watcher, WatchState
     from models.errors import BadParameterError
     from worker.queues import connect
     from worker.settings import Settings
@@ -117,12 +127,16 @@ def watch(
     conn = connect(settings.redis_url)
     try:
         with AexClient(url, timeout=timeout, token=token) as client:
-            by_reference = takes_references(client)
+            served = [m.get("name") for m in client.models().get("models", [])]  # the token works
+            if model and model not in served:
+                raise BadParameterError(f"the service does not serve a model {model!r} (it serves {', '.join(served)})")
+            fields = explain_fields(client)
+            by_reference = takes_references(fields)
             watcher = Watcher(
                 settings,
                 pacs,
                 WatchState(conn, pacs, model),
-                make_submit(client, settings, model, by_reference, store),
+                make_submit(client, settings, model, fields, store),
                 modalities=modalities,
                 interval=interval,
                 feed=feed,

@@ -7,6 +7,7 @@ import warnings
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from models.dicom.equipment import Provenance
@@ -35,47 +36,102 @@ class _ParametricMap(hd.pm.ParametricMap):
         super()._build_luts()
 
 
-_GEOMETRY = {
+_GEOMETRY = (
     "FrameOfReferenceUID",
     "PositionReferenceIndicator",
     "ImagePositionPatient",
     "ImageOrientationPatient",
     "PixelSpacing",
     "SliceThickness",
+)
+# What makes a (one-frame) source look multi-frame to highdicom: left out of its geometry copy.
+_MULTIFRAME = (
+    "NumberOfFrames",
+    "FrameIncrementPointer",
+    "GridFrameOffsetVector",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "DimensionOrganizationSequence",
+    "DimensionIndexSequence",
+)
+# keyword -> (functional group sequence holding it in an enhanced image, values, positive)
+_PLANE = {
+    "ImagePositionPatient": ("PlanePositionSequence", 3, False),
+    "ImageOrientationPatient": ("PlaneOrientationSequence", 6, False),
+    "PixelSpacing": ("PixelMeasuresSequence", 2, True),
 }
 
 
-def _numbers(ds: Dataset, keyword: str, n: int) -> list[float] | None:
+def _vector(value, n: int, positive: bool) -> list[float] | None:
     try:
-        values = [float(v) for v in ds.get(keyword) or []]
+        values = [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
     except (TypeError, ValueError):
         return None
-    return values if len(values) == n and all(np.isfinite(values)) and all(v > 0 for v in values) else None
+    ok = len(values) == n and all(np.isfinite(values)) and (not positive or all(v > 0 for v in values))
+    return values if ok else None
+
+
+def _plane(source: Dataset, keyword: str) -> list[float] | None:
+    """A plane attribute of the source: at its top level, else in its first frame's (or the
+    shared) functional groups."""
+    sequence, n, positive = _PLANE[keyword]
+    if keyword in source:
+        return _vector(source.get(keyword), n, positive)
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for item in (source.get(groups) or [])[:1]:
+            for macro in (item.get(sequence) or [])[:1]:
+                if keyword in macro:
+                    return _vector(macro.get(keyword), n, positive)
+    return None
 
 
 def geometry_source(source: Dataset) -> Dataset:
-    """The source as highdicom should see its geometry. A Parametric Map needs a Frame of
-    Reference, plane position, orientation and pixel spacing (PS3.3 A.75); a source with its
-    own (CT, MR) is used as it is. A projection image or SC without one gets, in a copy, a
-    Frame of Reference of its own (``uids.nominal_frame_of_reference_uid``: one per source
-    instance) with the nominal 2D geometry viewers give such an image: position (0, 0, 0),
-    orientation rows +x / columns +y, and its Pixel Spacing, else its Imager Pixel Spacing,
-    else 1 mm. The map and the source then share Rows x Columns pixel for pixel, as the
-    Derivation Image Sequence says (Spatial Locations Preserved YES)."""
-    if "FrameOfReferenceUID" in source and "ImagePositionPatient" in source and "ImageOrientationPatient" in source:
-        if _numbers(source, "PixelSpacing", 2) is not None:
-            return source
+    """A copy of the source as highdicom should see its geometry (the source is left as it is).
+
+    A Parametric Map needs a Frame of Reference, plane position, orientation and pixel spacing
+    (PS3.3 A.75). A source with all of them (CT, MR; an enhanced image's first frame) keeps
+    them. A projection image or SC without them gets a Frame of Reference of its own
+    (``uids.nominal_frame_of_reference_uid``: one per source instance) with the nominal 2D
+    geometry viewers give such an image: position (0, 0, 0), orientation rows +x / columns
+    +y, and its Pixel Spacing, else its Imager Pixel Spacing, else 1 mm. Either way the map
+    and the source share Rows x Columns pixel for pixel, as the map's Derivation Image
+    Sequence says (Spatial Locations Preserved YES)."""
+    plane = {keyword: _plane(source, keyword) for keyword in _PLANE}
+    own = "FrameOfReferenceUID" in source and all(v is not None for v in plane.values())
     ds = Dataset()  # the source's elements, those set below excepted (the source is left as it is)
     for elem in source:
-        if elem.keyword not in _GEOMETRY:
+        if elem.keyword not in _GEOMETRY and elem.keyword not in _MULTIFRAME:
             ds.add(elem)
-    ds.FrameOfReferenceUID = nominal_frame_of_reference_uid(source.SOPInstanceUID)
-    ds.PositionReferenceIndicator = ""
-    ds.ImagePositionPatient = [0.0, 0.0, 0.0]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = _numbers(source, "PixelSpacing", 2) or _numbers(source, "ImagerPixelSpacing", 2) or [1.0, 1.0]
-    ds.SliceThickness = 1.0
+    if own:
+        ds.FrameOfReferenceUID = source.FrameOfReferenceUID
+        ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator", "")
+        thickness = _vector(source.get("SliceThickness"), 1, True)
+        _set_plane(ds, plane["ImagePositionPatient"], plane["ImageOrientationPatient"], plane["PixelSpacing"])
+        ds.SliceThickness = thickness[0] if thickness else 1.0
+    else:
+        ds.FrameOfReferenceUID = nominal_frame_of_reference_uid(source.SOPInstanceUID)
+        ds.PositionReferenceIndicator = ""
+        spacing = plane["PixelSpacing"] or _vector(source.get("ImagerPixelSpacing"), 2, True) or [1.0, 1.0]
+        _set_plane(ds, [0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], spacing)
+        ds.SliceThickness = 1.0
+    # One frame, described both ways: at the top level (what highdicom reads of a single-frame
+    # IOD) and in functional groups (what it reads of a multi-frame IOD's, Enhanced CT or RT
+    # Dose, whose one-frame instances do not always carry them).
+    ds.NumberOfFrames = 1
+    shared, frame = Dataset(), Dataset()
+    shared.PixelMeasuresSequence = [Dataset()]
+    shared.PixelMeasuresSequence[0].PixelSpacing = ds.PixelSpacing
+    shared.PixelMeasuresSequence[0].SliceThickness = ds.SliceThickness
+    shared.PlaneOrientationSequence = [Dataset()]
+    shared.PlaneOrientationSequence[0].ImageOrientationPatient = ds.ImageOrientationPatient
+    frame.PlanePositionSequence = [Dataset()]
+    frame.PlanePositionSequence[0].ImagePositionPatient = ds.ImagePositionPatient
+    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = [shared], [frame]
     return ds
+
+
+def _set_plane(ds: Dataset, position: list[float], orientation: list[float], spacing: list[float]) -> None:
+    ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing = position, orientation, spacing
 
 
 def parametric_map(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -67,16 +68,20 @@ def explanation_objects(
     Capture (the overlay, each explanation and its difference; see
     ``secondary_capture.secondary_captures``); summary, metrics: see ``sr.measurement_report``;
     derivation: the free text of how they were made. The PM comes first, the SR last."""
-    usable, _emptied = usable_source(source)
-    uid = result_uids(str(usable.SOPInstanceUID), provenance.checkpoint_sha256, parameters)
-    pm = parametric_map(usable, gradcam, provenance, uid, f"Grad-CAM of {summary['predicted']['class_name']}")
-    captures = secondary_capture_datasets(
-        usable, [(name, image) for name, _role, image in images], derivation, provenance=provenance, uid=uid
-    )
-    roles = {name: role for name, role, _image in images}
-    sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid)
-    return [
-        _object(PARAMETRIC_MAP, PARAMETRIC_MAP, pm),
-        *(_object(name, roles[name], sc) for name, sc in captures),
-        _object(REPORT, REPORT, sr),
-    ]
+    with warnings.catch_warnings():
+        # pydicom's and highdicom's warnings quote attribute values (patient names, dates):
+        # never into a log.
+        warnings.simplefilter("ignore")
+        usable, _emptied = usable_source(source)
+        uid = result_uids(str(usable.SOPInstanceUID), provenance.checkpoint_sha256, parameters)
+        pm = parametric_map(usable, gradcam, provenance, uid, f"Grad-CAM of {summary['predicted']['class_name']}")
+        captures = secondary_capture_datasets(
+            usable, [(name, image) for name, _role, image in images], derivation, provenance=provenance, uid=uid
+        )
+        roles = {name: role for name, role, _image in images}
+        sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid)
+        return [
+            _object(PARAMETRIC_MAP, PARAMETRIC_MAP, pm),
+            *(_object(name, roles[name], sc) for name, sc in captures),
+            _object(REPORT, REPORT, sr),
+        ]

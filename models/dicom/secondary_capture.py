@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -72,13 +73,45 @@ def _source_reference(source: Dataset) -> Dataset:
 
 # Value representations whose text must parse (dates, times, numbers as strings): a derived
 # object copies them from the source, and pydicom refuses (quoting the value) those that do not.
+# Dates and times as PS3.5 6.2 writes them (pydicom also reads older forms, "1997.04.24" or
+# "10:15", which dciodvfy refuses in a new object).
+_FORMATS = {
+    "DA": re.compile(r"\d{8}"),
+    "TM": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
+    "DT": re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"),
+}
+
+
+def _strict(vr: str):
+    def parse(text: str):
+        if not _FORMATS[vr].fullmatch(text.strip()):
+            raise ValueError(f"not a {vr} as PS3.5 writes it")
+        return getattr(pydicom.valuerep, vr)(text)
+
+    return parse
+
+
 _PARSED_VRS = {
-    "DA": pydicom.valuerep.DA,
-    "DT": pydicom.valuerep.DT,
-    "TM": pydicom.valuerep.TM,
+    "DA": _strict("DA"),
+    "DT": _strict("DT"),
+    "TM": _strict("TM"),
     "DS": pydicom.valuerep.DSfloat,
     "IS": pydicom.valuerep.IS,
 }
+
+
+# Type 2 patient and study attributes every derived object carries (empty when unknown).
+TYPE2_IDENTIFIERS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
 
 
 def usable_source(source: Dataset) -> tuple[Dataset, list[str]]:
@@ -86,7 +119,9 @@ def usable_source(source: Dataset) -> tuple[Dataset, list[str]]:
     value does not parse for its VR (a birth date "19XX", a time "noon") is emptied, and the
     keywords so emptied. Patient and study attributes are Type 2 in a derived object, so an
     empty value is valid where a garbled one would fail, and only keywords, never values,
-    are reported (they may be patient data)."""
+    are reported (they may be patient data). Those of ``TYPE2_IDENTIFIERS`` the source lacks
+    are added empty, and a source whose identity was removed without saying how gets a
+    De-identification Method that says so."""
     ref = Dataset()
     ref.file_meta = copy.deepcopy(getattr(source, "file_meta", Dataset()))
     emptied = []
@@ -106,6 +141,13 @@ def usable_source(source: Dataset) -> tuple[Dataset, list[str]]:
                     elem.value = ""
                     emptied.append(elem.keyword or str(elem.tag))
             ref.add(elem)
+    for keyword in TYPE2_IDENTIFIERS:
+        if keyword not in ref:
+            setattr(ref, keyword, "")
+    if str(ref.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
+        "DeidentificationMethod" in ref or "DeidentificationMethodCodeSequence" in ref
+    ):
+        ref.DeidentificationMethod = "not stated by the source"  # Type 1C once identity is removed
     return ref, emptied
 
 
@@ -146,22 +188,24 @@ def secondary_capture_datasets(
     series_uid = uid("series/sc")
     out = []
     for number, (name, image) in enumerate(images, start=1):
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=source,
-            pixel_array=_to_uint8_rgb(image),
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=int(source.get("SeriesNumber", 0) or 0) + 900,
-            sop_instance_uid=uid(f"instance/sc/{name}"),
-            instance_number=number,
-            manufacturer=MANUFACTURER,
-            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-            # highdicom insists on a value; it is replaced below by what the source says.
-            patient_orientation=("L", "P"),
-            contributing_equipment=equipment,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # highdicom's warnings quote patient names
+            sc = hd.sc.SCImage.from_ref_dataset(
+                ref_dataset=source,
+                pixel_array=_to_uint8_rgb(image),
+                photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+                bits_allocated=8,
+                coordinate_system=hd.CoordinateSystemNames.PATIENT,
+                series_instance_uid=series_uid,
+                series_number=int(source.get("SeriesNumber", 0) or 0) + 900,
+                sop_instance_uid=uid(f"instance/sc/{name}"),
+                instance_number=number,
+                manufacturer=MANUFACTURER,
+                transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+                # highdicom insists on a value; it is replaced below by what the source says.
+                patient_orientation=("L", "P"),
+                contributing_equipment=equipment,
+            )
         # Derived images keep the source's row/column directions (resize and centre crop
         # only), so its orientation holds; empty (Type 2) when the source does not say.
         sc.PatientOrientation = _orientation(source)

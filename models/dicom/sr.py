@@ -68,7 +68,9 @@ def _num(key: str | hd.sr.CodedConcept, value: float, unit=NO_UNITS, **kw) -> hd
 
 
 def _ref(ds: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
-    return hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
+    # By its UIDs: highdicom's from_source_image also wants a Modality it accepts, which a
+    # source does not always have; the reference needs none.
+    return hd.sr.SourceImageForMeasurementGroup(str(ds.SOPClassUID), str(ds.SOPInstanceUID))
 
 
 def _percentile(value: float | None, n: int) -> hd.sr.MeasurementProperties | None:
@@ -105,7 +107,9 @@ def _groups(
             "classification",
             "classification",
             finding_type=code("classification"),
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"]))],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"]))
+            ],
             measurements=[_num(codes.DCM.Probability, predicted["prob"])],
             source_images=[_ref(source)],
         )
@@ -154,7 +158,11 @@ def _groups(
                 qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("target"), class_code(target["class_name"]))],
                 measurements=[
                     _num(concept, target[k])
-                    for k, concept in (("rms", "delta_rms"), ("prob_before", "prob_before"), ("prob_after", "prob_after"))
+                    for k, concept in (
+                        ("rms", "delta_rms"),
+                        ("prob_before", "prob_before"),
+                        ("prob_after", "prob_after"),
+                    )
                     if _is_number(target.get(k))
                 ],
                 source_images=[_ref(ds) for ds in refs],
@@ -212,7 +220,9 @@ def measurement_report(
         serial_number=provenance.checkpoint_sha256[:64],
     )
     context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
     )
     report = hd.sr.MeasurementReport(
         observation_context=context,

@@ -159,15 +159,20 @@ def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_fil
     )
     assert res.exit_code == 0, res.output
     job = json.loads((out / "result.json").read_text())
-    assert job["dicom"], job  # the overlay, each explanation and each difference
-    assert len(job["dicom"]) == 1 + 2 * len(job["result"]["targets"])
+    # The overlay, each explanation and each difference (Secondary Captures), the Grad-CAM
+    # Parametric Map and the SR.
+    assert job["dicom"], job
+    assert len(job["dicom"]) == 1 + 2 * len(job["result"]["targets"]) + 2
     assert {p.name for p in out.iterdir()} == set(job["images"]) | set(job["dicom"]) | {"result.json"}
     for name in job["dicom"]:
         ds = pydicom.dcmread(out / name)
         assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID, name
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SOPInstanceUID != src.SOPInstanceUID
-        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-        assert ds.pixel_array.shape[:2] == (28, 28)
+        if ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage:
+            assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+            assert ds.pixel_array.shape[:2] == (28, 28)
+    pm = pydicom.dcmread(out / "gradcam_parametric_map.dcm")
+    assert pm.pixel_array.shape == (60, 50)  # the source's own grid
     assert set(json.loads(res.stdout)["files"]) == set(job["images"]) | set(job["dicom"]) | {"result.json"}
 
 
@@ -265,3 +270,27 @@ def test_without_a_valid_token_the_commands_say_how_to_get_one(live_api, png, tm
     res = runner.invoke(app, ["classify", str(png), "--url", live_api, "--token", forged])
     assert res.exit_code == 2 and "error [unauthenticated]: unknown or revoked API key" in res.stderr
     assert forged not in res.output
+
+
+def test_aex_keys_and_audit_through_the_running_service(live_api, png):
+    name = f"cli-{int(time.time() * 1000) % 10**9}"
+    res = runner.invoke(app, ["keys", "create", name, "--scopes", "read", "--url", live_api])
+    assert res.exit_code == 0, res.output
+    key = json.loads(res.stdout)
+    assert key["name"] == name and key["scopes"] == ["read"] and "shown this once" in res.stderr
+    with AexClient(live_api, token=key["token"]) as reader:
+        assert reader.models()["default"]
+        with pytest.raises(Exception) as info:
+            reader.classify(png, model="tiny-rgb")
+        assert info.value.code == "forbidden" and info.value.http_status == 403
+    res = runner.invoke(app, ["keys", "list", "--url", live_api])
+    assert res.exit_code == 0 and name in res.stdout and key["token"] not in res.stdout
+    res = runner.invoke(app, ["keys", "revoke", name, "--url", live_api])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["audit", "--since", "5m", "--url", live_api])
+    assert res.exit_code == 0, res.output
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    mine = [(r["action"], r["status"]) for r in records if r["principal"] == f"key:{name}"]
+    assert mine == [("GET /v1/models", 200), ("POST /v1/classify", 403)]
+    assert ("POST /v1/keys", 201) in [(r["action"], r["status"]) for r in records]
+    assert key["token"] not in res.stdout

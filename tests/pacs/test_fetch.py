@@ -108,7 +108,7 @@ class FlakyPacs(http.server.BaseHTTPRequestHandler):
     calls = 0
     body = b""
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         type(self).calls += 1
         if type(self).calls <= self.failures:
             self.send_response(503)

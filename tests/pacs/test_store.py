@@ -111,3 +111,13 @@ def test_a_refused_association_is_a_pacs_error(storage_scp, pneumonia_xrays):
     entry["dimse"]["ae_title"] = "SOMEONEELSE"
     with pytest.raises(PacsError, match="rejected"):
         store_results(Settings(pacs={"scp": entry}), "scp", result_objects(source, n=1), attempts=1)
+
+
+def test_a_jobs_store_report_keeps_the_error_instead_of_raising(pneumonia_xrays):
+    from tests.pacs.conftest import free_port
+    from worker.pacs_store import store_report
+
+    (source,) = pneumonia_xrays(1, size=(512, 512), start=16)
+    settings = Settings(pacs={"down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout": 1}})
+    report = store_report(settings, "down", result_objects(source, n=1))
+    assert report["error"]["code"] == "pacs_unreachable" and report["stored"] == 0 and report["failed"] == 1

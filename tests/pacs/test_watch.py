@@ -72,7 +72,7 @@ class Running:
     def _run(self):
         try:
             self.watcher.run()
-        except BaseException as exc:  # noqa: BLE001 - reported by stop()
+        except BaseException as exc:
             self.error = exc
 
     def stop(self):
@@ -92,7 +92,9 @@ def test_a_study_stored_after_the_start_is_submitted_exactly_once(orthanc, pacs_
     from worker.pacs_store import store_results
 
     before = pneumonia_xrays(1, start=20)[0]
-    orthanc.store(before)  # there before the watcher: not its business
+    stored = orthanc.store(before)  # there (and stable) before the watcher: not its business
+    study_path = f"/studies/{stored['ParentStudy']}"
+    wait_until(lambda: orthanc.request("GET", study_path)["IsStable"], what="the earlier study stable")
     settings, submit = pacs_settings(), Recorder()
     w = watcher(settings, conn, submit, modalities=frozenset({"DX"}))
     assert w.feed == "orthanc"
@@ -201,3 +203,70 @@ def test_what_is_wanted():
     assert not wanted({**image, "series_description": "aex x (NOT FOR DIAGNOSTIC USE)"}, frozenset())
     for sop_class in ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4"):
         assert not wanted({**image, "sop_class_uid": sop_class}, frozenset())
+
+
+@pytest.mark.e2e
+def test_aex_watch_explains_a_new_study_once_and_stores_the_results_back(
+    orthanc, service_stack, live_api, pneumonia_xrays, tmp_path
+):
+    """The command itself, against the session's service stack: a study stored after it
+    started is explained once (by upload until the API takes references), the results come
+    back into the study as their own series, and Ctrl-C stops it cleanly."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+    from worker.pacs import search_instances
+    from worker.queues import connect
+    from worker.settings import Settings
+
+    try:
+        from tests.tokens import token_for
+    except ImportError:
+        pytest.skip("tests.tokens (the stack's API keys) is not there")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
+    env.update(
+        AEX_PACS=json.dumps({"orthanc": orthanc.endpoint()}),
+        AEX_REDIS_URL=service_stack.redis_url,
+        AEX_TOKEN=token_for(service_stack),
+        AEX_LOG_LEVEL="INFO",
+    )
+    command = [sys.executable, "-m", "aex.cli", "watch", "--pacs", "orthanc", "--url", live_api]
+    command += ["--model", "tiny-grey", "--modality", "DX,CR", "--interval", "0.3"]
+    log = tmp_path / "watch.log"
+    proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))  # noqa: SIM115
+    conn = connect(service_stack.redis_url)
+    key = "aex:watch:orthanc:tiny-grey:{}"
+    try:
+        wait_until(lambda: conn.get(key.format("cursor")) is not None or proc.poll() is not None, what="the cursor")
+        assert proc.poll() is None, log.read_text()
+        (data,) = pneumonia_xrays(1, size=(512, 512), start=50)
+        orthanc.store(data)
+        study, instance = uid_of(data, "StudyInstanceUID"), uid_of(data, "SOPInstanceUID")
+        submitted = lambda: (conn.get(key.format(f"instance:{instance}")) or b"").startswith((b"job:", b"failed:"))
+        wait_until(submitted, what="the submission")
+        job = conn.get(key.format(f"instance:{instance}")).decode()
+        assert job.startswith("job:"), job
+        settings = Settings(pacs={"orthanc": orthanc.endpoint()})
+
+        def results() -> list[dict]:
+            return [row for row in search_instances(settings, "orthanc", study) if row["instance_uid"] != instance]
+
+        wait_until(lambda: results(), timeout=120, what="the results stored back")
+        time.sleep(3.0)  # the study is stable again: its results must not come back as inputs
+        assert all(row["manufacturer"] == "aex" and row["study_uid"] == study for row in results())
+        assert list(conn.scan_iter(key.format("instance:*"))) == [key.format(f"instance:{instance}").encode()]
+        assert conn.hlen(key.format("jobs")) == 0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            conn.close()
+    assert rc == 0, log.read_text()
+    assert "stopped after submitting 1 jobs" in log.read_text()

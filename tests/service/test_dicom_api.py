@@ -1,13 +1,11 @@
 """DICOM through the service: real DICOM files in (pydicom's bundled ones and 16-bit files
 written from PneumoniaMNIST X-rays), the model's probabilities on hand-computed pixels,
-refusals with their reason, and Secondary Capture objects out that dciodvfy accepts and
-that reference their source (real Redis, real worker processes; marker e2e)."""
+refusals with their reason, and the DICOM objects out (Secondary Captures, Parametric Map, SR)
+that dciodvfy accepts and that reference their source (real Redis, real worker processes; marker e2e)."""
 
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 
 import numpy as np
 import pydicom
@@ -16,6 +14,7 @@ import torch
 
 from models.data.tensors import load_dicom_for_model
 from models.store.checkpoint import load_checkpoint
+from tests.dciodvfy import SKIP_REASON, dciodvfy_errors, have_dciodvfy
 
 pytestmark = pytest.mark.e2e
 
@@ -127,9 +126,7 @@ def test_bad_dicom_requests(api, dicom_file, make_image):
     assert named.status_code == 415 and "DICOM" in named.json()["error"]["message"]
 
 
-def dciodvfy_errors(path) -> list[str]:
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+SC_ROLES = ("gradcam_overlay", "explanation", "explanation_difference")
 
 
 def test_explain_returns_secondary_captures_in_the_source_study(api, service_models, dicom_file, xray, poll, tmp_path):
@@ -146,17 +143,27 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
 
     names = set(view["dicom"])
     stems = [t["image"][:-4] for t in result["targets"]]
-    assert names == {"gradcam_overlay.dcm"} | {f"{s}.dcm" for s in stems} | {f"{s}_diff.dcm" for s in stems}
+    captures = {"gradcam_overlay.dcm"} | {f"{s}.dcm" for s in stems} | {f"{s}_diff.dcm" for s in stems}
+    # The Secondary Captures, the Grad-CAM Parametric Map and the SR that describes them.
+    assert names == captures | {"gradcam_parametric_map.dcm", "structured_report.dcm"}
+    roles = {o["name"]: o["role"] for o in result["dicom_objects"]}
+    assert {n for n, r in roles.items() if r in SC_ROLES} == captures
     assert all(t["dicom_url"] in view["dicom"].values() for t in result["targets"])
     series = set()
     for name, url in view["dicom"].items():
         resp = api.get(url)
         assert resp.status_code == 200 and resp.headers["content-type"] == "application/dicom"
-        sc = pydicom.dcmread(io.BytesIO(resp.content))
+        ds = pydicom.dcmread(io.BytesIO(resp.content))
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID and ds.PatientName == source.PatientName
+        assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+        if have_dciodvfy():
+            (tmp_path / name).write_bytes(resp.content)
+            assert dciodvfy_errors(tmp_path / name) == [], name
+        if name not in captures:
+            continue
+        sc = ds
         assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
-        assert sc.StudyInstanceUID == source.StudyInstanceUID
-        assert sc.PatientID == source.PatientID and sc.PatientName == source.PatientName
-        assert sc.SeriesInstanceUID != source.SeriesInstanceUID
         ref = sc.SourceImageSequence[0]
         assert ref.ReferencedSOPInstanceUID == source.SOPInstanceUID
         assert ref.ReferencedSOPClassUID == source.SOPClassUID
@@ -164,15 +171,14 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
         assert "Adversarial explanations" in sc.DerivationDescription
         assert sc.pixel_array.shape == (28, 28, 3)
         series.add(sc.SeriesInstanceUID)
-        if shutil.which("dciodvfy"):
-            (tmp_path / name).write_bytes(resp.content)
-            assert dciodvfy_errors(tmp_path / name) == [], name
-    assert len(series) == 1  # one new series beside the original
-    if shutil.which("dciodvfy") is None:
-        pytest.skip(
-            "dciodvfy is not installed (Debian package dicom3tools; .ci/run installs it): the objects "
-            "were checked with pydicom only"
-        )
+    assert len(series) == 1  # one new series of Secondary Captures beside the original
+    pm = pydicom.dcmread(io.BytesIO(api.get(view["dicom"]["gradcam_parametric_map.dcm"]).content))
+    assert pm.SOPClassUID == pydicom.uid.ParametricMapStorage and (pm.Rows, pm.Columns) == (source.Rows, source.Columns)
+    sr = pydicom.dcmread(io.BytesIO(api.get(view["dicom"]["structured_report.dcm"]).content))
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.VerificationFlag == "UNVERIFIED"
+    assert "Test^Patient" not in str(view) and "PX-001" not in str(view)  # no patient data in the job's JSON
+    if not have_dciodvfy():
+        pytest.skip(f"{SKIP_REASON}: the objects were checked with pydicom only")
 
 
 def test_no_dicom_outputs_for_image_input(api, make_image, poll):

@@ -8,9 +8,9 @@ import pytest
 
 from models.data.imaging import block_mean, reduction_factor, resize_center
 from models.data.tensors import load_dicom_for_model
+from models.dicom.equipment import Provenance
 from models.dicom.pixels import is_dicom, load_dicom_pixels, window_linear
 from models.dicom.reading import HEADER_ALLOWANCE
-from models.dicom.equipment import Provenance
 from models.dicom.secondary_capture import VOI_AND_RESCALE, secondary_captures, usable_source
 from models.dicom.uids import derived_uid, device_uid, result_uids
 from models.errors import (
@@ -131,7 +131,9 @@ def lut_item(bits: int = 16) -> pydicom.Dataset:
 
 
 def test_secondary_captures_carry_no_voi_or_rescale_and_the_model_as_equipment(tmp_path, xray, write_dicom):
-    source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16) * 16, "MONOCHROME2", 0.5, -100.0, (400, 900))))
+    source = pydicom.dcmread(
+        io.BytesIO(write_dicom(xray.astype(np.uint16) * 16, "MONOCHROME2", 0.5, -100.0, (400, 900)))
+    )
     source.VOILUTSequence = [lut_item()]
     source.ModalityLUTSequence = [lut_item()]
     source.VOILUTFunction, source.RescaleType = "LINEAR", "HU"
@@ -165,7 +167,8 @@ def test_secondary_captures_carry_no_voi_or_rescale_and_the_model_as_equipment(t
 
 def test_usable_source_empties_what_does_not_parse_without_quoting_it(xray, write_dicom):
     source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16), "MONOCHROME2")))
-    source.PatientBirthDate = "19XX0101"
+    with pytest.warns(UserWarning):  # pydicom's, as it would warn reading such a file
+        source.PatientBirthDate = "19XX0101"
     usable, emptied = usable_source(source)
     assert emptied == ["PatientBirthDate"] and usable.PatientBirthDate == "" and "PixelData" not in usable
     assert source.PatientBirthDate == "19XX0101"  # the source itself is left as it is

@@ -1,5 +1,6 @@
 """The explanation's DICOM objects together: the TID 1500 SR and what it references, deterministic UIDs, dciodvfy."""
 
+import copy
 import io
 import json
 
@@ -110,7 +111,13 @@ def nums(group) -> dict:
 def test_objects_roles_and_listing(built, source):
     objs, ds = built
     assert [o.role for o in objs][0] == PARAMETRIC_MAP and objs[-1].role == REPORT
-    assert {o.role for o in objs} == {PARAMETRIC_MAP, "gradcam_overlay", "explanation", "explanation_difference", REPORT}
+    assert {o.role for o in objs} == {
+        PARAMETRIC_MAP,
+        "gradcam_overlay",
+        "explanation",
+        "explanation_difference",
+        REPORT,
+    }
     classes = {o.role: ds[o.name].SOPClassUID for o in objs}
     assert classes[PARAMETRIC_MAP] == pydicom.uid.ParametricMapStorage
     assert classes["explanation"] == pydicom.uid.SecondaryCaptureImageStorage
@@ -199,8 +206,25 @@ def test_uids_are_deterministic(source, built):
     assert uid.startswith("2.25.") and len(uid) <= 64 and uid[5:].isdigit()
 
 
-@pytest.mark.parametrize("name", ["xray16", "CT_small.dcm", "MR_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"])
+BUNDLED = [
+    "CT_small.dcm",
+    "MR_small.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "liver_1frame.dcm",  # Enhanced CT: its plane lives in functional groups
+    "ExplVR_BigEnd.dcm",  # an ACR-NEMA style Study Date ("1997.04.24"), emptied
+    "SC_rgb_jpeg_app14_dcmd.dcm",  # no Modality
+]
+
+
+@pytest.mark.parametrize("name", ["xray16", "sparse", *BUNDLED])
 def test_every_object_passes_dciodvfy(tmp_path, source, pydicom_file, name):
     require_dciodvfy()
-    src = source if name == "xray16" else pydicom.dcmread(io.BytesIO(pydicom_file(name)))
+    if name in ("xray16", "sparse"):
+        src = source
+        if name == "sparse":  # Type 2 patient and study attributes absent altogether
+            src = copy.deepcopy(source)
+            for keyword in ("PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
+                del src[keyword]
+    else:
+        src = pydicom.dcmread(io.BytesIO(pydicom_file(name)))
     assert check_with_dciodvfy(tmp_path, {o.name: o.data for o in objects(src)}) == {}

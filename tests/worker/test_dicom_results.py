@@ -1,0 +1,92 @@
+"""An explain job's DICOM objects as ``worker.compute`` makes them: PM on the source grid, SCs, SR, and no patient data in the JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from models.data.geometry import map_to_source
+from models.data.tensors import load_dicom_for_model
+from models.explain.gradcam import gradcam
+from tests.conftest import _tiny_checkpoint
+from tests.dciodvfy import check_with_dciodvfy, have_dciodvfy
+from worker.compute import explain_result
+from worker.params import explain_parameters
+from worker.served import ServedModel
+
+LIMITS = (50_000_000, 20)
+MARKERS = ("Test^Patient", "PX-001", "ACC-1", "19700101")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> ServedModel:
+    path = tmp_path_factory.mktemp("dicom-results") / "tiny-grey.safetensors"
+    _tiny_checkpoint(path, 1, 28, ["normal", "pneumonia"], seed=1)
+    return ServedModel.load("tiny-grey", path, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def xray(dicom_file) -> bytes:
+    """16-bit (12 stored), 512 rows x 640 columns, with the identifiers a PACS would have."""
+    yy, xx = np.mgrid[0:512, 0:640]
+    disc = ((yy - 256) ** 2 + (xx - 220) ** 2 < 140**2) * 1500
+    return dicom_file((xx * 4 + yy * 2 + disc).clip(0, 4095).astype(np.uint16), "MONOCHROME2", 1.0, 0.0, (1800, 3600))
+
+
+def explain(served, data, rho=0.1):
+    parameters = explain_parameters(["predicted", "runner-up"], rho, 3, served.gradcam_layer, 2)
+    summary, files, dicom = explain_result(served, data, "dicom", parameters, bound_check=False)
+    return parameters, summary, files, dicom
+
+
+def test_explain_result_lists_the_pm_scs_and_sr(served, xray, tmp_path, monkeypatch):
+    monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
+    source = pydicom.dcmread(io.BytesIO(xray))
+    parameters, summary, files, dicom = explain(served, xray)
+    stems = [t["image"][:-4] for t in summary["targets"]]
+    expected = (
+        {"gradcam_parametric_map.dcm", "gradcam_overlay.dcm", "structured_report.dcm"}
+        | {f"{s}.dcm" for s in stems}
+        | {f"{s}_diff.dcm" for s in stems}
+    )
+    assert set(dicom) == set(summary["dicom_files"]) == expected
+    assert all(t["dicom"] in dicom and t["dicom_difference"] in dicom for t in summary["targets"])
+    listed = {o["name"]: o for o in summary["dicom_objects"]}
+    assert set(listed) == expected
+    for name, blob in dicom.items():
+        ds = pydicom.dcmread(io.BytesIO(blob))
+        entry = listed[name]
+        assert (ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID) == (
+            entry["sop_class_uid"],
+            entry["sop_instance_uid"],
+            entry["series_instance_uid"],
+        )
+        assert ds.PatientName == source.PatientName and ds.StudyInstanceUID == source.StudyInstanceUID
+    # The job's JSON: identifiers of the objects, never the patient's.
+    text = json.dumps(summary)
+    assert not [m for m in MARKERS if m in text]
+    assert "PatientName" not in text and "PatientID" not in text
+
+    # The PM is the model's Grad-CAM map, resampled onto the source's 640 x 512 grid.
+    pm = pydicom.dcmread(io.BytesIO(dicom["gradcam_parametric_map.dcm"]))
+    assert (pm.Rows, pm.Columns) == (512, 640) == (source.Rows, source.Columns)
+    assert listed["gradcam_parametric_map.dcm"]["role"] == "gradcam_parametric_map"
+    x, _ = load_dicom_for_model(xray, 28, 1)
+    cam = gradcam(served.model, x[None], [summary["predicted"]["class_index"]], layer=parameters["layer"])[0]
+    np.testing.assert_allclose(pm.pixel_array, map_to_source(cam.numpy(), 640, 512), atol=1e-6)
+    if have_dciodvfy():
+        assert check_with_dciodvfy(tmp_path, dicom) == {}
+
+
+def test_the_same_request_gives_the_same_uids(served, xray, monkeypatch):
+    monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
+    first = explain(served, xray)[1]["dicom_objects"]
+    again = explain(served, xray)[1]["dicom_objects"]
+    other = explain(served, xray, rho=0.2)[1]["dicom_objects"]
+    assert first == again
+    assert not {o["sop_instance_uid"] for o in other} & {o["sop_instance_uid"] for o in first}
