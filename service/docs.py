@@ -48,7 +48,7 @@ def docs_page(title: str) -> tuple[bytes, str]:
         for s in INLINE_SCRIPT.findall(html.decode())
     )
     csp = (
-        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self' 'unsafe-inline'; "
+        f"default-src 'self'; script-src 'self' {hashes}; style-src 'self'; "
         "img-src 'self' data:; connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
         "frame-ancestors 'none'; form-action 'self'"
     )
@@ -90,8 +90,6 @@ def install_docs(app: FastAPI) -> None:
     def docs_asset(name: str) -> FileResponse:
         if name not in ASSETS:
             raise HTTPException(404, "Not Found")
-        return FileResponse(
-            str(folder / name), media_type=ASSETS[name], headers={"X-Content-Type-Options": "nosniff"}
-        )
+        return FileResponse(str(folder / name), media_type=ASSETS[name], headers={"X-Content-Type-Options": "nosniff"})
 
     app.openapi = lambda: secured_openapi(app)  # type: ignore[method-assign]

@@ -50,7 +50,12 @@ BACKOFF_SECONDS = 0.5
 # Room for a multipart answer's boundaries and part headers beyond the instance itself.
 MULTIPART_SLACK = 64 * 1024
 READ_CHUNK = 64 * 1024
-WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# The instance as stored; a PACS that cannot send that (406) is asked for its default
+# (Explicit VR Little Endian).
+WADO_ACCEPT = (
+    'multipart/related; type="application/dicom"; transfer-syntax=*',
+    'multipart/related; type="application/dicom"',
+)
 
 
 @dataclass(frozen=True)
@@ -177,8 +182,10 @@ def fetch_instance(
     url = f"{ep.url}/studies/{study_uid}/series/{series_uid}/instances/{instance_uid}"
     session = session_for(ep)
 
-    def get() -> tuple[str, bytes]:
-        with session.get(url, headers={"Accept": WADO_ACCEPT}, stream=True, timeout=timeouts(ep)) as resp:
+    def get(accept: str = WADO_ACCEPT[0]) -> tuple[str, bytes]:
+        with session.get(url, headers={"Accept": accept}, stream=True, timeout=timeouts(ep)) as resp:
+            if resp.status_code == 406 and accept != WADO_ACCEPT[1]:
+                return get(WADO_ACCEPT[1])
             if resp.status_code == 404:
                 raise InstanceNotFoundError(f"no {ref.describe()}")
             resp.raise_for_status()

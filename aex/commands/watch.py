@@ -112,6 +112,7 @@ def watch(
     from aex.client import AexClient
     from aex.watcher import Watcher, WatchState
     from models.errors import BadParameterError
+    from worker.pacs import endpoint
     from worker.queues import connect
     from worker.settings import Settings
 
@@ -120,6 +121,7 @@ def watch(
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
     if not settings.redis_url:
         raise BadParameterError("aex watch keeps its state in the service's Redis: set AEX_REDIS_URL or --redis-url")
+    endpoint(settings, pacs)  # unknown_pacs before anything is contacted
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modalities = frozenset(m.strip().upper() for m in (modality or "").split(",") if m.strip())
     stop = threading.Event()

@@ -106,10 +106,16 @@ class FlakyPacs(http.server.BaseHTTPRequestHandler):
 
     failures = 2
     calls = 0
+    refuse_any_syntax = False
     body = b""
 
     def do_GET(self):
         type(self).calls += 1
+        if self.refuse_any_syntax and "transfer-syntax=*" in self.headers.get("Accept", ""):
+            self.send_response(406)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if type(self).calls <= self.failures:
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -145,3 +151,21 @@ def test_multipart_answers_are_read_strictly():
         single_part('multipart/related; boundary="x"', two, "p")
     with pytest.raises(PacsError):
         single_part("text/html", b"<html>", "p")
+
+
+def test_a_pacs_that_cannot_send_any_syntax_is_asked_for_its_default(pydicom_file):
+    FlakyPacs.body, FlakyPacs.calls, FlakyPacs.failures, FlakyPacs.refuse_any_syntax = (
+        pydicom_file("MR_small.dcm"),
+        0,
+        0,
+        True,
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyPacs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        settings = Settings(pacs={"old": {"url": f"http://127.0.0.1:{server.server_address[1]}/rs"}})
+        assert fetch_instance(settings, "old", "1.2", "1.2.3", "1.2.3.4") == FlakyPacs.body
+        assert FlakyPacs.calls == 2
+    finally:
+        server.shutdown()
+        FlakyPacs.failures, FlakyPacs.refuse_any_syntax = 2, False

@@ -36,13 +36,15 @@ def assert_error(resp, status: int, code: str) -> dict:
 @pytest.fixture(scope="module")
 def idle(settings_for):
     """A client on an empty database without workers; asserts at the end that nothing was
-    ever stored there (no job, no upload)."""
+    ever stored there (no job, no upload; its API key and the audit trail of its requests are
+    all there is)."""
     settings = settings_for(NO_WORKERS_DB)
     conn = connect(settings.redis_url)
     conn.flushdb()
     with api_client(settings) as client:
         yield client
-    left = sorted(k.decode() for k in conn.keys("*") if not k.startswith(b"rq:workers"))
+    kept = (b"rq:workers", b"aex:apikey", b"aex:audit")
+    left = sorted(k.decode() for k in conn.keys("*") if not k.startswith(kept))
     conn.flushdb()
     assert not left, f"a refused request left {left} in Redis"
 

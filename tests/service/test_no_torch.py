@@ -32,8 +32,9 @@ def test_the_service_never_imports_torch(service_models, tmp_path):
         for name in {modules!r} + [m.name for m in pkgutil.walk_packages(service.__path__, "service.")]:
             importlib.import_module(name)
         import aex.cli
+        from worker.crypto import generate_data_key
         app = create_app(Settings(redis_url="unix://{tmp_path}/none.sock", model_dirs=["{service_models}"],
-                                  bundled_models=False))
+                                  bundled_models=False, data_key=generate_data_key()))
         with TestClient(app) as client:
             assert client.get("/healthz").status_code == 200
             assert client.get("/openapi.json").status_code == 200

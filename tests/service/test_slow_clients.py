@@ -12,12 +12,15 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.tokens import token_for
+
 pytestmark = pytest.mark.e2e
 
 BODY_TIMEOUT = 1.5
 MAX_CONNECTIONS = 4
 SLACK = 3.0  # scheduling on two shared cores
 BOUNDARY = "slowboundary"
+TOKEN: list[str] = []  # the admin token of the stack, set by slow_api (a body is read only after it)
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +34,14 @@ def slow_api(service_stack, serve_api) -> tuple[str, int]:
             }
         )
     )
+    TOKEN[:] = [token_for(service_stack)]
     url = urlsplit(base)
     return url.hostname, url.port
 
 
 def request_head(length: int, path: str = "/v1/classify", method: str = "POST") -> bytes:
     return (
-        f"{method} {path} HTTP/1.1\r\nHost: test\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {TOKEN[0]}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
 
