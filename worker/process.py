@@ -246,8 +246,8 @@ class AexWorker(SimpleWorker):
 
     def _settle(self, job: Job, ok: bool, seconds: float) -> None:
         """After a run, as Redis records the job: when it has ended for good, count it,
-        index its result, delete its upload and send its callback; when it was queued again
-        (a run cut short), keep the upload for the next run."""
+        delete its upload and send its callback; when it was queued again (a run cut short),
+        keep the upload for the next run. (Its result was indexed as it was recorded.)"""
         if self._lost_job_id == job.id or not self.connection.hexists(job.key, "data"):
             # Redis lost it (restarted without persistence): the API answers job_lost. Remove
             # the fields this run wrote since, which no reader could use.
@@ -262,7 +262,6 @@ class AexWorker(SimpleWorker):
             return
         if ok and status is ApiStatus.FINISHED:
             record_job(self.connection, job_kind(job), "finished", seconds)
-            self._index_result(job)
         discard_upload(self.connection, job.id)
         # Finished, failed, timed out or cancelled.
         notify_job_end(self.connection, job, status, policy=self.callback_policy)
@@ -276,6 +275,12 @@ class AexWorker(SimpleWorker):
                 queue.push_job_id(job.id, at_front=True)
         except (*REDIS_OUTAGE, InvalidJobOperation):
             log.error("job %s could not be put back in its queue: it will not run", job.id, exc_info=True)
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution):
+        # Indexed before rq records the result: a client that has seen the result and sends the
+        # same request again is answered from it (an index naming a job not finished is unused).
+        self._index_result(job)
+        super().handle_job_success(job, queue, started_job_registry, execution)
 
     def _index_result(self, job: Job) -> None:
         """Point the job's cache key, within its submitter's reuse scope, at it, so an

@@ -52,3 +52,19 @@ def test_module_matches_function_and_keeps_delta_buffer():
         HalfHuberReLU(0.0)
     with pytest.raises(ValueError):
         half_huber_relu(x, -1.0)
+
+
+@pytest.mark.parametrize("d", [0.5, 0.1, 2.0])
+def test_bit_for_bit_the_plain_clamp_formula(d):
+    """The in-place forward and the first-order backward on the saved clamp give exactly the
+    floats of ``clamp(x,0,d)^2 * (0.5/d) + relu(x - d)`` and its plain autograd gradient
+    ``g * clamp(x,0,d) * (1/d)``, so the searches' results do not depend on the rewrite."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 8, 16, 16, generator=g) * 2 * d).requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=g)
+    y = half_huber_relu(x, d)
+    (gx,) = torch.autograd.grad(y, x, grad_out)
+    xd = x.detach()
+    c = xd.clamp(0.0, d)
+    assert torch.equal(y.detach(), c * c * (0.5 / d) + (xd - d).clamp_min(0.0))
+    assert torch.equal(gx, grad_out * c * (1.0 / d))
