@@ -1,13 +1,13 @@
 """The OpenAPI page at ``/docs``: Swagger UI served from the ``fastapi-swagger`` package's own files, nothing loaded from outside.
 
-FastAPI's default page loads Swagger UI from a CDN; this one serves the script, the style sheet
-and the icon the ``fastapi-swagger`` package ships (Swagger UI 5, which reads the OpenAPI 3.1
-schema FastAPI writes; the ``swagger-ui-bundle`` package's Swagger UI 4 cannot) under
-``/docs/``, without that package's own routes, and answers the page with a strict Content-Security-Policy: its
-one inline script (Swagger UI's start-up) is allowed by its SHA-256 hash, nothing else inline
-runs, and nothing is fetched from another origin (``/openapi.json`` included). The routes of
-the schema that need a token show it (an HTTP bearer security scheme), so the page's
-"Authorize" button takes one.
+FastAPI's default page loads Swagger UI from a CDN. This one serves the script, the style sheet
+and the icon that the ``fastapi-swagger`` package ships (Swagger UI 5, which reads the OpenAPI
+3.1 schema FastAPI writes; the ``swagger-ui-bundle`` package's Swagger UI 4 cannot) under
+``/docs/``, without that package's own routes, and answers the page with a strict
+Content-Security-Policy: its one inline script (Swagger UI's start-up) is allowed by its
+SHA-256 hash, nothing else inline runs, and everything comes from this origin. The routes of
+the schema that need a token carry an HTTP bearer security scheme, so the page's "Authorize"
+button takes one.
 """
 
 from __future__ import annotations

@@ -199,6 +199,8 @@ def _pin(url: str, policy: CallbackPolicy) -> PinnedTarget:
     if allowed is None:  # the API checked an IP-address host against its allow-list
         host = urlsplit(url).hostname or ""
         allowed = [host] if ip_on_allow_list(host, [host]) else []
+    else:  # checked again here: a job written straight into Redis was never checked by the API
+        check_callback_url(url, allowed)
     return pin(url, allowed)
 
 

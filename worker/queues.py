@@ -47,7 +47,8 @@ def refusal(job) -> str | None:
     """Why a worker must not run ``job`` (None: it may). Whoever can write to Redis could
     store a job naming any importable function (rq imports the dotted name it is given, and
     the names of its success/failure/stopped callbacks): only aex's own job functions run,
-    and no job may name an rq callback. Nothing is imported to decide."""
+    and no job may name an rq callback or an rq webhook (a request rq would send, off the
+    callback allow-list, with the job's result or failure). Nothing is imported to decide."""
     try:
         name = job.func_name
     except Exception:  # data that does not even decode as a job
@@ -59,6 +60,8 @@ def refusal(job) -> str | None:
         for attr in ("_success_callback_name", "_failure_callback_name", "_stopped_callback_name")
     ):
         return "it names rq callbacks, which aex jobs never have"
+    if getattr(job, "webhooks", None):
+        return "it names rq webhooks, which aex jobs never have"
     return None
 
 

@@ -93,3 +93,20 @@ def test_deliver(redis_server, server, statuses, state, attempts):
     assert record["state"] == state and record["attempts"] == attempts
     assert len(server["bodies"]) == attempts and server["bodies"][0] == {"job_id": "job1", "status": "finished"}
     assert json.loads(conn.get(callback_key("job1")))["state"] == state
+
+
+def test_the_sender_checks_the_url_against_its_own_allow_list(redis_server, server):
+    """A job written straight into Redis was never checked by the API: with a policy (as every
+    worker and the API send), a host off the sender's allow-list, or any host when callbacks
+    are off there, gets nothing."""
+    from worker.callbacks import CallbackPolicy
+
+    conn = connect(f"{redis_server.url}?db=10")
+    meta = {"url": server["url"], "attempts": 2, "timeout": 5.0, "backoff": 0.01}
+    payload = {"job_id": "job2", "status": "finished"}
+    for allowed, fragment in ((["hooks.example.org"], "not allowed"), ([], "disabled")):
+        record = deliver(conn, "job2", meta, payload, {"url": server["url"]}, 60, CallbackPolicy(None, allowed))
+        assert record["state"] == "failed" and record["attempts"] == 1 and fragment in record["last_error"]
+    assert server["bodies"] == []
+    record = deliver(conn, "job2", meta, payload, {"url": server["url"]}, 60, CallbackPolicy(None, ["127.0.0.1"]))
+    assert record["state"] == "delivered" and server["bodies"] == [payload]

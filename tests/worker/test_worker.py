@@ -185,7 +185,7 @@ def test_when_the_last_worker_dies_its_job_still_ends(settings_for, make_image, 
         hook.server_close()
 
 
-@pytest.mark.parametrize("forged", ["function", "callback"])
+@pytest.mark.parametrize("forged", ["function", "callback", "webhook"])
 def test_a_job_that_is_not_aexs_is_refused_without_running(service_stack, tmp_path, forged):
     """Whoever can write to Redis could queue any importable function: the worker refuses it
     (failed, code job_refused) and runs nothing it names."""
@@ -202,6 +202,13 @@ def test_a_job_that_is_not_aexs_is_refused_without_running(service_stack, tmp_pa
     marker = tmp_path / "ran"
     if forged == "function":
         job = queue.enqueue("os.makedirs", str(marker))
+    elif forged == "webhook":  # aex's own function, but rq would send its end to any address
+        from rq.webhook import Webhook
+
+        hook = Webhook(f"http://127.0.0.1:9/{marker.name}", "failed", method="POST")
+        job = queue.enqueue(
+            "worker.jobs.classify", model="tiny-rgb", webhooks=[hook], meta={"kind": "classify", "model": "tiny-rgb"}
+        )
     else:  # aex's own function, but with an rq callback that would import and run os.makedirs
         job = queue.enqueue(
             "worker.jobs.classify",
