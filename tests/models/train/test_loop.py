@@ -15,16 +15,10 @@ import torch
 from PIL import Image
 
 import models.train.step as train_mod
+from models.data.sources import data_reference, portable_path
 from models.errors import BadParameterError
 from models.store.checkpoint import load_checkpoint, load_tensors, read_metadata
-from models.train.config import (
-    TrainConfig,
-    data_reference,
-    metrics_path,
-    portable_command,
-    portable_path,
-    resume_path,
-)
+from models.train.config import TrainConfig, metrics_path, portable_command, resume_path
 from models.train.data import epoch_batches, load_splits
 from models.train.distributed import DistInfo
 from models.train.loop import train
