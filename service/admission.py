@@ -15,6 +15,7 @@ from service.multipart import Upload
 from service.schemas import CommonParams, ExplainParams
 from service.uploads import check_dicom, check_image, is_dicom_upload
 from worker.callbacks import callback_meta, check_callback_url
+from worker.pacs import check_reference
 from worker.queues import JobKind, live_worker_keys
 from worker.settings import Settings
 
@@ -31,7 +32,15 @@ def check_capacity(conn: Redis, queue: Queue, kind: JobKind, settings: Settings)
 
 
 def check_input(upload: Upload, params: CommonParams, settings: Settings) -> str:
-    """Refuse a bad upload before anything is queued; returns "dicom" or "image"."""
+    """Refuse a bad upload (or PACS reference) before anything is queued; returns "dicom" or
+    "image". An instance named in a PACS is checked here without the network (the PACS is
+    configured and readable, the UIDs are UIDs); the worker fetches it and runs the same
+    DICOM checks as on an upload."""
+    if params.pacs is not None:
+        if upload.filename is not None or upload.data:
+            raise BadParameterError("give either an image or a PACS reference (pacs and the three UIDs), not both")
+        check_reference(settings, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
+        return "dicom"
     if is_dicom_upload(upload):
         check_dicom(upload.data, settings, params.window)
         return "dicom"
@@ -57,6 +66,10 @@ def stability_steps(params: CommonParams, settings: Settings) -> int:
 def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dict[str, Any]:
     """What the job keeps in its meta: the input format and the checked callback."""
     meta: dict[str, Any] = {"input_format": input_format}
+    if params.pacs is not None:
+        ref = check_reference(settings, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
+        meta["pacs_reference"] = ref.as_dict()  # names and UIDs only: no address, no secret
+        meta["store"] = True if params.store is None else bool(params.store)
     if params.callback_url is not None:
         url = check_callback_url(params.callback_url, settings.callback_allowed_hosts)
         meta["callback"] = callback_meta(

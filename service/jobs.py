@@ -12,6 +12,8 @@ Blocking Redis calls: the routes run these methods in the thread pool.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import re
 from typing import Any
@@ -102,8 +104,9 @@ class JobService:
             ttl = self.settings.upload_ttl + timeout * (self.settings.job_retries + 1)
             quota.reserve(self.conn, principal, job_id, self.settings.max_jobs_per_principal, ttl)
         try:
-            sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
-            self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
+            if not (meta or {}).get("pacs_reference"):  # by reference, the worker fetches it
+                sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
+                self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
             self.queues[lane].enqueue(
                 JOB_FUNCTIONS[kind],
                 kwargs={"model": model, **kwargs},
@@ -144,8 +147,12 @@ class JobService:
         """The id of a job of ``principal`` answering the request: a reused result (of the
         same principal or tenant), or a newly queued job on the queue of ``lane``."""
         scope = reuse_scope(principal)
-        meta = {**meta, "owner": owner_meta(principal), "input_sha256": upload.sha256, "reuse_scope": scope}
-        key = self._cache_key(kind, entry, upload.sha256, kwargs)
+        # An input by reference is named by its PACS and UIDs (a SOP Instance UID names one
+        # object for good): the key of its result, until the worker has its bytes.
+        ref = meta.get("pacs_reference")
+        digest = upload.sha256 if ref is None else hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()
+        meta = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
+        key = self._cache_key(kind, entry, digest, {**kwargs, "store": meta.get("store")} if ref else kwargs)
         queue = self.queues[lane]
         job_id = reuse_result(
             self.conn, queue, self.settings, kind, entry["name"], key, kwargs, meta, scope, self.policy

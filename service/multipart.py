@@ -98,8 +98,13 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
     try:
         image = form.get("image")
         if not isinstance(image, UploadFile):
-            raise BadParameterError("the form has no file field named 'image'")
-        data = await image.read()
+            if form.get("pacs") is None:
+                raise BadParameterError(
+                    "the form has no file field named 'image' (or, for an instance in a PACS, the fields pacs, "
+                    "study_uid, series_uid and instance_uid)"
+                )
+            image = None  # an input by reference: the worker fetches it
+        data = await image.read() if image is not None else b""
         if len(data) > settings.max_upload_bytes:
             raise _too_large(settings.max_upload_bytes)
         fields: dict[str, str | list[str]] = {}
@@ -111,6 +116,8 @@ async def read_upload(request: Request, settings: Settings) -> Upload:
             else:
                 prev = fields[k]
                 fields[k] = [*prev, v] if isinstance(prev, list) else [prev, v]
+        if image is None:
+            return Upload(data=b"", filename=None, fields=fields)
         return Upload(data=data, filename=image.filename, fields=fields, content_type=image.content_type)
     finally:
         await form.close()

@@ -41,16 +41,40 @@ class CommonParams(BaseModel):
         ge=1,
         description=f"steps of each stability search (default AEX_STABILITY_STEPS = {ARA_STEPS}, the ARA setting)",
     )
+    pacs: str | None = Field(
+        None,
+        description="instead of an image: the name of a configured PACS (AEX_PACS) to fetch the instance from by "
+        "WADO-RS; give study_uid, series_uid and instance_uid too",
+    )
+    study_uid: str | None = Field(None, description="with pacs: the Study Instance UID")
+    series_uid: str | None = Field(None, description="with pacs: the Series Instance UID")
+    instance_uid: str | None = Field(None, description="with pacs: the SOP Instance UID")
+    store: bool | None = Field(
+        None,
+        description="explain with pacs: store the result objects (Parametric Map, Secondary Captures, SR) back to "
+        "that PACS (default true for a PACS input)",
+    )
     callback_url: str | None = Field(
         None,
         description="http(s) URL that receives a JSON POST when the job "
         "ends; its host must be on AEX_CALLBACK_ALLOWED_HOSTS",
     )
 
-    @field_validator("model", "callback_url", mode="before")
+    @field_validator("model", "callback_url", "pacs", "study_uid", "series_uid", "instance_uid", mode="before")
     @classmethod
     def _blank_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _reference_whole(self):
+        uids = (self.study_uid, self.series_uid, self.instance_uid)
+        if self.pacs is not None and None in uids:
+            raise ValueError("with pacs, give study_uid, series_uid and instance_uid")
+        if self.pacs is None and any(u is not None for u in uids):
+            raise ValueError("study_uid, series_uid and instance_uid go with pacs")
+        if self.store is not None and self.pacs is None:
+            raise ValueError("store applies to an input from a PACS (pacs)")
+        return self
 
     @model_validator(mode="after")
     def _window_pair(self):

@@ -15,6 +15,7 @@ both installed once before the work loop.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -27,8 +28,11 @@ from models.errors import BadParameterError, JobCancelledError
 from worker.compute import classify_result, explain_result
 from worker.crypto import DataCipher, blob_context
 from worker.keys import cancel_key, dicom_key, images_key, upload_key
+from worker.pacs import fetch_reference
+from worker.pacs_store import store_report
 from worker.params import classify_parameters, explain_parameters
 from worker.served import served_models
+from worker.settings import Settings
 
 # Set by the worker when rq's stop-job command arrives for the job in hand (pubsub thread).
 stop_requested = threading.Event()
@@ -68,7 +72,18 @@ def _check_cancelled(job: Job) -> None:
         raise JobCancelledError(f"job {job.id} was cancelled")
 
 
+@functools.lru_cache(maxsize=1)
+def _settings() -> Settings:
+    """The worker process's settings (PACS endpoints), read once."""
+    return Settings()
+
+
 def _read_upload(job: Job) -> bytes:
+    """The job's input: the upload stored (sealed) by the API, or for an input by reference
+    the instance fetched from its PACS by WADO-RS (same size limit as an upload)."""
+    ref = job.meta.get("pacs_reference")
+    if ref:
+        return fetch_reference(_settings(), ref)
     data = job.connection.get(upload_key(job.id))
     if data is None:
         raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
@@ -151,6 +166,11 @@ def explain(
         worker=job.worker_name,
     )
     _check_cancelled(job)
+    ref = job.meta.get("pacs_reference")
+    if ref and job.meta.get("store", True):
+        # Back into the source's study, where its viewers look (deterministic UIDs: a second
+        # run replaces rather than duplicates).
+        summary["stored"] = store_report(_settings(), ref["pacs"], list(dicom_files.values()))
     files = seal_fields(images_key(job.id), files)
     dicom_files = seal_fields(dicom_key(job.id), dicom_files)
     with job.connection.pipeline() as pipe:

@@ -207,11 +207,31 @@ def test_what_is_wanted():
 
 @pytest.mark.e2e
 def test_aex_watch_explains_a_new_study_once_and_stores_the_results_back(
-    orthanc, service_stack, live_api, pneumonia_xrays, tmp_path
+    orthanc, settings_on, start_workers, serve_api, pneumonia_xrays, tmp_path
 ):
-    """The command itself, against the session's service stack: a study stored after it
-    started is explained once (by upload until the API takes references), the results come
-    back into the study as their own series, and Ctrl-C stops it cleanly."""
+    """The command itself, against a stack of its own whose API and worker know the Orthanc
+    (AEX_PACS): a study stored after it started is explained once, by reference (the worker
+    fetches the instance by WADO-RS and stores the result objects back by STOW-RS), the results
+    come back into the study as their own series, and Ctrl-C stops it cleanly."""
+
+    from aex.serve import EmbeddedRedis
+    from tests.tokens import token_for
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    server.start()
+    try:
+        stack = settings_on(server, 0, pacs={"orthanc": orthanc.endpoint()})
+        workers = start_workers(stack, 1)
+        try:
+            _watch_once(orthanc, stack, serve_api(stack), pneumonia_xrays, tmp_path, token_for(stack))
+        finally:
+            for w in workers:
+                w.stop(timeout=30)
+    finally:
+        server.stop()
+
+
+def _watch_once(orthanc, service_stack, live_api, pneumonia_xrays, tmp_path, token):
     import json
     import os
     import signal
@@ -223,15 +243,11 @@ def test_aex_watch_explains_a_new_study_once_and_stores_the_results_back(
     from worker.queues import connect
     from worker.settings import Settings
 
-    try:
-        from tests.tokens import token_for
-    except ImportError:
-        pytest.skip("tests.tokens (the stack's API keys) is not there")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
     env.update(
         AEX_PACS=json.dumps({"orthanc": orthanc.endpoint()}),
         AEX_REDIS_URL=service_stack.redis_url,
-        AEX_TOKEN=token_for(service_stack),
+        AEX_TOKEN=token,
         AEX_LOG_LEVEL="INFO",
     )
     command = [sys.executable, "-m", "aex.cli", "watch", "--pacs", "orthanc", "--url", live_api]
