@@ -66,6 +66,11 @@ VALUES = {
     "rho": "0.1",
     "steps": "3",
     "layer": "pipe.2",
+    "pacs": "orthanc",
+    "study_uid": "1.2.3",
+    "series_uid": "1.2.3.4",
+    "instance_uid": "1.2.3.4.5",
+    "store": "true",
 }
 ROUTE_FIELDS = [
     ("/v1/classify", name) for name in ClassifyParams.model_fields if name != "image" and name in VALUES
