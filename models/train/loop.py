@@ -42,6 +42,7 @@ from models.train.data import augmentation_kind, balanced_class_weights, data_re
 from models.train.distributed import DistInfo, average_buffers, init_distributed, rank_device
 from models.train.metrics import evaluate, final_metrics
 from models.train.penalty import AdaptivePsi
+from models.train.process import training_settings
 from models.train.run import (
     Run,
     append_metrics,
@@ -81,12 +82,6 @@ def prepare_run(cfg: TrainConfig) -> Run:
                 f"({resume_path(out).name}); pass --overwrite to start over"
             )
         raise BadParameterError(f"{out} already exists: pass --resume to continue it or --overwrite to start over")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    # Subnormal floats (tiny gradients late in a schedule) slow x86 CPUs several-fold.
-    torch.set_flush_denormal(True)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     device = rank_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -161,15 +156,18 @@ def check_same_data(refs: dict[str, dict[str, str]], old: dict[str, dict[str, st
 
 def train(cfg: TrainConfig) -> Run:
     """Train (or resume) the run ``cfg`` describes; returns the ``Run`` (on rank 0 with the
-    final test and ARA metrics once every epoch is done)."""
-    run = prepare_run(cfg)
-    try:
-        train_epochs(run)
-        if run.info.is_main and run.epochs_done >= cfg.epochs:
-            finish(run)
-    finally:
-        if run.info.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+    final test and ARA metrics once every epoch is done). The process-wide torch settings
+    the run needs (threads, flushing subnormals, deterministic algorithms) hold for the run
+    only (``models.train.process``)."""
+    with training_settings(threads=cfg.threads, deterministic=cfg.deterministic):
+        run = prepare_run(cfg)
+        try:
+            train_epochs(run)
+            if run.info.is_main and run.epochs_done >= cfg.epochs:
+                finish(run)
+        finally:
+            if run.info.enabled and dist.is_initialized():
+                dist.destroy_process_group()
     return run
 
 

@@ -22,6 +22,7 @@ from models.train.config import TrainConfig, metrics_path, portable_command, res
 from models.train.data import epoch_batches, load_splits
 from models.train.distributed import DistInfo
 from models.train.loop import train
+from models.train.process import flushing_denormals
 from models.train.run import stored_config
 from models.train.schedules import LRSchedule, default_milestones
 
@@ -172,6 +173,8 @@ def test_standard_run_zero_inits_residuals_and_learns(npz, tmp_path):
 def test_existing_output_is_refused_without_resume_or_overwrite(npz, tmp_path):
     out = tmp_path / "x.safetensors"
     train(cfg_for(npz, out, epochs=1))
+    # The run's process-wide settings (flushing subnormals) end with it.
+    assert not flushing_denormals()
     with pytest.raises(BadParameterError, match="--resume"):
         train(cfg_for(npz, out, epochs=1))
     with pytest.raises(BadParameterError, match="different training options"):
