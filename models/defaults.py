@@ -37,3 +37,24 @@ EPS_WORSE = 0.01  # largest step of S down per batch
 ZETA = 0.2  # probability of the margin (tandem) scalar
 Z = 2.0  # exponent of |gradient| in the penalty
 HHRELU_DELTA = 0.5
+
+# Faithfulness of a map (models/explain/faithfulness.py): RISE deletion and insertion curves
+# of the explained class's probability, in K equal steps, against a blurred copy of the input,
+# beside the same curves in a seeded random pixel order.
+FAITHFULNESS_STEPS = 16  # K
+FAITHFULNESS_BLUR_SIGMA = 0.125  # Gaussian blur of the baseline: sigma = this x the image's longer side
+FAITHFULNESS_SEED = 1776  # seed of the random pixel order
+FAITHFULNESS_BATCH = 256  # rows per forward pass of the curves
+
+# AutoAttack robust accuracy (models/evaluation/autoattack.py): L2 at eps 0.5 on CIFAR-10
+# (3 x 32 x 32), i.e. an RMS of 0.5 / sqrt(3072) ~ 0.009; other input sizes keep that RMS.
+AUTOATTACK_RMS = 0.5 / 3072**0.5
+AUTOATTACK_ATTACKS = "standard"  # AutoAttack's standard version, or attacks joined by commas
+AUTOATTACK_N = 100
+
+# The sanity check of the maps (models/evaluation/sanity.py): cascading randomisation of the
+# weights from the logits down (Adebayo et al. 2018), on the first images of the seeded subset.
+SANITY_N = 32
+SANITY_SEED = 0  # seed of the random weights
+SANITY_STAGES = (0.0, 0.25, 0.5, 1.0)  # fraction of the layers randomised (0: the output layer alone)
+SANITY_FOLLOWS_BELOW = 0.5  # a map "follows the weights" when full randomisation leaves a mean Spearman below this

@@ -1,5 +1,5 @@
 """The science-core commands that need no service: import the paper's networks, evaluate a
-checkpoint (accuracy, ARA)."""
+checkpoint (accuracy, ARA, AutoAttack, the randomisation sanity check of the maps)."""
 
 from __future__ import annotations
 
@@ -55,8 +55,39 @@ def evaluate(
             "else the accuracy of the whole split",
         ),
     ] = False,
+    autoattack: Annotated[
+        bool,
+        typer.Option(
+            "--autoattack",
+            help="also AutoAttack robust accuracy in L2 (pyautoattack) on the subset; slow: give --n",
+        ),
+    ] = False,
+    autoattack_attacks: Annotated[
+        str,
+        typer.Option(help="AutoAttack's 'standard' version, or attacks joined by commas (apgd-ce,apgd-t)"),
+    ] = D.AUTOATTACK_ATTACKS,
+    autoattack_eps: Annotated[
+        Optional[float],
+        typer.Option(help="L2 budget (default: RMS 0.5/sqrt(3072), i.e. 0.5 on CIFAR-10, 0.2526 on 28x28 grey)"),
+    ] = None,
+    sanity: Annotated[
+        bool,
+        typer.Option(
+            "--sanity",
+            help="also the cascading weight-randomisation check of Grad-CAM and the adversarial explanations",
+        ),
+    ] = False,
+    sanity_n: Annotated[int, typer.Option(help="images of the sanity check: the first of the subset")] = D.SANITY_N,
+    stability: Annotated[
+        bool,
+        typer.Option(
+            "--stability",
+            help="also the fast stability search's per-image radii on the subset, and their agreement with the "
+            "exact radii recorded for it (--record stores them as the fast score's reference)",
+        ),
+    ] = False,
 ) -> None:
-    """Accuracy (and ARA) of a checkpoint on a seeded subset; prints JSON."""
+    """Accuracy (and ARA, AutoAttack, the sanity check) of a checkpoint on a seeded subset; prints JSON."""
     from models.errors import BadParameterError
     from models.evaluation.evaluate import evaluate_checkpoint
 
@@ -75,5 +106,11 @@ def evaluate(
             split=split,
             progress=progress,
             record=record,
+            autoattack=autoattack,
+            stability=stability,
+            autoattack_attacks=autoattack_attacks,
+            autoattack_eps=autoattack_eps,
+            sanity=sanity,
+            sanity_n=sanity_n,
         )
     )

@@ -145,6 +145,34 @@ def test_evaluate_record_stores_the_whole_split_accuracy(tiny_checkpoint, folder
     load_checkpoint(ckpt)  # the weights still match their recorded sha256
 
 
+def test_evaluate_autoattack_and_sanity_are_recorded_with_n_seed_and_eps(tiny_checkpoint, folder):
+    pytest.importorskip("pyautoattack", reason="pyautoattack is not installed (pip install -e .)")
+    ckpt, _ = tiny_checkpoint
+    from models.store.checkpoint import read_metadata
+
+    before = read_metadata(ckpt)
+    args = ["evaluate", "--checkpoint", str(ckpt), "--data", str(folder), "--n", "5", "--seed", "3", "--no-progress"]
+    res = runner.invoke(app, [*args, "--autoattack"])  # the standard version needs the DLR loss: 4+ classes
+    assert res.exit_code == 2 and "DLR" in res.output
+    res = runner.invoke(
+        app, [*args, "--autoattack", "--autoattack-attacks", "apgd-ce", "--sanity", "--sanity-n", "2", "--record"]
+    )
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    aa, sanity = out["autoattack"], out["sanity"]
+    assert aa["n"] == 5 and aa["seed"] == 3 and aa["eps"] == pytest.approx(0.5) and aa["attacks"] == ["apgd-ce"]
+    assert 0.0 <= aa["robust_accuracy"] <= aa["clean_accuracy"] == out["accuracy"]
+    assert sanity["n"] == 2 and sanity["subset_seed"] == 3 and len(sanity["stages"]) == 4
+    meta = read_metadata(ckpt)
+    m = meta.metrics
+    assert m["autoattack_accuracy"] == aa["robust_accuracy"] and m["autoattack_n"] == 5 and m["autoattack_seed"] == 3
+    assert m["autoattack_settings"]["eps"] == pytest.approx(0.5) and m["autoattack_settings"]["package"]
+    assert m["sanity_check"]["stages"] == sanity["stages"] and m["sanity_check"]["n"] == 2
+    assert m["sanity_adversarial_spearman"] == sanity["stages"][-1]["adversarial"]["spearman"]["mean"]
+    assert "test_accuracy" not in m  # a subset's accuracy is not recorded as the test accuracy
+    assert meta.weights_sha256 == before.weights_sha256
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = str(marker)
