@@ -284,8 +284,9 @@ def explain_result(
     summary["reused"] = False
     method = {
         "explain": {**summary["settings"], "mode": "explain"},
-        "gradcam": summary["gradcam"],
+        "gradcam": {k: v for k, v in summary["gradcam"].items() if k != "faithfulness"},
         "stability": stability_method(steps),
+        "faithfulness": summary.get("faithfulness"),  # issue 13: how each map's figures are defined
     }
     summary["provenance"] = build_provenance(
         served,

@@ -37,7 +37,12 @@ AEX = {
     "delta_rms": ("DELTA-RMS", "RMS of the perturbation"),
     "prob_before": ("PROB-BEFORE", "Target class probability before perturbation"),
     "prob_after": ("PROB-AFTER", "Target class probability after perturbation"),
+    "deletion_auc": ("DELETION-AUC", "Deletion AUC of the explained class probability"),
+    "insertion_auc": ("INSERTION-AUC", "Insertion AUC of the explained class probability"),
+    "random_deletion_auc": ("RANDOM-DEL-AUC", "Deletion AUC in a random pixel order"),
+    "random_insertion_auc": ("RANDOM-INS-AUC", "Insertion AUC in a random pixel order"),
 }
+FAITHFULNESS = ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")
 NO_UNITS = codes.UCUM.NoUnits
 
 
@@ -65,6 +70,12 @@ def coding_scheme() -> Dataset:
 
 def _num(key: str | hd.sr.CodedConcept, value: float, unit=NO_UNITS, **kw) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=code(key) if isinstance(key, str) else key, value=float(value), unit=unit, **kw)
+
+
+def _faithfulness(figures: Mapping[str, Any] | None) -> list[hd.sr.Measurement]:
+    """A map's deletion and insertion AUCs and the random order's (``models.explain.faithfulness``)."""
+    figures = figures or {}
+    return [_num(k, figures[k]) for k in FAITHFULNESS if _is_number(figures.get(k))]
 
 
 def _ref(ds: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
@@ -145,6 +156,7 @@ def _groups(
             "Grad-CAM",
             finding_type=codes.DCM.GradientWeightedClassActivation,
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("explained"), class_code(explained))],
+            measurements=_faithfulness(summary["gradcam"].get("faithfulness")) or None,
             source_images=[_ref(ds) for ds in cam],
         )
     )
@@ -164,11 +176,23 @@ def _groups(
                         ("prob_after", "prob_after"),
                     )
                     if _is_number(target.get(k))
-                ],
+                ]
+                + _faithfulness(target.get("faithfulness")),
                 source_images=[_ref(ds) for ds in refs],
             )
         )
     return out
+
+
+def _faithfulness_parameters(summary: Mapping[str, Any]) -> list[str]:
+    """The faithfulness figures' definition in a few words, when the summary has them."""
+    method = summary.get("faithfulness")
+    if not method:
+        return []
+    return [
+        f"faithfulness: RISE deletion and insertion AUCs of the explained class's probability, "
+        f"{method['steps']} equal steps; baseline {method['baseline']}; random order {method['random_order']}"
+    ]
 
 
 def _stem(name: str) -> str:
@@ -199,7 +223,8 @@ def measurement_report(
     (TID 311), the model's recorded metrics (test accuracy, attack and BTR ARA), the Grad-CAM
     map (referencing the Parametric Map and the overlay) and each adversarial explanation
     (rms(delta), the target's probability before and after, referencing its two Secondary
-    Captures). Completion COMPLETE, Preliminary, Verification Flag UNVERIFIED.
+    Captures), each map with its deletion and insertion AUCs and the random order's
+    (``models.explain.faithfulness``, defined in the algorithm's parameters). Completion COMPLETE, Preliminary, Verification Flag UNVERIFIED.
 
     source: the source (``secondary_capture.usable_source``); pm: the Parametric Map;
     images: the Secondary Captures by name ("gradcam_overlay", each target's stems, as the
@@ -209,7 +234,7 @@ def measurement_report(
     algorithm = hd.sr.AlgorithmIdentification(
         name=provenance.model,
         version=f"checkpoint sha256 {provenance.checkpoint_sha256}, aex {provenance.software_version}",
-        parameters=[json.dumps(dict(parameters), sort_keys=True)],
+        parameters=[json.dumps(dict(parameters), sort_keys=True), *_faithfulness_parameters(summary)],
         manufacturer=MANUFACTURER,
     )
     device = hd.sr.DeviceObserverIdentifyingAttributes(

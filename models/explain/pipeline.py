@@ -1,6 +1,6 @@
 """The one path that explains one image: classification, Grad-CAM of the predicted class,
-adversarial explanations of the targets, the stability score of the decision and the
-rendered PNGs. ``aex explain --checkpoint`` and the service's explain jobs both call
+adversarial explanations of the targets, the faithfulness of each map, the stability score of
+the decision and the rendered PNGs. ``aex explain --checkpoint`` and the service's explain jobs both call
 ``explain_image``, so the offline command gives the result JSON the service gives."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.defaults import DEFAULT_TARGETS
-from models.explain.adversarial import Explainer
+from models.defaults import DEFAULT_TARGETS, FAITHFULNESS_STEPS
+from models.explain.adversarial import Explainer, Explanation
+from models.explain.faithfulness import delta_map, faithfulness, faithfulness_method
 from models.explain.gradcam import gradcam, layer_name, resolve_layer
 from models.perturb.stability import stability_evaluations, stability_report
 from models.render.explanation import render_explanation
@@ -30,11 +31,12 @@ def explain_image(
     *,
     layer: str | None = None,
     stability_steps: int | None = None,
-    ara_radii: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
     progress: PhaseProgress | None = None,
     extra_summary: dict | None = None,
     timings: dict[str, float] | None = None,
     maps: dict[str, torch.Tensor] | None = None,
+    faithfulness_steps: int | None = FAITHFULNESS_STEPS,
     **settings,
 ) -> tuple[dict, dict[str, bytes]]:
     """Adversarial explanations, Grad-CAM of the predicted class and (with
@@ -42,11 +44,12 @@ def explain_image(
 
     image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
     default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
-    ara_radii: the checkpoint's recorded per-image radii, which the stability score is
-    ranked against. timings: filled with "explain_seconds" and "stability_seconds". maps:
+    metrics: the checkpoint's metrics, whose recorded per-image radii the stability score is
+    ranked against (``models.perturb.stability.reference_record``). timings: filled with "explain_seconds" and "stability_seconds". maps:
     filled with "gradcam", the Grad-CAM map (float H x W in [0, 1], CPU, the input's grid).
     Returns ``render_explanation``'s (summary, files); the summary also has "gradcam":
-    {"layer", "class_index"} and, with ``stability_steps``, "stability".
+    {"layer", "class_index", "faithfulness"}, each target its "faithfulness", "faithfulness"
+    the figures' definition and, with ``stability_steps``, "stability".
     """
     target_layer = resolve_layer(model, layer)  # a bad layer name fails before the search
     later = stability_evaluations(stability_steps) if stability_steps else 0
@@ -69,6 +72,10 @@ def explain_image(
     }
     summary, files = render_explanation(result, cam, extra)
     timings["explain_seconds"] = time.perf_counter() - t
+    if faithfulness_steps:
+        t = time.perf_counter()
+        add_faithfulness(summary, model, image, cam, result, int(faithfulness_steps))
+        timings["faithfulness_seconds"] = time.perf_counter() - t
     if stability_steps:
         t = time.perf_counter()
 
@@ -77,7 +84,24 @@ def explain_image(
                 progress(searched[0] + done, searched[0] + total, "stability")
 
         summary["stability"] = stability_report(
-            model, image, result.classes, ara_radii, steps=stability_steps, progress=stability_progress
+            model, image, result.classes, metrics, steps=stability_steps, progress=stability_progress
         )
         timings["stability_seconds"] = time.perf_counter() - t
     return summary, files
+
+
+def add_faithfulness(
+    summary: dict, model: nn.Module, image: torch.Tensor, cam: torch.Tensor, result: Explanation, steps: int
+) -> None:
+    """Deletion and insertion AUCs of the Grad-CAM map (class: the predicted one) and of each
+    explanation's |delta| map (class: its target), with the random order's, into ``summary``
+    (["gradcam"]["faithfulness"], each target's "faithfulness", and "faithfulness": the
+    definition). One batched forward pass; a class explained twice is measured once."""
+    rows = {t.class_index: t for t in result.targets}
+    classes = [result.predicted, *rows]
+    figures = faithfulness(model, image, [cam, *(delta_map(t.delta) for t in rows.values())], classes, steps=steps)
+    summary["gradcam"]["faithfulness"] = figures[0]
+    by_class = dict(zip(rows, figures[1:]))
+    for target in summary["targets"]:
+        target["faithfulness"] = by_class[target["class_index"]]
+    summary["faithfulness"] = faithfulness_method(steps)

@@ -138,6 +138,24 @@ function figure(src, caption, alt, extraClass = "") {
   return el("figure", {}, img, el("figcaption", { text: caption }));
 }
 
+// Faithfulness of a map (issue 13): RISE deletion / insertion AUCs of the explained class's
+// probability beside a random pixel order's, as a sentence under the picture.
+function faithfulnessSentence(f, className) {
+  if (!f || typeof f.deletion_auc !== "number") return null;
+  const del = f.deletion_auc, rdel = f.random_deletion_auc;
+  const speed = del > 0 && rdel > del
+    ? `removing its pixels first drops p(${className}) ${num(rdel / del, 2)}× faster than a random order`
+    : `removing its pixels first drops p(${className}) no faster than a random order`;
+  return `Faithfulness: deletion AUC ${num(del, 3)} (random ${num(rdel, 3)}), insertion AUC ${num(f.insertion_auc, 3)} `
+    + `(random ${num(f.random_insertion_auc, 3)}): ${speed}.`;
+}
+
+function withFaithfulness(fig, f, className) {
+  const text = faithfulnessSentence(f, className);
+  if (fig && text) fig.querySelector("figcaption").append(el("span", { class: "faithfulness", text }));
+  return fig;
+}
+
 function download(url, name, text) {
   const a = el("a", { href: url, download: name, text });
   a.addEventListener("click", async (e) => {
@@ -438,7 +456,12 @@ function renderGradcam(view) {
   const box = $("gradcam");
   const figs = [];
   if (images["input.png"]) figs.push(figure(images["input.png"], "Input, as the model saw it", "The input image as the model saw it"));
-  if (images["gradcam.png"]) figs.push(figure(images["gradcam.png"], "Grad-CAM heat map", "Grad-CAM heat map of the predicted class"));
+  const cam = (view.result && view.result.gradcam) || {};
+  const camClass = Object.keys((view.result && view.result.probs) || {})[cam.class_index];
+  if (images["gradcam.png"]) {
+    figs.push(withFaithfulness(figure(images["gradcam.png"], "Grad-CAM heat map", "Grad-CAM heat map of the predicted class"),
+      cam.faithfulness, camClass));
+  }
   if (images["gradcam_overlay.png"]) figs.push(figure(images["gradcam_overlay.png"], "Heat map over the input", "Grad-CAM heat map laid over the input"));
   if (!figs.length && state.previewUrl) figs.push(figure(state.previewUrl, "Input (your file)", "The uploaded image", "natural"));
   box.replaceChildren(...figs);
@@ -473,7 +496,10 @@ function renderExplanations(view) {
       dicom.length ? el("p", { class: "downloads" }, ...dicom.flatMap((a, i) => (i ? [" · ", a] : [a]))) : null,
       el("div", { class: "figures" },
         imageUrl ? figure(imageUrl, `x + δ toward ${t.class_name}`, `Explanation image toward ${t.class_name}`) : null,
-        diffUrl ? figure(diffUrl, "δ amplified", `Amplified perturbation toward ${t.class_name}`) : null));
+        diffUrl
+          ? withFaithfulness(figure(diffUrl, "δ amplified", `Amplified perturbation toward ${t.class_name}`),
+            t.faithfulness, t.class_name)
+          : null));
   });
   $("explanations").replaceChildren(...cards);
   $("explanations-box").hidden = !cards.length;

@@ -111,6 +111,17 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, api_to
     for t in result["targets"]:
         assert t["class_name"] in captions
         assert f"{100 * t['prob_before']:.1f} %" in captions or f"{100 * t['prob_before']:.0f} %" in captions
+    # Under the heat map and under each explanation's difference: that map's faithfulness (issue 13).
+    faith = page.eval_on_selector_all("figcaption .faithfulness", "s => s.map((x) => x.textContent)")
+    maps = [result["gradcam"]["faithfulness"], *(t["faithfulness"] for t in result["targets"])]
+    assert len(faith) == len(maps) == 3
+    for text, f in zip(faith, maps):
+        for key, words in (("deletion_auc", "deletion AUC"), ("random_insertion_auc", "insertion AUC")):
+            assert words in text and page.evaluate("(x) => Number(x).toPrecision(3)", f[key]) in text
+        assert ("faster than a random order" in text) and (
+            ("no faster" in text) == (f["deletion_auc"] >= f["random_deletion_auc"])
+        )
+    assert "Faithfulness" in page.inner_text("#gradcam")
     # Outputs are fetched with the token and shown from blob: URLs; data-src keeps their path.
     assert page.eval_on_selector_all("#gradcam img", "imgs => imgs.every((i) => i.src.startsWith('blob:'))")
     gradcam = page.eval_on_selector_all("#gradcam img", "imgs => imgs.map((i) => i.dataset.src)")

@@ -90,3 +90,50 @@ def test_the_same_request_gives_the_same_uids(served, xray, monkeypatch):
     other = explain(served, xray, rho=0.2)[1]["dicom_objects"]
     assert first == again
     assert not {o["sop_instance_uid"] for o in other} & {o["sop_instance_uid"] for o in first}
+
+
+def test_the_result_and_the_sr_carry_each_maps_faithfulness(served, xray, monkeypatch):
+    from models.explain.faithfulness import delta_map, faithfulness
+
+    monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
+    parameters, summary, _files, dicom = explain(served, xray)
+    cam_figures = summary["gradcam"]["faithfulness"]
+    figures = [cam_figures, *(t["faithfulness"] for t in summary["targets"])]
+    keys = ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")
+    for f in figures:
+        assert all(0.0 <= f[k] <= 1.0 for k in keys) and len(f["deletion_curve"]) == 17
+    assert cam_figures["class_index"] == summary["predicted"]["class_index"]
+    assert [t["faithfulness"]["class_index"] for t in summary["targets"]] == [
+        t["class_index"] for t in summary["targets"]
+    ]
+    provenance = summary["provenance"]
+    assert provenance["method"]["faithfulness"] == summary["faithfulness"]
+    assert summary["faithfulness"]["steps"] == 16 and "blurred" in summary["faithfulness"]["baseline"]
+    assert "faithfulness_seconds" in provenance["timings"]
+    assert "faithfulness" not in provenance["method"]["gradcam"]
+    # The same figures from the parts: the map the PM holds, the model, the input.
+    x, _ = load_dicom_for_model(xray, 28, 1)
+    cam = gradcam(served.model, x[None], [cam_figures["class_index"]], layer=parameters["layer"])[0]
+    (again,) = faithfulness(served.model, x, [cam], [cam_figures["class_index"]])
+    assert again["deletion_auc"] == pytest.approx(cam_figures["deletion_auc"], abs=1e-6)
+    assert again["random_insertion_auc"] == pytest.approx(cam_figures["random_insertion_auc"], abs=1e-6)
+    assert delta_map(torch.zeros(1, 28, 28)).shape == (28, 28)
+    # The SR: each map's group holds its four AUCs.
+    sr = pydicom.dcmread(io.BytesIO(dicom["structured_report.dcm"]))
+    values = [
+        (item.ConceptNameCodeSequence[0].CodeValue, float(item.MeasuredValueSequence[0].NumericValue))
+        for item in _items(sr.ContentSequence)
+        if item.ValueType == "NUM" and item.ConceptNameCodeSequence[0].CodeValue.endswith("-AUC")
+    ]
+    assert ("DELETION-AUC", pytest.approx(cam_figures["deletion_auc"])) in values
+    assert len(values) == 4 * len(figures)
+    params = [
+        i.TextValue for i in _items(sr.ContentSequence) if i.ValueType == "TEXT" and "faithfulness" in i.TextValue
+    ]
+    assert params and "16 equal steps" in params[0]
+
+
+def _items(items):
+    for item in items:
+        yield item
+        yield from _items(item.get("ContentSequence", []))

@@ -35,12 +35,14 @@ def summary() -> dict:
                 "prob_after": 0.9,
                 "image": f"{stem}.png",
                 "difference": f"{stem}_diff.png",
+                "faithfulness": faithfulness(0.2 + i / 10),
             }
         )
     return {
         "predicted": {"class_index": 1, "class_name": "pneumonia", "prob": 0.7},
         "probs": probs,
-        "gradcam": {"layer": "l", "class_index": 1},
+        "gradcam": {"layer": "l", "class_index": 1, "faithfulness": faithfulness(0.1)},
+        "faithfulness": {"steps": 16, "baseline": "a blurred copy", "random_order": "randperm, seed 1776"},
         "targets": targets,
         "stability": {
             "attack_rms": 0.031,
@@ -49,6 +51,17 @@ def summary() -> dict:
             "btr_percentile": 33.3,
             "reference_n": 6,
         },
+    }
+
+
+def faithfulness(deletion: float) -> dict:
+    return {
+        "class_index": 1,
+        "deletion_auc": deletion,
+        "insertion_auc": 0.6,
+        "random_deletion_auc": 0.4,
+        "random_insertion_auc": 0.45,
+        "deletion_curve": [0.7] * 17,
     }
 
 
@@ -182,7 +195,14 @@ def test_sr_holds_the_classification_stability_and_model(built):
         concept(i): i.TextValue for i in classification.ContentSequence if concept(i)[1] in ("111001", "111003")
     }
     assert algorithm[("DCM", "111001")] == "tiny" and SHA in algorithm[("DCM", "111003")]
-    assert ("DCM", "130403") in by_finding  # the Grad-CAM group
+    assert nums(by_finding[("DCM", "130403")]) == {  # the Grad-CAM group, with its map's faithfulness
+        ("99AEX", "DELETION-AUC"): 0.1,
+        ("99AEX", "INSERTION-AUC"): 0.6,
+        ("99AEX", "RANDOM-DEL-AUC"): 0.4,
+        ("99AEX", "RANDOM-INS-AUC"): 0.45,
+    }
+    explanations = [nums(g) for g in groups(sr) if finding(g) == ("99AEX", "ADV-EXPLANATION")]
+    assert [e[("99AEX", "DELETION-AUC")] for e in explanations] == [0.2, 0.3]
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99AEX"
     aex = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "aex"]
     assert aex and aex[0].DeviceUID == device_uid(SHA) and aex[0].ManufacturerModelName == "tiny"
