@@ -86,6 +86,13 @@ def evaluate(
             "exact radii recorded for it (--record stores them as the fast score's reference)",
         ),
     ] = False,
+    faithfulness: Annotated[
+        bool,
+        typer.Option(
+            "--faithfulness",
+            help="also how often the Grad-CAM and explanation maps beat a random pixel order (deletion/insertion AUC)",
+        ),
+    ] = False,
 ) -> None:
     """Accuracy (and ARA, AutoAttack, the sanity check) of a checkpoint on a seeded subset; prints JSON."""
     from models.errors import BadParameterError
@@ -112,5 +119,6 @@ def evaluate(
             autoattack_eps=autoattack_eps,
             sanity=sanity,
             sanity_n=sanity_n,
+            faithfulness=faithfulness,
         )
     )

@@ -40,6 +40,7 @@ def evaluate_checkpoint(
     sanity: bool = False,
     sanity_n: int = SANITY_N,
     stability: bool = False,
+    faithfulness: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (and with ``ara`` both ARAs) on the seeded subset of ``data``'s split.
 
@@ -57,11 +58,15 @@ def evaluate_checkpoint(
     and the adversarial explanations (``models.evaluation.sanity``) on the first ``sanity_n``
     images of the subset. With ``stability``: the fast stability search's per-image radii
     and their agreement with the exact radii the checkpoint records for the same subset
-    (``models.evaluation.stability``). ``record`` stores each of them in the metrics too.
+    (``models.evaluation.stability``). With ``faithfulness``: how often the Grad-CAM and
+    adversarial explanation maps beat a random pixel order in deletion and insertion, on the
+    correctly classified images of the subset (``models.evaluation.faithfulness``). ``record``
+    stores each of them in the metrics too.
     """
-    if record and not (ara or autoattack or sanity or stability) and n is not None:
+    if record and not (ara or autoattack or sanity or stability or faithfulness) and n is not None:
         raise BadParameterError(
-            "recording an accuracy needs the whole split: drop --n (or add --ara, --autoattack or --sanity)"
+            "recording an accuracy needs the whole split: drop --n (or add --ara, --autoattack, --sanity, "
+            "--stability or --faithfulness)"
         )
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint, device=pick_device(device))
@@ -109,6 +114,8 @@ def evaluate_checkpoint(
         out["stability"] = _stability(model, images, labels, checkpoint, data, seed, record, progress)
     if sanity:
         out["sanity"] = _sanity(model, images[:sanity_n], checkpoint, data, seed, record)
+    if faithfulness:
+        out["faithfulness"] = _faithfulness(model, images, labels, checkpoint, data, seed, record)
     out.update(
         n=int(labels.numel()),
         seed=seed,
@@ -172,6 +179,23 @@ def _sanity(model, images, checkpoint, data, seed, record) -> dict[str, Any]:
                 "sanity_check": res,
                 "sanity_gradcam_spearman": last["gradcam"]["spearman"]["mean"],
                 "sanity_adversarial_spearman": last["adversarial"]["spearman"]["mean"],
+            },
+        )
+        res = {**res, "recorded": True}
+    return res
+
+
+def _faithfulness(model, images, labels, checkpoint, data, seed, record) -> dict[str, Any]:
+    from models.evaluation.faithfulness import dataset_faithfulness
+
+    res = dataset_faithfulness(model, images, labels)
+    res.update(seed=seed, data=portable_path(data), seconds=round(res["seconds"], 3))
+    if record:
+        update_metadata(
+            checkpoint,
+            metrics={
+                "faithfulness": res,
+                "faithfulness_gradcam_deletion_below_random": res["gradcam"].get("deletion_below_random"),
             },
         )
         res = {**res, "recorded": True}

@@ -155,7 +155,9 @@ def test_evaluate_autoattack_and_sanity_are_recorded_with_n_seed_and_eps(tiny_ch
     res = runner.invoke(app, [*args, "--autoattack"])  # the standard version needs the DLR loss: 4+ classes
     assert res.exit_code == 2 and "DLR" in res.output
     res = runner.invoke(
-        app, [*args, "--autoattack", "--autoattack-attacks", "apgd-ce", "--sanity", "--sanity-n", "2", "--record"]
+        app,
+        [*args, "--autoattack", "--autoattack-attacks", "apgd-ce", "--sanity", "--sanity-n", "2", "--faithfulness"]
+        + ["--record"],
     )
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
@@ -169,6 +171,8 @@ def test_evaluate_autoattack_and_sanity_are_recorded_with_n_seed_and_eps(tiny_ch
     assert m["autoattack_settings"]["eps"] == pytest.approx(0.5) and m["autoattack_settings"]["package"]
     assert m["sanity_check"]["stages"] == sanity["stages"] and m["sanity_check"]["n"] == 2
     assert m["sanity_adversarial_spearman"] == sanity["stages"][-1]["adversarial"]["spearman"]["mean"]
+    assert m["faithfulness"]["gradcam"] == out["faithfulness"]["gradcam"] and m["faithfulness"]["seed"] == 3
+    assert m["faithfulness"]["n"] == 5 and m["faithfulness"]["settings"]["steps"] == 16
     assert "test_accuracy" not in m  # a subset's accuracy is not recorded as the test accuracy
     assert meta.weights_sha256 == before.weights_sha256
 
