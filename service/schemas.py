@@ -222,7 +222,8 @@ class JobView(BaseModel):
     result: dict[str, Any] | None = Field(
         None,
         description="when finished: probabilities, per-target "
-        "probabilities before/after, rms(delta), image URLs, "
+        "probabilities before/after, rms(delta), each map's faithfulness "
+        "(deletion/insertion AUCs beside a random order), image URLs, "
         "stability, provenance, reused",
     )
     images: dict[str, str] | None = Field(None, description="name -> URL of each PNG (explain jobs)")
