@@ -202,6 +202,7 @@ class AexClient:
         wait: bool = True,
         timeout: float | None = None,
         stability_steps: int | None = None,
+        stability_mode: str | None = None,
     ) -> dict[str, Any]:
         """Queue adversarial explanations and Grad-CAM for the file at ``path``. ``targets``:
         "predicted", "runner-up", "all", class names or indices (a list or a comma-separated
@@ -220,6 +221,8 @@ class AexClient:
             data["layer"] = layer
         if stability_steps is not None:
             data["stability_steps"] = str(int(stability_steps))
+        if stability_mode:
+            data["stability_mode"] = stability_mode
         view = self._json("POST", "/v1/explain", files=self._upload(path), data=data)
         if on_progress is not None:
             on_progress(view)

@@ -1,18 +1,24 @@
 """Benchmark of the service: classify throughput and latency through HTTP, Redis and a worker,
 next to the model's own in-process throughput measured in the same run.
 
-Run: ``.venv/bin/python bench/bench_service.py [--checkpoint C] [--workers N] [--clients K]
-[--duration S] [--url http://host:port]``.
+Run: ``.venv/bin/python bench/bench_service.py [--checkpoint C] [--workers N]
+[--clients 1,8,32] [--max-batch 1,16] [--duration S] [--url http://host:port --token T]``.
 
 1. In process (before the service starts, so nothing competes for the cores): decode the
    PNG and run the model on it, batch 1, in a loop with the same torch thread count a worker
    gets: images/s and latency. This is the work one classify job does.
 2. The service: ``aex serve`` with an embedded Redis and N workers on a free loopback port
-   (or ``--url`` of a running one), driven by K concurrent clients (threads with their own
-   httpx connection), each posting the image to /v1/classify as fast as answers come, for
-   ``--duration`` seconds after a warm-up: requests/s, p50/p95/p99 latency, errors.
-3. Overhead ratio = (in-process images/s x workers) / service requests/s: how much of the
-   workers' raw model capacity the queueing, HTTP and decoding cost (1.0 = none).
+   (or ``--url`` of a running one), once per ``--max-batch`` value (AEX_MAX_BATCH: 1 = no
+   dynamic batching), driven by K concurrent clients for each ``--clients`` value (threads
+   with their own httpx connection and the admin token `aex serve` wrote), each posting a
+   different image to /v1/classify as fast as answers come, for ``--duration`` seconds after a
+   warm-up: requests/s, p50/p95/p99 latency, statuses, the mean batch size the results name.
+3. Ratio = service requests/s / (in-process images/s x workers): the share of the workers'
+   batch-1 capacity the service delivers (1.0 = as fast as the model alone, one image at a
+   time; above 1 when batching wins back more than queueing, HTTP and decoding cost).
+4. Every answer is checked afterwards against the model run here on the client's own image
+   (the input sha256 the result names, every probability within 1e-4): "answers N/N their
+   own" means no client was handed a batch mate's result.
 
 The checkpoint: ``--checkpoint``, else the first in models/checkpoints/, else a random
 CIFAR-size ResNet-20 written to a temporary folder. Prints one JSON line with every number.
@@ -74,11 +80,11 @@ def pick_checkpoint(given: str | None, scratch: Path) -> Path:
 
 
 def test_png(size: int, channels: int, serial: int = 0) -> bytes:
-    """A random image; ``serial`` is written into its first pixels, so every request can send
-    a different upload (the service reuses the result of an identical one)."""
-    rng = np.random.default_rng(0)
+    """A random image of its own for each ``serial``: every request sends a different upload
+    (the service reuses the result of an identical one), with a different answer, so a client
+    handed a batch mate's answer would see it."""
+    rng = np.random.default_rng(serial)
     arr = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-    arr[0, :3, 0] = [(serial >> 16) & 255, (serial >> 8) & 255, serial & 255]
     img = Image.fromarray(arr if channels == 3 else arr[..., 0])
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -124,11 +130,14 @@ def free_port() -> int:
 
 
 def start_service(
-    checkpoint: Path, name: str, workers: int, threads: int, scratch: Path
-) -> tuple[subprocess.Popen, str]:
+    checkpoint: Path, name: str, workers: int, threads: int, scratch: Path, max_batch: int
+) -> tuple[subprocess.Popen, str, str]:
+    """``aex serve`` on a free loopback port; returns (process, URL, the admin token it made)."""
     models = scratch / "models"
-    models.mkdir()
-    (models / f"{name}.safetensors").symlink_to(checkpoint.resolve())
+    models.mkdir(exist_ok=True)
+    link = models / f"{name}.safetensors"
+    if not link.exists():
+        link.symlink_to(checkpoint.resolve())
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
     env.update(
@@ -139,6 +148,9 @@ def start_service(
         AEX_TORCH_THREADS=str(threads),
         AEX_LOG_LEVEL="WARNING",
         AEX_MAX_QUEUE_DEPTH="10000",
+        AEX_MAX_JOBS_PER_PRINCIPAL="100000",
+        AEX_MAX_BATCH=str(max_batch),
+        AEX_TOKEN_FILE=str(scratch / f"token-{port}"),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "aex.cli", "serve"],
@@ -154,7 +166,7 @@ def start_service(
             raise SystemExit("aex serve exited:\n" + (scratch / "serve.log").read_text())
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
+                return proc, url, (scratch / f"token-{port}").read_text().strip()
         except httpx.TransportError:
             pass
         time.sleep(0.3)
@@ -162,9 +174,12 @@ def start_service(
     raise SystemExit("aex serve did not become ready:\n" + (scratch / "serve.log").read_text())
 
 
-def drive(url: str, model: str, size: int, channels: int, clients: int, warmup: float, duration: float) -> dict:
+def drive(
+    url: str, token: str, model: str, size: int, channels: int, clients: int, warmup: float, duration: float
+) -> dict:
     """K client threads posting /v1/classify back to back, each request a different image (so
-    no answer comes from the service's result reuse); latencies after the warm-up."""
+    no answer comes from the service's result reuse); latencies after the warm-up. Every
+    answer is kept with its image, for ``verify``."""
     start = time.monotonic()
     measure_from, stop_at = start + warmup, start + warmup + duration
     latencies: list[float] = []
@@ -172,19 +187,27 @@ def drive(url: str, model: str, size: int, channels: int, clients: int, warmup: 
     lock = threading.Lock()
     serials = itertools.count(1)
     reused = [0]
+    answers: list[tuple[int, dict]] = []
+    batch_sizes: list[int] = []
 
     def client() -> None:
-        with httpx.Client(base_url=url, timeout=60) as http:
+        headers = {"Authorization": f"Bearer {token}"}
+        with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
             while (t0 := time.monotonic()) < stop_at:
-                png = test_png(size, channels, next(serials))
+                serial = next(serials)
+                png = test_png(size, channels, serial)
                 resp = http.post("/v1/classify", files={"image": ("x.png", png, "image/png")}, data={"model": model})
                 t1 = time.monotonic()
-                if t0 >= measure_from and t1 <= stop_at:
-                    with lock:
+                result = (resp.json().get("result") or {}) if resp.status_code == 200 else {}
+                with lock:
+                    if result:
+                        answers.append((serial, result))
+                    if t0 >= measure_from and t1 <= stop_at:
                         statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
                         if resp.status_code == 200:
                             latencies.append(t1 - t0)
-                            reused[0] += bool((resp.json().get("result") or {}).get("reused"))
+                            reused[0] += bool(result.get("reused"))
+                            batch_sizes.append(int(result["provenance"]["method"].get("batch_size", 1)))
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -200,76 +223,105 @@ def drive(url: str, model: str, size: int, channels: int, clients: int, warmup: 
         "statuses": statuses,
         "clients": clients,
         "reused": reused[0],
+        "mean_batch_size": float(np.mean(batch_sizes)) if batch_sizes else float("nan"),
+        "answers": answers,
     }
+
+
+def verify(checkpoint: Path, answers: list[tuple[int, dict]], size: int, channels: int) -> dict:
+    """Each client's answers against the model run here on the same image: the input's sha256
+    the result names, and every probability (within 1e-4: a batch rounds like a batch of one
+    to about 1e-6), so an answer handed to the wrong client (a batch mate's) is caught."""
+    import hashlib
+
+    model, meta = load_checkpoint(checkpoint)
+    model.eval()
+    wrong = 0
+    for start in range(0, len(answers), 256):
+        part = answers[start : start + 256]
+        pngs = [test_png(size, channels, serial) for serial, _ in part]
+        x = torch.stack([load_image_for_model(p, meta.input_size, meta.in_channels) for p in pngs])
+        with torch.no_grad():
+            probs = model(x).softmax(1)
+        for (_, result), png, p in zip(part, pngs, probs):
+            got = torch.tensor([result["probs"][c] for c in meta.classes])
+            same_input = result["provenance"]["input_sha256"] == hashlib.sha256(png).hexdigest()
+            wrong += not (same_input and torch.allclose(got, p, atol=1e-4))
+    return {"checked": len(answers), "wrong": wrong}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="checkpoint to serve (default: first bundled, else a random ResNet-20)")
     ap.add_argument("--url", help="a running service to drive instead of starting one (its model: --model)")
+    ap.add_argument("--token", help="with --url: a token with the submit and read scopes")
     ap.add_argument("--model", help="model name at --url (default: the one started here)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--clients", default="1,8,32", help="comma list of concurrent client counts")
+    ap.add_argument("--max-batch", default="1,16", help="comma list of AEX_MAX_BATCH values (one service each)")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured (each phase)")
     ap.add_argument("--warmup", type=float, default=2.0)
     args = ap.parse_args()
-    if not 1 <= args.clients <= 256 or args.duration > 600:
+    print(json.dumps(run(args)))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every figure of the benchmark (``main``'s options; bench/bench_all.py calls it too)."""
+    clients = [int(c) for c in str(args.clients).split(",")]
+    batches = [int(b) for b in str(args.max_batch).split(",")] if not args.url else [0]
+    if not all(1 <= c <= 256 for c in clients) or args.duration > 600:
         raise SystemExit("keep --clients in 1..256 and --duration under 600 s")
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
 
     scratch = Path(tempfile.mkdtemp(prefix="aex-bench-"))
-    proc = None
+    runs: list[dict] = []
     try:
         checkpoint = pick_checkpoint(args.checkpoint, scratch)
         meta = load_checkpoint(checkpoint)[1]
         png = test_png(meta.input_size, meta.in_channels)
         name = args.model or "bench"
         local = in_process(checkpoint, png, threads, args.duration)
-        if args.url:
-            url = args.url.rstrip("/")
-        else:
-            proc, url = start_service(checkpoint, name, args.workers, threads, scratch)
-        served = drive(url, name, meta.input_size, meta.in_channels, args.clients, args.warmup, args.duration)
+        for max_batch in batches:
+            proc = None
+            try:
+                if args.url:
+                    url, token = args.url.rstrip("/"), args.token or ""
+                else:
+                    proc, url, token = start_service(checkpoint, name, args.workers, threads, scratch, max_batch)
+                for k in clients:
+                    served = drive(url, token, name, meta.input_size, meta.in_channels, k, args.warmup, args.duration)
+                    served["verified"] = verify(checkpoint, served.pop("answers"), meta.input_size, meta.in_channels)
+                    runs.append({"max_batch": max_batch or None, **served})
+            finally:
+                if proc is not None:
+                    proc.send_signal(signal.SIGINT)
+                    proc.wait(60)
     finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(60)
         shutil.rmtree(scratch, ignore_errors=True)
 
-    capacity = local["images_per_s"] * args.workers
-    ratio = capacity / served["requests_per_s"] if served["requests_per_s"] else float("inf")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     label = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.name
     print(
         f"checkpoint {label}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}, "
-        f"{len(meta.classes)} classes; device {device}; {os.cpu_count()} cores"
+        f"{len(meta.classes)} classes; device {device}; {os.cpu_count()} cores; {args.workers} worker(s), "
+        f"{threads} torch thread(s) each"
     )
-    print(f"{'':28s}{'per s':>10s}{'p50 ms':>10s}{'p95 ms':>10s}")
-    print(
-        f"{'in-process (1 proc, ' + str(threads) + ' thr)':28s}{local['images_per_s']:10.1f}"
-        f"{local['p50_ms']:10.2f}{local['p95_ms']:10.2f}"
-    )
-    print(
-        f"{'service (' + str(args.workers) + ' wkr, ' + str(args.clients) + ' clients)':28s}"
-        f"{served['requests_per_s']:10.1f}{served['p50_ms']:10.2f}{served['p95_ms']:10.2f}"
-    )
-    print(
-        f"overhead ratio (in-process x workers / service): {ratio:.2f}; statuses {served['statuses']}; "
-        f"answers reused from an earlier identical upload: {served['reused']}"
-    )
-    print(
-        json.dumps(
-            {
-                "checkpoint": label,
-                "device": device,
-                "workers": args.workers,
-                "in_process": local,
-                "service": served,
-                "overhead_ratio": ratio,
-            }
+    print(f"{'':34s}{'per s':>9s}{'p50 ms':>9s}{'p95 ms':>9s}{'x batch-1':>10s}{'batch':>7s}  answers")
+    capacity = local["images_per_s"] * args.workers
+    print(f"{'in process, batch 1':34s}{local['images_per_s']:9.1f}{local['p50_ms']:9.2f}{local['p95_ms']:9.2f}")
+    for r in runs:
+        r["ratio_to_in_process"] = r["requests_per_s"] / capacity if capacity else float("nan")
+        label_run = f"service, max batch {r['max_batch'] or '?'}, {r['clients']} clients"
+        v = r["verified"]
+        reused = f"; {r['reused']} reused" if r["reused"] else ""
+        print(
+            f"{label_run:34s}{r['requests_per_s']:9.1f}{r['p50_ms']:9.2f}{r['p95_ms']:9.2f}"
+            f"{r['ratio_to_in_process']:10.2f}{r['mean_batch_size']:7.1f}  {v['checked'] - v['wrong']}/{v['checked']}"
+            f" their own{reused}"
+            f"; statuses {r['statuses']}"
         )
-    )
+    return {"checkpoint": label, "device": device, "workers": args.workers, "in_process": local, "service": runs}
 
 
 if __name__ == "__main__":

@@ -28,6 +28,13 @@ ARA_MOMENTUM = 0.9
 ARA_BINS = 1000  # histogram bins of the area integral
 ARA_SEED = 1776  # the seed of the evaluation subset (randperm rule of the data README)
 
+# The stability score's radii (models/perturb/minimal.py): "fast" estimates the two ARA radii
+# of one image in a fraction of the exact searches' evaluations; "exact" runs them.
+STABILITY_MODE = "fast"
+STABILITY_FAST_OPENING = 40  # steps of the exact search's own schedule first
+STABILITY_FAST_SETTLE = 60  # then this many settling steps, scaled to each row's radius
+STABILITY_FAST_SCALE = 0.5  # settling steps sum to this x settle x the row's best radius
+
 # The robust training penalty and its adaptive weight psi = psi0 * exp(k_psi * S).
 PSI0 = 220.0
 K_PSI = 0.02

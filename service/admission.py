@@ -63,6 +63,11 @@ def stability_steps(params: CommonParams, settings: Settings) -> int:
     return params.stability_steps
 
 
+def stability_mode(params: CommonParams, settings: Settings) -> str:
+    """How the stability radii are found: the request's mode, or AEX_STABILITY_MODE."""
+    return params.stability_mode or settings.stability_mode
+
+
 def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dict[str, Any]:
     """What the job keeps in its meta: the input format and the checked callback."""
     meta: dict[str, Any] = {"input_format": input_format}

@@ -174,7 +174,12 @@ class JobService:
         entry = self.catalogue.resolve(self.conn, params.model)
         stability_steps = admission.stability_steps(params, self.settings) if params.stability else None
         kwargs = classify_parameters(
-            params.top_k, params.stability, stability_steps or 0, params.window_center, params.window_width
+            params.top_k,
+            params.stability,
+            stability_steps or 0,
+            params.window_center,
+            params.window_width,
+            stability_mode=admission.stability_mode(params, self.settings),
         )
         meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
@@ -196,6 +201,7 @@ class JobService:
             admission.stability_steps(params, self.settings),
             params.window_center,
             params.window_width,
+            stability_mode=admission.stability_mode(params, self.settings),
         )
         job_id = self._start(
             principal,

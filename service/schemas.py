@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, get_origin
+from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -40,6 +40,11 @@ class CommonParams(BaseModel):
         None,
         ge=1,
         description=f"steps of each stability search (default AEX_STABILITY_STEPS = {ARA_STEPS}, the ARA setting)",
+    )
+    stability_mode: Literal["fast", "exact"] | None = Field(
+        None,
+        description="how the stability radii are found: fast (an estimate of the ARA searches' radii in a fraction "
+        "of their time) or exact (the ARA's two searches); default AEX_STABILITY_MODE",
     )
     pacs: str | None = Field(
         None,

@@ -24,7 +24,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main() -> int:
-    from worker.process import run_worker
+    from worker.run import run_worker
 
     settings = Settings()
     if settings.parent_pid:

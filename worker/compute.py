@@ -19,13 +19,13 @@ from PIL import Image
 
 from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
-from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT
+from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT, STABILITY_MODE
 from models.dicom.pixels import DicomImage
 from models.dicom.reading import attribute, first_number
 from models.errors import BadParameterError
 from models.explain.pipeline import explain_image
 from models.nn.runtime import eval_mode
-from models.perturb.stability import stability_method, stability_report
+from models.perturb.stability import stability_method, stability_reports
 from models.version import __version__
 from worker.params import result_cache_key
 from worker.provenance import build_provenance, sha256_hex
@@ -117,14 +117,83 @@ def classify_result(
 ) -> dict[str, Any]:
     """The result of a classify job: top classes, every probability, (with ``stability``) the
     stability score, and the provenance. parameters: ``worker.params.classify_parameters``."""
+    (out,) = classify_results(served, [(data, input_format, parameters)], progress=progress, worker=worker)
+    if isinstance(out, BaseException):
+        raise out
+    return out
+
+
+def classify_results(
+    served: ServedModel,
+    inputs: list[tuple[bytes, str, dict[str, Any]]],
+    progress: Progress | None = None,
+    worker: str | None = None,
+) -> list[dict[str, Any] | BaseException]:
+    """``classify_result`` of several jobs as one batch (a worker's dynamic batch): each input
+    (data, input format, parameters) is decoded and checked on its own, and a bad one gets its
+    own error in its place; the others run as one forward pass and, when they ask for it
+    (every job of a batch asks the same: ``worker.batching.batch_signature``), one batch of
+    stability searches. Probabilities equal a batch of one's to float rounding (about 1e-6)."""
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-    x, _dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
-    timings["decode_seconds"] = time.perf_counter() - start
+    out: list[dict[str, Any] | BaseException] = []
+    decoded: list[tuple[int, torch.Tensor, dict[str, Any], str, float]] = []
+    for i, (data, input_format, parameters) in enumerate(inputs):
+        t = time.perf_counter()
+        try:
+            x, _dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
+        except Exception as exc:
+            out.append(exc)
+            continue
+        out.append({})
+        decoded.append((i, x, info, digest, time.perf_counter() - t))
+    if not decoded:
+        return out
     t = time.perf_counter()
+    xs = torch.stack([d[1] for d in decoded])
     with eval_mode(served.model), torch.no_grad():
-        probs = served.model(x.unsqueeze(0).to(served.device)).softmax(1)[0].cpu()
-    timings["inference_seconds"] = time.perf_counter() - t
+        probs = served.model(xs.to(served.device)).softmax(1).cpu()
+    inference = time.perf_counter() - t
+    parameters0 = inputs[decoded[0][0]][2]
+    stability: list[dict[str, Any] | None] = [None] * len(decoded)
+    stability_seconds = 0.0
+    if parameters0.get("stability"):
+        t = time.perf_counter()
+        phase = None if progress is None else (lambda done, total: progress(done, total, "stability"))
+        stability = stability_reports(
+            served.model,
+            xs,
+            served.meta.classes,
+            served.meta.metrics,
+            steps=int(parameters0["stability_steps"]),
+            mode=parameters0.get("stability_mode") or STABILITY_MODE,
+            progress=phase,
+        )
+        stability_seconds = time.perf_counter() - t
+    for row, (i, _x, info, digest, decode_seconds) in enumerate(decoded):
+        timings = {"decode_seconds": decode_seconds, "inference_seconds": inference}
+        if stability[row] is not None:
+            timings["stability_seconds"] = stability_seconds
+        out[i] = _classify_summary(
+            served, probs[row], inputs[i][2], stability[row], info, digest, timings, len(decoded), worker
+        )
+    for result in out:
+        if isinstance(result, dict):
+            result["seconds"] = result["provenance"]["timings"]["total_seconds"] = round(time.perf_counter() - start, 6)
+    return out
+
+
+def _classify_summary(
+    served: ServedModel,
+    probs: torch.Tensor,
+    parameters: dict[str, Any],
+    stability: dict[str, Any] | None,
+    info: dict[str, Any],
+    digest: str,
+    timings: dict[str, float],
+    batch_size: int,
+    worker: str | None,
+) -> dict[str, Any]:
+    """One job's classify result from its probabilities (C) and stability report."""
     classes, top_k = served.meta.classes, int(parameters["top_k"])
     order = probs.argsort(descending=True).tolist()
     top = [
@@ -137,19 +206,13 @@ def classify_result(
         "top": top,
         "probs": {c: float(p) for c, p in zip(classes, probs.tolist())},
     }
-    method: dict[str, Any] = {"top_k": top_k}
-    if parameters.get("stability"):
-        steps = int(parameters["stability_steps"])
-        t = time.perf_counter()
-        phase = None if progress is None else (lambda done, total: progress(done, total, "stability"))
-        result["stability"] = stability_report(
-            served.model, x, classes, served.meta.metrics.get("ara_radii"), steps=steps, progress=phase
+    # batch_size: the jobs that shared this one's forward pass (and searches).
+    method: dict[str, Any] = {"top_k": top_k, "batch_size": batch_size}
+    if stability is not None:
+        result["stability"] = stability
+        method["stability"] = stability_method(
+            int(parameters["stability_steps"]), parameters.get("stability_mode") or STABILITY_MODE
         )
-        timings["stability_seconds"] = time.perf_counter() - t
-        method["stability"] = stability_method(steps)
-    key = cache_key("classify", served, digest, parameters)
-    timings["total_seconds"] = time.perf_counter() - start
-    result["seconds"] = timings["total_seconds"]
     result["reused"] = False
     result["provenance"] = build_provenance(
         served,
@@ -158,8 +221,8 @@ def classify_result(
         method=method,
         input_sha256=digest,
         input_info=info,
-        cache_key=key,
-        timings=timings,
+        cache_key=cache_key("classify", served, digest, parameters),
+        timings={**timings, "total_seconds": 0.0},
         worker=worker,
     )
     return result
@@ -255,7 +318,8 @@ def explain_result(
         rho=parameters["rho"],
         steps=parameters["steps"],
         stability_steps=steps,
-        ara_radii=served.meta.metrics.get("ara_radii"),
+        stability_mode=parameters.get("stability_mode") or STABILITY_MODE,
+        metrics=served.meta.metrics,
         progress=progress,
         timings=timings,
         extra_summary={"model": served.name},
@@ -285,7 +349,7 @@ def explain_result(
     method = {
         "explain": {**summary["settings"], "mode": "explain"},
         "gradcam": {k: v for k, v in summary["gradcam"].items() if k != "faithfulness"},
-        "stability": stability_method(steps),
+        "stability": stability_method(steps, parameters.get("stability_mode") or STABILITY_MODE),
         "faithfulness": summary.get("faithfulness"),  # issue 13: how each map's figures are defined
     }
     summary["provenance"] = build_provenance(

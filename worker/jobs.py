@@ -23,9 +23,10 @@ from typing import Any
 from rq import get_current_job
 from rq.job import Job
 
-from models.defaults import ARA_STEPS
+from models.defaults import ARA_STEPS, STABILITY_MODE
 from models.errors import BadParameterError, JobCancelledError
-from worker.compute import classify_result, explain_result
+from worker.batching import Prepared, take_prepared
+from worker.compute import classify_result, classify_results, explain_result
 from worker.crypto import DataCipher, blob_context
 from worker.keys import cancel_key, dicom_key, images_key, upload_key
 from worker.pacs import fetch_reference
@@ -110,29 +111,90 @@ def _keep_cache_key(job: Job, result: dict[str, Any]) -> None:
     job.meta["cache_key"] = result["provenance"]["cache_key"]  # the worker indexes the result under it
 
 
+def _classify_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, dict[str, Any]]:
+    """(served model, input bytes, input format, canonical parameters) of a classify job."""
+    served = served_models().get(kwargs["model"])
+    parameters = classify_parameters(
+        int(kwargs.get("top_k", 5)),
+        bool(kwargs.get("stability", False)),
+        int(kwargs.get("stability_steps") or ARA_STEPS),
+        *(kwargs.get("window") or (None, None)),
+        stability_mode=kwargs.get("stability_mode") or STABILITY_MODE,
+    )
+    return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
+
+
 def classify(
     model: str,
     top_k: int = 5,
     stability: bool = False,
     stability_steps: int | None = None,
     window: list[float] | None = None,
+    stability_mode: str | None = None,
 ) -> dict[str, Any]:
     """Class probabilities of the uploaded image under ``model`` (and, with ``stability``,
-    its stability score)."""
+    its stability score): its share of the batch it ran in (``worker.batching``), else
+    computed here."""
     job = _current_job()
     _check_cancelled(job)
-    served = served_models().get(model)
-    parameters = classify_parameters(top_k, stability, int(stability_steps or ARA_STEPS), *(window or (None, None)))
-    result = classify_result(
-        served,
-        _read_upload(job),
-        job.meta.get("input_format", "image"),
-        parameters,
-        progress=_Progress(job),
-        worker=job.worker_name,
-    )
+    prepared = take_prepared(job.id)
+    if prepared is not None:
+        result = prepared.unwrap()
+    else:
+        kwargs = {"model": model, "top_k": top_k, "stability": stability, "stability_steps": stability_steps}
+        kwargs |= {"window": window, "stability_mode": stability_mode}
+        served, data, input_format, parameters = _classify_input(job, kwargs)
+        result = classify_result(
+            served, data, input_format, parameters, progress=_Progress(job), worker=job.worker_name
+        )
     _keep_cache_key(job, result)
     return result
+
+
+class _BatchProgress:
+    """The progress of a batch, written to each job's meta (``_Progress``). A job cancelled
+    meanwhile drops out of the reports (its own run ends it as cancelled); the batch stops
+    only when every job of it is cancelled."""
+
+    def __init__(self, batch: list[Job]):
+        self.each = {job.id: _Progress(job) for job in batch}
+
+    def __call__(self, done: int, total: int, phase: str) -> None:
+        for job_id, progress in list(self.each.items()):
+            try:
+                progress(done, total, phase)
+            except JobCancelledError:
+                del self.each[job_id]
+        if not self.each:
+            raise JobCancelledError("every job of the batch was cancelled")
+
+
+def prepare_classify_batch(batch: list[Job], worker: str) -> dict[str, Prepared]:
+    """Each classify job's share of one batched computation (``worker.compute.classify_results``):
+    its result, or the error of its own input (unreadable, expired, refused by the checks).
+    The jobs share a ``worker.batching.batch_signature``: one model, one stability setting.
+    An error of the batch as a whole (cancelled, out of memory, its time limit) propagates:
+    then each job computes on its own."""
+    prepared: dict[str, Prepared] = {}
+    members: list[Job] = []
+    inputs: list[tuple[bytes, str, dict[str, Any]]] = []
+    served = None
+    for job in batch:
+        try:
+            served, data, input_format, parameters = _classify_input(job, job.kwargs)
+        except Exception as exc:
+            prepared[job.id] = Prepared(error=exc)
+            continue
+        members.append(job)
+        inputs.append((data, input_format, parameters))
+    if members:
+        results = classify_results(served, inputs, progress=_BatchProgress(members), worker=worker)
+        for job, result in zip(members, results):
+            if isinstance(result, BaseException):
+                prepared[job.id] = Prepared(error=result, batch_size=len(members))
+            else:
+                prepared[job.id] = Prepared(result=result, batch_size=len(members))
+    return prepared
 
 
 def explain(
@@ -144,6 +206,7 @@ def explain(
     stability_steps: int | None = None,
     window: list[float] | None = None,
     result_ttl: int = 3600,
+    stability_mode: str | None = None,
 ) -> dict[str, Any]:
     """Adversarial explanations for ``targets``, Grad-CAM of the predicted class and the
     stability score of the decision.
@@ -155,7 +218,13 @@ def explain(
     _check_cancelled(job)
     served = served_models().get(model)
     parameters = explain_parameters(
-        targets, rho, steps, layer, int(stability_steps or ARA_STEPS), *(window or (None, None))
+        targets,
+        rho,
+        steps,
+        layer,
+        int(stability_steps or ARA_STEPS),
+        *(window or (None, None)),
+        stability_mode=stability_mode or STABILITY_MODE,
     )
     summary, files, dicom_files = explain_result(
         served,

@@ -12,7 +12,16 @@ import hashlib
 import json
 from typing import Any
 
+from models.errors import BadParameterError
 from models.explain.targets import split_specs
+
+STABILITY_MODES = ("fast", "exact")
+
+
+def _mode(stability_mode: str) -> str:
+    if stability_mode not in STABILITY_MODES:
+        raise BadParameterError(f"stability_mode must be one of {', '.join(STABILITY_MODES)}, got {stability_mode!r}")
+    return stability_mode
 
 
 def _window(window_center: float | None, window_width: float | None) -> list[float] | None:
@@ -25,12 +34,15 @@ def classify_parameters(
     stability_steps: int,
     window_center: float | None = None,
     window_width: float | None = None,
+    stability_mode: str = "fast",
 ) -> dict[str, Any]:
-    """The canonical parameters of a classify job (stability_steps only with stability)."""
+    """The canonical parameters of a classify job (stability_steps and stability_mode only
+    with stability)."""
     return {
         "top_k": int(top_k),
         "stability": bool(stability),
         "stability_steps": int(stability_steps) if stability else None,
+        "stability_mode": _mode(stability_mode) if stability else None,
         "window": _window(window_center, window_width),
     }
 
@@ -43,6 +55,7 @@ def explain_parameters(
     stability_steps: int,
     window_center: float | None = None,
     window_width: float | None = None,
+    stability_mode: str = "fast",
 ) -> dict[str, Any]:
     """The canonical parameters of an explain job; ``layer`` is the resolved layer name."""
     return {
@@ -51,6 +64,7 @@ def explain_parameters(
         "steps": int(steps),
         "layer": layer,
         "stability_steps": int(stability_steps),
+        "stability_mode": _mode(stability_mode),
         "window": _window(window_center, window_width),
     }
 

@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
 import threading
 import time
 import traceback
@@ -58,10 +56,11 @@ from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from models.errors import BadParameterError, JobCancelledError, JobRefusedError
+from models.errors import JobCancelledError, JobRefusedError
 from worker import jobs
+from worker.batch_run import BatchingMixin
+from worker.batching import requeue_stranded
 from worker.callbacks import CallbackPolicy, notify_job_end
-from worker.crypto import cipher_from_settings
 from worker.failures import (
     REDIS_OUTAGE,
     discard_upload,
@@ -72,9 +71,7 @@ from worker.failures import (
 )
 from worker.job_metrics import record_job
 from worker.keys import CATALOGUE_FIELD, scoped_result_index_key
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, refusal
-from worker.served import ServedModels, install
-from worker.settings import Settings
+from worker.queues import refusal
 from worker.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
 
 log = logging.getLogger("aex.worker")
@@ -86,7 +83,7 @@ REDIS_RETRY_SECONDS = 20
 REREGISTER_WITHIN_SECONDS = 5
 
 
-class AexWorker(SimpleWorker):
+class AexWorker(BatchingMixin, SimpleWorker):
     """See the module docstring."""
 
     # rq's dequeue loop waits this long at most between two tries to reach Redis (rq: 60 s).
@@ -100,15 +97,19 @@ class AexWorker(SimpleWorker):
         reuse_results: bool = True,
         job_retries: int = 0,
         callback_policy: CallbackPolicy | None = None,
+        max_batch: int = 1,
+        batch_wait_seconds: float = 0.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.max_batch, self.batch_wait_seconds = max_batch, batch_wait_seconds
         self.callback_policy = callback_policy
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self.reuse_results = reuse_results
         self.job_retries = job_retries
         self.catalogue = catalogue or []
-        self._lost_job_id: str | None = None  # the running job Redis lost (restart without persistence)
+        self._lost: set[str] = set()  # started jobs Redis lost (a restart without persistence)
+        self._running_id: str | None = None  # the job being performed now
         self.push_exc_handler(self._record_failure)
 
     # --- registration and leases -------------------------------------------------------
@@ -186,7 +187,7 @@ class AexWorker(SimpleWorker):
                 if held:
                     clean_registries(queue, self._exc_handlers)
                     worker_registration.clean_worker_registry(queue)
-                    queue.intermediate_queue.cleanup(self, queue)
+                    requeue_stranded(self.connection, queue)  # rq's would fail them
         self.last_cleaned_at = now()
 
     # --- cancellation ------------------------------------------------------------------
@@ -194,30 +195,43 @@ class AexWorker(SimpleWorker):
         # SimpleWorker has no horse process: ask the running job to stop at its next step.
         jobs.stop_requested.set()
 
-    # --- running a job -----------------------------------------------------------------
+    # --- running a job (alone, or with its batch mates: worker.batch_run) -------------
     def execute_job(self, job: Job, queue: Queue):
         jobs.stop_requested.clear()
-        self._lost_job_id = None
+        self._lost.clear()
+        batch = self.gather_batch(job, queue)
+        if len(batch) > 1:
+            self.execute_batch(batch, queue)
+        elif self._admit(job):
+            try:
+                execution = self.prepare_execution(job)
+            except REDIS_OUTAGE as exc:
+                self._put_back(job, queue, exc)
+            else:
+                with self._leases([(job, execution)]):
+                    self._run(job, queue, execution)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _admit(self, job: Job) -> bool:
+        """Whether ``job``, just taken from its queue, may run: one that is not aex's is
+        refused (failed without running anything it names); one that is no longer queued is
+        skipped."""
         reason = refusal(job)
         if reason is not None:
             self._refuse(job, reason)
-            return
+            return False
         if job.get_status(refresh=False) != JobStatus.QUEUED:
             # Queued twice: the worker that lost Redis and the registry clean-up both queued
             # its cut run again. It runs elsewhere, or has ended: running it again could only
             # overwrite its end.
             log.warning("job %s taken from its queue while %s; skipped", job.id, job.get_status(refresh=False))
-            return
-        try:
-            execution = self.prepare_execution(job)
-        except REDIS_OUTAGE as exc:
-            self._put_back(job, queue, exc)
-            return
-        done = threading.Event()
-        beat = threading.Thread(
-            target=self._renew_lease, args=(job, execution, done), daemon=True, name="aex-job-lease"
-        )
-        beat.start()
+            return False
+        return True
+
+    def _run(self, job: Job, queue: Queue, execution) -> None:
+        """Perform a started job under its own time limit, then settle its end."""
+        jobs.stop_requested.clear()
+        self._running_id = job.id
         start = time.perf_counter()
         try:
             ok = self.perform_job(job, queue, execution)
@@ -227,9 +241,19 @@ class AexWorker(SimpleWorker):
             # again (or fails it) once Redis is back. The upload stays until then.
             log.warning("job %s: Redis unreachable while its end was recorded (%s); left to its lease", job.id, exc)
         finally:
+            self._running_id = None
+
+    @contextmanager
+    def _leases(self, started: list[tuple[Job, Any]]) -> Iterator[None]:
+        """Renew the lease of every started job in a thread while the block runs."""
+        done = threading.Event()
+        beat = threading.Thread(target=self._renew_leases, args=(started, done), daemon=True, name="aex-job-lease")
+        beat.start()
+        try:
+            yield
+        finally:
             done.set()
             beat.join()
-        self.set_state(WorkerStatus.IDLE)
 
     def _refuse(self, job: Job, reason: str) -> None:
         """Fail a job that is not aex's without running or importing anything it names (no
@@ -248,7 +272,7 @@ class AexWorker(SimpleWorker):
         """After a run, as Redis records the job: when it has ended for good, count it,
         delete its upload and send its callback; when it was queued again (a run cut short),
         keep the upload for the next run. (Its result was indexed as it was recorded.)"""
-        if self._lost_job_id == job.id or not self.connection.hexists(job.key, "data"):
+        if job.id in self._lost or not self.connection.hexists(job.key, "data"):
             # Redis lost it (restarted without persistence): the API answers job_lost. Remove
             # the fields this run wrote since, which no reader could use.
             log.warning("job %s: Redis lost it while it ran (restarted without persistence?)", job.id)
@@ -295,18 +319,25 @@ class AexWorker(SimpleWorker):
         except Exception:
             log.warning("could not index the result of job %s:\n%s", job.id, traceback.format_exc())
 
-    def _renew_lease(self, job: Job, execution, done: threading.Event) -> None:
+    def _renew_leases(self, started: list[tuple[Job, Any]], done: threading.Event) -> None:
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
         while not done.wait(interval):
+            for job, execution in started:
+                if job.id in self._lost:
+                    continue
+                try:
+                    if not self.connection.hexists(job.key, "data"):
+                        self._lost.add(job.id)  # no need to finish what nobody can fetch
+                        if job.id == self._running_id:
+                            self.kill_horse()
+                        continue
+                    self.maintain_heartbeats(job, execution)
+                except Exception:
+                    log.warning("could not renew the lease of job %s:\n%s", job.id, traceback.format_exc())
             try:
-                if not self.connection.hexists(job.key, "data"):
-                    self._lost_job_id = job.id  # no need to finish what nobody can fetch
-                    self.kill_horse()
-                    return
-                self.maintain_heartbeats(job, execution)
                 self._ensure_registered()  # seen by /readyz even while one long job runs
             except Exception:
-                log.warning("could not renew the lease of job %s:\n%s", job.id, traceback.format_exc())
+                log.warning("could not renew the registration of %s:\n%s", self.name, traceback.format_exc())
 
     # --- what a failure leaves in logs and Redis --------------------------------------
     def handle_exception(self, job: Job, *exc_info):
@@ -322,70 +353,9 @@ class AexWorker(SimpleWorker):
         return super().handle_job_failure(job, queue, started_job_registry, exc_string=redacted, execution=execution)
 
     def _record_failure(self, job: Job, exc_type, exc_value, tb) -> bool:
-        if self._lost_job_id == job.id:
+        if job.id in self._lost:
             return False  # stopped because Redis lost it: nothing to record
         if isinstance(exc_value, JobCancelledError):
             # handle_job_failure marks the job rq STOPPED (our "cancelled") when this is set.
             self._stopped_job_id = job.id
         return record_job_error(job, exc_type, exc_value, tb, retries=self.job_retries, policy=self.callback_policy)
-
-
-def configure_torch(settings: Settings) -> None:
-    """Threads, and (AEX_DETERMINISTIC) deterministic kernels, so the same input, model and
-    parameters give the same numbers on a given device (cuBLAS needs its workspace setting
-    before CUDA starts; ops without a deterministic kernel only warn)."""
-    import torch
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-    if settings.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def cuda_devices() -> list[int]:
-    """Indices of the CUDA devices this process can see (none without CUDA)."""
-    import torch
-
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
-def worker_name() -> str:
-    return f"aex-{socket.gethostname()}-{os.getpid()}"
-
-
-def run_worker(settings: Settings, burst: bool = False) -> bool:
-    """Load the models, register, and work until SIGTERM/SIGINT (or, with ``burst``, until
-    the queues are empty). Returns whether any job ran."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not settings.redis_url:
-        raise BadParameterError("AEX_REDIS_URL is not set: a worker needs the Redis server of the service")
-    # Before anything is loaded: a worker without AEX_DATA_KEY (or with a malformed one) stops here.
-    jobs.install_cipher(cipher_from_settings(settings.data_key))
-    policy = CallbackPolicy.from_settings(settings)
-    configure_torch(settings)
-    served = ServedModels.load(settings)  # before the first job: no model load per job
-    install(served)
-    conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
-    # Classify first: a worker takes an explain job only when no classify job waits.
-    queues = [
-        Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)
-    ]
-    w = AexWorker(
-        queues,
-        name=worker_name(),
-        connection=conn,
-        serializer=SERIALIZER,
-        worker_ttl=settings.worker_ttl,
-        maintenance_interval=settings.maintenance_interval,
-        default_result_ttl=settings.result_ttl,
-        job_heartbeat_ttl=settings.job_heartbeat_ttl,
-        catalogue=served.catalogue(),
-        reuse_results=settings.reuse_results,
-        job_retries=settings.job_retries,
-        callback_policy=policy,
-    )
-    log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
-    return w.work(burst=burst, logging_level=settings.log_level.upper())

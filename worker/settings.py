@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # Steps S of each stability search (l2min and btr); the default is the ARA setting, so a
     # test image's score equals its ARA radius. Lower it only to trade accuracy for speed.
     stability_steps: int = Field(ARA_STEPS, ge=1)
+    # How the stability radii are found when a request does not say: "fast" (an estimate of the
+    # 450-step searches' radii in a fraction of their time, models/perturb/minimal.py) or
+    # "exact" (the ARA's own two searches).
+    stability_mode: Literal["fast", "exact"] = "fast"
     # A finished result for the same input, checkpoint and parameters is served again
     # (within AEX_RESULT_TTL) instead of being recomputed.
     reuse_results: bool = True
@@ -149,6 +153,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1)
     worker_ttl: int = Field(30, ge=3)
     job_heartbeat_ttl: int = Field(20, ge=1)
+    # Dynamic batching (worker/batching.py): a worker runs up to this many queued classify jobs
+    # of one model as one batch (1: every job alone), waiting at most batch_wait_ms after the
+    # first for the others to arrive.
+    max_batch: int = Field(16, ge=1, le=256)
+    batch_wait_ms: float = Field(2.0, ge=0.0, le=10000.0)
     maintenance_interval: int = Field(30, ge=1)
     log_level: str = "INFO"
     # Set by the worker pool for its children (they stop when their supervisor is gone).

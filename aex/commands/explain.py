@@ -47,6 +47,13 @@ def explain(
             "service's AEX_STABILITY_STEPS with --url)"
         ),
     ] = None,
+    stability_mode: Annotated[
+        Optional[str],
+        typer.Option(
+            help="fast (an estimate of the 450-step searches' radii) or exact (the ARA's searches); default: "
+            f"{D.STABILITY_MODE} offline, the service's AEX_STABILITY_MODE with --url"
+        ),
+    ] = None,
     clamp: Annotated[
         bool, typer.Option("--clamp", help="keep x + delta in [0, 1] during the search (offline only)")
     ] = False,
@@ -85,13 +92,14 @@ def explain(
             steps=steps,
             layer=layer,
             stability_steps=stability_steps,
+            stability_mode=stability_mode,
             progress=progress,
             timeout=timeout,
         )
         return
     if model is not None:
         raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
-    from models.defaults import ARA_STEPS, DEFAULT_TARGETS
+    from models.defaults import ARA_STEPS, DEFAULT_TARGETS, STABILITY_MODE
     from models.dicom.pixels import is_dicom
     from models.nn.runtime import pick_device
     from models.render.explanation import write_files
@@ -110,6 +118,7 @@ def explain(
         steps,
         layer or served.gradcam_layer,
         stability_steps or ARA_STEPS,
+        stability_mode=stability_mode or STABILITY_MODE,
     )
     bar = PhaseProgress(progress, "explain")
     try:
@@ -131,7 +140,19 @@ def explain(
 
 
 def _explain_via_service(
-    image: Path, out: Path, url: str, *, model, targets, rho, steps, layer, stability_steps, progress, timeout
+    image: Path,
+    out: Path,
+    url: str,
+    *,
+    model,
+    targets,
+    rho,
+    steps,
+    layer,
+    stability_steps,
+    stability_mode,
+    progress,
+    timeout,
 ) -> None:
     from aex.client import AexClient
 
@@ -146,6 +167,7 @@ def _explain_via_service(
                 steps=steps,
                 layer=layer,
                 stability_steps=stability_steps,
+                stability_mode=stability_mode,
                 on_progress=bar,
             )
             saved = client.download_images(job, out) + client.download_dicom(job, out)

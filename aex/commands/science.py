@@ -78,6 +78,14 @@ def evaluate(
         ),
     ] = False,
     sanity_n: Annotated[int, typer.Option(help="images of the sanity check: the first of the subset")] = D.SANITY_N,
+    stability: Annotated[
+        bool,
+        typer.Option(
+            "--stability",
+            help="also the fast stability search's per-image radii on the subset, and their agreement with the "
+            "exact radii recorded for it (--record stores them as the fast score's reference)",
+        ),
+    ] = False,
     faithfulness: Annotated[
         bool,
         typer.Option(
@@ -106,6 +114,7 @@ def evaluate(
             progress=progress,
             record=record,
             autoattack=autoattack,
+            stability=stability,
             autoattack_attacks=autoattack_attacks,
             autoattack_eps=autoattack_eps,
             sanity=sanity,

@@ -70,7 +70,7 @@ def worker_cmd(
     from worker.settings import Settings
 
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
-    from worker.process import cuda_devices, run_worker
+    from worker.run import cuda_devices, run_worker
 
     gpus = cuda_devices()
     n = count or (len(gpus) if len(gpus) > 1 else max(1, settings.workers))

@@ -16,7 +16,7 @@ from models.evaluation.accuracy import accuracy
 from models.nn.runtime import full_precision, model_device, pick_device
 from models.perturb.ara import compute_ara
 from models.render.plots import plot_ara
-from models.store.checkpoint import load_checkpoint, update_metadata
+from models.store.checkpoint import load_checkpoint, read_metadata, update_metadata
 from models.store.discovery import served_name
 
 
@@ -39,6 +39,7 @@ def evaluate_checkpoint(
     autoattack_eps: float | None = None,
     sanity: bool = False,
     sanity_n: int = SANITY_N,
+    stability: bool = False,
     faithfulness: bool = False,
 ) -> dict[str, Any]:
     """Accuracy (and with ``ara`` both ARAs) on the seeded subset of ``data``'s split.
@@ -55,15 +56,17 @@ def evaluate_checkpoint(
     sqrt(3072), which is eps 0.5 on CIFAR-10; ``autoattack_attacks``: "standard" or a list
     such as "apgd-ce,apgd-t"). With ``sanity``: the cascading randomisation check of Grad-CAM
     and the adversarial explanations (``models.evaluation.sanity``) on the first ``sanity_n``
-    images of the subset. With ``faithfulness``: how often the Grad-CAM and
+    images of the subset. With ``stability``: the fast stability search's per-image radii
+    and their agreement with the exact radii the checkpoint records for the same subset
+    (``models.evaluation.stability``). With ``faithfulness``: how often the Grad-CAM and
     adversarial explanation maps beat a random pixel order in deletion and insertion, on the
     correctly classified images of the subset (``models.evaluation.faithfulness``). ``record``
     stores each of them in the metrics too.
     """
-    if record and not (ara or autoattack or sanity or faithfulness) and n is not None:
+    if record and not (ara or autoattack or sanity or stability or faithfulness) and n is not None:
         raise BadParameterError(
-            "recording an accuracy needs the whole split: drop --n (or add --ara, --autoattack, --sanity or "
-            "--faithfulness)"
+            "recording an accuracy needs the whole split: drop --n (or add --ara, --autoattack, --sanity, "
+            "--stability or --faithfulness)"
         )
     t0 = time.perf_counter()
     model, meta = load_checkpoint(checkpoint, device=pick_device(device))
@@ -107,6 +110,8 @@ def evaluate_checkpoint(
         out["autoattack"] = _autoattack(
             model, images, labels, checkpoint, data, seed, record, autoattack_attacks, autoattack_eps, batch_size
         )
+    if stability:
+        out["stability"] = _stability(model, images, labels, checkpoint, data, seed, record, progress)
     if sanity:
         out["sanity"] = _sanity(model, images[:sanity_n], checkpoint, data, seed, record)
     if faithfulness:
@@ -119,6 +124,23 @@ def evaluate_checkpoint(
         data=str(data),
         device=str(model_device(model)),
     )
+    return out
+
+
+def _stability(model, images, labels, checkpoint, data, seed, record, progress) -> dict[str, Any]:
+    """Fast radii on the subset, compared with the recorded exact ones (same subset)."""
+    from models.evaluation.stability import fast_radii, fast_radii_record
+    from models.perturb.stability import FAST_RADII
+
+    t = time.perf_counter()
+    radii = fast_radii(model, images, labels, progress=progress)
+    exact = read_metadata(checkpoint).metrics.get("ara_radii")
+    rec = fast_radii_record(radii, portable_path(data), seed, exact)
+    out = {"n": rec["n"], "seconds": round(time.perf_counter() - t, 3), "settings": rec["settings"]}
+    out["agreement"] = rec.get("agreement") or "the checkpoint records no exact radii of this subset"
+    if record:
+        update_metadata(checkpoint, metrics={FAST_RADII: rec})
+        out["recorded"] = True
     return out
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from models.defaults import DEFAULT_TARGETS, EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT, EXPLAIN_RHO, EXPLAIN_STEPS
 from models.errors import BadParameterError
 from models.explain.targets import rank_classes, resolve_targets
+from models.nn.compiled import accelerate_default
 from models.nn.runtime import eval_mode, model_device
 from models.perturb.engine import ProgressFn, perturbation_search
 
@@ -95,6 +96,8 @@ class Explainer:
     model: classifier on N x C x H x W in [0, 1]. classes: names by index (default "0".."C-1").
     rho: budget (RMS). bound_check: raise BoundNotReachedError when a target does not reach
     rho within half the steps (the reference does). batch_size: rows per search batch.
+    accelerate: search through a ``torch.compile``d copy of the model (``models.nn.compiled``;
+    None: the ``AEX_COMPILE`` environment setting, off by default).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class Explainer:
         clamp: bool = False,
         bound_check: bool = True,
         batch_size: int = 64,
+        accelerate: bool | None = None,
     ):
         if batch_size < 1:
             raise BadParameterError(f"batch_size must be >= 1, got {batch_size}")
@@ -116,6 +120,7 @@ class Explainer:
         self.classes = list(classes) if classes is not None else None
         self.rho, self.steps, self.overshoot, self.momentum = rho, steps, overshoot, momentum
         self.clamp, self.bound_check, self.batch_size = clamp, bound_check, batch_size
+        self.accelerate = accelerate_default() if accelerate is None else bool(accelerate)
 
     def explain(
         self,
@@ -158,6 +163,7 @@ class Explainer:
                 clamp=self.clamp,
                 bound_check=self.bound_check,
                 progress=chunk_progress,
+                accelerate=self.accelerate,
             )
             delta = res.delta.cpu()
             after = res.logits_after.softmax(1).cpu()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.defaults import DEFAULT_TARGETS, FAITHFULNESS_STEPS
+from models.defaults import DEFAULT_TARGETS, FAITHFULNESS_STEPS, STABILITY_MODE
 from models.explain.adversarial import Explainer, Explanation
 from models.explain.faithfulness import delta_map, faithfulness, faithfulness_method
 from models.explain.gradcam import gradcam, layer_name, resolve_layer
@@ -31,7 +31,8 @@ def explain_image(
     *,
     layer: str | None = None,
     stability_steps: int | None = None,
-    ara_radii: dict[str, Any] | None = None,
+    stability_mode: str = STABILITY_MODE,
+    metrics: dict[str, Any] | None = None,
     progress: PhaseProgress | None = None,
     extra_summary: dict | None = None,
     timings: dict[str, float] | None = None,
@@ -44,9 +45,8 @@ def explain_image(
 
     image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
     default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
-    ara_radii: the checkpoint's recorded per-image radii, which the stability score is
-    ranked against. timings: filled with "explain_seconds", "faithfulness_seconds" and
-    "stability_seconds". maps:
+    metrics: the checkpoint's metrics, whose recorded per-image radii the stability score is
+    ranked against (``models.perturb.stability.reference_record``). timings: filled with "explain_seconds" and "stability_seconds". maps:
     filled with "gradcam", the Grad-CAM map (float H x W in [0, 1], CPU, the input's grid).
     Returns ``render_explanation``'s (summary, files); the summary also has "gradcam":
     {"layer", "class_index", "faithfulness"}, each target its "faithfulness", "faithfulness"
@@ -85,7 +85,13 @@ def explain_image(
                 progress(searched[0] + done, searched[0] + total, "stability")
 
         summary["stability"] = stability_report(
-            model, image, result.classes, ara_radii, steps=stability_steps, progress=stability_progress
+            model,
+            image,
+            result.classes,
+            metrics,
+            steps=stability_steps,
+            mode=stability_mode,
+            progress=stability_progress,
         )
         timings["stability_seconds"] = time.perf_counter() - t
     return summary, files

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.errors import BadParameterError, BoundNotReachedError
+from models.nn.compiled import search_network
 from models.nn.runtime import eval_mode, model_device
 
 MODES = ("bounded", "l2min", "btr", "explain")
@@ -125,6 +126,7 @@ def perturbation_search(
     bound_check: bool = True,
     with_logits_after: bool = True,
     progress: ProgressFn | None = None,
+    accelerate: bool = False,
 ) -> SearchResult:
     """Run the search on a batch.
 
@@ -145,6 +147,10 @@ def perturbation_search(
         with_logits_after: also return the logits at x + delta (one extra forward for
             bounded/explain; free for l2min/btr).
         progress: called as progress(evaluations_done, evaluations_total).
+        accelerate: run the network through ``models.nn.compiled.search_network`` (a
+            ``torch.compile``d frozen copy; eager where compiling is impossible). For
+            bounded and explain mode only: it rounds differently, and l2min/btr give the
+            ARA's radii, which must not move.
     """
     _validate(mode, steps, eps, overshoot, momentum)
     if x.ndim != 4:
@@ -162,11 +168,14 @@ def perturbation_search(
     total = steps + (1 if tracks_best else 0)
     never = steps + 999  # "not yet": larger than any step, as in the reference
 
+    net = model
+    if accelerate and mode in ("bounded", "explain") and n:
+        net = search_network(model, x)
     with eval_mode(model), torch.enable_grad():
         # Evaluation t = 0 on the whole batch: it gives logits_before and tells which rows
         # can be dropped.
         delta0 = torch.zeros_like(x, requires_grad=True)
-        logits0 = model(x + delta0)
+        logits0 = net(x + delta0)
         num_classes = logits0.shape[1]
         if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise BadParameterError(f"class indices must be in [0, {num_classes}), got {y.tolist()}")
@@ -185,7 +194,7 @@ def perturbation_search(
         if idx.numel():
             g0 = torch.autograd.grad(F.cross_entropy(logits0, y, reduction="sum"), delta0)[0]
             delta_a, first_a, logits_a, saturated_a = _search_rows(
-                model,
+                net,
                 x[idx],
                 y[idx],
                 g0[idx],

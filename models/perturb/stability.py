@@ -2,11 +2,14 @@
 
 For one image and its predicted class c, the l2min search (attack ARA's) finds the
 smallest rms perturbation that changes the decision, and the btr search (BTR ARA's) the
-smallest that makes p_c no better than chance (1/C). Both use the ARA settings (S 450,
-eps 20, k 1, mu 0.9), so a correctly classified test image gets exactly the per-image
-radius the ARA evaluation computes for it. Each radius is also given as a percentile of
-the radii stored in the checkpoint (``metrics["ara_radii"]``, recorded by the trainer or
-``aex evaluate --ara --record``): "more stable than 80% of test images".
+smallest that makes p_c no better than chance (1/C), both with the ARA settings (S 450,
+eps 20, k 1, mu 0.9). ``mode="exact"`` runs those two searches, so a correctly classified
+test image gets exactly the per-image radius the ARA evaluation computes for it;
+``mode="fast"`` (the default) estimates the same radii in a fraction of the evaluations
+(``models.perturb.minimal``: the search's opening steps, then a settling decay scaled to each
+radius, both searches as rows of one batch). Each radius is also given as a percentile of the
+radii stored in the checkpoint (``metrics["ara_radii"]``, recorded by the trainer or ``aex
+evaluate --ara --record`` with the exact search): "more stable than 80% of test images".
 """
 
 from __future__ import annotations
@@ -18,9 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
+from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS, STABILITY_MODE
+from models.errors import BadParameterError
+from models.nn.runtime import eval_mode, model_device
 from models.perturb.ara import SEARCHES
-from models.perturb.engine import ProgressFn, perturbation_search
+from models.perturb.engine import ProgressFn
+from models.perturb.minimal import RADIUS_MODES, FastSettings, fast_applies, minimal_radii
+
+# Key of a checkpoint's metrics holding the fast search's per-image radii (``aex evaluate
+# --stability --record``), the reference a fast score ranks against.
+FAST_RADII = "fast_radii"
 
 
 def percentile_of(value: float, reference: Sequence[float]) -> float | None:
@@ -38,55 +48,79 @@ def stability_score(
     *,
     steps: int = ARA_STEPS,
     eps: float = ARA_EPS,
+    mode: str = STABILITY_MODE,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Both radii for ``image`` (float C x H x W in [0, 1]) at its predicted class.
 
-    Returns {"predicted", "attack_rms", "btr_rms", "attack_percentile", "btr_percentile",
-    "reference_n", "settings"}; percentiles are None when no reference radii are known.
-    ``progress(done, total)`` counts search evaluations over both searches.
+    mode: "fast" (default) or "exact" (the ARA's two searches). Returns {"predicted",
+    "attack_rms", "btr_rms", "attack_found", "btr_found", "attack_percentile",
+    "btr_percentile", "reference_n", "settings"}; percentiles are None when no reference radii
+    are known; "settings" holds the ARA settings the radii mean and "mode", the mode that ran
+    (with "fast", the fast search's own parameters). ``progress(done, total)`` runs to
+    ``stability_evaluations(steps)`` (the exact searches' evaluations) in both modes, so a
+    progress bar means the same in both.
     """
-    x = image.unsqueeze(0)
-    with torch.no_grad():
-        predicted = int(model(x.to(next(model.parameters()).device)).argmax(1)[0])
-    total = 2 * (steps + 1)
-    out: dict[str, Any] = {"predicted": predicted}
-    for k, (name, mode) in enumerate(SEARCHES.items()):
+    return stability_scores(
+        model, image.unsqueeze(0), reference_radii, steps=steps, eps=eps, mode=mode, progress=progress
+    )[0]
 
-        def report(done: int, _total: int, offset: int = k * (steps + 1)) -> None:
-            if progress is not None:
-                progress(offset + done, total)
 
-        res = perturbation_search(
-            model,
-            x,
-            [predicted],
-            mode=mode,
-            steps=steps,
-            eps=eps,
-            overshoot=ARA_OVERSHOOT,
-            momentum=ARA_MOMENTUM,
-            bound_check=False,
-            with_logits_after=False,
-            progress=report,
-        )
-        r = float(res.rms[0])
-        out[f"{name}_rms"] = r
-        out[f"{name}_found"] = bool(res.found[0])
-        out[f"{name}_percentile"] = percentile_of(r, (reference_radii or {}).get(name, []))
-    out["reference_n"] = len((reference_radii or {}).get("attack", []))
-    out["settings"] = {"steps": steps, "eps": eps, "overshoot": ARA_OVERSHOOT, "momentum": ARA_MOMENTUM}
+def stability_scores(
+    model: nn.Module,
+    images: torch.Tensor,
+    reference_radii: dict[str, Sequence[float]] | None = None,
+    *,
+    steps: int = ARA_STEPS,
+    eps: float = ARA_EPS,
+    mode: str = STABILITY_MODE,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
+    """``stability_score`` of each image of ``images`` (float N x C x H x W in [0, 1]), the
+    searches of all images as rows of one batch (a worker's batch of classify jobs). Each
+    image's radii are those it gets alone, up to float rounding (rows never interact)."""
+    if mode not in RADIUS_MODES:
+        raise BadParameterError(f"stability mode must be one of {', '.join(RADIUS_MODES)}, got {mode!r}")
+    if images.ndim != 4:
+        raise BadParameterError(f"images must be N x C x H x W, got {tuple(images.shape)}")
+    with eval_mode(model), torch.no_grad():
+        predicted = model(images.to(model_device(model))).argmax(1).cpu()
+    total = stability_evaluations(steps)
+
+    def report(done: int, of: int) -> None:
+        if progress is not None:
+            progress(total if done >= of else (done * total) // max(of, 1), total)
+
+    res = minimal_radii(model, images, predicted, mode=mode, steps=steps, eps=eps, progress=report)
+    settings = {"steps": steps, "eps": eps, "overshoot": ARA_OVERSHOOT, "momentum": ARA_MOMENTUM, "mode": res.mode}
+    if res.mode == "fast":
+        settings["fast"] = res.settings["fast"]
+    out = []
+    for i in range(images.shape[0]):
+        score: dict[str, Any] = {"predicted": int(predicted[i])}
+        for name in SEARCHES:
+            r = float(res.rms[name][i])
+            score[f"{name}_rms"] = r
+            score[f"{name}_found"] = bool(res.found[name][i])
+            score[f"{name}_percentile"] = percentile_of(r, (reference_radii or {}).get(name, []))
+        score["reference_n"] = len((reference_radii or {}).get("attack", []))
+        score["settings"] = dict(settings)
+        out.append(score)
     return out
 
 
 def stability_evaluations(steps: int) -> int:
-    """Search evaluations of one stability score (two searches of steps + 1 evaluations)."""
+    """The progress total of one stability score: the evaluations of the two exact searches
+    (steps + 1 each). A fast score reports its progress scaled to the same total."""
     return 2 * (int(steps) + 1)
 
 
-def stability_method(steps: int) -> dict[str, Any]:
-    """Every setting of the stability searches, as a result's provenance states them."""
-    return {
+def stability_method(steps: int, mode: str = STABILITY_MODE) -> dict[str, Any]:
+    """Every setting of the stability searches, as a result's provenance states them: the
+    ARA settings the radii mean and the mode that computes them ("fast" with its own
+    parameters; a fast request whose ``steps`` are too few for the fast search to save
+    anything runs, and says, "exact")."""
+    method: dict[str, Any] = {
         "searches": dict(SEARCHES),
         "steps": int(steps),
         "eps": ARA_EPS,
@@ -94,49 +128,88 @@ def stability_method(steps: int) -> dict[str, Any]:
         "momentum": ARA_MOMENTUM,
         "clamp": False,
     }
+    fast = FastSettings()
+    if mode == "fast" and fast_applies(steps, fast):
+        return method | {"mode": "fast", "fast": fast.as_dict()}
+    return method | {"mode": "exact"}
+
+
+def reference_record(metrics: dict[str, Any] | None, mode: str = STABILITY_MODE) -> dict[str, Any] | None:
+    """The per-image radii a score of ``mode`` ranks against, from a checkpoint's metrics:
+    those of the same search (``metrics["fast_radii"]`` for "fast", recorded by ``aex evaluate
+    --stability --record``; ``metrics["ara_radii"]`` for "exact", the ARA's own), else the
+    exact ones (then the report says the searches differ)."""
+    metrics = metrics if isinstance(metrics, dict) else {}
+    own = metrics.get(FAST_RADII if mode == "fast" else "ara_radii")
+    record = own if isinstance(own, dict) else metrics.get("ara_radii")
+    return record if isinstance(record, dict) else None
 
 
 def stability_report(
     model: nn.Module,
     image: torch.Tensor,
     classes: Sequence[str],
-    ara_radii: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
     *,
     steps: int = ARA_STEPS,
+    mode: str = STABILITY_MODE,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """The stability score of ``image`` (float C x H x W in [0, 1]) at its predicted class,
     with the reference it is ranked against and a sentence a reviewer can read.
 
-    ara_radii: the checkpoint's ``metrics["ara_radii"]`` record (per-image radii, n, seed,
-    data, settings), or None. Returns ``stability_score``'s dict plus "predicted_name",
-    "reference", "comparable" (both searches used the same settings, so percentiles rank like
-    against like) and "summary"."""
-    radii = ara_radii if isinstance(ara_radii, dict) else None
+    metrics: the checkpoint's metrics (its recorded per-image radii: ``reference_record``), or
+    None. mode: "fast" (default) or "exact", as ``stability_score``. Returns
+    ``stability_score``'s dict plus "predicted_name", "reference", "comparable" (the reference
+    radii come from the same search with the same settings, so percentiles rank like against
+    like) and "summary"."""
+    return stability_reports(model, image.unsqueeze(0), classes, metrics, steps=steps, mode=mode, progress=progress)[0]
+
+
+def stability_reports(
+    model: nn.Module,
+    images: torch.Tensor,
+    classes: Sequence[str],
+    metrics: dict[str, Any] | None,
+    *,
+    steps: int = ARA_STEPS,
+    mode: str = STABILITY_MODE,
+    progress: ProgressFn | None = None,
+) -> list[dict[str, Any]]:
+    """``stability_report`` of each image of ``images`` (float N x C x H x W in [0, 1]), all
+    searches as rows of one batch."""
+    radii = reference_record(metrics, mode)
     reference = {k: list(radii.get(k) or []) for k in SEARCHES} if radii else None
-    score = stability_score(model, image, reference, steps=steps, progress=progress)
+    scores = stability_scores(model, images, reference, steps=steps, mode=mode, progress=progress)
+    return [_report(score, classes, radii, steps) for score in scores]
+
+
+def _report(score: dict[str, Any], classes: Sequence[str], radii: dict[str, Any] | None, steps: int) -> dict[str, Any]:
     score["predicted_name"] = classes[score["predicted"]]
-    if radii:
-        ref_settings = radii.get("settings") or {}
-        score["reference"] = {k: radii.get(k) for k in ("n", "seed", "data")} | {"settings": ref_settings}
-        score["comparable"] = all(
+    if not radii:
+        score["reference"], score["comparable"] = None, False
+        score["summary"] = "the checkpoint records no per-image ARA radii, so no percentiles"
+        return score
+    ref_settings = radii.get("settings") or {}
+    score["reference"] = {k: radii.get(k) for k in ("n", "seed", "data")} | {"settings": ref_settings}
+    ran = score["settings"]
+    score["comparable"] = (
+        all(
             ref_settings.get(k) == v
             for k, v in (("steps", steps), ("eps", ARA_EPS), ("overshoot", ARA_OVERSHOOT), ("momentum", ARA_MOMENTUM))
         )
-        parts = [
-            f"{score[f'{name}_percentile']:.0f}% ({label})"
-            for name, label in (("attack", "decision flip"), ("btr", "no better than chance"))
-            if score.get(f"{name}_percentile") is not None
-        ]
-        score["summary"] = (
-            (
-                f"this decision is more stable than {' and '.join(parts)} of the "
-                f"{score['reference_n']} evaluation images of the checkpoint"
-            )
-            if parts
-            else None
-        )
-    else:
-        score["reference"], score["comparable"] = None, False
-        score["summary"] = "the checkpoint records no per-image ARA radii, so no percentiles"
+        and ref_settings.get("mode", "exact") == ran["mode"]
+        and ref_settings.get("fast") == ran.get("fast")
+    )
+    parts = [
+        f"{score[f'{name}_percentile']:.0f}% ({label})"
+        for name, label in (("attack", "decision flip"), ("btr", "no better than chance"))
+        if score.get(f"{name}_percentile") is not None
+    ]
+    score["summary"] = (
+        f"this decision is more stable than {' and '.join(parts)} of the "
+        f"{score['reference_n']} evaluation images of the checkpoint"
+        if parts
+        else None
+    )
     return score

@@ -59,12 +59,14 @@ def discover_checkpoints(dirs: Iterable[Path]) -> dict[str, Path]:
 
 
 def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's metrics without the per-image ARA radii arrays (``ara_radii`` keeps its
-    n, seed, data and settings): what the model list and result provenance show."""
+    """A checkpoint's metrics without the per-image radii arrays (``ara_radii``, the exact
+    search's, and ``fast_radii``, the fast stability search's, keep their n, seed, data,
+    settings and agreement figures): what the model list and result provenance show."""
     out = dict(metrics or {})
-    radii = out.get("ara_radii")
-    if isinstance(radii, dict):
-        out["ara_radii"] = {k: v for k, v in radii.items() if k not in ("attack", "btr")}
+    for key in ("ara_radii", "fast_radii"):
+        radii = out.get(key)
+        if isinstance(radii, dict):
+            out[key] = {k: v for k, v in radii.items() if k not in ("attack", "btr")}
     return out
 
 

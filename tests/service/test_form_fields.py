@@ -60,6 +60,7 @@ VALUES = {
     "window_center": "40",
     "window_width": "400",
     "stability_steps": "5",
+    "stability_mode": "exact",
     "callback_url": "http://127.0.0.1/cb",
     "top_k": "3",
     "stability": "false",

@@ -15,6 +15,7 @@ from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
 from models.perturb.stability import percentile_of
 from models.render.png import to_png_bytes
 from models.store.header import read_checkpoint_metadata
+from tests.conftest import poll_job
 from tests.tokens import api_client
 from worker.settings import Settings
 
@@ -50,7 +51,13 @@ def test_classify_result_carries_its_provenance(api, service_models, make_image)
     metrics = prov["checkpoint_metrics"]
     assert metrics["test_accuracy"] == meta["metrics"]["test_accuracy"]
     assert metrics["ara_radii"]["n"] == 6 and "attack" not in metrics["ara_radii"]  # no per-image arrays
-    assert prov["parameters"] == {"top_k": 2, "stability": False, "stability_steps": None, "window": None}
+    assert prov["parameters"] == {
+        "top_k": 2,
+        "stability": False,
+        "stability_steps": None,
+        "stability_mode": None,
+        "window": None,
+    }
     assert prov["input_sha256"] == hashlib.sha256(data).hexdigest()
     assert prov["input"] == {"format": "png", "mode": "L", "width": 48, "height": 40}
     for package in ("aex", "python", "torch", "torchvision", "numpy", "pydicom", "highdicom"):
@@ -79,6 +86,7 @@ def test_explain_provenance_names_every_method_parameter(api, make_image, poll):
         "steps": 4,
         "layer": default_layer,
         "stability_steps": 20,
+        "stability_mode": "fast",
         "window": None,
     }
     explain = prov["method"]["explain"]
@@ -92,6 +100,8 @@ def test_explain_provenance_names_every_method_parameter(api, make_image, poll):
         "overshoot": ARA_OVERSHOOT,
         "momentum": ARA_MOMENTUM,
         "clamp": False,
+        # 20 steps: too few for the fast search to save anything, so the exact one ran.
+        "mode": "exact",
     }
     assert {"decode_seconds", "explain_seconds", "stability_seconds", "total_seconds"} <= set(prov["timings"])
     # Explain results always carry the stability score; tiny-rgb records no radii to rank it by.
@@ -178,7 +188,9 @@ def test_stability_equals_the_ara_radius_of_a_test_image(service_stack, service_
     png = to_png_bytes(stability_images[index])
     with api_client(service_stack.model_copy(update={"classify_wait_seconds": 0.0})) as client:
         resp = client.post(
-            "/v1/classify", **upload(png, model="tiny-grey", stability="true", stability_steps=ARA_STEPS)
+            "/v1/classify",
+            # The exact search: the ARA's own, so the score is the recorded radius itself.
+            **upload(png, model="tiny-grey", stability="true", stability_steps=ARA_STEPS, stability_mode="exact"),
         )
         assert resp.status_code == 202, resp.text
         seen = []
@@ -214,3 +226,25 @@ def test_stability_with_fewer_steps_is_marked_not_comparable(api, make_image):
     assert score["settings"]["steps"] == 20 and score["comparable"] is False
     assert score["attack_percentile"] is not None and score["reference_n"] == 6
     assert np.isfinite(score["attack_rms"]) and score["attack_rms"] >= 0
+
+
+def test_a_fast_score_estimates_the_ara_radius_and_says_what_it_ranks_against(api, service_models, stability_images):
+    """The default mode at the ARA's 450 steps: the fast search, within 15% of the radius the
+    exact search recorded for this image; tiny-grey records no fast radii, so its percentiles
+    rank against the exact ones and the report says they are not like against like."""
+    radii = read_checkpoint_metadata(service_models / "tiny-grey.safetensors")["metrics"]["ara_radii"]
+    index = 3
+    resp = api.post(
+        "/v1/classify",
+        **upload(to_png_bytes(stability_images[index]), model="tiny-grey", stability="true", stability_steps=ARA_STEPS),
+    )
+    view = poll_job(api, resp.headers["location"]) if resp.status_code == 202 else resp.json()
+    assert view["status"] == "finished", view
+    score = view["result"]["stability"]
+    assert (
+        score["settings"]["mode"] == "fast" and view["result"]["provenance"]["parameters"]["stability_mode"] == "fast"
+    )
+    assert view["result"]["provenance"]["method"]["stability"]["mode"] == "fast"
+    for name in ("attack", "btr"):
+        assert score[f"{name}_rms"] == pytest.approx(radii[name][index], rel=0.15)
+    assert score["comparable"] is False and score["reference"]["settings"].get("mode", "exact") == "exact"

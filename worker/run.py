@@ -1,0 +1,84 @@
+"""Starting a worker process: torch's threads and determinism, the models loaded once, the
+data cipher, the Redis connection and the queues, then rq's work loop (``AexWorker``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from rq.queue import Queue
+
+from models.errors import BadParameterError
+from worker import jobs
+from worker.callbacks import CallbackPolicy
+from worker.crypto import cipher_from_settings
+from worker.process import REDIS_RETRY_SECONDS, AexWorker
+from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from worker.served import ServedModels, install
+from worker.settings import Settings
+
+log = logging.getLogger("aex.worker")
+
+
+def configure_torch(settings: Settings) -> None:
+    """Threads, and (AEX_DETERMINISTIC) deterministic kernels, so the same input, model and
+    parameters give the same numbers on a given device (cuBLAS needs its workspace setting
+    before CUDA starts; ops without a deterministic kernel only warn)."""
+    import torch
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def cuda_devices() -> list[int]:
+    """Indices of the CUDA devices this process can see (none without CUDA)."""
+    import torch
+
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def worker_name() -> str:
+    return f"aex-{socket.gethostname()}-{os.getpid()}"
+
+
+def run_worker(settings: Settings, burst: bool = False) -> bool:
+    """Load the models, register, and work until SIGTERM/SIGINT (or, with ``burst``, until
+    the queues are empty). Returns whether any job ran."""
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not settings.redis_url:
+        raise BadParameterError("AEX_REDIS_URL is not set: a worker needs the Redis server of the service")
+    # Before anything is loaded: a worker without AEX_DATA_KEY (or with a malformed one) stops here.
+    jobs.install_cipher(cipher_from_settings(settings.data_key))
+    policy = CallbackPolicy.from_settings(settings)
+    configure_torch(settings)
+    served = ServedModels.load(settings)  # before the first job: no model load per job
+    install(served)
+    conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
+    # Classify first: a worker takes an explain job only when no classify job waits.
+    queues = [
+        Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)
+    ]
+    w = AexWorker(
+        queues,
+        name=worker_name(),
+        connection=conn,
+        serializer=SERIALIZER,
+        worker_ttl=settings.worker_ttl,
+        maintenance_interval=settings.maintenance_interval,
+        default_result_ttl=settings.result_ttl,
+        job_heartbeat_ttl=settings.job_heartbeat_ttl,
+        catalogue=served.catalogue(),
+        reuse_results=settings.reuse_results,
+        job_retries=settings.job_retries,
+        callback_policy=policy,
+        max_batch=settings.max_batch,
+        batch_wait_seconds=settings.batch_wait_ms / 1000.0,
+    )
+    log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
+    return w.work(burst=burst, logging_level=settings.log_level.upper())
