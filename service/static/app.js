@@ -202,9 +202,21 @@ function showModelInfo() {
   add("Input", `${m.input_size}×${m.input_size}, ${m.in_channels === 1 ? "grey-scale" : "RGB"}`);
   add("Classes", classes);
   const mt = m.metrics || {};
-  if (typeof mt.test_accuracy === "number") add("Test accuracy", pct(mt.test_accuracy) + (mt.n ? ` (n = ${mt.n})` : ""));
-  if (typeof mt.attack_ara === "number") add("Attack ARA", num(mt.attack_ara, 3));
-  if (typeof mt.btr_ara === "number") add("BTR ARA", num(mt.btr_ara, 3));
+  const first = (...xs) => xs.find((x) => typeof x === "number");
+  const testN = first(mt.test_n, mt.n);
+  if (typeof mt.test_accuracy === "number") add("Test accuracy", pct(mt.test_accuracy) + (testN ? ` (n = ${testN})` : ""));
+  const attackAra = first(mt.ara_attack, mt.attack_ara), btrAra = first(mt.ara_btr, mt.btr_ara);
+  if (attackAra !== undefined) add("Attack ARA", num(attackAra, 3));
+  if (btrAra !== undefined) add("BTR ARA", num(btrAra, 3));
+  if (typeof mt.autoattack_accuracy === "number") {
+    const aa = mt.autoattack_settings || {};
+    add("AutoAttack accuracy", `${pct(mt.autoattack_accuracy)} (L2 ε ${num(aa.eps, 3)}, n = ${mt.autoattack_n}, `
+      + `${(aa.attacks || []).join(" + ")})`);
+  }
+  if (typeof mt.sanity_adversarial_spearman === "number") {
+    add("Maps after randomising the weights", `Spearman with the trained network's: Grad-CAM `
+      + `${num(mt.sanity_gradcam_spearman, 2)}, explanations ${num(mt.sanity_adversarial_spearman, 2)}`);
+  }
   if (typeof m.workers === "number") add("Workers", String(m.workers));
   box.append(dl);
 }
