@@ -43,6 +43,24 @@ def test_checkpoint_describes_itself_and_its_card_states_the_figures(name):
     assert "Not fit for" in card or "not fit for" in card
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_the_card_states_the_recorded_autoattack_sanity_and_faithfulness_figures(name):
+    """Issue 13: each bundled network's AutoAttack accuracy (with n, seed, eps and the attacks
+    that ran), its randomisation check and its maps' faithfulness, as recorded, in its card."""
+    meta = read_aex_metadata(BUNDLED / name / "model.safetensors")
+    m, card = meta["metrics"], (BUNDLED / name / "MODEL_CARD.md").read_text()
+    for key in ("autoattack_accuracy", "sanity_check", "faithfulness"):
+        assert key in m, f"{name}: not recorded: {key} (aex evaluate --autoattack --sanity --faithfulness --record)"
+    aa = m["autoattack_settings"]
+    assert f"{m['autoattack_accuracy']:.2f}" in card and f"n = {m['autoattack_n']}" in card
+    assert f"seed {m['autoattack_seed']}" in card and f"{aa['eps']:.4g}" in card and aa["package"] in card
+    assert all(attack in card for attack in aa["attacks"])
+    for key in ("sanity_gradcam_spearman", "sanity_adversarial_spearman"):
+        assert f"{m[key]:.3f}" in card, f"{name}: card does not state {key} {m[key]:.3f}"
+    assert f"{m['faithfulness']['gradcam']['deletion_below_random']:.2f}" in card
+    assert "--autoattack" in card and "--sanity" in card and "--faithfulness" in card
+
+
 def test_robust_cifar_network_is_far_harder_to_fool_than_the_standard_one():
     """The paper's effect with our own trainer, on the same 100 images (same n and seed)."""
     _, robust = load_checkpoint(BUNDLED / "cifar10-robust" / "model.safetensors")
