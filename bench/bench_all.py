@@ -39,6 +39,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -84,7 +85,7 @@ DATA = {
     "cifar10-standard": SHARED / "cifar10-jpeg" / "test.tar",
     "pneumonia-robust": SHARED / "pneumoniamnist" / "pneumoniamnist.npz",
 }
-WORKLOADS = ("explanation", "ara", "gradcam", "train", "stability")
+WORKLOADS = ("explanation", "ara", "gradcam", "train", "stability", "service")
 
 
 def sync(device: torch.device) -> None:
@@ -393,12 +394,99 @@ def bench_stability(device, n_images: int, timing_checkpoints: list[str], compil
 
 
 def service_figures(args: argparse.Namespace, device: torch.device) -> dict | None:
-    """TO BE ADDED by whoever does the dynamic batching in the workers (issue 12, items 2 and 4):
-    through a running service (``--url``, never started here), the explain job's wall time with
-    default settings, and classify throughput and p50/p95 latency at 1, 8 and 32 clients next
-    to the in-process batch-1 rate (bench/bench_service.py measures the pieces). Return a dict
-    of figures and print their lines; None means "not measured in this run"."""
-    return None
+    """Through ``aex serve`` (started here on a loopback port with the bundled cifar10-robust
+    and one worker, unless ``--no-service``): the wall time of an explain job with the default
+    settings (predicted and runner-up, Grad-CAM, faithfulness, the stability score) on three
+    test images, each next to the time the literal transcription needs, in this process and
+    before the service starts, for the same explanation rows plus both 450-step searches on
+    that image (the reference's work for the same answer); then classify throughput and
+    p50/p95 at 1, 8 and 32 clients with and without dynamic batching, next to the in-process
+    batch-1 rate (``bench_service.run``)."""
+    if args.no_service or device.type != "cpu":
+        return None
+    import argparse as _argparse
+
+    import bench_service
+    import httpx
+
+    from models.render.png import to_png_bytes
+
+    checkpoint = BUNDLED / "cifar10-robust" / "model.safetensors"
+    model, meta = load_checkpoint(checkpoint, device=device)
+    model.eval()
+    images, _labels, _ = cifar_images(3)
+    literal_seconds = []
+    for img in images:
+        x = img.float().to(device) / 255.0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            order = model(x[None]).softmax(1)[0].argsort(descending=True)
+        rows = order[:2]
+        literal_search_rows(model, x, rows)
+        literal_ara_radii(model, x[None], order[:1], ARA_STEPS, ARA_EPS, ARA_OVERSHOOT, ARA_MOMENTUM)
+        literal_seconds.append(time.perf_counter() - t0)
+    del model
+    scratch = Path(tempfile.mkdtemp(prefix="aex-bench-all-"))
+    threads = torch.get_num_threads()
+    proc, url, token = bench_service.start_service(checkpoint, "cifar10-robust", 1, threads, scratch, 16)
+    jobs = []
+    try:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as http:
+            for i, img in enumerate(images):
+                png = to_png_bytes(img.permute(1, 2, 0).numpy())
+                t0 = time.perf_counter()
+                resp = http.post("/v1/explain", files={"image": ("x.png", png, "image/png")}, data={})
+                view = resp.json()
+                while view.get("status") not in ("finished", "failed", "cancelled"):
+                    time.sleep(0.02)
+                    view = http.get(f"/v1/jobs/{view['id']}").json()
+                wall = time.perf_counter() - t0
+                timings = view["result"]["provenance"]["timings"] if view.get("result") else {}
+                jobs.append({"wall_seconds": wall, "status": view["status"], "timings": timings})
+                print(
+                    ratio_line(
+                        f"explain job through the service, default settings, image {i}",
+                        wall,
+                        literal_seconds[i],
+                        "literal (2 explanation rows + both 450-step searches)",
+                        0.2,
+                        f"; status {view['status']}, stability mode "
+                        f"{(view.get('result') or {}).get('stability', {}).get('settings', {}).get('mode')}",
+                    ),
+                    flush=True,
+                )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    ratios = [j["wall_seconds"] / t for j, t in zip(jobs, literal_seconds)]
+    classify = bench_service.run(
+        _argparse.Namespace(
+            checkpoint=str(checkpoint),
+            url=None,
+            token=None,
+            model="cifar10-robust",
+            workers=1,
+            threads=threads,
+            clients=args.service_clients,
+            max_batch="1,16",
+            duration=args.service_duration,
+            warmup=2.0,
+        )
+    )
+    return {
+        "explain_jobs": jobs,
+        "literal_seconds": literal_seconds,
+        "explain_ratio_median": statistics.median(ratios),
+        "classify": classify,
+    }
+
+
+def literal_search_rows(model, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The literal explain-mode search of ``rows`` (class indices) on one image."""
+    from literal import literal_search
+
+    xs = x[None].expand(len(rows), -1, -1, -1)
+    return literal_search(model, xs, rows.to(x.device), "explain", EXPLAIN_STEPS, EXPLAIN_RHO, EXPLAIN_OVERSHOOT, 0.0)
 
 
 def main() -> None:
@@ -417,7 +505,9 @@ def main() -> None:
     )
     ap.add_argument("--only", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
     ap.add_argument("--compile", action="store_true", help="also time the searches under torch.compile")
-    ap.add_argument("--url", default=None, help="a running service for service_figures (not started here)")
+    ap.add_argument("--no-service", action="store_true", help="skip the figures through a running aex serve")
+    ap.add_argument("--service-clients", default="1,8,32", help="client counts of the classify load")
+    ap.add_argument("--service-duration", type=float, default=8.0, help="seconds measured per classify load")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     if args.threads:
@@ -458,7 +548,8 @@ def main() -> None:
                 fig["ara"] = bench_ara(model, images[:n_ara], labels[:n_ara], device)
             if "stability" in only:
                 fig["stability"] = bench_stability(device, args.stability_images, timing, args.compile)
-            fig["service"] = service_figures(args, device)
+            if "service" in only:
+                fig["service"] = service_figures(args, device)
             report["devices"][name] = fig
     print(json.dumps(report, default=float))
     if args.json:

@@ -2,7 +2,7 @@
 
 Run: ``.venv/bin/python bench/bench_faithfulness.py [--n 10] [--threads 1] [--checkpoint PATH]``.
 
-The same explain jobs as the service runs them (``worker.compute.explain_result`` with the
+The same explain jobs as the service runs them (``worker.explaining.explain_result`` with the
 request defaults: targets predicted + runner-up, rho 0.1, 35 steps, the stability score at
 AEX_STABILITY_STEPS' default), on the first n images of the seeded CIFAR-10 test subset (seed
 1776), each run twice in one process: with the deletion and insertion curves of every map
@@ -30,7 +30,7 @@ from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
 from models.defaults import ARA_SEED, ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
 from models.render.png import to_png_bytes, to_uint8_image
-from worker.compute import explain_result
+from worker.explaining import explain_result
 from worker.params import explain_parameters
 from worker.served import ServedModel
 

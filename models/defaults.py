@@ -34,6 +34,7 @@ STABILITY_MODE = "fast"
 STABILITY_FAST_OPENING = 40  # steps of the exact search's own schedule first
 STABILITY_FAST_SETTLE = 60  # then this many settling steps, scaled to each row's radius
 STABILITY_FAST_SCALE = 0.5  # settling steps sum to this x settle x the row's best radius
+STABILITY_FAST_REFINE = 8  # then halvings of the best delta's scale while it stays past the bound
 
 # The robust training penalty and its adaptive weight psi = psi0 * exp(k_psi * S).
 PSI0 = 220.0

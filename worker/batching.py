@@ -5,7 +5,7 @@ to ``AEX_MAX_BATCH - 1`` more from the same queue (its batch mates), waiting at 
 ``AEX_BATCH_WAIT_MS`` after the leader for them to arrive, as Triton's dynamic batcher and
 Ray Serve's ``@serve.batch`` do. Jobs share a batch when their ``batch_signature`` is equal:
 the same job function and model and the same search settings (so their rows can run as one
-forward pass or one search). Each job keeps its own rq life: it is moved to rq's intermediate
+forward pass or one search): classify jobs, and explain jobs. Each job keeps its own rq life: it is moved to rq's intermediate
 queue as rq's own dequeue does, then started, run, timed out, cancelled, retried and ended
 one by one by the worker (``worker.process``); only the computation is shared, done before
 the jobs run and handed to each job function through ``Prepared`` (``take_prepared``). A job
@@ -34,20 +34,35 @@ def batch_signature(job: Job) -> tuple | None:
     """What must be equal for two jobs to share a batch, or None for a job that always runs
     alone: an input by reference (fetched from its PACS, with its own retries) and any job
     whose data cannot be read. A classify job batches with classify jobs of the same model and
-    the same stability setting (their stability searches then run as rows of one search)."""
+    the same stability settings (their stability searches then run as rows of one search); an
+    explain job with explain jobs of the same model, search settings, Grad-CAM layer and
+    stability settings (their explanation rows, whatever their targets, run as one search)."""
     try:
         name, kwargs, meta = job.func_name, job.kwargs, job.meta
     except Exception:
         return None
-    if name != JOB_FUNCTIONS[JobKind.CLASSIFY] or meta.get("pacs_reference"):
+    if meta.get("pacs_reference"):
         return None
-    return (
-        name,
-        kwargs.get("model"),
-        bool(kwargs.get("stability")),
-        int(kwargs.get("stability_steps") or 0) if kwargs.get("stability") else 0,
-        kwargs.get("stability_mode") if kwargs.get("stability") else None,
-    )
+    if name == JOB_FUNCTIONS[JobKind.CLASSIFY]:
+        stability = bool(kwargs.get("stability"))
+        return (
+            name,
+            kwargs.get("model"),
+            stability,
+            int(kwargs.get("stability_steps") or 0) if stability else 0,
+            kwargs.get("stability_mode") if stability else None,
+        )
+    if name == JOB_FUNCTIONS[JobKind.EXPLAIN]:
+        return (
+            name,
+            kwargs.get("model"),
+            kwargs.get("rho"),
+            kwargs.get("steps"),
+            kwargs.get("layer"),
+            kwargs.get("stability_steps"),
+            kwargs.get("stability_mode"),
+        )
+    return None
 
 
 def gather_mates(

@@ -1,29 +1,24 @@
-"""What a job computes, apart from the queue: the input decoded as the model sees it, the
-classification, the whole explanation (``models.explain.pipeline``) with its DICOM objects,
-and the provenance block. The rq job functions (``worker.jobs``) and ``aex explain
---checkpoint`` both call these, so the offline command prints the result JSON a job returns.
-"""
+"""What a classify job computes, apart from the queue, and the decoding every job shares: the
+input as the model sees it (``load_input``, the API's checks again), the classification of
+one image or of a worker's batch of them, with the stability score, and the result's cache
+key. Explain jobs: ``worker.explaining``."""
 
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
 from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
-from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT, STABILITY_MODE
+from models.defaults import STABILITY_MODE
 from models.dicom.pixels import DicomImage
 from models.dicom.reading import attribute, first_number
 from models.errors import BadParameterError
-from models.explain.pipeline import explain_image
 from models.nn.runtime import eval_mode
 from models.perturb.stability import stability_method, stability_reports
 from models.version import __version__
@@ -226,141 +221,3 @@ def _classify_summary(
         worker=worker,
     )
     return result
-
-
-def _png_array(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
-
-
-def _derivation(served: ServedModel, summary: dict[str, Any], parameters: dict[str, Any]) -> str:
-    """How the derived objects were made, in words (their Derivation Description)."""
-    settings = summary.get("settings") or {}
-    targets = ", ".join(f"{t['role']} {t['class_name']}" for t in summary["targets"])
-    return (
-        f"aex {__version__}, model {served.name} (checkpoint sha256 {served.checkpoint_sha256}). "
-        f"Grad-CAM of class {summary['predicted']['class_name']} at layer {summary['gradcam']['layer']}, overlaid "
-        f"on the input. Adversarial explanations (perturbation search in explain mode: rho {parameters['rho']}, "
-        f"steps {parameters['steps']}, overshoot {settings.get('overshoot', EXPLAIN_OVERSHOOT)}, momentum "
-        f"{settings.get('momentum', EXPLAIN_MOMENTUM)}, {'' if settings.get('clamp') else 'no '}clamping) toward "
-        f"{targets}: x + delta and the amplified difference delta. Input resized to {served.meta.input_size} x "
-        f"{served.meta.input_size}. Not for primary diagnosis."
-    )
-
-
-def secondary_capture_files(
-    dicom: DicomImage,
-    served: ServedModel,
-    summary: dict[str, Any],
-    files: dict[str, bytes],
-    parameters: dict[str, Any],
-    gradcam: torch.Tensor,
-) -> dict[str, bytes]:
-    """The DICOM objects of an explanation, each in a new series of the source's study
-    (``models.dicom.results``): the Grad-CAM map as a Parametric Map on the source's own pixel
-    grid, the overlay, each explanation x + delta and its amplified difference as Secondary
-    Captures, and the Comprehensive 3D SR that describes them. Their names are added to
-    ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference") and their
-    identifiers to ``summary["dicom_objects"]`` (name, role, SOP Class, SOP Instance and
-    Series Instance UIDs; never a patient attribute)."""
-    from models.data.geometry import map_to_source  # highdicom only when DICOM comes in
-    from models.dicom.equipment import Provenance
-    from models.dicom.results import explanation_objects
-
-    images = [("gradcam_overlay", "gradcam_overlay", _png_array(files["gradcam_overlay.png"]))]
-    for target in summary["targets"]:
-        for key, role in (("image", "explanation"), ("difference", "explanation_difference")):
-            images.append((target[key][: -len(".png")], role, _png_array(files[target[key]])))
-    width, height = dicom.size
-    objects = explanation_objects(
-        dicom.dataset,
-        map_to_source(gradcam.numpy(), width, height),
-        images,
-        summary,
-        served.meta.metrics,
-        parameters,
-        Provenance(served.name, served.checkpoint_sha256),
-        _derivation(served, summary, parameters),
-    )
-    out = {obj.name: obj.data for obj in objects}
-    summary["dicom_files"] = list(out)
-    summary["dicom_objects"] = [obj.listing() for obj in objects]
-    for target in summary["targets"]:
-        target["dicom"] = target["image"][: -len(".png")] + ".dcm"
-        target["dicom_difference"] = target["difference"][: -len(".png")] + ".dcm"
-    return out
-
-
-def explain_result(
-    served: ServedModel,
-    data: bytes,
-    input_format: str,
-    parameters: dict[str, Any],
-    progress: Progress | None = None,
-    worker: str | None = None,
-    **search,
-) -> tuple[dict[str, Any], dict[str, bytes], dict[str, bytes]]:
-    """The result of an explain job: (summary with provenance, PNGs by name, DICOM objects by
-    name, empty unless the input is DICOM). parameters: ``worker.params.explain_parameters``;
-    search: further ``Explainer`` settings the offline command may set (overshoot, clamp,
-    bound_check), recorded in the summary's "settings"."""
-    start = time.perf_counter()
-    timings: dict[str, float] = {}
-    x, dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
-    timings["decode_seconds"] = time.perf_counter() - start
-    steps = int(parameters["stability_steps"])
-    maps: dict[str, torch.Tensor] = {}
-    summary, files = explain_image(
-        served.model,
-        served.meta.classes,
-        x,
-        parameters["targets"],
-        layer=parameters["layer"],
-        rho=parameters["rho"],
-        steps=parameters["steps"],
-        stability_steps=steps,
-        stability_mode=parameters.get("stability_mode") or STABILITY_MODE,
-        metrics=served.meta.metrics,
-        progress=progress,
-        timings=timings,
-        extra_summary={"model": served.name},
-        maps=maps,
-        **search,
-    )
-    dicom_files: dict[str, bytes] = {}
-    if dicom is not None:
-        t = time.perf_counter()
-        try:
-            dicom_files = secondary_capture_files(dicom, served, summary, files, parameters, maps["gradcam"])
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
-            # A source without the identifiers a derived object must copy (study, SOP
-            # instance, ...): the explanation stands; say why there are no DICOM objects.
-            # The exception's text may quote the source's attributes (patient data): never
-            # log or return it, only its class.
-            log.warning("no DICOM outputs: %s while deriving them from the source", type(exc).__name__)
-            summary["dicom_error"] = (
-                "no DICOM objects could be derived from this file: it lacks an identifier a derived object must "
-                f"copy (study, series or SOP instance) or holds one that is not valid ({type(exc).__name__})"
-            )
-        timings["dicom_seconds"] = time.perf_counter() - t
-    key = cache_key("explain", served, digest, parameters)
-    timings["total_seconds"] = time.perf_counter() - start
-    summary["seconds"] = timings["total_seconds"]
-    summary["reused"] = False
-    method = {
-        "explain": {**summary["settings"], "mode": "explain"},
-        "gradcam": {k: v for k, v in summary["gradcam"].items() if k != "faithfulness"},
-        "stability": stability_method(steps, parameters.get("stability_mode") or STABILITY_MODE),
-        "faithfulness": summary.get("faithfulness"),  # issue 13: how each map's figures are defined
-    }
-    summary["provenance"] = build_provenance(
-        served,
-        kind="explain",
-        parameters=parameters,
-        method=method,
-        input_sha256=digest,
-        input_info=info,
-        cache_key=key,
-        timings=timings,
-        worker=worker,
-    )
-    return summary, files, dicom_files

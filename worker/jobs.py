@@ -26,12 +26,14 @@ from rq.job import Job
 from models.defaults import ARA_STEPS, STABILITY_MODE
 from models.errors import BadParameterError, JobCancelledError
 from worker.batching import Prepared, take_prepared
-from worker.compute import classify_result, classify_results, explain_result
+from worker.compute import classify_result, classify_results
 from worker.crypto import DataCipher, blob_context
+from worker.explaining import explain_result, explain_results
 from worker.keys import cancel_key, dicom_key, images_key, upload_key
 from worker.pacs import fetch_reference
 from worker.pacs_store import store_report
 from worker.params import classify_parameters, explain_parameters
+from worker.queues import JOB_FUNCTIONS, JobKind
 from worker.served import served_models
 from worker.settings import Settings
 
@@ -124,6 +126,21 @@ def _classify_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, 
     return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
 
 
+def _explain_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, dict[str, Any]]:
+    """(served model, input bytes, input format, canonical parameters) of an explain job."""
+    served = served_models().get(kwargs["model"])
+    parameters = explain_parameters(
+        kwargs["targets"],
+        kwargs["rho"],
+        kwargs["steps"],
+        kwargs.get("layer"),
+        int(kwargs.get("stability_steps") or ARA_STEPS),
+        *(kwargs.get("window") or (None, None)),
+        stability_mode=kwargs.get("stability_mode") or STABILITY_MODE,
+    )
+    return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
+
+
 def classify(
     model: str,
     top_k: int = 5,
@@ -169,26 +186,30 @@ class _BatchProgress:
             raise JobCancelledError("every job of the batch was cancelled")
 
 
-def prepare_classify_batch(batch: list[Job], worker: str) -> dict[str, Prepared]:
-    """Each classify job's share of one batched computation (``worker.compute.classify_results``):
-    its result, or the error of its own input (unreadable, expired, refused by the checks).
-    The jobs share a ``worker.batching.batch_signature``: one model, one stability setting.
-    An error of the batch as a whole (cancelled, out of memory, its time limit) propagates:
-    then each job computes on its own."""
+def prepare_batch(batch: list[Job], worker: str) -> dict[str, Prepared]:
+    """Each job's share of one batched computation (``worker.compute.classify_results`` or
+    ``worker.explaining.explain_results``): its result, or the error of its own input
+    (unreadable, expired, refused by the checks). The jobs share a
+    ``worker.batching.batch_signature``: one kind, one model, the same search settings. An
+    error of the batch as a whole (cancelled, out of memory, its time limit) propagates: then
+    each job computes on its own."""
+    explaining = batch[0].func_name == JOB_FUNCTIONS[JobKind.EXPLAIN]
+    read_input = _explain_input if explaining else _classify_input
+    compute = explain_results if explaining else classify_results
     prepared: dict[str, Prepared] = {}
     members: list[Job] = []
     inputs: list[tuple[bytes, str, dict[str, Any]]] = []
     served = None
     for job in batch:
         try:
-            served, data, input_format, parameters = _classify_input(job, job.kwargs)
+            served, data, input_format, parameters = read_input(job, job.kwargs)
         except Exception as exc:
             prepared[job.id] = Prepared(error=exc)
             continue
         members.append(job)
         inputs.append((data, input_format, parameters))
     if members:
-        results = classify_results(served, inputs, progress=_BatchProgress(members), worker=worker)
+        results = compute(served, inputs, progress=_BatchProgress(members), worker=worker)
         for job, result in zip(members, results):
             if isinstance(result, BaseException):
                 prepared[job.id] = Prepared(error=result, batch_size=len(members))
@@ -216,24 +237,16 @@ def explain(
     ``dicom_key(job_id)``, both sealed and with ``result_ttl``; the summary is returned."""
     job = _current_job()
     _check_cancelled(job)
-    served = served_models().get(model)
-    parameters = explain_parameters(
-        targets,
-        rho,
-        steps,
-        layer,
-        int(stability_steps or ARA_STEPS),
-        *(window or (None, None)),
-        stability_mode=stability_mode or STABILITY_MODE,
-    )
-    summary, files, dicom_files = explain_result(
-        served,
-        _read_upload(job),
-        job.meta.get("input_format", "image"),
-        parameters,
-        progress=_Progress(job),
-        worker=job.worker_name,
-    )
+    prepared = take_prepared(job.id)
+    if prepared is not None:
+        summary, files, dicom_files = prepared.unwrap()
+    else:
+        kwargs = {"model": model, "targets": targets, "rho": rho, "steps": steps, "layer": layer}
+        kwargs |= {"stability_steps": stability_steps, "window": window, "stability_mode": stability_mode}
+        served, data, input_format, parameters = _explain_input(job, kwargs)
+        summary, files, dicom_files = explain_result(
+            served, data, input_format, parameters, progress=_Progress(job), worker=job.worker_name
+        )
     _check_cancelled(job)
     ref = job.meta.get("pacs_reference")
     if ref and job.meta.get("store", True):

@@ -104,7 +104,7 @@ def explain(
     from models.nn.runtime import pick_device
     from models.render.explanation import write_files
     from models.store.discovery import served_name
-    from worker.compute import explain_result
+    from worker.explaining import explain_result
     from worker.params import explain_parameters
     from worker.served import ServedModel
 

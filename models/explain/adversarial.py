@@ -131,17 +131,31 @@ class Explainer:
         """image: float C x H x W in [0, 1]. Returns an Explanation with one entry per target."""
         if image.ndim != 3 or not image.is_floating_point():
             raise BadParameterError(f"image must be a float C x H x W tensor, got {tuple(image.shape)} {image.dtype}")
+        return self.explain_many(image.unsqueeze(0), [targets], progress)[0]
+
+    def explain_many(
+        self,
+        images: torch.Tensor,
+        targets: Sequence[Sequence[str | int]],
+        progress: ProgressFn | None = None,
+    ) -> list[Explanation]:
+        """The explanations of several images (float N x C x H x W in [0, 1]), ``targets[i]``
+        those of image i, with the rows of all images in one search (a worker's batch of
+        explain jobs): each image's explanations are those it gets alone, up to float rounding
+        (rows never interact)."""
+        if images.ndim != 4 or not images.is_floating_point() or len(targets) != images.shape[0]:
+            raise BadParameterError("images must be a float N x C x H x W batch with one target list each")
         device = model_device(self.model)
-        x = image.detach().to(device)
+        xs = images.detach().to(device)
         with eval_mode(self.model), torch.no_grad():
-            probs = self.model(x.unsqueeze(0))[0].softmax(0).cpu()
-        classes = self.classes or [str(i) for i in range(probs.numel())]
-        if len(classes) != probs.numel():
-            raise BadParameterError(f"{len(classes)} class names for a model with {probs.numel()} outputs")
-        wanted = resolve_targets(targets, probs, classes)
-        # One row per distinct class: the same target on the same image gives the same result.
-        unique = list(dict.fromkeys(c for _, c in wanted))
-        rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            probs_all = self.model(xs).softmax(1).cpu()
+        classes = self.classes or [str(i) for i in range(probs_all.shape[1])]
+        if len(classes) != probs_all.shape[1]:
+            raise BadParameterError(f"{len(classes)} class names for a model with {probs_all.shape[1]} outputs")
+        wanted = [resolve_targets(t, probs, classes) for t, probs in zip(targets, probs_all)]
+        # One row per distinct (image, class): the same target on the same image gives the same result.
+        unique = list(dict.fromkeys((i, c) for i, w in enumerate(wanted) for _, c in w))
+        rows: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         chunks = [unique[i : i + self.batch_size] for i in range(0, len(unique), self.batch_size)]
         per_chunk = self.steps
 
@@ -153,8 +167,8 @@ class Explainer:
 
             res = perturbation_search(
                 self.model,
-                x.unsqueeze(0).expand(len(chunk), -1, -1, -1),
-                chunk,
+                xs[[i for i, _ in chunk]],
+                [c for _, c in chunk],
                 mode="explain",
                 steps=self.steps,
                 eps=self.rho,
@@ -167,13 +181,14 @@ class Explainer:
             )
             delta = res.delta.cpu()
             after = res.logits_after.softmax(1).cpu()
-            for j, c in enumerate(chunk):
-                rows[c] = (delta[j], after[j])
+            for j, key in enumerate(chunk):
+                rows[key] = (delta[j], after[j])
+        return [self._explanation(xs[i].cpu(), probs_all[i], classes, wanted[i], rows, i) for i in range(len(wanted))]
 
-        x_cpu = x.cpu()
+    def _explanation(self, x_cpu, probs, classes, wanted, rows, i) -> Explanation:
         out = []
         for role, c in wanted:
-            delta, after = rows[c]
+            delta, after = rows[(i, c)]
             out.append(
                 TargetExplanation(
                     role=role,

@@ -16,7 +16,7 @@ from models.defaults import DEFAULT_TARGETS, FAITHFULNESS_STEPS, STABILITY_MODE
 from models.explain.adversarial import Explainer, Explanation
 from models.explain.faithfulness import delta_map, faithfulness, faithfulness_method
 from models.explain.gradcam import gradcam, layer_name, resolve_layer
-from models.perturb.stability import stability_evaluations, stability_report
+from models.perturb.stability import stability_evaluations, stability_reports
 from models.render.explanation import render_explanation
 
 # progress(done, total, phase): one bar over both phases ("search", then "stability").
@@ -52,7 +52,49 @@ def explain_image(
     {"layer", "class_index", "faithfulness"}, each target its "faithfulness", "faithfulness"
     the figures' definition and, with ``stability_steps``, "stability".
     """
+    (out,) = explain_images(
+        model,
+        classes,
+        image.unsqueeze(0),
+        [targets],
+        layer=layer,
+        stability_steps=stability_steps,
+        stability_mode=stability_mode,
+        metrics=metrics,
+        progress=progress,
+        extra_summary=extra_summary,
+        timings=[timings] if timings is not None else None,
+        maps=[maps] if maps is not None else None,
+        faithfulness_steps=faithfulness_steps,
+        **settings,
+    )
+    return out
+
+
+def explain_images(
+    model: nn.Module,
+    classes: Sequence[str] | None,
+    images: torch.Tensor,
+    targets: Sequence[Sequence[str | int]],
+    *,
+    layer: str | None = None,
+    stability_steps: int | None = None,
+    stability_mode: str = STABILITY_MODE,
+    metrics: dict[str, Any] | None = None,
+    progress: PhaseProgress | None = None,
+    extra_summary: dict | None = None,
+    timings: list[dict[str, float]] | None = None,
+    maps: list[dict[str, torch.Tensor]] | None = None,
+    faithfulness_steps: int | None = FAITHFULNESS_STEPS,
+    **settings,
+) -> list[tuple[dict, dict[str, bytes]]]:
+    """``explain_image`` of each image of ``images`` (float N x C x H x W in [0, 1]; targets[i]
+    those of image i) as one batch: the explanation rows of all images in one search, one
+    Grad-CAM pass, the stability searches of all images as rows of one search (a worker's
+    batch of explain jobs). ``timings`` and ``maps``: one dict per image, filled as
+    ``explain_image`` fills its own (shared phases give each image the batch's time)."""
     target_layer = resolve_layer(model, layer)  # a bad layer name fails before the search
+    n = images.shape[0]
     later = stability_evaluations(stability_steps) if stability_steps else 0
     searched = [0]
 
@@ -61,22 +103,26 @@ def explain_image(
         if progress is not None:
             progress(done, total + later, "search")
 
-    timings = timings if timings is not None else {}
+    timings = timings if timings is not None else [{} for _ in range(n)]
     t = time.perf_counter()
-    result = Explainer(model, classes, **settings).explain(image, targets, progress=search_progress)
-    cam = gradcam(model, image.unsqueeze(0), [result.predicted], layer=target_layer)[0].cpu()
-    if maps is not None:
-        maps["gradcam"] = cam
-    extra = {
-        **(extra_summary or {}),
-        "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
-    }
-    summary, files = render_explanation(result, cam, extra)
-    timings["explain_seconds"] = time.perf_counter() - t
+    results = Explainer(model, classes, **settings).explain_many(images, targets, progress=search_progress)
+    cams = gradcam(model, images, [r.predicted for r in results], layer=target_layer).cpu()
+    out = []
+    for i, result in enumerate(results):
+        if maps is not None:
+            maps[i]["gradcam"] = cams[i]
+        extra = {
+            **(extra_summary or {}),
+            "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
+        }
+        out.append(render_explanation(result, cams[i], extra))
+    for i in range(n):
+        timings[i]["explain_seconds"] = time.perf_counter() - t
     if faithfulness_steps:
-        t = time.perf_counter()
-        add_faithfulness(summary, model, image, cam, result, int(faithfulness_steps))
-        timings["faithfulness_seconds"] = time.perf_counter() - t
+        for i, (summary, _files) in enumerate(out):
+            t = time.perf_counter()
+            add_faithfulness(summary, model, images[i], cams[i], results[i], int(faithfulness_steps))
+            timings[i]["faithfulness_seconds"] = time.perf_counter() - t
     if stability_steps:
         t = time.perf_counter()
 
@@ -84,17 +130,19 @@ def explain_image(
             if progress is not None:
                 progress(searched[0] + done, searched[0] + total, "stability")
 
-        summary["stability"] = stability_report(
+        reports = stability_reports(
             model,
-            image,
-            result.classes,
+            images,
+            results[0].classes,
             metrics,
             steps=stability_steps,
             mode=stability_mode,
             progress=stability_progress,
         )
-        timings["stability_seconds"] = time.perf_counter() - t
-    return summary, files
+        for i, (summary, _files) in enumerate(out):
+            summary["stability"] = reports[i]
+            timings[i]["stability_seconds"] = time.perf_counter() - t
+    return out
 
 
 def add_faithfulness(

@@ -51,6 +51,7 @@ from models.defaults import (
     ARA_OVERSHOOT,
     ARA_STEPS,
     STABILITY_FAST_OPENING,
+    STABILITY_FAST_REFINE,
     STABILITY_FAST_SCALE,
     STABILITY_FAST_SETTLE,
 )
@@ -70,9 +71,10 @@ class FastSettings:
     opening: int = STABILITY_FAST_OPENING
     settle: int = STABILITY_FAST_SETTLE
     scale: float = STABILITY_FAST_SCALE
+    refine: int = STABILITY_FAST_REFINE
 
     def as_dict(self) -> dict:
-        return {"opening": self.opening, "settle": self.settle, "scale": self.scale}
+        return {"opening": self.opening, "settle": self.settle, "scale": self.scale, "refine": self.refine}
 
 
 @dataclass
@@ -208,6 +210,7 @@ def _fast_rows(model, x, y, btr, steps, eps, overshoot, momentum, fast: FastSett
     """Best squared rms per row (inf where nothing was found) after the opening's steps and
     the settling steps, with one evaluation after the last step."""
     best_sq = torch.full((x.shape[0],), float("inf"), dtype=x.dtype, device=x.device)
+    best_delta = torch.zeros_like(x)
     delta = torch.zeros_like(x, requires_grad=True)
     mom = torch.zeros_like(x)
     for t in range(total):
@@ -221,7 +224,9 @@ def _fast_rows(model, x, y, btr, steps, eps, overshoot, momentum, fast: FastSett
             logits = out.detach()
         follow = _follow(logits, y, btr)
         sq = delta.detach().pow(2).flatten(1).mean(1)
-        best_sq = torch.where(~follow & (sq < best_sq), sq, best_sq)
+        better = ~follow & (sq < best_sq)
+        best_sq = torch.where(better, sq, best_sq)
+        best_delta = torch.where(better.view(-1, 1, 1, 1), delta.detach(), best_delta)
         if progress is not None:
             progress(t + 1, total)
         if last:
@@ -242,7 +247,31 @@ def _fast_rows(model, x, y, btr, steps, eps, overshoot, momentum, fast: FastSett
                 r = _reference_radius(best_sq, sq)
                 s = r * step_size(u, fast.settle, fast.scale * fast.settle, 1.0)
                 delta.add_(mom * s.view(-1, 1, 1, 1))
-    return best_sq
+    return _refine(model, x, y, btr, best_sq, best_delta, fast.refine)
+
+
+def _refine(model, x, y, btr, best_sq, best_delta, rounds: int) -> torch.Tensor:
+    """Bisection on the scale of each row's best delta: the smallest s in (0, 1] found in
+    ``rounds`` halvings with x + s * delta still past the bound (forward passes only). The
+    settling steps end near the bound along their path, but the best point may sit up to a
+    step beyond it along its own ray; the exact search's last steps are a thousandth of its
+    radius, so its best point sits on the bound: the bisection brings the fast one there too."""
+    found = torch.isfinite(best_sq)
+    if rounds <= 0 or not bool(found.any()):
+        return best_sq
+    idx = found.nonzero().squeeze(1)
+    xs, ys, bs, ds = x[idx], y[idx], btr[idx], best_delta[idx]
+    lo = torch.zeros(idx.numel(), dtype=x.dtype, device=x.device)
+    hi = torch.ones_like(lo)
+    with torch.no_grad():
+        for _ in range(rounds):
+            mid = (lo + hi) / 2
+            past = ~_follow(model(xs + mid.view(-1, 1, 1, 1) * ds), ys, bs)
+            hi = torch.where(past, mid, hi)
+            lo = torch.where(past, lo, mid)
+    out = best_sq.clone()
+    out[idx] = (hi.view(-1, 1, 1, 1) * ds).pow(2).flatten(1).mean(1)
+    return out
 
 
 def _reference_radius(best_sq: torch.Tensor, sq: torch.Tensor) -> torch.Tensor:

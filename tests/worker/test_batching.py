@@ -122,4 +122,48 @@ def test_batch_signature_separates_models_stability_and_references(redis_of_modu
     assert batch_signature(job(model="b")) != base
     assert batch_signature(job(model="a", stability=True, stability_steps=20)) != base
     assert batch_signature(job(model="a", meta={"pacs_reference": {"pacs": "x"}})) is None
-    assert batch_signature(job(model="a", func="worker.jobs.explain")) is None
+    explain = batch_signature(job(model="a", func="worker.jobs.explain", targets=["cat"], rho=0.1, steps=35))
+    assert explain is not None and explain != base
+    # Targets and window may differ (rows of one search); the search settings may not.
+    assert explain == batch_signature(
+        job(model="a", func="worker.jobs.explain", targets=["dog"], rho=0.1, steps=35, window=[1, 2])
+    )
+    assert explain != batch_signature(job(model="a", func="worker.jobs.explain", targets=["cat"], rho=0.2, steps=35))
+    assert explain != batch_signature(job(model="a", func="worker.jobs.explain", targets=["cat"], rho=0.1, steps=9))
+    assert batch_signature(job(model="a", func="os.getpid")) is None
+
+
+def test_explain_jobs_share_their_searches_and_each_gets_its_own_explanation(
+    redis_of_module, settings_on, start_workers, make_image, service_models
+):
+    from models.explain.adversarial import Explainer
+
+    settings = settings_on(redis_of_module, 2, max_batch=8, batch_wait_ms=WAIT_MS)
+    start_workers(settings, 1)
+    images = [make_image("PNG", "RGB", size=(36, 36), seed=20 + i) for i in range(3)]
+    targets = ["predicted", "runner-up,bird", "cat"]
+    with api_client(settings) as client:
+        ids = []
+        for img, t in zip(images, targets):
+            resp = client.post(
+                "/v1/explain",
+                files={"image": ("x.png", img, "image/png")},
+                data={"model": "tiny-rgb", "targets": t, "steps": "4", "rho": "0.08"},
+            )
+            assert resp.status_code == 202, resp.text
+            ids.append(resp.json()["id"])
+        views = wait_all(client, ids)
+    model, meta = load_checkpoint(service_models / "tiny-rgb" / "model.safetensors")
+    for img, t, job_id in zip(images, targets, ids):
+        view = views[job_id]
+        assert view["status"] == "finished", view
+        result = view["result"]
+        assert result["provenance"]["method"]["batch_size"] == 3
+        x = load_image_for_model(img, meta.input_size, meta.in_channels)
+        alone = Explainer(model, meta.classes, rho=0.08, steps=4).explain(x, t.split(","))
+        assert [r["class_index"] for r in result["targets"]] == [a.class_index for a in alone.targets]
+        for got, want in zip(result["targets"], alone.targets):
+            assert got["rms"] == pytest.approx(want.rms, rel=1e-4, abs=1e-7)
+            assert got["prob_after"] == pytest.approx(want.prob_after, abs=1e-5)
+        assert result["predicted"]["class_index"] == alone.predicted
+        assert result["stability"]["predicted"] == alone.predicted

@@ -15,7 +15,7 @@ from models.data.tensors import load_dicom_for_model
 from models.explain.gradcam import gradcam
 from tests.conftest import _tiny_checkpoint
 from tests.dciodvfy import check_with_dciodvfy, have_dciodvfy
-from worker.compute import explain_result
+from worker.explaining import explain_result
 from worker.params import explain_parameters
 from worker.served import ServedModel
 

@@ -5,7 +5,7 @@ import torch
 
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
-from models.defaults import ARA_STEPS, STABILITY_FAST_OPENING, STABILITY_FAST_SETTLE
+from models.defaults import ARA_STEPS, STABILITY_FAST_OPENING, STABILITY_FAST_REFINE, STABILITY_FAST_SETTLE
 from models.errors import BadParameterError
 from models.perturb.ara import compute_ara
 from models.perturb.minimal import minimal_radii
@@ -126,6 +126,7 @@ def test_fast_score_reports_its_mode_and_progress_in_exact_units(tiny_hh_model, 
         "opening": STABILITY_FAST_OPENING,
         "settle": STABILITY_FAST_SETTLE,
         "scale": pytest.approx(0.5),
+        "refine": STABILITY_FAST_REFINE,
     }
     assert score["attack_found"] and 0 < score["attack_rms"] <= score["btr_rms"] * 1.5
     total = stability_evaluations(ARA_STEPS)
