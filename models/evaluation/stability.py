@@ -10,6 +10,7 @@ figures, so a fast score's percentiles rank against radii of its own search."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,8 +89,14 @@ def same_subset(exact: dict[str, Any] | None, data: str, seed: int, n: int) -> b
     """Whether a recorded ``ara_radii`` was computed on this very subset (data, seed, n)."""
     return (
         isinstance(exact, dict)
-        and exact.get("data") == data
+        and _same_data(str(exact.get("data")), data)
         and int(exact.get("seed", -1)) == seed
         and int(exact.get("n", -1)) == n
         and all(len(exact.get(name) or []) == n for name in SEARCHES)
     )
+
+
+def _same_data(recorded: str, data: str) -> bool:
+    """The same data set: the same name, or the same file name (a data set outside the working
+    directory is recorded by its file name alone, one inside by its relative path)."""
+    return recorded == data or Path(recorded).name == Path(data).name
