@@ -29,6 +29,9 @@ from rq.queue import Queue
 
 from worker.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
 
+# How often an empty queue is looked at again while a batch waits for mates.
+POLL_SECONDS = 0.0005
+
 
 def batch_signature(job: Job) -> tuple | None:
     """What must be equal for two jobs to share a batch, or None for a job that always runs
@@ -73,6 +76,7 @@ def gather_mates(
     wait_seconds: float,
     *,
     clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> list[Job]:
     """Up to ``max_batch - 1`` jobs of ``queue`` with the leader's signature, taken in queue
     order, waiting at most ``wait_seconds`` (from now) for the next one to arrive. Each is
@@ -87,14 +91,15 @@ def gather_mates(
     mates: list[Job] = []
     deadline = clock() + max(0.0, wait_seconds)
     while len(mates) < max_batch - 1:
-        left = deadline - clock()
-        if left > 0:
-            # BLMOVE takes fractional seconds (Redis 6); 0 would mean "forever".
-            raw = conn.blmove(queue.key, queue.intermediate_queue_key, max(left, 0.001), "LEFT", "RIGHT")
-        else:
-            raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+        raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
         if raw is None:
-            break
+            left = deadline - clock()
+            if left <= 0:
+                break
+            # Polled, not BLMOVE: Redis checks a blocked client's timeout in its cron, 10 times
+            # a second, so a 2 ms BLMOVE would hold the batch for up to 100 ms.
+            sleep(min(left, POLL_SECONDS))
+            continue
         job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
         try:
             job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
