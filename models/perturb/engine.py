@@ -37,6 +37,7 @@ from torch import nn
 
 from models.errors import BadParameterError, BoundNotReachedError
 from models.nn.compiled import search_network
+from models.nn.layout import small_batch_layout
 from models.nn.runtime import eval_mode, model_device
 
 MODES = ("bounded", "l2min", "btr", "explain")
@@ -171,6 +172,9 @@ def perturbation_search(
     net = model
     if accelerate and mode in ("bounded", "explain") and n:
         net = search_network(model, x)
+    elif mode == "explain":
+        # An explanation's few rows: the NHWC copy on the CPU (models.nn.layout).
+        net, x = small_batch_layout(model, x)
     with eval_mode(model), torch.enable_grad():
         # Evaluation t = 0 on the whole batch: it gives logits_before and tells which rows
         # can be dropped.

@@ -56,7 +56,8 @@ from models.defaults import (
     STABILITY_FAST_SETTLE,
 )
 from models.errors import BadParameterError
-from models.nn.compiled import accelerate_default
+from models.nn.compiled import accelerate_default, search_network
+from models.nn.layout import small_batch_layout
 from models.nn.runtime import eval_mode, model_device
 from models.perturb.ara import SEARCHES
 from models.perturb.engine import ProgressFn, perturbation_search, step_size
@@ -91,8 +92,10 @@ class Radii:
 
 
 def fast_applies(steps: int, fast: FastSettings) -> bool:
-    """The fast search saves evaluations only when the exact one is longer than it."""
-    return int(steps) > fast.opening + fast.settle
+    """Whether the fast search stands in for the exact one of ``steps`` steps: only for the
+    ARA's own S (450), where its agreement is measured (``aex evaluate --stability``); its
+    opening follows that schedule. Any other S runs the exact search."""
+    return int(steps) == ARA_STEPS and int(steps) > fast.opening + fast.settle
 
 
 def minimal_radii(
@@ -182,9 +185,12 @@ def _fast(model, x, y, searches, settings, fast: FastSettings, progress, acceler
         btr = torch.tensor([c == "btr" for c in criteria], device=device).repeat_interleave(n)
         follow0 = _follow(logits0[img], y[img], btr)
         rows = follow0.nonzero().squeeze(1)  # rows past the bound at delta = 0 keep radius 0
-        best_sq = _fast_rows(
-            model, x[img[rows]], y[img[rows]], btr[rows], steps, eps, overshoot, momentum, fast, progress, total
-        )
+        # Few rows for a hundred steps: the compiled copy when asked for, else the NHWC copy on
+        # the CPU (models.nn.layout).
+        net, xr = small_batch_layout(model, x[img[rows]])
+        if accelerate and rows.numel():
+            net, xr = search_network(model, x[img[rows]]), x[img[rows]]
+        best_sq = _fast_rows(net, xr, y[img[rows]], btr[rows], steps, eps, overshoot, momentum, fast, progress, total)
 
     sq_all = torch.full((img.numel(),), float("inf"), dtype=torch.float64)
     sq_all[rows.cpu()] = best_sq.double().cpu()

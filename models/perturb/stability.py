@@ -118,8 +118,8 @@ def stability_evaluations(steps: int) -> int:
 def stability_method(steps: int, mode: str = STABILITY_MODE) -> dict[str, Any]:
     """Every setting of the stability searches, as a result's provenance states them: the
     ARA settings the radii mean and the mode that computes them ("fast" with its own
-    parameters; a fast request whose ``steps`` are too few for the fast search to save
-    anything runs, and says, "exact")."""
+    parameters; a fast request with any S but the ARA's 450, for which the fast search is
+    measured, runs, and says, "exact")."""
     method: dict[str, Any] = {
         "searches": dict(SEARCHES),
         "steps": int(steps),

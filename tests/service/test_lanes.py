@@ -48,14 +48,16 @@ def test_a_plain_classify_is_not_held_behind_stability_classifies(service_stack,
     (on one FIFO queue it would wait for all three, minutes)."""
     settings = service_stack.model_copy(update={"classify_wait_seconds": 0.0})
     images = [make_image("PNG", "L", size=(28, 28), seed=700 + i) for i in range(4)]
+    # The exact searches run their steps (the fast one takes about a hundred whatever the steps).
+    long_stability = {"stability": "true", "stability_steps": long_steps, "stability_mode": "exact"}
     with api_client(settings) as client:
         slow = []
         try:
             for i in range(2):
-                slow.append(_post(client, images[i], stability="true", stability_steps=long_steps)["url"])
+                slow.append(_post(client, images[i], **long_stability)["url"])
             for url in slow:
                 _running(client, url)
-            waiting = _post(client, images[2], stability="true", stability_steps=long_steps)
+            waiting = _post(client, images[2], **long_stability)
             slow.append(waiting["url"])
             plain = _post(client, images[3])
             # Each is first on its own queue: the plain one on the high-priority classify queue.

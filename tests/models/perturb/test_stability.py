@@ -135,8 +135,9 @@ def test_fast_score_reports_its_mode_and_progress_in_exact_units(tiny_hh_model, 
     assert 0 < done[0] < total
     method = stability_method(ARA_STEPS)
     assert method["mode"] == "fast" and method["fast"] == score["settings"]["fast"]
-    # Too few steps for the fast search to save anything: the exact search runs and says so.
+    # Any S but the ARA's 450: the exact search runs and says so.
     assert stability_method(20)["mode"] == "exact" and stability_method(ARA_STEPS, mode="exact")["mode"] == "exact"
+    assert stability_method(ARA_STEPS + 1)["mode"] == "exact"  # measured at the ARA's S only
     with pytest.raises(BadParameterError):
         stability_score(tiny_hh_model, images[1], None, mode="quick")
 
