@@ -22,10 +22,12 @@ from models.perturb.minimal import FastSettings, minimal_radii
 
 
 def fast_radii(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 50, progress: bool = False
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 8, progress: bool = False
 ) -> dict[str, torch.Tensor]:
     """Fast radii of both searches: images uint8 (or float in [0, 1]) N x C x H x W, labels N.
-    Returns {"attack": N float64, "btr": N float64} (0: past the bound at delta = 0)."""
+    Returns {"attack": N float64, "btr": N float64} (0: past the bound at delta = 0). Batches
+    of 8 images (16 rows) run the way the service runs one image's score, through the
+    channels-last copy on the CPU (``models.nn.layout``), so the figures are the served ones'."""
     from tqdm import tqdm
 
     x_all = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
