@@ -118,6 +118,31 @@ def classify_result(
     return out
 
 
+# One decoded input of a batch: (its index in the batch, x, DicomImage or None, input
+# description, input sha256, timings with "decode_seconds").
+Decoded = tuple[int, torch.Tensor, Any, dict[str, Any], str, dict[str, float]]
+
+
+def decode_batch(
+    served: ServedModel, inputs: list[tuple[bytes, str, dict[str, Any]]]
+) -> tuple[list[Any], list[Decoded]]:
+    """Each input of a batch (data, input format, parameters) decoded and checked on its own
+    (``load_input``): (one slot per input, holding the error of an input that failed and None
+    for the others, which the caller fills; the decoded inputs)."""
+    out: list[Any] = []
+    decoded: list[Decoded] = []
+    for i, (data, input_format, parameters) in enumerate(inputs):
+        t = time.perf_counter()
+        try:
+            x, dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
+        except Exception as exc:
+            out.append(exc)
+            continue
+        out.append(None)
+        decoded.append((i, x, dicom, info, digest, {"decode_seconds": time.perf_counter() - t}))
+    return out, decoded
+
+
 def classify_results(
     served: ServedModel,
     inputs: list[tuple[bytes, str, dict[str, Any]]],
@@ -130,17 +155,7 @@ def classify_results(
     (every job of a batch asks the same: ``worker.batching.batch_signature``), one batch of
     stability searches. Probabilities equal a batch of one's to float rounding (about 1e-6)."""
     start = time.perf_counter()
-    out: list[dict[str, Any] | BaseException] = []
-    decoded: list[tuple[int, torch.Tensor, dict[str, Any], str, float]] = []
-    for i, (data, input_format, parameters) in enumerate(inputs):
-        t = time.perf_counter()
-        try:
-            x, _dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
-        except Exception as exc:
-            out.append(exc)
-            continue
-        out.append({})
-        decoded.append((i, x, info, digest, time.perf_counter() - t))
+    out, decoded = decode_batch(served, inputs)
     if not decoded:
         return out
     t = time.perf_counter()
@@ -164,8 +179,8 @@ def classify_results(
             progress=phase,
         )
         stability_seconds = time.perf_counter() - t
-    for row, (i, _x, info, digest, decode_seconds) in enumerate(decoded):
-        timings = {"decode_seconds": decode_seconds, "inference_seconds": inference}
+    for row, (i, _x, _dicom, info, digest, timings) in enumerate(decoded):
+        timings["inference_seconds"] = inference
         if stability[row] is not None:
             timings["stability_seconds"] = stability_seconds
         out[i] = _classify_summary(

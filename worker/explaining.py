@@ -20,7 +20,7 @@ from models.dicom.pixels import DicomImage
 from models.explain.pipeline import explain_images
 from models.perturb.stability import stability_method
 from models.version import __version__
-from worker.compute import Progress, cache_key, load_input
+from worker.compute import Progress, cache_key, decode_batch
 from worker.provenance import build_provenance
 from worker.served import ServedModel
 
@@ -123,17 +123,7 @@ def explain_results(
     one pass and their stability searches as rows of one search. The jobs of a batch share
     every parameter but their targets and window (``worker.batching.batch_signature``)."""
     start = time.perf_counter()
-    out: list[ExplainOutput | BaseException | None] = []
-    decoded = []
-    for i, (data, input_format, parameters) in enumerate(inputs):
-        t = time.perf_counter()
-        try:
-            x, dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
-        except Exception as exc:
-            out.append(exc)
-            continue
-        out.append(None)
-        decoded.append((i, x, dicom, info, digest, {"decode_seconds": time.perf_counter() - t}))
+    out, decoded = decode_batch(served, inputs)
     if not decoded:
         return out  # type: ignore[return-value]
     p0 = inputs[decoded[0][0]][2]
