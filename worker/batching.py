@@ -151,7 +151,6 @@ class Prepared:
 
     result: Any = None
     error: BaseException | None = None
-    batch_size: int = 1
 
     def unwrap(self) -> Any:
         if self.error is not None:

@@ -212,9 +212,9 @@ def prepare_batch(batch: list[Job], worker: str) -> dict[str, Prepared]:
         results = compute(served, inputs, progress=_BatchProgress(members), worker=worker)
         for job, result in zip(members, results):
             if isinstance(result, BaseException):
-                prepared[job.id] = Prepared(error=result, batch_size=len(members))
+                prepared[job.id] = Prepared(error=result)
             else:
-                prepared[job.id] = Prepared(result=result, batch_size=len(members))
+                prepared[job.id] = Prepared(result=result)
     return prepared
 
 

@@ -17,7 +17,6 @@ eager network is used instead, once and for all for that model, with a warning.
 
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 import weakref
@@ -25,17 +24,14 @@ import weakref
 import torch
 from torch import nn
 
+from models.nn.runtime import frozen_copy, weights_key
+
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def accelerate_default() -> bool:
     """``AEX_COMPILE=1`` turns compiled searches on by default."""
     return os.environ.get("AEX_COMPILE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def _weights_key(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
 class _Guarded(nn.Module):
@@ -78,11 +74,11 @@ class _Guarded(nn.Module):
 def search_network(model: nn.Module, example: torch.Tensor | None = None) -> nn.Module:
     """The compiled frozen copy of ``model`` for searches (built, and compiled on ``example``,
     on first use; rebuilt when the model's weights change)."""
-    key = _weights_key(model)
+    key = weights_key(model)
     hit = _CACHE.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    frozen = frozen_copy(model)
     guarded = _Guarded(frozen)
     if example is not None:
         guarded.trial(example)

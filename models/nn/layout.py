@@ -11,11 +11,12 @@ rounding; the exact ARA searches keep the NCHW network, so their radii do not mo
 
 from __future__ import annotations
 
-import copy
 import weakref
 
 import torch
 from torch import nn
+
+from models.nn.runtime import frozen_copy, weights_key
 
 # Rows up to which the NHWC copy is used on the CPU.
 SMALL_BATCH = 16
@@ -23,19 +24,14 @@ SMALL_BATCH = 16
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
-def _weights_key(model: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or modified in place."""
-    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
-
-
 def small_batch_layout(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
     """(network, x) to search with: the NHWC copy and x in NHWC for a CPU batch of at most
     ``SMALL_BATCH`` images (N x C x H x W), else ``model`` and ``x`` unchanged."""
     if x.ndim != 4 or x.device.type != "cpu" or x.shape[0] > SMALL_BATCH:
         return model, x
-    key = _weights_key(model)
+    key = weights_key(model)
     hit = _CACHE.get(model)
     if hit is None or hit[0] != key:
-        frozen = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        frozen = frozen_copy(model).to(memory_format=torch.channels_last)
         _CACHE[model] = hit = (key, frozen)
     return hit[1], x.contiguous(memory_format=torch.channels_last)

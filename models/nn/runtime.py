@@ -1,7 +1,8 @@
-"""Small helpers about where and how a model runs (device, eval mode)."""
+"""Small helpers about where and how a model runs (device, eval mode, frozen copies for searches)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,3 +59,15 @@ def full_precision() -> Iterator[None]:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def weights_key(model: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or modified in place: a copy of the
+    model cached under it is stale once it differs."""
+    return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with parameters that need no grad (so an input-gradient
+    search's backward computes nothing for them)."""
+    return copy.deepcopy(model).eval().requires_grad_(False)

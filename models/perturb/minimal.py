@@ -187,9 +187,8 @@ def _fast(model, x, y, searches, settings, fast: FastSettings, progress, acceler
         rows = follow0.nonzero().squeeze(1)  # rows past the bound at delta = 0 keep radius 0
         # Few rows for a hundred steps: the compiled copy when asked for, else the NHWC copy on
         # the CPU (models.nn.layout).
-        net, xr = small_batch_layout(model, x[img[rows]])
-        if accelerate and rows.numel():
-            net, xr = search_network(model, x[img[rows]]), x[img[rows]]
+        xr = x[img[rows]]
+        net, xr = (search_network(model, xr), xr) if accelerate and rows.numel() else small_batch_layout(model, xr)
         best_sq = _fast_rows(net, xr, y[img[rows]], btr[rows], steps, eps, overshoot, momentum, fast, progress, total)
 
     sq_all = torch.full((img.numel(),), float("inf"), dtype=torch.float64)
