@@ -23,11 +23,11 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from aex.credentials import default_token_file, write_token
+from jobs.crypto import generate_data_key, parse_data_key
+from jobs.queues import connect
+from jobs.settings import Settings
 from models.errors import BadParameterError
 from service.auth.apikeys import ApiKeyStore
-from worker.crypto import generate_data_key, parse_data_key
-from worker.queues import connect
-from worker.settings import Settings
 
 log = logging.getLogger("aex.serve")
 

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from jobs.settings import Settings
 from models.errors import CheckpointError
 from models.store.discovery import discover_checkpoints
 from worker.pool import WorkerPool
-from worker.settings import Settings
 
 log = logging.getLogger("aex.serve")
 

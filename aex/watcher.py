@@ -9,7 +9,7 @@ SR, Parametric Map, Segmentation, presentation state, ...) and their series is n
 (Manufacturer "aex", or "not for diagnostic use" in its description): results stored back
 into a study never come back as inputs.
 
-State lives in Redis (``worker.keys.watch_key``, per PACS and model): the feed's cursor,
+State lives in Redis (``jobs.keys.watch_key``, per PACS and model): the feed's cursor,
 saved after each study, so a watcher resumes where it stopped; one key per submitted
 instance (its job id), claimed before the submission, so no instance is submitted twice;
 and a lock, so one watcher at a time follows a PACS for a model. A claim a watcher left
@@ -29,10 +29,10 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
+from jobs.keys import watch_key
 from models.errors import AexError, BadParameterError, PacsError, QueueFullError, ServiceUnavailableError
-from worker.keys import watch_key
-from worker.pacs import PacsReference, endpoint, search_instances, search_studies, session_for, timeouts, with_retries
-from worker.pacs_store import store_results
+from pacs.read import PacsReference, endpoint, search_instances, search_studies, session_for, timeouts, with_retries
+from pacs.store import store_results
 
 log = logging.getLogger("aex.watch")
 
@@ -61,7 +61,7 @@ Submit = Callable[[PacsReference], str]
 
 
 def wanted(row: dict[str, Any], modalities: frozenset[str]) -> bool:
-    """Whether an instance (a ``worker.pacs.search_instances`` row) is one to explain."""
+    """Whether an instance (a ``pacs.read.search_instances`` row) is one to explain."""
     sop_class = row.get("sop_class_uid") or ""
     if any(sop_class.startswith(prefix) for prefix in NOT_IMAGES):
         return False
@@ -77,7 +77,7 @@ def orthanc_root(settings, pacs: str) -> str | None:
     root's parent when ``GET <it>/system`` answers as Orthanc does; None otherwise."""
     import requests
 
-    ep = endpoint(settings, pacs)
+    ep = endpoint(settings.pacs, pacs)
     if ep.orthanc_rest:
         return ep.orthanc_rest
     if not ep.url or "/" not in ep.url.split("://", 1)[1]:
@@ -179,7 +179,7 @@ class Watcher:
         stop: threading.Event | None = None,
         today: Callable[[], date] = date.today,
     ):
-        endpoint(settings, pacs)  # unknown_pacs before anything else
+        endpoint(settings.pacs, pacs)  # unknown_pacs before anything else
         self.settings, self.pacs, self.state, self.submit = settings, pacs, state, submit
         self.modalities = frozenset(m.upper() for m in modalities)
         self.interval, self.collect, self.today = interval, collect, today
@@ -220,7 +220,7 @@ class Watcher:
 
     # --- feeds --------------------------------------------------------------------------
     def _orthanc_get(self, path: str) -> Any:
-        ep = endpoint(self.settings, self.pacs)
+        ep = endpoint(self.settings.pacs, self.pacs)
 
         def get():
             with session_for(ep) as session:
@@ -252,7 +252,7 @@ class Watcher:
         today = self.today()
         start = date.fromisoformat(cursor) if cursor else today
         since = min(start, today - timedelta(days=QIDO_LOOKBACK_DAYS))
-        for study in search_studies(self.settings, self.pacs, study_date=f"{since:%Y%m%d}-"):
+        for study in search_studies(self.settings.pacs, self.pacs, study_date=f"{since:%Y%m%d}-"):
             if self.stop.is_set():
                 return False
             seen = self._study_counts.get(study["study_uid"])
@@ -268,7 +268,7 @@ class Watcher:
     def submit_study(self, study_uid: str) -> bool:
         """Submit every wanted instance of a study not submitted yet; False when the service
         turned one away for now (the study is visited again later)."""
-        for row in search_instances(self.settings, self.pacs, study_uid):
+        for row in search_instances(self.settings.pacs, self.pacs, study_uid):
             if self.stop.is_set():
                 return False
             if not wanted(row, self.modalities) or not self.state.claim(row["instance_uid"]):
@@ -312,7 +312,7 @@ class Watcher:
                 continue
             if objects is None:
                 continue
-            report = store_results(self.settings, self.pacs, objects) if objects else None
+            report = store_results(self.settings.pacs, self.pacs, objects) if objects else None
             if report:
                 log.info(
                     "job %s: %d objects stored to %r, %d failed", job_id, report["stored"], self.pacs, report["failed"]

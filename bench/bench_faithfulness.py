@@ -26,12 +26,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from jobs.params import explain_parameters
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
 from models.defaults import ARA_SEED, ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
 from models.render.png import to_png_bytes, to_uint8_image
 from worker.explaining import explain_result
-from worker.params import explain_parameters
 from worker.served import ServedModel
 
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "test.tar"

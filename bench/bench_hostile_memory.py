@@ -196,8 +196,8 @@ def _status(key: str) -> int:
 def measure(side: str, path: Path, fmt: str, name: str) -> dict:
     import gc
 
+    from jobs.settings import Settings
     from models.errors import AexError
-    from worker.settings import Settings
 
     settings = Settings(redis_url="unix:///unused.sock", bundled_models=False)
     if side == "api":

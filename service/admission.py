@@ -9,15 +9,15 @@ from typing import Any
 from redis import Redis
 from rq.queue import Queue
 
+from jobs.callbacks import callback_meta, check_callback_url
+from jobs.queues import JobKind, live_worker_keys
+from jobs.settings import Settings
 from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
 from models.explain.targets import count_rows, parse_targets
+from pacs.read import check_reference
 from service.multipart import Upload
 from service.schemas import CommonParams, ExplainParams
 from service.uploads import check_dicom, check_image, is_dicom_upload
-from worker.callbacks import callback_meta, check_callback_url
-from worker.pacs import check_reference
-from worker.queues import JobKind, live_worker_keys
-from worker.settings import Settings
 
 
 def check_capacity(conn: Redis, queue: Queue, kind: JobKind, settings: Settings) -> None:
@@ -39,7 +39,7 @@ def check_input(upload: Upload, params: CommonParams, settings: Settings) -> str
     if params.pacs is not None:
         if upload.filename is not None or upload.data:
             raise BadParameterError("give either an image or a PACS reference (pacs and the three UIDs), not both")
-        check_reference(settings, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
+        check_reference(settings.pacs, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
         return "dicom"
     if is_dicom_upload(upload):
         check_dicom(upload.data, settings, params.window)
@@ -72,7 +72,7 @@ def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dic
     """What the job keeps in its meta: the input format and the checked callback."""
     meta: dict[str, Any] = {"input_format": input_format}
     if params.pacs is not None:
-        ref = check_reference(settings, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
+        ref = check_reference(settings.pacs, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
         meta["pacs_reference"] = ref.as_dict()  # names and UIDs only: no address, no secret
         meta["store"] = True if params.store is None else bool(params.store)
     if params.callback_url is not None:

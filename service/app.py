@@ -27,6 +27,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from jobs.callbacks import CallbackPolicy
+from jobs.crypto import cipher_from_settings
+from jobs.queues import connect
+from jobs.settings import Settings
 from models.errors import AexError, BadParameterError, ServiceUnavailableError, UnauthenticatedError
 from models.version import __version__
 from service.audit import AuditLog, AuditMiddleware
@@ -40,10 +44,6 @@ from service.routes import jobs as job_routes
 from service.routes import models as model_routes
 from service.routes import ops as ops_routes
 from service.viewer import install_viewer
-from worker.callbacks import CallbackPolicy
-from worker.crypto import cipher_from_settings
-from worker.queues import connect
-from worker.settings import Settings
 
 log = logging.getLogger("aex.service")
 

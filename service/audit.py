@@ -22,9 +22,9 @@ from typing import Any
 from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
+from jobs.keys import audit_key
 from models.errors import BadParameterError
 from service.metrics import method_label, route_label
-from worker.keys import audit_key
 
 log = logging.getLogger("aex.audit")
 

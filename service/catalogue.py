@@ -10,11 +10,11 @@ from typing import Any
 
 from redis import Redis
 
+from jobs.queues import published_catalogue
+from jobs.settings import Settings
 from models.errors import CheckpointError, ServiceUnavailableError, UnknownModelError
 from models.store.discovery import catalogue_entry, discover_checkpoints
 from models.store.header import read_checkpoint_metadata
-from worker.queues import published_catalogue
-from worker.settings import Settings
 
 log = logging.getLogger("aex.service")
 

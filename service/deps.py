@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from jobs.settings import Settings
 from service.jobs import JobService
-from worker.settings import Settings
 
 
 def get_settings(request: Request) -> Settings:

@@ -5,7 +5,7 @@ for the principal that asks.
 A job belongs to its submitter (``job.meta["owner"]``); another principal gets the same 404
 for it as for a job that does not exist (``fetch_for``), ``admin`` sees every job. Each
 principal has at most AEX_MAX_JOBS_PER_PRINCIPAL jobs queued or running (``service.quota``).
-Uploads are stored, and outputs read, sealed with AEX_DATA_KEY (``worker.crypto``).
+Uploads are stored, and outputs read, sealed with AEX_DATA_KEY (``jobs.crypto``).
 Blocking Redis calls: the routes run these methods in the thread pool.
 """
 
@@ -25,6 +25,15 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
+from jobs.callbacks import CallbackPolicy, notify_job_end
+from jobs.crypto import DataCipher, blob_context
+from jobs.epoch import lost_in_restart, new_job_id
+from jobs.failures import reap_abandoned
+from jobs.keys import cancel_key, dicom_key, images_key, upload_key
+from jobs.params import classify_parameters, explain_parameters, result_cache_key
+from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, lane_of
+from jobs.settings import Settings
+from jobs.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
 from models.errors import (
     JobLostError,
     UnknownJobError,
@@ -37,15 +46,6 @@ from service.multipart import Upload
 from service.reuse import reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
 from service.views import job_view, kind_of
-from worker.callbacks import CallbackPolicy, notify_job_end
-from worker.crypto import DataCipher, blob_context
-from worker.epoch import lost_in_restart, new_job_id
-from worker.failures import reap_abandoned
-from worker.keys import cancel_key, dicom_key, images_key, upload_key
-from worker.params import classify_parameters, explain_parameters, result_cache_key
-from worker.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, lane_of
-from worker.settings import Settings
-from worker.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
 
 log = logging.getLogger("aex.service")
 
@@ -73,7 +73,7 @@ class JobService:
     ):
         self.conn, self.settings, self.catalogue = conn, settings, catalogue
         self.cipher, self.policy = cipher, policy
-        # One queue per lane (named by the kind it was made for; ``worker.queues.lane_of``).
+        # One queue per lane (named by the kind it was made for; ``jobs.queues.lane_of``).
         self.queues = {k: Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in JobKind}
 
     def queue_of(self, job: Job) -> Queue | None:

@@ -10,8 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from redis import Redis
 from redis.exceptions import RedisError
 
-from worker.job_metrics import read_job_metrics
-from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from jobs.metrics import read_job_metrics
+from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
 
 
 class ClusterCollector:

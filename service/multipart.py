@@ -19,8 +19,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
+from jobs.settings import Settings
 from models.errors import BadParameterError, RequestTimeoutError, UploadTooLargeError
-from worker.settings import Settings
 
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the text fields
 

@@ -14,10 +14,10 @@ import time
 from redis import Redis
 from rq.job import Job, JobStatus
 
+from jobs.keys import principal_jobs_key
+from jobs.queues import SERIALIZER
 from models.errors import TooManyJobsError
 from service.auth.principal import Principal, owner_digest
-from worker.keys import principal_jobs_key
-from worker.queues import SERIALIZER
 
 ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
 # An id reserved this recently counts even before its job exists (it is being enqueued).

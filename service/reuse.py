@@ -20,13 +20,13 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 
-from worker.callbacks import CallbackPolicy, notify_job_end
-from worker.epoch import new_job_id
-from worker.job_metrics import record_job
-from worker.keys import images_key, scoped_result_index_key
-from worker.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
-from worker.settings import Settings
-from worker.states import ApiStatus
+from jobs.callbacks import CallbackPolicy, notify_job_end
+from jobs.epoch import new_job_id
+from jobs.keys import images_key, scoped_result_index_key
+from jobs.metrics import record_job
+from jobs.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
+from jobs.settings import Settings
+from jobs.states import ApiStatus
 
 log = logging.getLogger("aex.service")
 

@@ -7,11 +7,11 @@ from typing import Any, Literal, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from jobs.queues import JobKind
+from jobs.states import ApiStatus
 from models.defaults import ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
 from models.errors import BadParameterError
 from models.explain.targets import split_specs
-from worker.queues import JobKind
-from worker.states import ApiStatus
 
 IMAGE_DESCRIPTION = (
     "the image: PNG, JPEG, TIFF, BMP or WebP (grey, RGB, RGBA, palette, 16-bit), or a "

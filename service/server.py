@@ -14,7 +14,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from worker.settings import Settings
+from jobs.settings import Settings
 
 # An idle keep-alive connection is closed after this long (uvicorn's default, stated here).
 KEEP_ALIVE_SECONDS = 5

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from PIL import Image
 
+from jobs.settings import Settings
 from models.data.imaging import open_image
 from models.dicom.pixels import DicomImage, is_dicom, load_dicom_pixels
 from service.multipart import Upload
-from worker.settings import Settings
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 

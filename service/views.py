@@ -9,10 +9,10 @@ from redis import Redis
 from rq.job import Job
 from rq.queue import Queue
 
+from jobs.callbacks import delivery_record
+from jobs.queues import JobKind
+from jobs.states import STATUS_FROM_RQ, ApiStatus
 from service.schemas import ErrorBody, JobView, Progress, Timings
-from worker.callbacks import delivery_record
-from worker.queues import JobKind
-from worker.states import STATUS_FROM_RQ, ApiStatus
 
 
 def _utc(dt: datetime | None) -> datetime | None:

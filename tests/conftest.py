@@ -177,8 +177,8 @@ def stack_settings(server, db: int, models: Path, **overrides):
     in seconds, one torch thread per worker (the test machine's cores are shared), the
     session's data key and callback secret, and authentication on (the default: clients need a token, see
     ``tests.tokens``), with room for many jobs of one principal (the tests are one client)."""
+    from jobs.settings import Settings
     from tests.tokens import CALLBACK_SECRET, DATA_KEY
-    from worker.settings import Settings
 
     base = dict(
         redis_url=redis_url(server, db),
@@ -242,7 +242,7 @@ def wait_for_workers(settings, n: int, procs=(), timeout: float = 120.0) -> None
     """Block until ``n`` live workers serve both queues (or fail with the workers' logs)."""
     import time
 
-    from worker.queues import QUEUE_NAMES, connect, live_worker_keys
+    from jobs.queues import QUEUE_NAMES, connect, live_worker_keys
 
     conn = connect(settings.redis_url)
     deadline = time.monotonic() + timeout

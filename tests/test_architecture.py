@@ -11,7 +11,7 @@ import grimp
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("aex", "service", "worker", "models")
+PACKAGES = ("aex", "service", "worker", "jobs", "pacs", "models")
 MAX_LINES = 400
 
 

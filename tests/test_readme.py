@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
+from jobs.crypto import generate_data_key
+from jobs.settings import Settings
 from service.app import HTTP_CODES, create_app
 from service.errors import HTTP_STATUS
-from worker.crypto import generate_data_key
-from worker.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 FORM_ROUTES = {"classify": "/v1/classify", "explain": "/v1/explain"}
@@ -86,8 +86,8 @@ def test_settings_table_lists_every_field_once():
     missing = sorted(expected - set(variables))
     extra = sorted(set(variables) - expected)
     repeated = sorted({v for v in variables if variables.count(v) > 1})
-    assert not missing, f"README settings table lacks rows for {missing} (fields of worker.settings.Settings)"
-    assert not extra, f"README settings table names {extra}, which are not fields of worker.settings.Settings"
+    assert not missing, f"README settings table lacks rows for {missing} (fields of jobs.settings.Settings)"
+    assert not extra, f"README settings table names {extra}, which are not fields of jobs.settings.Settings"
     assert not repeated, f"README settings table repeats {repeated}"
 
 
@@ -101,7 +101,7 @@ def test_settings_table_defaults_match_the_code():
         want, got = setting_default(name), code_text(row[1])
         if got != want:
             wrong.append(f"{variable}: README says {got!r}, Settings has {want!r}")
-    assert not wrong, "README settings table defaults differ from worker.settings.Settings:\n" + "\n".join(wrong)
+    assert not wrong, "README settings table defaults differ from jobs.settings.Settings:\n" + "\n".join(wrong)
 
 
 def test_routes_table_equals_the_openapi_schema(openapi):

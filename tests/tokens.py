@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import contextlib
 
+from jobs.crypto import generate_data_key
+from jobs.queues import connect
+from jobs.webhooks import generate_callback_secret
 from models.errors import UnauthenticatedError, UnknownKeyError
 from service.auth import ApiKeyStore
-from worker.crypto import generate_data_key
-from worker.queues import connect
-from worker.webhooks import generate_callback_secret
 
 DATA_KEY = generate_data_key()
 CALLBACK_SECRET = generate_callback_secret()

@@ -1,1 +1,1 @@
-"""RQ workers: load checkpoints once, run classify and explain jobs."""
+"""The worker runtime: the process and its supervisor (pool), dynamic batches, and the computation of classify and explain jobs on the models loaded once."""

@@ -8,8 +8,8 @@ import sys
 import threading
 import time
 
+from jobs.settings import Settings
 from models.errors import AexError
-from worker.settings import Settings
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -10,7 +10,7 @@ The order of a batch (``worker.batching`` says which jobs may share one):
    skipped) and started: rq's execution record puts it in the started registry under a lease
    this worker renews for the whole batch, so a worker that dies mid-batch leaves every job
    of it to the same retries (``AEX_JOB_RETRIES``, then ``worker_lost``) as a lone job;
-3. the work of all of them is computed at once (``worker.jobs.prepare_batch``),
+3. the work of all of them is computed at once (``worker.tasks.prepare_batch``),
    under the shortest time limit of the batch; a job whose own input fails keeps its own error;
    a failure of the whole (time limit, out of memory, every job cancelled) is logged and
    leaves each job to compute alone;
@@ -28,10 +28,10 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
-from worker import jobs
+from jobs.failures import REDIS_OUTAGE, redacted_traceback
+from jobs.queues import refusal
+from worker import tasks
 from worker.batching import forget, gather_mates, hand_over
-from worker.failures import REDIS_OUTAGE, redacted_traceback
-from worker.queues import refusal
 
 log = logging.getLogger("aex.worker")
 
@@ -85,7 +85,7 @@ class BatchingMixin:
         start = time.perf_counter()
         try:
             with self.death_penalty_class(timeout, JobTimeoutException, job_id=batch[0].id):
-                prepared = jobs.prepare_batch(batch, self.name)
+                prepared = tasks.prepare_batch(batch, self.name)
         except REDIS_OUTAGE:
             raise
         except Exception as exc:

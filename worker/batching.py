@@ -27,7 +27,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
 
-from worker.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
+from jobs.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
 
 # How often an empty queue is looked at again while a batch waits for mates.
 POLL_SECONDS = 0.0005

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from jobs.params import result_cache_key
+from jobs.settings import Settings
 from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
 from models.defaults import STABILITY_MODE
@@ -22,10 +24,8 @@ from models.errors import BadParameterError
 from models.nn.runtime import eval_mode
 from models.perturb.stability import stability_method, stability_reports
 from models.version import __version__
-from worker.params import result_cache_key
 from worker.provenance import build_provenance, sha256_hex
 from worker.served import ServedModel
-from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
 
@@ -98,7 +98,7 @@ def load_input(
 
 
 def cache_key(kind: str, served: ServedModel, digest: str, parameters: dict[str, Any]) -> str:
-    """The key a result is indexed (and reused) by: ``worker.params.result_cache_key``."""
+    """The key a result is indexed (and reused) by: ``jobs.params.result_cache_key``."""
     return result_cache_key(kind, served.name, served.checkpoint_sha256, digest, parameters, __version__)
 
 
@@ -111,7 +111,7 @@ def classify_result(
     worker: str | None = None,
 ) -> dict[str, Any]:
     """The result of a classify job: top classes, every probability, (with ``stability``) the
-    stability score, and the provenance. parameters: ``worker.params.classify_parameters``."""
+    stability score, and the provenance. parameters: ``jobs.params.classify_parameters``."""
     (out,) = classify_results(served, [(data, input_format, parameters)], progress=progress, worker=worker)
     if isinstance(out, BaseException):
         raise out

@@ -1,7 +1,7 @@
 """What an explain job computes, apart from the queue: the explanation of one image or of a
 worker's batch of them (``models.explain.pipeline``), its DICOM objects (a Parametric Map,
 Secondary Captures and the SR) and the provenance block. The rq job function
-(``worker.jobs.explain``) and ``aex explain --checkpoint`` both call these, so the offline
+(``worker.tasks.explain``) and ``aex explain --checkpoint`` both call these, so the offline
 command prints the result JSON a job returns."""
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def explain_result(
     **search,
 ) -> ExplainOutput:
     """The result of an explain job: (summary with provenance, PNGs by name, DICOM objects by
-    name, empty unless the input is DICOM). parameters: ``worker.params.explain_parameters``;
+    name, empty unless the input is DICOM). parameters: ``jobs.params.explain_parameters``;
     search: further ``Explainer`` settings the offline command may set (overshoot, clamp,
     bound_check), recorded in the summary's "settings"."""
     (out,) = explain_results(served, [(data, input_format, parameters)], progress, worker, **search)

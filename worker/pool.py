@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Sequence
 
-from worker.settings import Settings
+from jobs.settings import Settings
 
 log = logging.getLogger("aex.pool")
 

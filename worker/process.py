@@ -4,14 +4,14 @@
 loaded before the loop serve every job, and CUDA works: a forked child could not use the
 parent's CUDA context) with:
 
-- cooperative cancellation: rq's stop-job command sets ``jobs.stop_requested``, which the
+- cooperative cancellation: rq's stop-job command sets ``tasks.stop_requested``, which the
   job's progress callback turns into JobCancelledError between two search steps; the job
   then ends as rq's STOPPED (our "cancelled");
 - a lease on the running job: a thread renews the job's entry in rq's StartedJobRegistry
   every ``job_heartbeat_ttl / 3`` seconds. A worker that dies (SIGKILL, out of memory, lost
   machine) stops renewing; once the lease has passed, the next registry clean-up (any
   worker's maintenance, or the API when a client polls the job) queues the job again for
-  another worker (AEX_JOB_RETRIES times, ``worker.failures``), then fails it with code
+  another worker (AEX_JOB_RETRIES times, ``jobs.failures``), then fails it with code
   ``worker_lost``;
 - short registrations (``worker_ttl``), so /readyz sees a dead worker within seconds;
 - its catalogue of checkpoints published in its rq registration hash, registered again at
@@ -21,7 +21,7 @@ parent's CUDA context) with:
   instead of quitting, and a run cut short by a longer outage is retried like a dead
   worker's; a running job that Redis lost (a restart without persistence: the API answers
   ``job_lost``) is stopped, and nothing of it is recorded;
-- uploads read, and outputs stored, sealed with AEX_DATA_KEY (``worker.crypto``): the cipher is
+- uploads read, and outputs stored, sealed with AEX_DATA_KEY (``jobs.crypto``): the cipher is
   built once at start, and a worker without a key refuses to start;
 - the upload deleted, and the callback sent (signed and pinned: ``CallbackPolicy``), once the
   job has ended for good;
@@ -30,7 +30,7 @@ parent's CUDA context) with:
 - a finished job's result indexed under its cache key within the reuse scope of its
   submitter (``scoped_result_index_key``: the principal, or its tenant), so the API can answer
   an identical request of the same principal from it, and nobody else's;
-- the job's callback (``worker.callbacks``) sent when it ends, in a thread.
+- the job's callback (``jobs.callbacks``) sent when it ends, in a thread.
 
 SIGTERM or SIGINT: warm shutdown, the current job is finished first (rq); a second signal
 stops at once.
@@ -56,12 +56,8 @@ from rq.registry import clean_registries
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
-from models.errors import JobCancelledError, JobRefusedError
-from worker import jobs
-from worker.batch_run import BatchingMixin
-from worker.batching import requeue_stranded
-from worker.callbacks import CallbackPolicy, notify_job_end
-from worker.failures import (
+from jobs.callbacks import CallbackPolicy, notify_job_end
+from jobs.failures import (
     REDIS_OUTAGE,
     discard_upload,
     job_kind,
@@ -69,14 +65,18 @@ from worker.failures import (
     record_job_error,
     redacted_traceback,
 )
-from worker.job_metrics import record_job
-from worker.keys import CATALOGUE_FIELD, scoped_result_index_key
-from worker.queues import refusal
-from worker.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
+from jobs.keys import CATALOGUE_FIELD, scoped_result_index_key
+from jobs.metrics import record_job
+from jobs.queues import refusal
+from jobs.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
+from models.errors import JobCancelledError, JobRefusedError
+from worker import tasks
+from worker.batch_run import BatchingMixin
+from worker.batching import requeue_stranded
 
 log = logging.getLogger("aex.worker")
 
-# Every Redis command of a worker is retried for about this long (``worker.queues.connect``)
+# Every Redis command of a worker is retried for about this long (``jobs.queues.connect``)
 # before it fails: a Redis restart pauses the worker and its job instead of failing them.
 REDIS_RETRY_SECONDS = 20
 # An idle worker sends a heartbeat (and registers again if Redis lost it) at least this often.
@@ -193,11 +193,11 @@ class AexWorker(BatchingMixin, SimpleWorker):
     # --- cancellation ------------------------------------------------------------------
     def kill_horse(self, sig=None):
         # SimpleWorker has no horse process: ask the running job to stop at its next step.
-        jobs.stop_requested.set()
+        tasks.stop_requested.set()
 
     # --- running a job (alone, or with its batch mates: worker.batch_run) -------------
     def execute_job(self, job: Job, queue: Queue):
-        jobs.stop_requested.clear()
+        tasks.stop_requested.clear()
         self._lost.clear()
         batch = self.gather_batch(job, queue)
         if len(batch) > 1:
@@ -230,7 +230,7 @@ class AexWorker(BatchingMixin, SimpleWorker):
 
     def _run(self, job: Job, queue: Queue, execution) -> None:
         """Perform a started job under its own time limit, then settle its end."""
-        jobs.stop_requested.clear()
+        tasks.stop_requested.clear()
         self._running_id = job.id
         start = time.perf_counter()
         try:

@@ -9,14 +9,14 @@ import socket
 
 from rq.queue import Queue
 
+from jobs.callbacks import CallbackPolicy
+from jobs.crypto import cipher_from_settings
+from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from jobs.settings import Settings
 from models.errors import BadParameterError
-from worker import jobs
-from worker.callbacks import CallbackPolicy
-from worker.crypto import cipher_from_settings
+from worker import tasks
 from worker.process import REDIS_RETRY_SECONDS, AexWorker
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from worker.served import ServedModels, install
-from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
 
@@ -54,7 +54,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     if not settings.redis_url:
         raise BadParameterError("AEX_REDIS_URL is not set: a worker needs the Redis server of the service")
     # Before anything is loaded: a worker without AEX_DATA_KEY (or with a malformed one) stops here.
-    jobs.install_cipher(cipher_from_settings(settings.data_key))
+    tasks.install_cipher(cipher_from_settings(settings.data_key))
     policy = CallbackPolicy.from_settings(settings)
     configure_torch(settings)
     served = ServedModels.load(settings)  # before the first job: no model load per job

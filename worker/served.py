@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from jobs.settings import Settings
 from models.data.sources import file_sha256
 from models.errors import CheckpointError, UnknownModelError
 from models.explain.gradcam import default_gradcam_layer, layer_name
@@ -17,7 +18,6 @@ from models.nn.runtime import pick_device
 from models.store.checkpoint import CheckpointMeta, load_checkpoint
 from models.store.discovery import catalogue_entry, discover_checkpoints
 from models.store.header import read_checkpoint_metadata
-from worker.settings import Settings
 
 log = logging.getLogger("aex.worker")
 

@@ -40,10 +40,10 @@ def _client(url: str, token: str | None):
 
 
 def _store(redis_url: str):
+    from jobs.queues import connect
+    from jobs.settings import Settings
     from service.audit import AuditLog
     from service.auth.apikeys import ApiKeyStore
-    from worker.queues import connect
-    from worker.settings import Settings
 
     conn = connect(redis_url)
     return ApiKeyStore(conn), AuditLog.from_settings(conn, Settings(redis_url=redis_url))
@@ -143,6 +143,6 @@ def audit(
 @friendly_errors
 def data_key() -> None:
     """Print a new AEX_DATA_KEY (base64 of 32 random bytes) for the API and every worker."""
-    from worker.crypto import generate_data_key
+    from jobs.crypto import generate_data_key
 
     typer.echo(generate_data_key())

@@ -99,13 +99,13 @@ def explain(
         return
     if model is not None:
         raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
+    from jobs.params import explain_parameters
     from models.defaults import ARA_STEPS, DEFAULT_TARGETS, STABILITY_MODE
     from models.dicom.pixels import is_dicom
     from models.nn.runtime import pick_device
     from models.render.explanation import write_files
     from models.store.discovery import served_name
     from worker.explaining import explain_result
-    from worker.params import explain_parameters
     from worker.served import ServedModel
 
     served = ServedModel.load(served_name(checkpoint), checkpoint, pick_device(device))

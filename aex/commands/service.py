@@ -51,7 +51,7 @@ def serve(
     """Run the web service: the API, N workers and (unless AEX_REDIS_URL is set) an embedded
     Redis, with the bundled checkpoints and AEX_MODEL_DIRS. Ctrl-C stops everything cleanly."""
     from aex.serve import serve as serve_stack
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     overrides = {"host": host, "port": port, "workers": workers, "redis_url": redis_url}
     serve_stack(Settings(**{k: v for k, v in overrides.items() if v is not None}))
@@ -67,7 +67,7 @@ def worker_cmd(
 ) -> None:
     """Run workers against the service's Redis: each loads every served checkpoint once, then
     takes classify and explain jobs. SIGTERM/Ctrl-C: finish the current job, then exit."""
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
     from worker.run import cuda_devices, run_worker

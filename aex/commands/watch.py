@@ -41,11 +41,11 @@ def takes_references(fields: set[str]) -> bool:
 
 
 def make_submit(client, settings, model: str | None, fields: set[str], store: bool):
-    """The one function that submits an instance (a ``worker.pacs.PacsReference``) and
+    """The one function that submits an instance (a ``pacs.read.PacsReference``) and
     returns its job id: by reference when the service takes references (it then fetches the
     instance, and stores the results back with ``store``), else by fetching the instance here
     and uploading it."""
-    from worker.pacs import fetch_instance
+    from pacs.read import fetch_instance
 
     by_reference = takes_references(fields)
 
@@ -58,7 +58,9 @@ def make_submit(client, settings, model: str | None, fields: set[str], store: bo
             # Plain form fields, sent as multipart/form-data like an upload.
             view = client._json("POST", "/v1/explain", files={k: (None, v) for k, v in form.items()})
         else:
-            data = fetch_instance(settings, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid)
+            data = fetch_instance(
+                settings.pacs, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid, settings.max_upload_bytes
+            )
             files = {"image": (f"{ref.instance_uid}.dcm", data, "application/dicom")}
             view = client._json("POST", "/v1/explain", data=form, files=files)
         return str(view["id"])
@@ -111,17 +113,17 @@ def watch(
 
     from aex.client import AexClient
     from aex.watcher import Watcher, WatchState
+    from jobs.queues import connect
+    from jobs.settings import Settings
     from models.errors import BadParameterError
-    from worker.pacs import endpoint
-    from worker.queues import connect
-    from worker.settings import Settings
+    from pacs.read import endpoint
 
     if feed not in ("auto", "orthanc", "qido"):
         raise BadParameterError(f"--feed takes auto, orthanc or qido, not {feed!r}")
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
     if not settings.redis_url:
         raise BadParameterError("aex watch keeps its state in the service's Redis: set AEX_REDIS_URL or --redis-url")
-    endpoint(settings, pacs)  # unknown_pacs before anything is contacted
+    endpoint(settings.pacs, pacs)  # unknown_pacs before anything is contacted
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modalities = frozenset(m.strip().upper() for m in (modality or "").split(",") if m.strip())
     stop = threading.Event()

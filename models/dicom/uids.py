@@ -22,7 +22,7 @@ def _uid(material: Mapping[str, Any]) -> str:
 
 def derived_uid(source_uid: str, checkpoint_sha256: str, parameters: Mapping[str, Any], role: str) -> str:
     """The UID of one derived object (or its series): the same source SOP Instance UID, checkpoint
-    file, canonical parameters (``worker.params``) and role ("series/pm", "instance/sr", ...)
+    file, canonical parameters (``jobs.params``) and role ("series/pm", "instance/sr", ...)
     always give the same UID; any difference gives another."""
     return _uid(
         {

@@ -19,9 +19,9 @@ from typing import Any
 
 from redis import Redis
 
+from jobs.keys import api_key_digest_key, api_key_key, api_key_names_key
 from models.errors import BadParameterError, KeyExistsError, UnauthenticatedError, UnknownKeyError
 from service.auth.principal import ALL_SCOPES, Principal, Scope
-from worker.keys import api_key_digest_key, api_key_key, api_key_names_key
 
 TOKEN_PREFIX = "aex_"
 TOKEN_PATTERN = re.compile(r"^aex_[A-Za-z0-9_-]{43}$")

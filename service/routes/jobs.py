@@ -10,13 +10,13 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from jobs.states import TERMINAL, ApiStatus
 from service.audit import note
 from service.auth import Principal, Scope, requires
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
 from service.multipart import read_upload
 from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
-from worker.states import TERMINAL, ApiStatus
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 

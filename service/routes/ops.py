@@ -6,11 +6,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
 from models.errors import ServiceUnavailableError
 from service.auth import Scope, requires
 from service.deps import JobsDep
 from service.schemas import ErrorResponse
-from worker.queues import QUEUE_NAMES, JobKind, live_worker_keys
 
 router = APIRouter(tags=["ops"])
 

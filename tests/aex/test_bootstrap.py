@@ -9,11 +9,11 @@ import pytest
 
 from aex.bootstrap import DATA_KEY_FILE, FirstAdmin, with_data_key
 from aex.credentials import read_token
+from jobs.crypto import cipher_from_settings
+from jobs.queues import connect
+from jobs.settings import Settings
 from models.errors import BadParameterError
 from service.auth import ApiKeyStore
-from worker.crypto import cipher_from_settings
-from worker.queues import connect
-from worker.settings import Settings
 
 DB = 2  # no other test uses it
 

@@ -174,7 +174,7 @@ def orthanc(tmp_path_factory):
 @pytest.fixture
 def pacs_settings(orthanc):
     """settings(**overrides, pacs_extra=...): Settings whose AEX_PACS names the Orthanc "orthanc"."""
-    from worker.settings import Settings
+    from jobs.settings import Settings
 
     def make(pacs_extra: dict | None = None, **overrides):
         return Settings(pacs={"orthanc": orthanc.endpoint(**(pacs_extra or {}))}, **overrides)

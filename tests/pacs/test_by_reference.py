@@ -72,7 +72,7 @@ def explain(stack, **fields):
 
 
 def test_an_instance_in_the_pacs_is_explained_and_its_results_stored_back(orthanc, stack, pneumonia_xrays):
-    from worker.pacs import search_instances
+    from pacs.read import search_instances
 
     (data,) = pneumonia_xrays(1, size=(512, 640), start=70)
     orthanc.store(data)
@@ -92,7 +92,7 @@ def test_an_instance_in_the_pacs_is_explained_and_its_results_stored_back(orthan
     settings, _url = stack
     found = [
         row
-        for row in search_instances(settings, "orthanc", source.StudyInstanceUID)
+        for row in search_instances(settings.pacs, "orthanc", source.StudyInstanceUID)
         if row["instance_uid"] != source.SOPInstanceUID
     ]
     classes = {row["sop_class_uid"] for row in found}
@@ -107,7 +107,7 @@ def test_an_instance_in_the_pacs_is_explained_and_its_results_stored_back(orthan
     assert view2["status"] == "finished", view2
     again = [
         row
-        for row in search_instances(settings, "orthanc", source.StudyInstanceUID)
+        for row in search_instances(settings.pacs, "orthanc", source.StudyInstanceUID)
         if row["instance_uid"] != source.SOPInstanceUID
     ]
     assert len(again) == len(found)

@@ -10,6 +10,7 @@ import time
 import pydicom
 import pytest
 
+from jobs.settings import Settings
 from models.errors import (
     BadParameterError,
     InstanceNotFoundError,
@@ -18,8 +19,9 @@ from models.errors import (
     UnknownPacsError,
     UploadTooLargeError,
 )
-from worker.pacs import check_reference, fetch_instance, single_part
-from worker.settings import Settings
+from pacs.read import check_reference, fetch_instance, single_part
+
+LIMIT = Settings().max_upload_bytes  # AEX_MAX_UPLOAD_BYTES by default
 
 
 def uids(data: bytes) -> tuple[str, str, str]:
@@ -31,7 +33,7 @@ def uids(data: bytes) -> tuple[str, str, str]:
 def test_a_pydicom_file_comes_back_as_stored(orthanc, pacs_settings, pydicom_file, name):
     data = pydicom_file(name)
     orthanc.store(data)
-    fetched = fetch_instance(pacs_settings(), "orthanc", *uids(data))
+    fetched = fetch_instance(pacs_settings().pacs, "orthanc", *uids(data), max_bytes=LIMIT)
     assert fetched == data
 
 
@@ -39,7 +41,7 @@ def test_pneumonia_xrays_at_512_and_larger_come_back_whole(orthanc, pacs_setting
     for size in ((512, 512), (768, 640)):
         (data,) = pneumonia_xrays(1, size=size)
         orthanc.store(data)
-        fetched = fetch_instance(pacs_settings(), "orthanc", *uids(data))
+        fetched = fetch_instance(pacs_settings().pacs, "orthanc", *uids(data), max_bytes=LIMIT)
         ds = pydicom.dcmread(io.BytesIO(fetched))
         assert (ds.Rows, ds.Columns, ds.BitsStored) == (*size, 16)
         assert fetched == data
@@ -49,7 +51,7 @@ def test_a_missing_instance_is_instance_not_found_with_its_uids(orthanc, pacs_se
     study, series, _ = uids(pydicom_file("CT_small.dcm"))
     orthanc.store(pydicom_file("CT_small.dcm"))
     with pytest.raises(InstanceNotFoundError) as info:
-        fetch_instance(pacs_settings(), "orthanc", study, series, "1.2.3.4.5.6")
+        fetch_instance(pacs_settings().pacs, "orthanc", study, series, "1.2.3.4.5.6", max_bytes=LIMIT)
     assert "1.2.3.4.5.6" in info.value.message and study in info.value.message
     assert orthanc.rest not in info.value.message  # the PACS by name, never its address
 
@@ -58,25 +60,25 @@ def test_an_instance_past_the_upload_limit_is_refused_while_streaming(orthanc, p
     (data,) = pneumonia_xrays(1, size=(512, 512), start=3)
     orthanc.store(data)
     with pytest.raises(UploadTooLargeError):
-        fetch_instance(pacs_settings(max_upload_bytes=100_000), "orthanc", *uids(data))
+        fetch_instance(pacs_settings().pacs, "orthanc", *uids(data), max_bytes=100_000)
 
 
 def test_unknown_pacs_and_bad_uids_are_refused_before_any_request(pacs_settings):
     settings = pacs_settings()
     with pytest.raises(UnknownPacsError) as info:
-        check_reference(settings, "http://10.0.0.1/dicom-web", "1.2", "1.2.3", "1.2.3.4")
+        check_reference(settings.pacs, "http://10.0.0.1/dicom-web", "1.2", "1.2.3", "1.2.3.4")
     assert "orthanc" in info.value.message  # the names configured
     for bad in ("1.2.03", "1..2", "x.1", "1.2.3." + "4" * 64, "", "1"):
         with pytest.raises(BadParameterError):
-            check_reference(settings, "orthanc", bad, "1.2.3", "1.2.3.4")
-    ref = check_reference(settings, "orthanc", "1.2", "1.2.3", "1.2.3.4")
+            check_reference(settings.pacs, "orthanc", bad, "1.2.3", "1.2.3.4")
+    ref = check_reference(settings.pacs, "orthanc", "1.2", "1.2.3", "1.2.3.4")
     assert ref.as_dict() == {"pacs": "orthanc", "study_uid": "1.2", "series_uid": "1.2.3", "instance_uid": "1.2.3.4"}
 
 
 def test_a_dimse_only_pacs_cannot_be_read():
     settings = Settings(pacs={"scp": {"dimse": {"ae_title": "SCP", "host": "127.0.0.1", "port": 104}}})
     with pytest.raises(BadParameterError, match="C-STORE only"):
-        check_reference(settings, "scp", "1.2", "1.2.3", "1.2.3.4")
+        check_reference(settings.pacs, "scp", "1.2", "1.2.3", "1.2.3.4")
 
 
 def test_wrong_credentials_are_a_pacs_error_not_retried(orthanc, pacs_settings, pydicom_file):
@@ -84,7 +86,7 @@ def test_wrong_credentials_are_a_pacs_error_not_retried(orthanc, pacs_settings, 
     orthanc.store(data)
     started = time.monotonic()
     with pytest.raises(PacsError) as info:
-        fetch_instance(pacs_settings({"password": "wrong"}), "orthanc", *uids(data), backoff=1.0)
+        fetch_instance(pacs_settings({"password": "wrong"}).pacs, "orthanc", *uids(data), max_bytes=LIMIT, backoff=1.0)
     assert info.value.code == "pacs_error" and "401" in info.value.message
     assert "wrong" not in info.value.message
     assert time.monotonic() - started < 1.0  # no retry
@@ -96,7 +98,7 @@ def test_an_unreachable_pacs_fails_after_bounded_retries():
     settings = Settings(pacs={"gone": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout": 2}})
     started = time.monotonic()
     with pytest.raises(PacsUnreachableError) as info:
-        fetch_instance(settings, "gone", "1.2", "1.2.3", "1.2.3.4", attempts=3, backoff=0.1)
+        fetch_instance(settings.pacs, "gone", "1.2", "1.2.3", "1.2.3.4", max_bytes=LIMIT, attempts=3, backoff=0.1)
     assert info.value.code == "pacs_unreachable" and "3 attempts" in info.value.message
     assert 0.3 <= time.monotonic() - started < 10  # paused 0.1 + 0.2 s between the attempts
 
@@ -138,7 +140,9 @@ def test_5xx_answers_are_retried_then_the_instance_comes(pydicom_file):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         settings = Settings(pacs={"flaky": {"url": f"http://127.0.0.1:{server.server_address[1]}/dicom-web"}})
-        data = fetch_instance(settings, "flaky", "1.2", "1.2.3", "1.2.3.4", attempts=3, backoff=0.05)
+        data = fetch_instance(
+            settings.pacs, "flaky", "1.2", "1.2.3", "1.2.3.4", max_bytes=LIMIT, attempts=3, backoff=0.05
+        )
         assert data == FlakyPacs.body and FlakyPacs.calls == 3
     finally:
         server.shutdown()
@@ -164,7 +168,7 @@ def test_a_pacs_that_cannot_send_any_syntax_is_asked_for_its_default(pydicom_fil
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         settings = Settings(pacs={"old": {"url": f"http://127.0.0.1:{server.server_address[1]}/rs"}})
-        assert fetch_instance(settings, "old", "1.2", "1.2.3", "1.2.3.4") == FlakyPacs.body
+        assert fetch_instance(settings.pacs, "old", "1.2", "1.2.3", "1.2.3.4", max_bytes=LIMIT) == FlakyPacs.body
         assert FlakyPacs.calls == 2
     finally:
         server.shutdown()

@@ -8,10 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from jobs.settings import Settings
 from models.errors import PacsError, PacsUnreachableError
-from worker.pacs import search_instances
-from worker.pacs_store import store_results
-from worker.settings import Settings
+from pacs.read import search_instances
+from pacs.store import store_results
 
 
 def result_objects(source: bytes, n: int = 2) -> list[bytes]:
@@ -33,13 +33,13 @@ def test_stow_stores_in_the_source_study_and_qido_finds_them(orthanc, pacs_setti
     orthanc.store(source)
     objects = result_objects(source)
     settings = pacs_settings()
-    report = store_results(settings, "orthanc", objects)
+    report = store_results(settings.pacs, "orthanc", objects)
     assert report["pacs"] == "orthanc" and report["via"] == "stow"
     assert (report["stored"], report["failed"]) == (2, 0)
     assert [r["sop_instance_uid"] for r in report["objects"]] == [uid_of(o, "SOPInstanceUID") for o in objects]
     assert all(r["status"] == "stored" for r in report["objects"])
     study = uid_of(source, "StudyInstanceUID")
-    found = {row["instance_uid"]: row for row in search_instances(settings, "orthanc", study)}
+    found = {row["instance_uid"]: row for row in search_instances(settings.pacs, "orthanc", study)}
     assert set(found) == {uid_of(source, "SOPInstanceUID"), *(r["sop_instance_uid"] for r in report["objects"])}
     for row in report["objects"]:
         assert found[row["sop_instance_uid"]]["series_uid"] == row["series_uid"] != uid_of(source, "SeriesInstanceUID")
@@ -51,11 +51,11 @@ def test_storing_the_same_objects_again_duplicates_nothing(orthanc, pacs_setting
     orthanc.store(source)
     objects = result_objects(source, n=1)
     settings = pacs_settings()
-    first = store_results(settings, "orthanc", objects)
-    again = store_results(settings, "orthanc", objects)
+    first = store_results(settings.pacs, "orthanc", objects)
+    again = store_results(settings.pacs, "orthanc", objects)
     assert first["stored"] == again["stored"] == 1 and again["failed"] == 0
     study = uid_of(source, "StudyInstanceUID")
-    assert len(search_instances(settings, "orthanc", study)) == 2  # the source and one result
+    assert len(search_instances(settings.pacs, "orthanc", study)) == 2  # the source and one result
     stats = orthanc.request("GET", f"/studies/{orthanc_study_id(orthanc, study)}/statistics")
     assert int(stats["CountInstances"]) == 2
 
@@ -70,7 +70,7 @@ def test_c_store_to_a_pynetdicom_scp(storage_scp, pneumonia_xrays):
     objects = result_objects(source)
     entry = {"dimse": {"ae_title": storage_scp.ae_title, "host": "127.0.0.1", "port": storage_scp.port}}
     settings = Settings(pacs={"scp": entry})
-    report = store_results(settings, "scp", objects)
+    report = store_results(settings.pacs, "scp", objects)
     assert report["via"] == "dimse" and (report["stored"], report["failed"]) == (2, 0)
     received = {str(ds.SOPInstanceUID): ds for ds in storage_scp.received}
     assert set(received) == {uid_of(o, "SOPInstanceUID") for o in objects}
@@ -84,11 +84,11 @@ def test_c_store_to_orthanc_when_asked_to(orthanc, pacs_settings, pneumonia_xray
     orthanc.store(source)
     objects = result_objects(source, n=1)
     settings = pacs_settings({"store_via": "dimse"})
-    report = store_results(settings, "orthanc", objects)
+    report = store_results(settings.pacs, "orthanc", objects)
     assert report["via"] == "dimse" and report["stored"] == 1
-    report = store_results(settings, "orthanc", objects)  # the same UID again: accepted, kept once
+    report = store_results(settings.pacs, "orthanc", objects)  # the same UID again: accepted, kept once
     assert report["stored"] == 1
-    assert len(search_instances(settings, "orthanc", uid_of(source, "StudyInstanceUID"))) == 2
+    assert len(search_instances(settings.pacs, "orthanc", uid_of(source, "StudyInstanceUID"))) == 2
 
 
 def test_a_peer_that_is_down_is_unreachable_after_retries(pneumonia_xrays):
@@ -101,7 +101,7 @@ def test_a_peer_that_is_down_is_unreachable_after_retries(pneumonia_xrays):
         {"dimse": {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()}, "timeout": 2},
     ):
         with pytest.raises(PacsUnreachableError):
-            store_results(Settings(pacs={"down": entry}), "down", objects, attempts=2, backoff=0.05)
+            store_results(Settings(pacs={"down": entry}).pacs, "down", objects, attempts=2, backoff=0.05)
 
 
 def test_a_refused_association_is_a_pacs_error(storage_scp, pneumonia_xrays):
@@ -110,14 +110,14 @@ def test_a_refused_association_is_a_pacs_error(storage_scp, pneumonia_xrays):
     storage_scp.server.ae.require_called_aet = True
     entry["dimse"]["ae_title"] = "SOMEONEELSE"
     with pytest.raises(PacsError, match="rejected"):
-        store_results(Settings(pacs={"scp": entry}), "scp", result_objects(source, n=1), attempts=1)
+        store_results(Settings(pacs={"scp": entry}).pacs, "scp", result_objects(source, n=1), attempts=1)
 
 
 def test_a_jobs_store_report_keeps_the_error_instead_of_raising(pneumonia_xrays):
+    from pacs.store import store_report
     from tests.pacs.conftest import free_port
-    from worker.pacs_store import store_report
 
     (source,) = pneumonia_xrays(1, size=(512, 512), start=16)
     settings = Settings(pacs={"down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout": 1}})
-    report = store_report(settings, "down", result_objects(source, n=1))
+    report = store_report(settings.pacs, "down", result_objects(source, n=1))
     assert report["error"]["code"] == "pacs_unreachable" and report["stored"] == 0 and report["failed"] == 1

@@ -30,8 +30,8 @@ def uid_of(data: bytes, keyword: str) -> str:
 
 @pytest.fixture
 def conn(redis_server):
+    from jobs.queues import connect
     from tests.conftest import redis_url
-    from worker.queues import connect
 
     client = connect(redis_url(redis_server, 13))
     client.flushdb()
@@ -88,8 +88,8 @@ def watcher(settings, conn, submit, model="m", **kwargs) -> Watcher:
 
 
 def test_a_study_stored_after_the_start_is_submitted_exactly_once(orthanc, pacs_settings, conn, pneumonia_xrays):
+    from pacs.store import store_results
     from tests.pacs.test_store import result_objects
-    from worker.pacs_store import store_results
 
     before = pneumonia_xrays(1, start=20)[0]
     stored = orthanc.store(before)  # there (and stable) before the watcher: not its business
@@ -108,7 +108,7 @@ def test_a_study_stored_after_the_start_is_submitted_exactly_once(orthanc, pacs_
         wanted_uids = {uid_of(d, "SOPInstanceUID") for d in study}
         wait_until(lambda: set(submit.instances()) == wanted_uids, what="both X-rays submitted")
         # Results stored back into the study make it stable again: they are not inputs.
-        store_results(settings, "orthanc", result_objects(study[0]))
+        store_results(settings.pacs, "orthanc", result_objects(study[0]))
         later = pneumonia_xrays(1, start=23, study_uid=uid_of(study[0], "StudyInstanceUID"))[0]
         orthanc.store(later)
         wait_until(lambda: uid_of(later, "SOPInstanceUID") in submit.instances(), what="the later X-ray")
@@ -238,10 +238,10 @@ def _watch_once(orthanc, service_stack, live_api, pneumonia_xrays, tmp_path, tok
     import subprocess
     import sys
 
+    from jobs.queues import connect
+    from jobs.settings import Settings
+    from pacs.read import search_instances
     from tests.conftest import REPO_ROOT
-    from worker.pacs import search_instances
-    from worker.queues import connect
-    from worker.settings import Settings
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
     env.update(
@@ -269,7 +269,7 @@ def _watch_once(orthanc, service_stack, live_api, pneumonia_xrays, tmp_path, tok
         settings = Settings(pacs={"orthanc": orthanc.endpoint()})
 
         def results() -> list[dict]:
-            return [row for row in search_instances(settings, "orthanc", study) if row["instance_uid"] != instance]
+            return [row for row in search_instances(settings.pacs, "orthanc", study) if row["instance_uid"] != instance]
 
         wait_until(lambda: results(), timeout=120, what="the results stored back")
         time.sleep(3.0)  # the study is stable again: its results must not come back as inputs

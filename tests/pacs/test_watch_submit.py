@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from aex.commands import watch as cmd
-from worker.pacs import PacsReference
-from worker.settings import Settings
+from jobs.settings import Settings
+from pacs.read import PacsReference
 
 REF = PacsReference("orthanc", "1.2.3", "1.2.3.4", "1.2.3.4.5")
 
@@ -52,7 +52,7 @@ def test_by_upload_until_then(monkeypatch):
     fields = cmd.explain_fields(client)
     assert not cmd.takes_references(fields)
     fetched = []
-    monkeypatch.setattr("worker.pacs.fetch_instance", lambda settings, *uids: fetched.append(uids) or b"DICM")
+    monkeypatch.setattr("pacs.read.fetch_instance", lambda endpoints, *uids: fetched.append(uids[:4]) or b"DICM")
     submit = cmd.make_submit(client, Settings(), None, fields, store=True)
     assert submit(REF) == "job1"
     assert fetched == [("orthanc", "1.2.3", "1.2.3.4", "1.2.3.4.5")]

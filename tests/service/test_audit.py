@@ -13,12 +13,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from jobs.keys import audit_key
+from jobs.queues import connect
 from models.errors import AexError, BadParameterError
 from service.audit import AuditLog, AuditMiddleware, note, parse_since, to_json_lines
 from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
 from service.errors import error_response, status_of
-from worker.keys import audit_key
-from worker.queues import connect
 
 DB = 12
 JOB = "0123456789abcdef0123456789abcdef"

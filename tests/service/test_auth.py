@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from jobs.queues import connect
+from jobs.settings import Settings
 from models.errors import (
     AexError,
     BadParameterError,
@@ -43,8 +45,6 @@ from service.auth import (
 from service.auth.principal import owner_meta
 from service.errors import error_response, status_of
 from tests.oidc import AUDIENCE, Issuer
-from worker.queues import connect
-from worker.settings import Settings
 
 DB = 11
 
@@ -322,15 +322,15 @@ def test_an_unreachable_identity_provider_is_a_401_not_a_crash(idp):
 def test_each_principal_has_at_most_its_share_of_jobs(conn):
     from rq.job import Job, JobStatus
 
+    from jobs.queues import SERIALIZER
     from models.errors import TooManyJobsError
     from service.quota import active_jobs, release, reserve
-    from worker.queues import SERIALIZER
 
     alice = Principal("key", "alice", None, frozenset({"submit"}))
     bob = Principal("key", "bob", None, frozenset({"submit"}))
 
     def job(status):
-        j = Job.create("worker.jobs.classify", connection=conn, serializer=SERIALIZER)
+        j = Job.create("worker.tasks.classify", connection=conn, serializer=SERIALIZER)
         j.set_status(status)
         j.save()
         return j

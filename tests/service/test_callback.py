@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from jobs.webhooks import parse_callback_secret, verify_signature
 from tests.tokens import CALLBACK_SECRET, api_client
-from worker.webhooks import parse_callback_secret, verify_signature
 
 pytestmark = pytest.mark.e2e
 

@@ -126,9 +126,9 @@ def test_bad_request_bodies(api, make_image):
 def test_redis_gone(tmp_path, service_models, make_image):
     from fastapi.testclient import TestClient
 
+    from jobs.settings import Settings
     from service.app import create_app
     from tests.tokens import DATA_KEY, bearer
-    from worker.settings import Settings
 
     gone = Settings(
         redis_url=f"unix://{tmp_path / 'no-redis.sock'}",

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from jobs.queues import connect
 from service.schemas import ClassifyParams, ExplainParams, repeatable_fields
 from tests.tokens import api_client
-from worker.queues import connect
 
 pytestmark = pytest.mark.e2e
 

@@ -8,8 +8,8 @@ from datetime import datetime
 
 import pytest
 
+from jobs.queues import JobKind, lane_of
 from tests.tokens import api_client
-from worker.queues import JobKind, lane_of
 
 pytestmark = pytest.mark.e2e
 

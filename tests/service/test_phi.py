@@ -19,10 +19,10 @@ import numpy as np
 import pydicom
 import pytest
 
+from jobs.crypto import MAGIC
+from jobs.keys import dicom_key, images_key, upload_key
+from jobs.queues import connect
 from tests.tokens import api_client
-from worker.crypto import MAGIC
-from worker.keys import dicom_key, images_key, upload_key
-from worker.queues import connect
 
 pytestmark = pytest.mark.e2e
 

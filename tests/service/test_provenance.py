@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 
+from jobs.settings import Settings
 from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
 from models.perturb.stability import percentile_of
 from models.render.png import to_png_bytes
 from models.store.header import read_checkpoint_metadata
 from tests.conftest import poll_job
 from tests.tokens import api_client
-from worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from jobs.settings import Settings
 from service.app import create_app
 from tests.tokens import DATA_KEY, auth_headers
-from worker.settings import Settings
 
 pytestmark = pytest.mark.e2e
 

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.keys import audit_key
+from jobs.queues import connect
 from models.errors import BadParameterError
 from service.app import create_app
 from service.audit import AuditLog
 from tests.oidc import AUDIENCE, Issuer
 from tests.tokens import bearer, token_for
-from worker.keys import audit_key
-from worker.queues import connect
 
 pytestmark = pytest.mark.e2e
 

@@ -15,11 +15,11 @@ import pytest
 from fastapi import FastAPI, Request, Response
 from PIL import Image
 
+from jobs.queues import connect
 from models.errors import AexError, UnauthenticatedError
 from service.auth import ApiKeyStore, Authenticator, Principal, Scope, challenge, requires
 from service.errors import error_response, status_of
 from service.viewer import install_viewer
-from worker.queues import connect
 
 pytestmark = pytest.mark.e2e
 

@@ -12,12 +12,12 @@ import torch
 from rq.job import Job
 from rq.queue import Queue
 
+from jobs.keys import cancel_key, upload_key
+from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from models.data.tensors import load_image_for_model
 from models.store.checkpoint import load_checkpoint
 from tests.tokens import api_client
 from worker.batching import batch_signature, requeue_stranded
-from worker.keys import cancel_key, upload_key
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 
 pytestmark = pytest.mark.e2e
 
@@ -98,7 +98,7 @@ def test_a_job_taken_but_never_started_is_queued_again(redis_of_module, settings
     settings = settings_on(redis_of_module, 1)
     conn = connect(settings.redis_url)
     queue = Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
-    job = queue.enqueue("worker.jobs.classify", kwargs={"model": "tiny-rgb"}, job_id="stranded-1")
+    job = queue.enqueue("worker.tasks.classify", kwargs={"model": "tiny-rgb"}, job_id="stranded-1")
     conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")  # taken, never started
     assert queue.get_job_ids() == [] and requeue_stranded(conn, queue) == []  # first seen now
     # Seen over a minute ago: put back.
@@ -114,7 +114,7 @@ def test_batch_signature_separates_models_stability_and_references(redis_of_modu
 
     def job(**kw):
         meta = kw.pop("meta", {})
-        func = kw.pop("func", "worker.jobs.classify")
+        func = kw.pop("func", "worker.tasks.classify")
         return queue.create_job(func, kwargs=kw, meta=meta)
 
     base = batch_signature(job(model="a", top_k=3))
@@ -122,14 +122,14 @@ def test_batch_signature_separates_models_stability_and_references(redis_of_modu
     assert batch_signature(job(model="b")) != base
     assert batch_signature(job(model="a", stability=True, stability_steps=20)) != base
     assert batch_signature(job(model="a", meta={"pacs_reference": {"pacs": "x"}})) is None
-    explain = batch_signature(job(model="a", func="worker.jobs.explain", targets=["cat"], rho=0.1, steps=35))
+    explain = batch_signature(job(model="a", func="worker.tasks.explain", targets=["cat"], rho=0.1, steps=35))
     assert explain is not None and explain != base
     # Targets and window may differ (rows of one search); the search settings may not.
     assert explain == batch_signature(
-        job(model="a", func="worker.jobs.explain", targets=["dog"], rho=0.1, steps=35, window=[1, 2])
+        job(model="a", func="worker.tasks.explain", targets=["dog"], rho=0.1, steps=35, window=[1, 2])
     )
-    assert explain != batch_signature(job(model="a", func="worker.jobs.explain", targets=["cat"], rho=0.2, steps=35))
-    assert explain != batch_signature(job(model="a", func="worker.jobs.explain", targets=["cat"], rho=0.1, steps=9))
+    assert explain != batch_signature(job(model="a", func="worker.tasks.explain", targets=["cat"], rho=0.2, steps=35))
+    assert explain != batch_signature(job(model="a", func="worker.tasks.explain", targets=["cat"], rho=0.1, steps=9))
     assert batch_signature(job(model="a", func="os.getpid")) is None
 
 

@@ -10,13 +10,13 @@ import pydicom
 import pytest
 import torch
 
+from jobs.params import explain_parameters
 from models.data.geometry import map_to_source
 from models.data.tensors import load_dicom_for_model
 from models.explain.gradcam import gradcam
 from tests.conftest import _tiny_checkpoint
 from tests.dciodvfy import check_with_dciodvfy, have_dciodvfy
 from worker.explaining import explain_result
-from worker.params import explain_parameters
 from worker.served import ServedModel
 
 LIMITS = (50_000_000, 20)

@@ -22,9 +22,9 @@ import httpx
 import pytest
 from rq.job import Job
 
+from jobs.keys import upload_key
+from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 from tests.tokens import auth_headers
-from worker.keys import upload_key
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -331,7 +331,7 @@ def test_job_ids_carry_the_epoch_of_the_store(tmp_path):
     """A job id made before Redis lost its data counts as lost; an id made since, or one aex
     never made (mistyped, invented, without valid check digits), does not."""
     from aex.serve import EmbeddedRedis
-    from worker.epoch import lost_in_restart, new_job_id, store_epoch
+    from jobs.epoch import lost_in_restart, new_job_id, store_epoch
 
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()

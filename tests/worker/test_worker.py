@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from rq.job import Job
 
+from jobs.keys import upload_key
+from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 from tests.tokens import api_client
-from worker.keys import upload_key
-from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -195,7 +195,7 @@ def test_a_job_that_is_not_aexs_is_refused_without_running(service_stack, tmp_pa
     from rq.job import Job
     from rq.queue import Queue
 
-    from worker.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+    from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 
     conn = connect(service_stack.redis_url)
     queue = Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
@@ -207,11 +207,11 @@ def test_a_job_that_is_not_aexs_is_refused_without_running(service_stack, tmp_pa
 
         hook = Webhook(f"http://127.0.0.1:9/{marker.name}", "failed", method="POST")
         job = queue.enqueue(
-            "worker.jobs.classify", model="tiny-rgb", webhooks=[hook], meta={"kind": "classify", "model": "tiny-rgb"}
+            "worker.tasks.classify", model="tiny-rgb", webhooks=[hook], meta={"kind": "classify", "model": "tiny-rgb"}
         )
     else:  # aex's own function, but with an rq callback that would import and run os.makedirs
         job = queue.enqueue(
-            "worker.jobs.classify",
+            "worker.tasks.classify",
             model="tiny-rgb",
             on_failure=Callback("os.makedirs"),
             meta={"kind": "classify", "model": "tiny-rgb"},

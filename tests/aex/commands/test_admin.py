@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from aex.cli import app
 from aex.client import AexClient
 from aex.credentials import default_token_file, read_token, resolve_token, write_token
+from jobs.crypto import parse_data_key
+from jobs.queues import connect
 from models.errors import BadParameterError, UnauthenticatedError
 from service.audit import AuditLog
 from service.auth import ApiKeyStore
-from worker.crypto import parse_data_key
-from worker.queues import connect
 
 DB = 14
 runner = CliRunner()

@@ -9,11 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from jobs.callbacks import check_callback_url, deliver, host_allowed
+from jobs.keys import callback_key
+from jobs.queues import connect
+from jobs.settings import Settings
 from models.errors import BadParameterError
-from worker.callbacks import check_callback_url, deliver, host_allowed
-from worker.keys import callback_key
-from worker.queues import connect
-from worker.settings import Settings
 
 
 @pytest.mark.parametrize(
@@ -99,7 +99,7 @@ def test_the_sender_checks_the_url_against_its_own_allow_list(redis_server, serv
     """A job written straight into Redis was never checked by the API: with a policy (as every
     worker and the API send), a host off the sender's allow-list, or any host when callbacks
     are off there, gets nothing."""
-    from worker.callbacks import CallbackPolicy
+    from jobs.callbacks import CallbackPolicy
 
     conn = connect(f"{redis_server.url}?db=10")
     meta = {"url": server["url"], "attempts": 2, "timeout": 5.0, "backoff": 0.01}

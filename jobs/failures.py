@@ -25,6 +25,11 @@ from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
+from jobs.callbacks import CallbackPolicy, notify_job_end
+from jobs.keys import cancel_key, upload_key
+from jobs.metrics import record_job
+from jobs.queues import QUEUE_NAMES, SERIALIZER
+from jobs.states import ApiStatus
 from models.errors import (
     AexError,
     JobCancelledError,
@@ -33,11 +38,6 @@ from models.errors import (
     TransientError,
     WorkerLostError,
 )
-from worker.callbacks import CallbackPolicy, notify_job_end
-from worker.job_metrics import record_job
-from worker.keys import cancel_key, upload_key
-from worker.queues import QUEUE_NAMES, SERIALIZER
-from worker.states import ApiStatus
 
 log = logging.getLogger("aex.worker")
 

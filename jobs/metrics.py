@@ -7,8 +7,8 @@ from typing import Any
 
 from redis import Redis
 
-from worker.keys import duration_key, outcomes_key
-from worker.queues import JobKind
+from jobs.keys import duration_key, outcomes_key
+from jobs.queues import JobKind
 
 # Job counts and durations, written by every worker (and the reaper of abandoned jobs) so
 # the API's /metrics shows the whole cluster.

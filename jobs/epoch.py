@@ -17,7 +17,7 @@ import secrets
 
 from redis import Redis
 
-from worker.keys import store_epoch_key
+from jobs.keys import store_epoch_key
 
 EPOCH_DIGITS = 8
 CHECK_DIGITS = 4

@@ -7,8 +7,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from worker.pacs import check_reference
-from worker.settings import Settings
+from jobs.settings import Settings
+from pacs.read import check_reference
 
 SECRET = "s3cret-Value-42"
 ENTRY = {
@@ -37,7 +37,7 @@ def test_secrets_are_never_shown():
     settings = Settings(pacs={"main": ENTRY})
     assert SECRET not in repr(settings) and SECRET not in str(settings.pacs)
     assert SECRET not in json.dumps(settings.model_dump(mode="json"))
-    ref = check_reference(settings, "main", "1.2.3", "1.2.3.4", "1.2.3.4.5")
+    ref = check_reference(settings.pacs, "main", "1.2.3", "1.2.3.4", "1.2.3.4.5")
     assert SECRET not in json.dumps(ref.as_dict()) and "pacs.example.org" not in json.dumps(ref.as_dict())
 
 

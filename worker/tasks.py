@@ -1,12 +1,12 @@
-"""Job functions, enqueued by dotted path ("worker.jobs.classify", "worker.jobs.explain").
+"""Job functions, enqueued by dotted path ("worker.tasks.classify", "worker.tasks.explain").
 
 Each takes small JSON-safe keyword arguments: the canonical parameters the API built with
-``worker.params.classify_parameters`` / ``explain_parameters``. The upload is read from
+``jobs.params.classify_parameters`` / ``explain_parameters``. The upload is read from
 Redis (the API stored it sealed under ``upload_key(job_id)``, and said in
 ``job.meta["input_format"]`` whether it is DICOM); the worker process deletes it once the job
-has ended for good (not when its run is cut short and it is queued again: ``worker.failures``).
+has ended for good (not when its run is cut short and it is queued again: ``jobs.failures``).
 What is computed comes from ``worker.compute``; here it is wired to the job: progress and
-cancellation through job.meta, PNGs and DICOM objects stored sealed (``worker.crypto``, one
+cancellation through job.meta, PNGs and DICOM objects stored sealed (``jobs.crypto``, one
 blob per hash field) in Redis hashes with the result TTL. The job's cache key
 (``job.meta["cache_key"]``) is what the worker process indexes the finished result by.
 Models come from the process's ``ServedModels``, and the data cipher from AEX_DATA_KEY,
@@ -23,19 +23,19 @@ from typing import Any
 from rq import get_current_job
 from rq.job import Job
 
+from jobs.crypto import DataCipher, blob_context
+from jobs.keys import cancel_key, dicom_key, images_key, upload_key
+from jobs.params import classify_parameters, explain_parameters
+from jobs.queues import JOB_FUNCTIONS, JobKind
+from jobs.settings import Settings
 from models.defaults import ARA_STEPS, STABILITY_MODE
 from models.errors import BadParameterError, JobCancelledError
+from pacs.read import fetch_reference
+from pacs.store import store_report
 from worker.batching import Prepared, take_prepared
 from worker.compute import classify_result, classify_results
-from worker.crypto import DataCipher, blob_context
 from worker.explaining import explain_result, explain_results
-from worker.keys import cancel_key, dicom_key, images_key, upload_key
-from worker.pacs import fetch_reference
-from worker.pacs_store import store_report
-from worker.params import classify_parameters, explain_parameters
-from worker.queues import JOB_FUNCTIONS, JobKind
 from worker.served import served_models
-from worker.settings import Settings
 
 # Set by the worker when rq's stop-job command arrives for the job in hand (pubsub thread).
 stop_requested = threading.Event()
@@ -66,7 +66,7 @@ def seal_fields(redis_key: str, files: dict[str, bytes]) -> dict[str, bytes]:
 def _current_job() -> Job:
     job = get_current_job()
     if job is None:
-        raise RuntimeError("worker.jobs functions run inside an rq job")
+        raise RuntimeError("worker.tasks functions run inside an rq job")
     return job
 
 
@@ -86,7 +86,7 @@ def _read_upload(job: Job) -> bytes:
     the instance fetched from its PACS by WADO-RS (same size limit as an upload)."""
     ref = job.meta.get("pacs_reference")
     if ref:
-        return fetch_reference(_settings(), ref)
+        return fetch_reference(_settings().pacs, ref, _settings().max_upload_bytes)
     data = job.connection.get(upload_key(job.id))
     if data is None:
         raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
@@ -252,7 +252,7 @@ def explain(
     if ref and job.meta.get("store", True):
         # Back into the source's study, where its viewers look (deterministic UIDs: a second
         # run replaces rather than duplicates).
-        summary["stored"] = store_report(_settings(), ref["pacs"], list(dicom_files.values()))
+        summary["stored"] = store_report(_settings().pacs, ref["pacs"], list(dicom_files.values()))
     files = seal_fields(images_key(job.id), files)
     dicom_files = seal_fields(dicom_key(job.id), dicom_files)
     with job.connection.pipeline() as pipe:

@@ -2,7 +2,7 @@
 dotted path, the JSON serializer, the Redis connection and the live workers with their
 published catalogues.
 
-Jobs are enqueued by dotted path ("worker.jobs.classify") with small JSON-safe keyword
+Jobs are enqueued by dotted path ("worker.tasks.classify") with small JSON-safe keyword
 arguments and stored with rq's JSON serializer: nothing in Redis is ever unpickled.
 Torch-free: the API imports it."""
 
@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError
 from redis.retry import Retry
 from rq.serializers import JSONSerializer
 
-from worker.keys import CATALOGUE_FIELD
+from jobs.keys import CATALOGUE_FIELD
 
 SERIALIZER = JSONSerializer
 
@@ -40,7 +40,7 @@ def lane_of(kind: JobKind, stability: bool = False) -> JobKind:
     return JobKind.CLASSIFY if kind is JobKind.CLASSIFY and not stability else JobKind.EXPLAIN
 
 
-JOB_FUNCTIONS: dict[JobKind, str] = {JobKind.CLASSIFY: "worker.jobs.classify", JobKind.EXPLAIN: "worker.jobs.explain"}
+JOB_FUNCTIONS: dict[JobKind, str] = {JobKind.CLASSIFY: "worker.tasks.classify", JobKind.EXPLAIN: "worker.tasks.explain"}
 
 
 def refusal(job) -> str | None:

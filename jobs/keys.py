@@ -44,7 +44,7 @@ def outcomes_key() -> str:
 
 
 def store_epoch_key() -> str:
-    """The job store's epoch (``worker.epoch``): a random id, set once, without a TTL."""
+    """The job store's epoch (``jobs.epoch``): a random id, set once, without a TTL."""
     return f"{PREFIX}:store:epoch"
 
 

@@ -1,6 +1,6 @@
 """Reading from the configured PACS: admission checks of a reference, WADO-RS retrieval of one instance, QIDO-RS searches.
 
-A request names a PACS of AEX_PACS (``worker.pacs_config``) and the three UIDs of an instance;
+A request names a PACS of AEX_PACS (``pacs.config``) and the three UIDs of an instance;
 ``check_reference`` is what the API runs at admission (no network, no torch), and
 ``fetch_instance`` what the worker runs: the instance's Part 10 bytes, exactly as the PACS
 keeps them (``transfer-syntax=*``), streamed and cut off past AEX_MAX_UPLOAD_BYTES (decoded
@@ -32,13 +32,12 @@ from models.errors import (
     UnknownPacsError,
     UploadTooLargeError,
 )
-from worker.pacs_config import PacsEndpoint
+from pacs.config import Endpoints, PacsEndpoint
 
 if TYPE_CHECKING:
     import requests
     from dicomweb_client.api import DICOMwebClient
 
-    from worker.settings import Settings
 
 T = TypeVar("T")
 
@@ -74,11 +73,11 @@ class PacsReference:
         return f"study {self.study_uid}, series {self.series_uid}, instance {self.instance_uid} of PACS {self.pacs!r}"
 
 
-def endpoint(settings: Settings, pacs: str) -> PacsEndpoint:
+def endpoint(endpoints: Endpoints, pacs: str) -> PacsEndpoint:
     """The endpoint AEX_PACS configures under ``pacs``; UnknownPacsError otherwise."""
-    found = settings.pacs.get(pacs) if isinstance(pacs, str) else None
+    found = endpoints.get(pacs) if isinstance(pacs, str) else None
     if found is None:
-        known = ", ".join(sorted(settings.pacs)) or "none is configured (AEX_PACS)"
+        known = ", ".join(sorted(endpoints)) or "none is configured (AEX_PACS)"
         raise UnknownPacsError(f"unknown PACS {str(pacs)[:64]!r}: configured are {known}")
     return found
 
@@ -87,11 +86,13 @@ def valid_uid(value: str) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(UID.match(value))
 
 
-def check_reference(settings: Settings, pacs: str, study_uid: str, series_uid: str, instance_uid: str) -> PacsReference:
+def check_reference(
+    endpoints: Endpoints, pacs: str, study_uid: str, series_uid: str, instance_uid: str
+) -> PacsReference:
     """The admission check of an input by reference (API side: no network, torch-free): the
     PACS is configured and can be read (it has a DICOMweb url), the three UIDs are valid UIDs.
     UnknownPacsError (400) or BadParameterError (400) otherwise."""
-    ep = endpoint(settings, pacs)
+    ep = endpoint(endpoints, pacs)
     if ep.url is None:
         raise BadParameterError(f"PACS {pacs!r} is configured for C-STORE only: aex cannot read instances from it")
     for field, value in (("study_uid", study_uid), ("series_uid", series_uid), ("instance_uid", instance_uid)):
@@ -164,11 +165,12 @@ def http_error(pacs: str, what: str, status: int) -> PacsError:
 
 # --- WADO-RS ------------------------------------------------------------------------------
 def fetch_instance(
-    settings: Settings,
+    endpoints: Endpoints,
     pacs: str,
     study_uid: str,
     series_uid: str,
     instance_uid: str,
+    max_bytes: int,
     attempts: int = ATTEMPTS,
     backoff: float = BACKOFF_SECONDS,
 ) -> bytes:
@@ -176,9 +178,9 @@ def fetch_instance(
     docstring for the limits and the errors)."""
     import requests
 
-    ref = check_reference(settings, pacs, study_uid, series_uid, instance_uid)
-    ep = endpoint(settings, pacs)
-    limit = settings.max_upload_bytes
+    ref = check_reference(endpoints, pacs, study_uid, series_uid, instance_uid)
+    ep = endpoint(endpoints, pacs)
+
     url = f"{ep.url}/studies/{study_uid}/series/{series_uid}/instances/{instance_uid}"
     session = session_for(ep)
 
@@ -190,13 +192,13 @@ def fetch_instance(
                 raise InstanceNotFoundError(f"no {ref.describe()}")
             resp.raise_for_status()
             declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > limit + MULTIPART_SLACK:
-                raise _too_large(ref, limit)
+            if declared.isdigit() and int(declared) > max_bytes + MULTIPART_SLACK:
+                raise _too_large(ref, max_bytes)
             body = bytearray()
             for chunk in resp.iter_content(READ_CHUNK):
                 body += chunk
-                if len(body) > limit + MULTIPART_SLACK:
-                    raise _too_large(ref, limit)
+                if len(body) > max_bytes + MULTIPART_SLACK:
+                    raise _too_large(ref, max_bytes)
             return resp.headers.get("Content-Type", ""), bytes(body)
 
     try:
@@ -205,21 +207,21 @@ def fetch_instance(
     except requests.HTTPError as exc:
         raise http_error(pacs, f"retrieve {ref.describe()}", exc.response.status_code) from None
     data = single_part(content_type, body, pacs)
-    if len(data) > limit:
-        raise _too_large(ref, limit)
+    if len(data) > max_bytes:
+        raise _too_large(ref, max_bytes)
     if not data:
         raise InstanceNotFoundError(f"no {ref.describe()} (the PACS answered an empty body)")
     return data
 
 
-def fetch_reference(settings: Settings, reference: dict[str, str]) -> bytes:
+def fetch_reference(endpoints: Endpoints, reference: dict[str, str], max_bytes: int) -> bytes:
     """``fetch_instance`` of a reference as jobs carry it (``PacsReference.as_dict()``)."""
     ref = PacsReference(**reference)
-    return fetch_instance(settings, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid)
+    return fetch_instance(endpoints, ref.pacs, ref.study_uid, ref.series_uid, ref.instance_uid, max_bytes)
 
 
-def _too_large(ref: PacsReference, limit: int) -> UploadTooLargeError:
-    return UploadTooLargeError(f"{ref.describe()} is larger than AEX_MAX_UPLOAD_BYTES ({limit} bytes)")
+def _too_large(ref: PacsReference, max_bytes: int) -> UploadTooLargeError:
+    return UploadTooLargeError(f"{ref.describe()} is larger than AEX_MAX_UPLOAD_BYTES ({max_bytes} bytes)")
 
 
 def single_part(content_type: str, body: bytes, pacs: str) -> bytes:
@@ -249,10 +251,10 @@ def single_part(content_type: str, body: bytes, pacs: str) -> bytes:
 
 
 # --- QIDO-RS ------------------------------------------------------------------------------
-def _qido(settings: Settings, pacs: str, what: str, call: Callable[[DICOMwebClient], list[dict]]) -> list[dict]:
+def _qido(endpoints: Endpoints, pacs: str, what: str, call: Callable[[DICOMwebClient], list[dict]]) -> list[dict]:
     import requests
 
-    ep = endpoint(settings, pacs)
+    ep = endpoint(endpoints, pacs)
     if ep.url is None:
         raise BadParameterError(f"PACS {pacs!r} has no DICOMweb url: it cannot be searched")
     client = dicomweb_client(ep)
@@ -271,12 +273,12 @@ def json_value(item: dict[str, Any], tag: str) -> Any:
     return value.get("Alphabetic") if isinstance(value, dict) else value
 
 
-def search_studies(settings: Settings, pacs: str, study_date: str | None = None) -> list[dict[str, Any]]:
+def search_studies(endpoints: Endpoints, pacs: str, study_date: str | None = None) -> list[dict[str, Any]]:
     """Studies of the PACS (with ``study_date``: a QIDO date or range, such as "20260101-"):
     study_uid, study_date, study_time, instances (NumberOfStudyRelatedInstances) each."""
     filters = {"StudyDate": study_date} if study_date else None
     found = _qido(
-        settings,
+        endpoints,
         pacs,
         "search for studies",
         lambda c: c.search_for_studies(search_filters=filters, fields=["00201208"], get_remaining=True),
@@ -293,14 +295,14 @@ def search_studies(settings: Settings, pacs: str, study_date: str | None = None)
     ]
 
 
-def search_instances(settings: Settings, pacs: str, study_uid: str) -> list[dict[str, Any]]:
+def search_instances(endpoints: Endpoints, pacs: str, study_uid: str) -> list[dict[str, Any]]:
     """Every instance of a study: its three UIDs, SOP class, modality, and its series's
     description and manufacturer (what ``aex watch`` filters on)."""
     if not valid_uid(study_uid):
         raise BadParameterError("study_uid must be a DICOM UID")
     fields = ["00080060", "0008103E", "00080070", "00080016"]
     found = _qido(
-        settings,
+        endpoints,
         pacs,
         f"search the instances of study {study_uid}",
         lambda c: c.search_for_instances(study_instance_uid=study_uid, fields=fields, get_remaining=True),

@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import ARA_STEPS
-from worker.pacs_config import PacsEndpoint, endpoints_env, parse_endpoints
+from pacs.config import PacsEndpoint, endpoints_env, parse_endpoints
 
 MIB = 1024 * 1024
 
@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     # of 32 bytes; more keys after commas decrypt only (rotation).
     data_key: SecretStr | None = None
 
-    # PACS endpoints by name (JSON; worker/pacs_config.py): requests and `aex watch` name one,
+    # PACS endpoints by name (JSON; pacs/config.py): requests and `aex watch` name one,
     # never an address. Credentials are secrets: never logged, never in a job or a view.
     pacs: Annotated[dict[str, PacsEndpoint], NoDecode] = Field(default_factory=dict)
 

@@ -13,7 +13,7 @@ are not followed, the target could be off the allow-list) ends it. The record
 (``callback_key(job_id)``: url, state, attempts, last status or error) shows in the job view,
 with the URL redacted (no query, no user info). With a ``CallbackPolicy`` (from the settings)
 each POST is signed (Standard Webhooks) and goes to the address the host resolved to once,
-checked against the allow-list (``worker.webhooks``); no proxy is taken from the environment.
+checked against the allow-list (``jobs.webhooks``); no proxy is taken from the environment.
 Torch-free: the API process uses it too.
 """
 
@@ -32,11 +32,11 @@ import httpx
 from redis import Redis
 from rq.job import Job
 
+from jobs.keys import callback_key
+from jobs.states import STATUS_FROM_RQ, ApiStatus
+from jobs.webhooks import PinnedTarget, ip_on_allow_list, parse_callback_secret, pin, redact_url, signed_headers
 from models.errors import BadParameterError
 from models.version import __version__
-from worker.keys import callback_key
-from worker.states import STATUS_FROM_RQ, ApiStatus
-from worker.webhooks import PinnedTarget, ip_on_allow_list, parse_callback_secret, pin, redact_url, signed_headers
 
 log = logging.getLogger("aex.callbacks")
 

@@ -1,6 +1,6 @@
 """Storing result objects back to a configured PACS: STOW-RS to its DICOMweb root, or C-STORE (pynetdicom) to its DIMSE peer.
 
-``store_results(settings, pacs, objects)`` sends Part 10 objects (the Parametric Map, SC and
+``store_results(endpoints, pacs, objects)`` sends Part 10 objects (the Parametric Map, SC and
 SR of a job) and returns a report of what was stored where: the PACS's name (never its
 address), how (``stow`` or ``dimse``), and per object its SOP Class, Study, Series and SOP
 Instance UIDs and a status (``stored``, ``warning`` with the PACS's reason code, or
@@ -8,7 +8,7 @@ Instance UIDs and a status (``stored``, ``warning`` with the PACS's reason code,
 duplicated: Orthanc answers a STOW or a C-STORE of a known SOP Instance UID with success and
 keeps one instance (``OverwriteInstances`` false, its default: the first copy stays; true:
 the new copy replaces it), so with deterministic UIDs a job run again stores nothing twice.
-Connection failures are retried with backoff (``worker.pacs.with_retries``); a PACS that
+Connection failures are retried with backoff (``pacs.read.with_retries``); a PACS that
 stays unreachable raises ``pacs_unreachable``; a PACS that refuses some objects does not
 raise: the report says which. Torch-free.
 """
@@ -20,13 +20,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from models.errors import BadParameterError, PacsError, PacsUnreachableError
-from worker.pacs import ATTEMPTS, BACKOFF_SECONDS, endpoint, http_error, session_for, timeouts, with_retries
+from pacs.read import ATTEMPTS, BACKOFF_SECONDS, endpoint, http_error, session_for, timeouts, with_retries
 
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-    from worker.pacs_config import PacsEndpoint
-    from worker.settings import Settings
+    from pacs.config import Endpoints, PacsEndpoint
 
 STOW_BOUNDARY = "aex-stow-5b1d8c2e9f"
 # C-STORE statuses that are warnings (stored, with a coercion or a discrepancy), not failures.
@@ -50,14 +49,14 @@ def _describe(data: bytes) -> tuple[Dataset, dict[str, Any]]:
 
 
 def store_results(
-    settings: Settings,
+    endpoints: Endpoints,
     pacs: str,
     objects: Sequence[bytes],
     attempts: int = ATTEMPTS,
     backoff: float = BACKOFF_SECONDS,
 ) -> dict[str, Any]:
     """Store ``objects`` (Part 10 bytes) to the PACS named ``pacs``; the report (module docstring)."""
-    ep = endpoint(settings, pacs)
+    ep = endpoint(endpoints, pacs)
     described = [_describe(data) for data in objects]
     via = ep.stores_via()
     rows = [row for _ds, row in described]
@@ -75,14 +74,14 @@ def store_results(
     }
 
 
-def store_report(settings: Settings, pacs: str, objects: Sequence[bytes]) -> dict[str, Any]:
+def store_report(endpoints: Endpoints, pacs: str, objects: Sequence[bytes]) -> dict[str, Any]:
     """``store_results`` for a job's result: never raises one of aex's errors (the results
     are kept whatever the PACS does); a PACS that could not take them is reported as
     ``{"pacs", "error": {"code", "message"}}``."""
     from models.errors import AexError
 
     try:
-        return store_results(settings, pacs, objects)
+        return store_results(endpoints, pacs, objects)
     except AexError as exc:
         return {"pacs": pacs, "stored": 0, "failed": len(objects), "error": {"code": exc.code, "message": exc.message}}
 

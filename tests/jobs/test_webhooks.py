@@ -1,4 +1,4 @@
-"""Callback hardening (worker/webhooks.py and its use in worker/callbacks.py): Standard
+"""Callback hardening (jobs/webhooks.py and its use in jobs/callbacks.py): Standard
 Webhooks signatures, redacted URLs, addresses checked after one resolution and pinned, no
 proxy from the environment; deliveries go to a real receiver on 127.0.0.1."""
 
@@ -11,12 +11,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from models.errors import BadParameterError
-from worker.callbacks import CallbackPolicy, deliver, delivery_record, host_allowed
-from worker.keys import callback_key
-from worker.queues import connect
-from worker.settings import Settings
-from worker.webhooks import (
+from jobs.callbacks import CallbackPolicy, deliver, delivery_record, host_allowed
+from jobs.keys import callback_key
+from jobs.queues import connect
+from jobs.settings import Settings
+from jobs.webhooks import (
     address_allowed,
     generate_callback_secret,
     parse_callback_secret,
@@ -26,6 +25,7 @@ from worker.webhooks import (
     signed_headers,
     verify_signature,
 )
+from models.errors import BadParameterError
 
 DB = 15
 
@@ -141,7 +141,7 @@ def test_a_signed_delivery_resolves_once_and_ignores_proxies(redis_server, recei
         Settings(callback_allowed_hosts="hooks.test,127.0.0.0/8", callback_secret=secret)
     )
     resolver = fake_resolver("127.0.0.1", "10.9.9.9")  # a second answer would rebind elsewhere
-    monkeypatch.setattr("worker.webhooks.socket.getaddrinfo", resolver)
+    monkeypatch.setattr("jobs.webhooks.socket.getaddrinfo", resolver)
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:9")
     receiver["statuses"] = [503, 503]
@@ -163,7 +163,7 @@ def test_a_signed_delivery_resolves_once_and_ignores_proxies(redis_server, recei
 
 def test_a_host_that_resolves_to_a_private_address_is_not_called(redis_server, receiver, monkeypatch):
     conn = connect(f"{redis_server.url}?db={DB}")
-    monkeypatch.setattr("worker.webhooks.socket.getaddrinfo", fake_resolver("127.0.0.1"))
+    monkeypatch.setattr("jobs.webhooks.socket.getaddrinfo", fake_resolver("127.0.0.1"))
     policy = CallbackPolicy(secret=None, allowed_hosts=["hooks.test"])  # no network entry for loopback
     meta = {"url": f"http://hooks.test:{receiver['port']}/h", "attempts": 3, "timeout": 5.0, "backoff": 0.01}
     record = deliver(conn, "j2", meta, {"job_id": "j2"}, {}, 60, policy)
@@ -176,7 +176,7 @@ def test_the_job_view_shows_the_callback_url_redacted(redis_server):
     from rq.job import Job
 
     conn = connect(f"{redis_server.url}?db={DB}")
-    job = Job.create("worker.jobs.classify", connection=conn, id="j3")
+    job = Job.create("worker.tasks.classify", connection=conn, id="j3")
     job.meta["callback"] = {"url": "https://hooks.example.org/h?token=s3cret"}
     assert delivery_record(conn, job) == {"url": "https://hooks.example.org/h", "state": "waiting", "attempts": 0}
     conn.close()

@@ -1,4 +1,4 @@
-"""Encryption at rest (worker/crypto.py): a round trip through a real Redis, tampering and
+"""Encryption at rest (jobs/crypto.py): a round trip through a real Redis, tampering and
 wrong keys detected, blobs bound to their Redis key, and no readable patient data stored."""
 
 from __future__ import annotations
@@ -7,8 +7,7 @@ import base64
 
 import pytest
 
-from models.errors import BadParameterError, DecryptionError
-from worker.crypto import (
+from jobs.crypto import (
     HEADER_BYTES,
     MAGIC,
     DataCipher,
@@ -18,9 +17,10 @@ from worker.crypto import (
     key_id,
     parse_data_key,
 )
-from worker.keys import dicom_key, images_key, upload_key
-from worker.queues import connect
-from worker.settings import Settings
+from jobs.keys import dicom_key, images_key, upload_key
+from jobs.queues import connect
+from jobs.settings import Settings
+from models.errors import BadParameterError, DecryptionError
 
 DB = 8  # a database no other test uses (flushed around each test)
 MARKER = b"PatientName=MARKER^Patient^7f3a"

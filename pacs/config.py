@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -177,3 +178,7 @@ def endpoints_env(endpoints: dict[str, PacsEndpoint]) -> str:
                 entry[key] = entry[key].get_secret_value()
         out[name] = entry
     return json.dumps(out, separators=(",", ":"))
+
+
+# The configured endpoints by name, as the PACS functions take them (``Settings.pacs``).
+Endpoints = Mapping[str, PacsEndpoint]
