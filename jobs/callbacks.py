@@ -23,14 +23,14 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import httpx
 from redis import Redis
-from rq.job import Job
 
 from jobs.keys import callback_key
 from jobs.states import STATUS_FROM_RQ, ApiStatus
@@ -85,6 +85,20 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> str:
     return url
 
 
+class EndedJob(Protocol):
+    """What a callback reads of a job: a worker's rq job, or the API's ``jobs.rqueue.JobRecord``
+    (a reused result is no rq job). ``get_status`` is read only when no status is given."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def meta(self) -> Mapping[str, Any]: ...
+
+    @property
+    def ended_at(self) -> datetime | None: ...
+
+
 @dataclass(frozen=True)
 class CallbackPolicy:
     """How callbacks are sent: ``secret`` signs them (None: unsigned), ``allowed_hosts`` are
@@ -114,7 +128,7 @@ def callback_meta(
     }
 
 
-def delivery_record(conn: Redis, job: Job) -> dict[str, Any] | None:
+def delivery_record(conn: Redis, job: EndedJob) -> dict[str, Any] | None:
     """The job's delivery record as the job view shows it (None without a callback)."""
     meta = job.meta.get("callback")
     if not isinstance(meta, dict):
@@ -133,7 +147,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict[str, Any]:
+def job_end_payload(job: EndedJob, status: ApiStatus, public_url: str | None) -> dict[str, Any]:
     """The JSON body of a callback: which job, how it ended, where its result is (never the id
     of another job: a reused result does not say whose it was)."""
     path = f"/v1/jobs/{job.id}"
@@ -153,7 +167,7 @@ def job_end_payload(job: Job, status: ApiStatus, public_url: str | None) -> dict
 
 
 def notify_job_end(
-    conn: Redis, job: Job, status: ApiStatus | None = None, policy: CallbackPolicy | None = None
+    conn: Redis, job: EndedJob, status: ApiStatus | None = None, policy: CallbackPolicy | None = None
 ) -> threading.Thread | None:
     """Send the job's callback, once, in a thread (returned; None when there is nothing to
     send or another process has already claimed it). Never raises."""

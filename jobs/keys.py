@@ -25,6 +25,13 @@ def dicom_key(job_id: str) -> str:
     return f"{PREFIX}:dicom:{job_id}"
 
 
+def reused_job_key(job_id: str) -> str:
+    """A job answered from an earlier result (``service.reuse``): a hash of what its view
+    needs (kind, model, meta with its owner and ``result_job``, time, the result JSON), aex's
+    own record and no rq job, with the remaining TTL of the result it copies."""
+    return f"{PREFIX}:reused:{job_id}"
+
+
 def callback_key(job_id: str) -> str:
     """The delivery record of a job's callback (JSON, with the result TTL)."""
     return f"{PREFIX}:callback:{job_id}"

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
-from rq.queue import Queue
 
 from jobs.callbacks import callback_meta, check_callback_url
-from jobs.queues import JobKind, live_worker_keys
+from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from jobs.rqueue import queue_depth
 from jobs.settings import Settings
 from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
 from models.explain.targets import count_rows, parse_targets
@@ -20,11 +20,11 @@ from service.schemas import CommonParams, ExplainParams
 from service.uploads import check_dicom, check_image, is_dicom_upload
 
 
-def check_capacity(conn: Redis, queue: Queue, kind: JobKind, settings: Settings) -> None:
-    """503 when no live worker serves the queue, 429 when the queue is at its depth."""
-    if not live_worker_keys(conn, queue.name):
+def check_capacity(conn: Redis, kind: JobKind, settings: Settings) -> None:
+    """503 when no live worker serves the queue of lane ``kind``, 429 when it is at its depth."""
+    if not live_worker_keys(conn, QUEUE_NAMES[kind]):
         raise ServiceUnavailableError(f"no worker is serving the {kind.value} queue; start one with `aex worker`")
-    depth = queue.count
+    depth = queue_depth(conn, kind)
     if depth >= settings.max_queue_depth:
         raise QueueFullError(
             f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = {settings.max_queue_depth}); retry later"

@@ -19,21 +19,18 @@ import re
 from typing import Any
 
 from redis import Redis
-from rq.command import send_stop_job_command
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job, JobStatus
-from rq.queue import Queue
-from rq.results import Result
 
+from jobs import rqueue
 from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.crypto import DataCipher, blob_context
 from jobs.epoch import lost_in_restart, new_job_id
 from jobs.failures import reap_abandoned
 from jobs.keys import cancel_key, dicom_key, images_key, upload_key
 from jobs.params import classify_parameters, explain_parameters, result_cache_key
-from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, lane_of
+from jobs.queues import JobKind, lane_of
+from jobs.rqueue import JobRecord
 from jobs.settings import Settings
-from jobs.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
+from jobs.states import TERMINAL, ApiStatus
 from models.errors import (
     JobLostError,
     UnknownJobError,
@@ -43,9 +40,9 @@ from service import admission, quota
 from service.auth.principal import Principal, can_access, owner_meta, owner_of_meta, reuse_scope
 from service.catalogue import Catalogue
 from service.multipart import Upload
-from service.reuse import reuse_result
+from service.reuse import fetch_reused, reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
-from service.views import job_view, kind_of
+from service.views import job_view
 
 log = logging.getLogger("aex.service")
 
@@ -73,12 +70,6 @@ class JobService:
     ):
         self.conn, self.settings, self.catalogue = conn, settings, catalogue
         self.cipher, self.policy = cipher, policy
-        # One queue per lane (named by the kind it was made for; ``jobs.queues.lane_of``).
-        self.queues = {k: Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in JobKind}
-
-    def queue_of(self, job: Job) -> Queue | None:
-        """The queue a job was put on (None for an rq job that is not one of ours)."""
-        return next((q for q in self.queues.values() if q.name == job.origin), None)
 
     def submit(
         self,
@@ -95,7 +86,7 @@ class JobService:
         AEX_MAX_JOBS_PER_PRINCIPAL), store the upload sealed (with its TTL) and enqueue the job
         by dotted path on the queue of ``lane`` (default: its kind's). Returns its id."""
         lane = lane or kind
-        admission.check_capacity(self.conn, self.queues[lane], lane, self.settings)
+        admission.check_capacity(self.conn, lane, self.settings)
         job_id = new_job_id(self.conn)
         if timeout is None:
             timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
@@ -107,15 +98,16 @@ class JobService:
             if not (meta or {}).get("pacs_reference"):  # by reference, the worker fetches it
                 sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
                 self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
-            self.queues[lane].enqueue(
-                JOB_FUNCTIONS[kind],
+            rqueue.enqueue(
+                self.conn,
+                lane,
+                kind,
+                job_id,
                 kwargs={"model": model, **kwargs},
-                job_id=job_id,
-                job_timeout=timeout,
-                result_ttl=self.settings.result_ttl,
-                failure_ttl=self.settings.result_ttl,
-                ttl=self.settings.upload_ttl,
                 meta={"kind": kind.value, "model": model, **(meta or {})},
+                timeout=timeout,
+                result_ttl=self.settings.result_ttl,
+                wait_ttl=self.settings.upload_ttl,
                 description=f"{kind.value} {model}",
             )
         except BaseException:
@@ -127,8 +119,7 @@ class JobService:
 
     def wait(self, job_id: str, seconds: float) -> None:
         """Block until the job has a result (success, failure or stop), at most ``seconds``."""
-        if seconds > 0:
-            self.conn.xread({Result.get_key(job_id): "0-0"}, block=max(1, int(seconds * 1000)))
+        rqueue.wait_for_end(self.conn, job_id, seconds)
 
     def _cache_key(self, kind: JobKind, entry: dict[str, Any], digest: str, parameters: dict[str, Any]) -> str:
         checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
@@ -143,9 +134,10 @@ class JobService:
         kwargs: dict[str, Any],
         meta: dict[str, Any],
         lane: JobKind,
-    ) -> str:
-        """The id of a job of ``principal`` answering the request: a reused result (of the
-        same principal or tenant), or a newly queued job on the queue of ``lane``."""
+    ) -> tuple[str, bool]:
+        """The id of a job of ``principal`` answering the request, and whether it is a reused
+        result (of the same principal or tenant, finished already) rather than a newly queued
+        job on the queue of ``lane``."""
         scope = reuse_scope(principal)
         # An input by reference is named by its PACS and UIDs (a SOP Instance UID names one
         # object for good): the key of its result, until the worker has its bytes.
@@ -153,16 +145,13 @@ class JobService:
         digest = upload.sha256 if ref is None else hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()
         meta = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
         key = self._cache_key(kind, entry, digest, {**kwargs, "store": meta.get("store")} if ref else kwargs)
-        queue = self.queues[lane]
-        job_id = reuse_result(
-            self.conn, queue, self.settings, kind, entry["name"], key, kwargs, meta, scope, self.policy
-        )
+        job_id = reuse_result(self.conn, self.settings, kind, entry["name"], key, meta, scope, self.policy)
         if job_id is not None:
-            return job_id
+            return job_id, True
         if kind is JobKind.EXPLAIN:
             kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
         meta = {**meta, "cache_key": key}
-        return self.submit(kind, upload.data, entry["name"], kwargs, meta, lane=lane, principal=principal)
+        return self.submit(kind, upload.data, entry["name"], kwargs, meta, lane=lane, principal=principal), False
 
     # --- the two kinds of job ----------------------------------------------------------
     def classify(self, principal: Principal, upload: Upload, params: ClassifyParams) -> JobView:
@@ -183,8 +172,9 @@ class JobService:
         )
         meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
-        job_id = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
-        self.wait(job_id, self.settings.classify_wait_seconds)
+        job_id, reused = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
+        if not reused:
+            self.wait(job_id, self.settings.classify_wait_seconds)
         return self.view(principal, job_id)
 
     def explain(self, principal: Principal, upload: Upload, params: ExplainParams) -> JobView:
@@ -203,7 +193,7 @@ class JobService:
             params.window_width,
             stability_mode=admission.stability_mode(params, self.settings),
         )
-        job_id = self._start(
+        job_id, _ = self._start(
             principal,
             JobKind.EXPLAIN,
             upload,
@@ -215,21 +205,22 @@ class JobService:
         return self.view(principal, job_id)
 
     # --- reading -----------------------------------------------------------------------
-    def fetch(self, job_id: str) -> Job:
-        """The job ``job_id``, whoever owns it (internal: the routes use ``fetch_for``)."""
+    def fetch(self, job_id: str) -> JobRecord:
+        """The job ``job_id``, whoever owns it (internal: the routes use ``fetch_for``): a
+        queued one, or one answered from an earlier result (``service.reuse``)."""
         if not JOB_ID.match(job_id):
             raise UnknownJobError(f"unknown job {job_id!r}")
-        try:
-            return Job.fetch(job_id, connection=self.conn, serializer=SERIALIZER)
-        except NoSuchJobError:
-            if lost_in_restart(self.conn, job_id):
-                raise JobLostError(
-                    f"job {job_id} is gone: the job store (Redis) lost its data after the job was accepted "
-                    "(restarted without persistence, or emptied); submit it again"
-                ) from None
-            raise UnknownJobError(unknown_job(job_id)) from None
+        job = rqueue.fetch_job(self.conn, job_id) or fetch_reused(self.conn, job_id)
+        if job is not None:
+            return job
+        if lost_in_restart(self.conn, job_id):
+            raise JobLostError(
+                f"job {job_id} is gone: the job store (Redis) lost its data after the job was accepted "
+                "(restarted without persistence, or emptied); submit it again"
+            )
+        raise UnknownJobError(unknown_job(job_id))
 
-    def fetch_for(self, principal: Principal, job_id: str) -> Job:
+    def fetch_for(self, principal: Principal, job_id: str) -> JobRecord:
         """The job ``job_id`` if ``principal`` may see it (its own; every job for ``admin``).
         Another principal's job is answered exactly as a job that does not exist: nothing
         tells one from the other."""
@@ -240,16 +231,17 @@ class JobService:
 
     def view(self, principal: Principal, job_id: str) -> JobView:
         job = self.fetch_for(principal, job_id)
-        queue = self.queue_of(job) if kind_of(job) is not None else None
-        started = job.get_status(refresh=False) == JobStatus.STARTED
-        if started and queue is not None and job.id in queue.started_job_registry.get_expired_job_ids():
+        if job.kind is not None and rqueue.lease_expired(self.conn, job):
             # Its worker died: fail it now rather than at the next worker maintenance.
             reap_abandoned(self.conn, self.settings.job_retries, self.policy)
             job = self.fetch(job_id)
-        return job_view(self.conn, job, queue)
+        position = None
+        if job.kind is not None and job.status is ApiStatus.QUEUED:
+            position = rqueue.queue_position(self.conn, job)
+        return job_view(self.conn, job, position)
 
     @staticmethod
-    def _result_job(job: Job) -> str:
+    def _result_job(job: JobRecord) -> str:
         """The job whose stored images a job shows (itself, or the one it reused)."""
         return str(job.meta.get("result_job") or job.id)
 
@@ -291,21 +283,15 @@ class JobService:
         a worker has it, and the flag and the stop command end it as "cancelled" (or it ends
         before it looks, as it would have anyway)."""
         job = self.fetch_for(principal, job_id)
-        if STATUS_FROM_RQ.get(job.get_status(refresh=False)) in TERMINAL:
+        if job.status in TERMINAL:
             return self.view(principal, job_id)
         self.conn.set(cancel_key(job_id), 1, ex=self.settings.result_ttl)
-        queue = self.queue_of(job)
-        if queue is not None and self.conn.lrem(queue.key, 0, job_id):
-            try:
-                job.cancel()
-            except (InvalidJobOperation, NoSuchJobError):
-                pass  # cancelled by another request meanwhile, or expired
-            else:
-                self.conn.delete(upload_key(job_id))
-                # No worker will see this job end: tell its callback here.
-                notify_job_end(self.conn, job, ApiStatus.CANCELLED, policy=self.policy)
+        if rqueue.cancel_queued(self.conn, job):
+            self.conn.delete(upload_key(job_id))
+            # No worker will see this job end: tell its callback here.
+            notify_job_end(self.conn, job, ApiStatus.CANCELLED, policy=self.policy)
         else:
-            # A worker has it (or is taking it, or it has just ended): stop it if it runs.
-            with contextlib.suppress(InvalidJobOperation, NoSuchJobError):
-                send_stop_job_command(self.conn, job_id, serializer=SERIALIZER)
+            # A worker has it (or is taking it, or it has just ended), or another request
+            # cancelled it meanwhile: stop it if it runs.
+            rqueue.stop_running(self.conn, job_id)
         return self.view(principal, job_id)

@@ -12,14 +12,14 @@ from __future__ import annotations
 import time
 
 from redis import Redis
-from rq.job import Job, JobStatus
 
 from jobs.keys import principal_jobs_key
-from jobs.queues import SERIALIZER
+from jobs.rqueue import job_statuses
+from jobs.states import ApiStatus
 from models.errors import TooManyJobsError
 from service.auth.principal import Principal, owner_digest
 
-ACTIVE = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED}
+ACTIVE = frozenset({ApiStatus.QUEUED, ApiStatus.RUNNING})
 # An id reserved this recently counts even before its job exists (it is being enqueued).
 RESERVATION_SECONDS = 30.0
 
@@ -31,13 +31,13 @@ def active_jobs(conn: Redis, principal: Principal, keep: str | None = None) -> l
     now = time.time()
     entries = [(i.decode() if isinstance(i, bytes) else str(i), s) for i, s in conn.zrange(key, 0, -1, withscores=True)]
     entries = [(i, s) for i, s in entries if i != keep]
-    jobs = Job.fetch_many([i for i, _ in entries], connection=conn, serializer=SERIALIZER) if entries else []
+    statuses = job_statuses(conn, [i for i, _ in entries])
     active, ended = [], []
-    for (job_id, reserved_at), job in zip(entries, jobs):
-        if job is None:
+    for (job_id, reserved_at), status in zip(entries, statuses):
+        if status is None:
             pending = now - reserved_at < RESERVATION_SECONDS
         else:
-            pending = job.get_status(refresh=False) in ACTIVE
+            pending = status in ACTIVE
         (active if pending else ended).append(job_id)
     if ended:
         conn.zrem(key, *ended)

@@ -3,43 +3,28 @@ result with its image and DICOM URLs, callback delivery, error)."""
 
 from __future__ import annotations
 
+import copy
 from datetime import UTC, datetime
 
 from redis import Redis
-from rq.job import Job
-from rq.queue import Queue
 
 from jobs.callbacks import delivery_record
 from jobs.queues import JobKind
-from jobs.states import STATUS_FROM_RQ, ApiStatus
+from jobs.rqueue import JobRecord
+from jobs.states import ApiStatus
 from service.schemas import ErrorBody, JobView, Progress, Timings
 
 
-def _utc(dt: datetime | None) -> datetime | None:
-    if dt is None:
-        return None
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
-
-
-def kind_of(job: Job) -> JobKind | None:
-    """The job's kind (None for an rq job that is not one of ours)."""
-    value = job.meta.get("kind")
-    return JobKind(value) if value in {k.value for k in JobKind} else None
-
-
-def job_view(conn: Redis, job: Job, queue: Queue | None) -> JobView:
-    """The view of ``job`` (as fetched); ``queue``: the job's queue, for its position."""
-    kind = kind_of(job)
-    status = job.get_status(refresh=False)
-    api_status = STATUS_FROM_RQ.get(status, ApiStatus.QUEUED)
+def job_view(conn: Redis, job: JobRecord, position: int | None) -> JobView:
+    """The view of ``job`` (as fetched); ``position``: where it waits in its queue, if queued."""
+    kind = job.kind
+    api_status = job.status
     url = f"/v1/jobs/{job.id}"
 
-    position = None
-    if api_status is ApiStatus.QUEUED and queue is not None:
-        position = queue.get_job_position(job.id)
+    position = position if api_status is ApiStatus.QUEUED else None
     progress = Progress(**job.meta["progress"]) if isinstance(job.meta.get("progress"), dict) else None
 
-    enq, start, end = _utc(job.enqueued_at), _utc(job.started_at), _utc(job.ended_at)
+    enq, start, end = job.enqueued_at, job.started_at, job.ended_at
     if api_status is ApiStatus.QUEUED:
         start = end = None
     now = datetime.now(UTC)
@@ -53,7 +38,7 @@ def job_view(conn: Redis, job: Job, queue: Queue | None) -> JobView:
 
     result = images = dicom = error = None
     if api_status is ApiStatus.FINISHED:
-        result = job.return_value()
+        result = copy.deepcopy(job.result)  # the URLs are added to the copy, never to the record
         if isinstance(result, dict):
             result.pop("reused_from", None)  # never another job's id (older results carried it)
         if isinstance(result, dict) and kind is JobKind.EXPLAIN:
@@ -74,7 +59,7 @@ def job_view(conn: Redis, job: Job, queue: Queue | None) -> JobView:
         error = (
             ErrorBody(**job.meta["error"])
             if isinstance(job.meta.get("error"), dict)
-            else ErrorBody(code="job_failed", message=(job.exc_info or "the job failed").strip().splitlines()[-1])
+            else ErrorBody(code="job_failed", message=(job.failure or "the job failed").strip().splitlines()[-1])
         )
     elif api_status is ApiStatus.CANCELLED:
         error = ErrorBody(code="job_cancelled", message="the job was cancelled")
@@ -84,7 +69,7 @@ def job_view(conn: Redis, job: Job, queue: Queue | None) -> JobView:
         url=url,
         kind=kind,
         status=api_status,
-        model=job.meta.get("model"),
+        model=job.model,
         queue_position=position,
         progress=progress,
         timings=timings,
