@@ -1,38 +1,36 @@
-"""How a job that fails is recorded, and which failures run it again: its error as {"code",
-"message"} in job.meta, the outcome counted, a run cut short from outside (its worker died or
-lost Redis) queued again while AEX_JOB_RETRIES allows, and the jobs of a dead worker reaped
-(rq's StartedJobRegistry clean-up).
+"""How a job that fails is recorded, which failures run it again, and the reaping of the jobs of a dead worker:
+its error as {"code", "message"}, the store's refusals told apart from the job's own failures,
+and the queue clean-up (``clean_queue``) that workers and the API run.
 
-Retrying is safe because results are deterministic; only a run cut short is retried: any
-other failure (a bad image, a time limit, a cancel) would end the same way again. The retry
-itself is rq's: the exception handler gives the job one retry in memory, and rq's failure
-handling (the worker's, or the registry clean-up's) then queues it again instead of failing
-it. The upload is deleted at the job's final end only.
+Retrying is safe because results are deterministic; only a run cut short is retried (its
+worker died, or the store refused or lost it mid-run): any other failure (a bad image, a time
+limit, a cancel) would end the same way again. Whether a job runs again, and how it ends, is
+written by ``jobs.lifecycle`` under the job's attempt token, so it happens once whoever
+notices first (the worker, another worker's maintenance, the API). The upload is deleted at
+the job's final end only, in the same transaction.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import redis.exceptions
 from redis import Redis
-from rq.exceptions import AbandonedJobError
 from rq.job import Job
 from rq.queue import Queue
 from rq.timeouts import JobTimeoutException
 
+from jobs import lifecycle
 from jobs.callbacks import CallbackPolicy, notify_job_end
-from jobs.keys import cancel_key, upload_key
+from jobs.keys import upload_key
 from jobs.metrics import record_job
 from jobs.queues import QUEUE_NAMES, SERIALIZER
 from jobs.states import ApiStatus
 from models.errors import (
     AexError,
-    JobCancelledError,
     JobFailedError,
     JobTimeoutError,
     TransientError,
@@ -43,6 +41,19 @@ log = logging.getLogger("aex.worker")
 
 # Redis unreachable (restarting, network): a failure of the moment, not of the job.
 REDIS_OUTAGE: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+# The store refusing what it is asked (out of memory without eviction, a read-only replica, an
+# ACL refusal, loading its data, a transaction aborted by one of these) or unreachable: a state
+# of the store, not of the job or the request (the API answers 503 store_unavailable).
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    *REDIS_OUTAGE,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.NoPermissionError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ExecAbortError,
+)
 
 # rq's clean-up lock is held 15 minutes when its holder dies (or loses Redis) before
 # releasing it: no job of the queue would be reaped for that long. Ours expires sooner.
@@ -59,9 +70,8 @@ def retried(job: Job) -> int:
 
 
 def cut_short(exc_type) -> bool:
-    """Whether a run ended by something outside the job: its worker died (rq's
-    AbandonedJobError) or lost Redis."""
-    return exc_type is not None and issubclass(exc_type, (AbandonedJobError, *REDIS_OUTAGE))
+    """Whether a run ended by something outside the job: the store refused or lost it."""
+    return exc_type is not None and issubclass(exc_type, STORE_UNAVAILABLE)
 
 
 def redacted_traceback(exc_type, exc_value, tb) -> str:
@@ -97,14 +107,11 @@ def error_of(exc_type, exc_value) -> dict[str, str]:
         return {"code": exc_value.code, "message": exc_value.message}
     if exc_type is not None and issubclass(exc_type, JobTimeoutException):
         return {"code": JobTimeoutError.code, "message": f"the job ran past its time limit ({exc_value})"}
-    if exc_type is not None and issubclass(exc_type, AbandonedJobError):
+    if exc_type is not None and issubclass(exc_type, STORE_UNAVAILABLE):
         return {
-            "code": WorkerLostError.code,
-            "message": "the worker running this job stopped (killed, out of memory or lost), "
-            "as many times as AEX_JOB_RETRIES allows; submit it again",
+            "code": TransientError.code,
+            "message": f"the job store (Redis) refused or was unreachable ({exc_type.__name__}); submit it again",
         }
-    if exc_type is not None and issubclass(exc_type, REDIS_OUTAGE):
-        return {"code": TransientError.code, "message": f"the job store (Redis) was unreachable: {exc_value}"}
     name = exc_type.__name__ if exc_type is not None else "Error"
     # Not ours: its text may quote the input (patient data); the class is enough to report.
     return {
@@ -118,60 +125,17 @@ def discard_upload(conn: Redis, job_id: str) -> None:
     conn.delete(upload_key(job_id))
 
 
-def _retry(job: Job, exc_type, retries: int) -> bool:
-    """Give a run cut short one more run (rq queues it again, at the front: it was accepted
-    before what waits behind it) while retries are left and nobody cancelled it."""
-    if not cut_short(exc_type) or retried(job) >= retries or job.connection.exists(cancel_key(job.id)):
-        return False
-    job.meta["retried"] = retried(job) + 1
-    job.meta.pop("progress", None)  # the view would show the cut run's progress while queued
-    job.meta.pop("error", None)
-    job.retries_left = 1  # in memory only: rq's retry stores 0, so no other failure retries it
-    job.enqueue_at_front_on_retry = True
-    record_job(job.connection, job_kind(job), "retried", None)
-    log.warning(
-        "job %s: run cut short (%s); queued again, retry %d of %d",
-        job.id,
-        exc_type.__name__,
-        retried(job),
-        retries,
-    )
-    return True
-
-
-def record_job_error(job: Job, exc_type, exc_value, tb, retries: int = 0, policy: CallbackPolicy | None = None) -> bool:
-    """rq exception handler (worker failures and the clean-up of abandoned jobs alike): queue
-    a run cut short again while ``retries`` allows; else keep {"code", "message"} in
-    job.meta["error"] and count the outcome. Returns True so rq's other handlers (its log)
-    still run. ``policy``: how the callback of an abandoned job is sent (signed, pinned)."""
-    if _retry(job, exc_type, retries):
-        return True
-    if isinstance(exc_value, JobCancelledError):
-        outcome = "cancelled"
-    elif exc_type is not None and issubclass(exc_type, AbandonedJobError):
-        outcome = "abandoned"
-    else:
-        outcome = "failed"
-    job.meta["error"] = error_of(exc_type, exc_value)
-    job.save_meta()
-    record_job(job.connection, job_kind(job), outcome, None)
-    if outcome == "abandoned":
-        # Its final end, and nobody else will see it: its worker is gone.
-        discard_upload(job.connection, job.id)
-        notify_job_end(job.connection, job, ApiStatus.FAILED, policy=policy)
-    return True
-
-
-def job_error_handler(retries: int, policy: CallbackPolicy | None = None) -> Callable[..., bool]:
-    """``record_job_error`` with the retry budget and the callback policy, as rq calls an
-    exception handler."""
-    return functools.partial(record_job_error, retries=retries, policy=policy)
+LOST = {
+    "code": WorkerLostError.code,
+    "message": "the worker running this job stopped (killed, out of memory or lost), "
+    "as many times as AEX_JOB_RETRIES allows; submit it again",
+}
 
 
 @contextmanager
 def maintenance_lock(queue: Queue) -> Iterator[bool]:
     """rq's clean-up lock of ``queue`` (yields whether this process holds it), for at most
-    MAINTENANCE_LOCK_SECONDS, released at the end."""
+    MAINTENANCE_LOCK_SECONDS (rq holds it 15 minutes when its holder dies), released at the end."""
     held = bool(queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS))
     try:
         yield held
@@ -180,14 +144,30 @@ def maintenance_lock(queue: Queue) -> Iterator[bool]:
             queue.release_maintenance_lock()
 
 
+def clean_queue(conn: Redis, queue: Queue, retries: int, policy: CallbackPolicy | None = None) -> None:
+    """The clean-up of one queue, by whoever holds its lock: jobs of dead workers reaped
+    (queued again or failed ``worker_lost``, each with its outcome counted and, at its end,
+    its callback), jobs a dead worker took but never claimed put back, and rq's finished
+    and failed registries trimmed."""
+    with maintenance_lock(queue) as held:
+        if not held:
+            return  # someone is cleaning right now
+        for reaped in lifecycle.reap(conn, queue, retries, LOST):
+            kind = job_kind(reaped.job)
+            if reaped.outcome == "requeued":
+                record_job(conn, kind, "retried", None)
+                log.warning("job %s: its worker stopped renewing its lease; queued again", reaped.job.id)
+                continue
+            record_job(conn, kind, "abandoned" if reaped.outcome == "failed" else "cancelled", None)
+            status = ApiStatus.FAILED if reaped.outcome == "failed" else ApiStatus.CANCELLED
+            notify_job_end(conn, reaped.job, status, policy=policy)
+        lifecycle.requeue_stranded(conn, queue)
+        queue.finished_job_registry.cleanup()
+        queue.failed_job_registry.cleanup()
+
+
 def reap_abandoned(conn: Redis, retries: int, policy: CallbackPolicy | None = None) -> None:
-    """Queue again, or fail, the jobs whose worker stopped renewing its lease (rq's
-    StartedJobRegistry clean-up). Workers do this in their maintenance; the API also does it
-    when a client polls a running job, so a job never stays "running" after the last worker
-    died."""
-    handler = job_error_handler(retries, policy)
+    """``clean_queue`` of every queue: the API runs it when a client polls a running job, so a
+    job never stays "running" after the last worker died."""
     for name in QUEUE_NAMES.values():
-        queue = Queue(name, connection=conn, serializer=SERIALIZER)
-        with maintenance_lock(queue) as held:
-            if held:  # else a worker is cleaning right now
-                queue.started_job_registry.cleanup(exception_handlers=[handler])
+        clean_queue(conn, Queue(name, connection=conn, serializer=SERIALIZER), retries, policy)

@@ -5,10 +5,11 @@ to ``AEX_MAX_BATCH - 1`` more from the same queue (its batch mates), waiting at 
 ``AEX_BATCH_WAIT_MS`` after the leader for them to arrive, as Triton's dynamic batcher and
 Ray Serve's ``@serve.batch`` do. Jobs share a batch when their ``batch_signature`` is equal:
 the same job function and model and the same search settings (so their rows can run as one
-forward pass or one search): classify jobs, and explain jobs. Each job keeps its own rq life: it is moved to rq's intermediate
-queue as rq's own dequeue does, then started, run, timed out, cancelled, retried and ended
-one by one by the worker (``worker.process``); only the computation is shared, done before
-the jobs run and handed to each job function through ``Prepared`` (``take_prepared``). A job
+forward pass or one search): classify jobs, and explain jobs. Each job keeps its own life: it
+is taken as rq's own dequeue takes one (``jobs.lifecycle.take``), claimed with its own attempt
+token and lease (visibly running from then on), then run, timed out, cancelled, retried and
+ended one by one by the worker (``worker.process``); only the computation is shared, done
+before the jobs run and handed to each job function (``worker.context``). A job
 whose own part of the work failed (its file, say) fails alone; the batch's failure as a whole
 (out of memory, its time limit) leaves every job to compute on its own.
 
@@ -19,15 +20,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from redis import Redis
-from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
 
-from jobs.queues import JOB_FUNCTIONS, SERIALIZER, JobKind
+from jobs.lifecycle import take, untake
+from jobs.queues import JOB_FUNCTIONS, JobKind
 
 # How often an empty queue is looked at again while a batch waits for mates.
 POLL_SECONDS = 0.0005
@@ -79,20 +78,17 @@ def gather_mates(
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Job]:
     """Up to ``max_batch - 1`` jobs of ``queue`` with the leader's signature, taken in queue
-    order, waiting at most ``wait_seconds`` (from now) for the next one to arrive. Each is
-    moved atomically to the queue's intermediate list, as rq's dequeue moves the leader (so
-    a cancel that finds it gone from the queue stops it through its flag, and rq's clean-up
-    sees it if the worker dies before starting it). The first job that does not fit (another
-    model, a job that runs alone) is put back at the head of the queue and ends the gathering,
-    so the queue's order is kept."""
+    order, waiting at most ``wait_seconds`` (from now) for the next one to arrive. The first
+    job that does not fit (another model, a job that runs alone) is put back at the head of
+    the queue and ends the gathering, so the queue's order is kept."""
     signature = batch_signature(leader)
     if signature is None or max_batch <= 1:
         return []
     mates: list[Job] = []
     deadline = clock() + max(0.0, wait_seconds)
     while len(mates) < max_batch - 1:
-        raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
-        if raw is None:
+        job = take(conn, queue)
+        if job is None:
             left = deadline - clock()
             if left <= 0:
                 break
@@ -100,78 +96,8 @@ def gather_mates(
             # a second, so a 2 ms BLMOVE would hold the batch for up to 100 ms.
             sleep(min(left, POLL_SECONDS))
             continue
-        job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-        try:
-            job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-        except NoSuchJobError:
-            conn.lrem(queue.intermediate_queue_key, 1, job_id)  # expired or deleted meanwhile
-            continue
         if batch_signature(job) != signature:
-            with conn.pipeline() as pipe:
-                pipe.lrem(queue.intermediate_queue_key, 1, job_id)
-                pipe.lpush(queue.key, job_id)
-                pipe.execute()
+            untake(conn, queue, job.id)
             break
         mates.append(job)
     return mates
-
-
-def requeue_stranded(conn: Redis, queue: Queue) -> list[str]:
-    """Put back at the head of ``queue`` the jobs left in its intermediate list by a worker
-    that died between taking them and starting them (still queued, not in the started
-    registry, seen there by an earlier clean-up over a minute ago). rq's own clean-up fails
-    such jobs ("stuck in intermediate queue"); a job that never started loses nothing by
-    waiting again. Returns the ids put back."""
-    inter = queue.intermediate_queue
-    started = queue.started_job_registry
-    moved = []
-    for job_id in inter.get_job_ids():
-        if job_id in started:
-            continue
-        try:
-            job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-        except NoSuchJobError:
-            inter.remove(job_id)
-            continue
-        if inter.set_first_seen(job_id) or not inter.should_be_cleaned_up(job_id):
-            continue
-        with conn.pipeline() as pipe:
-            pipe.lrem(inter.key, 1, job_id)
-            if job.get_status(refresh=True) == "queued":
-                pipe.lpush(queue.key, job_id)
-            pipe.delete(inter.get_first_seen_key(job_id))
-            pipe.execute()
-        moved.append(job_id)
-    return moved
-
-
-@dataclass
-class Prepared:
-    """A job's share of a batch: its result, or the error its own part raised."""
-
-    result: Any = None
-    error: BaseException | None = None
-
-    def unwrap(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-_prepared: dict[str, Prepared] = {}
-
-
-def hand_over(prepared: dict[str, Prepared]) -> None:
-    """Make each job's share available to its job function (``take_prepared``)."""
-    _prepared.update(prepared)
-
-
-def take_prepared(job_id: str) -> Prepared | None:
-    """The job's share of the batch it ran in, once (None: it computes on its own)."""
-    return _prepared.pop(job_id, None)
-
-
-def forget(job_ids: list[str]) -> None:
-    """Drop what was not taken (a job skipped, cancelled or lost before its turn)."""
-    for job_id in job_ids:
-        _prepared.pop(job_id, None)

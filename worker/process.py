@@ -1,78 +1,75 @@
-"""The worker process: load every served checkpoint once, then run rq's work loop.
+"""The worker process: rq's work loop taking jobs, each run as one fenced attempt (``jobs.lifecycle``).
 
 ``AexWorker`` is rq's ``SimpleWorker`` (jobs run in the worker process itself, so the models
 loaded before the loop serve every job, and CUDA works: a forked child could not use the
-parent's CUDA context) with:
+parent's CUDA context). rq takes the next job from the queues (and runs the maintenance and
+the registration); everything after that is aex's:
 
-- cooperative cancellation: rq's stop-job command sets ``tasks.stop_requested``, which the
-  job's progress callback turns into JobCancelledError between two search steps; the job
-  then ends as rq's STOPPED (our "cancelled");
-- a lease on the running job: a thread renews the job's entry in rq's StartedJobRegistry
-  every ``job_heartbeat_ttl / 3`` seconds. A worker that dies (SIGKILL, out of memory, lost
-  machine) stops renewing; once the lease has passed, the next registry clean-up (any
-  worker's maintenance, or the API when a client polls the job) queues the job again for
-  another worker (AEX_JOB_RETRIES times, ``jobs.failures``), then fails it with code
-  ``worker_lost``;
-- short registrations (``worker_ttl``), so /readyz sees a dead worker within seconds;
-- its catalogue of checkpoints published in its rq registration hash, registered again at
-  the next heartbeat when Redis lost it (a restart, with or without persistence);
-- a Redis outage ridden out: each command is retried for about REDIS_RETRY_SECONDS (so a
-  Redis restart pauses a running job instead of failing it), the work loop waits for Redis
-  instead of quitting, and a run cut short by a longer outage is retried like a dead
-  worker's; a running job that Redis lost (a restart without persistence: the API answers
-  ``job_lost``) is stopped, and nothing of it is recorded;
-- uploads read, and outputs stored, sealed with AEX_DATA_KEY (``jobs.crypto``): the cipher is
-  built once at start, and a worker without a key refuses to start;
-- the upload deleted, and the callback sent (signed and pinned: ``CallbackPolicy``), once the
-  job has ended for good;
-- job errors recorded in job.meta["error"] as {"code", "message"} for the API (also for
-  abandoned jobs: the worker's exception handlers run in rq's registry clean-up);
-- a finished job's result indexed under its cache key within the reuse scope of its
-  submitter (``scoped_result_index_key``: the principal, or its tenant), so the API can answer
-  an identical request of the same principal from it, and nobody else's;
-- the job's callback (``jobs.callbacks``) sent when it ends, in a thread.
+- **claim**: every job taken (alone, or the leader and its batch mates: ``worker.batch_run``)
+  is claimed at once with its own attempt token and lease, so each shows ``running`` while its
+  batch computes. A job no longer queued (taken twice, cancelled, ended) is skipped;
+- **lease**: a thread renews every claimed attempt's lease each ``job_heartbeat_ttl / 3`` s.
+  An attempt that no longer holds its job (reaped after a long outage, or lost with Redis's
+  data) is stopped and writes nothing. A worker that dies stops renewing: once the leases
+  have run out, the reaper (any worker's maintenance, or the API when a client polls the
+  job) queues each job again for another worker (AEX_JOB_RETRIES times), then fails it
+  ``worker_lost`` (``jobs.failures.reap_abandoned``);
+- **run**: the job function under the job's time limit; cooperative cancellation (rq's
+  stop-job command sets the context's ``stop_requested``, and the job's progress callback
+  turns it into JobCancelledError between two search steps);
+- **end**: written once, under the attempt's token (``jobs.lifecycle.finish`` / ``fail`` /
+  ``requeue``): a late writer is refused, and an end whose reply was lost is recognised.
+  The upload is deleted and the result indexed in the same transaction; the outcome is
+  counted and the callback sent (signed and pinned: ``CallbackPolicy``) after it;
+- **the store refusing or unreachable** (a restart, out of memory, a read-only replica, an ACL
+  refusal): each command is retried for about REDIS_RETRY_SECONDS where it can be; the
+  heartbeat, the maintenance and the dequeue back off and go on instead of quitting; a run
+  cut short by the store is queued again like a dead worker's; an end that cannot be written
+  is tried again while the lease holds, then left to the reaper;
+- short registrations (``worker_ttl``), so /readyz sees a dead worker within seconds, and the
+  catalogue of checkpoints in the registration, made again when Redis lost it;
+- only the redacted traceback in logs and Redis (an exception's text may quote the input).
 
-SIGTERM or SIGINT: warm shutdown, the current job is finished first (rq); a second signal
-stops at once.
+SIGTERM or SIGINT: warm shutdown, the current job (or batch) is finished first (rq); a second
+signal stops at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from rq import worker_registration
-from rq.exceptions import InvalidJobOperation
-from rq.job import Job, JobStatus
-from rq.job_lifecycle import call_exception_handlers
+from rq.job import Job
 from rq.queue import Queue
-from rq.registry import clean_registries
+from rq.timeouts import JobTimeoutException
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
+from jobs import lifecycle
 from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.failures import (
-    REDIS_OUTAGE,
-    discard_upload,
+    STORE_UNAVAILABLE,
+    clean_queue,
+    cut_short,
+    error_of,
     job_kind,
-    maintenance_lock,
-    record_job_error,
     redacted_traceback,
 )
 from jobs.keys import CATALOGUE_FIELD, scoped_result_index_key
+from jobs.lifecycle import Attempt
 from jobs.metrics import record_job
 from jobs.queues import refusal
-from jobs.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
+from jobs.states import ApiStatus
 from models.errors import JobCancelledError, JobRefusedError
-from worker import tasks
 from worker.batch_run import BatchingMixin
-from worker.batching import requeue_stranded
+from worker.context import WorkerContext
 
 log = logging.getLogger("aex.worker")
 
@@ -81,6 +78,8 @@ log = logging.getLogger("aex.worker")
 REDIS_RETRY_SECONDS = 20
 # An idle worker sends a heartbeat (and registers again if Redis lost it) at least this often.
 REREGISTER_WITHIN_SECONDS = 5
+# The longest pause between two tries when the store refuses a worker's writes.
+MAX_BACKOFF_SECONDS = 5.0
 
 
 class AexWorker(BatchingMixin, SimpleWorker):
@@ -92,6 +91,7 @@ class AexWorker(BatchingMixin, SimpleWorker):
     def __init__(
         self,
         *args,
+        context: WorkerContext,
         job_heartbeat_ttl: int = 20,
         catalogue: list[dict[str, Any]] | None = None,
         reuse_results: bool = True,
@@ -102,17 +102,16 @@ class AexWorker(BatchingMixin, SimpleWorker):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
+        self.context = context
         self.max_batch, self.batch_wait_seconds = max_batch, batch_wait_seconds
         self.callback_policy = callback_policy
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self.reuse_results = reuse_results
         self.job_retries = job_retries
         self.catalogue = catalogue or []
-        self._lost: set[str] = set()  # started jobs Redis lost (a restart without persistence)
-        self._running_id: str | None = None  # the job being performed now
-        self.push_exc_handler(self._record_failure)
+        self._running: Attempt | None = None  # the attempt being performed now
 
-    # --- registration and leases -------------------------------------------------------
+    # --- registration ------------------------------------------------------------------
     @property
     def dequeue_timeout(self) -> int:
         # Heartbeats happen between blocking dequeues: keep each well inside worker_ttl, and
@@ -129,6 +128,9 @@ class AexWorker(BatchingMixin, SimpleWorker):
         with self._outage("sending its heartbeat"):
             self._ensure_registered()
             super().heartbeat(ttl)
+
+    def register_birth(self):
+        self._until_accepted("registering", super().register_birth)
 
     def _ensure_registered(self) -> None:
         """Register again (catalogue included) when Redis no longer has this worker's
@@ -155,15 +157,35 @@ class AexWorker(BatchingMixin, SimpleWorker):
     def serialize(self) -> dict:
         return {**super().serialize(), CATALOGUE_FIELD: json.dumps(self.catalogue)}
 
-    # --- riding out a Redis outage -----------------------------------------------------
+    # --- riding out a store that refuses or is away --------------------------------------
     @contextmanager
     def _outage(self, doing: str) -> Iterator[None]:
-        """Log a Redis outage (each command was already retried for REDIS_RETRY_SECONDS)
-        and go on: what was skipped is done again at the next turn of the work loop."""
+        """Log the store refusing or unreachable (each command was already retried where it
+        can be) and go on: what was skipped is done again at the next turn of the work loop."""
         try:
             yield
-        except REDIS_OUTAGE as exc:
-            log.warning("worker %s: Redis unreachable while %s (%s); trying again", self.name, doing, exc)
+        except STORE_UNAVAILABLE as exc:
+            log.warning(
+                "worker %s: the store refused or was unreachable while %s (%s)", self.name, doing, type(exc).__name__
+            )
+
+    def _until_accepted(self, doing: str, call) -> Any:
+        """``call()`` again, with a growing pause, until the store takes it (or a stop is asked)."""
+        pause = 0.25
+        while True:
+            try:
+                return call()
+            except STORE_UNAVAILABLE as exc:
+                if self._stop_requested:
+                    raise
+                log.warning("worker %s: the store refused %s (%s); trying again", self.name, doing, type(exc).__name__)
+                time.sleep(pause)
+                pause = min(MAX_BACKOFF_SECONDS, pause * 2)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        return self._until_accepted(
+            "a dequeue", lambda: super(AexWorker, self).dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        )
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
@@ -181,73 +203,141 @@ class AexWorker(BatchingMixin, SimpleWorker):
             super().run_maintenance_tasks()
 
     def clean_registries(self):
-        # rq's, with a lock that does not outlive a holder that died or lost Redis by 15 min.
         for queue in self.queues:
-            with maintenance_lock(queue) as held:
-                if held:
-                    clean_registries(queue, self._exc_handlers)
-                    worker_registration.clean_worker_registry(queue)
-                    requeue_stranded(self.connection, queue)  # rq's would fail them
+            clean_queue(self.connection, queue, self.job_retries, self.callback_policy)
+            worker_registration.clean_worker_registry(queue)
         self.last_cleaned_at = now()
 
     # --- cancellation ------------------------------------------------------------------
+    def get_current_job_id(self) -> str | None:
+        running = self._running
+        return running.job.id if running is not None else None
+
     def kill_horse(self, sig=None):
         # SimpleWorker has no horse process: ask the running job to stop at its next step.
-        tasks.stop_requested.set()
+        self.context.stop_requested.set()
 
-    # --- running a job (alone, or with its batch mates: worker.batch_run) -------------
+    # --- taking and running jobs (alone, or a batch: worker.batch_run) ----------------
     def execute_job(self, job: Job, queue: Queue):
-        tasks.stop_requested.clear()
-        self._lost.clear()
+        self.set_state(WorkerStatus.BUSY)  # a SIGTERM from now on lets the jobs in hand finish
         batch = self.gather_batch(job, queue)
-        if len(batch) > 1:
-            self.execute_batch(batch, queue)
-        elif self._admit(job):
-            try:
-                execution = self.prepare_execution(job)
-            except REDIS_OUTAGE as exc:
-                self._put_back(job, queue, exc)
-            else:
-                with self._leases([(job, execution)]):
-                    self._run(job, queue, execution)
+        attempts = [a for a in (self._claim(j, queue) for j in batch) if a is not None]
+        if attempts:
+            with self._leases(attempts):
+                try:
+                    if len(attempts) > 1:
+                        self.compute_batch(attempts)
+                    for attempt in attempts:
+                        if not attempt.lost:
+                            self._run(attempt)
+                finally:
+                    self.context.forget([a.job.id for a in attempts])
         self.set_state(WorkerStatus.IDLE)
 
-    def _admit(self, job: Job) -> bool:
-        """Whether ``job``, just taken from its queue, may run: one that is not aex's is
-        refused (failed without running anything it names); one that is no longer queued is
-        skipped."""
+    def _claim(self, job: Job, queue: Queue) -> Attempt | None:
+        """Claim a job just taken: refused when it is not aex's, skipped when it is no longer
+        queued, left to the stranded-job clean-up when the store is away."""
         reason = refusal(job)
         if reason is not None:
-            self._refuse(job, reason)
-            return False
-        if job.get_status(refresh=False) != JobStatus.QUEUED:
-            # Queued twice: the worker that lost Redis and the registry clean-up both queued
-            # its cut run again. It runs elsewhere, or has ended: running it again could only
-            # overwrite its end.
-            log.warning("job %s taken from its queue while %s; skipped", job.id, job.get_status(refresh=False))
-            return False
-        return True
+            self._refuse(job, queue, reason)
+            return None
+        try:
+            attempt = lifecycle.claim(self.connection, job, queue, self.name, self.job_heartbeat_ttl)
+        except STORE_UNAVAILABLE as exc:
+            log.warning(
+                "job %s: not claimed, the store is away (%s); it waits to be taken again", job.id, type(exc).__name__
+            )
+            return None
+        if attempt is None:
+            log.warning("job %s taken from its queue but no longer queued; skipped", job.id)
+        return attempt
 
-    def _run(self, job: Job, queue: Queue, execution) -> None:
-        """Perform a started job under its own time limit, then settle its end."""
-        tasks.stop_requested.clear()
-        self._running_id = job.id
+    def _refuse(self, job: Job, queue: Queue, reason: str) -> None:
+        """Fail a job that is not aex's without running or importing anything it names (no
+        callback: its URL came from whoever forged it)."""
+        log.error("job %s refused without running it: %s", job.id, reason)
+        attempt = lifecycle.claim(self.connection, job, queue, self.name, self.job_heartbeat_ttl)
+        if attempt is None:
+            return
+        error = {"code": JobRefusedError.code, "message": f"the worker refused this job: {reason}"}
+        if lifecycle.fail(self.connection, attempt, error, "refused"):
+            record_job(self.connection, job_kind(job), "failed", None)
+
+    def _run(self, attempt: Attempt) -> None:
+        """Perform a claimed job under its own time limit, then write its end."""
+        job = attempt.job
+        self.context.stop_requested.clear()
+        self._running = attempt
         start = time.perf_counter()
         try:
-            ok = self.perform_job(job, queue, execution)
-            self._settle(job, ok, time.perf_counter() - start)
-        except REDIS_OUTAGE as exc:
-            # Its end is not recorded: its lease runs out, and the registry clean-up queues it
-            # again (or fails it) once Redis is back. The upload stays until then.
-            log.warning("job %s: Redis unreachable while its end was recorded (%s); left to its lease", job.id, exc)
+            with self.death_penalty_class(job.timeout or Queue.DEFAULT_TIMEOUT, JobTimeoutException, job_id=job.id):
+                result = job.perform()
+        except BaseException:
+            exc_info = sys.exc_info()
+            if isinstance(exc_info[1], SystemExit | KeyboardInterrupt):
+                raise  # cold shutdown: its lease runs out and it is retried elsewhere
+            self._end(attempt, lambda: self._failed(attempt, exc_info), "its failure")
+        else:
+            self._end(attempt, lambda: self._finished(attempt, result, time.perf_counter() - start), "its result")
         finally:
-            self._running_id = None
+            self._running = None
 
+    def _end(self, attempt: Attempt, write, what: str) -> None:
+        """Write an end, trying again while the lease holds when the store is away; an end
+        that cannot be written is left to the reaper (the job is retried)."""
+        for _ in range(3):
+            if attempt.lost:
+                log.warning("job %s: no longer held by this worker; %s is not recorded", attempt.job.id, what)
+                lifecycle.discard_partial(self.connection, attempt.job)
+                return
+            try:
+                write()
+                return
+            except STORE_UNAVAILABLE as exc:
+                log.warning("job %s: the store refused %s (%s); trying again", attempt.job.id, what, type(exc).__name__)
+                time.sleep(1.0)
+        log.error("job %s: %s could not be recorded; left to its lease", attempt.job.id, what)
+
+    def _finished(self, attempt: Attempt, result: Any, seconds: float) -> None:
+        job = attempt.job
+        ttl = job.get_result_ttl(self.default_result_ttl)
+        if lifecycle.finish(self.connection, attempt, result, ttl, also=lambda pipe: self._index(pipe, job, ttl)):
+            record_job(self.connection, job_kind(job), "finished", seconds)
+            notify_job_end(self.connection, job, ApiStatus.FINISHED, policy=self.callback_policy)
+        else:
+            attempt.lost = True
+            log.warning("job %s: ended elsewhere meanwhile (reaped, or lost by Redis); this result is dropped", job.id)
+            lifecycle.discard_partial(self.connection, job)
+
+    def _index(self, pipe, job: Job, ttl: int) -> None:
+        """Point the job's cache key, within its submitter's reuse scope, at it, so an
+        identical request of the same principal (or tenant) is answered from this result while
+        it lives. A job without a reuse scope is not indexed."""
+        key, scope = job.meta.get("cache_key"), job.meta.get("reuse_scope")
+        if key and scope and self.reuse_results:
+            pipe.set(scoped_result_index_key(scope, key), job.id, ex=ttl)
+
+    def _failed(self, attempt: Attempt, exc_info) -> None:
+        job, (exc_type, exc_value, _tb) = attempt.job, exc_info
+        trace = redacted_traceback(*exc_info)
+        log.error("worker %s: job %s failed:\n%s", self.name, job.id, trace)
+        cancelled = isinstance(exc_value, JobCancelledError)
+        if cut_short(exc_type) and int(job.meta.get("retried") or 0) < self.job_retries and not cancelled:
+            if lifecycle.requeue(self.connection, attempt):
+                record_job(self.connection, job_kind(job), "retried", None)
+                log.warning("job %s: run cut short (%s); queued again", job.id, exc_type.__name__)
+            return
+        if lifecycle.fail(self.connection, attempt, error_of(exc_type, exc_value), trace, stopped=cancelled):
+            record_job(self.connection, job_kind(job), "cancelled" if cancelled else "failed", None)
+            status = ApiStatus.CANCELLED if cancelled else ApiStatus.FAILED
+            notify_job_end(self.connection, job, status, policy=self.callback_policy)
+
+    # --- leases --------------------------------------------------------------------------
     @contextmanager
-    def _leases(self, started: list[tuple[Job, Any]]) -> Iterator[None]:
-        """Renew the lease of every started job in a thread while the block runs."""
+    def _leases(self, attempts: list[Attempt]) -> Iterator[None]:
+        """Renew the lease of every claimed attempt in a thread while the block runs."""
         done = threading.Event()
-        beat = threading.Thread(target=self._renew_leases, args=(started, done), daemon=True, name="aex-job-lease")
+        beat = threading.Thread(target=self._renew_leases, args=(attempts, done), daemon=True, name="aex-job-lease")
         beat.start()
         try:
             yield
@@ -255,107 +345,18 @@ class AexWorker(BatchingMixin, SimpleWorker):
             done.set()
             beat.join()
 
-    def _refuse(self, job: Job, reason: str) -> None:
-        """Fail a job that is not aex's without running or importing anything it names (no
-        callback: its URL came from whoever forged it)."""
-        log.error("job %s refused without running it: %s", job.id, reason)
-        job.meta["error"] = {"code": JobRefusedError.code, "message": f"the worker refused this job: {reason}"}
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job.save_meta()
-            pipe.execute()
-        record_job(self.connection, job_kind(job), "failed", None)
-        discard_upload(self.connection, job.id)
-        self.set_state(WorkerStatus.IDLE)
-
-    def _settle(self, job: Job, ok: bool, seconds: float) -> None:
-        """After a run, as Redis records the job: when it has ended for good, count it,
-        delete its upload and send its callback; when it was queued again (a run cut short),
-        keep the upload for the next run. (Its result was indexed as it was recorded.)"""
-        if job.id in self._lost or not self.connection.hexists(job.key, "data"):
-            # Redis lost it (restarted without persistence): the API answers job_lost. Remove
-            # the fields this run wrote since, which no reader could use.
-            log.warning("job %s: Redis lost it while it ran (restarted without persistence?)", job.id)
-            self.connection.delete(job.key)
-            return
-        try:
-            status = STATUS_FROM_RQ.get(job.get_status(refresh=True))
-        except InvalidJobOperation:
-            return
-        if status not in TERMINAL:
-            return
-        if ok and status is ApiStatus.FINISHED:
-            record_job(self.connection, job_kind(job), "finished", seconds)
-        discard_upload(self.connection, job.id)
-        # Finished, failed, timed out or cancelled.
-        notify_job_end(self.connection, job, status, policy=self.callback_policy)
-
-    def _put_back(self, job: Job, queue: Queue, exc: Exception) -> None:
-        """A job taken from its queue that could not be started (Redis went away): put it
-        back at the front of its queue, where it was."""
-        log.warning("job %s: Redis unreachable before it started (%s); putting it back in its queue", job.id, exc)
-        try:
-            if job.get_status(refresh=True) == JobStatus.QUEUED:
-                queue.push_job_id(job.id, at_front=True)
-        except (*REDIS_OUTAGE, InvalidJobOperation):
-            log.error("job %s could not be put back in its queue: it will not run", job.id, exc_info=True)
-
-    def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution):
-        # Indexed before rq records the result: a client that has seen the result and sends the
-        # same request again is answered from it (an index naming a job not finished is unused).
-        self._index_result(job)
-        super().handle_job_success(job, queue, started_job_registry, execution)
-
-    def _index_result(self, job: Job) -> None:
-        """Point the job's cache key, within its submitter's reuse scope, at it, so an
-        identical request of the same principal (or tenant) is answered from this result while
-        it lives (the key expires with the result). A job without a reuse scope is not indexed."""
-        key, scope = job.meta.get("cache_key"), job.meta.get("reuse_scope")
-        if not key or not scope or not self.reuse_results:
-            return
-        try:
-            ttl = job.get_result_ttl(self.default_result_ttl)
-            self.connection.set(scoped_result_index_key(scope, key), job.id, ex=ttl)
-        except Exception:
-            log.warning("could not index the result of job %s:\n%s", job.id, traceback.format_exc())
-
-    def _renew_leases(self, started: list[tuple[Job, Any]], done: threading.Event) -> None:
+    def _renew_leases(self, attempts: list[Attempt], done: threading.Event) -> None:
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
         while not done.wait(interval):
-            for job, execution in started:
-                if job.id in self._lost:
+            for attempt in attempts:
+                if attempt.lost:
                     continue
                 try:
-                    if not self.connection.hexists(job.key, "data"):
-                        self._lost.add(job.id)  # no need to finish what nobody can fetch
-                        if job.id == self._running_id:
+                    if not lifecycle.renew(self.connection, attempt, self.job_heartbeat_ttl):
+                        log.warning("job %s: no longer held by this worker (reaped, or lost by Redis)", attempt.job.id)
+                        if self._running is attempt:
                             self.kill_horse()
-                        continue
-                    self.maintain_heartbeats(job, execution)
-                except Exception:
-                    log.warning("could not renew the lease of job %s:\n%s", job.id, traceback.format_exc())
-            try:
+                except Exception as exc:
+                    log.warning("could not renew the lease of job %s (%s)", attempt.job.id, type(exc).__name__)
+            with self._outage("renewing its registration"):
                 self._ensure_registered()  # seen by /readyz even while one long job runs
-            except Exception:
-                log.warning("could not renew the registration of %s:\n%s", self.name, traceback.format_exc())
-
-    # --- what a failure leaves in logs and Redis --------------------------------------
-    def handle_exception(self, job: Job, *exc_info):
-        # rq logs the exception's whole text (and the job's arguments); a text may quote the
-        # input, so only the redacted traceback is logged.
-        self._last_redacted = redacted_traceback(*exc_info)
-        self.log.error("Worker %s: job %s failed:\n%s", self.name, job.id, self._last_redacted)
-        call_exception_handlers(self._exc_handlers, job, *exc_info)
-
-    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
-        # rq stores exc_string in the job's hash and its failed registry: keep it redacted.
-        redacted = getattr(self, "_last_redacted", "") if exc_string else exc_string
-        return super().handle_job_failure(job, queue, started_job_registry, exc_string=redacted, execution=execution)
-
-    def _record_failure(self, job: Job, exc_type, exc_value, tb) -> bool:
-        if job.id in self._lost:
-            return False  # stopped because Redis lost it: nothing to record
-        if isinstance(exc_value, JobCancelledError):
-            # handle_job_failure marks the job rq STOPPED (our "cancelled") when this is set.
-            self._stopped_job_id = job.id
-        return record_job_error(job, exc_type, exc_value, tb, retries=self.job_retries, policy=self.callback_policy)

@@ -1,5 +1,5 @@
 """Starting a worker process: torch's threads and determinism, the models loaded once, the
-data cipher, the Redis connection and the queues, then rq's work loop (``AexWorker``)."""
+data cipher, the worker context, the Redis connection and the queues, then rq's work loop (``AexWorker``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from jobs.crypto import cipher_from_settings
 from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from jobs.settings import Settings
 from models.errors import BadParameterError
-from worker import tasks
+from worker.context import WorkerContext
+from worker.context import install as context_install
 from worker.process import REDIS_RETRY_SECONDS, AexWorker
 from worker.served import ServedModels, install
 
@@ -54,11 +55,12 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     if not settings.redis_url:
         raise BadParameterError("AEX_REDIS_URL is not set: a worker needs the Redis server of the service")
     # Before anything is loaded: a worker without AEX_DATA_KEY (or with a malformed one) stops here.
-    tasks.install_cipher(cipher_from_settings(settings.data_key))
+    cipher = cipher_from_settings(settings.data_key)
     policy = CallbackPolicy.from_settings(settings)
     configure_torch(settings)
     served = ServedModels.load(settings)  # before the first job: no model load per job
     install(served)
+    context = context_install(WorkerContext(settings=settings, cipher=cipher, served=served))
     conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
     # Classify first: a worker takes an explain job only when no classify job waits.
     queues = [
@@ -66,6 +68,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     ]
     w = AexWorker(
         queues,
+        context=context,
         name=worker_name(),
         connection=conn,
         serializer=SERIALIZER,

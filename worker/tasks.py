@@ -15,51 +15,30 @@ both installed once before the work loop.
 
 from __future__ import annotations
 
-import functools
-import threading
 import time
 from typing import Any
 
 from rq import get_current_job
 from rq.job import Job
 
-from jobs.crypto import DataCipher, blob_context
+from jobs.crypto import blob_context
 from jobs.keys import cancel_key, dicom_key, images_key, upload_key
-from jobs.params import classify_parameters, explain_parameters
+from jobs.params import ClassifyParameters, ExplainParameters
 from jobs.queues import JOB_FUNCTIONS, JobKind
-from jobs.settings import Settings
-from models.defaults import ARA_STEPS, STABILITY_MODE
 from models.errors import BadParameterError, JobCancelledError
 from pacs.read import fetch_reference
 from pacs.store import store_report
-from worker.batching import Prepared, take_prepared
 from worker.compute import classify_result, classify_results
+from worker.context import Prepared, current
 from worker.explaining import explain_result, explain_results
 from worker.served import served_models
 
-# Set by the worker when rq's stop-job command arrives for the job in hand (pubsub thread).
-stop_requested = threading.Event()
-
 PROGRESS_EVERY_SECONDS = 0.2
-
-_cipher: DataCipher | None = None
-
-
-def install_cipher(cipher: DataCipher) -> None:
-    """The cipher of this process (``run_worker`` installs it from AEX_DATA_KEY at start)."""
-    global _cipher
-    _cipher = cipher
-
-
-def data_cipher() -> DataCipher:
-    if _cipher is None:
-        raise RuntimeError("no data cipher installed: the worker process installs it before its first job")
-    return _cipher
 
 
 def seal_fields(redis_key: str, files: dict[str, bytes]) -> dict[str, bytes]:
     """``files`` sealed for the hash ``redis_key``, each bound to its field name."""
-    cipher = data_cipher()
+    cipher = current().cipher
     return {name: cipher.seal(data, blob_context(redis_key, name)) for name, data in files.items()}
 
 
@@ -71,14 +50,8 @@ def _current_job() -> Job:
 
 
 def _check_cancelled(job: Job) -> None:
-    if stop_requested.is_set() or job.connection.exists(cancel_key(job.id)):
+    if current().stop_requested.is_set() or job.connection.exists(cancel_key(job.id)):
         raise JobCancelledError(f"job {job.id} was cancelled")
-
-
-@functools.lru_cache(maxsize=1)
-def _settings() -> Settings:
-    """The worker process's settings (PACS endpoints), read once."""
-    return Settings()
 
 
 def _read_upload(job: Job) -> bytes:
@@ -86,11 +59,11 @@ def _read_upload(job: Job) -> bytes:
     the instance fetched from its PACS by WADO-RS (same size limit as an upload)."""
     ref = job.meta.get("pacs_reference")
     if ref:
-        return fetch_reference(_settings().pacs, ref, _settings().max_upload_bytes)
+        return fetch_reference(current().settings.pacs, ref, current().settings.max_upload_bytes)
     data = job.connection.get(upload_key(job.id))
     if data is None:
         raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
-    return data_cipher().open(data, blob_context(upload_key(job.id)))
+    return current().cipher.open(data, blob_context(upload_key(job.id)))
 
 
 class _Progress:
@@ -113,31 +86,17 @@ def _keep_cache_key(job: Job, result: dict[str, Any]) -> None:
     job.meta["cache_key"] = result["provenance"]["cache_key"]  # the worker indexes the result under it
 
 
-def _classify_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, dict[str, Any]]:
+def _classify_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, ClassifyParameters]:
     """(served model, input bytes, input format, canonical parameters) of a classify job."""
     served = served_models().get(kwargs["model"])
-    parameters = classify_parameters(
-        int(kwargs.get("top_k", 5)),
-        bool(kwargs.get("stability", False)),
-        int(kwargs.get("stability_steps") or ARA_STEPS),
-        *(kwargs.get("window") or (None, None)),
-        stability_mode=kwargs.get("stability_mode") or STABILITY_MODE,
-    )
+    parameters = ClassifyParameters.from_kwargs(kwargs)  # its defaults, for a job queued without them
     return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
 
 
-def _explain_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, dict[str, Any]]:
+def _explain_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, ExplainParameters]:
     """(served model, input bytes, input format, canonical parameters) of an explain job."""
     served = served_models().get(kwargs["model"])
-    parameters = explain_parameters(
-        kwargs["targets"],
-        kwargs["rho"],
-        kwargs["steps"],
-        kwargs.get("layer"),
-        int(kwargs.get("stability_steps") or ARA_STEPS),
-        *(kwargs.get("window") or (None, None)),
-        stability_mode=kwargs.get("stability_mode") or STABILITY_MODE,
-    )
+    parameters = ExplainParameters.from_kwargs(kwargs)  # its defaults, for a job queued without them
     return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
 
 
@@ -154,7 +113,7 @@ def classify(
     computed here."""
     job = _current_job()
     _check_cancelled(job)
-    prepared = take_prepared(job.id)
+    prepared = current().take_prepared(job.id)
     if prepared is not None:
         result = prepared.unwrap()
     else:
@@ -164,6 +123,7 @@ def classify(
         result = classify_result(
             served, data, input_format, parameters, progress=_Progress(job), worker=job.worker_name
         )
+    result = result.dump()  # jobs.results.ClassifyResult as the JSON rq stores
     _keep_cache_key(job, result)
     return result
 
@@ -237,7 +197,7 @@ def explain(
     ``dicom_key(job_id)``, both sealed and with ``result_ttl``; the summary is returned."""
     job = _current_job()
     _check_cancelled(job)
-    prepared = take_prepared(job.id)
+    prepared = current().take_prepared(job.id)
     if prepared is not None:
         summary, files, dicom_files = prepared.unwrap()
     else:
@@ -247,12 +207,13 @@ def explain(
         summary, files, dicom_files = explain_result(
             served, data, input_format, parameters, progress=_Progress(job), worker=job.worker_name
         )
+    summary = summary.dump()  # jobs.results.ExplainResult as the JSON rq stores
     _check_cancelled(job)
     ref = job.meta.get("pacs_reference")
     if ref and job.meta.get("store", True):
         # Back into the source's study, where its viewers look (deterministic UIDs: a second
         # run replaces rather than duplicates).
-        summary["stored"] = store_report(_settings().pacs, ref["pacs"], list(dicom_files.values()))
+        summary["stored"] = store_report(current().settings.pacs, ref["pacs"], list(dicom_files.values()))
     files = seal_fields(images_key(job.id), files)
     dicom_files = seal_fields(dicom_key(job.id), dicom_files)
     with job.connection.pipeline() as pipe:

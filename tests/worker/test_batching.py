@@ -13,11 +13,12 @@ from rq.job import Job
 from rq.queue import Queue
 
 from jobs.keys import cancel_key, upload_key
+from jobs.lifecycle import requeue_stranded
 from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
 from models.data.tensors import load_image_for_model
 from models.store.checkpoint import load_checkpoint
 from tests.tokens import api_client
-from worker.batching import batch_signature, requeue_stranded
+from worker.batching import batch_signature
 
 pytestmark = pytest.mark.e2e
 

@@ -1,0 +1,336 @@
+"""The fenced life of a job attempt in Redis (the worker side of the rq adapter): claim, lease, end, requeue, reap.
+
+Every change of a job's state that a retry, a late worker or a second reaper could repeat is a
+compare-and-set on the job's hash (WATCH, check, MULTI ... EXEC):
+
+- ``claim``: queued -> started by one worker, with a new **attempt token** (``ATTEMPT_FIELD``,
+  incremented) and its own lease (an rq execution in the queue's started registry, whose score
+  is when the lease runs out). A job that is no longer queued (taken twice after a duplicated
+  push, cancelled, ended) is not claimed: it runs at most once at a time.
+- ``renew``: the lease of an attempt is extended only while that attempt still holds the job.
+- ``finish`` / ``fail`` / ``requeue``: written only while the job is ``started`` under the
+  caller's token; the token that ended the job is kept (``ENDED_FIELD``), so an end written
+  once whose reply was lost (Redis restarted) is recognised as done, never written twice.
+- ``reap``: a started job whose every lease ran out (its worker died, or lost Redis longer
+  than its lease) is queued again while retries are left, else failed ``worker_lost``; the
+  token is incremented in the same transaction, so the old worker, should it come back, is
+  refused at its next write (fencing).
+
+What happens once a job has ended for good (its upload deleted, its quota freed, its result
+indexed) is written in the same transaction as the end, so it happens exactly when the job
+ends and only once; the callback and the outcome count follow the transaction, by whoever's
+transaction ended the job.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+from rq.defaults import RQ_KEY_PREFIX
+from rq.exceptions import NoSuchJobError
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.results import Result
+from rq.utils import current_timestamp, now, parse_composite_key, utcformat
+
+from jobs.keys import cancel_key, upload_key
+from jobs.queues import SERIALIZER
+
+log = logging.getLogger("aex.jobs")
+
+ATTEMPT_FIELD = "aex_attempt"  # the fencing token: +1 at every claim and every reap
+ENDED_FIELD = "aex_ended_attempt"  # the token under which the job ended
+REAPED = -2  # ENDED_FIELD of a job the reaper ended
+FAILURE_TTL_SECONDS = 3600  # a failure kept this long when its job names no failure TTL (aex's always do)
+
+
+def _text(value: Any) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclass
+class Attempt:
+    """One run of a job by one worker: the job, the token that fences its writes, its lease."""
+
+    job: Job
+    queue: Queue
+    token: int
+    execution: Execution
+    lost: bool = field(default=False)  # fenced out (reaped, or Redis lost the job): stop, write nothing
+
+
+def _compare_and_set(
+    conn: Redis, job_key: str, check: Callable[[str | None, int, int], bool], write: Callable[[Pipeline, int], None]
+) -> bool:
+    """WATCH ``job_key``, read (status, attempt, ended attempt), and when ``check`` holds, run
+    ``write(pipe, attempt)`` in MULTI/EXEC. True when written; False when the check failed."""
+    with conn.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(job_key)
+                status, attempt, ended = pipe.hmget(job_key, "status", ATTEMPT_FIELD, ENDED_FIELD)
+                attempt_no, ended_no = int(attempt or 0), int(ended or -1)
+                if not check(_text(status), attempt_no, ended_no):
+                    pipe.reset()
+                    return False
+                pipe.multi()
+                write(pipe, attempt_no)
+                pipe.execute()
+                return True
+            except WatchError:
+                continue
+
+
+# --- taking from a queue -------------------------------------------------------------------
+def take(conn: Redis, queue: Queue) -> Job | None:
+    """The next job of ``queue``, moved atomically to its intermediate list as rq's dequeue
+    moves one (None when the queue is empty). An id whose job is gone is dropped."""
+    while True:
+        raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
+        if raw is None:
+            return None
+        job_id = _text(raw)
+        try:
+            return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+        except NoSuchJobError:
+            conn.lrem(queue.intermediate_queue_key, 1, job_id)  # expired or deleted meanwhile
+
+
+def untake(conn: Redis, queue: Queue, job_id: str) -> None:
+    """Put a job taken but not claimed back at the head of its queue, where it was."""
+    with conn.pipeline() as pipe:
+        pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+        pipe.lpush(queue.key, job_id)
+        pipe.execute()
+
+
+def requeue_stranded(conn: Redis, queue: Queue) -> list[str]:
+    """Put back at the head of ``queue`` the jobs left in its intermediate list by a worker
+    that died between taking them and claiming them (still queued, seen there by an earlier
+    clean-up over a minute ago). rq's own clean-up would fail such jobs ("stuck in
+    intermediate queue"); a job that never started loses nothing by waiting again. Returns
+    the ids put back."""
+    inter = queue.intermediate_queue
+    moved = []
+    for job_id in inter.get_job_ids():
+        try:
+            job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+        except NoSuchJobError:
+            inter.remove(job_id)
+            continue
+        if inter.set_first_seen(job_id) or not inter.should_be_cleaned_up(job_id):
+            continue
+        with conn.pipeline() as pipe:
+            pipe.lrem(inter.key, 1, job_id)
+            if job.get_status(refresh=True) == JobStatus.QUEUED:
+                pipe.lpush(queue.key, job_id)
+            pipe.delete(inter.get_first_seen_key(job_id))
+            pipe.execute()
+        moved.append(job_id)
+    return moved
+
+
+# --- claiming and leasing ----------------------------------------------------------------
+def claim(conn: Redis, job: Job, queue: Queue, worker_name: str, lease_seconds: int) -> Attempt | None:
+    """Start ``job`` (taken from ``queue`` into its intermediate list) under a new attempt
+    token and a lease of ``lease_seconds``; None when it is no longer queued (it leaves the
+    intermediate list either way)."""
+    made: dict[str, Any] = {}
+
+    def write(pipe: Pipeline, attempt: int) -> None:
+        pipe.hset(job.key, ATTEMPT_FIELD, attempt + 1)
+        job.prepare_for_execution(worker_name, pipe)  # status started, started_at, worker_name
+        made["execution"] = Execution.create(job, lease_seconds, pipeline=pipe, worker_name=worker_name)
+        pipe.persist(job.key)
+        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+        made["token"] = attempt + 1
+
+    if _compare_and_set(conn, job.key, lambda status, _a, _e: status == JobStatus.QUEUED.value, write):
+        return Attempt(job, queue, made["token"], made["execution"])
+    conn.lrem(queue.intermediate_queue_key, 1, job.id)
+    return None
+
+
+def holds(conn: Redis, attempt: Attempt) -> bool:
+    """Whether ``attempt`` still holds its job (started, under its token)."""
+    status, token = conn.hmget(attempt.job.key, "status", ATTEMPT_FIELD)
+    return _text(status) == JobStatus.STARTED.value and int(token or 0) == attempt.token
+
+
+def renew(conn: Redis, attempt: Attempt, lease_seconds: int) -> bool:
+    """Extend the lease of ``attempt`` while it holds its job; False (and ``attempt.lost``)
+    once it does not. A renewal racing a reap can only touch an entry that is still there
+    (ZADD XX), so it never brings back a lease the reaper removed."""
+    if not holds(conn, attempt):
+        attempt.lost = True
+        return False
+    with conn.pipeline() as pipe:
+        attempt.execution.heartbeat(attempt.job.started_job_registry, lease_seconds, pipeline=pipe)
+        attempt.job.heartbeat(now(), lease_seconds, pipeline=pipe)
+        pipe.execute()
+    return True
+
+
+# --- ending --------------------------------------------------------------------------------
+def discard_partial(conn: Redis, job: Job) -> None:
+    """Delete what a fenced-out attempt may have recreated of a job Redis lost (a restart
+    without persistence: its progress writes make a hash with no job data, which no reader
+    could use; the API answers ``job_lost`` for its id)."""
+    if not conn.hexists(job.key, "data"):
+        conn.delete(job.key)
+
+
+def _save_meta(pipe: Pipeline, job: Job) -> None:
+    pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+
+
+def _ours(attempt: Attempt) -> Callable[[str | None, int, int], bool]:
+    return lambda status, token, _ended: status == JobStatus.STARTED.value and token == attempt.token
+
+
+def _end_common(pipe: Pipeline, attempt: Attempt, status: JobStatus) -> None:
+    job = attempt.job
+    job.ended_at = now()
+    job.set_status(status, pipeline=pipe)
+    pipe.hset(job.key, mapping={"ended_at": utcformat(job.ended_at), ENDED_FIELD: attempt.token})
+    _save_meta(pipe, job)
+    attempt.execution.delete(job=job, pipeline=pipe)
+    pipe.delete(upload_key(job.id))  # its final end: nothing will read the input again
+
+
+def ended_by(conn: Redis, attempt: Attempt) -> bool:
+    """Whether the job ended under ``attempt``'s token (an end whose reply was lost)."""
+    return int(conn.hget(attempt.job.key, ENDED_FIELD) or -1) == attempt.token
+
+
+def finish(
+    conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also: Callable[[Pipeline], None] | None = None
+) -> bool:
+    """Record ``result`` as the job's end (finished), with ``also(pipe)`` in the same
+    transaction (the result's index); False when the attempt no longer holds the job."""
+    job = attempt.job
+
+    def write(pipe: Pipeline, _attempt: int) -> None:
+        _end_common(pipe, attempt, JobStatus.FINISHED)
+        Result.create(job, Result.Type.SUCCESSFUL, result_ttl, return_value=result, pipeline=pipe)
+        job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+        job.finished_job_registry.add(job, result_ttl, pipe)
+        if also is not None:
+            also(pipe)
+
+    return _compare_and_set(conn, job.key, _ours(attempt), write) or ended_by(conn, attempt)
+
+
+def fail(conn: Redis, attempt: Attempt, error: dict[str, str], trace: str, stopped: bool = False) -> bool:
+    """Record the job's end as failed (or, ``stopped``, cancelled while it ran) with
+    ``error`` ({"code", "message"}) in its meta and ``trace`` (redacted) as rq's failure."""
+    job = attempt.job
+
+    def write(pipe: Pipeline, _attempt: int) -> None:
+        job.meta["error"] = error
+        _end_common(pipe, attempt, JobStatus.STOPPED if stopped else JobStatus.FAILED)
+        _record_failure(pipe, job, trace)
+
+    return _compare_and_set(conn, job.key, _ours(attempt), write) or ended_by(conn, attempt)
+
+
+def _record_failure(pipe: Pipeline, job: Job, trace: str) -> None:
+    ttl = int(job.failure_ttl or FAILURE_TTL_SECONDS)
+    job.failed_job_registry.add(job, ttl=ttl, exc_string=trace, pipeline=pipe)
+    Result.create_failure(job, ttl, exc_string=trace, pipeline=pipe)
+    pipe.expire(job.key, ttl)
+
+
+def requeue(conn: Redis, attempt: Attempt) -> bool:
+    """Queue the job again at the front of its queue (a run cut short, retries left)."""
+    job = attempt.job
+
+    def write(pipe: Pipeline, attempt_no: int) -> None:
+        _back_in_queue(pipe, job, attempt.queue)
+        attempt.execution.delete(job=job, pipeline=pipe)
+        pipe.hset(job.key, ATTEMPT_FIELD, attempt_no + 1)
+
+    return _compare_and_set(conn, job.key, _ours(attempt), write)
+
+
+def _back_in_queue(pipe: Pipeline, job: Job, queue: Queue) -> None:
+    job.meta["retried"] = int(job.meta.get("retried") or 0) + 1
+    job.meta.pop("progress", None)  # the view would show the cut run's progress while queued
+    job.meta.pop("error", None)
+    _save_meta(pipe, job)
+    job.set_status(JobStatus.QUEUED, pipeline=pipe)
+    pipe.hdel(job.key, "started_at", "worker_name")
+    pipe.lpush(queue.key, job.id)
+
+
+# --- reaping -------------------------------------------------------------------------------
+def _leased(conn: Redis, registry_key: str, job_id: str) -> bool:
+    """Whether some lease of ``job_id`` in the started registry has not run out."""
+    live = conn.zrangebyscore(registry_key, f"({current_timestamp()}", "+inf")
+    return any(_text(k).startswith(f"{job_id}:") for k in live)
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What ``reap`` did to one job: ``requeued``, or ended (``failed`` worker_lost, or ``cancelled``)."""
+
+    job: Job
+    outcome: str
+
+
+def reap(conn: Redis, queue: Queue, retries: int, lost_error: dict[str, str]) -> list[Reaped]:
+    """Queue again (while ``retries`` allows and nobody cancelled it) or end each started job
+    of ``queue`` whose leases have all run out; drop lease entries of jobs that are no longer
+    started. Returns what it did, for the outcome counts and callbacks."""
+    registry_key = queue.started_job_registry.key
+    done = []
+    for raw in conn.zrangebyscore(registry_key, 0, current_timestamp()):
+        reaped = _reap_one(conn, queue, _text(raw), retries, lost_error)
+        if reaped is not None:
+            done.append(reaped)
+    return done
+
+
+def _reap_one(conn: Redis, queue: Queue, composite: str, retries: int, lost_error: dict[str, str]) -> Reaped | None:
+    registry_key = queue.started_job_registry.key
+    job_id, _execution_id = parse_composite_key(composite)
+    try:
+        job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+    except Exception:  # gone (expired, deleted, lost) or not decodable: nothing to reap
+        conn.zrem(registry_key, composite)
+        return None
+    if job.get_status(refresh=False) != JobStatus.STARTED or _leased(conn, registry_key, job_id):
+        conn.zrem(registry_key, composite)  # an old lease of a job that ended or runs again
+        return None
+    cancelled = bool(conn.exists(cancel_key(job_id)))
+    again = not cancelled and int(job.meta.get("retried") or 0) < retries
+    outcome = "requeued" if again else ("cancelled" if cancelled else "failed")
+
+    def abandoned(status: str | None, _a: int, _e: int) -> bool:
+        # Checked again under WATCH: a renewal (it writes the job's hash) or another reaper in
+        # between makes the transaction start over.
+        return status == JobStatus.STARTED.value and not _leased(conn, registry_key, job_id)
+
+    def write(pipe: Pipeline, attempt_no: int) -> None:
+        pipe.zrem(registry_key, composite)
+        pipe.delete(f"{RQ_KEY_PREFIX}:execution:{composite}")
+        pipe.hset(job.key, ATTEMPT_FIELD, attempt_no + 1)  # fences the worker out, should it come back
+        if again:
+            _back_in_queue(pipe, job, queue)
+            return
+        job.meta["error"] = {"code": "job_cancelled", "message": "the job was cancelled"} if cancelled else lost_error
+        job.ended_at = now()
+        job.set_status(JobStatus.STOPPED if cancelled else JobStatus.FAILED, pipeline=pipe)
+        pipe.hset(job.key, mapping={"ended_at": utcformat(job.ended_at), ENDED_FIELD: REAPED})
+        _save_meta(pipe, job)
+        pipe.delete(upload_key(job.id))
+        _record_failure(pipe, job, "the worker running this job stopped renewing its lease")
+
+    return Reaped(job, outcome) if _compare_and_set(conn, job.key, abandoned, write) else None

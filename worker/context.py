@@ -1,0 +1,77 @@
+"""The worker context: what a worker process builds once at start (settings, data cipher, served models) and the
+state its job functions share with it (the cancel event of the job in hand, the batch shares).
+
+rq calls a job function by its dotted path with the job's keyword arguments only, so the
+function reaches the worker's state through the one context installed by ``worker.run``
+before the work loop (``install``, then ``current``), instead of through module globals
+scattered over the worker's modules.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from jobs.crypto import DataCipher
+from jobs.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.served import ServedModels
+
+
+@dataclass
+class Prepared:
+    """A job's share of a batch: its result, or the error its own part raised."""
+
+    result: Any = None
+    error: BaseException | None = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass
+class WorkerContext:
+    """Built once per worker process (``worker.run.run_worker``)."""
+
+    settings: Settings
+    cipher: DataCipher
+    served: ServedModels
+    # Set when rq's stop-job command arrives for the job in hand (pubsub thread); the job's
+    # progress callback turns it into JobCancelledError between two search steps.
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    # Each job's share of the batch it ran in, until its job function takes it.
+    prepared: dict[str, Prepared] = field(default_factory=dict)
+
+    def hand_over(self, prepared: dict[str, Prepared]) -> None:
+        """Make each job's share available to its job function (``take_prepared``)."""
+        self.prepared.update(prepared)
+
+    def take_prepared(self, job_id: str) -> Prepared | None:
+        """The job's share of the batch it ran in, once (None: it computes on its own)."""
+        return self.prepared.pop(job_id, None)
+
+    def forget(self, job_ids: list[str]) -> None:
+        """Drop what was not taken (a job skipped, cancelled or lost before its turn)."""
+        for job_id in job_ids:
+            self.prepared.pop(job_id, None)
+
+
+_context: WorkerContext | None = None
+
+
+def install(context: WorkerContext) -> WorkerContext:
+    """Make ``context`` this process's (once, at start)."""
+    global _context
+    _context = context
+    return context
+
+
+def current() -> WorkerContext:
+    """This process's context (a job function outside a worker process has none)."""
+    if _context is None:
+        raise RuntimeError("no worker context: worker.run installs it before the first job")
+    return _context
