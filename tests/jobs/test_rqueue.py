@@ -1,0 +1,154 @@
+"""The rq behaviour the adapter (``jobs.rqueue``) relies on, pinned against a real redis-server:
+status names, key layout, queue order and LREM, the Result stream, the stop-job command."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC
+
+import pytest
+from rq.command import PUBSUB_CHANNEL_TEMPLATE
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+from rq.results import Result
+from rq.worker import SimpleWorker
+
+from jobs import rqueue
+from jobs.epoch import new_job_id
+from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from jobs.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
+
+DB = 8  # shared with tests/jobs/test_crypto.py: both flush it around each test
+
+
+@pytest.fixture
+def conn(redis_server):
+    client = connect(f"{redis_server.url}?db={DB}")
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def enqueue(conn, kind=JobKind.CLASSIFY, lane=JobKind.CLASSIFY, **meta) -> str:
+    job_id = new_job_id(conn)
+    rqueue.enqueue(
+        conn,
+        lane,
+        kind,
+        job_id,
+        kwargs={"model": "m"},
+        meta={"kind": kind.value, "model": "m", **meta},
+        timeout=60,
+        result_ttl=120,
+        wait_ttl=300,
+        description=f"{kind.value} m",
+    )
+    return job_id
+
+
+def test_every_rq_status_has_one_api_status():
+    assert set(STATUS_FROM_RQ) == set(JobStatus)
+    assert {s.value for s in JobStatus} == {
+        "created", "queued", "finished", "failed", "started", "deferred", "scheduled",
+        "stopped", "canceled", "rate_limited", "ready_to_enqueue",
+    }  # fmt: skip
+    ended = {s for s, api in STATUS_FROM_RQ.items() if api in TERMINAL}
+    assert ended == {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+    assert STATUS_FROM_RQ[JobStatus.STARTED] is ApiStatus.RUNNING
+
+
+def test_the_redis_key_layout_of_rq(conn):
+    name = QUEUE_NAMES[JobKind.CLASSIFY]
+    queue = Queue(name, connection=conn, serializer=SERIALIZER)
+    assert queue.key == f"rq:queue:{name}" and queue.started_job_registry.key == f"rq:wip:{name}"
+    assert Job.key_for("abc") == "rq:job:abc"
+    assert Result.get_key("abc") == "rq:results:abc"
+    assert PUBSUB_CHANNEL_TEMPLATE % "w1" == "rq:pubsub:w1"
+
+
+def test_enqueue_appends_to_the_queue_and_the_record_reads_the_job_hash(conn):
+    first, second = enqueue(conn), enqueue(conn, callback={"url": "https://x.example.org/h"})
+    key = f"rq:queue:{QUEUE_NAMES[JobKind.CLASSIFY]}"
+    assert [i.decode() for i in conn.lrange(key, 0, -1)] == [first, second]  # the tail
+    assert conn.hget(f"rq:job:{second}", "status") == b"queued"
+    assert rqueue.queue_depth(conn, JobKind.CLASSIFY) == 2 and rqueue.queue_depth(conn, JobKind.EXPLAIN) == 0
+
+    record = rqueue.fetch_job(conn, second)
+    assert record.id == second and record.kind is JobKind.CLASSIFY and record.model == "m"
+    assert record.status is ApiStatus.QUEUED and record.origin == QUEUE_NAMES[JobKind.CLASSIFY]
+    assert record.meta["callback"] == {"url": "https://x.example.org/h"}
+    assert record.enqueued_at.tzinfo is UTC and abs(time.time() - record.enqueued_at.timestamp()) < 60
+    assert record.started_at is None and record.ended_at is None and record.result is None
+    assert rqueue.queue_position(conn, record) == 1
+    assert rqueue.queue_position(conn, rqueue.fetch_job(conn, first)) == 0
+    assert rqueue.fetch_job(conn, new_job_id(conn)) is None
+    assert rqueue.job_statuses(conn, [first, new_job_id(conn)]) == [ApiStatus.QUEUED, None]
+    assert rqueue.job_statuses(conn, []) == []
+
+
+def test_cancel_queued_takes_the_id_out_once(conn):
+    job_id, other = enqueue(conn, lane=JobKind.EXPLAIN), enqueue(conn, lane=JobKind.EXPLAIN)
+    record = rqueue.fetch_job(conn, job_id)
+    assert rqueue.cancel_queued(conn, record) is True
+    key = f"rq:queue:{QUEUE_NAMES[JobKind.EXPLAIN]}"
+    assert [i.decode() for i in conn.lrange(key, 0, -1)] == [other]
+    assert rqueue.fetch_job(conn, job_id).status is ApiStatus.CANCELLED
+    assert conn.hget(f"rq:job:{job_id}", "status") == b"canceled"
+    assert rqueue.cancel_queued(conn, record) is False  # LREM found nothing: not cancelled twice
+
+    # A worker took the id (it is in no queue): the caller must stop it instead.
+    taken = rqueue.fetch_job(conn, other)
+    assert conn.lrem(key, 0, other) == 1
+    assert rqueue.cancel_queued(conn, taken) is False
+    assert rqueue.fetch_job(conn, other).status is ApiStatus.QUEUED
+
+
+def test_stop_running_publishes_the_stop_job_command_on_the_workers_channel(conn):
+    job_id = enqueue(conn)
+    pubsub = conn.pubsub()
+    pubsub.subscribe("rq:pubsub:worker-a")
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+    rqueue.stop_running(conn, job_id)  # no worker runs it: nothing is sent, nothing raised
+    assert pubsub.get_message(timeout=0.5) is None
+    rqueue.stop_running(conn, new_job_id(conn))  # unknown job: nothing raised
+
+    conn.hset(f"rq:job:{job_id}", "worker_name", "worker-a")
+    rqueue.stop_running(conn, job_id)
+    message = pubsub.get_message(timeout=5)
+    assert message["channel"] == b"rq:pubsub:worker-a"
+    assert json.loads(message["data"]) == {"command": "stop-job", "job_id": job_id}
+    pubsub.close()
+
+
+def test_an_expired_lease_is_a_score_in_the_past_in_the_started_registry(conn):
+    job_id = enqueue(conn)
+    queue = QUEUE_NAMES[JobKind.CLASSIFY]
+    conn.lrem(f"rq:queue:{queue}", 0, job_id)  # a worker took it and started it
+    conn.hset(f"rq:job:{job_id}", "status", "started")
+    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-1": time.time() + 60})  # rq 3: id:execution
+    record = rqueue.fetch_job(conn, job_id)
+    assert record.status is ApiStatus.RUNNING and not rqueue.lease_expired(conn, record)
+    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-1": time.time() - 1})
+    assert rqueue.lease_expired(conn, record)
+
+
+def test_each_end_appends_to_the_result_stream(conn):
+    """rq's Result stream: a finished job's return value, a failed job's text, and what
+    ``wait_for_end`` returns on (jobs run here by rq's in-process worker)."""
+    queue = Queue(QUEUE_NAMES[JobKind.EXPLAIN], connection=conn, serializer=SERIALIZER)
+    ok = queue.enqueue("math.sqrt", 16.0, meta={"kind": "classify"}, result_ttl=100)
+    bad = queue.enqueue("math.sqrt", -1.0, meta={"kind": "classify"}, failure_ttl=100)
+    assert conn.xlen(Result.get_key(ok.id)) == 0 and rqueue.result_ttl_left(conn, ok.id) < 0
+    SimpleWorker([queue], connection=conn, serializer=SERIALIZER).work(burst=True)
+
+    assert conn.xlen(Result.get_key(ok.id)) == 1 and conn.xlen(Result.get_key(bad.id)) == 1
+    rqueue.wait_for_end(conn, ok.id, 30)  # returns at once: the stream has an entry
+    done = rqueue.fetch_job(conn, ok.id)
+    assert done.status is ApiStatus.FINISHED and done.result == 4.0 and done.failure is None
+    assert done.started_at <= done.ended_at and done.ended_at.tzinfo is UTC
+    assert 90 < rqueue.result_ttl_left(conn, ok.id) <= 100
+    failed = rqueue.fetch_job(conn, bad.id)
+    assert failed.status is ApiStatus.FAILED and failed.result is None
+    assert "ValueError: math domain error" in failed.failure
