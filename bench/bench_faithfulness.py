@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jobs.params import explain_parameters
+from jobs.params import ExplainParameters
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
 from models.defaults import ARA_SEED, ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
@@ -38,15 +38,15 @@ DATA = REPO.parent / "shared" / "data" / "cifar10-jpeg" / "test.tar"
 CHECKPOINT = REPO / "models" / "checkpoints" / "cifar10-robust" / "model.safetensors"
 
 
-def run_once(served: ServedModel, data: bytes, parameters: dict, faithfulness: bool) -> tuple[float, float, float]:
+def run_once(
+    served: ServedModel, data: bytes, parameters: ExplainParameters, faithfulness: bool
+) -> tuple[float, float, float]:
     """(CPU seconds, wall seconds, the job's faithfulness_seconds) of one explain job."""
     cpu, wall = time.process_time(), time.perf_counter()
-    summary, _files, _dicom = explain_result(
-        served, data, "png", parameters, **({} if faithfulness else {"faithfulness_steps": 0})
-    )
+    result = explain_result(served, data, "png", parameters, **({} if faithfulness else {"faithfulness_steps": 0}))
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    assert ("faithfulness" in summary["gradcam"]) == faithfulness
-    return cpu, wall, summary["provenance"]["timings"].get("faithfulness_seconds", 0.0)
+    assert (result.result.gradcam.faithfulness is not None) == faithfulness
+    return cpu, wall, result.result.provenance.timings.get("faithfulness_seconds", 0.0)
 
 
 def main() -> None:
@@ -62,8 +62,12 @@ def main() -> None:
     ds = load_dataset(args.data, split="test", input_size=served.meta.input_size, in_channels=served.meta.in_channels)
     idx = seeded_subset(len(ds), args.n, ARA_SEED)
     images = [to_png_bytes(to_uint8_image(ds.images[i].float() / 255.0)) for i in idx.tolist()]
-    parameters = explain_parameters(
-        list(REQUEST_TARGETS), EXPLAIN_RHO, EXPLAIN_STEPS, served.gradcam_layer, args.stability_steps
+    parameters = ExplainParameters.build(
+        targets=list(REQUEST_TARGETS),
+        rho=EXPLAIN_RHO,
+        steps=EXPLAIN_STEPS,
+        layer=served.gradcam_layer,
+        stability_steps=args.stability_steps,
     )
     run_once(served, images[0], parameters, True)  # warm-up: first-call costs out of the figures
     on, off, own = [], [], []
@@ -84,7 +88,7 @@ def main() -> None:
                 ),
                 "n": args.n,
                 "threads": args.threads,
-                "parameters": parameters,
+                "parameters": parameters.kwargs(),
                 "cpu_seconds_per_job_with": cpu_on / args.n,
                 "cpu_seconds_per_job_without": cpu_off / args.n,
                 "cpu_ratio": cpu_on / cpu_off,

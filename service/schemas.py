@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, get_origin
+from typing import Annotated, Any, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
+from jobs.params import STABILITY_MODES, StabilityMode
 from jobs.queues import JobKind
+from jobs.results import JobResult
 from jobs.states import ApiStatus
 from models.defaults import ARA_STEPS, EXPLAIN_RHO, EXPLAIN_STEPS, REQUEST_TARGETS
 from models.errors import BadParameterError
@@ -41,7 +43,10 @@ class CommonParams(BaseModel):
         ge=1,
         description=f"steps of each stability search (default AEX_STABILITY_STEPS = {ARA_STEPS}, the ARA setting)",
     )
-    stability_mode: Literal["fast", "exact"] | None = Field(
+    # The enum inlined in the schema: the form's schema is copied into the route's (no $defs).
+    stability_mode: (
+        Annotated[StabilityMode, WithJsonSchema({"type": "string", "enum": list(STABILITY_MODES)})] | None
+    ) = Field(
         None,
         description="how the stability radii are found: fast (an estimate of the ARA searches' radii in a fraction "
         "of their time) or exact (the ARA's two searches); default AEX_STABILITY_MODE",
@@ -224,12 +229,12 @@ class JobView(BaseModel):
     queue_position: int | None = Field(None, description="0 = next to run; only while queued")
     progress: Progress | None = None
     timings: Timings
-    result: dict[str, Any] | None = Field(
+    result: JobResult | None = Field(
         None,
-        description="when finished: probabilities, per-target "
-        "probabilities before/after, rms(delta), each map's faithfulness "
-        "(deletion/insertion AUCs beside a random order), image URLs, "
-        "stability, provenance, reused",
+        description="when finished: the classify result (probabilities, stability, provenance, reused) or the "
+        "explain result (per-target probabilities before/after, rms(delta), each map's faithfulness "
+        "(deletion/insertion AUCs beside a random order), image and DICOM names and URLs, stability, "
+        "provenance, reused)",
     )
     images: dict[str, str] | None = Field(None, description="name -> URL of each PNG (explain jobs)")
     dicom: dict[str, str] | None = Field(

@@ -9,15 +9,15 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from jobs.params import result_cache_key
+from jobs.params import ClassifyParameters, JobParameters, result_cache_key
+from jobs.results import ClassifyResult, ClassScore, Stability
 from jobs.settings import Settings
 from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
-from models.defaults import STABILITY_MODE
 from models.dicom.pixels import DicomImage
 from models.dicom.reading import attribute, first_number
 from models.errors import BadParameterError
@@ -97,76 +97,89 @@ def load_input(
     return image_to_tensor(img, size, channels), None, info, digest
 
 
-def cache_key(kind: str, served: ServedModel, digest: str, parameters: dict[str, Any]) -> str:
+def cache_key(kind: str, served: ServedModel, digest: str, parameters: JobParameters) -> str:
     """The key a result is indexed (and reused) by: ``jobs.params.result_cache_key``."""
     return result_cache_key(kind, served.name, served.checkpoint_sha256, digest, parameters, __version__)
+
+
+class JobInput(NamedTuple):
+    """One job of a batch as the computation takes it."""
+
+    data: bytes
+    input_format: str
+    parameters: Any  # ClassifyParameters or ExplainParameters
+
+
+class DecodedInput(NamedTuple):
+    """One input of a batch, decoded (``load_input``)."""
+
+    index: int  # in the batch
+    x: torch.Tensor  # C x H x W in [0, 1]
+    dicom: DicomImage | None
+    info: dict[str, Any]  # what the result says about the input
+    digest: str  # the input's sha256
+    timings: dict[str, float]  # "decode_seconds", then each later phase's
 
 
 def classify_result(
     served: ServedModel,
     data: bytes,
     input_format: str,
-    parameters: dict[str, Any],
+    parameters: ClassifyParameters,
     progress: Progress | None = None,
     worker: str | None = None,
-) -> dict[str, Any]:
+) -> ClassifyResult:
     """The result of a classify job: top classes, every probability, (with ``stability``) the
-    stability score, and the provenance. parameters: ``jobs.params.classify_parameters``."""
-    (out,) = classify_results(served, [(data, input_format, parameters)], progress=progress, worker=worker)
+    stability score, and the provenance."""
+    (out,) = classify_results(served, [JobInput(data, input_format, parameters)], progress=progress, worker=worker)
     if isinstance(out, BaseException):
         raise out
     return out
 
 
-# One decoded input of a batch: (its index in the batch, x, DicomImage or None, input
-# description, input sha256, timings with "decode_seconds").
-Decoded = tuple[int, torch.Tensor, Any, dict[str, Any], str, dict[str, float]]
-
-
-def decode_batch(
-    served: ServedModel, inputs: list[tuple[bytes, str, dict[str, Any]]]
-) -> tuple[list[Any], list[Decoded]]:
-    """Each input of a batch (data, input format, parameters) decoded and checked on its own
-    (``load_input``): (one slot per input, holding the error of an input that failed and None
-    for the others, which the caller fills; the decoded inputs)."""
+def decode_batch(served: ServedModel, inputs: list[JobInput]) -> tuple[list[Any], list[DecodedInput]]:
+    """Each input of a batch decoded and checked on its own (``load_input``): (one slot per
+    input, holding the error of an input that failed and None for the others, which the
+    caller fills; the decoded inputs)."""
     out: list[Any] = []
-    decoded: list[Decoded] = []
-    for i, (data, input_format, parameters) in enumerate(inputs):
+    decoded: list[DecodedInput] = []
+    for i, job in enumerate(map(JobInput._make, inputs)):
         t = time.perf_counter()
         try:
-            x, dicom, info, digest = load_input(data, input_format, served, parameters.get("window"))
+            x, dicom, info, digest = load_input(job.data, job.input_format, served, job.parameters.window)
         except Exception as exc:
             out.append(exc)
             continue
         out.append(None)
-        decoded.append((i, x, dicom, info, digest, {"decode_seconds": time.perf_counter() - t}))
+        decoded.append(DecodedInput(i, x, dicom, info, digest, {"decode_seconds": time.perf_counter() - t}))
     return out, decoded
 
 
 def classify_results(
     served: ServedModel,
-    inputs: list[tuple[bytes, str, dict[str, Any]]],
+    inputs: list[JobInput],
     progress: Progress | None = None,
     worker: str | None = None,
-) -> list[dict[str, Any] | BaseException]:
+) -> list[ClassifyResult | BaseException]:
     """``classify_result`` of several jobs as one batch (a worker's dynamic batch): each input
-    (data, input format, parameters) is decoded and checked on its own, and a bad one gets its
-    own error in its place; the others run as one forward pass and, when they ask for it
-    (every job of a batch asks the same: ``worker.batching.batch_signature``), one batch of
-    stability searches. Probabilities equal a batch of one's to float rounding (about 1e-6)."""
+    is decoded and checked on its own, and a bad one gets its own error in its place; the
+    others run as one forward pass and, when they ask for it (every job of a batch asks the
+    same: ``worker.batching.batch_signature``), one batch of stability searches.
+    Probabilities equal a batch of one's to float rounding (about 1e-6)."""
     start = time.perf_counter()
+    inputs = [JobInput._make(i) for i in inputs]
     out, decoded = decode_batch(served, inputs)
     if not decoded:
         return out
     t = time.perf_counter()
-    xs = torch.stack([d[1] for d in decoded])
+    xs = torch.stack([d.x for d in decoded])
     with eval_mode(served.model), torch.no_grad():
         probs = served.model(xs.to(served.device)).softmax(1).cpu()
     inference = time.perf_counter() - t
-    parameters0 = inputs[decoded[0][0]][2]
+    first: ClassifyParameters = inputs[decoded[0].index].parameters
     stability: list[dict[str, Any] | None] = [None] * len(decoded)
     stability_seconds = 0.0
-    if parameters0.get("stability"):
+    if first.stability:
         t = time.perf_counter()
         phase = None if progress is None else (lambda done, total: progress(done, total, "stability"))
         stability = stability_reports(
@@ -174,65 +187,65 @@ def classify_results(
             xs,
             served.meta.classes,
             served.meta.metrics,
-            steps=int(parameters0["stability_steps"]),
-            mode=parameters0.get("stability_mode") or STABILITY_MODE,
+            steps=first.stability_steps,
+            mode=first.stability_mode.value,
             progress=phase,
         )
         stability_seconds = time.perf_counter() - t
-    for row, (i, _x, _dicom, info, digest, timings) in enumerate(decoded):
-        timings["inference_seconds"] = inference
-        if stability[row] is not None:
-            timings["stability_seconds"] = stability_seconds
-        out[i] = _classify_summary(
-            served, probs[row], inputs[i][2], stability[row], info, digest, timings, len(decoded), worker
+    for d in decoded:
+        d.timings["inference_seconds"] = inference
+        if stability[0] is not None:
+            d.timings["stability_seconds"] = stability_seconds
+    seconds = round(time.perf_counter() - start, 6)
+    for row, d in enumerate(decoded):
+        out[d.index] = _classify_summary(
+            served, probs[row], inputs[d.index].parameters, stability[row], d, seconds, len(decoded), worker
         )
-    for result in out:
-        if isinstance(result, dict):
-            result["seconds"] = result["provenance"]["timings"]["total_seconds"] = round(time.perf_counter() - start, 6)
     return out
 
 
 def _classify_summary(
     served: ServedModel,
     probs: torch.Tensor,
-    parameters: dict[str, Any],
+    parameters: ClassifyParameters,
     stability: dict[str, Any] | None,
-    info: dict[str, Any],
-    digest: str,
-    timings: dict[str, float],
+    decoded: DecodedInput,
+    seconds: float,
     batch_size: int,
     worker: str | None,
-) -> dict[str, Any]:
-    """One job's classify result from its probabilities (C) and stability report."""
-    classes, top_k = served.meta.classes, int(parameters["top_k"])
+) -> ClassifyResult:
+    """One job's classify result from its probabilities (C) and stability report; seconds:
+    the batch's whole time."""
+    classes, top_k = served.meta.classes, parameters.top_k
     order = probs.argsort(descending=True).tolist()
     top = [
-        {"class_index": i, "class_name": classes[i], "prob": float(probs[i])}
+        ClassScore(class_index=i, class_name=classes[i], prob=float(probs[i]))
         for i in order[: max(1, min(top_k, len(classes)))]
     ]
-    result: dict[str, Any] = {
-        "model": served.name,
-        "predicted": top[0],
-        "top": top,
-        "probs": {c: float(p) for c, p in zip(classes, probs.tolist())},
-    }
     # batch_size: the jobs that shared this one's forward pass (and searches).
     method: dict[str, Any] = {"top_k": top_k, "batch_size": batch_size}
+    scored: dict[str, Any] = {}
     if stability is not None:
-        result["stability"] = stability
-        method["stability"] = stability_method(
-            int(parameters["stability_steps"]), parameters.get("stability_mode") or STABILITY_MODE
-        )
-    result["reused"] = False
-    result["provenance"] = build_provenance(
+        scored["stability"] = Stability.model_validate(stability)
+        method["stability"] = stability_method(parameters.stability_steps, parameters.stability_mode.value)
+    provenance = build_provenance(
         served,
         kind="classify",
         parameters=parameters,
         method=method,
-        input_sha256=digest,
-        input_info=info,
-        cache_key=cache_key("classify", served, digest, parameters),
-        timings={**timings, "total_seconds": 0.0},
+        input_sha256=decoded.digest,
+        input_info=decoded.info,
+        cache_key=cache_key("classify", served, decoded.digest, parameters),
+        timings={**decoded.timings, "total_seconds": seconds},
         worker=worker,
     )
-    return result
+    return ClassifyResult(
+        model=served.name,
+        predicted=top[0],
+        top=top,
+        probs={c: float(p) for c, p in zip(classes, probs.tolist())},
+        **scored,
+        reused=False,
+        provenance=provenance,
+        seconds=seconds,
+    )

@@ -1,6 +1,6 @@
 """Provenance of a result: which model, which file, which parameters, which input, which
 software, on which device, how long each part took. Every classify and explain result
-carries it under "provenance", so a reviewer can tell exactly how a figure came about and
+carries it under "provenance" (``jobs.results.Provenance``), so a reviewer can tell exactly how a figure came about and
 reproduce it."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from jobs.params import JobParameters
+from jobs.results import Provenance
 from models.store.discovery import public_metrics
 from models.version import __version__
 from worker.served import ServedModel
@@ -64,40 +66,42 @@ def build_provenance(
     served: ServedModel,
     *,
     kind: str,
-    parameters: dict[str, Any],
+    parameters: JobParameters,
     method: dict[str, Any],
     input_sha256: str,
     input_info: dict[str, Any],
     cache_key: str,
     timings: dict[str, float],
     worker: str | None,
-) -> dict[str, Any]:
+) -> Provenance:
     """The "provenance" block of a result.
 
     parameters: the request's canonical parameters (the cache key's); method: every setting
     the computation used, defaults included (search settings, layer, clamping, ...)."""
-    return {
-        "kind": kind,
-        "model": served.name,
-        "checkpoint_file": served.path.name,
-        "checkpoint_sha256": served.checkpoint_sha256,
-        "weights_sha256": served.meta.weights_sha256,
-        "checkpoint_metrics": public_metrics(served.meta.metrics),
-        "architecture": {
-            "arch": served.meta.arch,
-            "input_size": served.meta.input_size,
-            "in_channels": served.meta.in_channels,
-            "num_classes": len(served.meta.classes),
-        },
-        "parameters": parameters,
-        "method": method,
-        "input_sha256": input_sha256,
-        "input": input_info,
-        "software": software_versions(),
-        "device": device_description(served.device),
-        "determinism": determinism(),
-        "timings": {k: round(float(v), 6) for k, v in timings.items()},
-        "cache_key": cache_key,
-        "computed_at": datetime.now(UTC).isoformat(),
-        "worker": worker,
-    }
+    return Provenance.model_validate(
+        {
+            "kind": kind,
+            "model": served.name,
+            "checkpoint_file": served.path.name,
+            "checkpoint_sha256": served.checkpoint_sha256,
+            "weights_sha256": served.meta.weights_sha256,
+            "checkpoint_metrics": public_metrics(served.meta.metrics),
+            "architecture": {
+                "arch": served.meta.arch,
+                "input_size": served.meta.input_size,
+                "in_channels": served.meta.in_channels,
+                "num_classes": len(served.meta.classes),
+            },
+            "parameters": parameters,
+            "method": method,
+            "input_sha256": input_sha256,
+            "input": input_info,
+            "software": software_versions(),
+            "device": device_description(served.device),
+            "determinism": determinism(),
+            "timings": {k: round(float(v), 6) for k, v in timings.items()},
+            "cache_key": cache_key,
+            "computed_at": datetime.now(UTC).isoformat(),
+            "worker": worker,
+        }
+    )

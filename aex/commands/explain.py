@@ -99,8 +99,8 @@ def explain(
         return
     if model is not None:
         raise BadParameterError("--model names a served model; offline, give the file with --checkpoint")
-    from jobs.params import explain_parameters
-    from models.defaults import ARA_STEPS, DEFAULT_TARGETS, STABILITY_MODE
+    from jobs.params import ExplainParameters
+    from models.defaults import DEFAULT_TARGETS
     from models.dicom.pixels import is_dicom
     from models.nn.runtime import pick_device
     from models.render.explanation import write_files
@@ -111,19 +111,20 @@ def explain(
     served = ServedModel.load(served_name(checkpoint), checkpoint, pick_device(device))
     data = image.read_bytes()
     # "-t predicted -t cat" and "-t predicted,cat" both work; the default layer by name, as
-    # the service names it, so the parameters (and the result's cache key) are the service's.
-    parameters = explain_parameters(
-        split_specs(targets) or list(DEFAULT_TARGETS),
-        rho,
-        steps,
-        layer or served.gradcam_layer,
-        stability_steps or ARA_STEPS,
-        stability_mode=stability_mode or STABILITY_MODE,
+    # the service names it, so the parameters (and the result's cache key) are the service's;
+    # an option left out takes the parameters' own default.
+    parameters = ExplainParameters.build(
+        targets=split_specs(targets) or list(DEFAULT_TARGETS),
+        rho=rho,
+        steps=steps,
+        layer=layer or served.gradcam_layer,
+        stability_steps=stability_steps,
+        stability_mode=stability_mode,
     )
     bar = PhaseProgress(progress, "explain")
     try:
         # The same function computes the service's explain jobs, so this prints their result JSON.
-        result, files, dicom_files = explain_result(
+        output = explain_result(
             served,
             data,
             "dicom" if is_dicom(data) else "image",
@@ -135,7 +136,8 @@ def explain(
         )
     finally:
         bar.close()
-    write_files(out, result, {**files, **dicom_files})
+    result = output.result.dump()  # the JSON an explain job returns
+    write_files(out, result, {**output.files, **output.dicom_files})
     print_json(result)
 
 

@@ -1,14 +1,19 @@
 """The one path that explains one image: classification, Grad-CAM of the predicted class,
 adversarial explanations of the targets, the faithfulness of each map, the stability score of
-the decision and the rendered PNGs. ``aex explain --checkpoint`` and the service's explain jobs both call
-``explain_image``, so the offline command gives the result JSON the service gives."""
+the decision, returned as the summary and the arrays every picture is made from
+(``ExplainedImage``: the explanation's input, x + delta and delta, and the Grad-CAM map); the
+PNGs and DICOM objects are rendered from them at the edge (``models.render.explanation``).
+``aex explain --checkpoint`` and the service's explain jobs both call ``explain_images``, so
+the offline command gives the result JSON the service gives."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,10 +22,29 @@ from models.explain.adversarial import Explainer, Explanation
 from models.explain.faithfulness import delta_map, faithfulness, faithfulness_method
 from models.explain.gradcam import gradcam, layer_name, resolve_layer
 from models.perturb.stability import stability_evaluations, stability_reports
-from models.render.explanation import render_explanation
+from models.render.explanation import name_pictures, pictures, png_files
 
 # progress(done, total, phase): one bar over both phases ("search", then "stability").
 PhaseProgress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class ExplainedImage:
+    """One image explained: the summary (JSON-safe, naming the pictures) and the arrays the
+    pictures are rendered from (``explanation``: the input, each target's x + delta and
+    delta; ``gradcam``: the Grad-CAM map, float H x W in [0, 1], CPU, the input's grid)."""
+
+    summary: dict
+    explanation: Explanation
+    gradcam: torch.Tensor
+
+    def pictures(self) -> dict[str, np.ndarray]:
+        """Every picture as a uint8 array by file name (``models.render.explanation.pictures``)."""
+        return pictures(self.explanation, self.gradcam)
+
+    def png_files(self) -> dict[str, bytes]:
+        """Every picture as PNG bytes by file name."""
+        return png_files(self.pictures())
 
 
 def explain_image(
@@ -36,19 +60,19 @@ def explain_image(
     progress: PhaseProgress | None = None,
     extra_summary: dict | None = None,
     timings: dict[str, float] | None = None,
-    maps: dict[str, torch.Tensor] | None = None,
     faithfulness_steps: int | None = FAITHFULNESS_STEPS,
     **settings,
-) -> tuple[dict, dict[str, bytes]]:
+) -> ExplainedImage:
     """Adversarial explanations, Grad-CAM of the predicted class and (with
     ``stability_steps``) the stability score of the decision for one image, rendered.
 
     image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
     default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
     metrics: the checkpoint's metrics, whose recorded per-image radii the stability score is
-    ranked against (``models.perturb.stability.reference_record``). timings: filled with "explain_seconds" and "stability_seconds". maps:
-    filled with "gradcam", the Grad-CAM map (float H x W in [0, 1], CPU, the input's grid).
-    Returns ``render_explanation``'s (summary, files); the summary also has "gradcam":
+    ranked against (``models.perturb.stability.reference_record``). timings: filled with
+    "explain_seconds", "faithfulness_seconds" and "stability_seconds". Returns the summary
+    and the arrays (``ExplainedImage``); the summary names the pictures
+    (``models.render.explanation.name_pictures``) and also has "gradcam":
     {"layer", "class_index", "faithfulness"}, each target its "faithfulness", "faithfulness"
     the figures' definition and, with ``stability_steps``, "stability".
     """
@@ -64,7 +88,6 @@ def explain_image(
         progress=progress,
         extra_summary=extra_summary,
         timings=[timings] if timings is not None else None,
-        maps=[maps] if maps is not None else None,
         faithfulness_steps=faithfulness_steps,
         **settings,
     )
@@ -84,15 +107,14 @@ def explain_images(
     progress: PhaseProgress | None = None,
     extra_summary: dict | None = None,
     timings: list[dict[str, float]] | None = None,
-    maps: list[dict[str, torch.Tensor]] | None = None,
     faithfulness_steps: int | None = FAITHFULNESS_STEPS,
     **settings,
-) -> list[tuple[dict, dict[str, bytes]]]:
+) -> list[ExplainedImage]:
     """``explain_image`` of each image of ``images`` (float N x C x H x W in [0, 1]; targets[i]
     those of image i) as one batch: the explanation rows of all images in one search, one
     Grad-CAM pass, the stability searches of all images as rows of one search (a worker's
-    batch of explain jobs). ``timings`` and ``maps``: one dict per image, filled as
-    ``explain_image`` fills its own (shared phases give each image the batch's time)."""
+    batch of explain jobs). ``timings``: one dict per image, filled as ``explain_image``
+    fills its own (shared phases give each image the batch's time)."""
     target_layer = resolve_layer(model, layer)  # a bad layer name fails before the search
     n = images.shape[0]
     later = stability_evaluations(stability_steps) if stability_steps else 0
@@ -109,19 +131,18 @@ def explain_images(
     cams = gradcam(model, images, [r.predicted for r in results], layer=target_layer).cpu()
     out = []
     for i, result in enumerate(results):
-        if maps is not None:
-            maps[i]["gradcam"] = cams[i]
-        extra = {
+        summary = {
             **(extra_summary or {}),
             "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
+            **result.summary(),
         }
-        out.append(render_explanation(result, cams[i], extra))
+        out.append(ExplainedImage(name_pictures(summary, result, with_map=True), result, cams[i]))
     for i in range(n):
         timings[i]["explain_seconds"] = time.perf_counter() - t
     if faithfulness_steps:
-        for i, (summary, _files) in enumerate(out):
+        for i, explained in enumerate(out):
             t = time.perf_counter()
-            add_faithfulness(summary, model, images[i], cams[i], results[i], int(faithfulness_steps))
+            add_faithfulness(explained.summary, model, images[i], cams[i], results[i], int(faithfulness_steps))
             timings[i]["faithfulness_seconds"] = time.perf_counter() - t
     if stability_steps:
         t = time.perf_counter()
@@ -139,8 +160,8 @@ def explain_images(
             mode=stability_mode,
             progress=stability_progress,
         )
-        for i, (summary, _files) in enumerate(out):
-            summary["stability"] = reports[i]
+        for i, explained in enumerate(out):
+            explained.summary["stability"] = reports[i]
             timings[i]["stability_seconds"] = time.perf_counter() - t
     return out
 

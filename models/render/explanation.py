@@ -1,6 +1,7 @@
 """Pictures of an explanation: the input, each x + delta and its amplified difference, the
-Grad-CAM heat map and overlay, as PNG bytes in memory, with the summary naming them (made
-apart from the algorithms, which return tensors)."""
+Grad-CAM heat map and overlay, as uint8 arrays (``pictures``: what the PNGs and the DICOM
+Secondary Captures are both made from) and PNG bytes in memory, with the summary naming them
+(made apart from the algorithms, which return tensors)."""
 
 from __future__ import annotations
 
@@ -35,30 +36,54 @@ def _safe_name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)[:40] or "class"
 
 
+def _stems(explanation: Explanation) -> list[str]:
+    return [f"{i:02d}_{t.role}_{_safe_name(t.class_name)}" for i, t in enumerate(explanation.targets)]
+
+
+def name_pictures(summary: dict, explanation: Explanation, with_map: bool) -> dict:
+    """``summary`` naming the pictures ``pictures`` renders: "files" (input, and with a map
+    gradcam and gradcam_overlay) and each target's "image" and "difference"."""
+    summary["files"] = {"input": "input.png"}
+    if with_map:
+        summary["files"].update(gradcam="gradcam.png", gradcam_overlay="gradcam_overlay.png")
+    for stem, s in zip(_stems(explanation), summary["targets"]):
+        s["image"], s["difference"] = f"{stem}.png", f"{stem}_diff.png"
+    return summary
+
+
+def pictures(explanation: Explanation, gradcam_map: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Every picture of an explanation as a uint8 array (H x W grey or H x W x 3 RGB), by the
+    file name ``name_pictures`` gives it: input.png (the input as the model saw it),
+    gradcam.png and gradcam_overlay.png (with a map), and per target ``NN_role_class.png``
+    (x + delta) and ``..._diff.png`` (the amplified difference). The PNGs (``png_files``) and
+    the DICOM Secondary Captures are both made from these arrays."""
+    from models.render.colormap import heatmap_rgb, overlay_rgb
+
+    arrays = {"input.png": to_uint8_image(explanation.input)}
+    if gradcam_map is not None:
+        arrays["gradcam.png"] = heatmap_rgb(gradcam_map)
+        arrays["gradcam_overlay.png"] = overlay_rgb(explanation.input, gradcam_map)
+    for stem, t in zip(_stems(explanation), explanation.targets):
+        arrays[f"{stem}.png"] = explanation_uint8(t)
+        arrays[f"{stem}_diff.png"] = difference_uint8(t)
+    return {name: np.ascontiguousarray(arr) for name, arr in arrays.items()}
+
+
+def png_files(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """``pictures`` encoded: {file name: PNG bytes}."""
+    return {name: to_png_bytes(arr) for name, arr in arrays.items()}
+
+
 def render_explanation(
     explanation: Explanation,
     gradcam_map: torch.Tensor | None = None,
     extra_summary: dict | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
-    """The summary and the PNGs of an explanation, in memory: (summary, {file name: PNG bytes}).
-
-    Files: input.png (the input as the model saw it), gradcam.png and gradcam_overlay.png
-    (with a map), and per target ``NN_role_class.png`` (x + delta) and ``..._diff.png`` (the
-    amplified difference). The summary names them under "files" and in each target."""
-    from models.render.colormap import heatmap_rgb, overlay_rgb
-
-    files = {"input.png": to_png_bytes(to_uint8_image(explanation.input))}
-    summary = {**(extra_summary or {}), **explanation.summary(), "files": {"input": "input.png"}}
-    if gradcam_map is not None:
-        files["gradcam.png"] = to_png_bytes(heatmap_rgb(gradcam_map))
-        files["gradcam_overlay.png"] = to_png_bytes(overlay_rgb(explanation.input, gradcam_map))
-        summary["files"].update(gradcam="gradcam.png", gradcam_overlay="gradcam_overlay.png")
-    for i, (t, s) in enumerate(zip(explanation.targets, summary["targets"])):
-        stem = f"{i:02d}_{t.role}_{_safe_name(t.class_name)}"
-        files[f"{stem}.png"] = to_png_bytes(explanation_uint8(t))
-        files[f"{stem}_diff.png"] = to_png_bytes(difference_uint8(t))
-        s["image"], s["difference"] = f"{stem}.png", f"{stem}_diff.png"
-    return summary, files
+    """The summary and the PNGs of an explanation, in memory: (summary, {file name: PNG bytes})
+    (``pictures``; the summary names them: ``name_pictures``)."""
+    summary = {**(extra_summary or {}), **explanation.summary()}
+    name_pictures(summary, explanation, gradcam_map is not None)
+    return summary, png_files(pictures(explanation, gradcam_map))
 
 
 def write_files(out_dir: str | os.PathLike, summary: dict, files: dict[str, bytes]) -> None:

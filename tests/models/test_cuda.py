@@ -48,9 +48,10 @@ def test_bundled_accuracy_on_cuda_equals_the_recorded_cpu_figure(cifar_test_tar)
 def test_explanations_on_cuda_agree_with_cpu():
     model, meta = load_checkpoint(BUNDLED / "cifar10-robust" / "model.safetensors")
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
-    cpu, _ = explain_image(model, meta.classes, x, ["predicted", "runner-up"], rho=0.1, steps=35)
+    cpu = explain_image(model, meta.classes, x, ["predicted", "runner-up"], rho=0.1, steps=35).summary
     with full_precision():  # TF32 would round the search's convolutions differently from the CPU
-        gpu, files = explain_image(model.cuda(), meta.classes, x, ["predicted", "runner-up"], rho=0.1, steps=35)
+        explained = explain_image(model.cuda(), meta.classes, x, ["predicted", "runner-up"], rho=0.1, steps=35)
+    gpu, files = explained.summary, explained.png_files()
     assert gpu["predicted"] == cpu["predicted"]
     for a, b in zip(cpu["targets"], gpu["targets"]):
         assert a["class_index"] == b["class_index"]

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 import torch
 
-from jobs.params import explain_parameters
+from jobs.params import ExplainParameters
 from models.data.geometry import map_to_source
 from models.data.tensors import load_dicom_for_model
 from models.explain.gradcam import gradcam
@@ -39,9 +39,12 @@ def xray(dicom_file) -> bytes:
 
 
 def explain(served, data, rho=0.1):
-    parameters = explain_parameters(["predicted", "runner-up"], rho, 3, served.gradcam_layer, 2)
-    summary, files, dicom = explain_result(served, data, "dicom", parameters, bound_check=False)
-    return parameters, summary, files, dicom
+    """(parameters, the result's JSON, PNGs, DICOM objects) of an explain job on ``data``."""
+    parameters = ExplainParameters.build(
+        targets=["predicted", "runner-up"], rho=rho, steps=3, layer=served.gradcam_layer, stability_steps=2
+    )
+    out = explain_result(served, data, "dicom", parameters, bound_check=False)
+    return parameters.kwargs(), out.result.dump(), out.files, out.dicom_files
 
 
 def test_explain_result_lists_the_pm_scs_and_sr(served, xray, tmp_path, monkeypatch):
