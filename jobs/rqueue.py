@@ -22,9 +22,10 @@ from typing import Any
 from redis import Redis
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
+from rq.job import Job, parse_job_id
 from rq.queue import Queue
 from rq.results import Result
+from rq.utils import current_timestamp
 
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind
 from jobs.states import STATUS_FROM_RQ, ApiStatus
@@ -149,10 +150,16 @@ def queue_depth(conn: Redis, lane: JobKind) -> int:
 
 
 def lease_expired(conn: Redis, record: JobRecord) -> bool:
-    """Whether a running job's lease ran out (its worker died, and no clean-up has reaped it yet)."""
+    """Whether every lease of a running job ran out (its worker died, and no clean-up has
+    reaped it yet): each lease is an entry ``<id>:<execution>`` of its queue's started
+    registry, scored by when it runs out (the worker side renews it, ``jobs.lifecycle``)."""
     if record.status is not ApiStatus.RUNNING or not _ours(record.origin):
         return False
-    return record.id in _queue(conn, record.origin).started_job_registry.get_expired_job_ids()
+    key = _queue(conn, record.origin).started_job_registry.key
+    ends = [
+        score for entry, score in conn.zrange(key, 0, -1, withscores=True) if parse_job_id(entry.decode()) == record.id
+    ]
+    return bool(ends) and max(ends) <= current_timestamp()
 
 
 def cancel_queued(conn: Redis, record: JobRecord) -> bool:

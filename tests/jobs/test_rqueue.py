@@ -122,7 +122,7 @@ def test_stop_running_publishes_the_stop_job_command_on_the_workers_channel(conn
     pubsub.close()
 
 
-def test_an_expired_lease_is_a_score_in_the_past_in_the_started_registry(conn):
+def test_a_lease_has_expired_when_every_score_of_the_job_in_the_started_registry_is_past(conn):
     job_id = enqueue(conn)
     queue = QUEUE_NAMES[JobKind.CLASSIFY]
     conn.lrem(f"rq:queue:{queue}", 0, job_id)  # a worker took it and started it
@@ -130,8 +130,12 @@ def test_an_expired_lease_is_a_score_in_the_past_in_the_started_registry(conn):
     conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-1": time.time() + 60})  # rq 3: id:execution
     record = rqueue.fetch_job(conn, job_id)
     assert record.status is ApiStatus.RUNNING and not rqueue.lease_expired(conn, record)
-    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-1": time.time() - 1})
+    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-1": time.time() - 2})
     assert rqueue.lease_expired(conn, record)
+    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-2": time.time() + 60})  # a newer lease, live
+    assert not rqueue.lease_expired(conn, record)
+    conn.zadd(f"rq:wip:{queue}", {f"{job_id}:execution-2": time.time() - 2, f"{job_id}0:e": time.time() + 60})
+    assert rqueue.lease_expired(conn, record)  # every lease of its own ran out
 
 
 def test_each_end_appends_to_the_result_stream(conn):
