@@ -111,6 +111,30 @@ class InputInfo(ResultModel):
     inverted: bool | None = None
 
 
+class RecordedClassifyParameters(ClassifyParameters):
+    """A classify job's parameters as its result records them (a key a newer worker records is kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class RecordedExplainParameters(ExplainParameters):
+    """An explain job's parameters as its result records them (a key a newer worker records is kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+def _parameters_kind(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        return "explain" if isinstance(value, ExplainParameters) else "classify"
+    return "explain" if isinstance(value, dict) and "targets" in value else "classify"
+
+
+RecordedParameters = Annotated[
+    Annotated[RecordedClassifyParameters, Tag("classify")] | Annotated[RecordedExplainParameters, Tag("explain")],
+    Discriminator(_parameters_kind),
+]
+
+
 class Provenance(ResultModel):
     """Which model, file, parameters, input, software and device, and how long each part took."""
 
@@ -121,7 +145,7 @@ class Provenance(ResultModel):
     weights_sha256: str | None
     checkpoint_metrics: dict[str, Any] = Field(description="the checkpoint's public metrics")
     architecture: Architecture
-    parameters: ClassifyParameters | ExplainParameters = Field(description="the canonical parameters (cache key's)")
+    parameters: RecordedParameters = Field(description="the canonical parameters (the cache key's)")
     method: dict[str, Any] = Field(description="every setting the computation used, defaults included")
     input_sha256: str
     input: InputInfo

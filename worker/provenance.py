@@ -92,7 +92,7 @@ def build_provenance(
                 "in_channels": served.meta.in_channels,
                 "num_classes": len(served.meta.classes),
             },
-            "parameters": parameters,
+            "parameters": parameters.kwargs(),
             "method": method,
             "input_sha256": input_sha256,
             "input": input_info,

@@ -121,6 +121,8 @@ def test_view_urls_and_unknown_keys_pass_through(served):
     stored["targets"][0]["image_url"] = "/v1/jobs/j/images/" + stored["targets"][0]["image"]
     stored["added_by_a_newer_worker"] = {"x": 1}
     stored["provenance"]["method"]["new_setting"] = 2
+    stored["provenance"]["parameters"]["new_parameter"] = 3
+    stored["targets"][1]["new_figure"] = 0.5
     view = JobView(id="j", url="/v1/jobs/j", kind=None, status="finished", timings=Timings(), result=stored)
     assert view.model_dump(mode="json")["result"] == stored
     assert view.result.targets[0].image_url == stored["targets"][0]["image_url"]

@@ -140,3 +140,21 @@ def _items(items):
     for item in items:
         yield item
         yield from _items(item.get("ContentSequence", []))
+
+
+def test_the_secondary_captures_hold_the_pngs_pixels(served, xray, monkeypatch):
+    """The PNGs and the DICOM objects are rendered from the same arrays: each Secondary
+    Capture's pixels are exactly its PNG's (grey repeated into RGB)."""
+    from PIL import Image
+
+    monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
+    _parameters, summary, files, dicom = explain(served, xray)
+    pairs = [("gradcam_overlay.png", "gradcam_overlay.dcm")] + [
+        (t[png], t[dcm])
+        for t in summary["targets"]
+        for png, dcm in (("image", "dicom"), ("difference", "dicom_difference"))
+    ]
+    for png, dcm in pairs:
+        pixels = np.asarray(Image.open(io.BytesIO(files[png])))
+        pixels = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)  # SCs are RGB
+        np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(dicom[dcm])).pixel_array, pixels, err_msg=dcm)

@@ -91,3 +91,23 @@ def test_write_explanation_folder(tiny_model, images, tmp_path):
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert on_disk["targets"][1]["class_name"] == "c3" and on_disk["checkpoint"] == "x"
     assert on_disk["predicted"]["class_index"] == res.predicted
+
+
+def test_the_pngs_encode_the_picture_arrays_exactly(tiny_model, images):
+    """One set of uint8 arrays (``pictures``) is what the PNGs encode (and what the DICOM
+    Secondary Captures are made from): each PNG decodes to its array, bit for bit."""
+    import io
+
+    from PIL import Image
+
+    from models.render.explanation import name_pictures, pictures, png_files
+
+    res = explain(tiny_model, images[1], ["predicted", "runner-up"], classes=CLASSES)
+    cam = gradcam(tiny_model, images[1:2], [res.predicted])[0]
+    arrays = pictures(res, cam)
+    summary = name_pictures(res.summary(), res, with_map=True)
+    named = {*summary["files"].values(), *(t[k] for t in summary["targets"] for k in ("image", "difference"))}
+    assert set(arrays) == named
+    for name, data in png_files(arrays).items():
+        assert arrays[name].dtype == np.uint8 and arrays[name].flags.c_contiguous
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), arrays[name], err_msg=name)
