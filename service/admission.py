@@ -9,6 +9,7 @@ from typing import Any
 from redis import Redis
 
 from jobs.callbacks import callback_meta, check_callback_url
+from jobs.params import StabilityMode
 from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
 from jobs.rqueue import queue_depth
 from jobs.settings import Settings
@@ -63,9 +64,10 @@ def stability_steps(params: CommonParams, settings: Settings) -> int:
     return params.stability_steps
 
 
-def stability_mode(params: CommonParams, settings: Settings) -> str:
-    """How the stability radii are found: the request's mode, or AEX_STABILITY_MODE."""
-    return params.stability_mode or settings.stability_mode
+def stability_mode(params: CommonParams, settings: Settings) -> StabilityMode:
+    """How the stability radii are found: the request's mode, or AEX_STABILITY_MODE (the
+    service's configured default, applied here once; ``jobs.params`` holds the built-in one)."""
+    return StabilityMode(params.stability_mode or settings.stability_mode)
 
 
 def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dict[str, Any]:
