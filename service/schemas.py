@@ -50,6 +50,7 @@ class CommonParams(BaseModel):
         None,
         description="how the stability radii are found: fast (an estimate of the ARA searches' radii in a fraction "
         "of their time) or exact (the ARA's two searches); default AEX_STABILITY_MODE",
+        title="Stability Mode",  # as pydantic titles the other fields (WithJsonSchema drops it)
     )
     pacs: str | None = Field(
         None,

@@ -19,6 +19,7 @@ from jobs.params import (
 from jobs.settings import Settings
 from models.defaults import ARA_STEPS, STABILITY_MODE
 from models.errors import BadParameterError
+from models.perturb.minimal import RADIUS_MODES
 
 A, B = "a" * 64, "b" * 64
 
@@ -95,6 +96,8 @@ def test_one_stability_mode_enum_for_the_wire_the_settings_and_the_core():
     assert [m.value for m in StabilityMode] == ["fast", "exact"]
     assert json.dumps({"mode": StabilityMode.EXACT}) == '{"mode": "exact"}' and f"{StabilityMode.FAST}" == "fast"
     assert StabilityMode(STABILITY_MODE) in StabilityMode
+    # The science core takes the same values (models/ cannot import jobs/).
+    assert tuple(m.value for m in StabilityMode) == RADIUS_MODES
     setting = Settings.model_fields["stability_mode"]
     assert StabilityMode(setting.default) is StabilityMode.FAST
     # AEX_STABILITY_MODE accepts exactly the enum's values.
