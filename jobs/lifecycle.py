@@ -25,6 +25,7 @@ transaction ended the job.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,11 @@ log = logging.getLogger("aex.jobs")
 ATTEMPT_FIELD = "aex_attempt"  # the fencing token: +1 at every claim and every reap
 ENDED_FIELD = "aex_ended_attempt"  # the token under which the job ended
 REAPED = -2  # ENDED_FIELD of a job the reaper ended
+# A worker claims what it took within its batch wait: an entry of an intermediate list older
+# than this is a dead worker's (rq's own clean-up waits a minute, then fails the job).
+STRANDED_AFTER_SECONDS = 15.0
+# Waiting for a job blocks on the first queue this long at a time, then looks at the others.
+BLOCK_SLICE_SECONDS = 0.1
 FAILURE_TTL_SECONDS = 3600  # a failure kept this long when its job names no failure TTL (aex's always do)
 
 
@@ -96,11 +102,17 @@ def take(conn: Redis, queue: Queue) -> Job | None:
         raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
         if raw is None:
             return None
-        job_id = _text(raw)
-        try:
-            return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-        except NoSuchJobError:
-            conn.lrem(queue.intermediate_queue_key, 1, job_id)  # expired or deleted meanwhile
+        job = _fetch_taken(conn, queue, _text(raw))
+        if job is not None:
+            return job
+
+
+def _fetch_taken(conn: Redis, queue: Queue, job_id: str) -> Job | None:
+    try:
+        return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+    except NoSuchJobError:
+        conn.lrem(queue.intermediate_queue_key, 1, job_id)  # expired or deleted meanwhile
+        return None
 
 
 def untake(conn: Redis, queue: Queue, job_id: str) -> None:
@@ -111,29 +123,52 @@ def untake(conn: Redis, queue: Queue, job_id: str) -> None:
         pipe.execute()
 
 
-def requeue_stranded(conn: Redis, queue: Queue) -> list[str]:
+def take_any(conn: Redis, queues: list[Queue], wait_seconds: float) -> tuple[Job, Queue] | None:
+    """The next job of the first non-empty queue of ``queues`` (priority order), moved
+    atomically to that queue's intermediate list, waiting at most ``wait_seconds`` for one
+    (None then). rq's own dequeue pops from several queues with BLPOP, which leaves nothing
+    behind: a worker killed between that pop and the claim would lose the job. Here a job is
+    always in a list, so a dead worker's jobs are found (``requeue_stranded``). Waiting blocks
+    on the first queue (BLMOVE, woken at once by a push) in slices of ``BLOCK_SLICE_SECONDS``,
+    looking at the others between two slices."""
+    deadline = time.monotonic() + max(0.0, wait_seconds)
+    while True:
+        for queue in queues:
+            job = take(conn, queue)
+            if job is not None:
+                return job, queue
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        first = queues[0]
+        raw = conn.blmove(first.key, first.intermediate_queue_key, min(left, BLOCK_SLICE_SECONDS), "LEFT", "RIGHT")
+        if raw is not None:
+            job = _fetch_taken(conn, first, _text(raw))
+            if job is not None:
+                return job, first
+
+
+def requeue_stranded(conn: Redis, queue: Queue, older_than: float = STRANDED_AFTER_SECONDS) -> list[str]:
     """Put back at the head of ``queue`` the jobs left in its intermediate list by a worker
-    that died between taking them and claiming them (still queued, seen there by an earlier
-    clean-up over a minute ago). rq's own clean-up would fail such jobs ("stuck in
-    intermediate queue"); a job that never started loses nothing by waiting again. Returns
-    the ids put back."""
+    that died between taking and claiming them (a worker claims what it took within its
+    batch wait, so an entry seen there longer than ``older_than`` seconds is a dead worker's).
+    A job that never started loses nothing by waiting again. Returns the ids put back."""
     inter = queue.intermediate_queue
     moved = []
     for job_id in inter.get_job_ids():
-        try:
-            job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-        except NoSuchJobError:
-            inter.remove(job_id)
+        seen = conn.get(inter.get_first_seen_key(job_id))
+        if seen is None:
+            conn.set(inter.get_first_seen_key(job_id), time.time(), nx=True, ex=3600)
             continue
-        if inter.set_first_seen(job_id) or not inter.should_be_cleaned_up(job_id):
+        if time.time() - float(seen) < older_than:
             continue
-        with conn.pipeline() as pipe:
-            pipe.lrem(inter.key, 1, job_id)
-            if job.get_status(refresh=True) == JobStatus.QUEUED:
-                pipe.lpush(queue.key, job_id)
-            pipe.delete(inter.get_first_seen_key(job_id))
-            pipe.execute()
-        moved.append(job_id)
+        conn.delete(inter.get_first_seen_key(job_id))
+        if not conn.lrem(inter.key, 1, job_id):
+            continue  # claimed meanwhile
+        if _text(conn.hget(Job.key_for(job_id), "status")) == JobStatus.QUEUED.value:
+            # A claim racing this push finds the job started and skips the duplicate.
+            conn.lpush(queue.key, job_id)
+            moved.append(job_id)
     return moved
 
 

@@ -183,9 +183,22 @@ class AexWorker(BatchingMixin, SimpleWorker):
                 pause = min(MAX_BACKOFF_SECONDS, pause * 2)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        return self._until_accepted(
-            "a dequeue", lambda: super(AexWorker, self).dequeue_job_and_maintain_ttl(timeout, max_idle_time)
-        )
+        """rq's loop of heartbeat, maintenance and dequeue, with aex's dequeue: every job taken
+        is in an intermediate list until it is claimed (``jobs.lifecycle.take_any``), and the
+        store refusing is waited out. ``timeout`` None (burst): None once the queues are empty."""
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        while True:
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+            wait = 0.0 if timeout is None else float(timeout)
+            taken = self._until_accepted(
+                "taking a job", lambda wait=wait: lifecycle.take_any(self.connection, self._ordered_queues, wait)
+            )
+            if taken is not None or timeout is None:
+                self.heartbeat()
+                return taken
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
@@ -220,10 +233,15 @@ class AexWorker(BatchingMixin, SimpleWorker):
     # --- taking and running jobs (alone, or a batch: worker.batch_run) ----------------
     def execute_job(self, job: Job, queue: Queue):
         self.set_state(WorkerStatus.BUSY)  # a SIGTERM from now on lets the jobs in hand finish
-        batch = self.gather_batch(job, queue)
-        attempts = [a for a in (self._claim(j, queue) for j in batch) if a is not None]
-        if attempts:
+        leader = self._claim(job, queue)
+        if leader is not None:
+            attempts = [leader]
+            # Leased from the leader's claim on: gathering its mates may take AEX_BATCH_WAIT_MS.
             with self._leases(attempts):
+                for mate in self.gather_batch(job, queue)[1:]:
+                    attempt = self._claim(mate, queue)
+                    if attempt is not None:
+                        attempts.append(attempt)
                 try:
                     if len(attempts) > 1:
                         self.compute_batch(attempts)
@@ -335,7 +353,8 @@ class AexWorker(BatchingMixin, SimpleWorker):
     # --- leases --------------------------------------------------------------------------
     @contextmanager
     def _leases(self, attempts: list[Attempt]) -> Iterator[None]:
-        """Renew the lease of every claimed attempt in a thread while the block runs."""
+        """Renew the lease of every attempt in ``attempts`` (a list that may grow) in a thread
+        while the block runs."""
         done = threading.Event()
         beat = threading.Thread(target=self._renew_leases, args=(attempts, done), daemon=True, name="aex-job-lease")
         beat.start()
@@ -348,7 +367,7 @@ class AexWorker(BatchingMixin, SimpleWorker):
     def _renew_leases(self, attempts: list[Attempt], done: threading.Event) -> None:
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
         while not done.wait(interval):
-            for attempt in attempts:
+            for attempt in list(attempts):  # mates join the list while the batch gathers
                 if attempt.lost:
                     continue
                 try:

@@ -17,9 +17,10 @@ import signal
 import time
 
 import pytest
+from rq.job import Job
 
 from jobs.keys import upload_key
-from jobs.queues import QUEUE_NAMES, connect, live_worker_keys
+from jobs.queues import QUEUE_NAMES, SERIALIZER, connect, live_worker_keys
 from tests.tokens import api_client
 
 pytestmark = pytest.mark.e2e
@@ -142,10 +143,14 @@ def test_a_worker_killed_at_random_moments_leaves_no_job_behind(store, settings_
                 # The quota forgets an ended job when it next counts: count once for this owner.
                 submit(client, make_image("PNG", "RGB", seed=99_000 + trial), model="tiny-rgb")
                 assert_ended_once_and_clean(conn, views)
-                for view in views.values():
+                for job_id, view in views.items():
                     outcomes[view["status"]] = outcomes.get(view["status"], 0) + 1
+                    outcomes["retried"] += int(
+                        Job.fetch(job_id, connection=conn, serializer=SERIALIZER).meta.get("retried") or 0
+                    )
         with capsys.disabled():
             print(f"\nkill points: {TRIALS} trials, {outcomes}")
+        assert outcomes["retried"] > 0, "no kill point hit a job in hand: the trials tested nothing"
     finally:
         workers.stop_all()
 
