@@ -64,7 +64,7 @@ def explain_image(
     **settings,
 ) -> ExplainedImage:
     """Adversarial explanations, Grad-CAM of the predicted class and (with
-    ``stability_steps``) the stability score of the decision for one image, rendered.
+    ``stability_steps``) the stability score of the decision for one image.
 
     image: float C x H x W in [0, 1]. layer: Grad-CAM layer (dotted name; None: the model's
     default). settings: ``Explainer`` keywords (rho, steps, overshoot, clamp, bound_check).
