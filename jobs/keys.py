@@ -15,6 +15,12 @@ def images_key(job_id: str) -> str:
     return f"{PREFIX}:images:{job_id}"
 
 
+def wake_key() -> str:
+    """A list that wakes an idle worker: one entry pushed with every job put in a queue (trimmed;
+    a worker blocks on it, then looks at every queue in priority order)."""
+    return f"{PREFIX}:wake"
+
+
 def cancel_key(job_id: str) -> str:
     """Set by DELETE /v1/jobs/{id}; a running job checks it between steps."""
     return f"{PREFIX}:cancel:{job_id}"

@@ -41,7 +41,7 @@ from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp, now, parse_composite_key, utcformat
 
-from jobs.keys import cancel_key, upload_key
+from jobs.keys import cancel_key, upload_key, wake_key
 from jobs.queues import SERIALIZER
 
 log = logging.getLogger("aex.jobs")
@@ -52,8 +52,8 @@ REAPED = -2  # ENDED_FIELD of a job the reaper ended
 # A worker claims what it took within its batch wait: an entry of an intermediate list older
 # than this is a dead worker's (rq's own clean-up waits a minute, then fails the job).
 STRANDED_AFTER_SECONDS = 15.0
-# Waiting for a job blocks on the first queue this long at a time, then looks at the others.
-BLOCK_SLICE_SECONDS = 0.1
+# The wake list keeps at most this many entries (more jobs than idle workers need no more).
+WAKE_ENTRIES = 64
 FAILURE_TTL_SECONDS = 3600  # a failure kept this long when its job names no failure TTL (aex's always do)
 
 
@@ -120,6 +120,7 @@ def untake(conn: Redis, queue: Queue, job_id: str) -> None:
     with conn.pipeline() as pipe:
         pipe.lrem(queue.intermediate_queue_key, 1, job_id)
         pipe.lpush(queue.key, job_id)
+        wake(pipe)
         pipe.execute()
 
 
@@ -129,8 +130,8 @@ def take_any(conn: Redis, queues: list[Queue], wait_seconds: float) -> tuple[Job
     (None then). rq's own dequeue pops from several queues with BLPOP, which leaves nothing
     behind: a worker killed between that pop and the claim would lose the job. Here a job is
     always in a list, so a dead worker's jobs are found (``requeue_stranded``). Waiting blocks
-    on the first queue (BLMOVE, woken at once by a push) in slices of ``BLOCK_SLICE_SECONDS``,
-    looking at the others between two slices."""
+    on the wake list (``wake``: an entry with every job put in a queue), then looks at every
+    queue again; a wake-up that finds nothing (another worker was faster) costs one look."""
     deadline = time.monotonic() + max(0.0, wait_seconds)
     while True:
         for queue in queues:
@@ -140,12 +141,13 @@ def take_any(conn: Redis, queues: list[Queue], wait_seconds: float) -> tuple[Job
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        first = queues[0]
-        raw = conn.blmove(first.key, first.intermediate_queue_key, min(left, BLOCK_SLICE_SECONDS), "LEFT", "RIGHT")
-        if raw is not None:
-            job = _fetch_taken(conn, first, _text(raw))
-            if job is not None:
-                return job, first
+        conn.blpop([wake_key()], timeout=max(0.01, left))
+
+
+def wake(pipe: Redis | Pipeline) -> None:
+    """Wake an idle worker: a job was put in a queue (bounded: a wake-up only makes a worker look)."""
+    pipe.rpush(wake_key(), 1)
+    pipe.ltrim(wake_key(), -WAKE_ENTRIES, -1)
 
 
 def requeue_stranded(conn: Redis, queue: Queue, older_than: float = STRANDED_AFTER_SECONDS) -> list[str]:
@@ -168,6 +170,7 @@ def requeue_stranded(conn: Redis, queue: Queue, older_than: float = STRANDED_AFT
         if _text(conn.hget(Job.key_for(job_id), "status")) == JobStatus.QUEUED.value:
             # A claim racing this push finds the job started and skips the duplicate.
             conn.lpush(queue.key, job_id)
+            wake(conn)
             moved.append(job_id)
     return moved
 
@@ -303,6 +306,7 @@ def _back_in_queue(pipe: Pipeline, job: Job, queue: Queue) -> None:
     job.set_status(JobStatus.QUEUED, pipeline=pipe)
     pipe.hdel(job.key, "started_at", "worker_name")
     pipe.lpush(queue.key, job.id)
+    wake(pipe)
 
 
 # --- reaping -------------------------------------------------------------------------------

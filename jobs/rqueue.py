@@ -27,6 +27,7 @@ from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp
 
+from jobs.lifecycle import wake
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind
 from jobs.states import STATUS_FROM_RQ, ApiStatus
 
@@ -96,6 +97,9 @@ def enqueue(
         meta=meta,
         description=description,
     )
+    with conn.pipeline(transaction=False) as pipe:
+        wake(pipe)  # an idle worker takes it now, not at its next look
+        pipe.execute()
 
 
 def _record(job: Job) -> JobRecord:
