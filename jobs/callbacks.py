@@ -33,7 +33,7 @@ import httpx
 from redis import Redis
 
 from jobs.keys import callback_key
-from jobs.states import STATUS_FROM_RQ, ApiStatus
+from jobs.states import ApiStatus
 from jobs.webhooks import PinnedTarget, ip_on_allow_list, parse_callback_secret, pin, redact_url, signed_headers
 from models.errors import BadParameterError
 from models.version import __version__
@@ -167,7 +167,7 @@ def job_end_payload(job: EndedJob, status: ApiStatus, public_url: str | None) ->
 
 
 def notify_job_end(
-    conn: Redis, job: EndedJob, status: ApiStatus | None = None, policy: CallbackPolicy | None = None
+    conn: Redis, job: EndedJob, status: ApiStatus, policy: CallbackPolicy | None = None
 ) -> threading.Thread | None:
     """Send the job's callback, once, in a thread (returned; None when there is nothing to
     send or another process has already claimed it). Never raises."""
@@ -175,8 +175,6 @@ def notify_job_end(
         meta = job.meta.get("callback")
         if not isinstance(meta, dict) or not meta.get("url"):
             return None
-        if status is None:
-            status = STATUS_FROM_RQ.get(job.get_status(refresh=True), ApiStatus.FAILED)
         payload = job_end_payload(job, status, meta.get("public_url"))
         record = {"url": redact_url(meta["url"]), "state": PENDING, "attempts": 0, "status_sent": status.value}
         ttl = max(1, int(meta.get("ttl", 3600)))

@@ -5,7 +5,7 @@ and the queue clean-up (``clean_queue``) that workers and the API run.
 Retrying is safe because results are deterministic; only a run cut short is retried (its
 worker died, or the store refused or lost it mid-run): any other failure (a bad image, a time
 limit, a cancel) would end the same way again. Whether a job runs again, and how it ends, is
-written by ``jobs.lifecycle`` under the job's attempt token, so it happens once whoever
+written by ``jobs.rqueue.lifecycle`` under the job's attempt token, so it happens once whoever
 notices first (the worker, another worker's maintenance, the API). The upload is deleted at
 the job's final end only, in the same transaction.
 """
@@ -14,20 +14,16 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-import redis.exceptions
 from redis import Redis
-from rq.job import Job
-from rq.queue import Queue
-from rq.timeouts import JobTimeoutException
 
-from jobs import lifecycle
 from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.keys import upload_key
 from jobs.metrics import record_job
-from jobs.queues import QUEUE_NAMES, SERIALIZER
+from jobs.queues import QUEUE_NAMES, STORE_UNAVAILABLE
+from jobs.rqueue import lifecycle
+from jobs.rqueue.layout import TIME_LIMIT_EXCEEDED
 from jobs.states import ApiStatus
 from models.errors import (
     AexError,
@@ -37,27 +33,10 @@ from models.errors import (
     WorkerLostError,
 )
 
+if TYPE_CHECKING:
+    from rq.job import Job
+
 log = logging.getLogger("aex.worker")
-
-# Redis unreachable (restarting, network): a failure of the moment, not of the job.
-REDIS_OUTAGE: tuple[type[Exception], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-# The store refusing what it is asked (out of memory without eviction, a read-only replica, an
-# ACL refusal, loading its data, a transaction aborted by one of these) or unreachable: a state
-# of the store, not of the job or the request (the API answers 503 store_unavailable).
-STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
-    *REDIS_OUTAGE,
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.ReadOnlyError,
-    redis.exceptions.NoPermissionError,
-    redis.exceptions.BusyLoadingError,
-    redis.exceptions.MasterDownError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ExecAbortError,
-)
-
-# rq's clean-up lock is held 15 minutes when its holder dies (or loses Redis) before
-# releasing it: no job of the queue would be reaped for that long. Ours expires sooner.
-MAINTENANCE_LOCK_SECONDS = 60
 
 
 def job_kind(job: Job) -> str:
@@ -105,7 +84,7 @@ def error_of(exc_type, exc_value) -> dict[str, str]:
     """{"code", "message"} for the exception that ended a job, as the API reports it."""
     if isinstance(exc_value, AexError):
         return {"code": exc_value.code, "message": exc_value.message}
-    if exc_type is not None and issubclass(exc_type, JobTimeoutException):
+    if exc_type is not None and issubclass(exc_type, TIME_LIMIT_EXCEEDED):
         return {"code": JobTimeoutError.code, "message": f"the job ran past its time limit ({exc_value})"}
     if exc_type is not None and issubclass(exc_type, STORE_UNAVAILABLE):
         return {
@@ -132,42 +111,23 @@ LOST = {
 }
 
 
-@contextmanager
-def maintenance_lock(queue: Queue) -> Iterator[bool]:
-    """rq's clean-up lock of ``queue`` (yields whether this process holds it), for at most
-    MAINTENANCE_LOCK_SECONDS (rq holds it 15 minutes when its holder dies), released at the end."""
-    held = bool(queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS))
-    try:
-        yield held
-    finally:
-        if held:
-            queue.release_maintenance_lock()
-
-
-def clean_queue(conn: Redis, queue: Queue, retries: int, policy: CallbackPolicy | None = None) -> None:
-    """The clean-up of one queue, by whoever holds its lock: jobs of dead workers reaped
-    (queued again or failed ``worker_lost``, each with its outcome counted and, at its end,
-    its callback), jobs a dead worker took but never claimed put back, and rq's finished
-    and failed registries trimmed."""
-    with maintenance_lock(queue) as held:
-        if not held:
-            return  # someone is cleaning right now
-        for reaped in lifecycle.reap(conn, queue, retries, LOST):
-            kind = job_kind(reaped.job)
-            if reaped.outcome == "requeued":
-                record_job(conn, kind, "retried", None)
-                log.warning("job %s: its worker stopped renewing its lease; queued again", reaped.job.id)
-                continue
-            record_job(conn, kind, "abandoned" if reaped.outcome == "failed" else "cancelled", None)
-            status = ApiStatus.FAILED if reaped.outcome == "failed" else ApiStatus.CANCELLED
-            notify_job_end(conn, reaped.job, status, policy=policy)
-        lifecycle.requeue_stranded(conn, queue)
-        queue.finished_job_registry.cleanup()
-        queue.failed_job_registry.cleanup()
+def clean_queue(conn: Redis, name: str, retries: int, policy: CallbackPolicy | None = None) -> None:
+    """The clean-up of the queue ``name`` (``jobs.rqueue.lifecycle.clean``, by whoever holds
+    its lock), then what follows each job it reaped: the outcome counted and, at its end, its
+    callback."""
+    for reaped in lifecycle.clean(conn, name, retries, LOST):
+        kind = job_kind(reaped.job)
+        if reaped.outcome == "requeued":
+            record_job(conn, kind, "retried", None)
+            log.warning("job %s: its worker stopped renewing its lease; queued again", reaped.job.id)
+            continue
+        record_job(conn, kind, "abandoned" if reaped.outcome == "failed" else "cancelled", None)
+        status = ApiStatus.FAILED if reaped.outcome == "failed" else ApiStatus.CANCELLED
+        notify_job_end(conn, reaped.job, status, policy=policy)
 
 
 def reap_abandoned(conn: Redis, retries: int, policy: CallbackPolicy | None = None) -> None:
     """``clean_queue`` of every queue: the API runs it when a client polls a running job, so a
     job never stays "running" after the last worker died."""
     for name in QUEUE_NAMES.values():
-        clean_queue(conn, Queue(name, connection=conn, serializer=SERIALIZER), retries, policy)
+        clean_queue(conn, name, retries, policy)

@@ -1,10 +1,8 @@
-"""Job states as the API shows them, and the one mapping from rq's job status to them."""
+"""Job states as the API shows them (rq's statuses map to them in ``jobs.rqueue.layout``)."""
 
 from __future__ import annotations
 
 from enum import Enum
-
-from rq.job import JobStatus
 
 
 class ApiStatus(str, Enum):
@@ -13,23 +11,6 @@ class ApiStatus(str, Enum):
     FINISHED = "finished"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-
-# The one mapping from rq's job status to ours. STOPPED is a running job that was
-# cancelled (rq's stop-job command); CANCELED one cancelled while it waited.
-STATUS_FROM_RQ: dict[JobStatus, ApiStatus] = {
-    JobStatus.CREATED: ApiStatus.QUEUED,
-    JobStatus.QUEUED: ApiStatus.QUEUED,
-    JobStatus.DEFERRED: ApiStatus.QUEUED,
-    JobStatus.SCHEDULED: ApiStatus.QUEUED,
-    JobStatus.RATE_LIMITED: ApiStatus.QUEUED,
-    JobStatus.READY_TO_ENQUEUE: ApiStatus.QUEUED,
-    JobStatus.STARTED: ApiStatus.RUNNING,
-    JobStatus.FINISHED: ApiStatus.FINISHED,
-    JobStatus.FAILED: ApiStatus.FAILED,
-    JobStatus.STOPPED: ApiStatus.CANCELLED,
-    JobStatus.CANCELED: ApiStatus.CANCELLED,
-}
 
 
 TERMINAL = frozenset({ApiStatus.FINISHED, ApiStatus.FAILED, ApiStatus.CANCELLED})

@@ -10,8 +10,9 @@ from redis import Redis
 
 from jobs.callbacks import callback_meta, check_callback_url
 from jobs.params import StabilityMode
-from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from jobs.queues import QUEUE_NAMES, JobKind
 from jobs.rqueue import queue_depth
+from jobs.rqueue.layout import live_worker_keys
 from jobs.settings import Settings
 from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
 from models.explain.targets import count_rows, parse_targets

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis import Redis
 
-from jobs.queues import published_catalogue
+from jobs.rqueue.layout import published_catalogue
 from jobs.settings import Settings
 from models.errors import CheckpointError, ServiceUnavailableError, UnknownModelError
 from models.store.discovery import catalogue_entry, discover_checkpoints

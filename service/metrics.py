@@ -11,7 +11,8 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from jobs.metrics import read_job_metrics
-from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from jobs.queues import QUEUE_NAMES, JobKind
+from jobs.rqueue.layout import live_worker_keys
 
 
 class ClusterCollector:

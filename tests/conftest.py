@@ -242,7 +242,8 @@ def wait_for_workers(settings, n: int, procs=(), timeout: float = 120.0) -> None
     """Block until ``n`` live workers serve both queues (or fail with the workers' logs)."""
     import time
 
-    from jobs.queues import QUEUE_NAMES, connect, live_worker_keys
+    from jobs.queues import QUEUE_NAMES, connect
+    from jobs.rqueue.layout import live_worker_keys
 
     conn = connect(settings.redis_url)
     deadline = time.monotonic() + timeout

@@ -3,7 +3,7 @@
 The order of a batch (``worker.batching`` says which jobs may share one):
 
 1. the leader comes from rq's dequeue; its mates are taken from the same queue
-   (``jobs.lifecycle.take``), at most ``AEX_MAX_BATCH - 1`` of them, waiting
+   (``jobs.rqueue.lifecycle.take``), at most ``AEX_MAX_BATCH - 1`` of them, waiting
    ``AEX_BATCH_WAIT_MS`` at most for the next to arrive;
 2. the worker claims each (``worker.process``): refused when it is not aex's, skipped when it
    is no longer queued, else ``running`` under its own attempt token and lease, renewed for
@@ -22,22 +22,25 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from rq.job import Job
-from rq.queue import Queue
-from rq.timeouts import JobTimeoutException
-
-from jobs.failures import STORE_UNAVAILABLE, redacted_traceback
-from jobs.lifecycle import Attempt
-from jobs.queues import refusal
+from jobs.failures import redacted_traceback
+from jobs.queues import STORE_UNAVAILABLE
+from jobs.rqueue.layout import refusal
 from worker import tasks
 from worker.batching import gather_mates
+
+if TYPE_CHECKING:
+    from rq.job import Job
+    from rq.queue import Queue
+
+    from jobs.rqueue.lifecycle import Attempt
 
 log = logging.getLogger("aex.worker")
 
 
 class BatchingMixin:
-    """Dynamic batching for ``AexWorker`` (which provides ``context`` and rq's worker API)."""
+    """Dynamic batching for ``AexWorker`` (which provides ``context`` and ``QueueWorker``'s API)."""
 
     max_batch: int = 1
     batch_wait_seconds: float = 0.0
@@ -58,10 +61,9 @@ class BatchingMixin:
         """Compute the work of every claimed job as one batch and hand each its share (a
         failure of the whole leaves each job to compute alone)."""
         batch = [a.job for a in attempts]
-        timeout = min(job.timeout or Queue.DEFAULT_TIMEOUT for job in batch)
         start = time.perf_counter()
         try:
-            with self.death_penalty_class(timeout, JobTimeoutException, job_id=batch[0].id):
+            with self.batch_time_limit(batch):
                 prepared = tasks.prepare_batch(batch, self.name)
         except Exception as exc:
             log.warning(

@@ -6,7 +6,7 @@ to ``AEX_MAX_BATCH - 1`` more from the same queue (its batch mates), waiting at 
 Ray Serve's ``@serve.batch`` do. Jobs share a batch when their ``batch_signature`` is equal:
 the same job function and model and the same search settings (so their rows can run as one
 forward pass or one search): classify jobs, and explain jobs. Each job keeps its own life: it
-is taken as rq's own dequeue takes one (``jobs.lifecycle.take``), claimed with its own attempt
+is taken as rq's own dequeue takes one (``jobs.rqueue.lifecycle.take``), claimed with its own attempt
 token and lease (visibly running from then on), then run, timed out, cancelled, retried and
 ended one by one by the worker (``worker.process``); only the computation is shared, done
 before the jobs run and handed to each job function (``worker.context``). A job
@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from redis import Redis
-from rq.job import Job
-from rq.queue import Queue
 
-from jobs.lifecycle import take, untake
 from jobs.queues import JOB_FUNCTIONS, JobKind
+from jobs.rqueue.taking import take, untake
+
+if TYPE_CHECKING:
+    from rq.job import Job
+    from rq.queue import Queue
 
 # How often an empty queue is looked at again while a batch waits for mates.
 POLL_SECONDS = 0.0005

@@ -1,4 +1,4 @@
-"""The worker process: rq's work loop taking jobs, each run as one fenced attempt (``jobs.lifecycle``).
+"""The worker process: rq's work loop taking jobs, each run as one fenced attempt (``jobs.rqueue.lifecycle``).
 
 ``AexWorker`` is rq's ``SimpleWorker`` (jobs run in the worker process itself, so the models
 loaded before the loop serve every job, and CUDA works: a forked child could not use the
@@ -17,7 +17,7 @@ the registration); everything after that is aex's:
 - **run**: the job function under the job's time limit; cooperative cancellation (rq's
   stop-job command sets the context's ``stop_requested``, and the job's progress callback
   turns it into JobCancelledError between two search steps);
-- **end**: written once, under the attempt's token (``jobs.lifecycle.finish`` / ``fail`` /
+- **end**: written once, under the attempt's token (``jobs.rqueue.lifecycle.finish`` / ``fail`` /
   ``requeue``): a late writer is refused, and an end whose reply was lost is recognised.
   The upload is deleted and the result indexed in the same transaction; the outcome is
   counted and the callback sent (signed and pinned: ``CallbackPolicy``) after it;
@@ -36,64 +36,54 @@ signal stops at once.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rq import worker_registration
-from rq.job import Job
-from rq.queue import Queue
-from rq.timeouts import JobTimeoutException
-from rq.utils import now
-from rq.worker import SimpleWorker, WorkerStatus
-
-from jobs import lifecycle
 from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.failures import (
-    STORE_UNAVAILABLE,
     clean_queue,
     cut_short,
     error_of,
     job_kind,
     redacted_traceback,
 )
-from jobs.keys import CATALOGUE_FIELD, scoped_result_index_key
-from jobs.lifecycle import Attempt
+from jobs.keys import scoped_result_index_key
 from jobs.metrics import record_job
-from jobs.queues import refusal
+from jobs.queues import STORE_UNAVAILABLE
+from jobs.rqueue import lifecycle
+from jobs.rqueue.layout import refusal
+from jobs.rqueue.lifecycle import Attempt
+from jobs.rqueue.worker import QueueWorker
 from jobs.states import ApiStatus
 from models.errors import JobCancelledError, JobRefusedError
 from worker.batch_run import BatchingMixin
 from worker.context import WorkerContext
+
+if TYPE_CHECKING:
+    from rq.job import Job
+    from rq.queue import Queue
 
 log = logging.getLogger("aex.worker")
 
 # Every Redis command of a worker is retried for about this long (``jobs.queues.connect``)
 # before it fails: a Redis restart pauses the worker and its job instead of failing them.
 REDIS_RETRY_SECONDS = 20
-# An idle worker sends a heartbeat (and registers again if Redis lost it) at least this often.
-REREGISTER_WITHIN_SECONDS = 5
-# The longest pause between two tries when the store refuses a worker's writes.
-MAX_BACKOFF_SECONDS = 5.0
 
 
-class AexWorker(BatchingMixin, SimpleWorker):
-    """See the module docstring."""
-
-    # rq's dequeue loop waits this long at most between two tries to reach Redis (rq: 60 s).
-    max_connection_wait_time = 2.0
+class AexWorker(BatchingMixin, QueueWorker):
+    """See the module docstring. ``connection``, ``catalogue``, ``job_heartbeat_ttl`` and rq's
+    worker settings go to ``QueueWorker``."""
 
     def __init__(
         self,
-        *args,
+        connection,
+        *,
         context: WorkerContext,
-        job_heartbeat_ttl: int = 20,
-        catalogue: list[dict[str, Any]] | None = None,
         reuse_results: bool = True,
         job_retries: int = 0,
         callback_policy: CallbackPolicy | None = None,
@@ -101,138 +91,27 @@ class AexWorker(BatchingMixin, SimpleWorker):
         batch_wait_seconds: float = 0.0,
         **kwargs,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(connection, **kwargs)
         self.context = context
         self.max_batch, self.batch_wait_seconds = max_batch, batch_wait_seconds
         self.callback_policy = callback_policy
-        self.job_heartbeat_ttl = job_heartbeat_ttl
         self.reuse_results = reuse_results
         self.job_retries = job_retries
-        self.catalogue = catalogue or []
         self._running: Attempt | None = None  # the attempt being performed now
 
-    # --- registration ------------------------------------------------------------------
-    @property
-    def dequeue_timeout(self) -> int:
-        # Heartbeats happen between blocking dequeues: keep each well inside worker_ttl, and
-        # short enough that a registration Redis lost (a restart) is made again in seconds.
-        return max(1, min(self.worker_ttl // 3, REREGISTER_WITHIN_SECONDS))
-
-    def heartbeat(self, timeout: int | None = None, pipeline=None):
-        # rq adds 60 s to every registration; ours expire after worker_ttl so a dead worker
-        # leaves /readyz and the catalogue quickly.
-        ttl = min(timeout or self.worker_ttl, self.worker_ttl)
-        if pipeline is not None:
-            super().heartbeat(ttl, pipeline=pipeline)
-            return
-        with self._outage("sending its heartbeat"):
-            self._ensure_registered()
-            super().heartbeat(ttl)
-
-    def register_birth(self):
-        self._until_accepted("registering", super().register_birth)
-
-    def _ensure_registered(self) -> None:
-        """Register again (catalogue included) when Redis no longer has this worker's
-        registration: Redis restarted without persistence, or stayed away longer than
-        worker_ttl. (A heartbeat alone would only recreate part of the hash.)"""
-        with self.connection.pipeline(transaction=False) as pipe:
-            pipe.hexists(self.key, "birth")
-            pipe.sismember(self.redis_workers_keys, self.key)
-            born, listed = pipe.execute()
-        if born and listed:
-            return
-        log.warning("worker %s: Redis lost its registration (restarted?); registering again", self.name)
-        self.last_heartbeat = now()
-        with self.connection.pipeline() as pipe:
-            pipe.delete(self.key)
-            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
-            worker_registration.register(self, pipe)
-            pipe.expire(self.key, self.worker_ttl)
-            pipe.execute()
-
-    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return self.job_heartbeat_ttl
-
-    def serialize(self) -> dict:
-        return {**super().serialize(), CATALOGUE_FIELD: json.dumps(self.catalogue)}
-
-    # --- riding out a store that refuses or is away --------------------------------------
-    @contextmanager
-    def _outage(self, doing: str) -> Iterator[None]:
-        """Log the store refusing or unreachable (each command was already retried where it
-        can be) and go on: what was skipped is done again at the next turn of the work loop."""
-        try:
-            yield
-        except STORE_UNAVAILABLE as exc:
-            log.warning(
-                "worker %s: the store refused or was unreachable while %s (%s)", self.name, doing, type(exc).__name__
-            )
-
-    def _until_accepted(self, doing: str, call) -> Any:
-        """``call()`` again, with a growing pause, until the store takes it (or a stop is asked)."""
-        pause = 0.25
-        while True:
-            try:
-                return call()
-            except STORE_UNAVAILABLE as exc:
-                if self._stop_requested:
-                    raise
-                log.warning("worker %s: the store refused %s (%s); trying again", self.name, doing, type(exc).__name__)
-                time.sleep(pause)
-                pause = min(MAX_BACKOFF_SECONDS, pause * 2)
-
-    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        """rq's loop of heartbeat, maintenance and dequeue, with aex's dequeue: every job taken
-        is in an intermediate list until it is claimed (``jobs.lifecycle.take_any``), and the
-        store refusing is waited out. ``timeout`` None (burst): None once the queues are empty."""
-        self.set_state(WorkerStatus.IDLE)
-        self.procline("Listening on " + ",".join(self.queue_names()))
-        while True:
-            self.heartbeat()
-            if self.should_run_maintenance_tasks:
-                self.run_maintenance_tasks()
-            wait = 0.0 if timeout is None else float(timeout)
-            taken = self._until_accepted(
-                "taking a job", lambda wait=wait: lifecycle.take_any(self.connection, self._ordered_queues, wait)
-            )
-            if taken is not None or timeout is None:
-                self.heartbeat()
-                return taken
-
-    def set_state(self, state: str, pipeline=None):
-        if pipeline is not None:
-            return super().set_state(state, pipeline=pipeline)
-        self._state = state  # published again with the next registration if Redis is away
-        with self._outage(f"setting its state to {state}"):
-            super().set_state(state)
-
-    def check_for_suspension(self, burst: bool):
-        with self._outage("checking for suspension"):
-            super().check_for_suspension(burst)
-
-    def run_maintenance_tasks(self):
-        with self._outage("cleaning the registries"):
-            super().run_maintenance_tasks()
-
-    def clean_registries(self):
-        for queue in self.queues:
-            clean_queue(self.connection, queue, self.job_retries, self.callback_policy)
-            worker_registration.clean_worker_registry(queue)
-        self.last_cleaned_at = now()
-
-    # --- cancellation ------------------------------------------------------------------
-    def get_current_job_id(self) -> str | None:
+    # --- the hooks of the rq shell ----------------------------------------------------
+    def running_job_id(self) -> str | None:
         running = self._running
         return running.job.id if running is not None else None
 
-    def kill_horse(self, sig=None):
-        # SimpleWorker has no horse process: ask the running job to stop at its next step.
+    def stop_running(self) -> None:
         self.context.stop_requested.set()
 
+    def clean(self, queue_name: str) -> None:
+        clean_queue(self.connection, queue_name, self.job_retries, self.callback_policy)
+
     # --- taking and running jobs (alone, or a batch: worker.batch_run) ----------------
-    def execute_job(self, job: Job, queue: Queue):
-        self.set_state(WorkerStatus.BUSY)  # a SIGTERM from now on lets the jobs in hand finish
+    def run_taken(self, job: Job, queue: Queue) -> None:
         leader = self._claim(job, queue)
         if leader is not None:
             attempts = [leader]
@@ -250,7 +129,6 @@ class AexWorker(BatchingMixin, SimpleWorker):
                             self._run(attempt)
                 finally:
                     self.context.forget([a.job.id for a in attempts])
-        self.set_state(WorkerStatus.IDLE)
 
     def _claim(self, job: Job, queue: Queue) -> Attempt | None:
         """Claim a job just taken: refused when it is not aex's, skipped when it is no longer
@@ -288,7 +166,7 @@ class AexWorker(BatchingMixin, SimpleWorker):
         self._running = attempt
         start = time.perf_counter()
         try:
-            with self.death_penalty_class(job.timeout or Queue.DEFAULT_TIMEOUT, JobTimeoutException, job_id=job.id):
+            with self.time_limit(job):
                 result = job.perform()
         except BaseException:
             exc_info = sys.exc_info()

@@ -7,11 +7,9 @@ import logging
 import os
 import socket
 
-from rq.queue import Queue
-
 from jobs.callbacks import CallbackPolicy
 from jobs.crypto import cipher_from_settings
-from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from jobs.queues import connect
 from jobs.settings import Settings
 from models.errors import BadParameterError
 from worker.context import WorkerContext
@@ -62,16 +60,10 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     install(served)
     context = context_install(WorkerContext(settings=settings, cipher=cipher, served=served))
     conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
-    # Classify first: a worker takes an explain job only when no classify job waits.
-    queues = [
-        Queue(QUEUE_NAMES[k], connection=conn, serializer=SERIALIZER) for k in (JobKind.CLASSIFY, JobKind.EXPLAIN)
-    ]
     w = AexWorker(
-        queues,
+        conn,
         context=context,
         name=worker_name(),
-        connection=conn,
-        serializer=SERIALIZER,
         worker_ttl=settings.worker_ttl,
         maintenance_interval=settings.maintenance_interval,
         default_result_ttl=settings.result_ttl,
@@ -83,5 +75,5 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         max_batch=settings.max_batch,
         batch_wait_seconds=settings.batch_wait_ms / 1000.0,
     )
-    log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(q.name for q in queues))
+    log.info("worker %s ready: %s on %s", w.name, ", ".join(served.models), ", ".join(w.queue_names()))
     return w.work(burst=burst, logging_level=settings.log_level.upper())

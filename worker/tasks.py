@@ -16,15 +16,13 @@ both installed once before the work loop.
 from __future__ import annotations
 
 import time
-from typing import Any
-
-from rq import get_current_job
-from rq.job import Job
+from typing import TYPE_CHECKING, Any
 
 from jobs.crypto import blob_context
 from jobs.keys import cancel_key, dicom_key, images_key, upload_key
 from jobs.params import ClassifyParameters, ExplainParameters
 from jobs.queues import JOB_FUNCTIONS, JobKind
+from jobs.rqueue.worker import current_job
 from models.errors import BadParameterError, JobCancelledError
 from pacs.read import fetch_reference
 from pacs.store import store_report
@@ -32,6 +30,9 @@ from worker.compute import classify_result, classify_results
 from worker.context import Prepared, current
 from worker.explaining import explain_result, explain_results
 from worker.served import served_models
+
+if TYPE_CHECKING:
+    from rq.job import Job
 
 PROGRESS_EVERY_SECONDS = 0.2
 
@@ -43,10 +44,7 @@ def seal_fields(redis_key: str, files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def _current_job() -> Job:
-    job = get_current_job()
-    if job is None:
-        raise RuntimeError("worker.tasks functions run inside an rq job")
-    return job
+    return current_job()
 
 
 def _check_cancelled(job: Job) -> None:

@@ -1,4 +1,4 @@
-"""The fenced life of a job attempt (``jobs.lifecycle``) against a real redis-server: one claim per queued job,
+"""The fenced life of a job attempt (``jobs.rqueue.lifecycle``) against a real redis-server: one claim per queued job,
 ends written once under the attempt's token, a late or repeated writer refused or recognised,
 the reaper's requeue and ``worker_lost``, and the rq layout these rely on."""
 
@@ -10,11 +10,12 @@ import pytest
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
-from jobs import lifecycle
 from jobs.epoch import new_job_id
 from jobs.failures import LOST
 from jobs.keys import cancel_key, upload_key
-from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind, connect
+from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind, connect
+from jobs.rqueue import lifecycle, taking
+from jobs.rqueue.layout import SERIALIZER
 
 DB = 9
 
@@ -38,7 +39,7 @@ def queued(conn, queue) -> Job:
     job_id = new_job_id(conn)
     conn.set(upload_key(job_id), b"sealed", ex=60)
     queue.enqueue(JOB_FUNCTIONS[JobKind.CLASSIFY], kwargs={"model": "m"}, job_id=job_id, meta={"kind": "classify"})
-    job = lifecycle.take(conn, queue)
+    job = taking.take(conn, queue)
     assert job is not None and job.id == job_id
     return job
 
@@ -60,7 +61,7 @@ def test_a_job_is_claimed_once_and_runs_visibly(conn, queue):
     assert entry.decode().startswith(f"{job.id}:") and score > time.time()
     # The same job taken again (a duplicated push) is not claimed a second time.
     conn.rpush(queue.key, job.id)
-    again = lifecycle.take(conn, queue)
+    again = taking.take(conn, queue)
     assert lifecycle.claim(conn, again, queue, "w2", 5) is None
     assert conn.lrange(queue.intermediate_queue_key, 0, -1) == []
 
@@ -95,7 +96,7 @@ def test_the_reaper_requeues_then_fails_worker_lost_and_fences_the_old_worker(co
     assert not lifecycle.finish(conn, first, {"probs": [0.5]}, 60)
     assert status(conn, job.id) == JobStatus.QUEUED.value
     # Its second run dies too: no retry is left.
-    second = lifecycle.claim(conn, lifecycle.take(conn, queue), queue, "w2", 1)
+    second = lifecycle.claim(conn, taking.take(conn, queue), queue, "w2", 1)
     assert second.token > first.token
     time.sleep(1.2)
     (reaped,) = lifecycle.reap(conn, queue, retries=1, lost_error=LOST)
@@ -121,7 +122,7 @@ def test_a_live_lease_is_not_reaped_and_a_cancelled_job_ends_cancelled(conn, que
 
 def test_a_job_taken_but_never_claimed_is_put_back(conn, queue):
     job = queued(conn, queue)  # its worker died right after taking it
-    assert lifecycle.requeue_stranded(conn, queue) == []  # first seen now
+    assert taking.requeue_stranded(conn, queue) == []  # first seen now
     conn.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)
-    assert lifecycle.requeue_stranded(conn, queue) == [job.id]
+    assert taking.requeue_stranded(conn, queue) == [job.id]
     assert conn.lrange(queue.key, 0, -1) == [job.id.encode()]

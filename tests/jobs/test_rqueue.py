@@ -16,8 +16,9 @@ from rq.worker import SimpleWorker
 
 from jobs import rqueue
 from jobs.epoch import new_job_id
-from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
-from jobs.states import STATUS_FROM_RQ, TERMINAL, ApiStatus
+from jobs.queues import QUEUE_NAMES, JobKind, connect
+from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
+from jobs.states import TERMINAL, ApiStatus
 
 DB = 8  # shared with tests/jobs/test_crypto.py: both flush it around each test
 

@@ -322,7 +322,7 @@ def test_an_unreachable_identity_provider_is_a_401_not_a_crash(idp):
 def test_each_principal_has_at_most_its_share_of_jobs(conn):
     from rq.job import Job, JobStatus
 
-    from jobs.queues import SERIALIZER
+    from jobs.rqueue.layout import SERIALIZER
     from models.errors import TooManyJobsError
     from service.quota import active_jobs, release, reserve
 

@@ -13,8 +13,9 @@ from rq.job import Job
 from rq.queue import Queue
 
 from jobs.keys import cancel_key, upload_key
-from jobs.lifecycle import requeue_stranded
-from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+from jobs.queues import QUEUE_NAMES, JobKind, connect
+from jobs.rqueue.layout import SERIALIZER
+from jobs.rqueue.taking import requeue_stranded
 from models.data.tensors import load_image_for_model
 from models.store.checkpoint import load_checkpoint
 from tests.tokens import api_client

@@ -20,7 +20,8 @@ import pytest
 from rq.job import Job
 
 from jobs.keys import upload_key
-from jobs.queues import QUEUE_NAMES, SERIALIZER, connect, live_worker_keys
+from jobs.queues import QUEUE_NAMES, connect
+from jobs.rqueue.layout import SERIALIZER, live_worker_keys
 from tests.tokens import api_client
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,8 @@ import pytest
 from rq.job import Job
 
 from jobs.keys import upload_key
-from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect, live_worker_keys
+from jobs.queues import QUEUE_NAMES, JobKind, connect
+from jobs.rqueue.layout import SERIALIZER, live_worker_keys
 from tests.tokens import api_client
 
 pytestmark = pytest.mark.e2e
@@ -195,7 +196,8 @@ def test_a_job_that_is_not_aexs_is_refused_without_running(service_stack, tmp_pa
     from rq.job import Job
     from rq.queue import Queue
 
-    from jobs.queues import QUEUE_NAMES, SERIALIZER, JobKind, connect
+    from jobs.queues import QUEUE_NAMES, JobKind, connect
+    from jobs.rqueue.layout import SERIALIZER
 
     conn = connect(service_stack.redis_url)
     queue = Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)

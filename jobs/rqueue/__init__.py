@@ -27,9 +27,10 @@ from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp
 
-from jobs.lifecycle import wake
-from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, SERIALIZER, JobKind
-from jobs.states import STATUS_FROM_RQ, ApiStatus
+from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
+from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
+from jobs.rqueue.taking import wake
+from jobs.states import ApiStatus
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def queue_depth(conn: Redis, lane: JobKind) -> int:
 def lease_expired(conn: Redis, record: JobRecord) -> bool:
     """Whether every lease of a running job ran out (its worker died, and no clean-up has
     reaped it yet): each lease is an entry ``<id>:<execution>`` of its queue's started
-    registry, scored by when it runs out (the worker side renews it, ``jobs.lifecycle``)."""
+    registry, scored by when it runs out (the worker side renews it, ``jobs.rqueue.lifecycle``)."""
     if record.status is not ApiStatus.RUNNING or not _ours(record.origin):
         return False
     key = _queue(conn, record.origin).started_job_registry.key

@@ -25,8 +25,8 @@ transaction ended the job.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,26 +34,22 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 from rq.defaults import RQ_KEY_PREFIX
-from rq.exceptions import NoSuchJobError
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp, now, parse_composite_key, utcformat
 
-from jobs.keys import cancel_key, upload_key, wake_key
-from jobs.queues import SERIALIZER
+from jobs.keys import cancel_key, upload_key
+from jobs.queues import QUEUE_NAMES
+from jobs.rqueue.layout import SERIALIZER
+from jobs.rqueue.taking import requeue_stranded, wake
 
 log = logging.getLogger("aex.jobs")
 
 ATTEMPT_FIELD = "aex_attempt"  # the fencing token: +1 at every claim and every reap
 ENDED_FIELD = "aex_ended_attempt"  # the token under which the job ended
 REAPED = -2  # ENDED_FIELD of a job the reaper ended
-# A worker claims what it took within its batch wait: an entry of an intermediate list older
-# than this is a dead worker's (rq's own clean-up waits a minute, then fails the job).
-STRANDED_AFTER_SECONDS = 15.0
-# The wake list keeps at most this many entries (more jobs than idle workers need no more).
-WAKE_ENTRIES = 64
 FAILURE_TTL_SECONDS = 3600  # a failure kept this long when its job names no failure TTL (aex's always do)
 
 
@@ -92,87 +88,6 @@ def _compare_and_set(
                 return True
             except WatchError:
                 continue
-
-
-# --- taking from a queue -------------------------------------------------------------------
-def take(conn: Redis, queue: Queue) -> Job | None:
-    """The next job of ``queue``, moved atomically to its intermediate list as rq's dequeue
-    moves one (None when the queue is empty). An id whose job is gone is dropped."""
-    while True:
-        raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
-        if raw is None:
-            return None
-        job = _fetch_taken(conn, queue, _text(raw))
-        if job is not None:
-            return job
-
-
-def _fetch_taken(conn: Redis, queue: Queue, job_id: str) -> Job | None:
-    try:
-        return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-    except NoSuchJobError:
-        conn.lrem(queue.intermediate_queue_key, 1, job_id)  # expired or deleted meanwhile
-        return None
-
-
-def untake(conn: Redis, queue: Queue, job_id: str) -> None:
-    """Put a job taken but not claimed back at the head of its queue, where it was."""
-    with conn.pipeline() as pipe:
-        pipe.lrem(queue.intermediate_queue_key, 1, job_id)
-        pipe.lpush(queue.key, job_id)
-        wake(pipe)
-        pipe.execute()
-
-
-def take_any(conn: Redis, queues: list[Queue], wait_seconds: float) -> tuple[Job, Queue] | None:
-    """The next job of the first non-empty queue of ``queues`` (priority order), moved
-    atomically to that queue's intermediate list, waiting at most ``wait_seconds`` for one
-    (None then). rq's own dequeue pops from several queues with BLPOP, which leaves nothing
-    behind: a worker killed between that pop and the claim would lose the job. Here a job is
-    always in a list, so a dead worker's jobs are found (``requeue_stranded``). Waiting blocks
-    on the wake list (``wake``: an entry with every job put in a queue), then looks at every
-    queue again; a wake-up that finds nothing (another worker was faster) costs one look."""
-    deadline = time.monotonic() + max(0.0, wait_seconds)
-    while True:
-        for queue in queues:
-            job = take(conn, queue)
-            if job is not None:
-                return job, queue
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        conn.blpop([wake_key()], timeout=max(0.01, left))
-
-
-def wake(pipe: Redis | Pipeline) -> None:
-    """Wake an idle worker: a job was put in a queue (bounded: a wake-up only makes a worker look)."""
-    pipe.rpush(wake_key(), 1)
-    pipe.ltrim(wake_key(), -WAKE_ENTRIES, -1)
-
-
-def requeue_stranded(conn: Redis, queue: Queue, older_than: float = STRANDED_AFTER_SECONDS) -> list[str]:
-    """Put back at the head of ``queue`` the jobs left in its intermediate list by a worker
-    that died between taking and claiming them (a worker claims what it took within its
-    batch wait, so an entry seen there longer than ``older_than`` seconds is a dead worker's).
-    A job that never started loses nothing by waiting again. Returns the ids put back."""
-    inter = queue.intermediate_queue
-    moved = []
-    for job_id in inter.get_job_ids():
-        seen = conn.get(inter.get_first_seen_key(job_id))
-        if seen is None:
-            conn.set(inter.get_first_seen_key(job_id), time.time(), nx=True, ex=3600)
-            continue
-        if time.time() - float(seen) < older_than:
-            continue
-        conn.delete(inter.get_first_seen_key(job_id))
-        if not conn.lrem(inter.key, 1, job_id):
-            continue  # claimed meanwhile
-        if _text(conn.hget(Job.key_for(job_id), "status")) == JobStatus.QUEUED.value:
-            # A claim racing this push finds the job started and skips the duplicate.
-            conn.lpush(queue.key, job_id)
-            wake(conn)
-            moved.append(job_id)
-    return moved
 
 
 # --- claiming and leasing ----------------------------------------------------------------
@@ -310,6 +225,49 @@ def _back_in_queue(pipe: Pipeline, job: Job, queue: Queue) -> None:
 
 
 # --- reaping -------------------------------------------------------------------------------
+# rq's clean-up lock is held 15 minutes when its holder dies (or loses Redis) before
+# releasing it: no job of the queue would be reaped for that long. Ours expires sooner.
+MAINTENANCE_LOCK_SECONDS = 60
+
+
+def queue_named(conn: Redis, name: str) -> Queue:
+    """rq's queue ``name`` (one of ``QUEUE_NAMES``) on ``conn``."""
+    return Queue(name, connection=conn, serializer=SERIALIZER)
+
+
+def queues_by_priority(conn: Redis) -> list[Queue]:
+    """Every queue in the order a worker serves them: classify first, so a worker takes an
+    explain job only when no classify job waits."""
+    return [queue_named(conn, name) for name in QUEUE_NAMES.values()]
+
+
+@contextmanager
+def maintenance_lock(queue: Queue) -> Iterator[bool]:
+    """rq's clean-up lock of ``queue`` (yields whether this process holds it), for at most
+    MAINTENANCE_LOCK_SECONDS, released at the end."""
+    held = bool(queue.connection.set(queue.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_SECONDS))
+    try:
+        yield held
+    finally:
+        if held:
+            queue.release_maintenance_lock()
+
+
+def clean(conn: Redis, name: str, retries: int, lost_error: dict[str, str]) -> list[Reaped]:
+    """The clean-up of queue ``name`` by whoever holds its lock (nothing when another process
+    is cleaning it): jobs of dead workers reaped (``reap``), jobs a dead worker took but never
+    claimed put back (``requeue_stranded``), rq's finished and failed registries trimmed."""
+    queue = queue_named(conn, name)
+    with maintenance_lock(queue) as held:
+        if not held:
+            return []
+        reaped = reap(conn, queue, retries, lost_error)
+        requeue_stranded(conn, queue)
+        queue.finished_job_registry.cleanup()
+        queue.failed_job_registry.cleanup()
+        return reaped
+
+
 def _leased(conn: Redis, registry_key: str, job_id: str) -> bool:
     """Whether some lease of ``job_id`` in the started registry has not run out."""
     live = conn.zrangebyscore(registry_key, f"({current_timestamp()}", "+inf")

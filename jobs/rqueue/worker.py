@@ -1,0 +1,220 @@
+"""rq's worker loop as aex runs it (part of the adapter over rq, ``jobs.rqueue``): ``QueueWorker`` is rq's
+``SimpleWorker`` with every override of rq's machinery that aex needs, so the worker runtime
+(``worker.process``) implements only what it does with a job it has taken (``run_taken``) and
+how it stops the job in hand (``stop_running``).
+
+- jobs run in the worker process itself (models loaded once serve every job; CUDA works);
+- the dequeue is aex's (``taking.take_any``): a job taken is always in a list until claimed;
+- short registrations (``worker_ttl``) with the worker's catalogue, made again when Redis lost
+  them, so /readyz sees a dead worker within seconds;
+- the store refusing or away (``jobs.queues.STORE_UNAVAILABLE``): heartbeats, maintenance and
+  state changes are skipped and done again at the next turn; registering and dequeueing wait
+  with a growing pause; the worker never quits over it;
+- the maintenance cleans aex's way (``clean``: reaping under the attempt tokens);
+- rq's stop-job command for the job in hand calls ``stop_running``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rq import get_current_job, worker_registration
+from rq.job import Job
+from rq.queue import Queue
+from rq.utils import now
+from rq.worker import SimpleWorker, WorkerStatus
+
+from jobs.keys import CATALOGUE_FIELD
+from jobs.queues import STORE_UNAVAILABLE
+from jobs.rqueue.layout import SERIALIZER, TIME_LIMIT_EXCEEDED, time_limit_of
+from jobs.rqueue.lifecycle import queues_by_priority
+from jobs.rqueue.taking import take_any
+
+log = logging.getLogger("aex.worker")
+
+# An idle worker sends a heartbeat (and registers again if Redis lost it) at least this often.
+REREGISTER_WITHIN_SECONDS = 5
+# The longest pause between two tries when the store refuses a worker's writes.
+MAX_BACKOFF_SECONDS = 5.0
+
+
+def current_job() -> Job:
+    """The job whose function runs now (job functions run inside a worker's attempt)."""
+    job = get_current_job()
+    if job is None:
+        raise RuntimeError("job functions run inside a job of a worker")
+    return job
+
+
+class QueueWorker(SimpleWorker):
+    """See the module docstring. ``name``, ``connection`` and the settings as rq's worker;
+    ``catalogue``: what it serves, published in its registration; ``job_heartbeat_ttl``: the
+    lease of a job in hand."""
+
+    # rq's dequeue loop waits this long at most between two tries to reach Redis (rq: 60 s).
+    max_connection_wait_time = 2.0
+
+    def __init__(
+        self, connection, *, catalogue: list[dict[str, Any]] | None = None, job_heartbeat_ttl: int = 20, **kwargs
+    ):
+        super().__init__(queues_by_priority(connection), connection=connection, serializer=SERIALIZER, **kwargs)
+        self.catalogue = catalogue or []
+        self.job_heartbeat_ttl = job_heartbeat_ttl
+
+    # --- what the runtime implements ----------------------------------------------------
+    def run_taken(self, job: Job, queue: Queue) -> None:
+        """Claim and run ``job``, just taken from ``queue`` (and whatever it batches with)."""
+        raise NotImplementedError
+
+    def stop_running(self) -> None:
+        """Ask the job in hand to stop at its next step."""
+        raise NotImplementedError
+
+    def running_job_id(self) -> str | None:
+        """The id of the job in hand (None when idle)."""
+        return None
+
+    def clean(self, queue_name: str) -> None:
+        """This worker's share of the maintenance of ``queue_name``."""
+
+    # --- rq's hooks --------------------------------------------------------------------
+    def execute_job(self, job: Job, queue: Queue):
+        self.set_state(WorkerStatus.BUSY)  # a SIGTERM from now on lets the jobs in hand finish
+        try:
+            self.run_taken(job, queue)
+        finally:
+            self.set_state(WorkerStatus.IDLE)
+
+    def get_current_job_id(self) -> str | None:
+        return self.running_job_id()
+
+    def kill_horse(self, sig=None):
+        # SimpleWorker has no horse process: ask the running job to stop at its next step.
+        self.stop_running()
+
+    def clean_registries(self):
+        for queue in self.queues:
+            self.clean(queue.name)
+            worker_registration.clean_worker_registry(queue)
+        self.last_cleaned_at = now()
+
+    @contextmanager
+    def time_limit(self, job: Job) -> Iterator[None]:
+        """Run the block under ``job``'s time limit (it raises ``TIME_LIMIT_EXCEEDED``)."""
+        with self.death_penalty_class(time_limit_of(job), TIME_LIMIT_EXCEEDED, job_id=job.id):
+            yield
+
+    @contextmanager
+    def batch_time_limit(self, batch: list[Job]) -> Iterator[None]:
+        """Run the block under the shortest time limit of ``batch``."""
+        with self.death_penalty_class(min(time_limit_of(j) for j in batch), TIME_LIMIT_EXCEEDED, job_id=batch[0].id):
+            yield
+
+    # --- registration ------------------------------------------------------------------
+    @property
+    def dequeue_timeout(self) -> int:
+        # Heartbeats happen between blocking dequeues: keep each well inside worker_ttl, and
+        # short enough that a registration Redis lost (a restart) is made again in seconds.
+        return max(1, min(self.worker_ttl // 3, REREGISTER_WITHIN_SECONDS))
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None):
+        # rq adds 60 s to every registration; ours expire after worker_ttl so a dead worker
+        # leaves /readyz and the catalogue quickly.
+        ttl = min(timeout or self.worker_ttl, self.worker_ttl)
+        if pipeline is not None:
+            super().heartbeat(ttl, pipeline=pipeline)
+            return
+        with self._outage("sending its heartbeat"):
+            self._ensure_registered()
+            super().heartbeat(ttl)
+
+    def register_birth(self):
+        self._until_accepted("registering", super().register_birth)
+
+    def _ensure_registered(self) -> None:
+        """Register again (catalogue included) when Redis no longer has this worker's
+        registration: Redis restarted without persistence, or stayed away longer than
+        worker_ttl. (A heartbeat alone would only recreate part of the hash.)"""
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hexists(self.key, "birth")
+            pipe.sismember(self.redis_workers_keys, self.key)
+            born, listed = pipe.execute()
+        if born and listed:
+            return
+        log.warning("worker %s: Redis lost its registration (restarted?); registering again", self.name)
+        self.last_heartbeat = now()
+        with self.connection.pipeline() as pipe:
+            pipe.delete(self.key)
+            pipe.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
+            worker_registration.register(self, pipe)
+            pipe.expire(self.key, self.worker_ttl)
+            pipe.execute()
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return self.job_heartbeat_ttl
+
+    def serialize(self) -> dict:
+        return {**super().serialize(), CATALOGUE_FIELD: json.dumps(self.catalogue)}
+
+    # --- riding out a store that refuses or is away --------------------------------------
+    @contextmanager
+    def _outage(self, doing: str) -> Iterator[None]:
+        """Log the store refusing or unreachable (each command was already retried where it
+        can be) and go on: what was skipped is done again at the next turn of the work loop."""
+        try:
+            yield
+        except STORE_UNAVAILABLE as exc:
+            log.warning(
+                "worker %s: the store refused or was unreachable while %s (%s)", self.name, doing, type(exc).__name__
+            )
+
+    def _until_accepted(self, doing: str, call) -> Any:
+        """``call()`` again, with a growing pause, until the store takes it (or a stop is asked)."""
+        pause = 0.25
+        while True:
+            try:
+                return call()
+            except STORE_UNAVAILABLE as exc:
+                if self._stop_requested:
+                    raise
+                log.warning("worker %s: the store refused %s (%s); trying again", self.name, doing, type(exc).__name__)
+                time.sleep(pause)
+                pause = min(MAX_BACKOFF_SECONDS, pause * 2)
+
+    def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
+        """rq's loop of heartbeat, maintenance and dequeue, with aex's dequeue: every job taken
+        is in an intermediate list until it is claimed (``taking.take_any``), and the
+        store refusing is waited out. ``timeout`` None (burst): None once the queues are empty."""
+        self.set_state(WorkerStatus.IDLE)
+        self.procline("Listening on " + ",".join(self.queue_names()))
+        while True:
+            self.heartbeat()
+            if self.should_run_maintenance_tasks:
+                self.run_maintenance_tasks()
+            wait = 0.0 if timeout is None else float(timeout)
+            taken = self._until_accepted(
+                "taking a job", lambda wait=wait: take_any(self.connection, self._ordered_queues, wait)
+            )
+            if taken is not None or timeout is None:
+                self.heartbeat()
+                return taken
+
+    def set_state(self, state: str, pipeline=None):
+        if pipeline is not None:
+            return super().set_state(state, pipeline=pipeline)
+        self._state = state  # published again with the next registration if Redis is away
+        with self._outage(f"setting its state to {state}"):
+            super().set_state(state)
+
+    def check_for_suspension(self, burst: bool):
+        with self._outage("checking for suspension"):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self):
+        with self._outage("cleaning the registries"):
+            super().run_maintenance_tasks()
