@@ -121,6 +121,13 @@ class ServiceUnavailableError(AexError):
     code = "service_unavailable"
 
 
+class StoreUnavailableError(ServiceUnavailableError):
+    """The job store (Redis) refuses the request: unreachable, out of memory, a read-only
+    replica, a user its ACL does not allow, still loading. Nothing was done that needed it."""
+
+    code = "store_unavailable"
+
+
 class JobCancelledError(AexError):
     code = "job_cancelled"
 

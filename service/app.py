@@ -9,6 +9,12 @@ authenticator every route's ``requires(scope)`` uses, the audit trail's middlewa
 cipher (AEX_DATA_KEY: no key, no API) and the callback policy handed to the job service,
 ``WWW-Authenticate`` on every 401, CORS for the allowed origins only (AEX_CORS_ORIGINS), the
 trusted ``Host`` values (AEX_TRUSTED_HOSTS), and ``/docs`` without any external load.
+
+Errors are mapped here, at the root, not per route: the catalogue's by ``service.errors``; a
+Redis error that means the store refuses or is unreachable (``service.errors.store_refusal``),
+wherever it is raised (a route, the thread pool, the API key lookup of the guard), is 503
+``store_unavailable`` with ``Retry-After``; any other exception, a plain Redis
+``ResponseError`` included (a bug of ours), is 500 ``internal_error`` with a fixed message.
 """
 
 from __future__ import annotations
@@ -21,8 +27,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -31,12 +36,12 @@ from jobs.callbacks import CallbackPolicy
 from jobs.crypto import cipher_from_settings
 from jobs.queues import connect
 from jobs.settings import Settings
-from models.errors import AexError, BadParameterError, ServiceUnavailableError, UnauthenticatedError
+from models.errors import AexError, BadParameterError, UnauthenticatedError
 from models.version import __version__
 from service.audit import AuditLog, AuditMiddleware
 from service.auth import Authenticator, challenge, check_auth_settings
 from service.docs import install_docs
-from service.errors import error_response, status_of
+from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.jobs import Catalogue, JobService
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import admin as admin_routes
@@ -60,15 +65,9 @@ def install_error_handlers(app: FastAPI) -> None:
             resp.headers["WWW-Authenticate"] = challenge(request)
         return resp
 
-    @app.exception_handler(RedisConnectionError)
-    @app.exception_handler(RedisTimeoutError)
-    async def redis_gone(_request: Request, exc: Exception):
-        log.error("Redis is unreachable: %s", exc)
-        return error_response(
-            status_of(ServiceUnavailableError.code),
-            ServiceUnavailableError.code,
-            f"the job store (Redis) is unreachable: {exc}",
-        )
+    @app.exception_handler(RedisError)
+    async def redis_error(request: Request, exc: RedisError):
+        return unexpected_error(request.method, request.url.path, exc)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, exc: RequestValidationError):
@@ -81,9 +80,22 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
-        return internal_error(request.method, request.url.path, exc)
+        return unexpected_error(request.method, request.url.path, exc)
 
     app.add_middleware(InternalErrorMiddleware)  # before any other: the innermost
+
+
+def unexpected_error(method: str, path: str, exc: Exception) -> JSONResponse:
+    """The answer to an exception that is not one of the catalogue's: 503 ``store_unavailable``
+    (with ``Retry-After``) when it is the job store refusing or unreachable, wherever it was
+    raised (a route, the thread pool, the auth dependency looking up an API key), else
+    ``internal_error``. The log names the refusal, never the Redis error's text."""
+    what = store_refusal(exc)
+    if what is None:
+        return internal_error(method, path, exc)
+    log.error("the job store refused %s %s: %s (%s)", method, path, what, type(exc).__name__)
+    err = store_unavailable(what)
+    return error_response(status_of(err.code), err.code, err.message)
 
 
 def internal_error(method: str, path: str, exc: Exception) -> JSONResponse:
@@ -103,7 +115,7 @@ def internal_error(method: str, path: str, exc: Exception) -> JSONResponse:
 
 class InternalErrorMiddleware:
     """Pure ASGI middleware inside every other: an exception no handler took is answered with
-    ``internal_error`` here, so it is not raised on to the server, whose log would print its
+    ``unexpected_error`` here, so it is not raised on to the server, whose log would print its
     text (Starlette re-raises after its own 500 handler). One raised after the response has
     started can only be raised on."""
 
@@ -126,7 +138,7 @@ class InternalErrorMiddleware:
         except Exception as exc:
             if started:
                 raise
-            await internal_error(scope.get("method", ""), scope.get("path", ""), exc)(scope, receive, send)
+            await unexpected_error(scope.get("method", ""), scope.get("path", ""), exc)(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

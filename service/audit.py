@@ -7,6 +7,28 @@ route template ...): a value of another shape is dropped, so nothing a client ty
 patient attribute, can reach the trail. ``AuditMiddleware`` writes one record per request
 under ``/v1/`` and ``/metrics`` (refused ones included: principal ``anonymous``, status
 401/403); a route adds the model and the input's sha256 with ``note(request, ...)``.
+
+The trail is a security control, so it fails closed:
+
+- The record of a request is written before its answer leaves: the middleware holds the
+  response's start, writes the record with its final status, and only then lets the answer
+  go. When the record cannot be written (Redis out of memory, a read-only replica, an ACL
+  refusal, unreachable), the answer is replaced by 503 ``store_unavailable`` with
+  ``Retry-After``: no answer is served without its record. The cost is one Redis round trip
+  (an XADD on the API's connection, well under a millisecond on a local socket) before each
+  answer instead of after it; it used to be written after the response and its failures only
+  logged, which served requests whose records were lost.
+- A mutating request (POST, PUT, PATCH, DELETE) also leaves a record before it acts: once its
+  principal holds the route's scope, the guard calls ``before_acting``, which writes a
+  pending record (principal, action, the job of the path; status 503) to the hash
+  ``audit_key() + ":pending"``. When that write is refused, so is the request (503), before
+  anything was done. The final record replaces the pending one in one transaction (XADD and
+  HDEL). A pending record whose request never wrote its final one (the store refused it after
+  the job was queued, or the process died) is moved into the stream as it is, status 503 (what
+  the client was answered), by the next write ``ORPHAN_AFTER_SECONDS`` later or more: the
+  trail never misses an access that acted, at the price of such a record coming after later
+  ones and lacking what the route noted after it began (model, input sha256, a new job's id).
+
 Torch-free.
 """
 
@@ -16,6 +38,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs.keys import audit_key
 from models.errors import BadParameterError
+from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.metrics import method_label, route_label
 
 log = logging.getLogger("aex.audit")
@@ -40,6 +64,24 @@ MAX_READ = 10_000
 MAX_STREAM_PART = 2**64 - 1
 ANONYMOUS = "anonymous"
 AUDITED_PREFIXES = ("/v1/", "/metrics")
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+PENDING_STATUS = 503  # what a client whose final record could not be written is answered
+ORPHAN_AFTER_SECONDS = 3600  # longer than any request (body time-out plus the classify wait)
+SWEEP_INTERVAL_SECONDS = 60.0
+
+# Moves one pending record into the stream, once: only the caller that removes it adds it.
+MOVE_PENDING = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  return 1
+end
+return 0
+"""
+
+
+def pending_key() -> str:
+    """The hash of the records of mutating requests that have not written their final one."""
+    return audit_key() + ":pending"
 
 
 def _shaped(value: Any, pattern: re.Pattern) -> str | None:
@@ -54,10 +96,20 @@ def _principal(value: Any) -> str:
 
 
 class AuditLog:
-    """Appends records to, and reads them from, the audit stream on one Redis connection."""
+    """Appends records to, and reads them from, the audit stream on one Redis connection.
+    ``orphan_after_seconds``: how old a pending record must be to be moved into the stream."""
 
-    def __init__(self, conn: Redis, retention_seconds: int = 30 * 86400, max_records: int = 1_000_000):
+    def __init__(
+        self,
+        conn: Redis,
+        retention_seconds: int = 30 * 86400,
+        max_records: int = 1_000_000,
+        orphan_after_seconds: float = ORPHAN_AFTER_SECONDS,
+    ):
         self.conn, self.retention_seconds, self.max_records = conn, int(retention_seconds), int(max_records)
+        self.orphan_after_seconds = float(orphan_after_seconds)
+        self._next_sweep = 0.0
+        self._move = conn.register_script(MOVE_PENDING)
 
     @classmethod
     def from_settings(cls, conn: Redis, settings) -> AuditLog:
@@ -71,25 +123,66 @@ class AuditLog:
         job_id: str | None = None,
         model: str | None = None,
         input_sha256: str | None = None,
+        pending: str | None = None,
     ) -> str:
         """Append one record; returns its stream id. ``principal``: a Principal, its label,
-        or None (a refused request: ``anonymous``)."""
+        or None (a refused request: ``anonymous``). ``pending``: the id ``begin`` gave this
+        request's pending record, removed in the same transaction. Raises the Redis error
+        when the store refuses it."""
         now_ms = int(time.time() * 1000)
-        fields = {
-            "time": datetime.fromtimestamp(now_ms / 1000, UTC).isoformat(timespec="milliseconds"),
-            "principal": _principal(principal),
-            "action": _shaped(action, ACTION) or "unknown",
-            "job_id": _shaped(job_id, JOB_ID) or "",
-            "model": _shaped(model, MODEL) or "",
-            "input_sha256": _shaped(input_sha256, SHA256) or "",
-            "status": str(int(status)) if isinstance(status, int) and 100 <= status <= 599 else "0",
-        }
+        fields = _fields(now_ms, principal, action, status, job_id, model, input_sha256)
         cutoff = max(0, now_ms - self.retention_seconds * 1000)
-        with self.conn.pipeline(transaction=False) as pipe:
+        with self.conn.pipeline(transaction=True) as pipe:
             pipe.xadd(audit_key(), fields, minid=f"{cutoff}-0", approximate=True)
             pipe.xtrim(audit_key(), maxlen=self.max_records, approximate=True)
-            stream_id, _ = pipe.execute()
+            if pending:
+                pipe.hdel(pending_key(), pending)
+            stream_id = pipe.execute()[0]
+        self._sweep_now_and_then()
         return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+
+    def begin(self, principal: Any, action: str, job_id: str | None = None) -> str:
+        """Write the pending record of a mutating request before it acts; returns its id.
+        Raises the Redis error when the store refuses it (the request must not act then)."""
+        now_ms = int(time.time() * 1000)
+        pending = uuid.uuid4().hex
+        fields = _fields(now_ms, principal, action, PENDING_STATUS, job_id, None, None)
+        self.conn.hset(pending_key(), pending, json.dumps({"ms": now_ms, "fields": fields}))
+        return pending
+
+    def probe(self) -> None:
+        """Raise the Redis error when the trail cannot be written now (``/readyz``): a field
+        of the pending hash set and removed in one transaction, never seen by a reader."""
+        with self.conn.pipeline(transaction=True) as pipe:
+            pipe.hset(pending_key(), "ready-probe", "{}")
+            pipe.hdel(pending_key(), "ready-probe")
+            pipe.execute()
+
+    def sweep(self) -> int:
+        """Move the pending records older than ``orphan_after_seconds`` into the stream (each
+        once, even with several API processes sweeping); returns how many this call moved."""
+        cutoff_ms = (time.time() - self.orphan_after_seconds) * 1000
+        moved = 0
+        for pending, text in self.conn.hgetall(pending_key()).items():
+            try:
+                entry = json.loads(text)
+                ms, fields = int(entry["ms"]), dict(entry["fields"])
+            except (ValueError, KeyError, TypeError):
+                ms, fields = 0, {"time": "", "principal": ANONYMOUS, "action": "unknown", "status": "0"}
+            if ms > cutoff_ms:
+                continue
+            values = [str(x) for kv in fields.items() for x in kv]
+            moved += int(self._move(keys=[pending_key(), audit_key()], args=[pending, *values]))
+        return moved
+
+    def _sweep_now_and_then(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_INTERVAL_SECONDS
+        try:
+            self.sweep()
+        except Exception as exc:  # its own record is written; the orphans wait for the next sweep
+            log.error("could not move pending audit records into the trail: %s", type(exc).__name__)
 
     def read(self, since: str | None = None, until: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         """Records from ``since`` (see ``parse_since``; None: the oldest kept) to ``until``,
@@ -104,6 +197,27 @@ class AuditLog:
         end = parse_since(until) if until else "+"
         rows = self.conn.xrange(audit_key(), min=start, max=end, count=limit)
         return [_decode(stream_id, fields) for stream_id, fields in rows]
+
+
+def _fields(
+    now_ms: int,
+    principal: Any,
+    action: str,
+    status: int,
+    job_id: str | None,
+    model: str | None,
+    input_sha256: str | None,
+) -> dict[str, str]:
+    """A record's fields, each checked against its shape."""
+    return {
+        "time": datetime.fromtimestamp(now_ms / 1000, UTC).isoformat(timespec="milliseconds"),
+        "principal": _principal(principal),
+        "action": _shaped(action, ACTION) or "unknown",
+        "job_id": _shaped(job_id, JOB_ID) or "",
+        "model": _shaped(model, MODEL) or "",
+        "input_sha256": _shaped(input_sha256, SHA256) or "",
+        "status": str(int(status)) if isinstance(status, int) and 100 <= status <= 599 else "0",
+    }
 
 
 def _decode(stream_id: bytes | str, fields: dict) -> dict[str, Any]:
@@ -168,10 +282,28 @@ def note(request, job_id: str | None = None, model: str | None = None, input_sha
     request.state.audit = facts
 
 
+def action_of(scope) -> str:
+    """A request's action: its method and the route template (``GET /v1/jobs/{job_id}``)."""
+    return f"{method_label(scope.get('method', ''))} {route_label(scope)}"
+
+
+def before_acting(request) -> None:
+    """Write the pending record of a mutating request before it acts (the guard calls it once
+    the principal holds the scope); a refusal raises, and the request is answered 503 without
+    acting. Nothing for a read, or outside the audited paths."""
+    state = request.state
+    audit: AuditLog | None = getattr(state, "audit_log", None)
+    if audit is None or request.method not in MUTATING or getattr(state, "audit_pending", None):
+        return
+    job_id = (request.scope.get("path_params") or {}).get("job_id")
+    state.audit_pending = audit.begin(getattr(state, "principal", None), action_of(request.scope), job_id=job_id)
+
+
 class AuditMiddleware:
     """Pure ASGI middleware: one audit record per request under ``/v1/`` and ``/metrics``,
-    written after the response with its final status. The action is the method and the route
-    template (``GET /v1/jobs/{job_id}``), never the raw path."""
+    written with the final status before the response starts; a request whose record cannot
+    be written is answered 503 ``store_unavailable`` instead (the app's answer is dropped).
+    The action is the method and the route template, never the raw path."""
 
     def __init__(self, app, audit: AuditLog, prefixes: tuple[str, ...] = AUDITED_PREFIXES):
         self.app, self.audit, self.prefixes = app, audit, prefixes
@@ -180,31 +312,47 @@ class AuditMiddleware:
         if scope["type"] != "http" or not scope.get("path", "").startswith(self.prefixes):
             await self.app(scope, receive, send)
             return
-        status = 500
+        scope.setdefault("state", {})["audit_log"] = self.audit  # for before_acting
+        refused = False
 
-        async def send_status(message):
-            nonlocal status
+        async def send_recorded(message):
+            nonlocal refused
+            if refused:
+                return  # the app's answer, replaced by the refusal
             if message["type"] == "http.response.start":
-                status = message["status"]
+                refusal = await run_in_threadpool(self._write, scope, message["status"])
+                if refusal is not None:
+                    refused = True
+                    await refusal(scope, receive, send)
+                    return
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            await run_in_threadpool(self._write, scope, status)
+        await self.app(scope, receive, send_recorded)
 
-    def _write(self, scope, status: int) -> None:
+    def _write(self, scope, status: int):
+        """Write the record; None when written, else the answer that replaces the app's."""
         state = scope.get("state") or {}
         facts = state.get("audit") or {}
         params = scope.get("path_params") or {}
         try:
             self.audit.record(
                 state.get("principal"),
-                f"{method_label(scope.get('method', ''))} {route_label(scope)}",
+                action_of(scope),
                 status,
                 job_id=facts.get("job_id") or params.get("job_id"),
                 model=facts.get("model"),
                 input_sha256=facts.get("input_sha256"),
+                pending=state.get("audit_pending"),
             )
-        except Exception as exc:  # the answer is sent: say so loudly, never fail the request
-            log.error("could not write the audit record of a request: %s", type(exc).__name__)
+            return None
+        except Exception as exc:  # fail closed: no answer leaves without its record
+            what = store_refusal(exc)
+            log.error(
+                "the audit record of %s could not be written (%s): the request is refused",
+                action_of(scope),
+                what or type(exc).__name__,
+            )
+            if what is None:
+                return error_response(500, "internal_error", "the audit record of this request could not be written")
+            err = store_unavailable(what)
+            return error_response(status_of(err.code), err.code, err.message)

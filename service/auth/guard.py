@@ -4,7 +4,13 @@ A route declares ``principal: Annotated[Principal, requires(Scope.READ)]`` (or
 ``dependencies=[requires(Scope.METRICS)]``); the principal is authenticated once per request
 (``request.state.principal``, which the audit trail reads). A missing or invalid token is
 ``unauthenticated`` (401: the app adds ``WWW-Authenticate: challenge(request)``), a valid one
-without the scope ``forbidden`` (403). Torch-free.
+without the scope ``forbidden`` (403). A principal that holds the scope of a mutating route
+(POST, DELETE) has its pending audit record written before the route acts
+(``service.audit.before_acting``): a store that refuses it refuses the request (503).
+
+The job store being unreachable or refusing while an API key is looked up is never a 401:
+the Redis error goes on to the app's handler (503 ``store_unavailable``), and nothing is
+served without a principal. Torch-free.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from fastapi import Depends, Request
 from redis import Redis
 
 from models.errors import BadParameterError, UnauthenticatedError
+from service.audit import before_acting
 from service.auth.apikeys import TOKEN_PREFIX, ApiKeyStore
 from service.auth.oidc import OidcVerifier, check_fetch_url
 from service.auth.principal import LOCAL, Principal, Scope, require
@@ -111,7 +118,9 @@ def requires(scope: Scope | str):
     value = scope.value if isinstance(scope, Scope) else Scope(scope).value
 
     def principal_with_scope(request: Request) -> Principal:
-        return require(current_principal(request), value)
+        principal = require(current_principal(request), value)
+        before_acting(request)  # a mutating request's audit record, before it acts
+        return principal
 
     principal_with_scope.__name__ = f"requires_{value}"
     return Depends(principal_with_scope)

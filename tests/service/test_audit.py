@@ -1,6 +1,7 @@
 """The audit trail (service/audit.py) on a real Redis: records and their reader, retention,
-fields checked against their shape (nothing a client typed gets in), and the middleware's
-one record per request, refused ones included."""
+fields checked against their shape (nothing a client typed gets in), the middleware's one
+record per request, refused ones included, and failing closed: no answer without its record,
+no mutating request acting before its record (an ACL user that may not write)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastapi.testclient import TestClient
 from jobs.keys import audit_key
 from jobs.queues import connect
 from models.errors import AexError, BadParameterError
-from service.audit import AuditLog, AuditMiddleware, note, parse_since, to_json_lines
+from service.audit import AuditLog, AuditMiddleware, note, parse_since, pending_key, to_json_lines
 from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
 from service.errors import error_response, status_of
 
@@ -158,3 +159,78 @@ def test_the_middleware_writes_one_record_per_request(app):
     assert [r["job_id"] for r in records] == [JOB, JOB, JOB, None, None]
     assert records[2]["model"] == "tiny-rgb" and records[2]["input_sha256"] == SHA
     assert "Patient" not in to_json_lines(records) and token not in to_json_lines(records)
+
+
+@pytest.fixture
+def writeless(redis_server, conn):
+    """A connection to the test's database as a user that may read but not write (ACL)."""
+    conn.execute_command("ACL", "SETUSER", "audit-reader", "on", ">pw", "~*", "&*", "+@all", "-@write")
+    reader = connect(f"unix://audit-reader:pw@{redis_server.socket}?db={DB}")
+    yield reader
+    reader.close()
+    conn.execute_command("ACL", "DELUSER", "audit-reader")
+
+
+def small_app(conn, audit_conn, acted: list) -> FastAPI:
+    """The guard and the middleware on ``audit_conn``, and a mutating route that notes it acted."""
+    app = FastAPI()
+    app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
+
+    @app.exception_handler(AexError)
+    async def aex_error(_request: Request, exc: AexError):
+        return error_response(status_of(exc.code), exc.code, exc.message)
+
+    @app.post("/v1/jobs/{job_id}")
+    def act(job_id: str, principal: Annotated[Principal, requires(Scope.SUBMIT)]) -> dict:
+        acted.append(job_id)
+        return {"id": job_id}
+
+    @app.get("/v1/jobs/{job_id}")
+    def view(job_id: str, principal: Annotated[Principal, requires(Scope.READ)]) -> dict:
+        return {"id": job_id}
+
+    from service.app import install_error_handlers
+
+    install_error_handlers(app)
+    app.add_middleware(AuditMiddleware, audit=AuditLog(audit_conn))
+    return app
+
+
+def test_no_answer_leaves_without_its_record_and_nothing_acts_before_its_record(conn, writeless):
+    _, token = ApiKeyStore(conn).create("writer", ["submit", "read"])
+    acted: list[str] = []
+    headers = {"Authorization": "Bearer " + token}
+    with TestClient(small_app(conn, writeless, acted)) as client:
+        for resp in (
+            client.get(f"/v1/jobs/{JOB}", headers=headers),  # would be a 200
+            client.get(f"/v1/jobs/{JOB}"),  # would be a 401
+            client.post(f"/v1/jobs/{JOB}", headers=headers),  # would act
+        ):
+            assert resp.status_code == 503, resp.text
+            assert resp.json()["error"]["code"] == "store_unavailable" and resp.headers["retry-after"] == "5"
+            assert "NOPERM" not in resp.text and JOB not in resp.text
+    assert acted == []  # refused before it acted: its pending record could not be written
+    assert not conn.exists(audit_key()) and not conn.exists(pending_key())
+    # With a store that takes writes: the record replaces the pending one, and the route acts.
+    with TestClient(small_app(conn, conn, acted)) as client:
+        assert client.post(f"/v1/jobs/{JOB}", headers=headers).status_code == 200
+    assert acted == [JOB] and not conn.exists(pending_key())
+    (record,) = AuditLog(conn).read()
+    assert (record["principal"], record["action"], record["status"]) == ("key:writer", "POST /v1/jobs/{job_id}", 200)
+
+
+def test_a_pending_record_left_behind_is_moved_into_the_trail_once(conn):
+    writer = Principal("key", "ci", None, frozenset({"submit"}))
+    keeper = AuditLog(conn, orphan_after_seconds=3600)
+    left = keeper.begin(writer, "POST /v1/classify")
+    kept = keeper.begin(writer, "DELETE /v1/jobs/{job_id}", job_id=JOB)
+    keeper.record(writer, "DELETE /v1/jobs/{job_id}", 200, job_id=JOB, pending=kept)  # its final record
+    assert conn.hkeys(pending_key()) == [left.encode()] and keeper.sweep() == 0  # not old enough
+    first, second = AuditLog(conn, orphan_after_seconds=0), AuditLog(conn, orphan_after_seconds=0)
+    assert first.sweep() + second.sweep() == 1 and conn.hlen(pending_key()) == 0
+    records = first.read()
+    assert [(r["action"], r["status"]) for r in records] == [
+        ("DELETE /v1/jobs/{job_id}", 200),
+        ("POST /v1/classify", 503),
+    ]
+    assert records[1]["principal"] == "key:ci" and records[1]["job_id"] is None

@@ -138,24 +138,25 @@ def test_redis_gone(tmp_path, service_models, make_image):
     )
     # API keys live in Redis: without it a token cannot be checked, which is a 503, not a 401.
     with TestClient(create_app(gone), headers=bearer("aex_" + "A" * 43)) as client:
-        assert_error(client.get("/v1/models"), 503, "service_unavailable")
-        assert_error(client.get("/metrics"), 503, "service_unavailable")
-    # The rest without authentication (AEX_AUTH=off, accepted on loopback): what Redis alone does.
+        for resp in (client.get("/v1/models"), client.get("/metrics")):
+            assert_error(resp, 503, "store_unavailable")
+            assert resp.headers["retry-after"] == "5" and "www-authenticate" not in resp.headers
+    # The rest without authentication (AEX_AUTH=off, accepted on loopback): what Redis alone
+    # does. Every audited route is refused: its audit record cannot be written.
     with TestClient(create_app(gone.model_copy(update={"auth": "off"}))) as client:
         assert client.get("/healthz").status_code == 200  # alive, but not ready
-        assert_error(client.get("/readyz"), 503, "service_unavailable")
-        assert_error(
-            post(client, "/v1/classify", make_image("PNG", "RGB"), model="tiny-rgb"), 503, "service_unavailable"
-        )
-        assert_error(client.get("/v1/jobs/0123456789abcdef0123456789abcdef"), 503, "service_unavailable")
-        assert "aex_redis_up 0.0" in client.get("/metrics").text
+        assert_error(client.get("/readyz"), 503, "store_unavailable")
+        assert_error(post(client, "/v1/classify", make_image("PNG", "RGB"), model="tiny-rgb"), 503, "store_unavailable")
+        assert_error(client.get("/v1/jobs/0123456789abcdef0123456789abcdef"), 503, "store_unavailable")
+        assert_error(client.get("/metrics"), 503, "store_unavailable")
 
 
 def test_no_workers(settings_for, make_image):
     # Database 9 of the session's Redis: no worker serves it.
     with api_client(settings_for(9)) as client:
-        err = assert_error(client.get("/readyz"), 503, "service_unavailable")
-        assert "classify" in err["message"] and "explain" in err["message"]
+        resp = client.get("/readyz")
+        err = assert_error(resp, 503, "service_unavailable")
+        assert "classify" in err["message"] and "explain" in err["message"] and resp.headers["retry-after"] == "5"
         for path in ("/v1/classify", "/v1/explain"):
             err = assert_error(
                 post(client, path, make_image("PNG", "RGB"), model="tiny-rgb"), 503, "service_unavailable"
@@ -177,3 +178,44 @@ def test_metrics_label_values_are_bounded(api):
     routes = {line.split('route="', 1)[1].split('"', 1)[0] for line in series}
     assert "other" in methods and methods <= KNOWN_METHODS | {"other"}, methods
     assert "unmatched" in routes and not any("no-such" in r or "0000" in r for r in routes), routes
+
+
+def test_redis_errors_are_a_503_when_the_store_refuses_and_a_bare_500_when_they_are_a_bug(redis_server):
+    """Real Redis errors raised in routes: an ACL refusal inside a script is the store's
+    (503 store_unavailable, Retry-After); a wrong-type error is a bug of ours (500 with the
+    catalogue's generic body: neither the Redis text nor the value it was about)."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from jobs.queues import connect
+    from service.app import install_error_handlers
+
+    admin = connect(f"{redis_server.url}?db=13")
+    admin.execute_command("ACL", "SETUSER", "no-set", "on", ">pw", "~*", "&*", "+@all", "-set")
+    conn = connect(f"unix://no-set:pw@{redis_server.socket}?db=13")
+    app = FastAPI()
+    install_error_handlers(app)
+    script = conn.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+
+    @app.get("/acl")
+    def acl() -> dict:
+        return {"set": script(keys=["aex:probe"], args=["Test^Patient"])}
+
+    @app.get("/bug")
+    def bug() -> dict:
+        admin.set("aex:probe", "Test^Patient")
+        return {"n": conn.incr("aex:probe")}
+
+    try:
+        with TestClient(app) as client:
+            resp = client.get("/acl")
+            assert_error(resp, 503, "store_unavailable")
+            assert resp.headers["retry-after"] == "5" and "ACL" in resp.text and "script" not in resp.text
+            resp = client.get("/bug")
+            err = assert_error(resp, 500, "internal_error")
+            assert "error id" in err["message"] and "Patient" not in resp.text and "integer" not in resp.text
+    finally:
+        admin.delete("aex:probe")
+        admin.execute_command("ACL", "DELUSER", "no-set")
+        conn.close()
+        admin.close()
