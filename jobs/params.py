@@ -13,25 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from models.defaults import ARA_STEPS, STABILITY_MODE
+from models.defaults import ARA_STEPS, STABILITY_MODE, StabilityMode
 from models.errors import BadParameterError
 from models.explain.targets import split_specs
 
-
-class StabilityMode(StrEnum):
-    """How the stability radii are found: ``fast`` (an estimate of the ARA searches' radii in a
-    fraction of their time) or ``exact`` (the ARA's two searches)."""
-
-    FAST = "fast"
-    EXACT = "exact"
-
-
-DEFAULT_STABILITY_MODE = StabilityMode(STABILITY_MODE)
+DEFAULT_STABILITY_MODE = STABILITY_MODE
 STABILITY_MODES = tuple(m.value for m in StabilityMode)
 
 # (window centre, window width) of a DICOM input, in modality units.

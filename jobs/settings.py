@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from models.defaults import ARA_STEPS
+from models.defaults import ARA_STEPS, STABILITY_MODE, StabilityMode
 from pacs.config import PacsEndpoint, endpoints_env, parse_endpoints
 
 MIB = 1024 * 1024
@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     # How the stability radii are found when a request does not say: "fast" (an estimate of the
     # 450-step searches' radii in a fraction of their time, models/perturb/minimal.py) or
     # "exact" (the ARA's own two searches).
-    stability_mode: Literal["fast", "exact"] = "fast"
+    stability_mode: StabilityMode = STABILITY_MODE
     # A finished result for the same input, checkpoint and parameters is served again
     # (within AEX_RESULT_TTL) instead of being recomputed.
     reuse_results: bool = True

@@ -9,6 +9,8 @@ none of them writes its own copy of a number. The values are the reference code'
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 # Adversarial explanations: the explain-mode search (ALGORITHMS.md "Adversarial explanations").
 EXPLAIN_RHO = 0.1  # budget: rms(delta), pixels in [0, 1]
 EXPLAIN_STEPS = 35  # S
@@ -28,9 +30,18 @@ ARA_MOMENTUM = 0.9
 ARA_BINS = 1000  # histogram bins of the area integral
 ARA_SEED = 1776  # the seed of the evaluation subset (randperm rule of the data README)
 
-# The stability score's radii (models/perturb/minimal.py): "fast" estimates the two ARA radii
-# of one image in a fraction of the exact searches' evaluations; "exact" runs them.
-STABILITY_MODE = "fast"
+
+class StabilityMode(StrEnum):
+    """How the stability score's radii are found (models/perturb/minimal.py): ``fast``
+    estimates the two ARA radii of one image in a fraction of the exact searches'
+    evaluations; ``exact`` runs them. The one spelling of the mode, from the request to the
+    search."""
+
+    FAST = "fast"
+    EXACT = "exact"
+
+
+STABILITY_MODE = StabilityMode.FAST
 STABILITY_FAST_OPENING = 40  # steps of the exact search's own schedule first
 STABILITY_FAST_SETTLE = 60  # then this many settling steps, scaled to each row's radius
 STABILITY_FAST_SCALE = 0.5  # settling steps sum to this x settle x the row's best radius

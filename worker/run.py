@@ -15,7 +15,7 @@ from models.errors import BadParameterError
 from worker.context import WorkerContext
 from worker.context import install as context_install
 from worker.process import REDIS_RETRY_SECONDS, AexWorker
-from worker.served import ServedModels, install
+from worker.served import ServedModels
 
 log = logging.getLogger("aex.worker")
 
@@ -57,7 +57,6 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
     policy = CallbackPolicy.from_settings(settings)
     configure_torch(settings)
     served = ServedModels.load(settings)  # before the first job: no model load per job
-    install(served)
     context = context_install(WorkerContext(settings=settings, cipher=cipher, served=served))
     conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
     w = AexWorker(

@@ -105,21 +105,3 @@ class ServedModels:
 
     def catalogue(self) -> list[dict[str, Any]]:
         return [m.catalogue_entry() for m in self.models.values()]
-
-
-_served: ServedModels | None = None
-
-
-def install(served: ServedModels) -> None:
-    """Make ``served`` the process's models (the worker calls this before its work loop)."""
-    global _served
-    _served = served
-
-
-def served_models() -> ServedModels:
-    """The process's models; loaded here, once, if the process was not started by
-    ``aex worker`` (for example under a plain ``rq worker``)."""
-    global _served
-    if _served is None:
-        _served = ServedModels.load(Settings())
-    return _served

@@ -29,7 +29,6 @@ from pacs.store import store_report
 from worker.compute import classify_result, classify_results
 from worker.context import Prepared, current
 from worker.explaining import explain_result, explain_results
-from worker.served import served_models
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -86,14 +85,14 @@ def _keep_cache_key(job: Job, result: dict[str, Any]) -> None:
 
 def _classify_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, ClassifyParameters]:
     """(served model, input bytes, input format, canonical parameters) of a classify job."""
-    served = served_models().get(kwargs["model"])
+    served = current().served.get(kwargs["model"])
     parameters = ClassifyParameters.from_kwargs(kwargs)  # its defaults, for a job queued without them
     return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
 
 
 def _explain_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, ExplainParameters]:
     """(served model, input bytes, input format, canonical parameters) of an explain job."""
-    served = served_models().get(kwargs["model"])
+    served = current().served.get(kwargs["model"])
     parameters = ExplainParameters.from_kwargs(kwargs)  # its defaults, for a job queued without them
     return served, _read_upload(job), job.meta.get("input_format", "image"), parameters
 

@@ -54,6 +54,7 @@ from models.defaults import (
     STABILITY_FAST_REFINE,
     STABILITY_FAST_SCALE,
     STABILITY_FAST_SETTLE,
+    StabilityMode,
 )
 from models.errors import BadParameterError
 from models.nn.compiled import accelerate_default, search_network
@@ -62,7 +63,7 @@ from models.nn.runtime import eval_mode, model_device
 from models.perturb.ara import SEARCHES
 from models.perturb.engine import ProgressFn, perturbation_search, step_size
 
-RADIUS_MODES = ("fast", "exact")
+RADIUS_MODES = tuple(mode.value for mode in StabilityMode)
 
 
 @dataclass
