@@ -7,9 +7,12 @@ A code that is worth trying again later also has its ``Retry-After`` here (``RET
 which every answer with that code carries.
 
 The job store refusing a request is ``store_unavailable`` (503), whatever the route:
-``store_refusal(exc)`` says which Redis errors mean that (unreachable, out of memory, a
-read-only replica, an ACL refusal, loading, a cluster or master down, a failing disk). Any
-other Redis error, a plain ``ResponseError`` for one, is a bug of ours and stays a 500.
+``store_refusal(exc)`` says which Redis errors mean that: the classes the API and the workers
+share (``jobs.queues.STORE_UNAVAILABLE``: unreachable, out of memory, a read-only replica, an
+ACL refusal, loading, a master down ...), a cluster down, and the refusals Redis names only by
+the code that opens its message (raised inside a script, or without a redis-py class: a failing
+disk, too few replicas, a busy script). Any other Redis error, a plain ``ResponseError`` for
+one, is a bug of ours and stays a 500.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from redis import exceptions as rx
 
+from jobs.queues import STORE_UNAVAILABLE
 from models import errors as e
 
 HTTP_STATUS: dict[str, int] = {
@@ -69,8 +73,10 @@ RETRY_AFTER: dict[str, int] = {
     e.StoreUnavailableError.code: 5,
 }
 
-# Redis errors that mean the store refuses or cannot be reached (each with what the message says).
-STORE_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
+# The Redis errors that mean the store refuses or cannot be reached.
+STORE_REFUSALS: tuple[type[Exception], ...] = (*STORE_UNAVAILABLE, rx.ClusterDownError)
+# What the answer's message says of each (the first class that matches; a subclass first).
+DESCRIPTIONS: tuple[tuple[type[Exception], str], ...] = (
     (rx.BusyLoadingError, "is loading its data"),
     (rx.AuthenticationError, "refuses this client's credentials"),
     (rx.ConnectionError, "is unreachable"),
@@ -81,6 +87,7 @@ STORE_REFUSALS: tuple[tuple[type[Exception], str], ...] = (
     (rx.MasterDownError, "is a replica whose master is down"),
     (rx.ClusterDownError, "is a cluster that is down"),
     (rx.TryAgainError, "asks to try again (a cluster resharding)"),
+    (rx.ExecAbortError, "aborted a transaction whose commands it refused"),
 )
 # The same refusals as the error code Redis puts first (an error raised inside a script, or one
 # redis-py has no class for keeps it in its message).
@@ -108,9 +115,8 @@ def store_refusal(exc: BaseException) -> str | None:
     a Redis error that is a bug of ours (a wrong type, a syntax error) included."""
     if not isinstance(exc, rx.RedisError):
         return None
-    for cls, what in STORE_REFUSALS:
-        if isinstance(exc, cls):
-            return what
+    if isinstance(exc, STORE_REFUSALS):
+        return next((what for cls, what in DESCRIPTIONS if isinstance(exc, cls)), "refuses the request")
     if isinstance(exc, rx.ResponseError):
         words = str(exc).split(None, 1)
         first = words[0] if words else ""
