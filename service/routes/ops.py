@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from jobs.keys import PREFIX
-from jobs.queues import QUEUE_NAMES, JobKind, live_worker_keys
+from jobs.queues import QUEUE_NAMES, JobKind
+from jobs.rqueue.layout import live_worker_keys
 from models.errors import ServiceUnavailableError
 from service.auth import Scope, requires
 from service.deps import JobsDep
