@@ -30,7 +30,14 @@ from datetime import date, timedelta
 from typing import Any
 
 from jobs.keys import watch_key
-from models.errors import AexError, BadParameterError, PacsError, QueueFullError, ServiceUnavailableError
+from models.errors import (
+    AexError,
+    BadParameterError,
+    PacsError,
+    QueueFullError,
+    ServiceUnavailableError,
+    StoreUnavailableError,
+)
 from pacs.read import PacsReference, endpoint, search_instances, search_studies, session_for, timeouts, with_retries
 from pacs.store import store_results
 
@@ -53,7 +60,14 @@ LOCK_SECONDS = 60
 CHANGES_PAGE = 100
 QIDO_LOOKBACK_DAYS = 1
 # Codes of submissions worth trying again later; any other refusal is final for that instance.
-RETRY_LATER = {QueueFullError.code, ServiceUnavailableError.code, "too_many_jobs", "pacs_unreachable", "http_error"}
+RETRY_LATER = {
+    QueueFullError.code,
+    ServiceUnavailableError.code,
+    StoreUnavailableError.code,
+    "too_many_jobs",
+    "pacs_unreachable",
+    "http_error",
+}
 # Codes that say the watcher itself is misconfigured (its token, its model): it stops.
 FATAL = {"unauthenticated", "forbidden", "unknown_model", "unknown_pacs"}
 
