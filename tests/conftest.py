@@ -168,6 +168,26 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def redis_db(redis_server):
+    """redis_db(db): a client on database ``db`` of the session's Redis, emptied before the
+    test and after it."""
+    from jobs.queues import connect
+
+    clients = []
+
+    def open_db(db: int):
+        client = connect(f"{redis_server.url}?db={db}")
+        client.flushdb()
+        clients.append(client)
+        return client
+
+    yield open_db
+    for client in clients:
+        client.flushdb()
+        client.close()
+
+
 def redis_url(server, db: int) -> str:
     return f"{server.url}?db={db}"
 

@@ -10,7 +10,6 @@ import pytest
 from aex.bootstrap import DATA_KEY_FILE, FirstAdmin, with_data_key
 from aex.credentials import read_token
 from jobs.crypto import cipher_from_settings
-from jobs.queues import connect
 from jobs.settings import Settings
 from models.errors import BadParameterError
 from service.auth import ApiKeyStore
@@ -27,12 +26,8 @@ def _no_aex_environment(monkeypatch):
 
 
 @pytest.fixture
-def conn(redis_server):
-    conn = connect(f"{redis_server.url}?db={DB}")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
-    conn.close()
+def conn(redis_db):
+    return redis_db(DB)
 
 
 def test_the_data_key_of_the_embedded_redis(tmp_path):

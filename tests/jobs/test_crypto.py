@@ -18,7 +18,6 @@ from jobs.crypto import (
     parse_data_key,
 )
 from jobs.keys import dicom_key, images_key, upload_key
-from jobs.queues import connect
 from jobs.settings import Settings
 from models.errors import BadParameterError, DecryptionError
 
@@ -28,12 +27,8 @@ JOB_A, JOB_B = "a" * 32, "b" * 32
 
 
 @pytest.fixture
-def conn(redis_server):
-    conn = connect(f"{redis_server.url}?db={DB}")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
-    conn.close()
+def conn(redis_db):
+    return redis_db(DB)
 
 
 @pytest.fixture

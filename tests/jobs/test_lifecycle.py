@@ -13,7 +13,7 @@ from rq.queue import Queue
 from jobs.epoch import new_job_id
 from jobs.failures import LOST
 from jobs.keys import cancel_key, upload_key
-from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind, connect
+from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
 from jobs.rqueue import lifecycle, taking
 from jobs.rqueue.layout import SERIALIZER
 
@@ -21,12 +21,8 @@ DB = 9
 
 
 @pytest.fixture
-def conn(redis_server):
-    client = connect(f"{redis_server.url}?db={DB}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def conn(redis_db):
+    return redis_db(DB)
 
 
 @pytest.fixture

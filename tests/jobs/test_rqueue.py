@@ -16,7 +16,7 @@ from rq.worker import SimpleWorker
 
 from jobs import rqueue
 from jobs.epoch import new_job_id
-from jobs.queues import QUEUE_NAMES, JobKind, connect
+from jobs.queues import QUEUE_NAMES, JobKind
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.states import TERMINAL, ApiStatus
 
@@ -24,12 +24,8 @@ DB = 8  # shared with tests/jobs/test_crypto.py: both flush it around each test
 
 
 @pytest.fixture
-def conn(redis_server):
-    client = connect(f"{redis_server.url}?db={DB}")
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+def conn(redis_db):
+    return redis_db(DB)
 
 
 def enqueue(conn, kind=JobKind.CLASSIFY, lane=JobKind.CLASSIFY, **meta) -> str:

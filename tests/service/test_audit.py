@@ -27,12 +27,8 @@ SHA = "ab" * 32
 
 
 @pytest.fixture
-def conn(redis_server):
-    conn = connect(f"{redis_server.url}?db={DB}")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
-    conn.close()
+def conn(redis_db):
+    return redis_db(DB)
 
 
 def test_records_are_written_and_read_back(conn):

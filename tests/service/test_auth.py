@@ -18,7 +18,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from jobs.queues import connect
 from jobs.settings import Settings
 from models.errors import (
     AexError,
@@ -50,12 +49,8 @@ DB = 11
 
 
 @pytest.fixture
-def conn(redis_server):
-    conn = connect(f"{redis_server.url}?db={DB}")
-    conn.flushdb()
-    yield conn
-    conn.flushdb()
-    conn.close()
+def conn(redis_db):
+    return redis_db(DB)
 
 
 def every_key_and_value(conn) -> bytes:
