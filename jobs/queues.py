@@ -63,6 +63,7 @@ STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.NoPermissionError,
     redis.exceptions.BusyLoadingError,
     redis.exceptions.MasterDownError,
+    redis.exceptions.ClusterDownError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ExecAbortError,
 )

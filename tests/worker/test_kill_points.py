@@ -1,5 +1,5 @@
-"""Kill-point fault suite: a worker SIGKILLed at a seeded random moment of a job's or a batch's life, Redis
-killed during a batch, Redis out of memory; every accepted job ends once, nothing is left behind.
+"""Kill-point fault suite: a worker SIGKILLed at a seeded random moment of a job's or a batch's life (with Redis
+killed at the same moment now and then), Redis killed during a batch, Redis out of memory; every accepted job ends once, nothing is left behind.
 
 Real worker processes on a real, persistent, supervised Redis (``aex.serve.EmbeddedRedis``), the
 API in process. After each fault every accepted job must end ``finished`` (after a retry) or
@@ -137,8 +137,16 @@ def test_a_worker_killed_at_random_moments_leaves_no_job_behind(store, settings_
                 stability = {"stability": "true", "stability_mode": "exact"} if rng.random() < 0.7 else {}
                 ids = [submit(client, image, model="tiny-rgb", **stability) for image in images]
                 time.sleep(rng.uniform(0.0, 1.2))  # the kill point: queued, claimed, computing, ending...
+                both = trial % 5 == 4  # now and then Redis (persistent) dies at the same moment
+                restarts = server.restarts
                 os.kill(victim.pid, signal.SIGKILL)
+                if both:
+                    os.kill(server.pid, signal.SIGKILL)
                 victim.proc.wait(30)
+                deadline = time.monotonic() + 30
+                while both and server.restarts == restarts:
+                    assert time.monotonic() < deadline, "the supervisor did not start Redis again"
+                    time.sleep(0.05)
                 victim = workers.start(settings[(trial + 1) % 2], conn)  # as the pool of `aex serve` would
                 views = settle(client, ids)
                 # The quota forgets an ended job when it next counts: count once for this owner.
