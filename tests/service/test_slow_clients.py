@@ -76,7 +76,11 @@ def read_response(
         return status, headers, body, False
     try:
         closed = sock.recv(1) == b""
-    except (TimeoutError, ConnectionResetError):
+    except ConnectionResetError:
+        # The server closed with bytes of ours still unread (a client that kept sending after
+        # the answer): TCP resets instead of a clean EOF. Closed all the same.
+        closed = True
+    except TimeoutError:
         closed = False
     return status, headers, body, closed
 
