@@ -63,7 +63,7 @@ class BatchingMixin:
         batch = [a.job for a in attempts]
         start = time.perf_counter()
         try:
-            with self.batch_time_limit(batch):
+            with self.time_limit(batch):
                 prepared = tasks.prepare_batch(batch, self.name)
         except Exception as exc:
             log.warning(

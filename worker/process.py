@@ -1,13 +1,14 @@
 """The worker process: rq's work loop taking jobs, each run as one fenced attempt (``jobs.rqueue.lifecycle``).
 
-``AexWorker`` is rq's ``SimpleWorker`` (jobs run in the worker process itself, so the models
-loaded before the loop serve every job, and CUDA works: a forked child could not use the
-parent's CUDA context). rq takes the next job from the queues (and runs the maintenance and
-the registration); everything after that is aex's:
+``AexWorker`` runs on the adapter's ``jobs.rqueue.worker.QueueWorker`` (rq's loop: jobs run in
+the worker process itself, so the models loaded before the loop serve every job, and CUDA
+works; the dequeue, the registration, the maintenance and riding out the store's refusals
+are there). What it does with a job taken is here:
 
 - **claim**: every job taken (alone, or the leader and its batch mates: ``worker.batch_run``)
-  is claimed at once with its own attempt token and lease, so each shows ``running`` while its
-  batch computes. A job no longer queued (taken twice, cancelled, ended) is skipped;
+  is claimed with its own attempt token and lease (the leader first, leased while its mates
+  are gathered), so each shows ``running`` while its batch computes. A job no longer queued
+  (taken twice, cancelled, ended) is skipped;
 - **lease**: a thread renews every claimed attempt's lease each ``job_heartbeat_ttl / 3`` s.
   An attempt that no longer holds its job (reaped after a long outage, or lost with Redis's
   data) is stopped and writes nothing. A worker that dies stops renewing: once the leases
@@ -22,12 +23,9 @@ the registration); everything after that is aex's:
   The upload is deleted and the result indexed in the same transaction; the outcome is
   counted and the callback sent (signed and pinned: ``CallbackPolicy``) after it;
 - **the store refusing or unreachable** (a restart, out of memory, a read-only replica, an ACL
-  refusal): each command is retried for about REDIS_RETRY_SECONDS where it can be; the
-  heartbeat, the maintenance and the dequeue back off and go on instead of quitting; a run
-  cut short by the store is queued again like a dead worker's; an end that cannot be written
-  is tried again while the lease holds, then left to the reaper;
-- short registrations (``worker_ttl``), so /readyz sees a dead worker within seconds, and the
-  catalogue of checkpoints in the registration, made again when Redis lost it;
+  refusal): each command is retried for about REDIS_RETRY_SECONDS where it can be; a run cut
+  short by the store is queued again like a dead worker's; an end that cannot be written is
+  tried again while the lease holds, then left to the reaper;
 - only the redacted traceback in logs and Redis (an exception's text may quote the input).
 
 SIGTERM or SIGINT: warm shutdown, the current job (or batch) is finished first (rq); a second
@@ -166,7 +164,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         self._running = attempt
         start = time.perf_counter()
         try:
-            with self.time_limit(job):
+            with self.time_limit([job]):
                 result = job.perform()
         except BaseException:
             exc_info = sys.exc_info()

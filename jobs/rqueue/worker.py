@@ -104,15 +104,10 @@ class QueueWorker(SimpleWorker):
         self.last_cleaned_at = now()
 
     @contextmanager
-    def time_limit(self, job: Job) -> Iterator[None]:
-        """Run the block under ``job``'s time limit (it raises ``TIME_LIMIT_EXCEEDED``)."""
-        with self.death_penalty_class(time_limit_of(job), TIME_LIMIT_EXCEEDED, job_id=job.id):
-            yield
-
-    @contextmanager
-    def batch_time_limit(self, batch: list[Job]) -> Iterator[None]:
-        """Run the block under the shortest time limit of ``batch``."""
-        with self.death_penalty_class(min(time_limit_of(j) for j in batch), TIME_LIMIT_EXCEEDED, job_id=batch[0].id):
+    def time_limit(self, jobs: list[Job]) -> Iterator[None]:
+        """Run the block under the shortest time limit of ``jobs`` (a job, or a batch computed
+        as one); past it, ``TIME_LIMIT_EXCEEDED`` is raised in the block."""
+        with self.death_penalty_class(min(time_limit_of(j) for j in jobs), TIME_LIMIT_EXCEEDED, job_id=jobs[0].id):
             yield
 
     # --- registration ------------------------------------------------------------------
