@@ -123,10 +123,15 @@ class RecordedExplainParameters(ExplainParameters):
     model_config = ConfigDict(extra="allow")
 
 
-def _parameters_kind(value: Any) -> str:
+def _kind(value: Any, explain_model: type[BaseModel]) -> str:
+    """ "explain" or "classify": the kind of a model or of its JSON (only an explain one has targets)."""
     if isinstance(value, BaseModel):
-        return "explain" if isinstance(value, ExplainParameters) else "classify"
+        return "explain" if isinstance(value, explain_model) else "classify"
     return "explain" if isinstance(value, dict) and "targets" in value else "classify"
+
+
+def _parameters_kind(value: Any) -> str:
+    return _kind(value, ExplainParameters)
 
 
 RecordedParameters = Annotated[
@@ -283,9 +288,7 @@ class ExplainResult(ResultModel):
 
 def result_kind(value: Any) -> str:
     """ "explain" or "classify": the kind of a result (a model or its JSON)."""
-    if isinstance(value, BaseModel):
-        return "explain" if isinstance(value, ExplainResult) else "classify"
-    return "explain" if isinstance(value, dict) and "targets" in value else "classify"
+    return _kind(value, ExplainResult)
 
 
 JobResult = Annotated[

@@ -64,6 +64,16 @@ class Workers:
             worker.stop(timeout=30)
 
 
+def kill_redis(server) -> None:
+    """SIGKILL the embedded Redis; returns once its supervisor has started it again."""
+    restarts = server.restarts
+    os.kill(server.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while server.restarts == restarts:
+        assert time.monotonic() < deadline, "the supervisor did not start Redis again"
+        time.sleep(0.05)
+
+
 def _live(conn) -> list[str]:
     return sorted({k for q in QUEUE_NAMES.values() for k in live_worker_keys(conn, q)})
 
@@ -137,16 +147,10 @@ def test_a_worker_killed_at_random_moments_leaves_no_job_behind(store, settings_
                 stability = {"stability": "true", "stability_mode": "exact"} if rng.random() < 0.7 else {}
                 ids = [submit(client, image, model="tiny-rgb", **stability) for image in images]
                 time.sleep(rng.uniform(0.0, 1.2))  # the kill point: queued, claimed, computing, ending...
-                both = trial % 5 == 4  # now and then Redis (persistent) dies at the same moment
-                restarts = server.restarts
                 os.kill(victim.pid, signal.SIGKILL)
-                if both:
-                    os.kill(server.pid, signal.SIGKILL)
+                if trial % 5 == 4:  # now and then Redis (persistent) dies at the same moment
+                    kill_redis(server)
                 victim.proc.wait(30)
-                deadline = time.monotonic() + 30
-                while both and server.restarts == restarts:
-                    assert time.monotonic() < deadline, "the supervisor did not start Redis again"
-                    time.sleep(0.05)
                 victim = workers.start(settings[(trial + 1) % 2], conn)  # as the pool of `aex serve` would
                 views = settle(client, ids)
                 # The quota forgets an ended job when it next counts: count once for this owner.
@@ -215,11 +219,7 @@ def test_redis_killed_during_a_batch(store, settings_on, worker_process, make_im
             while client.get(f"/v1/jobs/{ids[-1]}").json()["status"] != "running":
                 assert time.monotonic() < deadline, "the batch did not start"
                 time.sleep(0.02)
-            restarts = server.restarts
-            os.kill(server.pid, signal.SIGKILL)
-            while server.restarts == restarts:
-                assert time.monotonic() < deadline + 30, "the supervisor did not start Redis again"
-                time.sleep(0.05)
+            kill_redis(server)
             ended = settle(client, ids)
             submit(client, make_image("PNG", "RGB", seed=30_999), model="tiny-rgb")
         assert_ended_once_and_clean(conn, ended)
