@@ -6,9 +6,10 @@ v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``, the secret from AEX_CALL
 (``whsec_`` + base64, as the spec writes secrets, or any text of 16 bytes or more).
 Delivery: the callback host is resolved once; every address it resolves to must be
 acceptable (a public address, or one the allow-list names as an IP address or network such
-as ``10.0.0.0/8``; never 0.0.0.0 or ::), and the request goes to that address with the
-original ``Host`` and TLS server name, so a DNS answer that changes between the check and the
-connection (rebinding) cannot send it elsewhere. Torch-free: the API process uses it.
+as ``10.0.0.0/8``; never 0.0.0.0 or ::; an IPv6 address that carries an IPv4 address, mapped,
+compatible, SIIT, NAT64, 6to4 or Teredo, is judged as the IPv4 address it carries), and the
+request goes to that address with the original ``Host`` and TLS server name, so a DNS answer
+that changes between the check and the connection (rebinding) cannot send it elsewhere. Torch-free: the API process uses it.
 """
 
 from __future__ import annotations
@@ -114,33 +115,96 @@ def _networks(allowed: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of ``text`` (a zone index dropped); an IPv4-mapped IPv6 address as its IPv4
+    address (it is that address on a dual-stack socket)."""
     ip = ipaddress.ip_address(text.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
 
 
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215: prefixes /48 to /96 inside it
+_RFC6052_LENGTHS = (48, 56, 64, 96)
+
+
+def _rfc6052(value: int, prefix: int) -> ipaddress.IPv4Address:
+    """The IPv4 address an RFC 6052 translator embeds after a ``prefix``-bit prefix (bits 64-71,
+    the ``u`` octet, skipped)."""
+    raw = value.to_bytes(16, "big")
+    if prefix == 96:
+        return ipaddress.IPv4Address(raw[12:])
+    raw = raw[:8] + raw[9:]
+    return ipaddress.IPv4Address(raw[prefix // 8 : prefix // 8 + 4])
+
+
+def embedded_ipv4(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries (empty for any other address): IPv4-mapped
+    ``::ffff:0:0/96``, IPv4-compatible ``::/96`` (not ``::`` nor ``::1``), SIIT
+    ``::ffff:0:0:0/96``, NAT64 ``64:ff9b::/96`` and every RFC 6052 position of the local-use
+    ``64:ff9b:1::/48``, 6to4 ``2002::/16`` and Teredo ``2001::/32`` (its server and client)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    value, high = int(ip), int(ip) >> 32
+    low = ipaddress.IPv4Address(value & 0xFFFFFFFF)
+    if ip.ipv4_mapped is not None:
+        return [ip.ipv4_mapped]
+    if high == 0:
+        return [low] if value > 1 else []
+    if high in (0xFFFF0000, 0x0064FF9B << 64):
+        return [low]
+    if ip in _NAT64_LOCAL:
+        return [_rfc6052(value, n) for n in _RFC6052_LENGTHS]
+    if ip.sixtofour is not None:
+        return [ip.sixtofour]
+    if ip.teredo is not None:
+        return list(ip.teredo)
+    return []
+
+
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address: ``is_global`` and none of the special ranges
+    (Python's ``is_global`` alone calls ``::10.0.0.1`` or ``2002:a00:1::`` global); an address
+    that carries an IPv4 address is judged by each one it carries."""
+    embedded = embedded_ipv4(ip)
+    if embedded:
+        return all(is_public(v4) for v4 in embedded)
+    special = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+    special = special or ip.is_unspecified or (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local)
+    return ip.is_global and not special
+
+
+def _on_list(ip, networks) -> bool:
+    """In a network of the list, or carrying only IPv4 addresses that all are."""
+    if any(ip in net for net in networks):
+        return True
+    embedded = embedded_ipv4(ip)
+    usable = all(not (v4.is_unspecified or v4.is_multicast) for v4 in embedded)
+    return bool(embedded) and usable and all(any(v4 in net for net in networks) for v4 in embedded)
+
+
 def ip_on_allow_list(host: str, allowed: list[str]) -> bool:
-    """Whether ``host`` is an IP address inside an IP or network entry of the allow-list."""
+    """Whether ``host`` is an IP address inside an IP or network entry of the allow-list (an
+    IPv6 address that carries IPv4 addresses: when each of them is)."""
     try:
         ip = _address(host.strip("[]"))
     except ValueError:
         return False
-    return any(ip in net for net in _networks(allowed))
+    return _on_list(ip, _networks(allowed))
 
 
 def address_allowed(address: str, host: str, allowed: list[str]) -> bool:
-    """Whether a callback to ``host`` may connect to ``address``: a public unicast address,
-    or one inside an IP/network entry of ``allowed`` (``localhost`` on the list covers the
-    loopback addresses of the name localhost). Never the unspecified or a multicast address."""
+    """Whether a callback to ``host`` may connect to ``address``: a public unicast address
+    (``is_public``: one that carries an IPv4 address is judged as that IPv4 address), or one
+    inside an IP/network entry of ``allowed`` (``localhost`` on the list covers the loopback
+    addresses of the name localhost). Never the unspecified or a multicast address."""
     ip = _address(address)
     if ip.is_unspecified or ip.is_multicast:
         return False
-    if any(ip in net for net in _networks(allowed)):
+    if _on_list(ip, _networks(allowed)):
         return True
     if ip.is_loopback and host.lower().rstrip(".") == "localhost" and "localhost" in (allowed or []):
         return True
-    return ip.is_global
+    return is_public(ip)
 
 
 @dataclass(frozen=True)
