@@ -1,7 +1,12 @@
 """Callbacks: a POST to the client's ``callback_url`` when its job ends.
 
 The API checks the URL when the job is submitted (http or https, host on
-AEX_CALLBACK_ALLOWED_HOSTS) and stores it, with the retry policy, in ``job.meta["callback"]``.
+AEX_CALLBACK_ALLOWED_HOSTS) and stores it, with the retry policy, in ``job.meta["callback"]``:
+sealed with AEX_DATA_KEY (``sealed_url``, bound to a random ``seal_id`` stored beside it: the
+URL's query may hold a token, and rq's job record and the append-only file keep the meta),
+with its redacted form for display (``display_url``). The sender opens it just before the
+first attempt (``CallbackPolicy.cipher``); a plain ``url`` (a job queued before URLs were
+sealed) is still sent.
 Whoever sees the job end sends it: the worker after running it (finished, failed, timed out,
 cancelled while running), the API for a job cancelled while queued or answered from an
 earlier result, and the registry clean-up (a worker's or the API's) for a job whose worker
@@ -19,8 +24,12 @@ Torch-free: the API process uses it too.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -32,13 +41,35 @@ from urllib.parse import urlsplit
 import httpx
 from redis import Redis
 
+from jobs.crypto import DataCipher, cipher_from_settings
 from jobs.keys import callback_key
 from jobs.states import ApiStatus
-from jobs.webhooks import PinnedTarget, ip_on_allow_list, parse_callback_secret, pin, redact_url, signed_headers
-from models.errors import BadParameterError
+from jobs.webhooks import (
+    PinnedTarget,
+    address_allowed,
+    ip_on_allow_list,
+    parse_callback_secret,
+    pin,
+    redact_url,
+    signed_headers,
+)
+from models.errors import BadParameterError, DecryptionError
 from models.version import __version__
 
 log = logging.getLogger("aex.callbacks")
+
+
+class _RedactUrls(logging.Filter):
+    """httpx logs every request's URL at INFO, query included (a callback's may hold a token):
+    its records show URLs redacted, as ``redact_url`` does."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_url(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactUrls())
 
 MAX_URL_LENGTH = 2048
 MAX_BACKOFF_SECONDS = 300.0
@@ -78,11 +109,21 @@ def check_callback_url(url: str, allowed_hosts: list[str]) -> str:
         raise BadParameterError(f"callback_url must be http:// or https://, got {parts.scheme or 'no'} scheme")
     if not host:
         raise BadParameterError("callback_url has no host")
-    if not host_allowed(host, allowed_hosts):
+    if not host_allowed(host, allowed_hosts) or not _literal_allowed(host, allowed_hosts):
         raise BadParameterError(
             f"callback host {host!r} is not allowed (AEX_CALLBACK_ALLOWED_HOSTS: {', '.join(allowed_hosts)})"
         )
     return url
+
+
+def _literal_allowed(host: str, allowed_hosts: list[str]) -> bool:
+    """A host that is an IP address passes the address check the sender makes after resolving
+    (``address_allowed``: an IPv6 form that carries an IPv4 address is judged by that one)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return True  # a name: checked once resolved
+    return address_allowed(host, host, allowed_hosts)
 
 
 class EndedJob(Protocol):
@@ -103,29 +144,69 @@ class EndedJob(Protocol):
 class CallbackPolicy:
     """How callbacks are sent: ``secret`` signs them (None: unsigned), ``allowed_hosts`` are
     the allow-list the resolved address is checked against (None: only a host that is an IP
-    address, as the API checked it, may be a non-public address)."""
+    address, as the API checked it, may be a non-public address), ``cipher`` opens a sealed
+    URL (None: only a plain one can be sent)."""
 
     secret: bytes | None = None
     allowed_hosts: list[str] | None = field(default=None)
+    cipher: DataCipher | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings) -> CallbackPolicy:
         secret = settings.callback_secret.get_secret_value() if settings.callback_secret is not None else None
-        return cls(parse_callback_secret(secret) if secret else None, list(settings.callback_allowed_hosts))
+        cipher = cipher_from_settings(settings.data_key) if settings.data_key is not None else None
+        return cls(parse_callback_secret(secret) if secret else None, list(settings.callback_allowed_hosts), cipher)
+
+
+def _url_context(seal_id: str) -> bytes:
+    return b"aex callback url\x00" + seal_id.encode()
 
 
 def callback_meta(
-    url: str, attempts: int, timeout: float, backoff: float, ttl: int, public_url: str | None
+    url: str,
+    attempts: int,
+    timeout: float,
+    backoff: float,
+    ttl: int,
+    public_url: str | None,
+    cipher: DataCipher,
 ) -> dict[str, Any]:
-    """What the API stores in ``job.meta["callback"]``: the URL and the delivery policy."""
+    """What the API stores in ``job.meta["callback"]``: the URL sealed (never in clear), its
+    redacted form for display, and the delivery policy."""
+    seal_id = secrets.token_hex(16)
+    sealed = cipher.seal(url.encode(), _url_context(seal_id))
     return {
-        "url": url,
+        "sealed_url": base64.b64encode(sealed).decode("ascii"),
+        "seal_id": seal_id,
+        "display_url": redact_url(url),
         "attempts": int(attempts),
         "timeout": float(timeout),
         "backoff": float(backoff),
         "ttl": int(ttl),
         "public_url": public_url,
     }
+
+
+def display_url(meta: Mapping[str, Any]) -> str | None:
+    """The callback URL as views, records and logs show it: no user info, query or fragment."""
+    return redact_url(meta.get("display_url") or meta.get("url"))
+
+
+def open_callback_url(meta: Mapping[str, Any], cipher: DataCipher | None) -> str:
+    """The URL to call: ``sealed_url`` opened with ``cipher`` (DecryptionError when it cannot
+    be), or a plain ``url`` of a job queued before URLs were sealed."""
+    if not meta.get("sealed_url"):
+        return str(meta["url"])
+    if cipher is None:
+        raise DecryptionError("the callback URL is sealed and this sender has no AEX_DATA_KEY")
+    try:
+        sealed = base64.b64decode(str(meta["sealed_url"]), validate=True)
+    except (binascii.Error, ValueError):
+        raise DecryptionError("the stored callback URL is not sealed data of this service") from None
+    try:
+        return cipher.open(sealed, _url_context(str(meta.get("seal_id", "")))).decode()
+    except DecryptionError as exc:
+        raise DecryptionError(f"the stored callback URL could not be opened: {exc.message}") from None
 
 
 def delivery_record(conn: Redis, job: EndedJob) -> dict[str, Any] | None:
@@ -140,7 +221,7 @@ def delivery_record(conn: Redis, job: EndedJob) -> dict[str, Any] | None:
             return {**record, "url": redact_url(record.get("url"))} if isinstance(record, dict) else record
         except json.JSONDecodeError:
             pass
-    return {"url": redact_url(meta.get("url")), "state": "waiting", "attempts": 0}
+    return {"url": display_url(meta), "state": "waiting", "attempts": 0}
 
 
 def _now() -> str:
@@ -173,10 +254,10 @@ def notify_job_end(
     send or another process has already claimed it). Never raises."""
     try:
         meta = job.meta.get("callback")
-        if not isinstance(meta, dict) or not meta.get("url"):
+        if not isinstance(meta, dict) or not (meta.get("sealed_url") or meta.get("url")):
             return None
         payload = job_end_payload(job, status, meta.get("public_url"))
-        record = {"url": redact_url(meta["url"]), "state": PENDING, "attempts": 0, "status_sent": status.value}
+        record = {"url": display_url(meta), "state": PENDING, "attempts": 0, "status_sent": status.value}
         ttl = max(1, int(meta.get("ttl", 3600)))
         if not conn.set(callback_key(job.id), json.dumps(record), nx=True, ex=ttl):
             return None  # someone else sends it
@@ -225,13 +306,14 @@ def deliver(
     ttl: int,
     policy: CallbackPolicy | None = None,
 ) -> dict[str, Any]:
-    """POST ``payload`` to ``meta["url"]`` with retries; returns the final record."""
+    """POST ``payload`` to the callback URL of ``meta`` (opened with the policy's cipher) with
+    retries; returns the final record."""
     policy = policy or CallbackPolicy()
     attempts = max(1, int(meta.get("attempts", 5)))
     backoff = float(meta.get("backoff", 1.0))
     headers = {"User-Agent": f"aex/{__version__}", "X-Aex-Job-Id": job_id, "Content-Type": "application/json"}
     body = json.dumps(payload, separators=(",", ":")).encode()
-    record["url"] = redact_url(meta.get("url"))
+    record["url"] = display_url(meta)
     target: PinnedTarget | None = None
     try:
         with httpx.Client(timeout=float(meta.get("timeout", 10.0)), follow_redirects=False, trust_env=False) as client:
@@ -241,7 +323,7 @@ def deliver(
                 retry = False
                 try:
                     if target is None:  # resolved once, then every attempt goes to that address
-                        target = _pin(meta["url"], policy)
+                        target = _pin(open_callback_url(meta, policy.cipher), policy)
                     signed = signed_headers(policy.secret, job_id, body) if policy.secret else {}
                     resp = client.post(
                         target.url,
@@ -249,7 +331,7 @@ def deliver(
                         headers={**headers, **signed, "Host": target.host_header},
                         extensions={"sni_hostname": target.sni_hostname},
                     )
-                except BadParameterError as exc:  # the host resolves to an address not allowed
+                except (BadParameterError, DecryptionError) as exc:  # an address not allowed, a URL not opened
                     record["last_status"], record["last_error"] = None, exc.message
                     break
                 except (httpx.HTTPError, OSError) as exc:
@@ -277,7 +359,7 @@ def deliver(
     log.warning(
         "callback of job %s to %s failed after %d attempt(s): %s",
         job_id,
-        redact_url(meta.get("url")),
+        display_url(meta),
         record["attempts"],
         record.get("last_error") or record.get("last_status"),
     )

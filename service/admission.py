@@ -9,6 +9,7 @@ from typing import Any
 from redis import Redis
 
 from jobs.callbacks import callback_meta, check_callback_url
+from jobs.crypto import cipher_from_settings
 from jobs.params import StabilityMode
 from jobs.queues import QUEUE_NAMES, JobKind
 from jobs.rqueue import queue_depth
@@ -72,7 +73,8 @@ def stability_mode(params: CommonParams, settings: Settings) -> StabilityMode:
 
 
 def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dict[str, Any]:
-    """What the job keeps in its meta: the input format and the checked callback."""
+    """What the job keeps in its meta: the input format and the checked callback (its URL
+    sealed with AEX_DATA_KEY, ``jobs.callbacks.callback_meta``)."""
     meta: dict[str, Any] = {"input_format": input_format}
     if params.pacs is not None:
         ref = check_reference(settings.pacs, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
@@ -87,6 +89,7 @@ def job_meta(input_format: str, params: CommonParams, settings: Settings) -> dic
             settings.callback_backoff_seconds,
             settings.result_ttl,
             settings.public_url,
+            cipher_from_settings(settings.data_key),  # sealed: its query may hold a token
         )
     return meta
 

@@ -110,3 +110,34 @@ def test_the_sender_checks_the_url_against_its_own_allow_list(redis_server, serv
     assert server["bodies"] == []
     record = deliver(conn, "job2", meta, payload, {"url": server["url"]}, 60, CallbackPolicy(None, ["127.0.0.1"]))
     assert record["state"] == "delivered" and server["bodies"] == [payload]
+
+
+def test_a_sealed_url_is_opened_only_by_the_sender_with_the_key(redis_server, server):
+    """``callback_meta`` keeps the URL sealed (its redacted form beside it for views); the
+    sender opens it with its cipher; without the key, with another key, or with the seal of
+    another job's meta, nothing is sent and the record says why, never the URL."""
+    import dataclasses
+
+    from jobs.callbacks import CallbackPolicy, callback_meta, display_url, open_callback_url
+    from jobs.crypto import DataCipher, generate_data_key
+    from models.errors import DecryptionError
+
+    cipher = DataCipher.from_text(generate_data_key())
+    url = server["url"] + "?token=s3cret-canary"
+    meta = {**callback_meta(url, 2, 5.0, 0.01, 60, None, cipher), "backoff": 0.01}
+    assert "url" not in meta and "s3cret-canary" not in json.dumps(meta)
+    assert display_url(meta) == server["url"] and open_callback_url(meta, cipher) == url
+    other = callback_meta(url, 2, 5.0, 0.01, 60, None, cipher)
+    with pytest.raises(DecryptionError):  # a seal moved to another meta does not open
+        open_callback_url({**meta, "seal_id": other["seal_id"]}, cipher)
+    conn = connect(f"{redis_server.url}?db=10")
+    payload = {"job_id": "job3", "status": "finished"}
+    policy = CallbackPolicy(None, ["127.0.0.1"])
+    for sender in (policy, dataclasses.replace(policy, cipher=DataCipher.from_text(generate_data_key()))):
+        record = deliver(conn, "job3", meta, payload, {}, 60, sender)
+        assert record["state"] == "failed" and "callback URL" in record["last_error"]
+        assert "s3cret" not in json.dumps(record) and record["url"] == server["url"]
+    assert server["bodies"] == []
+    record = deliver(conn, "job3", meta, payload, {}, 60, dataclasses.replace(policy, cipher=cipher))
+    assert record["state"] == "delivered" and server["bodies"] == [payload]
+    assert "s3cret" not in conn.get(callback_key("job3")).decode()
