@@ -222,6 +222,17 @@ class EmbeddedRedis:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def _check_store(url: str) -> None:
+    """Refuse a Redis whose maxmemory-policy evicts keys (``jobs.queues.check_store_policy``)."""
+    from jobs.queues import check_store_policy, connect
+
+    conn = connect(url)
+    try:
+        check_store_policy(conn)
+    finally:
+        conn.close()
+
+
 def serve(settings: Settings) -> None:
     """Run until interrupted. See the module docstring."""
     import uvicorn
@@ -244,6 +255,12 @@ def serve(settings: Settings) -> None:
     if not settings.redis_url:
         redis = EmbeddedRedis(settings.redis_dir, persistent=settings.redis_dir is not None)
         settings = settings.model_copy(update={"redis_url": redis.start()})
+    try:
+        _check_store(settings.redis_url)  # before any worker starts: a Redis that evicts keys is refused
+    except BaseException:
+        if redis is not None:
+            redis.stop()
+        raise
     pool = WorkerPool(settings, settings.workers) if settings.workers > 0 else None
     try:
         first_admin = FirstAdmin(settings)

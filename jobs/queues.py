@@ -1,5 +1,6 @@
 """The queues between the API and the workers: job kinds, queue names, the job functions by
-dotted path, the Redis connection and which of its errors mean the store refuses or is away.
+dotted path, the Redis connection, the check that it keeps its keys (no eviction), and which
+of its errors mean the store refuses or is away.
 
 Jobs are enqueued by dotted path ("worker.tasks.classify") with small JSON-safe keyword
 arguments and stored as JSON (``jobs.rqueue.layout.SERIALIZER``): nothing in Redis is ever unpickled.
@@ -14,6 +15,8 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError
 from redis.retry import Retry
+
+from models.errors import StoreMisconfiguredError
 
 
 class JobKind(str, Enum):
@@ -49,6 +52,40 @@ def connect(url: str, socket_timeout: float | None = None, retry_seconds: int = 
     return Redis.from_url(
         url, socket_connect_timeout=3.0, socket_timeout=socket_timeout, health_check_interval=30, retry=retry
     )
+
+
+def check_store_policy(conn: Redis) -> str:
+    """Refuse (``StoreMisconfiguredError``) a Redis whose ``maxmemory-policy`` is not
+    ``noeviction``: an evicting Redis drops keys silently when full, and jobs, API keys and
+    the audit trail with them. The policy is read with ``CONFIG GET``, or from ``INFO memory``
+    when the user's ACL denies CONFIG; a policy neither shows is refused too. Returns the
+    policy. A Redis error other than a refusal to answer them (unreachable) is raised as is."""
+    policy = None
+    try:
+        value = (conn.config_get("maxmemory-policy") or {}).get("maxmemory-policy")
+        policy = value.decode() if isinstance(value, bytes) else value
+    except redis.exceptions.ResponseError:  # NOPERM (an ACL without CONFIG), or CONFIG renamed away
+        pass
+    if not policy:
+        try:
+            value = (conn.info("memory") or {}).get("maxmemory_policy")
+            policy = value.decode() if isinstance(value, bytes) else value
+        except redis.exceptions.ResponseError:
+            pass
+    if not policy:
+        raise StoreMisconfiguredError(
+            "the job store's maxmemory-policy cannot be read (neither CONFIG GET maxmemory-policy nor "
+            "INFO memory is allowed to this user): allow one of them (ACL: +config|get or +info), or check "
+            "that the policy is noeviction; aex does not start without knowing that Redis keeps its keys"
+        )
+    if policy != "noeviction":
+        raise StoreMisconfiguredError(
+            f"the job store's maxmemory-policy is {policy!r}: when full, Redis would evict keys silently, "
+            "and jobs, API keys and the audit trail with them; set maxmemory-policy noeviction "
+            "(redis.conf, or CONFIG SET maxmemory-policy noeviction): a full Redis then refuses writes, "
+            "which aex answers 503 store_unavailable"
+        )
+    return policy
 
 
 # Redis unreachable (restarting, network): a failure of the moment, not of the job.

@@ -128,6 +128,13 @@ class StoreUnavailableError(ServiceUnavailableError):
     code = "store_unavailable"
 
 
+class StoreMisconfiguredError(AexError):
+    """The job store (Redis) is set up so that it would lose the service's data: a
+    ``maxmemory-policy`` that evicts keys, or one that cannot be read. Raised at start-up."""
+
+    code = "store_misconfigured"
+
+
 class JobCancelledError(AexError):
     code = "job_cancelled"
 

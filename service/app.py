@@ -28,13 +28,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from jobs.callbacks import CallbackPolicy
 from jobs.crypto import cipher_from_settings
-from jobs.queues import connect
+from jobs.queues import REDIS_OUTAGE, check_store_policy, connect
 from jobs.settings import Settings
 from models.errors import AexError, BadParameterError, UnauthenticatedError
 from models.version import __version__
@@ -144,7 +145,7 @@ class InternalErrorMiddleware:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API. ``settings``: None reads AEX_* from the environment, once. Refuses
     settings that would open the service (AEX_AUTH=off off loopback), and a missing or
-    malformed AEX_DATA_KEY."""
+    malformed AEX_DATA_KEY. Its start (lifespan) refuses a Redis that evicts keys."""
     settings = settings or Settings()
     check_auth_settings(settings)
     if not settings.redis_url:
@@ -155,6 +156,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # Refuse to start on a Redis that evicts keys (StoreMisconfiguredError); one away now
+        # is answered 503 store_unavailable until it is back, and is not checked.
+        try:
+            await run_in_threadpool(check_store_policy, conn)
+        except REDIS_OUTAGE as exc:
+            log.warning("the job store's maxmemory-policy could not be checked: it is away (%s)", type(exc).__name__)
         yield
         conn.close()
 
@@ -169,8 +176,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.auth = Authenticator.from_settings(settings, conn)
-    app.state.audit = AuditLog.from_settings(conn, settings)
-    app.state.jobs = JobService(conn, settings, Catalogue(settings), cipher, policy)
+    catalogue = Catalogue(settings)
+    app.state.audit = AuditLog.from_settings(conn, settings, catalogue)  # records served model names only
+    app.state.jobs = JobService(conn, settings, catalogue, cipher, policy)
     app.state.metrics = Metrics(conn)
     install_error_handlers(app)  # adds the innermost middleware
     app.include_router(job_routes.router)

@@ -4,7 +4,9 @@ Records go to the stream ``audit_key()`` with XADD, trimmed by age (MINID: older
 AEX_AUDIT_RETENTION_SECONDS) and by count (AEX_AUDIT_MAX_RECORDS). Every field is checked
 against its shape before it is written (a job id is 32 hex digits, a digest 64, an action a
 route template ...): a value of another shape is dropped, so nothing a client typed, and no
-patient attribute, can reach the trail. ``AuditMiddleware`` writes one record per request
+patient attribute, can reach the trail. The model is recorded only when it is one the service
+serves (``known_models``, the API's catalogue); any other name a client typed (a model that
+does not exist, which may hold an identifier) is recorded as ``unknown``, never as typed. ``AuditMiddleware`` writes one record per request
 under ``/v1/`` and ``/metrics`` (refused ones included: principal ``anonymous``, status
 401/403); a route adds the model and the input's sha256 with ``note(request, ...)``.
 
@@ -39,6 +41,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -63,6 +66,7 @@ MAX_PRINCIPAL = 200
 MAX_READ = 10_000
 MAX_STREAM_PART = 2**64 - 1
 ANONYMOUS = "anonymous"
+UNKNOWN_MODEL = "unknown"  # recorded for a model name the service does not serve
 AUDITED_PREFIXES = ("/v1/", "/metrics")
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 PENDING_STATUS = 503  # what a client whose final record could not be written is answered
@@ -97,7 +101,9 @@ def _principal(value: Any) -> str:
 
 class AuditLog:
     """Appends records to, and reads them from, the audit stream on one Redis connection.
-    ``orphan_after_seconds``: how old a pending record must be to be moved into the stream."""
+    ``orphan_after_seconds``: how old a pending record must be to be moved into the stream.
+    ``known_models``: the names of the served models (None: none is known, every model name
+    is recorded as ``unknown``)."""
 
     def __init__(
         self,
@@ -105,15 +111,30 @@ class AuditLog:
         retention_seconds: int = 30 * 86400,
         max_records: int = 1_000_000,
         orphan_after_seconds: float = ORPHAN_AFTER_SECONDS,
+        known_models: Callable[[], Collection[str]] | None = None,
     ):
         self.conn, self.retention_seconds, self.max_records = conn, int(retention_seconds), int(max_records)
         self.orphan_after_seconds = float(orphan_after_seconds)
+        self.known_models = known_models
         self._next_sweep = 0.0
         self._move = conn.register_script(MOVE_PENDING)
 
     @classmethod
-    def from_settings(cls, conn: Redis, settings) -> AuditLog:
-        return cls(conn, settings.audit_retention_seconds, settings.audit_max_records)
+    def from_settings(cls, conn: Redis, settings, catalogue=None) -> AuditLog:
+        """``catalogue``: the API's ``Catalogue``, whose served names alone are recorded."""
+        known = (lambda: catalogue.models(conn)) if catalogue is not None else None
+        return cls(conn, settings.audit_retention_seconds, settings.audit_max_records, known_models=known)
+
+    def served_model(self, model: Any) -> str | None:
+        """``model`` when the service serves it, ``unknown`` for any other name, None for none."""
+        if not model:
+            return None
+        try:
+            known = self.known_models() if self.known_models is not None else ()
+        except Exception as exc:  # the catalogue unreadable: the name cannot be told served
+            log.warning("the served models could not be read for the audit record: %s", type(exc).__name__)
+            known = ()
+        return model if isinstance(model, str) and model in known else UNKNOWN_MODEL
 
     def record(
         self,
@@ -126,11 +147,12 @@ class AuditLog:
         pending: str | None = None,
     ) -> str:
         """Append one record; returns its stream id. ``principal``: a Principal, its label,
-        or None (a refused request: ``anonymous``). ``pending``: the id ``begin`` gave this
+        or None (a refused request: ``anonymous``). ``model``: recorded only when served
+        (``served_model``). ``pending``: the id ``begin`` gave this
         request's pending record, removed in the same transaction. Raises the Redis error
         when the store refuses it."""
         now_ms = int(time.time() * 1000)
-        fields = _fields(now_ms, principal, action, status, job_id, model, input_sha256)
+        fields = _fields(now_ms, principal, action, status, job_id, self.served_model(model), input_sha256)
         cutoff = max(0, now_ms - self.retention_seconds * 1000)
         with self.conn.pipeline(transaction=True) as pipe:
             pipe.xadd(audit_key(), fields, minid=f"{cutoff}-0", approximate=True)

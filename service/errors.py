@@ -46,6 +46,7 @@ HTTP_STATUS: dict[str, int] = {
     e.QueueFullError.code: 429,
     e.ServiceUnavailableError.code: 503,
     e.StoreUnavailableError.code: 503,
+    e.StoreMisconfiguredError.code: 503,
     e.JobCancelledError.code: 409,
     e.TrainingDivergedError.code: 500,
     e.WorkerLostError.code: 500,

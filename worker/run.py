@@ -9,7 +9,7 @@ import socket
 
 from jobs.callbacks import CallbackPolicy
 from jobs.crypto import cipher_from_settings
-from jobs.queues import connect
+from jobs.queues import check_store_policy, connect
 from jobs.settings import Settings
 from models.errors import BadParameterError
 from worker.context import WorkerContext
@@ -54,11 +54,12 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         raise BadParameterError("AEX_REDIS_URL is not set: a worker needs the Redis server of the service")
     # Before anything is loaded: a worker without AEX_DATA_KEY (or with a malformed one) stops here.
     cipher = cipher_from_settings(settings.data_key)
+    conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
+    check_store_policy(conn)  # a Redis that evicts keys would lose jobs silently: refused before the models load
     policy = CallbackPolicy.from_settings(settings)
     configure_torch(settings)
     served = ServedModels.load(settings)  # before the first job: no model load per job
     context = context_install(WorkerContext(settings=settings, cipher=cipher, served=served))
-    conn = connect(settings.redis_url, retry_seconds=REDIS_RETRY_SECONDS)
     w = AexWorker(
         conn,
         context=context,

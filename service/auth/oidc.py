@@ -7,12 +7,20 @@ The JWKS address comes from ``AEX_OIDC_JWKS_URL`` or the issuer's
 ``/.well-known/openid-configuration``; it must be https (or http on a loopback address).
 Keys are cached ``AEX_OIDC_JWKS_CACHE_SECONDS``; a token naming an unknown ``kid`` refetches
 them, at most once every ``min_refresh_seconds``, so a flood of made-up kids cannot turn the
-service into a JWKS-fetching loop. Torch-free.
+service into a JWKS-fetching loop.
+
+A slow identity provider never holds up the requests whose key is known: the lock guards the
+cached keys only, never a fetch. One fetch is in flight at a time, made outside the lock and
+bounded (each read ``FETCH_TIMEOUT_SECONDS``, the whole refresh ``FETCH_DEADLINE_SECONDS``).
+Keys gone stale are refetched in the background while the cached ones keep verifying; only a
+request whose key is not known yet (the first, or a rotated key) waits for the fetch in flight,
+at most ``refresh_wait_seconds``. Torch-free.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 import ssl
 import threading
@@ -31,7 +39,9 @@ log = logging.getLogger("aex.auth")
 # The key type each algorithm family verifies with.
 KEY_TYPES = {"RS": "RSA", "PS": "RSA", "ES": "EC", "Ed": "OKP"}
 LEEWAY_SECONDS = 30
-FETCH_TIMEOUT_SECONDS = 5.0
+FETCH_TIMEOUT_SECONDS = 5.0  # each connect or read of a fetch
+FETCH_DEADLINE_SECONDS = 10.0  # the whole refresh (discovery and JWKS): a trickling answer is cut
+REFRESH_WAIT_SECONDS = FETCH_DEADLINE_SECONDS + FETCH_TIMEOUT_SECONDS + 1.0  # a request waiting on a fetch
 MAX_JWKS_BYTES = 512 * 1024
 
 
@@ -87,6 +97,7 @@ class OidcVerifier:
         cache_seconds: float = 300.0,
         min_refresh_seconds: float = 10.0,
         http: httpx.Client | None = None,
+        refresh_wait_seconds: float = REFRESH_WAIT_SECONDS,
     ):
         if not issuer or not audience:
             raise BadParameterError("OIDC needs both AEX_OIDC_ISSUER and AEX_OIDC_AUDIENCE")
@@ -103,9 +114,12 @@ class OidcVerifier:
         self.http = http or httpx.Client(
             timeout=FETCH_TIMEOUT_SECONDS, trust_env=False, follow_redirects=False, verify=ssl.create_default_context()
         )
-        self._lock = threading.Lock()
+        self.refresh_wait_seconds = refresh_wait_seconds
+        self._lock = threading.Lock()  # guards the fields below; never held across a fetch
         self._keys: dict[str | None, dict[str, Any]] = {}
         self._fetched_at: float | None = None
+        self._in_flight: threading.Event | None = None  # set when the fetch in flight ends
+        self._failure: UnauthenticatedError | None = None  # why the last fetch failed
         self.fetches = 0  # how many times the JWKS was fetched (tests read it)
 
     @classmethod
@@ -121,35 +135,44 @@ class OidcVerifier:
         )
 
     # --- keys --------------------------------------------------------------------------
-    def _get_json(self, url: str) -> dict[str, Any]:
+    def _get_json(self, url: str, deadline: float) -> dict[str, Any]:
         try:
-            resp = self.http.get(url, headers={"Accept": "application/json"})
+            with self.http.stream("GET", url, headers={"Accept": "application/json"}) as resp:
+                content = b""
+                for chunk in resp.iter_bytes():
+                    content += chunk
+                    if len(content) > MAX_JWKS_BYTES or time.monotonic() > deadline:
+                        break
         except httpx.HTTPError as exc:
             raise UnauthenticatedError(
                 f"the identity provider's keys could not be fetched ({type(exc).__name__})"
             ) from None
-        if resp.status_code != 200 or len(resp.content) > MAX_JWKS_BYTES:
+        if time.monotonic() > deadline:
+            raise UnauthenticatedError(
+                f"the identity provider's keys did not arrive within {FETCH_DEADLINE_SECONDS:.0f} s"
+            )
+        if resp.status_code != 200 or len(content) > MAX_JWKS_BYTES:
             raise UnauthenticatedError(f"the identity provider answered HTTP {resp.status_code} for its keys")
         try:
-            body = resp.json()
+            body = json.loads(content)
         except ValueError:
             body = None
         if not isinstance(body, dict):
             raise UnauthenticatedError("the identity provider's keys are not a JSON object")
         return body
 
-    def _discover(self) -> str:
+    def _discover(self, deadline: float) -> str:
         if self.jwks_url is None:
-            doc = self._get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
+            doc = self._get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration", deadline)
             if doc.get("issuer") != self.issuer:
                 raise UnauthenticatedError("the identity provider's discovery document names another issuer")
             self.jwks_url = check_fetch_url(str(doc.get("jwks_uri") or ""), "the discovered jwks_uri")
         return self.jwks_url
 
-    def _refresh(self) -> None:
-        self.fetches += 1
-        self._fetched_at = time.monotonic()  # set first: a failing fetch is rate-limited too
-        jwks = self._get_json(self._discover())
+    def _load(self) -> dict[str | None, dict[str, Any]]:
+        """The issuer's signing keys by kid, fetched now (outside the lock)."""
+        deadline = time.monotonic() + FETCH_DEADLINE_SECONDS
+        jwks = self._get_json(self._discover(deadline), deadline)
         keys: dict[str | None, dict[str, Any]] = {}
         for jwk in jwks.get("keys") or []:
             if not isinstance(jwk, dict) or jwk.get("kty") not in KEY_TYPES.values():
@@ -157,25 +180,62 @@ class OidcVerifier:
             if jwk.get("use", "sig") != "sig":
                 continue
             keys[jwk.get("kid")] = jwk
-        self._keys = keys
+        return keys
+
+    def _begin_fetch(self) -> tuple[threading.Event, bool]:
+        """The fetch in flight, and whether the caller must make it (it began none). Under the lock."""
+        if self._in_flight is not None:
+            return self._in_flight, False
+        self.fetches += 1
+        self._fetched_at = time.monotonic()  # set first: a failing fetch is rate-limited too
+        self._in_flight = threading.Event()
+        return self._in_flight, True
+
+    def _fetch(self, done: threading.Event) -> None:
+        """Make the fetch ``_begin_fetch`` began, outside the lock; then wake its waiters."""
+        keys, failure = None, None
+        try:
+            keys = self._load()
+        except UnauthenticatedError as exc:
+            failure = exc
+        except Exception as exc:  # a bug of ours: the waiters must still wake
+            failure = UnauthenticatedError(f"the identity provider's keys could not be read ({type(exc).__name__})")
+        with self._lock:
+            if keys is not None:
+                self._keys = keys
+            self._failure, self._in_flight = failure, None
+        if failure is not None and keys is None:
+            log.warning("the identity provider's keys could not be fetched: %s", failure.message)
+        done.set()
+
+    def _lookup(self, kid: str | None) -> dict[str, Any] | None:
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        return self._keys.get(kid)
 
     def _key_for(self, kid: str | None) -> dict[str, Any]:
         with self._lock:
             now = time.monotonic()
+            jwk = self._lookup(kid)
             stale = self._fetched_at is None or now - self._fetched_at > self.cache_seconds
-            if stale:
-                try:
-                    self._refresh()
-                except UnauthenticatedError:
-                    if not self._keys:
-                        raise
-                    log.warning("the identity provider's keys could not be refreshed: using the cached ones")
-            elif kid not in self._keys and now - (self._fetched_at or 0.0) >= self.min_refresh_seconds:
-                self._refresh()  # the issuer may have rotated its keys
-            if kid is None and len(self._keys) == 1:
-                return next(iter(self._keys.values()))
-            jwk = self._keys.get(kid)
+            rotated = jwk is None and now - (self._fetched_at or 0.0) >= self.min_refresh_seconds
+            done, mine = None, False
+            if stale or rotated or (jwk is None and self._in_flight is not None):
+                done, mine = self._begin_fetch()
+        if jwk is not None:
+            if mine:  # stale: refreshed in the background while the cached key verifies
+                threading.Thread(target=self._fetch, args=(done,), daemon=True, name="aex-jwks").start()
+            return jwk
+        if done is not None:
+            if mine:
+                self._fetch(done)  # the issuer may have rotated its keys
+            elif not done.wait(self.refresh_wait_seconds):
+                raise UnauthenticatedError("the identity provider's keys are being fetched and did not arrive in time")
+        with self._lock:
+            jwk, failure, known = self._lookup(kid), self._failure, bool(self._keys)
         if jwk is None:
+            if failure is not None and not known:
+                raise UnauthenticatedError(failure.message)
             raise UnauthenticatedError("the token is signed with a key the identity provider does not publish")
         return jwk
 

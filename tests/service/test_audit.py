@@ -32,7 +32,7 @@ def conn(redis_db):
 
 
 def test_records_are_written_and_read_back(conn):
-    log = AuditLog(conn)
+    log = AuditLog(conn, known_models=lambda: {"cifar10-robust"})
     key = Principal("key", "ci", None, frozenset({"submit"}))
     first = log.record(key, "POST /v1/explain", 202, job_id=JOB, model="cifar10-robust", input_sha256=SHA)
     log.record(None, "GET /v1/jobs/{job_id}", 401, job_id=JOB)
@@ -57,6 +57,26 @@ def test_records_are_written_and_read_back(conn):
     assert [json.loads(line) for line in lines] == records
 
 
+def test_a_model_name_that_is_not_served_is_recorded_as_unknown(conn):
+    """A name a client typed for a model that does not exist may be an identifier: it is never
+    recorded, even when it has a model name's shape; a served one is, and no model is none."""
+    log = AuditLog(conn, known_models=lambda: {"tiny-rgb"})
+    canary = "MRN-4711-Canary"
+    log.record("key:ci", "POST /v1/classify", 404, model=canary)
+    log.record("key:ci", "POST /v1/classify", 200, model="tiny-rgb")
+    log.record("key:ci", "GET /v1/models", 200)
+    assert [r["model"] for r in log.read()] == ["unknown", "tiny-rgb", None]
+    # No catalogue, or one that cannot be read: no name is known to be served.
+    AuditLog(conn).record("key:ci", "POST /v1/classify", 200, model="tiny-rgb")
+
+    def unreadable():
+        raise ConnectionError("catalogue away")
+
+    AuditLog(conn, known_models=unreadable).record("key:ci", "POST /v1/classify", 200, model=canary)
+    assert [r["model"] for r in log.read()[3:]] == ["unknown", "unknown"]
+    assert canary not in str(conn.xrange(audit_key())) and canary not in str(conn.hgetall(pending_key()))
+
+
 def test_fields_of_another_shape_never_reach_the_trail(conn):
     log = AuditLog(conn)
     log.record(
@@ -69,7 +89,7 @@ def test_fields_of_another_shape_never_reach_the_trail(conn):
     )
     (record,) = log.read()
     assert record["principal"] == "oidc:user-1@ward7"
-    assert record["action"] == "unknown" and record["job_id"] is None and record["model"] is None
+    assert record["action"] == "unknown" and record["job_id"] is None and record["model"] == "unknown"
     assert record["input_sha256"] is None
     raw = b"".join(v for _, fields in conn.xrange(audit_key()) for v in fields.values())
     assert b"Patient" not in raw and b"19700101" not in raw
@@ -112,7 +132,7 @@ def app(conn):
     """A tiny app with the guard and the audit middleware, as the service will have them."""
     app = FastAPI()
     app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
-    log = AuditLog(conn)
+    log = AuditLog(conn, known_models=lambda: {"tiny-rgb"})
 
     @app.exception_handler(AexError)
     async def aex_error(_request: Request, exc: AexError):
@@ -230,3 +250,22 @@ def test_a_pending_record_left_behind_is_moved_into_the_trail_once(conn):
         ("POST /v1/classify", 503),
     ]
     assert records[1]["principal"] == "key:ci" and records[1]["job_id"] is None
+
+
+def test_the_api_never_records_a_model_name_it_does_not_serve(conn, settings_for, make_image):
+    """Through the real app (its catalogue: the test checkpoints, no worker): a request naming a
+    model that does not exist leaves ``unknown`` in the trail, the typed name nowhere."""
+    from service.app import create_app
+
+    canary = "Canary-MRN-0042"
+    _, token = ApiKeyStore(conn).create("ci", ["submit"])
+    with TestClient(create_app(settings_for(DB))) as client:
+        auth = {"Authorization": "Bearer " + token}
+        image = {"image": ("x.png", make_image("PNG", "RGB"), "application/octet-stream")}
+        refused = client.post("/v1/classify", files=image, data={"model": canary}, headers=auth)
+        served = client.post("/v1/classify", files=image, data={"model": "tiny-rgb"}, headers=auth)
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "unknown_model"
+    assert served.status_code != 404
+    records = [r for r in AuditLog(conn).read() if r["action"] == "POST /v1/classify"]
+    assert [r["model"] for r in records] == ["unknown", "tiny-rgb"]
+    assert canary not in str(conn.xrange(audit_key())) and canary not in str(conn.hgetall(pending_key()))
