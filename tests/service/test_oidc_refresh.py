@@ -99,3 +99,43 @@ def test_waits_on_a_held_fetch_are_bounded_and_a_fetch_times_out(idp):
     assert "could not be fetched (ReadTimeout)" in verifier._failure.message
     assert verifier.fetches == 2 and idp.jwks_hits == 2  # the waiters fetched nothing
     assert verifier.authenticate(idp.token()).id == "user-17"  # the cached keys still verify
+
+
+def test_a_trickling_provider_is_cut_at_the_refresh_deadline(monkeypatch):
+    """A provider that keeps sending a byte now and then never trips the per-read time-out: the
+    whole refresh is cut at its deadline (1 s here instead of 10) all the same."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import service.auth.oidc as oidc
+
+    stop = threading.Event()
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            while not stop.wait(0.1):  # a space every 0.1 s, for as long as the client reads
+                self.wfile.write(b" ")
+                self.wfile.flush()
+
+        def log_message(self, *_args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(oidc, "FETCH_DEADLINE_SECONDS", 1.0)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    verifier = OidcVerifier(url, AUDIENCE, jwks_url=f"{url}/jwks")
+    issuer = Issuer()
+    try:
+        with ThreadPoolExecutor(1) as one:
+            attempt = one.submit(verifier.authenticate, issuer.token())
+            with pytest.raises(UnauthenticatedError, match="did not arrive within 1 s"):
+                attempt.result(20)  # well before the trickle would end (never, until stopped)
+        assert verifier.fetches == 1
+    finally:
+        stop.set()
+        issuer.close()
+        httpd.shutdown()
+        httpd.server_close()
