@@ -171,12 +171,13 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def redis_db(redis_server):
     """redis_db(db): a client on database ``db`` of the session's Redis, emptied before the
-    test and after it."""
+    test and after it (never database 0: the session stack's jobs and API keys live there)."""
     from jobs.queues import connect
 
     clients = []
 
     def open_db(db: int):
+        assert db != 0, "database 0 holds the session stack (service_stack): a test may not empty it"
         client = connect(f"{redis_server.url}?db={db}")
         client.flushdb()
         clients.append(client)
