@@ -22,6 +22,7 @@ from rq.job import Job
 from jobs.keys import upload_key
 from jobs.queues import QUEUE_NAMES, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
+from tests.conftest import encode_image
 from tests.tokens import api_client
 
 pytestmark = pytest.mark.e2e
@@ -108,6 +109,15 @@ def settle(client, job_ids: list[str]) -> dict[str, dict]:
     return views
 
 
+def settle_and_check(client, conn, job_ids: list[str], seed: int) -> dict[str, dict]:
+    """Poll every job to its end, let the quota count once more (it forgets ended jobs when it
+    counts: one more submission), then check each ended once and left nothing."""
+    views = settle(client, job_ids)
+    submit(client, encode_image("PNG", "RGB", seed=seed), model="tiny-rgb")
+    assert_ended_once_and_clean(conn, views)
+    return views
+
+
 def assert_ended_once_and_clean(conn, views: dict[str, dict]) -> None:
     """Each job finished, or failed with a code; nothing of any of them left in Redis."""
     for view in views.values():
@@ -152,10 +162,7 @@ def test_a_worker_killed_at_random_moments_leaves_no_job_behind(store, settings_
                     kill_redis(server)
                 victim.proc.wait(30)
                 victim = workers.start(settings[(trial + 1) % 2], conn)  # as the pool of `aex serve` would
-                views = settle(client, ids)
-                # The quota forgets an ended job when it next counts: count once for this owner.
-                submit(client, make_image("PNG", "RGB", seed=99_000 + trial), model="tiny-rgb")
-                assert_ended_once_and_clean(conn, views)
+                views = settle_and_check(client, conn, ids, seed=99_000 + trial)
                 for job_id, view in views.items():
                     outcomes[view["status"]] = outcomes.get(view["status"], 0) + 1
                     outcomes["retried"] += int(
@@ -195,9 +202,7 @@ def test_a_worker_killed_mid_batch_of_16(store, settings_on, worker_process, mak
             os.kill(victim.pid, signal.SIGKILL)
             victim.proc.wait(30)
             workers.start(settings, conn)
-            ended = settle(client, ids)
-            submit(client, make_image("PNG", "RGB", seed=20_999), model="tiny-rgb")
-        assert_ended_once_and_clean(conn, ended)
+            ended = settle_and_check(client, conn, ids, seed=20_999)
         assert all(v["status"] == "finished" for v in ended.values()), ended
     finally:
         workers.stop_all()
@@ -220,9 +225,7 @@ def test_redis_killed_during_a_batch(store, settings_on, worker_process, make_im
                 assert time.monotonic() < deadline, "the batch did not start"
                 time.sleep(0.02)
             kill_redis(server)
-            ended = settle(client, ids)
-            submit(client, make_image("PNG", "RGB", seed=30_999), model="tiny-rgb")
-        assert_ended_once_and_clean(conn, ended)
+            ended = settle_and_check(client, conn, ids, seed=30_999)
         assert all(v["status"] == "finished" for v in ended.values()), ended
     finally:
         workers.stop_all()
