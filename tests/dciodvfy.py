@@ -23,7 +23,7 @@ def require_dciodvfy() -> None:
 
 def dciodvfy_report(path: Path | str) -> list[str]:
     """Every "Error" and "Warning" line dciodvfy prints for ``path``."""
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, errors="replace", timeout=60)
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith(("Error", "Warning"))]
 
 

@@ -146,7 +146,7 @@ def parametric_map(
     values: float H x W in [0, 1] on the source's own grid (Rows x Columns; see
     ``models.data.geometry.map_to_source``), stored as 32-bit floats with a Real World Value
     Mapping (identity, 0 to 1, quantity DCM 130403, unit UCUM "1"). source: a data set whose
-    attributes parse (``secondary_capture.usable_source``). uid(role): the object's UIDs
+    attributes are valid (``sanitize.usable_source``). uid(role): the object's UIDs
     ("series/pm", "instance/pm"). description: the Content Description (free text, at most
     64 characters kept)."""
     rows, columns = int(source.Rows), int(source.Columns)

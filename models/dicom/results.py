@@ -12,7 +12,8 @@ from pydicom.dataset import Dataset
 
 from models.dicom.equipment import Provenance
 from models.dicom.parametric_map import parametric_map
-from models.dicom.secondary_capture import part10, secondary_capture_datasets, usable_source
+from models.dicom.sanitize import usable_source
+from models.dicom.secondary_capture import part10, secondary_capture_datasets
 from models.dicom.sr import measurement_report
 from models.dicom.uids import result_uids
 
@@ -42,6 +43,15 @@ class DerivedObject:
         }
 
 
+@dataclass(frozen=True)
+class DerivedObjects:
+    """Every object of one explanation (the PM first, the SR last) and the warnings about the
+    source's attributes they could not carry as they were (``sanitize``: keywords, never values)."""
+
+    objects: list[DerivedObject]
+    warnings: list[str]
+
+
 def _object(name: str, role: str, ds: Dataset) -> DerivedObject:
     return DerivedObject(
         f"{name}.dcm", role, part10(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID)
@@ -57,7 +67,7 @@ def explanation_objects(
     parameters: Mapping[str, Any],
     provenance: Provenance,
     derivation: str,
-) -> list[DerivedObject]:
+) -> DerivedObjects:
     """Every DICOM object of one explanation of ``source``, in three new series of its study
     (Parametric Map, Secondary Capture, SR: a series holds one modality), with UIDs derived
     from (source SOP Instance UID, checkpoint sha256, ``parameters``, role), so the same request
@@ -67,12 +77,16 @@ def explanation_objects(
     ``models.data.geometry.map_to_source``); images: (name, role, image) of each Secondary
     Capture (the overlay, each explanation and its difference; see
     ``secondary_capture.secondary_captures``); summary, metrics: see ``sr.measurement_report``;
-    derivation: the free text of how they were made. The PM comes first, the SR last."""
+    derivation: the free text of how they were made. The PM comes first, the SR last. Each
+    malformed attribute of the source is left out or emptied first (``sanitize.usable_source``),
+    and said so in the warnings; ``sanitize.UnusableSourceError`` when no object can reference
+    the source."""
     with warnings.catch_warnings():
         # pydicom's and highdicom's warnings quote attribute values (patient names, dates):
         # never into a log.
         warnings.simplefilter("ignore")
-        usable, _emptied = usable_source(source)
+        checked = usable_source(source)
+        usable = checked.dataset
         uid = result_uids(str(usable.SOPInstanceUID), provenance.checkpoint_sha256, parameters)
         pm = parametric_map(usable, gradcam, provenance, uid, f"Grad-CAM of {summary['predicted']['class_name']}")
         captures = secondary_capture_datasets(
@@ -80,8 +94,9 @@ def explanation_objects(
         )
         roles = {name: role for name, role, _image in images}
         sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid)
-        return [
+        objects = [
             _object(PARAMETRIC_MAP, PARAMETRIC_MAP, pm),
             *(_object(name, roles[name], sc) for name, sc in captures),
             _object(REPORT, REPORT, sr),
         ]
+    return DerivedObjects(objects, checked.warnings)

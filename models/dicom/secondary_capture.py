@@ -8,9 +8,7 @@ references the source instance, so a PACS viewer shows it beside the original.
 
 from __future__ import annotations
 
-import copy
 import io
-import re
 import warnings
 from collections.abc import Sequence
 
@@ -22,6 +20,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
 from models.dicom.equipment import MANUFACTURER, Provenance
+from models.dicom.sanitize import usable_source
 from models.dicom.uids import UidFor
 from models.version import __version__
 
@@ -71,86 +70,6 @@ def _source_reference(source: Dataset) -> Dataset:
     return item
 
 
-# Value representations whose text must parse (dates, times, numbers as strings): a derived
-# object copies them from the source, and pydicom refuses (quoting the value) those that do not.
-# Dates and times as PS3.5 6.2 writes them (pydicom also reads older forms, "1997.04.24" or
-# "10:15", which dciodvfy refuses in a new object).
-_FORMATS = {
-    "DA": re.compile(r"\d{8}"),
-    "TM": re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?"),
-    "DT": re.compile(r"\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?"),
-}
-
-
-def _strict(vr: str):
-    def parse(text: str):
-        if not _FORMATS[vr].fullmatch(text.strip()):
-            raise ValueError(f"not a {vr} as PS3.5 writes it")
-        return getattr(pydicom.valuerep, vr)(text)
-
-    return parse
-
-
-_PARSED_VRS = {
-    "DA": _strict("DA"),
-    "DT": _strict("DT"),
-    "TM": _strict("TM"),
-    "DS": pydicom.valuerep.DSfloat,
-    "IS": pydicom.valuerep.IS,
-}
-
-
-# Type 2 patient and study attributes every derived object carries (empty when unknown).
-TYPE2_IDENTIFIERS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-)
-
-
-def usable_source(source: Dataset) -> tuple[Dataset, list[str]]:
-    """A copy of ``source`` (without its pixel data) in which every top-level attribute whose
-    value does not parse for its VR (a birth date "19XX", a time "noon") is emptied, and the
-    keywords so emptied. Patient and study attributes are Type 2 in a derived object, so an
-    empty value is valid where a garbled one would fail, and only keywords, never values,
-    are reported (they may be patient data). Those of ``TYPE2_IDENTIFIERS`` the source lacks
-    are added empty, and a source whose identity was removed without saying how gets a
-    De-identification Method that says so."""
-    ref = Dataset()
-    ref.file_meta = copy.deepcopy(getattr(source, "file_meta", Dataset()))
-    emptied = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for elem in source:
-            if elem.keyword == "PixelData":
-                continue
-            elem = copy.deepcopy(elem)
-            parse = _PARSED_VRS.get(elem.VR)
-            if parse is not None and elem.value not in (None, ""):
-                values = elem.value if isinstance(elem.value, pydicom.multival.MultiValue) else [elem.value]
-                try:
-                    for v in values:
-                        parse(str(v)) if elem.VR in ("DA", "DT", "TM") else parse(v)
-                except (ValueError, TypeError, OverflowError):
-                    elem.value = ""
-                    emptied.append(elem.keyword or str(elem.tag))
-            ref.add(elem)
-    for keyword in TYPE2_IDENTIFIERS:
-        if keyword not in ref:
-            setattr(ref, keyword, "")
-    if str(ref.get("PatientIdentityRemoved", "")).upper() == "YES" and not (
-        "DeidentificationMethod" in ref or "DeidentificationMethodCodeSequence" in ref
-    ):
-        ref.DeidentificationMethod = "not stated by the source"  # Type 1C once identity is removed
-    return ref, emptied
-
-
 # Attributes of the source's grey-scale display pipeline: an RGB Secondary Capture that keeps
 # any of them renders black (or wrongly windowed) in some viewers, so none is ever written.
 VOI_AND_RESCALE = (
@@ -180,7 +99,7 @@ def secondary_capture_datasets(
     Equipment Sequence and the General Equipment Module (its series description then says
     "not for diagnostic use"); uid(role): the series' and instances' UIDs ("series/sc",
     "instance/sc/<name>"; random UIDs without it)."""
-    source, _emptied = usable_source(source)
+    source = usable_source(source).dataset
     uid = uid or (lambda _role: generate_uid())
     if provenance is not None:
         series_description = provenance.series_description("explanations")

@@ -226,7 +226,7 @@ def measurement_report(
     Captures), each map with its deletion and insertion AUCs and the random order's
     (``models.explain.faithfulness``, defined in the algorithm's parameters). Completion COMPLETE, Preliminary, Verification Flag UNVERIFIED.
 
-    source: the source (``secondary_capture.usable_source``); pm: the Parametric Map;
+    source: the source (``sanitize.usable_source``); pm: the Parametric Map;
     images: the Secondary Captures by name ("gradcam_overlay", each target's stems, as the
     summary names its PNGs without ".png"); summary: the explain summary (predicted, probs,
     gradcam, targets, stability); metrics: the checkpoint's recorded metrics; parameters:

@@ -49,3 +49,10 @@ def nominal_frame_of_reference_uid(source_uid: str) -> str:
     """The Frame of Reference of a source image that has none (a projection radiograph): one per
     source instance, shared by every object derived from it in its pixel grid."""
     return _uid({"frame_of_reference_of": str(source_uid)})
+
+
+def unusable_uid(keyword: str, material: Mapping[str, str]) -> str:
+    """The UID a derived object carries in place of the source's malformed ``keyword`` (Study,
+    Series or SOP Instance UID; see ``sanitize``): the same malformed value (and ``material``)
+    always gives the same UID, and a valid one never enters it."""
+    return _uid({"unusable": keyword, **material})

@@ -11,7 +11,8 @@ from models.data.tensors import load_dicom_for_model
 from models.dicom.equipment import Provenance
 from models.dicom.pixels import is_dicom, load_dicom_pixels, window_linear
 from models.dicom.reading import HEADER_ALLOWANCE
-from models.dicom.secondary_capture import VOI_AND_RESCALE, secondary_captures, usable_source
+from models.dicom.sanitize import Finding, usable_source
+from models.dicom.secondary_capture import VOI_AND_RESCALE, secondary_captures
 from models.dicom.uids import derived_uid, device_uid, result_uids
 from models.errors import (
     AexError,
@@ -169,8 +170,10 @@ def test_usable_source_empties_what_does_not_parse_without_quoting_it(xray, writ
     source = pydicom.dcmread(io.BytesIO(write_dicom(xray.astype(np.uint16), "MONOCHROME2")))
     with pytest.warns(UserWarning):  # pydicom's, as it would warn reading such a file
         source.PatientBirthDate = "19XX0101"
-    usable, emptied = usable_source(source)
-    assert emptied == ["PatientBirthDate"] and usable.PatientBirthDate == "" and "PixelData" not in usable
+    checked = usable_source(source)
+    usable = checked.dataset
+    assert checked.findings == (Finding("PatientBirthDate", "emptied"),)
+    assert usable.PatientBirthDate == "" and "PixelData" not in usable and "19XX" not in checked.warnings[0]
     assert source.PatientBirthDate == "19XX0101"  # the source itself is left as it is
 
 

@@ -75,6 +75,12 @@ def images(s: dict) -> list:
 
 
 def objects(source, parameters=PARAMETERS, sha=SHA):
+    """The objects ``explanation_objects`` derives from ``source`` (a list, the PM first)."""
+    return derived(source, parameters, sha).objects
+
+
+def derived(source, parameters=PARAMETERS, sha=SHA):
+    """``explanation_objects`` of ``source``: its objects and warnings."""
     s = summary()
     cam = np.random.default_rng(1).random((28, 28)).astype(np.float32)
     values = map_to_source(cam, int(source.Columns), int(source.Rows))
