@@ -1,15 +1,19 @@
 """What `aex serve` sets up before it serves: the data key (AEX_DATA_KEY) and the first admin token.
 
-The data key: given (AEX_DATA_KEY) it is used as it is. Without it, the embedded Redis gets one:
-a new one each run without AEX_REDIS_DIR (the data dies with the Redis anyway), or the one kept
-in ``<AEX_REDIS_DIR>/data.key`` (mode 0600, created on the first run) with it, so what the
-persistent Redis holds stays readable. An external Redis without AEX_DATA_KEY is refused: the
-API and every worker must share one key, which only the operator can hand them.
+The data key: given (AEX_DATA_KEY) it is used as it is. Without it, the embedded Redis gets the
+one kept in ``data.key`` (mode 0600, created on the first run) in the folder of its data
+(``Settings.embedded_redis_dir``: AEX_REDIS_DIR or the per-user state folder), so what the
+persistent Redis holds stays readable; an ephemeral one (AEX_REDIS_EPHEMERAL) gets a new key
+each run (its data dies with it anyway). An external Redis without AEX_DATA_KEY is refused:
+the API and every worker must share one key, which only the operator can hand them.
 
 The first admin: when the service's Redis holds no API key, an ``admin`` key with every scope
 is created and its token written to AEX_TOKEN_FILE (default ``~/.config/aex/token``, mode 0600);
-the path is printed, never the token, with how to use it. When the embedded Redis restarts
-empty, the same token is restored, so the file and a pasted token keep working. Torch-free.
+the path is printed, never the token, with how to use it. A token is never made twice: when the
+embedded Redis restarts having lost its data (ephemeral), a NEW admin token is made and written
+to the file, with a warning; the earlier one, which may have been revoked, answers ``key_lost``
+like every other key of the lost data. With persistence a restart loses nothing (a revoked key
+stays revoked in the append-only file) and no key is made. Torch-free.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pydantic import SecretStr
 
 from aex.credentials import default_token_file, write_token
 from jobs.crypto import generate_data_key, parse_data_key
+from jobs.epoch import store_epoch
 from jobs.queues import connect
 from jobs.settings import Settings
 from models.errors import BadParameterError
@@ -68,10 +73,11 @@ def with_data_key(settings: Settings) -> Settings:
             "encrypted at rest with a key the API and every worker share. Run `aex data-key`, keep its output "
             "secret, and give it to the API and every worker as AEX_DATA_KEY"
         )
-    if settings.redis_dir is None:
-        key = generate_data_key()  # the embedded Redis keeps nothing across runs: neither does its key
+    folder = settings.embedded_redis_dir()
+    if folder is None:
+        key = generate_data_key()  # the ephemeral Redis keeps nothing across runs: neither does its key
     else:
-        path = Path(settings.redis_dir) / DATA_KEY_FILE
+        path = folder / DATA_KEY_FILE
         try:
             key = _read_key_file(path)
         except FileNotFoundError:
@@ -86,12 +92,17 @@ class FirstAdmin:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.path = Path(settings.token_file).expanduser() if settings.token_file else default_token_file()
-        self.token: str | None = None  # the token this process created (restored after a Redis restart)
+        self.epoch: str | None = None  # the store epoch at start: another one means the data was lost
 
-    def _ensure(self) -> str | None:
+    def _ensure(self, epoch: str | None = None) -> tuple[str | None, str]:
+        """(the new admin token, or None when keys exist; the store's epoch). With ``epoch``:
+        no key is made unless the store's epoch differs from it."""
         conn = connect(self.settings.redis_url)
         try:
-            return ApiKeyStore(conn).ensure_first_admin(token=self.token)
+            now = store_epoch(conn)
+            if epoch is not None and now == epoch:
+                return None, now
+            return ApiKeyStore(conn).ensure_first_admin(), now
         finally:
             conn.close()
 
@@ -99,14 +110,13 @@ class FirstAdmin:
         """Create the first admin when no key exists, write its token and say where it is."""
         if self.settings.auth != "on":
             return
-        token = self._ensure()
+        token, self.epoch = self._ensure()
         if token is None:
             say(
                 f"aex: this Redis holds API keys already: use yours (an earlier `aex serve` wrote its admin token to "
                 f"{self.path}); `aex keys create NAME --scopes submit,read` makes more with an admin token."
             )
             return
-        self.token = token
         write_token(self.path, token)
         url = f"http://{self.settings.host}:{self.settings.port}"
         say(
@@ -117,19 +127,20 @@ class FirstAdmin:
             f"aex:   more keys, e.g. read-only: aex keys create NAME --scopes read"
         )
 
-    def restore(self) -> None:
-        """After the embedded Redis restarted empty: the same admin key again (the token file
-        stays right), or a new one written to the file when this process had none."""
+    def after_restart(self) -> None:
+        """After the embedded Redis restarted: when it lost its data (its epoch changed), a NEW
+        first admin token written to the file, with a warning; never an earlier token (it may
+        have been revoked). With persistence (the same epoch) nothing is made."""
         if self.settings.auth != "on":
             return
-        had = self.token
-        token = self._ensure()
-        if token is None:
+        token, epoch = self._ensure(self.epoch)
+        if epoch == self.epoch:
             return
-        if token != had:
-            self.token = token
+        self.epoch = epoch
+        if token is not None:
             write_token(self.path, token)
         log.warning(
-            "the embedded Redis restarted empty: the first admin key is back (token in %s); other API keys are gone",
-            self.path,
+            "the embedded Redis restarted without its data: every API key made before is lost (answered 401 "
+            "key_lost) and every job (410 job_lost); %s",
+            f"a NEW first admin token is in {self.path}" if token is not None else "API keys exist already",
         )

@@ -1,24 +1,33 @@
 """``aex serve``: Redis (embedded unless AEX_REDIS_URL is set), N workers and the API in one
 command, stopped cleanly on Ctrl-C / SIGTERM.
 
-Before anything starts, the auth settings are checked and the data key is settled; once Redis
-answers, the first admin token is made when none exists (``aex.bootstrap``: its file's path is
-printed, never the token).
+Before anything starts, the auth settings are checked, the embedded Redis's folder is claimed
+and the data key is settled; once Redis answers, the first admin token is made when none exists
+(``aex.bootstrap``: its file's path is printed, never the token).
+
+The embedded Redis keeps its data by default: an append-only file with ``appendfsync always``
+in ``Settings.embedded_redis_dir()`` (AEX_REDIS_DIR, else ``~/.local/state/aex/redis``), with
+the data key beside it; one ``aex serve`` at a time per folder (a lock that its redis-server
+holds too). Only when asked (``--ephemeral``, AEX_REDIS_EPHEMERAL=true) does it keep nothing,
+with a warning at start saying what will be lost.
 
 The embedded Redis is supervised: when it dies it is started again on the same socket, and
-the API and the workers carry on by themselves (without AEX_REDIS_DIR it starts empty:
-jobs accepted before answer ``job_lost``; with it, nothing accepted is lost).
+the API and the workers carry on by themselves (persistent, nothing accepted is lost, and a
+revoked key stays revoked; ephemeral, it starts empty: jobs accepted before answer
+``job_lost``, API keys made before ``key_lost``, and a new first admin token is written).
 
 Order of shutdown: the API stops taking requests (uvicorn), the workers get one SIGTERM
-each and finish their current job, then the embedded Redis is stopped: emptied first
-without AEX_REDIS_DIR (nothing of an upload is left anywhere) and its temporary folder
-removed; with AEX_REDIS_DIR its append-only file stays, and a later `aex serve` on the same
-folder takes up the jobs still queued.
+each and finish their current job, then the embedded Redis is stopped: with persistence its
+append-only file stays, and a later `aex serve` on the same folder takes up the jobs still
+queued and the API keys; ephemeral, it is emptied first (nothing of an upload is left
+anywhere) and its temporary folder removed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -30,11 +39,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from jobs.settings import Settings
-from models.errors import CheckpointError
+from models.errors import BadParameterError, CheckpointError
 from models.store.discovery import discover_checkpoints
 from worker.pool import WorkerPool
 
 log = logging.getLogger("aex.serve")
+
+LOCK_FILE = "aex.lock"
 
 
 def _quiet_server(uvicorn):
@@ -61,18 +72,30 @@ class EmbeddedRedis:
 
     Without ``persistent`` it writes nothing to disk (no snapshots, no append-only file):
     uploads never reach the disk, and a restart starts empty (its jobs then answer
-    ``job_lost``). With ``persistent`` (``AEX_REDIS_DIR``) it keeps an append-only file in
-    ``folder`` across restarts, with ``appendfsync always``: every write is on disk before
-    Redis answers it, so a job the API has accepted survives even a SIGKILL of Redis
-    (``everysec`` could lose the last second of them); the cost, one fsync per turn of
-    Redis's event loop, is small beside the work of a job.
+    ``job_lost``). With ``persistent`` (the default of ``aex serve``) it keeps an append-only
+    file in ``folder`` across restarts, with ``appendfsync always``: every write is on disk
+    before Redis answers it, so a job the API has accepted, or a key revoked, survives even a
+    SIGKILL of Redis (``everysec`` could lose the last second of them); the cost, one fsync
+    per turn of Redis's event loop, is small beside the work of a job.
+
+    A persistent ``folder`` is claimed when this is made: an exclusive lock on
+    ``folder/aex.lock``, which every redis-server started here inherits, so that neither a
+    second ``aex serve`` nor a redis-server left running by a killed one can share the folder
+    (two servers appending to one file would corrupt it). BadParameterError when it is taken.
     """
 
     def __init__(self, folder: Path | None = None, persistent: bool = False):
         self.persistent = persistent
         self._own_folder = folder is None
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="aex-redis-"))
-        self.folder.mkdir(parents=True, exist_ok=True)
+        private_folder(self.folder)
+        if persistent and self.folder.stat().st_mode & 0o077:
+            log.warning(
+                "the embedded Redis folder %s may be entered by other users (mode %o): `chmod 700` it",
+                self.folder,
+                self.folder.stat().st_mode & 0o777,
+            )
+        self._lock_fd = self._claim() if persistent else None
         # A short private folder: a socket path may not exceed ~100 bytes, and it must stay
         # the same across restarts.
         self._socket_dir = Path(tempfile.mkdtemp(prefix="aex-redis-sock-"))
@@ -84,6 +107,32 @@ class EmbeddedRedis:
         self._watcher: threading.Thread | None = None
         # Called after each restart by the supervisor (without persistence Redis is empty then).
         self.on_restart: Callable[[], None] | None = None
+
+    def _claim(self) -> int:
+        """Lock ``folder`` for this process and the redis-servers it starts; the lock file
+        names the holders (for the message a second ``aex serve`` gets)."""
+        path = self.folder / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise BadParameterError(
+                f"the embedded Redis folder {self.folder} is in use ({holder}): one `aex serve` at a time may keep "
+                "its data there. Stop the other one (a redis-server left running by an `aex serve` that was killed "
+                "holds it too), or give this one another folder with AEX_REDIS_DIR"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._note_holders(fd)
+        return fd
+
+    def _note_holders(self, fd: int, redis_pid: int | None = None) -> None:
+        text = f"aex serve pid {os.getpid()}" + (f", redis-server pid {redis_pid}" if redis_pid else "")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode() + b"\n", 0)
 
     @property
     def url(self) -> str:
@@ -131,8 +180,13 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            umask=0o077,  # its append-only file and log: 0600, whatever the folder's mode
+            # The folder's lock lives as long as this redis-server does, even past this process.
+            pass_fds=(self._lock_fd,) if self._lock_fd is not None else (),
         )
         self.proc = proc
+        if self._lock_fd is not None:
+            self._note_holders(self._lock_fd, proc.pid)
         client = Redis(unix_socket_path=str(self.socket), socket_connect_timeout=1.0)
         deadline = time.monotonic() + timeout
         try:
@@ -220,6 +274,21 @@ class EmbeddedRedis:
         shutil.rmtree(self._socket_dir, ignore_errors=True)
         if self._own_folder:
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # the redis-server that shared it has exited
+            self._lock_fd = None
+
+
+def private_folder(path: Path) -> None:
+    """Create ``path`` and each missing folder above it with mode 0700 (``Path.mkdir`` would
+    give the parents the umask's mode, as XDG asks for 0700); an existing folder is left as it
+    is (it may be shared on purpose: its files are made 0600)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
 
 
 def _check_store(url: str) -> None:
@@ -233,6 +302,25 @@ def _check_store(url: str) -> None:
         conn.close()
 
 
+def _say_what_is_kept(settings: Settings, folder: Path | None) -> None:
+    """Where the embedded Redis keeps its data, or (ephemeral) a warning of what will be lost."""
+    from aex.bootstrap import say
+
+    if folder is None:
+        log.warning(
+            "EPHEMERAL Redis (--ephemeral / AEX_REDIS_EPHEMERAL=true): nothing is kept on disk. When the embedded "
+            "Redis restarts or aex serve stops, every job, result, API key and audit record is lost: jobs accepted "
+            "before answer 410 job_lost, API keys made before answer 401 key_lost, and a new first admin token "
+            "is written. Leave it out to keep them (in %s, or AEX_REDIS_DIR).",
+            settings.model_copy(update={"redis_ephemeral": False}).embedded_redis_dir(),
+        )
+        return
+    say(
+        f"aex: the embedded Redis keeps jobs, results and API keys in {folder} (append-only file, written to disk "
+        "before each answer) across restarts; `aex serve --ephemeral` keeps nothing."
+    )
+
+
 def serve(settings: Settings) -> None:
     """Run until interrupted. See the module docstring."""
     import uvicorn
@@ -244,7 +332,14 @@ def serve(settings: Settings) -> None:
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     check_auth_settings(settings)  # before anything starts (AEX_AUTH=off only on loopback)
-    settings = with_data_key(settings)  # before the workers: they get it through their environment
+    if settings.redis_url and settings.redis_ephemeral:
+        raise BadParameterError(
+            "AEX_REDIS_EPHEMERAL=true (--ephemeral) is about the embedded Redis, and AEX_REDIS_URL names a Redis "
+            "of your own, whose persistence its own configuration decides: set one of them"
+        )
+    folder = None if settings.redis_url else settings.embedded_redis_dir()  # both ways at once are refused
+    if settings.redis_url:
+        settings = with_data_key(settings)  # refused without AEX_DATA_KEY, before anything starts
     if settings.workers > 0 and not discover_checkpoints(settings.checkpoint_dirs()):
         raise CheckpointError(
             "no checkpoints to serve in "
@@ -252,10 +347,13 @@ def serve(settings: Settings) -> None:
             + ": add <name>/model.safetensors there or set AEX_MODEL_DIRS"
         )
     redis = None
-    if not settings.redis_url:
-        redis = EmbeddedRedis(settings.redis_dir, persistent=settings.redis_dir is not None)
-        settings = settings.model_copy(update={"redis_url": redis.start()})
     try:
+        if not settings.redis_url:
+            # The folder is claimed before its data key is read or made: one `aex serve` per folder.
+            redis = EmbeddedRedis(folder, persistent=folder is not None)
+            settings = with_data_key(settings)  # before the workers: they get it through their environment
+            _say_what_is_kept(settings, folder)
+            settings = settings.model_copy(update={"redis_url": redis.start()})
         _check_store(settings.redis_url)  # before any worker starts: a Redis that evicts keys is refused
     except BaseException:
         if redis is not None:
@@ -266,7 +364,7 @@ def serve(settings: Settings) -> None:
         first_admin = FirstAdmin(settings)
         first_admin.ensure()
         if redis is not None:
-            redis.on_restart = first_admin.restore
+            redis.on_restart = first_admin.after_restart
             redis.supervise()
         if pool is not None:
             pool.start()

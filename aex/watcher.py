@@ -69,7 +69,7 @@ RETRY_LATER = {
     "http_error",
 }
 # Codes that say the watcher itself is misconfigured (its token, its model): it stops.
-FATAL = {"unauthenticated", "forbidden", "unknown_model", "unknown_pacs"}
+FATAL = {"unauthenticated", "key_lost", "forbidden", "unknown_model", "unknown_pacs"}
 
 Submit = Callable[[PacsReference], str]
 

@@ -154,6 +154,9 @@ def start_service(
         AEX_MAX_JOBS_PER_PRINCIPAL="100000",
         AEX_MAX_BATCH=str(max_batch),
         AEX_TOKEN_FILE=str(scratch / f"token-{port}"),
+        # The default's persistence (append-only, fsync always) in a folder of this run: a
+        # folder kept from an earlier run would hold its keys, and no new token would be written.
+        AEX_REDIS_DIR=str(scratch / f"redis-{port}"),
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "aex.cli", "serve"],

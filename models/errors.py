@@ -169,6 +169,13 @@ class UnauthenticatedError(AexError):
     code = "unauthenticated"
 
 
+class KeyLostError(UnauthenticatedError):
+    """An API key token made before the job store (Redis) lost its data (restarted without
+    persistence, or emptied): its key is gone with the data; an admin must make a new one."""
+
+    code = "key_lost"
+
+
 class ForbiddenError(AexError):
     """A valid token whose scopes do not include the one the request needs."""
 

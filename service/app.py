@@ -62,7 +62,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AexError)
     async def aex_error(request: Request, exc: AexError):
         resp = error_response(status_of(exc.code), exc.code, exc.message)
-        if exc.code == UnauthenticatedError.code:
+        if isinstance(exc, UnauthenticatedError):  # key_lost too: every 401 names its scheme
             resp.headers["WWW-Authenticate"] = challenge(request)
         return resp
 

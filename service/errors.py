@@ -54,6 +54,7 @@ HTTP_STATUS: dict[str, int] = {
     e.JobFailedError.code: 500,
     e.JobRefusedError.code: 500,
     e.UnauthenticatedError.code: 401,
+    e.KeyLostError.code: 401,
     e.ForbiddenError.code: 403,
     e.KeyExistsError.code: 409,
     e.UnknownKeyError.code: 404,

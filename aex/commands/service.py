@@ -47,13 +47,25 @@ def serve(
     redis_url: Annotated[
         Optional[str], typer.Option(help="Redis to use (AEX_REDIS_URL); unset: start an embedded one")
     ] = None,
+    ephemeral: Annotated[
+        bool,
+        typer.Option(
+            "--ephemeral",
+            help="embedded Redis: keep nothing on disk (AEX_REDIS_EPHEMERAL=true); jobs, results and API keys "
+            "are lost when it restarts or aex serve stops. Default: kept in AEX_REDIS_DIR, else "
+            "~/.local/state/aex/redis",
+        ),
+    ] = False,
 ) -> None:
     """Run the web service: the API, N workers and (unless AEX_REDIS_URL is set) an embedded
-    Redis, with the bundled checkpoints and AEX_MODEL_DIRS. Ctrl-C stops everything cleanly."""
+    Redis that keeps its data in a per-user folder (unless --ephemeral), with the bundled
+    checkpoints and AEX_MODEL_DIRS. Ctrl-C stops everything cleanly."""
     from aex.serve import serve as serve_stack
     from jobs.settings import Settings
 
     overrides = {"host": host, "port": port, "workers": workers, "redis_url": redis_url}
+    if ephemeral:  # absent, AEX_REDIS_EPHEMERAL decides
+        overrides["redis_ephemeral"] = True
     serve_stack(Settings(**{k: v for k, v in overrides.items() if v is not None}))
 
 

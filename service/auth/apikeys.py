@@ -1,7 +1,14 @@
 """API keys: created, listed and revoked by name, stored in Redis as the SHA-256 of their token, never the token.
 
-A token is ``aex_`` + 43 characters of URL-safe base64 (32 random bytes), shown once when the
-key is created. Redis holds, per key, the hash ``api_key_key(name)`` (digest, scopes,
+A token is ``aex_``, the 8 hex digits of the store epoch it was made in (``jobs.epoch``), ``_``,
+43 characters of URL-safe base64 (32 random bytes) and 4 hex check digits (of all before them):
+60 characters, shown once when the key is created. A token no key answers to whose check digits
+hold and whose epoch is not the store's was lost with the store's data (Redis restarted without
+persistence, or emptied): ``key_lost`` (401), not "unknown or revoked". That tells a caller only
+what the token itself says (its epoch is not the store's), never whether a key existed; a key
+is never made again with an earlier token, so a revoked key stays revoked. Tokens of the earlier
+form (``aex_`` + 43 characters, no epoch) keep working; lost, they are only "unknown".
+Redis holds, per key, the hash ``api_key_key(name)`` (digest, scopes,
 created_at, a random uid that tells this key from a later one of the same name) and the index ``api_key_digest_key(digest) -> name`` that each request looks its
 token up by; the digest of a 256-bit random token cannot be turned back into the token, so
 a Redis dump holds nothing to authenticate with. The final check compares digests in
@@ -19,19 +26,37 @@ from typing import Any
 
 from redis import Redis
 
+from jobs.epoch import CHECK_DIGITS, EPOCH_DIGITS, check_digits, checked, store_epoch
 from jobs.keys import api_key_digest_key, api_key_key, api_key_names_key
-from models.errors import BadParameterError, KeyExistsError, UnauthenticatedError, UnknownKeyError
+from models.errors import BadParameterError, KeyExistsError, KeyLostError, UnauthenticatedError, UnknownKeyError
 from service.auth.principal import ALL_SCOPES, Principal, Scope
 
 TOKEN_PREFIX = "aex_"
-TOKEN_PATTERN = re.compile(r"^aex_[A-Za-z0-9_-]{43}$")
+# aex_<epoch>_<secret><check>, or the earlier form aex_<secret> (no epoch).
+TOKEN_PATTERN = re.compile(r"^aex_(?:[0-9a-f]{8}_[A-Za-z0-9_-]{43}[0-9a-f]{4}|[A-Za-z0-9_-]{43})$")
+EPOCH_START = len(TOKEN_PREFIX)
+TOKEN_LENGTH = EPOCH_START + EPOCH_DIGITS + 1 + 43 + CHECK_DIGITS  # 60; the earlier form is 47
+KEY_LOST = (
+    "this API key was lost: the job store (Redis) lost its data after the key was made "
+    "(restarted without persistence, or emptied); ask an admin for a new key"
+)
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 FIRST_ADMIN = "admin"
 
 
-def new_token() -> str:
-    """A new API key token: ``aex_`` + URL-safe base64 of 32 random bytes."""
-    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+def new_token(epoch: str) -> str:
+    """A new API key token of store epoch ``epoch``: ``aex_<epoch>_`` + URL-safe base64 of 32
+    random bytes + 4 hex check digits."""
+    body = f"{TOKEN_PREFIX}{epoch}_{secrets.token_urlsafe(32)}"
+    return body + check_digits(body)
+
+
+def token_epoch(token: str) -> str | None:
+    """The store epoch ``token`` was made in; None for a token of the earlier form (or one
+    whose check digits do not hold: mistyped, not made by aex)."""
+    if len(token) != TOKEN_LENGTH or not TOKEN_PATTERN.match(token) or not checked(token):
+        return None
+    return token[EPOCH_START : EPOCH_START + EPOCH_DIGITS]
 
 
 def token_digest(token: str) -> str:
@@ -70,14 +95,12 @@ class ApiKeyStore:
     def __init__(self, conn: Redis):
         self.conn = conn
 
-    def create(self, name: str, scopes, token: str | None = None) -> tuple[dict[str, Any], str]:
+    def create(self, name: str, scopes) -> tuple[dict[str, Any], str]:
         """Create key ``name`` with ``scopes``; returns (its listing, the token). The token is
-        not kept: it cannot be shown again. KeyExistsError when the name is taken. ``token``:
-        the token to give it (only to restore a key its holder still has; default: a new one)."""
+        new (never one given: an earlier token, perhaps revoked, can never come back) and not
+        kept: it cannot be shown again. KeyExistsError when the name is taken."""
         name, values = check_name(name), check_scopes(scopes)
-        if token is not None and not TOKEN_PATTERN.match(token):
-            raise BadParameterError("a restored token must be an aex API key token (aex_ + 43 characters)")
-        token = token or new_token()
+        token = new_token(store_epoch(self.conn))
         digest = token_digest(token)
         created = datetime.now(UTC).isoformat(timespec="seconds")
         # The name is claimed atomically: two creations of one name cannot both succeed.
@@ -122,27 +145,35 @@ class ApiKeyStore:
         return bool(self.conn.scard(api_key_names_key()))
 
     def authenticate(self, token: str) -> Principal:
-        """The principal of an API key token; UnauthenticatedError for an unknown or revoked one."""
+        """The principal of an API key token; UnauthenticatedError for an unknown or revoked
+        one, KeyLostError (a subclass) for one of an earlier store epoch."""
         if not TOKEN_PATTERN.match(token or ""):
             raise UnauthenticatedError("the bearer token is not a valid API key or OIDC token")
         digest = token_digest(token)
         name = self.conn.get(api_key_digest_key(digest))
         if name is None:
-            raise UnauthenticatedError("unknown or revoked API key")
+            self._refuse(token)
         name = _text(name)
         stored, scopes, uid = self.conn.hmget(api_key_key(name), ["digest", "scopes", "uid"])
         if stored is None or not hmac.compare_digest(_text(stored).encode(), digest.encode()):
-            raise UnauthenticatedError("unknown or revoked API key")
+            self._refuse(token)
         return Principal("key", name, None, frozenset(_text(scopes).split()), uid=_text(uid) or None)
 
-    def ensure_first_admin(self, token: str | None = None) -> str | None:
+    def _refuse(self, token: str) -> None:
+        """Raise for a token no key answers to: ``key_lost`` when it was made in an earlier
+        store epoch (it says so itself), else ``unauthenticated``."""
+        epoch = token_epoch(token)
+        if epoch is not None and epoch != store_epoch(self.conn):
+            raise KeyLostError(KEY_LOST)
+        raise UnauthenticatedError("unknown or revoked API key")
+
+    def ensure_first_admin(self) -> str | None:
         """When no key exists, create ``admin`` with every scope and return its token (for
-        ``aex serve`` to write to AEX_TOKEN_FILE); else None. ``token``: the one to give it
-        (``aex serve`` restoring its first admin in its embedded Redis, restarted empty)."""
+        ``aex serve`` to write to AEX_TOKEN_FILE); else None. The token is always a new one."""
         if self.exists():
             return None
         try:
-            _, token = self.create(FIRST_ADMIN, sorted(ALL_SCOPES), token=token)
+            _, token = self.create(FIRST_ADMIN, sorted(ALL_SCOPES))
         except KeyExistsError:
             return None  # another process made it meanwhile
         return token

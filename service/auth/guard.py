@@ -8,6 +8,10 @@ without the scope ``forbidden`` (403). A principal that holds the scope of a mut
 (POST, DELETE) has its pending audit record written before the route acts
 (``service.audit.before_acting``): a store that refuses it refuses the request (503).
 
+An API key token made before the job store lost its data is ``key_lost`` (401), except on a
+job route (``/v1/jobs/{job_id}...``) whose job id is of an earlier epoch too: that job is
+``job_lost`` (410), as it is for any token, since the id alone says so (``jobs.epoch``).
+
 The job store being unreachable or refusing while an API key is looked up is never a 401:
 the Redis error goes on to the app's handler (503 ``store_unavailable``), and nothing is
 served without a principal. Torch-free.
@@ -22,7 +26,8 @@ from typing import Any
 from fastapi import Depends, Request
 from redis import Redis
 
-from models.errors import BadParameterError, UnauthenticatedError
+from jobs.epoch import lost_in_restart
+from models.errors import BadParameterError, JobLostError, KeyLostError, UnauthenticatedError
 from service.audit import before_acting
 from service.auth.apikeys import TOKEN_PREFIX, ApiKeyStore
 from service.auth.oidc import OidcVerifier, check_fetch_url
@@ -108,7 +113,19 @@ def current_principal(request: Request) -> Principal:
     principal = getattr(request.state, "principal", None)
     if principal is None:
         auth: Authenticator = request.app.state.auth
-        principal = auth.authenticate(request.headers.get("authorization"))
+        try:
+            principal = auth.authenticate(request.headers.get("authorization"))
+        except KeyLostError:
+            # Its owner polling a job lost with the key learns that the job is lost: the id
+            # alone says so (its check digits hold, its epoch is not the store's), so this
+            # tells nothing a caller could not work out; any other id stays a key_lost.
+            job_id = request.path_params.get("job_id")
+            if isinstance(job_id, str) and auth.keys is not None and lost_in_restart(auth.keys.conn, job_id):
+                raise JobLostError(
+                    f"job {job_id} is gone: the job store (Redis) lost its data after the job was accepted "
+                    "(restarted without persistence, or emptied), and the key that submitted it with it"
+                ) from None
+            raise
         request.state.principal = principal
     return principal
 
