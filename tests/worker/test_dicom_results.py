@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import numpy as np
 import pydicom
@@ -158,3 +159,26 @@ def test_the_secondary_captures_hold_the_pngs_pixels(served, xray, monkeypatch):
         pixels = np.asarray(Image.open(io.BytesIO(files[png])))
         pixels = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)  # SCs are RGB
         np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(dicom[dcm])).pixel_array, pixels, err_msg=dcm)
+
+
+def test_malformed_patient_study_and_equipment_attributes_cost_no_object(served, tmp_path, monkeypatch, caplog):
+    """Every malformed attribute of ``tests.models.dicom.malformed`` at once: the explanation
+    still has every DICOM object, each accepted by dciodvfy, and the result names each
+    attribute in ``dicom_warnings``; the canary in the values is nowhere in the result's JSON,
+    the objects or the logs."""
+    from tests.models.dicom.malformed import CANARY, EVERYTHING, malformed, source_file
+
+    monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
+    data = malformed(source_file(), [(k, raw, vr) for k, (raw, vr) in EVERYTHING.items()])
+    caplog.set_level(logging.DEBUG)
+    _parameters, summary, _files, dicom = explain(served, data)
+    stems = [t["image"][:-4] for t in summary["targets"]]
+    expected = {"gradcam_parametric_map.dcm", "gradcam_overlay.dcm", "structured_report.dcm"}
+    assert set(dicom) == expected | {f"{s}.dcm" for s in stems} | {f"{s}_diff.dcm" for s in stems}
+    assert "dicom_error" not in summary
+    assert sorted(w.split(" ", 1)[0] for w in summary["dicom_warnings"]) == sorted(EVERYTHING)
+    text = json.dumps(summary)
+    assert CANARY[:8] not in text and CANARY[:8] not in caplog.text
+    assert not [name for name, blob in dicom.items() if CANARY[:8].encode() in blob]
+    if have_dciodvfy():
+        assert check_with_dciodvfy(tmp_path, dicom) == {}
