@@ -9,12 +9,13 @@ Importing this module never imports torch.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.defaults import ARA_STEPS, STABILITY_MODE, StabilityMode
@@ -27,7 +28,7 @@ MIB = 1024 * 1024
 # whose "secret" would be the public key).
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 # List settings whose items are separated by commas (the others are paths: os.pathsep).
-COMMA_LISTS = ("callback_allowed_hosts", "oidc_algorithms", "cors_origins", "trusted_hosts")
+COMMA_LISTS = ("callback_allowed_hosts", "oidc_algorithms", "cors_origins", "trusted_hosts", "trusted_proxies")
 
 
 def bundled_checkpoint_dir() -> Path:
@@ -67,13 +68,21 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     max_upload_bytes: int = Field(20 * MIB, ge=1)
-    # A request's head, then its body, must arrive whole within this time (else the connection
-    # is closed; 408 for a body): a client that stalls or trickles its upload holds neither a
-    # connection nor its buffered bytes for longer.
+    # A request's body must arrive whole within this time (else 408 and the connection closed):
+    # a client that stalls or trickles its upload holds neither a connection nor its bytes for longer.
     body_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
+    # A request's head must arrive whole within this time of the connection (or of the previous
+    # response), however it trickles, else the connection is closed; below body_timeout_seconds.
+    head_timeout_seconds: float = Field(10.0, gt=0.0, le=3600.0)
     # Most connections and requests the API serves at once (uvicorn's limit_concurrency);
-    # beyond it, requests are answered 503 at once.
+    # beyond it, requests are answered 503 at once (GET /healthz excepted).
     max_connections: int = Field(200, ge=1)
+    # Most connections one client address (IPv6: its /64) holds at once, below max_connections;
+    # None: a quarter of max_connections (connections_per_client). Beyond it, 429.
+    max_connections_per_client: int | None = Field(None, ge=1)
+    # Reverse proxies (addresses or networks) whose connections are not counted per client and
+    # whose X-Forwarded-For / X-Forwarded-Proto are believed; empty: none, from anyone.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_image_pixels: int = Field(50_000_000, ge=1)
     # Longest side / shortest side of an image or DICOM upload (422 extreme_aspect_ratio above).
     max_aspect_ratio: int = Field(20, ge=1)
@@ -206,6 +215,38 @@ class Settings(BaseSettings):
         items = value.split(",") if isinstance(value, str) else list(value or [])
         return [str(h).strip().lower() for h in items if str(h).strip()]
 
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value):
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        networks = []
+        for item in (str(i).strip() for i in items):
+            if not item:
+                continue
+            try:
+                networks.append(str(ipaddress.ip_network(item)))
+            except ValueError:
+                raise ValueError(
+                    f"AEX_TRUSTED_PROXIES takes IP addresses or networks (10.0.0.5, 10.0.0.0/24), not {item!r}"
+                ) from None
+        return networks
+
+    @model_validator(mode="after")
+    def _limits_in_order(self):
+        # One client may never fill the server alone, and a head (a few KiB at most) may not
+        # take as long as a body.
+        if self.max_connections_per_client is not None and self.max_connections_per_client >= self.max_connections:
+            raise ValueError(
+                f"AEX_MAX_CONNECTIONS_PER_CLIENT ({self.max_connections_per_client}) must be below "
+                f"AEX_MAX_CONNECTIONS ({self.max_connections})"
+            )
+        if self.head_timeout_seconds >= self.body_timeout_seconds:
+            raise ValueError(
+                f"AEX_HEAD_TIMEOUT_SECONDS ({self.head_timeout_seconds:g}) must be below "
+                f"AEX_BODY_TIMEOUT_SECONDS ({self.body_timeout_seconds:g})"
+            )
+        return self
+
     @field_validator("oidc_algorithms", mode="before")
     @classmethod
     def _split_algorithms(cls, value):
@@ -262,6 +303,11 @@ class Settings(BaseSettings):
         state = os.environ.get("XDG_STATE_HOME", "")
         base = Path(state) if os.path.isabs(state) else Path.home() / ".local" / "state"
         return base / "aex" / "redis"
+
+    def connections_per_client(self) -> int:
+        """Most connections one client address holds at once: AEX_MAX_CONNECTIONS_PER_CLIENT,
+        else a quarter of AEX_MAX_CONNECTIONS (at least 1)."""
+        return self.max_connections_per_client or max(1, self.max_connections // 4)
 
     def checkpoint_dirs(self) -> list[Path]:
         """The folders searched for checkpoints, bundled first."""

@@ -200,6 +200,13 @@ class TooManyJobsError(AexError):
     code = "too_many_jobs"
 
 
+class TooManyConnectionsError(AexError):
+    """The client (an IPv4 address, an IPv6 /64) holds AEX_MAX_CONNECTIONS_PER_CLIENT
+    connections already; the API answers a new one with this code and closes it."""
+
+    code = "too_many_connections"
+
+
 class DecryptionError(AexError):
     """Data stored encrypted in Redis could not be decrypted (another AEX_DATA_KEY, or altered)."""
 

@@ -59,6 +59,7 @@ HTTP_STATUS: dict[str, int] = {
     e.KeyExistsError.code: 409,
     e.UnknownKeyError.code: 404,
     e.TooManyJobsError.code: 429,
+    e.TooManyConnectionsError.code: 429,
     e.DecryptionError.code: 500,
     e.UnknownPacsError.code: 400,
     e.InstanceNotFoundError.code: 404,
@@ -71,6 +72,7 @@ HTTP_STATUS: dict[str, int] = {
 RETRY_AFTER: dict[str, int] = {
     e.TransientError.code: 5,
     e.QueueFullError.code: 5,
+    e.TooManyConnectionsError.code: 5,
     e.ServiceUnavailableError.code: 5,
     e.StoreUnavailableError.code: 5,
 }

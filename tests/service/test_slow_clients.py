@@ -1,6 +1,7 @@
 """Slow clients, with raw sockets against the API served by uvicorn as `aex serve` serves it: a
 body that stalls or trickles is answered 408 within AEX_BODY_TIMEOUT_SECONDS and its connection
-closed (nothing of it is held after), and the connections are bounded (AEX_MAX_CONNECTIONS)."""
+closed (nothing of it is held after), a head that stalls is cut at AEX_HEAD_TIMEOUT_SECONDS, and
+the connections are bounded (AEX_MAX_CONNECTIONS; one client's: tests/service/test_client_limits.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from tests.rawhttp import read_response
 from tests.tokens import token_for
 
 pytestmark = pytest.mark.e2e
 
-BODY_TIMEOUT = 1.5
+BODY_TIMEOUT = 2.5
+HEAD_TIMEOUT = 1.5
 MAX_CONNECTIONS = 4
+PER_CLIENT = MAX_CONNECTIONS - 1  # the limit is filled from 127.0.0.1, the extra comes from 127.0.0.2
+EXTRA = ("127.0.0.2", 0)
 SLACK = 3.0  # scheduling on two shared cores
 BOUNDARY = "slowboundary"
 TOKEN: list[str] = []  # the admin token of the stack, set by slow_api (a body is read only after it)
@@ -29,7 +34,9 @@ def slow_api(service_stack, serve_api) -> tuple[str, int]:
         service_stack.model_copy(
             update={
                 "body_timeout_seconds": BODY_TIMEOUT,
+                "head_timeout_seconds": HEAD_TIMEOUT,
                 "max_connections": MAX_CONNECTIONS,
+                "max_connections_per_client": PER_CLIENT,
                 "max_upload_bytes": 256 * 1024,
             }
         )
@@ -53,36 +60,6 @@ def form_body(image: bytes) -> bytes:
         + image
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
-
-
-def read_response(
-    sock: socket.socket, timeout: float, wait_for_close: bool = True
-) -> tuple[int, dict[str, str], bytes, bool]:
-    """(status, headers, body, closed): the response, and (``wait_for_close``) whether the
-    server then closed the connection (EOF within ``timeout``)."""
-    sock.settimeout(timeout)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        assert chunk, f"connection closed without a response: {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
-    while len(body) < int(headers.get("content-length", 0)):
-        body += sock.recv(65536)
-    if not wait_for_close:
-        return status, headers, body, False
-    try:
-        closed = sock.recv(1) == b""
-    except ConnectionResetError:
-        # The server closed with bytes of ours still unread (a client that kept sending after
-        # the answer): TCP resets instead of a clean EOF. Closed all the same.
-        closed = True
-    except TimeoutError:
-        closed = False
-    return status, headers, body, closed
 
 
 def test_a_stalled_body_is_answered_408_and_its_connection_closed(slow_api, make_image):
@@ -128,10 +105,11 @@ def test_connections_are_bounded_and_freed_by_the_deadline(slow_api, make_image)
             sock.sendall(request_head(len(body)) + body[:100])
             stalled.append(sock)
         time.sleep(0.2)
-        with socket.create_connection(slow_api) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        with socket.create_connection(slow_api, source_address=EXTRA) as extra:
+            extra.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n")
             status, _, _, _ = read_response(extra, SLACK)
-        assert status == 503  # at once, not after the others' deadline
+        assert status == 503  # at once, not after the others' deadline (and before the app's 401)
+        assert healthz(slow_api, EXTRA) == 200  # the liveness probe, answered all the same
         for sock in stalled:
             status, _, payload, closed = read_response(sock, BODY_TIMEOUT + SLACK)
             assert status == 408 and closed, payload
@@ -141,6 +119,13 @@ def test_connections_are_bounded_and_freed_by_the_deadline(slow_api, make_image)
     with socket.create_connection(slow_api) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
         assert read_response(sock, SLACK)[0] == 200
+
+
+def healthz(address: tuple[str, int], source: tuple[str, int]) -> int:
+    """The status of ``GET /healthz`` on a new connection from ``source``."""
+    with socket.create_connection(address, source_address=source) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        return read_response(sock, SLACK, wait_for_close=False)[0]
 
 
 def closed_within(sock: socket.socket, timeout: float) -> float:
@@ -165,18 +150,19 @@ def closed_within(sock: socket.socket, timeout: float) -> float:
 def test_a_stalled_request_head_is_closed(slow_api, sent):
     with socket.create_connection(slow_api) as sock:
         sock.sendall(sent)
-        assert closed_within(sock, BODY_TIMEOUT + SLACK) >= BODY_TIMEOUT - 0.1
+        assert closed_within(sock, HEAD_TIMEOUT + SLACK) >= HEAD_TIMEOUT - 0.1
 
 
 def test_idle_connections_are_bounded_and_freed_by_the_deadline(slow_api):
     idle = [socket.create_connection(slow_api) for _ in range(MAX_CONNECTIONS - 1)]
     try:
         time.sleep(0.2)
-        with socket.create_connection(slow_api) as extra:
-            extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        with socket.create_connection(slow_api, source_address=EXTRA) as extra:
+            extra.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n")
             assert read_response(extra, SLACK)[0] == 503
+        assert healthz(slow_api, EXTRA) == 200
         for sock in idle:
-            closed_within(sock, BODY_TIMEOUT + SLACK)
+            closed_within(sock, HEAD_TIMEOUT + SLACK)
     finally:
         for sock in idle:
             sock.close()
@@ -188,7 +174,7 @@ def test_idle_connections_are_bounded_and_freed_by_the_deadline(slow_api):
 def test_a_kept_alive_connection_serves_requests_until_idle(slow_api):
     with socket.create_connection(slow_api) as sock:
         for _ in range(3):
-            time.sleep(BODY_TIMEOUT / 2)  # under both deadlines each time, over the head's in all
+            time.sleep(HEAD_TIMEOUT / 2)  # under both deadlines each time, over the head's in all
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
             assert read_response(sock, SLACK, wait_for_close=False)[0] == 200
 
