@@ -280,6 +280,11 @@ class ExplainResult(ResultModel):
     dicom_files: list[str] | None = Field(None, description="DICOM input: names of the DICOM objects")
     dicom_objects: list[DicomObject] | None = None
     dicom_error: str | None = Field(None, description="DICOM input: why no DICOM object could be derived")
+    dicom_warnings: list[str] | None = Field(
+        None,
+        description="DICOM input: each malformed attribute of the source, by keyword (never its value), "
+        "and whether the DICOM objects leave it empty, leave it out or carry a UID derived from it",
+    )
     seconds: float
     reused: bool
     provenance: Provenance
