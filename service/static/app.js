@@ -26,6 +26,7 @@ const ERROR_WORDS = {
   job_failed: "The job failed",
   network: "Could not reach the service",
   unauthenticated: "An access token is needed (paste it above)",
+  key_lost: "This access token was lost with the service's data (paste a new one above)",
   forbidden: "This access token may not do that",
   too_many_jobs: "You have the most jobs this service allows queued or running",
 };
@@ -236,7 +237,7 @@ async function loadModels() {
   } catch (err) {
     select.replaceChildren(el("option", { value: "", text: "the model list could not be loaded" }));
     showError(err);
-    if (err.code === "unauthenticated") $("token").focus();
+    if (err.code === "unauthenticated" || err.code === "key_lost") $("token").focus();
   }
 }
 
