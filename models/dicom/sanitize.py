@@ -280,14 +280,14 @@ def usable_source(source: Dataset) -> UsableSource:
         warnings.simplefilter("ignore")  # pydicom's warnings quote values
         encodings, charset_ok = declared_encodings(source)
         for tag in list(source.keys()):
+            if keyword_for_tag(tag) in PIXEL_DATA:
+                continue  # never copied (and never deep-copied: up to 100 MB)
             try:
                 elem = copy.deepcopy(source[tag])
             except Exception:  # not even readable: left out
                 _note(findings, keyword_for_tag(tag), "left out")
                 continue
             keyword = elem.keyword
-            if keyword in PIXEL_DATA:
-                continue
             if keyword == "SpecificCharacterSet":
                 ok = charset_ok
             else:
