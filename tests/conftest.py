@@ -160,7 +160,7 @@ def service_models(tmp_path_factory) -> Path:
 def redis_server(tmp_path_factory):
     """One real redis-server for the session: the one `aex serve` embeds (Unix socket, no
     snapshots), stopped at the end even if clients are still connected."""
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
     server.start()
@@ -546,7 +546,7 @@ def serve_api():
 @pytest.fixture(scope="session")
 def settings_on(service_models):
     """settings_on(server, db, **overrides): settings of a test stack on a Redis server of the
-    test's own (an ``aex.serve.EmbeddedRedis``), database ``db``."""
+    test's own (an ``aex.embedded_redis.EmbeddedRedis``), database ``db``."""
     return lambda server, db, **overrides: stack_settings(server, db, service_models, **overrides)
 
 

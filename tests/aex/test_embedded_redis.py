@@ -1,4 +1,4 @@
-"""The embedded Redis of `aex serve` (aex/serve.py's EmbeddedRedis) keeps what it holds: a real
+"""The embedded Redis of `aex serve` (aex/embedded_redis.py) keeps what it holds: a real
 redis-server with its append-only file, SIGKILLed and started again by the supervisor, or
 stopped and started again as a whole new `aex serve` would, keeps every API key and every
 revocation (a revoked token stays refused, never "lost"); ephemeral, it keeps nothing and the
@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aex.serve import LOCK_FILE, EmbeddedRedis
+from aex.embedded_redis import LOCK_FILE, EmbeddedRedis
 from jobs.epoch import store_epoch
 from jobs.queues import connect
 from models.errors import BadParameterError, KeyLostError, UnauthenticatedError
@@ -119,7 +119,7 @@ def test_a_redis_server_left_by_a_killed_aex_serve_keeps_its_folder(tmp_path):
     folder = tmp_path / "redis"
     script = (
         "import sys, time\n"
-        "from aex.serve import EmbeddedRedis\n"
+        "from aex.embedded_redis import EmbeddedRedis\n"
         f"EmbeddedRedis({str(folder)!r}, persistent=True).start()\n"
         "print('started', flush=True)\n"
         "time.sleep(600)\n"

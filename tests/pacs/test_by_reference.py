@@ -20,7 +20,7 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 @pytest.fixture(scope="module")
 def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     """An API (uvicorn) and one worker of their own that know the Orthanc as "orthanc"."""
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
     from tests.conftest import wait_for_workers
 
     folder = tmp_path_factory.mktemp("by-reference")

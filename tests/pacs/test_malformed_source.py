@@ -31,7 +31,7 @@ BY_REFERENCE = {k: v for k, v in EVERYTHING.items() if not k.endswith("UID")}
 def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     """(settings, API URL, worker): an API (uvicorn) and one worker of their own that know the
     Orthanc as "orthanc"; the worker's log is read by the tests."""
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
     from tests.conftest import wait_for_workers
 
     folder = tmp_path_factory.mktemp("malformed-source")

@@ -214,7 +214,7 @@ def test_aex_watch_explains_a_new_study_once_and_stores_the_results_back(
     fetches the instance by WADO-RS and stores the result objects back by STOW-RS), the results
     come back into the study as their own series, and Ctrl-C stops it cleanly."""
 
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
     from tests.tokens import token_for
 
     server = EmbeddedRedis(tmp_path / "redis")

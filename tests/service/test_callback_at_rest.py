@@ -35,7 +35,7 @@ def delivered(client, url: str, timeout: float = 90.0) -> dict:
 
 
 def test_a_callback_url_is_sealed_in_redis_and_the_append_only_file(tmp_path, service_models, make_image, caplog):
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "redis", persistent=True)
     server.start()

@@ -2,7 +2,7 @@
 tokens carry the store epoch they were made in, so after the store lost its data an earlier
 token answers 401 key_lost (never "unknown", never working again), polling a job of the
 earlier data with it answers 410 job_lost, and tokens of the earlier form (no epoch) keep
-working. On a real redis-server (aex.serve.EmbeddedRedis, no persistence) SIGKILLed and
+working. On a real redis-server (aex.embedded_redis.EmbeddedRedis, no persistence) SIGKILLed and
 started again, as `aex serve --ephemeral`'s supervisor does."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def forged(epoch: str) -> str:
 def restarted(tmp_path, settings_on):
     """Keys and a job id of one store epoch, then the store restarted empty: yields the API's
     client and what was made before."""
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()

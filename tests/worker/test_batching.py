@@ -29,7 +29,7 @@ WAIT_MS = 3000
 
 @pytest.fixture(scope="module")
 def redis_of_module(tmp_path_factory):
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
 
     server = EmbeddedRedis(tmp_path_factory.mktemp("redis-batching"))
     server.start()

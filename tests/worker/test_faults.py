@@ -1,4 +1,4 @@
-"""Fault suite: real worker processes on a real Redis with persistence (``aex.serve.EmbeddedRedis``
+"""Fault suite: real worker processes on a real Redis with persistence (``aex.embedded_redis.EmbeddedRedis``
 with its append-only file, supervised as `aex serve` runs it), the API served by uvicorn, and
 the faults an operator meets: a worker SIGKILLed mid-job, Redis killed and started again while
 idle and while busy (jobs queued and running), 50 concurrent clients.
@@ -83,7 +83,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, settings_on, worker_process, serve_api):
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
 
     folder = tmp_path_factory.mktemp("faults")
     server = EmbeddedRedis(folder / "redis", persistent=True)
@@ -331,7 +331,7 @@ def test_50_concurrent_clients(stack, make_image, capsys):
 def test_job_ids_carry_the_epoch_of_the_store(tmp_path):
     """A job id made before Redis lost its data counts as lost; an id made since, or one aex
     never made (mistyped, invented, without valid check digits), does not."""
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
     from jobs.epoch import lost_in_restart, new_job_id, store_epoch
 
     server = EmbeddedRedis(tmp_path / "redis")

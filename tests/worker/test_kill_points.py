@@ -1,7 +1,7 @@
 """Kill-point fault suite: a worker SIGKILLed at a seeded random moment of a job's or a batch's life (with Redis
 killed at the same moment now and then), Redis killed during a batch, Redis out of memory; every accepted job ends once, nothing is left behind.
 
-Real worker processes on a real, persistent, supervised Redis (``aex.serve.EmbeddedRedis``), the
+Real worker processes on a real, persistent, supervised Redis (``aex.embedded_redis.EmbeddedRedis``), the
 API in process. After each fault every accepted job must end ``finished`` (after a retry) or
 ``failed`` with a code, within a bounded wait; none may stay queued or running, and nothing of
 it may be left in Redis (its upload, an id in a queue, an intermediate list or the started
@@ -34,7 +34,7 @@ TERMINAL = ("finished", "failed", "cancelled")
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from aex.serve import EmbeddedRedis
+    from aex.embedded_redis import EmbeddedRedis
 
     folder = tmp_path_factory.mktemp("kill-points")
     server = EmbeddedRedis(folder / "redis", persistent=True)
