@@ -26,6 +26,14 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
     || echo "warning: could not install chromium; the viewer test will skip" >&2
 fi
+# The OHIF Viewer for the OHIF test (tests/pacs/test_ohif.py): npm from apt when we may, then the
+# pinned @ohif/app build from the npm registry, its integrity checked, into ~/.cache/aex/ohif
+# (scripts/install-ohif; the test runs it too and skips without it, or fails under .ci/run).
+if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm) >/dev/null 2>&1 \
+    || echo "warning: could not install npm; the OHIF test cannot install the viewer" >&2
+fi
+bash scripts/install-ohif >/dev/null || echo "warning: could not install the OHIF Viewer; the OHIF test will say why" >&2
 # Lint, format and the import contracts first: any of them failing fails the run.
 echo "ruff check" && .venv/bin/ruff check .
 echo "ruff format --check" && .venv/bin/ruff format --check .

@@ -1,0 +1,245 @@
+"""aex's results for a chest DX, read back in the OHIF Viewer (the pinned @ohif/app build) over a real Orthanc, in headless Chromium: the source, the fused Grad-CAM map, the report's words.
+
+A 1024 x 1024 DX is stored in Orthanc; the bundled pneumonia-robust checkpoint explains it
+through the worker's own path (``worker.explaining.explain_result``: Parametric Map,
+Secondary Captures, SR) and the report is added as an Encapsulated PDF
+(``models.dicom.report_pdf``; until the worker writes it with the other objects); the
+objects are stored by STOW-RS (``pacs.store``). OHIF opens the study in its default mode, as a
+reader would, and the test finds, in order: the X-ray in the viewport, the Parametric Map fused
+over it (a colour map), the PDF report shown in the viewport (the very bytes aex wrote, saying
+the class, its probability and "not for diagnostic use"), and the SR's viewport. Every derived
+series is labelled "not for diagnostic use" in the study browser, and nothing is fetched from
+outside the loopback origin.
+
+Screenshots of each view go to ``$AEX_TEST_ARTIFACTS/ohif/`` (``.ci/run``: test-artifacts/ohif/
+in the checkout), else to the test's tmp_path; the page's console is saved beside them.
+Every wait is bounded; nothing is timed.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from tests.ohif import OhifServer, artifacts_dir, chromium, install_ohif, missing
+from tests.pacs.conftest import ORTHANC_PASSWORD, ORTHANC_USER, dicomweb_plugin, xray
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "pneumonia-robust" / "model.safetensors"
+LOAD_SECONDS = 90  # the viewer's first load (its bundles, the study's metadata)
+VIEW_SECONDS = 60  # each view after a click
+VIEWPORT = "[data-cy=viewport-pane]"
+NOT_FOR_DIAGNOSIS = "not for diagnostic use"
+
+
+@pytest.fixture(scope="module")
+def pacs(request):
+    """The session's Orthanc; its absence fails where the OHIF test is required (.ci/run)."""
+    if shutil.which("Orthanc") is None or dicomweb_plugin() is None:
+        missing("Orthanc or its DICOMweb plugin is not installed (Debian packages orthanc, orthanc-dicomweb)")
+    return request.getfixturevalue("orthanc")
+
+
+def chest_dx() -> bytes:
+    """A 1024 x 1024 DX (16 bits) shaped like a chest film: a bright body, two darker lung
+    fields, a spine, with the Imager Pixel Spacing a detector writes (Type 1 in a DX)."""
+    yy, xx = np.mgrid[0:1024, 0:1024] / 1023.0
+    body = ((xx - 0.5) / 0.46) ** 2 + ((yy - 0.55) / 0.52) ** 2 < 1
+    lungs = sum(((xx - cx) / 0.17) ** 2 + ((yy - 0.45) / 0.3) ** 2 < 1 for cx in (0.3, 0.7))
+    spine = (np.abs(xx - 0.5) < 0.04) & body
+    rng = np.random.default_rng(18)
+    image = 6000 + 30000 * body - 18000 * lungs + 12000 * spine + rng.normal(0, 600, (1024, 1024))
+    ds = pydicom.dcmread(io.BytesIO(xray(np.clip(image, 0, 65535).astype(np.uint16))))
+    ds.ImagerPixelSpacing = [0.15, 0.15]
+    ds.BodyPartExamined, ds.ViewPosition, ds.PatientOrientation = "CHEST", "PA", ["L", "F"]
+    ds.WindowCenter, ds.WindowWidth = 24000, 44000
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@dataclass
+class Study:
+    uid: str
+    descriptions: dict[str, str]  # modality -> Series Description of each derived series
+    predicted: dict
+    report_pdf: bytes  # the PDF inside the Encapsulated PDF aex stored
+
+
+@pytest.fixture(scope="module")
+def study(pacs) -> Study:
+    """The DX and aex's objects for it (the worker's DICOM outputs and the PDF report), in Orthanc."""
+    import torch
+
+    from jobs.params import ExplainParameters
+    from jobs.settings import Settings
+    from models.dicom.equipment import Provenance
+    from models.dicom.report_pdf import report_pdf
+    from models.dicom.secondary_capture import part10
+    from models.dicom.uids import result_uids
+    from pacs.store import store_results
+    from worker.explaining import explain_result
+    from worker.served import ServedModel
+
+    dx = chest_dx()
+    pacs.store(dx)
+    served = ServedModel.load("pneumonia-robust", CHECKPOINT, torch.device("cpu"))
+    parameters = ExplainParameters.build(
+        targets=["predicted"], rho=0.1, steps=5, layer=served.gradcam_layer, stability_steps=5
+    )
+    out = explain_result(served, dx, "dicom", parameters, bound_check=False)
+    summary = out.result.dump()
+    source = pydicom.dcmread(io.BytesIO(dx))
+    uid = result_uids(str(source.SOPInstanceUID), served.checkpoint_sha256, parameters.kwargs())
+    provenance = Provenance(served.name, served.checkpoint_sha256)
+    report = report_pdf(source, summary, provenance, uid, input_size=served.meta.input_size)
+    objects = [*out.dicom_files.values(), part10(report)]
+    stored = store_results(Settings(pacs={"orthanc": pacs.endpoint()}).pacs, "orthanc", objects)
+    assert (stored["stored"], stored["failed"]) == (len(objects), 0), stored
+    descriptions = {}
+    for data in objects:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        descriptions[str(ds.Modality)] = str(ds.SeriesDescription)
+    pdf = bytes(report.EncapsulatedDocument[: report.EncapsulatedDocumentLength])
+    return Study(str(source.StudyInstanceUID), descriptions, summary["predicted"], pdf)
+
+
+@pytest.fixture(scope="module")
+def ohif(pacs):
+    server = OhifServer(install_ohif(), pacs.rest, (ORTHANC_USER, ORTHANC_PASSWORD))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+# --- what the viewport shows ------------------------------------------------------------------
+def pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.float32)
+
+
+def grey_image(rgb: np.ndarray) -> bool:
+    """An X-ray: structure in grey (brightness varies), hardly any colour."""
+    colour = (rgb.max(axis=2) - rgb.min(axis=2)) > 40
+    return rgb.mean(axis=2).std() > 20 and colour.mean() < 0.03
+
+
+def colour_map(rgb: np.ndarray) -> bool:
+    """A map fused over the image: a fifth of the viewport or more in colour."""
+    return ((rgb.max(axis=2) - rgb.min(axis=2)) > 40).mean() > 0.2
+
+
+def pdf_page(rgb: np.ndarray) -> bool:
+    """A PDF page in the browser's viewer: a large white area."""
+    return (rgb.min(axis=2) > 235).mean() > 0.25
+
+
+def wait_for_view(page, name: str, shots: Path, shows, what: str, seconds: float = VIEW_SECONDS) -> np.ndarray:
+    """Screenshots of the viewport until ``shows(pixels)`` (or fail after ``seconds``, the last one
+    kept); the one that shows it is saved as ``shots/name``."""
+    viewport = page.locator(VIEWPORT).first
+    deadline = time.monotonic() + seconds
+    while True:
+        png = viewport.screenshot()
+        rgb = pixels(png)
+        if shows(rgb):
+            (shots / name).write_bytes(png)
+            page.screenshot(path=str(shots / f"page-{name}"))
+            return rgb
+        if time.monotonic() > deadline:
+            (shots / f"failed-{name}").write_bytes(png)
+            page.screenshot(path=str(shots / f"failed-page-{name}"))
+            raise AssertionError(f"the viewport did not show {what} within {seconds} s (see {shots})")
+        time.sleep(0.5)
+
+
+def thumbnail(page, modality: str):
+    """The study browser's entry of the series with this modality."""
+    label = page.locator("[data-cy=series-modality-label]", has_text=re.compile(rf"^\s*{modality}\s*$"))
+    return page.locator("[data-cy^=study-browser-thumbnail]").filter(has=label)
+
+
+def test_a_reader_sees_the_xray_the_fused_map_and_the_report_in_ohif(study, ohif, browser, tmp_path):
+    shots = artifacts_dir(tmp_path)
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    console: list[str] = []
+    outside: list[str] = []
+    page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+    page.on("pageerror", lambda exc: console.append(f"page error: {exc}"))
+    # Requests over the network other than to the one origin (the browser's own PDF viewer
+    # loads chrome:// and chrome-extension:// pages, blob: and data: URLs stay in the page).
+    page.on(
+        "request",
+        lambda r: (
+            outside.append(r.url)
+            if r.url.startswith(("http:", "https:", "ws:", "wss:")) and not r.url.startswith(ohif.url + "/")
+            else None
+        ),
+    )
+    try:
+        page.goto(ohif.viewer(study.uid))
+        # The study browser lists the source and every derived series, each derived one
+        # labelled "not for diagnostic use" (its Series Description).
+        series = {"DX", *study.descriptions}
+        for modality in series:
+            thumbnail(page, modality).first.wait_for(timeout=LOAD_SECONDS * 1000)
+        labels = page.eval_on_selector_all(
+            "[data-cy=series-description-label]", "labels => labels.map((l) => l.title || l.textContent)"
+        )
+        for modality, description in study.descriptions.items():
+            assert description.endswith(NOT_FOR_DIAGNOSIS), (modality, description)
+            assert thumbnail(page, modality).count() == 1, modality
+            assert description in labels, (description, labels)
+
+        # 1. The default layout shows the X-ray.
+        wait_for_view(page, "1-source.png", shots, grey_image, "the X-ray", LOAD_SECONDS)
+
+        # 2. The Parametric Map, opened from the study browser, fused over the X-ray.
+        thumbnail(page, "PMAP").dblclick()
+        wait_for_view(page, "2-parametric-map-fused.png", shots, colour_map, "the Grad-CAM map in colour")
+
+        # 3. The report (Encapsulated PDF) in the viewport: the browser's PDF viewer shows what
+        # aex wrote, byte for byte.
+        thumbnail(page, "DOC").dblclick()
+        shown = page.wait_for_selector('object[type="application/pdf"][data^="blob:"]', timeout=VIEW_SECONDS * 1000)
+        data = page.evaluate(
+            "async (url) => Array.from(new Uint8Array(await (await fetch(url)).arrayBuffer()))",
+            shown.get_attribute("data"),
+        )
+        assert bytes(data) == study.report_pdf
+        text = study.report_pdf.decode("latin-1")
+        assert f"Predicted class: {study.predicted['class_name']}, probability" in text
+        assert f"{100 * study.predicted['prob']:.1f} %" in text and NOT_FOR_DIAGNOSIS.upper() in text
+        wait_for_view(page, "3-report-pdf.png", shots, pdf_page, "the PDF page")
+
+        # 4. The SR's viewport, as OHIF shows it (for a person to look at; see the report of
+        # issue 18 for what each kind of SR shows).
+        thumbnail(page, "SR").dblclick()
+        page.locator(VIEWPORT).first.locator("object").wait_for(state="detached", timeout=VIEW_SECONDS * 1000)
+        page.wait_for_load_state("networkidle", timeout=VIEW_SECONDS * 1000)
+        page.locator(VIEWPORT).first.screenshot(path=str(shots / "4-structured-report.png"))
+
+        assert outside == []
+        failed = [(path, status) for path, status in ohif.proxied if status >= 400]
+        assert failed == [], failed
+    finally:
+        page.screenshot(path=str(shots / "last-page.png"))
+        (shots / "console.txt").write_text("\n".join(console))
+        page.close()
