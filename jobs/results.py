@@ -6,21 +6,70 @@ the keys it was computed with, and only those: a field the worker did not set (a
 without stability, an explain job's DICOM names on an image input, the URLs the job view
 adds) is left out of the JSON, never written as null. Every model keeps keys it does not
 name (``extra="allow"``): a key a newer worker adds passes through unchanged instead of
-failing the API."""
+failing the API.
+
+Every number of a result is finite: each model refuses a NaN or an infinity anywhere in what it
+is given (its fields and kept keys, nested parts and free-form dicts alike) with
+NonFiniteResultError (``non_finite_result``) naming where, before any field is validated, and
+``dump`` checks again what rq is handed. So a job whose computation went non-finite fails with
+that code; it never finishes with a null where a number was.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
 
 from jobs.params import ClassifyParameters, ExplainParameters, StabilityMode
+from models.errors import NonFiniteResultError
+
+SHOWN_PATHS = 5  # of the non-finite numbers, how many a message names
+
+
+def non_finite_paths(value: Any, path: str = "") -> list[str]:
+    """Where a result, a part of one or its JSON holds a NaN or an infinity: paths such as
+    ``probs.cat`` or ``targets[1].faithfulness.deletion_curve[3]``. Walks dicts, lists, tuples
+    and models (fields and kept keys); integers and booleans are always finite."""
+    if isinstance(value, BaseModel):
+        value = {**{k: getattr(value, k) for k in type(value).model_fields}, **(value.model_extra or {})}
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite_paths(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in non_finite_paths(v, f"{path}[{i}]")]
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+        return [path or "(the value itself)"]
+    return []
+
+
+def check_finite(value: Any, what: str) -> None:
+    """NonFiniteResultError when ``value`` (``what``, in words) holds a NaN or an infinity
+    anywhere (``non_finite_paths``); the message names where, never more than SHOWN_PATHS."""
+    paths = non_finite_paths(value)
+    if paths:
+        shown = ", ".join(paths[:SHOWN_PATHS]) + (
+            f" and {len(paths) - SHOWN_PATHS} more" if len(paths) > SHOWN_PATHS else ""
+        )
+        raise NonFiniteResultError(
+            f"{what} holds {len(paths)} number{'s that are' if len(paths) > 1 else ' that is'} NaN or infinite "
+            f"({shown}); no result is kept from it"
+        )
 
 
 class ResultModel(BaseModel):
-    """A part of a result: unknown keys kept, and only the keys that were set are written."""
+    """A part of a result: unknown keys kept, only the keys that were set are written, and no
+    number that is not finite (``check_finite``)."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _finite(cls, data: Any) -> Any:
+        # Before the fields are validated: the whole input, the keys no field names included.
+        check_finite(data, f"the {cls.__name__}")
+        return data
 
     @model_serializer(mode="wrap")
     def _as_computed(self, handler):
@@ -31,7 +80,9 @@ class ResultModel(BaseModel):
         return {k: v for k, v in data.items() if k in self.model_fields_set or k not in named}
 
     def dump(self) -> dict[str, Any]:
-        """The JSON dict rq stores and a client sees."""
+        """The JSON dict rq stores and a client sees (checked again: a part set after
+        validation passes the same check)."""
+        check_finite(self, f"the {type(self).__name__}")
         return self.model_dump(mode="json")
 
 

@@ -106,6 +106,20 @@ class NonFinitePixelsError(AexError):
     code = "non_finite_pixels"
 
 
+class ModelInputError(AexError):
+    """The image as the network would see it (decoded, scaled to [0, 1], resized) holds values
+    that are not finite or outside [0, 1]: nothing is computed from it."""
+
+    code = "invalid_model_input"
+
+
+class NonFiniteResultError(AexError):
+    """A number the computation produced (a logit, probability, score, radius, map or picture)
+    is NaN or infinite: the job fails with this instead of finishing with it."""
+
+    code = "non_finite_result"
+
+
 class InvalidDicomError(AexError):
     """A DICOM file whose image attributes cannot be used (missing, not numbers, inconsistent
     with the pixel data); the message names the attribute, never its value."""

@@ -15,6 +15,7 @@ from jobs.queues import QUEUE_NAMES, JobKind
 from jobs.rqueue import queue_depth
 from jobs.rqueue.layout import live_worker_keys
 from jobs.settings import Settings
+from models.data.imaging import prepare_array, prepare_strips
 from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
 from models.explain.targets import count_rows, parse_targets
 from pacs.read import check_reference
@@ -34,22 +35,32 @@ def check_capacity(conn: Redis, kind: JobKind, settings: Settings) -> None:
         )
 
 
-def check_input(upload: Upload, params: CommonParams, settings: Settings) -> str:
+def check_input(upload: Upload, params: CommonParams, settings: Settings, entry: dict[str, Any]) -> str:
     """Refuse a bad upload (or PACS reference) before anything is queued; returns "dicom" or
-    "image". An instance named in a PACS is checked here without the network (the PACS is
-    configured and readable, the UIDs are UIDs); the worker fetches it and runs the same
-    DICOM checks as on an upload."""
+    "image". The upload is decoded and turned into the input of the model ``entry`` (its
+    catalogue entry: input_size, in_channels) by the workers' own torch-free functions, so an
+    input the network could not take (``models.data.imaging.check_model_input``: not finite,
+    or outside [0, 1]) is a 422 here rather than a failed job. An instance named in a PACS is
+    checked here without the network (the PACS is configured and readable, the UIDs are
+    UIDs); the worker fetches it and runs the same checks as on an upload."""
     if params.pacs is not None:
         if upload.filename is not None or upload.data:
             raise BadParameterError("give either an image or a PACS reference (pacs and the three UIDs), not both")
         check_reference(settings.pacs, params.pacs, params.study_uid, params.series_uid, params.instance_uid)
         return "dicom"
+    # The worker checks the same again (a published entry always names both).
+    size, channels = entry.get("input_size") or 0, entry.get("in_channels") or 0
     if is_dicom_upload(upload):
-        check_dicom(upload.data, settings, params.window)
+        dicom = check_dicom(upload.data, settings, params.window)
+        if size and channels:
+            width, height = dicom.size
+            prepare_strips(width, height, dicom.strips, int(size), int(channels))
         return "dicom"
     if params.window is not None:
         raise BadParameterError("window_center / window_width apply to DICOM input only")
-    check_image(upload.data, settings)
+    img = check_image(upload.data, settings)
+    if size and channels:  # a JPEG is seen at its smallest DCT scale: 8-bit, always in range
+        prepare_array(img, int(size), int(channels))
     return "image"
 
 

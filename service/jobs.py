@@ -159,8 +159,8 @@ class JobService:
         and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
         high-priority classify queue; one with the stability score (seconds of searches, the
         explain time limit) waits on the explain queue, behind every plain classify."""
-        input_format = admission.check_input(upload, params, self.settings)
         entry = self.catalogue.resolve(self.conn, params.model)
+        input_format = admission.check_input(upload, params, self.settings, entry)
         stability_steps = admission.stability_steps(params, self.settings) if params.stability else None
         kwargs = classify_parameters(
             params.top_k,
@@ -180,8 +180,8 @@ class JobService:
     def explain(self, principal: Principal, upload: Upload, params: ExplainParams) -> JobView:
         """Check the upload and the parameters, queue an explain job (or answer from an
         identical earlier one); returns at once."""
-        input_format = admission.check_input(upload, params, self.settings)
         entry = self.catalogue.resolve(self.conn, params.model)
+        input_format = admission.check_input(upload, params, self.settings, entry)
         layer = admission.check_explain(params, entry, self.settings)
         kwargs = explain_parameters(
             params.targets,

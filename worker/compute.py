@@ -1,7 +1,13 @@
 """What a classify job computes, apart from the queue, and the decoding every job shares: the
 input as the model sees it (``load_input``, the API's checks again), the classification of
 one image or of a worker's batch of them, with the stability score, and the result's cache
-key. Explain jobs: ``worker.explaining``."""
+key. Explain jobs: ``worker.explaining``.
+
+No job finishes with a number that is not finite: the network's input is checked where it is
+made (``models.data.imaging.check_model_input``), its output before anything is computed from
+it (``forward_checked``: an input whose logits are not all finite fails with
+``non_finite_result`` and leaves the batch), and every number of the result by the typed
+result itself (``jobs.results``)."""
 
 from __future__ import annotations
 
@@ -14,13 +20,13 @@ from typing import Any, NamedTuple
 import torch
 
 from jobs.params import ClassifyParameters, JobParameters, result_cache_key
-from jobs.results import ClassifyResult, ClassScore, Stability
+from jobs.results import ClassifyResult, ClassScore, Stability, check_finite
 from jobs.settings import Settings
 from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
 from models.dicom.pixels import DicomImage
 from models.dicom.reading import attribute, first_number
-from models.errors import BadParameterError
+from models.errors import BadParameterError, NonFiniteResultError
 from models.nn.runtime import eval_mode
 from models.perturb.stability import stability_method, stability_reports
 from models.version import __version__
@@ -155,6 +161,29 @@ def decode_batch(served: ServedModel, inputs: list[JobInput]) -> tuple[list[Any]
     return out, decoded
 
 
+def forward_checked(
+    served: ServedModel, decoded: list[DecodedInput], out: list[Any]
+) -> tuple[list[DecodedInput], torch.Tensor]:
+    """One forward pass of a batch's decoded inputs: (those whose logits are all finite, their
+    logits, float32 N x classes on the CPU). Each other input gets NonFiniteResultError in its
+    slot of ``out``, and nothing more is computed from it (in eval mode the rows of a batch do
+    not mix, so one input's NaN leaves the others' logits as they are)."""
+    xs = torch.stack([d.x for d in decoded])
+    with eval_mode(served.model), torch.no_grad():
+        logits = served.model(xs.to(served.device)).float().cpu()
+    finite = torch.isfinite(logits).all(1).tolist()
+    for d, row, ok in zip(decoded, logits, finite):
+        if not ok:
+            bad = int((~torch.isfinite(row)).sum())
+            out[d.index] = NonFiniteResultError(
+                f"the model's output (logits) holds {bad} of {row.numel()} values that are NaN or infinite for "
+                "this input, whose every value was finite and in [0, 1]: the checkpoint's computation overflows "
+                "or is broken; no result is computed from it"
+            )
+    keep = [i for i, ok in enumerate(finite) if ok]
+    return [decoded[i] for i in keep], logits[keep]
+
+
 def classify_results(
     served: ServedModel,
     inputs: list[JobInput],
@@ -165,16 +194,19 @@ def classify_results(
     is decoded and checked on its own, and a bad one gets its own error in its place; the
     others run as one forward pass and, when they ask for it (every job of a batch asks the
     same: ``worker.batching.batch_signature``), one batch of stability searches.
-    Probabilities equal a batch of one's to float rounding (about 1e-6)."""
+    Probabilities equal a batch of one's to float rounding (about 1e-6). A job whose logits or
+    result hold a number that is not finite gets NonFiniteResultError in its place."""
     start = time.perf_counter()
     inputs = [JobInput._make(i) for i in inputs]
     out, decoded = decode_batch(served, inputs)
     if not decoded:
         return out
     t = time.perf_counter()
+    decoded, logits = forward_checked(served, decoded, out)
+    if not decoded:
+        return out
     xs = torch.stack([d.x for d in decoded])
-    with eval_mode(served.model), torch.no_grad():
-        probs = served.model(xs.to(served.device)).softmax(1).cpu()
+    probs = logits.softmax(1)
     inference = time.perf_counter() - t
     first: ClassifyParameters = inputs[decoded[0].index].parameters
     stability: list[dict[str, Any] | None] = [None] * len(decoded)
@@ -198,9 +230,12 @@ def classify_results(
             d.timings["stability_seconds"] = stability_seconds
     seconds = round(time.perf_counter() - start, 6)
     for row, d in enumerate(decoded):
-        out[d.index] = _classify_summary(
-            served, probs[row], inputs[d.index].parameters, stability[row], d, seconds, len(decoded), worker
-        )
+        try:
+            out[d.index] = _classify_summary(
+                served, probs[row], inputs[d.index].parameters, stability[row], d, seconds, len(decoded), worker
+            )
+        except NonFiniteResultError as exc:  # this job's own: the others of the batch stand
+            out[d.index] = exc
     return out
 
 
@@ -217,6 +252,7 @@ def _classify_summary(
     """One job's classify result from its probabilities (C) and stability report; seconds:
     the batch's whole time."""
     classes, top_k = served.meta.classes, parameters.top_k
+    check_finite({"probs": probs.tolist(), "stability": stability}, "the classify result")
     order = probs.argsort(descending=True).tolist()
     top = [
         ClassScore(class_index=i, class_name=classes[i], prob=float(probs[i]))

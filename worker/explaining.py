@@ -3,7 +3,13 @@ worker's batch of them (``models.explain.pipeline``), its PNGs and DICOM objects
 Parametric Map, Secondary Captures and the SR), both rendered from the pipeline's arrays, and
 the typed result (``jobs.results.ExplainResult``) with its provenance. The rq job function
 (``worker.tasks.explain``) and ``aex explain --checkpoint`` both call these, so the offline
-command prints the result JSON a job returns."""
+command prints the result JSON a job returns.
+
+Nothing that is not finite is explained, rendered or returned: an input whose logits are not
+all finite leaves the batch before the searches (``worker.compute.forward_checked``), and each
+explanation's arrays (the input, each x + delta, delta and probabilities, the Grad-CAM map) and
+summary numbers are checked before a PNG or DICOM object is made from them
+(``check_explained``); either fails that job alone with ``non_finite_result``."""
 
 from __future__ import annotations
 
@@ -15,15 +21,16 @@ import numpy as np
 import torch
 
 from jobs.params import ExplainParameters
-from jobs.results import ExplainResult
+from jobs.results import ExplainResult, check_finite
 from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT
 from models.dicom.pixels import DicomImage
 from models.dicom.sanitize import UnusableSourceError
-from models.explain.pipeline import explain_images
+from models.errors import NonFiniteResultError
+from models.explain.pipeline import ExplainedImage, explain_images
 from models.perturb.stability import stability_method
 from models.render.explanation import png_files
 from models.version import __version__
-from worker.compute import JobInput, Progress, cache_key, decode_batch
+from worker.compute import JobInput, Progress, cache_key, decode_batch, forward_checked
 from worker.provenance import build_provenance
 from worker.served import ServedModel
 
@@ -102,6 +109,27 @@ def secondary_capture_files(
     return out
 
 
+def check_explained(image: ExplainedImage) -> None:
+    """NonFiniteResultError naming the first array of an explanation (the input, a target's x +
+    delta, delta or probabilities, the Grad-CAM map) or the summary number that is NaN or
+    infinite: checked before anything is rendered, since a PNG or DICOM pixel would turn a NaN
+    into a plausible 0 without a trace."""
+    explanation = image.explanation
+    arrays = [("the input", explanation.input), ("the probabilities", explanation.probs)]
+    arrays.append(("the Grad-CAM map", image.gradcam))
+    for i, t in enumerate(explanation.targets):
+        arrays += [(f"target {i}'s x + delta", t.image), (f"target {i}'s delta", t.delta)]
+        arrays += [(f"target {i}'s probabilities before", t.probs_before), (f"target {i}'s after", t.probs_after)]
+    for what, array in arrays:
+        bad = int((~torch.isfinite(array)).sum())
+        if bad:
+            raise NonFiniteResultError(
+                f"{what} of the explanation holds {bad} of {array.numel()} values that are NaN or infinite; "
+                "no picture or result is made from it"
+            )
+    check_finite(image.summary, "the explanation's summary")
+
+
 def explain_result(
     served: ServedModel,
     data: bytes,
@@ -131,10 +159,14 @@ def explain_results(
     is decoded and checked on its own, and a bad one gets its own error in its place; the
     others' explanation rows run as one search, their Grad-CAM as one pass and their stability
     searches as rows of one search. The jobs of a batch share every parameter but their
-    targets and window (``worker.batching.batch_signature``)."""
+    targets and window (``worker.batching.batch_signature``). A job whose logits, arrays or
+    result hold a number that is not finite gets NonFiniteResultError in its place."""
     start = time.perf_counter()
     inputs = [JobInput._make(i) for i in inputs]
     out, decoded = decode_batch(served, inputs)
+    if not decoded:
+        return out
+    decoded, _ = forward_checked(served, decoded, out)
     if not decoded:
         return out
     first: ExplainParameters = inputs[decoded[0].index].parameters
@@ -157,6 +189,11 @@ def explain_results(
     )
     for d, image in zip(decoded, explained):
         parameters, summary, timings = inputs[d.index].parameters, image.summary, d.timings
+        try:
+            check_explained(image)
+        except NonFiniteResultError as exc:  # this job's own: the others of the batch stand
+            out[d.index] = exc
+            continue
         pictures = image.pictures()  # the PNGs and the DICOM objects, from the same arrays
         files = png_files(pictures)
         dicom_files = _dicom_outputs(d.dicom, served, summary, pictures, parameters, image.gradcam, timings)
@@ -180,7 +217,10 @@ def explain_results(
             worker=worker,
         )
         result = {**summary, "seconds": timings["total_seconds"], "reused": False, "provenance": provenance}
-        out[d.index] = ExplainOutput(ExplainResult.model_validate(result), files, dicom_files)
+        try:
+            out[d.index] = ExplainOutput(ExplainResult.model_validate(result), files, dicom_files)
+        except NonFiniteResultError as exc:
+            out[d.index] = exc
     return out
 
 

@@ -9,10 +9,12 @@ Memory, for an accepted upload of ``max_pixels`` pixels at most (AEX_MAX_IMAGE_P
 default 50 megapixels): the decoded image in Pillow's own layout (at most 4 bytes a pixel:
 200 MB at the default limit; a JPEG is decoded at 1/2, 1/4 or 1/8 scale when the caller
 needs less; a WebP, whose decoder holds four copies, may have a quarter of the pixels), plus
-float32 strips of at most ``STRIP_PIXELS`` source pixels, plus the float32
+float strips of at most ``STRIP_PIXELS`` source pixels (float64 for integer and float images,
+whose scaling runs in float64: ``models.scaling``), plus the float32
 array the model's input is resized from: the centre square of the image block-averaged by an
 integer factor so that its shorter side stays under ``2 x REDUCING_GAP x input_size``
 (so a few MB, whatever the upload). The resize never materialises the scaled-up long side.
+What comes out, the network's input, is checked (``check_model_input``): finite and in [0, 1].
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from PIL import Image, UnidentifiedImageError
 from models.errors import (
     DecompressionBombError,
     ExtremeAspectRatioError,
+    ModelInputError,
     NonFinitePixelsError,
     UndecodableImageError,
     UnsupportedMediaError,
 )
+from models.scaling import non_finite_counts, unit_range
 
 SUPPORTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; far beyond any classifier input
@@ -41,6 +45,7 @@ DEFAULT_MAX_ASPECT = 20  # longer side / shorter side; a panoramic dental X-ray 
 REDUCING_GAP = 4
 STRIP_PIXELS = 1 << 20  # source pixels converted to float at a time
 SOURCE_SIZE = "aex_source_size"  # img.info key: (width, height) as uploaded, before draft scaling
+SAMPLES = "aex_samples"  # img.info key: stored values Pillow's mode misreads (``stored_samples``)
 # Formats whose decoder holds more than Pillow's image: libwebp's animation decoder (Pillow's
 # only WebP decoder) keeps two RGBA canvases and hands over a copy of one, so a WebP may have
 # a quarter of the pixels.
@@ -95,6 +100,11 @@ def open_image(
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
+        if data[:4] in (b"II*\x00", b"MM\x00*"):  # a TIFF, with samples Pillow has no mode for
+            raise UnsupportedMediaError(
+                "a TIFF whose samples cannot be read here (64-bit or 16-bit float, 64-bit integer, or another "
+                "layout); send 8- or 16-bit, 32-bit integer or 32-bit float samples"
+            ) from None
         raise UnsupportedMediaError(f"not a supported image; send one of {', '.join(SUPPORTED_FORMATS)}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise DecompressionBombError("image dimensions are too large (decompression bomb?)") from None
@@ -122,17 +132,13 @@ def open_image(
         ) from None
     if img.mode == "F":
         check_finite_image(img)
+    img.info[SAMPLES] = stored_samples(img)
     return img
 
 
 def source_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as uploaded (before any draft scaling)."""
     return tuple(img.info.get(SOURCE_SIZE, img.size))
-
-
-def non_finite_counts(arr: np.ndarray) -> tuple[int, int, int]:
-    """(NaN, +inf, -inf) counts of a float array."""
-    return int(np.isnan(arr).sum()), int(np.isposinf(arr).sum()), int(np.isneginf(arr).sum())
 
 
 def check_finite_image(img: Image.Image) -> None:
@@ -148,6 +154,66 @@ def check_finite_image(img: Image.Image) -> None:
             f"the image holds {nan + pinf + ninf} non-finite pixel values of {w * h} "
             f"({nan} NaN, {pinf} +inf, {ninf} -inf); send finite values"
         )
+
+
+def stored_samples(img: Image.Image) -> str | None:
+    """What a grey TIFF stores where Pillow's mode misreads it: "uint32" (unsigned 32-bit, read
+    into the signed mode "I", so 2^31 and above wrap to negative), "int8" (signed 8-bit, read
+    into "L" as if unsigned, so -1 reads 255); None for every other image."""
+    if img.format != "TIFF" or img.mode not in ("I", "L"):
+        return None
+    tags = getattr(img, "tag_v2", {})
+
+    def first(tag: int, default: int | None = None):
+        value = tags.get(tag, default)
+        return value[0] if isinstance(value, tuple) and value else value
+
+    bits, kind = first(258), first(339, 1)  # BitsPerSample, SampleFormat (1 unsigned, 2 signed)
+    if img.mode == "I" and bits == 32 and kind == 1:
+        return "uint32"
+    if img.mode == "L" and bits == 8 and kind == 2:
+        return "int8"
+    return None
+
+
+def stored_values(strip: Image.Image, samples: str | None) -> np.ndarray:
+    """The values an "I" or "F" image (or one of ``stored_samples``) stores, exact in float64."""
+    if samples == "uint32":
+        return np.asarray(strip, dtype=np.int32).view(np.uint32).astype(np.float64)
+    if samples == "int8":
+        return np.asarray(strip, dtype=np.uint8).view(np.int8).astype(np.float64)
+    return np.asarray(strip, dtype=np.float64)
+
+
+def value_range(img: Image.Image, samples: str | None = None) -> tuple[float, float]:
+    """(min, max) of the stored values of the whole image (``stored_values``), in strips."""
+    if samples is None:
+        lo, hi = img.getextrema()
+        return float(lo), float(hi)
+    w, h = img.size
+    rows = max(1, STRIP_PIXELS // w)
+    lo, hi = math.inf, -math.inf
+    for y in range(0, h, rows):
+        values = stored_values(img.crop((0, y, w, min(h, y + rows))), samples)
+        lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+    return lo, hi
+
+
+def check_model_input(arr: np.ndarray) -> np.ndarray:
+    """``arr`` (float H x W x C, the network's input) when every value is finite and in
+    [0, 1]; ModelInputError counting the others. The last step of every preprocessing path:
+    what goes into the network is checked, not only what came in."""
+    nan, pinf, ninf = non_finite_counts(arr)
+    with np.errstate(invalid="ignore"):
+        outside = int((np.isfinite(arr) & ((arr < 0.0) | (arr > 1.0))).sum())
+    if nan or pinf or ninf or outside:
+        h, w, c = arr.shape
+        raise ModelInputError(
+            f"the image as the network would see it ({h} x {w} x {c}, scaled to [0, 1]) holds {nan + pinf + ninf} "
+            f"values that are not finite ({nan} NaN, {pinf} +inf, {ninf} -inf) and {outside} outside [0, 1]; "
+            "nothing was computed from it"
+        )
+    return arr
 
 
 def block_mean(arr: np.ndarray, k: int) -> np.ndarray:
@@ -172,15 +238,15 @@ def gather(strips: Iterable[np.ndarray], k: int) -> np.ndarray:
     return np.concatenate([block_mean(s, k) for s in strips], axis=0)
 
 
-def _strip_to_float(strip: Image.Image, lo: float, hi: float) -> tuple[np.ndarray, bool]:
-    """One strip of a PIL image as float32 H x W x C in [0, 1]; True when it went through RGBA."""
+def _strip_to_float(strip: Image.Image, lo: float, hi: float, samples: str | None) -> tuple[np.ndarray, bool]:
+    """One strip of a PIL image as float32 H x W x C in [0, 1]; True when it went through RGBA.
+    ``lo``, ``hi``: the image's ``value_range`` (integer and float images)."""
     mode = strip.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         return (np.asarray(strip, dtype=np.uint16).astype(np.float32) / 65535.0)[..., None], False
-    if mode in ("I", "F"):
-        arr = np.asarray(strip, dtype=np.float32)
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        return arr[..., None], False
+    if mode in ("I", "F") or samples is not None:
+        # float64 until the values are in [0, 1]: a float32 image's (x - lo) may be over 3.4e38
+        return unit_range(stored_values(strip, samples), lo, hi).astype(np.float32)[..., None], False
     if mode in ("1", "L"):
         return (np.asarray(strip.convert("L"), dtype=np.float32) / 255.0)[..., None], False
     if mode in ("P", "LA", "PA", "RGBA"):
@@ -192,22 +258,24 @@ def _strip_to_float(strip: Image.Image, lo: float, hi: float) -> tuple[np.ndarra
 def image_to_array(img: Image.Image, factor: int = 1, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Convert any PIL mode to float32 H x W x C in [0, 1], C = 1 (grey) or 3 (colour).
 
-    16-bit grey is scaled by 1/65535 (its full range), 32-bit int and float images by the
-    min-max of the whole image; alpha is composited onto black; palette images are expanded.
+    16-bit grey is scaled by 1/65535 (its full range); signed, 32-bit int and float images by
+    the min-max of the whole image, in float64 (``models.scaling.unit_range``: an image whose
+    values are all equal is all 0); alpha is composited onto black; palette images are expanded.
     ``box`` (left, top, right, bottom): only that region; ``factor``: block-averaged over
     factor x factor pixels (``block_mean``). Converted in strips of about STRIP_PIXELS.
     """
     w, h = img.size
     left, top, right, bottom = box or (0, 0, w, h)
     lo = hi = 0.0
-    if img.mode in ("I", "F"):
-        lo, hi = (float(v) for v in img.getextrema())
+    samples = img.info.get(SAMPLES)
+    if img.mode in ("I", "F") or samples is not None:
+        lo, hi = value_range(img, samples)
     rows = strip_rows(right - left, factor)
     whole = (left, top, right, bottom) == (0, 0, w, h) and rows >= h
     parts, through_rgba = [], False
     for y in range(top, bottom, rows):
         strip = img if whole else img.crop((left, y, right, min(bottom, y + rows)))
-        arr, through_rgba = _strip_to_float(strip, lo, hi)
+        arr, through_rgba = _strip_to_float(strip, lo, hi, samples)
         parts.append(block_mean(arr, factor))
     out = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
     # An image whose colour channels are all equal is grey: keep it one channel.
@@ -287,22 +355,35 @@ def model_view(width: int, height: int, input_size: int) -> tuple[int, tuple[flo
 # read(box, k): the region box = (left, top, right, bottom) of the source, in source pixels
 # (multiples of k but at the image's edges), as float32 H x W x C block-averaged by k.
 RegionReader = Callable[[tuple[int, int, int, int], int], np.ndarray]
+# strips(box, rows): the region box of the source as float H x W x C strips of ``rows`` rows.
+StripReader = Callable[[tuple[int, int, int, int], int], Iterable[np.ndarray]]
 
 
 def prepare_region(width: int, height: int, read: RegionReader, input_size: int, in_channels: int) -> np.ndarray:
     """The one preprocessing path, for any source of ``width`` x ``height`` pixels that can
     be read by region: float32 input_size x input_size x in_channels. The same pixels as
     "to float, block-average by ``reduction_factor``, match channels, ``resize_center``",
-    reading only the centre region that the bicubic filter touches."""
+    reading only the centre region that the bicubic filter touches; checked before it is
+    returned (``check_model_input``)."""
     k, box = model_view(width, height, input_size)
     hr, wr = -(-height // k), -(-width // k)
     if (hr, wr) == (input_size, input_size):
-        return match_channels(read((0, 0, width, height), k), in_channels)
+        return check_model_input(match_channels(read((0, 0, width, height), k), in_channels))
     margin = math.ceil(BICUBIC_SUPPORT * max(1.0, (box[2] - box[0]) / input_size)) + 2
     x0, y0 = max(0, math.floor(box[0]) - margin), max(0, math.floor(box[1]) - margin)
     x1, y1 = min(wr, math.ceil(box[2]) + margin), min(hr, math.ceil(box[3]) + margin)
     arr = match_channels(read((x0 * k, y0 * k, min(width, x1 * k), min(height, y1 * k)), k), in_channels)
-    return _resize_box(arr, input_size, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0))
+    return check_model_input(_resize_box(arr, input_size, (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)))
+
+
+def prepare_strips(width: int, height: int, strips: StripReader, input_size: int, in_channels: int) -> np.ndarray:
+    """``prepare_region`` of a source read in strips (a DICOM image's display pipeline:
+    ``DicomImage.strips``), each block-averaged as it comes."""
+
+    def read(box: tuple[int, int, int, int], k: int) -> np.ndarray:
+        return gather(strips(box, strip_rows(box[2] - box[0], k)), k)
+
+    return prepare_region(width, height, read, input_size, in_channels)
 
 
 def prepare_array(img: Image.Image, input_size: int, in_channels: int) -> np.ndarray:

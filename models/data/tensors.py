@@ -1,6 +1,7 @@
 """Preprocessing into tensors, defined once and shared by the trainer, the CLI and the
-workers: an image file or a DICOM file into the model's input (float C x H x W in [0, 1];
-normalisation lives inside the models), and uint8 batches into floats."""
+workers: an image file or a DICOM file into the model's input (float C x H x W in [0, 1],
+checked finite and in range by ``imaging.check_model_input``; normalisation lives inside the
+models), and uint8 batches into floats."""
 
 from __future__ import annotations
 
@@ -15,11 +16,9 @@ from PIL import Image
 from models.data.imaging import (
     DEFAULT_MAX_ASPECT,
     DEFAULT_MAX_PIXELS,
-    gather,
     open_image,
     prepare_array,
-    prepare_region,
-    strip_rows,
+    prepare_strips,
 )
 
 if TYPE_CHECKING:
@@ -63,17 +62,13 @@ def load_dicom_for_model(
     the DICOM display pipeline (``models.dicom.pixels``: Modality LUT, VOI window or the
     ``window`` = (center, width) override, MONOCHROME1 inversion) and then the same
     block-averaging, channel matching and resize/centre-crop as any other image
-    (``prepare_region``: only the region the model sees is computed in float). Also returns
+    (``prepare_strips``: only the region the model sees is computed in float). Also returns
     the parsed DicomImage."""
     from models.dicom.pixels import load_dicom_pixels  # pydicom only when DICOM comes in
 
     dicom = load_dicom_pixels(data, window, max_pixels, max_aspect)
     width, height = dicom.size
-
-    def read(box: tuple[int, int, int, int], k: int) -> np.ndarray:
-        return gather(dicom.strips(box, strip_rows(box[2] - box[0], k)), k)
-
-    return array_to_tensor(prepare_region(width, height, read, input_size, in_channels)), dicom
+    return array_to_tensor(prepare_strips(width, height, dicom.strips, input_size, in_channels)), dicom
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,10 @@ function for the API's admission check and the worker). Every attribute the pipe
 read through ``reading.attribute`` and checked before it is used, so a missing lookup table,
 a window or rescale value that is not a number, or a LUT without its descriptor is
 InvalidDicomError (422) naming the attribute, never its value. Values that come out NaN or
-infinite after the Modality LUT are NonFinitePixelsError (422), counted.
+infinite after the Modality LUT (a slope or intercept that is not finite, or finite ones whose
+product overflows float64) are NonFinitePixelsError (422), counted. Every
+scaling after it runs in float64 (``models.scaling``): a window or the image's min-max of finite
+values is always finite, whatever their magnitude, and an image whose values are all equal is 0.
 
 Memory: the decoded pixel array (at most 2 bytes x the pixel limit, ``reading``), plus float64
 strips of about STRIP_PIXELS pixels: ``dicom_to_pixels`` checks every pixel strip by strip,
@@ -45,6 +48,7 @@ from models.dicom.reading import (
     whole,
 )
 from models.errors import AexError, BadParameterError, InvalidDicomError, NonFinitePixelsError, UnsupportedMediaError
+from models.scaling import non_finite_counts, unit_range
 
 __all__ = ["DicomImage", "dicom_to_pixels", "is_dicom", "load_dicom_pixels", "read_dicom", "window_linear"]
 
@@ -86,24 +90,27 @@ class DicomImage:
 
 
 def window_linear(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """The VOI window of PS3.3 C.11.2.1.2, mapped to [0, 1] (float64 in, float64 out)."""
+    """The VOI window of PS3.3 C.11.2.1.2, mapped to [0, 1] (float64 in, float64 out).
+
+    Finite values, center and width never give NaN: a difference that overflows float64 is
+    +-inf with the sign of the true one, and lands on the window's end it is beyond (0 or 1)."""
     x = values.astype(np.float64)
     function = (function or "LINEAR").upper()
-    if function == "SIGMOID":
-        if width <= 0:
-            raise BadParameterError("window width must be > 0 for SIGMOID")
-        with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
+        if function == "SIGMOID":
+            if width <= 0:
+                raise BadParameterError("window width must be > 0 for SIGMOID")
             return 1.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
-    if function == "LINEAR_EXACT":
-        if width <= 0:
-            raise BadParameterError("window width must be > 0 for LINEAR_EXACT")
-        return np.clip((x - center) / width + 0.5, 0.0, 1.0)
-    if width < 1:
-        raise BadParameterError("window width must be >= 1 for a LINEAR VOI window")
-    if width == 1:
-        return (x > center - 0.5).astype(np.float64)
-    y = ((x - (center - 0.5)) / (width - 1)) + 0.5
-    return np.clip(y, 0.0, 1.0)
+        if function == "LINEAR_EXACT":
+            if width <= 0:
+                raise BadParameterError("window width must be > 0 for LINEAR_EXACT")
+            return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+        if width < 1:
+            raise BadParameterError("window width must be >= 1 for a LINEAR VOI window")
+        if width == 1:
+            return (x > center - 0.5).astype(np.float64)
+        y = ((x - (center - 0.5)) / (width - 1)) + 0.5
+        return np.clip(y, 0.0, 1.0)
 
 
 def _row_strips(raw: np.ndarray) -> Iterator[np.ndarray]:
@@ -248,11 +255,8 @@ def _grey(ds: pydicom.Dataset, raw: np.ndarray, window, photometric: str) -> Dic
     lo, hi = math.inf, -math.inf
     for strip in _row_strips(raw):  # every pixel checked, whatever region is read later
         values = modality(strip)
-        nan, pinf, ninf = (
-            nan + int(np.isnan(values).sum()),
-            pinf + int(np.isposinf(values).sum()),
-            ninf + int(np.isneginf(values).sum()),
-        )
+        counts = non_finite_counts(values)
+        nan, pinf, ninf = nan + counts[0], pinf + counts[1], ninf + counts[2]
         if voi is None and values.size:
             lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
         elif try_lut:
@@ -268,8 +272,8 @@ def _grey(ds: pydicom.Dataset, raw: np.ndarray, window, photometric: str) -> Dic
         values = modality(strip)
         if voi is not None:
             out = voi(strip, values)
-        else:
-            out = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        else:  # the image's own range, in float64 (all 0 when every value is equal)
+            out = unit_range(values, lo, hi)
         if invert:
             out = 1.0 - out
         return np.clip(out, 0.0, 1.0)[..., None]
