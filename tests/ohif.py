@@ -110,8 +110,7 @@ def chromium():
 
 def app_config(origin: str) -> str:
     """OHIF's ``window.config``: one DICOMweb data source, ``/dicom-web`` of ``origin`` (Orthanc
-    behind the proxy; WADO-RS images and thumbnails, bulk data
-    by URI), no study list, no investigational-use dialog, no guided tour. ``singlepart`` leaves
+    behind the proxy; WADO-RS images and thumbnails, bulk data by URI), no study list, no investigational-use dialog, no guided tour. ``singlepart`` leaves
     out "pdf": with it OHIF fetches a PDF from ``.../rendered``, which Orthanc refuses for an
     Encapsulated PDF (400); without it, from the document's BulkDataURI."""
     root = f"{origin}/dicom-web"
