@@ -93,7 +93,9 @@ def nan_checkpoint(path: Path, kind: str, seed: int = 1) -> Path:
       input (0 x inf at a zero pixel or the padding);
     - "backward-overflow": its last batch norm scaled by 1e-6 and its classifier's weights set
       to +-3e38, so the logits stay finite but gradients overflow: what is computed from them
-      (an explanation's x + delta) is NaN, which no check of the input or logits can see.
+      (an explanation's x + delta) is NaN, which no check of the input or logits can see;
+    - "overflowing-classifier": its classifier's weights times 1e38, so the logits of a
+      mid-grey image stay finite (about 2e37) and those of a black or white one overflow.
     """
     import torch
 
@@ -113,6 +115,8 @@ def nan_checkpoint(path: Path, kind: str, seed: int = 1) -> Path:
             modules["pipe.4"].bias.mul_(1e-6)
             classifier = modules["pipe.7"].weight
             classifier.copy_(torch.sign(classifier) * 3e38)
+        elif kind == "overflowing-classifier":
+            dict(model.named_modules())["pipe.7"].weight.mul_(1e38)
         else:
             raise ValueError(kind)
     path.parent.mkdir(parents=True, exist_ok=True)

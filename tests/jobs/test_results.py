@@ -1,5 +1,7 @@
 """Typed results (``jobs.results``): real classify and explain results from the worker's computation
-validate and round-trip to the same JSON, name every key, and the OpenAPI schema describes them."""
+validate and round-trip to the same JSON, name every key, and the OpenAPI schema describes them;
+a NaN or an infinity anywhere in one (a named field, a free-form dict, a kept extra key, its JSON)
+is refused with non_finite_result naming where."""
 
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ from pydantic import TypeAdapter
 
 from jobs.crypto import generate_data_key
 from jobs.params import ClassifyParameters, ExplainParameters
-from jobs.results import ClassifyResult, ExplainResult, JobResult, ResultModel
+from jobs.results import ClassifyResult, ExplainResult, JobResult, ResultModel, non_finite_paths
 from jobs.settings import Settings
+from models.errors import NonFiniteResultError
 from service.app import create_app
 from service.schemas import JobView, Timings
 from tests.conftest import _tiny_checkpoint, write_dicom
@@ -149,3 +152,82 @@ def test_the_openapi_schema_describes_both_results():
     )
     assert {"parameters", "method", "cache_key", "input"} <= set(schemas["Provenance"]["properties"])
     assert schemas["StabilityMode"]["enum"] == ["fast", "exact"]
+
+
+# --- Every number finite: a NaN or an infinity anywhere is non_finite_result, never a null ------
+
+
+def set_at(value: dict, path: list, new) -> dict:
+    """``value`` (a JSON dict, copied) with ``new`` at ``path`` (keys and list indices)."""
+    out = json.loads(json.dumps(value))
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = new
+    return out
+
+
+@pytest.fixture(scope="module")
+def stored_results(served) -> dict[str, dict[str, Any]]:
+    """Real results as rq stores them: a classify with stability, an explain on DICOM input."""
+    classify = ClassifyParameters.build(top_k=2, stability=True, stability_steps=3, stability_mode="exact")
+    return {
+        "classify": classify_result(served, png(), "image", classify).dump(),
+        "explain": explain_result(
+            served, dicom(), "dicom", explain_parameters(served), bound_check=False
+        ).result.dump(),
+    }
+
+
+WHERE = [
+    ("classify", ["probs", "pneumonia"], "probs.pneumonia"),
+    ("classify", ["top", 0, "prob"], "top[0].prob"),
+    ("classify", ["stability", "attack_rms"], "stability.attack_rms"),
+    ("classify", ["provenance", "timings", "decode_seconds"], "provenance.timings.decode_seconds"),
+    ("classify", ["provenance", "method", "stability", "eps"], "provenance.method.stability.eps"),  # free-form
+    ("explain", ["targets", 1, "rms"], "targets[1].rms"),
+    ("explain", ["targets", 0, "faithfulness", "deletion_curve", 2], "targets[0].faithfulness.deletion_curve[2]"),
+    ("explain", ["gradcam", "faithfulness", "insertion_auc"], "gradcam.faithfulness.insertion_auc"),
+    ("explain", ["stability", "btr_rms"], "stability.btr_rms"),
+    ("explain", ["provenance", "input", "rescale_slope"], "provenance.input.rescale_slope"),
+    ("explain", ["a_key_a_newer_worker_adds"], "a_key_a_newer_worker_adds"),  # kept by extra="allow"
+]
+
+
+@pytest.mark.parametrize("kind, path, named", WHERE, ids=[w[2] for w in WHERE])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_a_result_with_a_non_finite_number_anywhere_is_refused_naming_where(stored_results, kind, path, named, bad):
+    stored = stored_results[kind]
+    assert_round_trip(stored, ClassifyResult if kind == "classify" else ExplainResult)  # finite: fine
+    broken = set_at(stored, path, bad)
+    for validate in (RESULT.validate_python, lambda v: RESULT.validate_json(json.dumps(v))):  # JSON's NaN too
+        with pytest.raises(NonFiniteResultError) as info:
+            validate(broken)
+        assert info.value.code == "non_finite_result" and named in info.value.message
+
+
+def test_every_non_finite_number_is_counted_and_a_few_named(stored_results):
+    stored = stored_results["classify"]
+    broken = set_at(stored, ["probs"], {name: float("nan") for name in stored["probs"]})
+    broken["top"] = [{**t, "prob": float("nan")} for t in stored["top"]]
+    broken["predicted"]["prob"] = float("nan")
+    with pytest.raises(NonFiniteResultError) as info:
+        ClassifyResult.model_validate(broken)
+    assert "holds 5 numbers that are NaN or infinite" in info.value.message and "and 0 more" not in info.value.message
+    broken["seconds"] = float("inf")
+    with pytest.raises(NonFiniteResultError) as info:
+        ClassifyResult.model_validate(broken)
+    assert "holds 6 numbers" in info.value.message and "and 1 more" in info.value.message
+
+
+def test_a_part_set_after_validation_is_checked_again_at_dump(stored_results):
+    result = ClassifyResult.model_validate(stored_results["classify"])
+    result.predicted.prob = float("nan")
+    with pytest.raises(NonFiniteResultError) as info:
+        result.dump()
+    assert "predicted.prob" in info.value.message
+
+
+def test_nulls_integers_and_booleans_are_not_numbers_to_refuse():
+    assert non_finite_paths({"a": None, "b": [1, True, 10**400], "c": "nan", "d": 1e308, "e": -0.0}) == []
+    assert non_finite_paths({"a": [0.5, {"b": float("nan")}], "c": np.float32("inf")}) == ["a[1].b", "c"]
