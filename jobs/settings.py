@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     port: int = 8000
     max_upload_bytes: int = Field(20 * MIB, ge=1)
     # A request's body must arrive whole within this time (else 408 and the connection closed):
-    # a client that stalls or trickles its upload holds neither a connection nor its bytes for longer.
+    # a client that stalls or trickles its upload holds neither a connection nor its bytes for
+    # longer. Also how long an answer's send buffer may stay full (a client that does not read).
     body_timeout_seconds: float = Field(30.0, gt=0.0, le=3600.0)
     # A request's head must arrive whole within this time of the connection (or of the previous
     # response), however it trickles, else the connection is closed; below body_timeout_seconds.

@@ -11,6 +11,9 @@ bytes from one address would fill the limit, and every other client would get 50
   trickle (one timer, never pushed back by data); after a response, the rest of the request's
   unread body and the next head share that deadline (the body of a request still being served
   has the app's own, ``service.multipart``: 408 at AEX_BODY_TIMEOUT_SECONDS);
+- resets a connection whose client does not read: one whose answer has waited for the client
+  to take its bytes for AEX_BODY_TIMEOUT_SECONDS (uvicorn would wait for ever), or that was
+  closed and still holds unsent bytes at the next head deadline (a close waits for them);
 - counts the connections of each client (``client_group``: an IPv4 address, an IPv6 /64) and
   answers a connection beyond AEX_MAX_CONNECTIONS_PER_CLIENT at once, before reading anything,
   with 429 ``too_many_connections``, ``Retry-After`` and ``Connection: close``; such a
@@ -142,10 +145,12 @@ class LimitedH11Protocol(H11Protocol):
     sets ``head_timeout`` (seconds) and ``counts`` (shared by that server's connections)."""
 
     head_timeout: float = 10.0
+    write_timeout: float = 30.0
     counts: ClientCounts
     refusal: bytes = b""
 
     _head_timer = None
+    _write_timer = None
     _linger_timer = None
     _group: str | None = None  # the client this open connection is counted against
     _lingering: str | None = None  # the client this refused connection is counted against
@@ -190,6 +195,7 @@ class LimitedH11Protocol(H11Protocol):
             return
         try:
             self._cancel_head_timer()
+            self._cancel_write_timer()
             super().connection_lost(exc)
         finally:
             if self._group is not None:
@@ -225,10 +231,30 @@ class LimitedH11Protocol(H11Protocol):
             self.counts.give_back(self.counts.lingering, self._lingering)
             self._lingering = None
 
+    def pause_writing(self) -> None:
+        # The client takes our bytes slower than we send them (uvicorn's send waits, unbounded).
+        if self._refused:
+            return  # a refusal is a few hundred bytes, written once
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout, self.transport.abort)
+
+    def resume_writing(self) -> None:
+        if self._refused:
+            return
+        self._cancel_write_timer()
+        super().resume_writing()
+
+    def _cancel_write_timer(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     def _arm_head_timer(self) -> None:
+        # Armed on a closing connection too (after a Connection: close answer): one that is not
+        # gone by the deadline holds bytes its client does not take.
         self._cancel_head_timer()
-        if not self.transport.is_closing():
-            self._head_timer = self.loop.call_later(self.head_timeout, self._head_deadline)
+        self._head_timer = self.loop.call_later(self.head_timeout, self._head_deadline)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -237,11 +263,14 @@ class LimitedH11Protocol(H11Protocol):
 
     def _head_deadline(self) -> None:
         self._head_timer = None
+        if self.transport.is_closing():
+            self.transport.abort()  # closed a deadline ago, its last bytes still not taken
+            return
         # IDLE: no whole request head since the connection or the last response. Our side DONE:
         # the request was answered and the client is still sending its body, which no one reads.
-        waiting = self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE
-        if waiting and not self.transport.is_closing():
+        if self.conn.their_state is h11.IDLE or self.conn.our_state is h11.DONE:
             self.transport.close()
+            self._arm_head_timer()  # a close waits for unsent bytes: reset if they are still there
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -249,12 +278,14 @@ def server_options(settings: Settings) -> dict[str, Any]:
     AEX_MAX_CONNECTIONS connections and requests at once (beyond it uvicorn answers 503 at
     once, ``GET /healthz`` excepted), at most AEX_MAX_CONNECTIONS_PER_CLIENT of them from one
     client (beyond it 429 at once), a request head within AEX_HEAD_TIMEOUT_SECONDS (else the
-    connection is closed), idle keep-alive connections closed after KEEP_ALIVE_SECONDS, no
+    connection is closed), a client that takes none of an answer for AEX_BODY_TIMEOUT_SECONDS
+    reset, idle keep-alive connections closed after KEEP_ALIVE_SECONDS, no
     WebSocket upgrades (the API has none; an upgraded connection would leave the counts),
     ``X-Forwarded-For`` believed from AEX_TRUSTED_PROXIES only. Each call makes a new count
     table: call it once per server."""
     attributes = {
         "head_timeout": settings.head_timeout_seconds,
+        "write_timeout": settings.body_timeout_seconds,
         "counts": ClientCounts(settings.connections_per_client(), settings.trusted_proxies),
         "refusal": refusal_bytes(),
     }

@@ -40,6 +40,7 @@ SHORT = {"head_timeout_seconds": 1.0, "body_timeout_seconds": 2.0}
 # A head whose end, trickled a byte every TRICKLE seconds, would come long after any deadline here.
 SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * 400 + b"\r\n\r\n"
 TRICKLE = 0.1
+PIPELINED = 8  # requests for a 1.7 MB answer each: more than the socket buffers hold (4 MB)
 
 
 def client(n: int) -> tuple[str, int]:
@@ -347,3 +348,30 @@ def test_a_client_that_trickles_heads_and_reconnects_does_not_starve_another(api
         trickler.join(WAIT)
     assert set(trickler.ends) <= {"refused", "cut", "reset"}, dict(trickler.ends)  # never a head served
     wait_until_it_holds_its_limit(address, client(11))
+
+
+def test_a_client_that_does_not_read_its_answers_is_cut(api_on):
+    """Answers larger than the socket buffers (Swagger UI's script, no token needed, asked for
+    PIPELINED times at once) to a client that reads none of them: uvicorn alone would wait for
+    ever to send the rest."""
+    address, _ = api_on(**SHORT)
+    me = client(13)
+    with connect(address, client(12)) as reader:  # the answer's size, read by a client that reads
+        reader.sendall(get("/docs/swagger-ui-bundle.js"))
+        status, _, script, _ = read_response(reader, WAIT, wait_for_close=False)
+    assert status == 200 and PIPELINED * len(script) > 2 * 4 * 1024 * 1024, len(script)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.bind(me)
+    sock.connect(address)
+    try:
+        sock.sendall(get("/docs/swagger-ui-bundle.js") * PIPELINED)
+        wait_until_it_holds_its_limit(address, me)  # let go while its answers lie unread
+        received = 0
+        sock.settimeout(WAIT)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+    finally:
+        sock.close()
+    assert received < PIPELINED * len(script)
