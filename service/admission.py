@@ -16,6 +16,7 @@ from jobs.rqueue import queue_depth
 from jobs.rqueue.layout import live_worker_keys
 from jobs.settings import Settings
 from models.data.imaging import prepare_array, prepare_strips
+from models.data.samples import scaled_by_range
 from models.errors import BadParameterError, QueueFullError, ServiceUnavailableError
 from models.explain.targets import count_rows, parse_targets
 from pacs.read import check_reference
@@ -59,7 +60,7 @@ def check_input(upload: Upload, params: CommonParams, settings: Settings, entry:
     if params.window is not None:
         raise BadParameterError("window_center / window_width apply to DICOM input only")
     img = check_image(upload.data, settings)
-    if size and channels:  # a JPEG is seen at its smallest DCT scale: 8-bit, always in range
+    if size and channels and scaled_by_range(img):  # any other is in [0, 1] by its type
         prepare_array(img, int(size), int(channels))
     return "image"
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from models.data.samples import SAMPLES, scaled_by_range, stored_samples, stored_values, value_range
 from models.errors import (
     DecompressionBombError,
     ExtremeAspectRatioError,
@@ -45,7 +46,6 @@ DEFAULT_MAX_ASPECT = 20  # longer side / shorter side; a panoramic dental X-ray 
 REDUCING_GAP = 4
 STRIP_PIXELS = 1 << 20  # source pixels converted to float at a time
 SOURCE_SIZE = "aex_source_size"  # img.info key: (width, height) as uploaded, before draft scaling
-SAMPLES = "aex_samples"  # img.info key: stored values Pillow's mode misreads (``stored_samples``)
 # Formats whose decoder holds more than Pillow's image: libwebp's animation decoder (Pillow's
 # only WebP decoder) keeps two RGBA canvases and hands over a copy of one, so a WebP may have
 # a quarter of the pixels.
@@ -156,49 +156,6 @@ def check_finite_image(img: Image.Image) -> None:
         )
 
 
-def stored_samples(img: Image.Image) -> str | None:
-    """What a grey TIFF stores where Pillow's mode misreads it: "uint32" (unsigned 32-bit, read
-    into the signed mode "I", so 2^31 and above wrap to negative), "int8" (signed 8-bit, read
-    into "L" as if unsigned, so -1 reads 255); None for every other image."""
-    if img.format != "TIFF" or img.mode not in ("I", "L"):
-        return None
-    tags = getattr(img, "tag_v2", {})
-
-    def first(tag: int, default: int | None = None):
-        value = tags.get(tag, default)
-        return value[0] if isinstance(value, tuple) and value else value
-
-    bits, kind = first(258), first(339, 1)  # BitsPerSample, SampleFormat (1 unsigned, 2 signed)
-    if img.mode == "I" and bits == 32 and kind == 1:
-        return "uint32"
-    if img.mode == "L" and bits == 8 and kind == 2:
-        return "int8"
-    return None
-
-
-def stored_values(strip: Image.Image, samples: str | None) -> np.ndarray:
-    """The values an "I" or "F" image (or one of ``stored_samples``) stores, exact in float64."""
-    if samples == "uint32":
-        return np.asarray(strip, dtype=np.int32).view(np.uint32).astype(np.float64)
-    if samples == "int8":
-        return np.asarray(strip, dtype=np.uint8).view(np.int8).astype(np.float64)
-    return np.asarray(strip, dtype=np.float64)
-
-
-def value_range(img: Image.Image, samples: str | None = None) -> tuple[float, float]:
-    """(min, max) of the stored values of the whole image (``stored_values``), in strips."""
-    if samples is None:
-        lo, hi = img.getextrema()
-        return float(lo), float(hi)
-    w, h = img.size
-    rows = max(1, STRIP_PIXELS // w)
-    lo, hi = math.inf, -math.inf
-    for y in range(0, h, rows):
-        values = stored_values(img.crop((0, y, w, min(h, y + rows))), samples)
-        lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
-    return lo, hi
-
-
 def check_model_input(arr: np.ndarray) -> np.ndarray:
     """``arr`` (float H x W x C, the network's input) when every value is finite and in
     [0, 1]; ModelInputError counting the others. The last step of every preprocessing path:
@@ -268,8 +225,8 @@ def image_to_array(img: Image.Image, factor: int = 1, box: tuple[int, int, int, 
     left, top, right, bottom = box or (0, 0, w, h)
     lo = hi = 0.0
     samples = img.info.get(SAMPLES)
-    if img.mode in ("I", "F") or samples is not None:
-        lo, hi = value_range(img, samples)
+    if scaled_by_range(img):
+        lo, hi = value_range(img, samples, STRIP_PIXELS)
     rows = strip_rows(right - left, factor)
     whole = (left, top, right, bottom) == (0, 0, w, h) and rows >= h
     parts, through_rgba = [], False
