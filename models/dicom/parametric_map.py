@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
+from models.dicom.dates import dated_by_source
 from models.dicom.equipment import Provenance
 from models.dicom.uids import UidFor, nominal_frame_of_reference_uid
 
@@ -182,6 +183,11 @@ def parametric_map(
             content_description=description[:64],
             contributing_equipment=[provenance.contributing_equipment("Grad-CAM map of the served model")],
         )
+    # Nothing from the clock, no random UID: a re-run writes the same bytes (``dates``).
+    dated_by_source(pm, source, required=True)
+    dimensions = uid("dimension-organization/pm")
+    for item in [*pm.DimensionOrganizationSequence, *pm.DimensionIndexSequence]:
+        item.DimensionOrganizationUID = dimensions
     provenance.stamp(pm)
     pm.SeriesDescription = provenance.series_description("Grad-CAM map")
     # Type 2C: dciodvfy cannot tell whether the body part is paired, so always send it

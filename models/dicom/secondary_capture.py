@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from models.dicom.dates import dated_by_source
 from models.dicom.equipment import MANUFACTURER, Provenance
 from models.dicom.sanitize import usable_source
 from models.dicom.uids import UidFor
@@ -134,6 +135,7 @@ def secondary_capture_datasets(
         sc.SourceImageSequence = DicomSequence([_source_reference(source)])
         sc.ImageComments = f"{name}: {derivation}"[:10240]
         sc.SoftwareVersions = f"aex {__version__}"
+        dated_by_source(sc, source)  # nothing from the clock: a re-run writes the same bytes
         if provenance is not None:
             provenance.stamp(sc)
         sc.BurnedInAnnotation = "NO"

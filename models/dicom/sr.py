@@ -11,6 +11,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from models.dicom.dates import dated_by_source
 from models.dicom.equipment import MANUFACTURER, Provenance
 from models.dicom.uids import UidFor
 
@@ -270,6 +271,7 @@ def measurement_report(
             is_verified=False,
             contributing_equipment=[provenance.contributing_equipment("Findings of the served model")],
         )
+    dated_by_source(sr, source, required=True)  # nothing from the clock: a re-run writes the same bytes
     provenance.stamp(sr)
     sr.SeriesDescription = provenance.series_description("report")
     sr.CodingSchemeIdentificationSequence = [coding_scheme()]
