@@ -50,7 +50,7 @@ HTTP_STATUS: dict[str, int] = {
     e.StoreMisconfiguredError.code: 503,
     e.JobCancelledError.code: 409,
     e.TrainingDivergedError.code: 500,
-    e.NonFiniteResultError.code: 500,
+    e.NonFiniteResultError.code: 422,
     e.WorkerLostError.code: 500,
     e.JobTimeoutError.code: 504,
     e.JobFailedError.code: 500,

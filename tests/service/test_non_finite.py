@@ -119,7 +119,9 @@ def nan_models(tmp_path_factory):
 def failed(client, poll, resp, expect_sync: bool) -> dict:
     """The failed job of ``resp`` (a sync classify answers with the error at once)."""
     if expect_sync:
-        assert resp.status_code == 500, resp.text  # the status of non_finite_result
+        assert resp.status_code == 422, (
+            resp.text
+        )  # the status of non_finite_result: the input cannot be answered with finite numbers
         body = resp.json()
         assert body["error"]["code"] == "non_finite_result" and body["job"]["status"] == "failed"
         view = client.get(body["job"]["url"]).json()
