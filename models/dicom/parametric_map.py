@@ -10,6 +10,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
+from models.dicom.anatomy import copy_anatomy
 from models.dicom.dates import dated_by_source
 from models.dicom.equipment import Provenance
 from models.dicom.uids import UidFor, nominal_frame_of_reference_uid
@@ -96,7 +97,18 @@ def geometry_source(source: Dataset) -> Dataset:
     geometry viewers give such an image: position (0, 0, 0), orientation rows +x / columns
     +y, and its Pixel Spacing, else its Imager Pixel Spacing, else 1 mm. Either way the map
     and the source share Rows x Columns pixel for pixel, as the map's Derivation Image
-    Sequence says (Spatial Locations Preserved YES)."""
+    Sequence says (Spatial Locations Preserved YES).
+
+    Why the nominal plane and not one read from a projection image's Patient Orientation
+    (L\\F would give rows +x, columns -z): the Parametric Map IOD requires a Frame of Reference
+    and a patient plane (dciodvfy: Type 1; highdicom can leave them out for a source without
+    a Frame of Reference, but the object is then invalid), and a viewer fuses the map over the
+    source by geometry. OHIF 3.13 gives an image without a plane exactly this nominal one
+    (rows +x, columns +y at the origin; it never reads Patient Orientation), so the map lies on
+    the source there; a map in a plane derived from Patient Orientation lies across it and is
+    not shown at all (tried: the fused viewport shows the X-ray alone). The fused view's
+    orientation letters are OHIF's own for the source either way. The Secondary Captures,
+    which have a Patient Orientation, carry the source's."""
     plane = {keyword: _plane(source, keyword) for keyword in _PLANE}
     own = "FrameOfReferenceUID" in source and all(v is not None for v in plane.values())
     ds = Dataset()  # the source's elements, those set below excepted (the source is left as it is)
@@ -190,7 +202,5 @@ def parametric_map(
         item.DimensionOrganizationUID = dimensions
     provenance.stamp(pm)
     pm.SeriesDescription = provenance.series_description("Grad-CAM map")
-    # Type 2C: dciodvfy cannot tell whether the body part is paired, so always send it
-    # (empty when the source does not say), as the Secondary Captures do.
-    pm.Laterality = source.get("Laterality", "")
+    copy_anatomy(source, pm, image_laterality=False)  # Laterality only where it applies
     return pm

@@ -2,8 +2,8 @@
 
 A derived object (Parametric Map, Secondary Capture, SR) copies the source's patient, study,
 equipment and series identification: highdicom copies the Patient and Study modules (every
-root attribute of them) and the acquisition equipment; our code passes on Laterality, Patient
-Orientation, the Frame of Reference and the UIDs that reference the source. Any of those may
+root attribute of them) and the acquisition equipment; our code passes on the body part and laterality
+(``anatomy``), Patient Orientation, the Frame of Reference and the UIDs that reference the source. Any of those may
 be malformed in a file a PACS accepted (a sex "MALE", a birth date "1990-13-45", an age "45",
 an accession number of 40 characters, a name with six "^" components, a UID with letters),
 and highdicom then refuses to build the object, or builds one that ``dciodvfy`` refuses and
@@ -37,6 +37,10 @@ malformed attribute is:
   SOP Class UID when that one is valid (the same file's statement, not a guess); otherwise
   no object can reference the source, and ``UnusableSourceError`` names it;
 - left out otherwise (Type 3, or not an attribute the outputs carry).
+
+A valid but empty patient or study attribute that is not Type 2 in the outputs (an empty
+Patient's Size, Additional Patient History) is left out without a warning: it says nothing,
+and a derived object carries no Type 3 attribute empty.
 
 Each attribute so handled gives one warning naming its keyword ("PatientBirthDate was
 malformed and left empty in the DICOM outputs"); its value is never quoted: it may be
@@ -87,7 +91,6 @@ TYPE2 = (
     "ClinicalTrialTimePointID",
     "Manufacturer",
     "PositionReferenceIndicator",
-    "Laterality",
     "PatientOrientation",
 )
 # Type 2 patient and study attributes every derived object carries: added empty when absent.
@@ -117,6 +120,7 @@ ENUMERATED: dict[str, frozenset[str]] = {
     "PregnancyStatus": frozenset({"1", "2", "3", "4"}),
     "LongitudinalTemporalEventType": frozenset({"ENROLLMENT", "BASELINE"}),
     "Laterality": frozenset({"R", "L"}),
+    "ImageLaterality": frozenset({"R", "L", "U", "B"}),
 }
 # Patient Orientation (PS3.3 C.7.6.1.1.1): each value a run of direction letters, biped or quadruped.
 _ORIENTATION = re.compile(r"(?:A|P|R|L|H|F|LE|RT|D|V|CR|CD|M|PR|DI|PA|PL)+")
@@ -243,6 +247,9 @@ MODULES: dict[str, frozenset[str]] = {
         }
     ),
 }  # fmt: skip
+# The patient and study attributes highdicom copies that are not Type 2 in the outputs: an
+# empty one is left out (a derived object carries no Type 3 attribute empty).
+COPIED_TYPE3 = (MODULES["Patient"] | MODULES["Study"]) - frozenset(TYPE2) - frozenset(IDENTITY_UIDS)
 # The standard attributes the outputs carry or pass on: a malformed one is reported.
 CARRIED = (
     MODULES["Patient"]
@@ -294,6 +301,8 @@ def usable_source(source: Dataset) -> UsableSource:
                 ok = keyword in REDERIVED or element_ok(elem, encodings, _values_ok)
             if keyword in (*IDENTITY_UIDS, "SOPClassUID") and ok:
                 ok = bool(str(elem.value or "").strip())  # Type 1: empty is as unusable as malformed
+            if ok and keyword in COPIED_TYPE3 and elem.is_empty:
+                continue  # says nothing, and an output may not carry a Type 3 attribute empty
             if ok:
                 ref.add(elem)
             elif keyword in IDENTITY_UIDS:

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import generate_uid
 
+from models.dicom.anatomy import copy_anatomy
 from models.dicom.dates import dated_by_source
 from models.dicom.equipment import MANUFACTURER, Provenance
 from models.dicom.sanitize import usable_source
@@ -139,9 +140,7 @@ def secondary_capture_datasets(
         if provenance is not None:
             provenance.stamp(sc)
         sc.BurnedInAnnotation = "NO"
-        # Type 2C: dciodvfy cannot tell whether the body part is paired, so always send it
-        # (empty when the source does not say).
-        sc.Laterality = source.get("Laterality", "")
+        copy_anatomy(source, sc, image_laterality=True)  # Laterality only where it applies
         for keyword in VOI_AND_RESCALE:
             if keyword in sc:
                 del sc[keyword]

@@ -1,4 +1,4 @@
-"""Exact objects through a real Orthanc: a DX explained by reference twice (result reuse off) gives byte-identical objects, and Orthanc holds those very bytes."""
+"""Exact objects through a real Orthanc: a DX explained by reference twice (result reuse off) gives byte-identical objects, which Orthanc holds, without an empty Laterality."""
 
 from __future__ import annotations
 
@@ -76,4 +76,6 @@ def test_a_dx_explained_twice_by_reference_gives_the_same_bytes(orthanc, stack, 
     # Orthanc holds what aex wrote, byte for byte.
     for listing in first["result"]["dicom_objects"]:
         assert instance_file(orthanc, listing["sop_instance_uid"]) == a[listing["name"]], listing["name"]
+    for name, data in a.items():  # a chest (unpaired): no Laterality, not even an empty one
+        assert "Laterality" not in pydicom.dcmread(io.BytesIO(data)), name
     assert check_with_dciodvfy(tmp_path, a) == {}

@@ -62,7 +62,7 @@ CASES: list[tuple[str, list[tuple[str, bytes, str | None]], dict[str, str]]] = [
     ("pregnancy-not-enumerated", [("PregnancyStatus", b"\x09\x00", None)], {"PregnancyStatus": "left out"}),
     ("comments-control-char", [("PatientComments", f"{CANARY}\x01".encode(), None)], {"PatientComments": "left out"}),
     ("series-number-word", [("SeriesNumber", b"x1", None)], {"SeriesNumber": "left out"}),
-    ("laterality-B", [("Laterality", b"B", None)], {"Laterality": "emptied"}),
+    ("laterality-B", [("Laterality", b"B", None)], {"Laterality": "left out"}),
     ("orientation-word", [("PatientOrientation", b"UP\\DOWN", None)], {"PatientOrientation": "emptied"}),
     ("identity-removed-maybe", [("PatientIdentityRemoved", b"MAYBE", None)], {"PatientIdentityRemoved": "left out"}),
     ("study-uid-letters", [("StudyInstanceUID", b"1.2.abc", None)], {"StudyInstanceUID": "replaced"}),
