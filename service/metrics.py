@@ -1,5 +1,9 @@
 """Prometheus metrics: requests of this API process, plus the cluster's queues, workers and
-jobs read from Redis at scrape time (the workers count job ends and durations there)."""
+jobs read from Redis at scrape time (the workers count job ends and durations there).
+
+The queue gauges (waiting, running, the oldest waiting job's age) are what an autoscaler
+scales workers on (deploy/: KEDA). They describe the whole cluster, so every API replica
+reports the same values: aggregate them across replicas with ``max``, never ``sum``."""
 
 from __future__ import annotations
 
@@ -12,11 +16,13 @@ from redis.exceptions import RedisError
 
 from jobs.metrics import read_job_metrics
 from jobs.queues import QUEUE_NAMES, JobKind
+from jobs.rqueue import oldest_wait_seconds, queue_depth, running_count
 from jobs.rqueue.layout import live_worker_keys
 
 
 class ClusterCollector:
-    """Queue depth, live workers, job outcomes and durations, from Redis."""
+    """Queue depth, running jobs, the oldest waiting job's age, live workers, job outcomes and
+    durations, from Redis."""
 
     def __init__(self, conn: Redis):
         self.conn = conn
@@ -25,11 +31,22 @@ class ClusterCollector:
         up = GaugeMetricFamily("aex_redis_up", "1 when Redis answered this scrape")
         try:
             depth = GaugeMetricFamily("aex_queue_depth", "jobs waiting in a queue", labels=["queue"])
+            running = GaugeMetricFamily(
+                "aex_jobs_running",
+                "jobs of a queue running now (live leases; batch mates each count)",
+                labels=["queue"],
+            )
+            oldest = GaugeMetricFamily(
+                "aex_queue_oldest_age_seconds",
+                "seconds since the job at the head of a queue (the longest waiting) was submitted; 0 when none waits",
+                labels=["queue"],
+            )
             workers = GaugeMetricFamily("aex_workers", "live workers serving a queue", labels=["queue"])
             for kind in JobKind:
-                name = QUEUE_NAMES[kind]
-                depth.add_metric([kind.value], self.conn.llen(f"rq:queue:{name}"))
-                workers.add_metric([kind.value], len(live_worker_keys(self.conn, name)))
+                depth.add_metric([kind.value], queue_depth(self.conn, kind))
+                running.add_metric([kind.value], running_count(self.conn, kind))
+                oldest.add_metric([kind.value], oldest_wait_seconds(self.conn, kind))
+                workers.add_metric([kind.value], len(live_worker_keys(self.conn, QUEUE_NAMES[kind])))
             data = read_job_metrics(self.conn)
         except RedisError:
             up.add_metric([], 0)
@@ -38,6 +55,8 @@ class ClusterCollector:
         up.add_metric([], 1)
         yield up
         yield depth
+        yield running
+        yield oldest
         yield workers
         jobs = CounterMetricFamily(
             "aex_jobs",

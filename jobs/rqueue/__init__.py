@@ -25,7 +25,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, parse_job_id
 from rq.queue import Queue
 from rq.results import Result
-from rq.utils import current_timestamp
+from rq.utils import current_timestamp, utcparse
 
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
@@ -152,6 +152,36 @@ def queue_position(conn: Redis, record: JobRecord) -> int | None:
 def queue_depth(conn: Redis, lane: JobKind) -> int:
     """How many jobs wait on the queue of ``lane``."""
     return _queue(conn, QUEUE_NAMES[lane]).count
+
+
+# Ids at the head of a queue looked at for its oldest waiting job (an id whose job expired
+# meanwhile is skipped).
+OLDEST_LOOKAHEAD = 10
+
+
+def running_count(conn: Redis, lane: JobKind) -> int:
+    """How many jobs of the queue of ``lane`` run now: the leases of its started registry that
+    have not run out (one per claimed attempt, batch mates included; a dead worker's stop
+    counting when they run out, before the reaper has seen them)."""
+    key = _queue(conn, QUEUE_NAMES[lane]).started_job_registry.key
+    return int(conn.zcount(key, f"({current_timestamp()}", "+inf"))
+
+
+def oldest_wait_seconds(conn: Redis, lane: JobKind) -> float:
+    """Seconds since the job at the head of the queue of ``lane`` (the next one taken, the
+    longest waiting) was submitted; 0.0 when none waits. A job queued again after a cut-short
+    run keeps its first submission time."""
+    ids = [i.decode() for i in conn.lrange(_queue(conn, QUEUE_NAMES[lane]).key, 0, OLDEST_LOOKAHEAD - 1)]
+    if not ids:
+        return 0.0
+    with conn.pipeline(transaction=False) as pipe:
+        for job_id in ids:
+            pipe.hget(Job.key_for(job_id), "enqueued_at")
+        stamps = pipe.execute()
+    for stamp in stamps:
+        if stamp:
+            return max(0.0, (datetime.now(UTC) - _utc(utcparse(stamp.decode()))).total_seconds())
+    return 0.0
 
 
 def lease_expired(conn: Redis, record: JobRecord) -> bool:
