@@ -133,9 +133,17 @@ def free_port() -> int:
 
 
 def start_service(
-    checkpoint: Path, name: str, workers: int, threads: int, scratch: Path, max_batch: int
+    checkpoint: Path,
+    name: str,
+    workers: int,
+    threads: int,
+    scratch: Path,
+    max_batch: int | None,
+    loose_limits: bool = True,
 ) -> tuple[subprocess.Popen, str, str]:
-    """``aex serve`` on a free loopback port; returns (process, URL, the admin token it made)."""
+    """``aex serve`` on a free loopback port; returns (process, URL, the admin token it made).
+    ``max_batch`` None: the default AEX_MAX_BATCH; ``loose_limits`` False: the default queue
+    depth and jobs per principal (the clients then spread over several keys)."""
     models = scratch / "models"
     models.mkdir(exist_ok=True)
     link = models / f"{name}.safetensors"
@@ -150,14 +158,15 @@ def start_service(
         AEX_WORKERS=str(workers),
         AEX_TORCH_THREADS=str(threads),
         AEX_LOG_LEVEL="WARNING",
-        AEX_MAX_QUEUE_DEPTH="10000",
-        AEX_MAX_JOBS_PER_PRINCIPAL="100000",
-        AEX_MAX_BATCH=str(max_batch),
         AEX_TOKEN_FILE=str(scratch / f"token-{port}"),
         # The default's persistence (append-only, fsync always) in a folder of this run: a
         # folder kept from an earlier run would hold its keys, and no new token would be written.
         AEX_REDIS_DIR=str(scratch / f"redis-{port}"),
     )
+    if loose_limits:
+        env.update(AEX_MAX_QUEUE_DEPTH="10000", AEX_MAX_JOBS_PER_PRINCIPAL="100000")
+    if max_batch is not None:
+        env["AEX_MAX_BATCH"] = str(max_batch)
     proc = subprocess.Popen(
         [sys.executable, "-m", "aex.cli", "serve"],
         cwd=REPO,

@@ -16,6 +16,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError
 from redis.retry import Retry
 
+from jobs.roundtrips import counting
 from models.errors import StoreMisconfiguredError
 
 
@@ -43,14 +44,17 @@ def connect(url: str, socket_timeout: float | None = None, retry_seconds: int = 
     """A Redis client for ``url`` (redis://, rediss:// or unix://) that fails fast when the
     server is gone instead of hanging, and rides out a Redis restart: a command that finds
     the server unreachable is tried again, on a new connection, for about ``retry_seconds``
-    (after 0.1 s, 0.2 s, 0.4 s, 0.8 s, then every second)."""
+    (after 0.1 s, 0.2 s, 0.4 s, 0.8 s, then every second). Its round trips are counted
+    (``jobs.roundtrips``)."""
     retry = Retry(
         ExponentialBackoff(cap=1.0, base=0.05),
         retries=4 + max(0, retry_seconds - 1),
         supported_errors=(ConnectionError,),
     )
-    return Redis.from_url(
-        url, socket_connect_timeout=3.0, socket_timeout=socket_timeout, health_check_interval=30, retry=retry
+    return counting(
+        Redis.from_url(
+            url, socket_connect_timeout=3.0, socket_timeout=socket_timeout, health_check_interval=30, retry=retry
+        )
     )
 
 

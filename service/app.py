@@ -49,6 +49,7 @@ from service.routes import admin as admin_routes
 from service.routes import jobs as job_routes
 from service.routes import models as model_routes
 from service.routes import ops as ops_routes
+from service.timing import ServerTimingMiddleware
 from service.viewer import install_viewer
 
 log = logging.getLogger("aex.service")
@@ -188,8 +189,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_viewer(app)  # the HTML viewer at / and its files at /static/
     install_docs(app)
     # Outermost last: the trusted hosts, then CORS (preflights answered before any token is
-    # asked for), metrics, and the audit trail, which sees the final status of each request.
+    # asked for), metrics, the stage timings, and the audit trail, which sees the final status
+    # of each request.
     app.add_middleware(AuditMiddleware, audit=app.state.audit)
+    app.add_middleware(ServerTimingMiddleware)  # around the audit trail: its final write is a stage
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if settings.cors_origins:
         app.add_middleware(

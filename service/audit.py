@@ -52,6 +52,7 @@ from jobs.keys import audit_key
 from models.errors import BadParameterError
 from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.metrics import method_label, route_label
+from service.timing import stage
 
 log = logging.getLogger("aex.audit")
 
@@ -342,7 +343,8 @@ class AuditMiddleware:
             if refused:
                 return  # the app's answer, replaced by the refusal
             if message["type"] == "http.response.start":
-                refusal = await run_in_threadpool(self._write, scope, message["status"])
+                with stage("audit-end"):
+                    refusal = await run_in_threadpool(self._write, scope, message["status"])
                 if refusal is not None:
                     refused = True
                     await refusal(scope, receive, send)

@@ -42,6 +42,7 @@ from service.catalogue import Catalogue
 from service.multipart import Upload
 from service.reuse import fetch_reused, reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
+from service.timing import stage
 from service.views import job_view
 
 log = logging.getLogger("aex.service")
@@ -86,30 +87,33 @@ class JobService:
         AEX_MAX_JOBS_PER_PRINCIPAL), store the upload sealed (with its TTL) and enqueue the job
         by dotted path on the queue of ``lane`` (default: its kind's). Returns its id."""
         lane = lane or kind
-        admission.check_capacity(self.conn, lane, self.settings)
-        job_id = new_job_id(self.conn)
-        if timeout is None:
-            timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
-        if principal is not None:
-            # The longest a job can wait and run (every retry included): the share's set lives that long.
-            ttl = self.settings.upload_ttl + timeout * (self.settings.job_retries + 1)
-            quota.reserve(self.conn, principal, job_id, self.settings.max_jobs_per_principal, ttl)
+        with stage("quota"):
+            admission.check_capacity(self.conn, lane, self.settings)
+            job_id = new_job_id(self.conn)
+            if timeout is None:
+                timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
+            if principal is not None:
+                # The longest a job can wait and run (every retry included): the share's set lives that long.
+                ttl = self.settings.upload_ttl + timeout * (self.settings.job_retries + 1)
+                quota.reserve(self.conn, principal, job_id, self.settings.max_jobs_per_principal, ttl)
         try:
             if not (meta or {}).get("pacs_reference"):  # by reference, the worker fetches it
-                sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
-                self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
-            rqueue.enqueue(
-                self.conn,
-                lane,
-                kind,
-                job_id,
-                kwargs={"model": model, **kwargs},
-                meta={"kind": kind.value, "model": model, **(meta or {})},
-                timeout=timeout,
-                result_ttl=self.settings.result_ttl,
-                wait_ttl=self.settings.upload_ttl,
-                description=f"{kind.value} {model}",
-            )
+                with stage("seal"):
+                    sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
+                    self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
+            with stage("enqueue"):
+                rqueue.enqueue(
+                    self.conn,
+                    lane,
+                    kind,
+                    job_id,
+                    kwargs={"model": model, **kwargs},
+                    meta={"kind": kind.value, "model": model, **(meta or {})},
+                    timeout=timeout,
+                    result_ttl=self.settings.result_ttl,
+                    wait_ttl=self.settings.upload_ttl,
+                    description=f"{kind.value} {model}",
+                )
         except BaseException:
             if principal is not None:
                 with contextlib.suppress(Exception):  # Redis may be what failed
@@ -119,7 +123,8 @@ class JobService:
 
     def wait(self, job_id: str, seconds: float) -> None:
         """Block until the job has a result (success, failure or stop), at most ``seconds``."""
-        rqueue.wait_for_end(self.conn, job_id, seconds)
+        with stage("wait"):
+            rqueue.wait_for_end(self.conn, job_id, seconds)
 
     def _cache_key(self, kind: JobKind, entry: dict[str, Any], digest: str, parameters: dict[str, Any]) -> str:
         checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
@@ -145,7 +150,8 @@ class JobService:
         digest = upload.sha256 if ref is None else hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()
         meta = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
         key = self._cache_key(kind, entry, digest, {**kwargs, "store": meta.get("store")} if ref else kwargs)
-        job_id = reuse_result(self.conn, self.settings, kind, entry["name"], key, meta, scope, self.policy)
+        with stage("reuse"):
+            job_id = reuse_result(self.conn, self.settings, kind, entry["name"], key, meta, scope, self.policy)
         if job_id is not None:
             return job_id, True
         if kind is JobKind.EXPLAIN:
@@ -159,30 +165,33 @@ class JobService:
         and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
         high-priority classify queue; one with the stability score (seconds of searches, the
         explain time limit) waits on the explain queue, behind every plain classify."""
-        entry = self.catalogue.resolve(self.conn, params.model)
-        input_format = admission.check_input(upload, params, self.settings, entry)
-        stability_steps = admission.stability_steps(params, self.settings) if params.stability else None
-        kwargs = classify_parameters(
-            params.top_k,
-            params.stability,
-            stability_steps or 0,
-            params.window_center,
-            params.window_width,
-            stability_mode=admission.stability_mode(params, self.settings),
-        )
-        meta = admission.job_meta(input_format, params, self.settings)
+        with stage("admission"):
+            entry = self.catalogue.resolve(self.conn, params.model)
+            input_format = admission.check_input(upload, params, self.settings, entry)
+            stability_steps = admission.stability_steps(params, self.settings) if params.stability else None
+            kwargs = classify_parameters(
+                params.top_k,
+                params.stability,
+                stability_steps or 0,
+                params.window_center,
+                params.window_width,
+                stability_mode=admission.stability_mode(params, self.settings),
+            )
+            meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
         job_id, reused = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
         if not reused:
             self.wait(job_id, self.settings.classify_wait_seconds)
-        return self.view(principal, job_id)
+        with stage("view"):
+            return self.view(principal, job_id)
 
     def explain(self, principal: Principal, upload: Upload, params: ExplainParams) -> JobView:
         """Check the upload and the parameters, queue an explain job (or answer from an
         identical earlier one); returns at once."""
-        entry = self.catalogue.resolve(self.conn, params.model)
-        input_format = admission.check_input(upload, params, self.settings, entry)
-        layer = admission.check_explain(params, entry, self.settings)
+        with stage("admission"):
+            entry = self.catalogue.resolve(self.conn, params.model)
+            input_format = admission.check_input(upload, params, self.settings, entry)
+            layer = admission.check_explain(params, entry, self.settings)
         kwargs = explain_parameters(
             params.targets,
             params.rho,

@@ -45,6 +45,9 @@ class WorkerContext:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     # Each job's share of the batch it ran in, until its job function takes it.
     prepared: dict[str, Prepared] = field(default_factory=dict)
+    # Seconds of each stage of a job before its computation (claim, gather, read), until its
+    # job function puts them in its result's timings.
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def hand_over(self, prepared: dict[str, Prepared]) -> None:
         """Make each job's share available to its job function (``take_prepared``)."""
@@ -54,10 +57,20 @@ class WorkerContext:
         """The job's share of the batch it ran in, once (None: it computes on its own)."""
         return self.prepared.pop(job_id, None)
 
+    def note_timing(self, job_id: str, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the stage ``name`` (``claim_seconds``, ...) of job ``job_id``."""
+        stages = self.timings.setdefault(job_id, {})
+        stages[name] = stages.get(name, 0.0) + seconds
+
+    def take_timings(self, job_id: str) -> dict[str, float]:
+        """The job's stage timings noted so far, once."""
+        return self.timings.pop(job_id, {})
+
     def forget(self, job_ids: list[str]) -> None:
         """Drop what was not taken (a job skipped, cancelled or lost before its turn)."""
         for job_id in job_ids:
             self.prepared.pop(job_id, None)
+            self.timings.pop(job_id, None)
 
 
 _context: WorkerContext | None = None

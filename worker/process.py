@@ -115,10 +115,15 @@ class AexWorker(BatchingMixin, QueueWorker):
             attempts = [leader]
             # Leased from the leader's claim on: gathering its mates may take AEX_BATCH_WAIT_MS.
             with self._leases(attempts):
-                for mate in self.gather_batch(job, queue)[1:]:
+                start = time.perf_counter()
+                mates = self.gather_batch(job, queue)[1:]
+                gathered = time.perf_counter() - start
+                for mate in mates:
                     attempt = self._claim(mate, queue)
                     if attempt is not None:
                         attempts.append(attempt)
+                for attempt in attempts:
+                    self.context.note_timing(attempt.job.id, "gather_seconds", gathered)
                 try:
                     if len(attempts) > 1:
                         self.compute_batch(attempts)
@@ -135,6 +140,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         if reason is not None:
             self._refuse(job, queue, reason)
             return None
+        start = time.perf_counter()
         try:
             attempt = lifecycle.claim(self.connection, job, queue, self.name, self.job_heartbeat_ttl)
         except STORE_UNAVAILABLE as exc:
@@ -144,6 +150,8 @@ class AexWorker(BatchingMixin, QueueWorker):
             return None
         if attempt is None:
             log.warning("job %s taken from its queue but no longer queued; skipped", job.id)
+        else:
+            self.context.note_timing(job.id, "claim_seconds", time.perf_counter() - start)
         return attempt
 
     def _refuse(self, job: Job, queue: Queue, reason: str) -> None:

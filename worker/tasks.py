@@ -55,12 +55,23 @@ def _read_upload(job: Job) -> bytes:
     """The job's input: the upload stored (sealed) by the API, or for an input by reference
     the instance fetched from its PACS by WADO-RS (same size limit as an upload)."""
     ref = job.meta.get("pacs_reference")
+    start = time.perf_counter()
     if ref:
-        return fetch_reference(current().settings.pacs, ref, current().settings.max_upload_bytes)
-    data = job.connection.get(upload_key(job.id))
-    if data is None:
-        raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
-    return current().cipher.open(data, blob_context(upload_key(job.id)))
+        data = fetch_reference(current().settings.pacs, ref, current().settings.max_upload_bytes)
+    else:
+        sealed = job.connection.get(upload_key(job.id))
+        if sealed is None:
+            raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
+        data = current().cipher.open(sealed, blob_context(upload_key(job.id)))
+    current().note_timing(job.id, "read_seconds", time.perf_counter() - start)
+    return data
+
+
+def _with_stage_timings(job: Job, result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` (dumped) with the job's stages before its computation (claim, gather, read:
+    ``worker.context``) in its provenance's timings."""
+    result["provenance"]["timings"].update({k: round(v, 6) for k, v in current().take_timings(job.id).items()})
+    return result
 
 
 class _Progress:
@@ -120,7 +131,7 @@ def classify(
         result = classify_result(
             served, data, input_format, parameters, progress=_Progress(job), worker=job.worker_name
         )
-    result = result.dump()  # jobs.results.ClassifyResult as the JSON rq stores
+    result = _with_stage_timings(job, result.dump())  # jobs.results.ClassifyResult as the JSON rq stores
     _keep_cache_key(job, result)
     return result
 
@@ -204,7 +215,7 @@ def explain(
         summary, files, dicom_files = explain_result(
             served, data, input_format, parameters, progress=_Progress(job), worker=job.worker_name
         )
-    summary = summary.dump()  # jobs.results.ExplainResult as the JSON rq stores
+    summary = _with_stage_timings(job, summary.dump())  # jobs.results.ExplainResult as the JSON rq stores
     _check_cancelled(job)
     ref = job.meta.get("pacs_reference")
     if ref and job.meta.get("store", True):

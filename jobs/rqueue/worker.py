@@ -26,11 +26,12 @@ from typing import Any
 from rq import get_current_job, worker_registration
 from rq.job import Job
 from rq.queue import Queue
-from rq.utils import now
+from rq.utils import now, utcformat
 from rq.worker import SimpleWorker, WorkerStatus
 
 from jobs.keys import CATALOGUE_FIELD
 from jobs.queues import STORE_UNAVAILABLE
+from jobs.roundtrips import process_total
 from jobs.rqueue.layout import SERIALIZER, TIME_LIMIT_EXCEEDED, time_limit_of
 from jobs.rqueue.lifecycle import queues_by_priority
 from jobs.rqueue.taking import take_any
@@ -41,6 +42,9 @@ log = logging.getLogger("aex.worker")
 REREGISTER_WITHIN_SECONDS = 5
 # The longest pause between two tries when the store refuses a worker's writes.
 MAX_BACKOFF_SECONDS = 5.0
+# The field of a worker's registration holding the Redis round trips it had sent at its last
+# heartbeat (``jobs.roundtrips``; written with the heartbeat, no round trip of its own).
+ROUND_TRIPS_FIELD = "aex_redis_round_trips"
 
 
 def current_job() -> Job:
@@ -122,11 +126,19 @@ class QueueWorker(SimpleWorker):
         # leaves /readyz and the catalogue quickly.
         ttl = min(timeout or self.worker_ttl, self.worker_ttl)
         if pipeline is not None:
-            super().heartbeat(ttl, pipeline=pipeline)
+            self._beat(pipeline, ttl)
             return
         with self._outage("sending its heartbeat"):
             self._ensure_registered()
-            super().heartbeat(ttl)
+            self._beat(self.connection, ttl)
+
+    def _beat(self, conn, ttl: int) -> None:
+        """rq's heartbeat (its registration's time and TTL), with this process's round trips so far."""
+        self.last_heartbeat = now()
+        beat = {"last_heartbeat": utcformat(self.last_heartbeat), ROUND_TRIPS_FIELD: process_total()}
+        conn.hset(self.key, mapping=beat)
+        conn.expire(self.key, ttl)
+        conn.expire(self.executions_key, ttl)
 
     def register_birth(self):
         self._until_accepted("registering", super().register_birth)

@@ -32,6 +32,7 @@ from service.audit import before_acting
 from service.auth.apikeys import TOKEN_PREFIX, ApiKeyStore
 from service.auth.oidc import OidcVerifier, check_fetch_url
 from service.auth.principal import LOCAL, Principal, Scope, require
+from service.timing import stage
 
 log = logging.getLogger("aex.auth")
 
@@ -114,7 +115,8 @@ def current_principal(request: Request) -> Principal:
     if principal is None:
         auth: Authenticator = request.app.state.auth
         try:
-            principal = auth.authenticate(request.headers.get("authorization"))
+            with stage("auth"):
+                principal = auth.authenticate(request.headers.get("authorization"))
         except KeyLostError:
             # Its owner polling a job lost with the key learns that the job is lost: the id
             # alone says so (its check digits hold, its epoch is not the store's), so this
@@ -136,7 +138,8 @@ def requires(scope: Scope | str):
 
     def principal_with_scope(request: Request) -> Principal:
         principal = require(current_principal(request), value)
-        before_acting(request)  # a mutating request's audit record, before it acts
+        with stage("audit"):
+            before_acting(request)  # a mutating request's audit record, before it acts
         return principal
 
     principal_with_scope.__name__ = f"requires_{value}"

@@ -17,6 +17,7 @@ from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
 from service.multipart import read_upload
 from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
+from service.timing import stage
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -39,17 +40,20 @@ async def classify(request: Request, principal: Submitter, settings: SettingsDep
     """Classify an image or a DICOM file (optionally with its stability score). Answers 200
     with the result when the job ends within AEX_CLASSIFY_WAIT_SECONDS (at once when an
     identical request's result is still kept), else 202 with ``Location: /v1/jobs/{id}``."""
-    upload = await read_upload(request, settings)
-    params = parse_params(ClassifyParams, upload.fields)
-    note(request, model=params.model, input_sha256=upload.sha256)
+    with stage("parse"):
+        upload = await read_upload(request, settings)
+        params = parse_params(ClassifyParams, upload.fields)
+        note(request, model=params.model, input_sha256=upload.sha256)
     view = await run_in_threadpool(jobs.classify, principal, upload, params)
     note(request, job_id=view.id, model=view.model)
-    if view.status is ApiStatus.FINISHED:
-        return _job_response(view, 200)
-    if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
-        status = status_of(view.error.code)
-        return JSONResponse({"error": view.error.model_dump(), "job": view.model_dump(mode="json")}, status_code=status)
-    return _job_response(view, 202)
+    with stage("respond"):
+        if view.status is ApiStatus.FINISHED:
+            return _job_response(view, 200)
+        if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
+            status = status_of(view.error.code)
+            body = {"error": view.error.model_dump(), "job": view.model_dump(mode="json")}
+            return JSONResponse(body, status_code=status)
+        return _job_response(view, 202)
 
 
 @router.post(
@@ -66,12 +70,14 @@ async def explain(request: Request, principal: Submitter, settings: SettingsDep,
     """Queue adversarial explanations, Grad-CAM and the stability score for an image or a
     DICOM file; answers 202 with ``Location: /v1/jobs/{id}``, or 200 with the finished job
     when an identical request's result is still kept."""
-    upload = await read_upload(request, settings)
-    params = parse_params(ExplainParams, upload.fields)
-    note(request, model=params.model, input_sha256=upload.sha256)
+    with stage("parse"):
+        upload = await read_upload(request, settings)
+        params = parse_params(ExplainParams, upload.fields)
+        note(request, model=params.model, input_sha256=upload.sha256)
     view = await run_in_threadpool(jobs.explain, principal, upload, params)
     note(request, job_id=view.id, model=view.model)
-    return _job_response(view, 200 if view.status is ApiStatus.FINISHED else 202)
+    with stage("respond"):
+        return _job_response(view, 200 if view.status is ApiStatus.FINISHED else 202)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)

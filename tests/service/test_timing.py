@@ -1,0 +1,65 @@
+"""The stages of a request in its Server-Timing header, the worker's stages in the result's timings, and the
+round trips each side sends (real Redis, real workers; marker e2e)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.queues import connect
+from tests.conftest import poll_job
+
+pytestmark = pytest.mark.e2e
+
+
+def server_timing(value: str) -> dict[str, str]:
+    """{name: its dur or desc} of a Server-Timing header."""
+    out = {}
+    for item in value.split(","):
+        name, *params = [p.strip() for p in item.split(";")]
+        out[name] = next((p.partition("=")[2] for p in params if p.startswith(("dur=", "desc="))), "")
+    return out
+
+
+def upload(data: bytes, **fields):
+    return {"files": {"image": ("x.png", data, "image/png")}, "data": {k: str(v) for k, v in fields.items()}}
+
+
+def test_a_classify_answer_times_each_stage_and_counts_its_round_trips(api, make_image):
+    resp = api.post("/v1/classify", **upload(make_image("PNG", "RGB", seed=1901), model="tiny-rgb"))
+    assert resp.status_code == 200, resp.text
+    stages = server_timing(resp.headers["server-timing"])
+    expected = {"parse", "auth", "audit", "admission", "reuse", "quota", "seal", "enqueue", "wait", "view"}
+    assert expected | {"respond", "audit-end", "redis", "total"} <= set(stages), stages
+    durations = {k: float(v) for k, v in stages.items() if k != "redis"}
+    assert all(v >= 0 for v in durations.values())
+    # Stages are parts of the whole (each measured inside the middleware's span).
+    assert sum(durations[k] for k in expected) <= durations["total"]
+    assert int(stages["redis"]) > 0
+    # The worker's stages before the computation, beside the computation's own.
+    timings = resp.json()["result"]["provenance"]["timings"]
+    assert {"claim_seconds", "gather_seconds", "read_seconds", "decode_seconds", "inference_seconds"} <= set(timings)
+    assert all(v >= 0 for v in timings.values())
+
+
+def test_every_v1_answer_is_timed_a_refused_one_too_and_nothing_else(api, make_image):
+    refused = api.post("/v1/classify", **upload(make_image("PNG", "RGB")), headers={"Authorization": "Bearer nope"})
+    assert refused.status_code == 401
+    stages = server_timing(refused.headers["server-timing"])
+    assert {"auth", "redis", "total"} <= set(stages) and "admission" not in stages
+    view = api.post("/v1/explain", **upload(make_image("PNG", "RGB", seed=1902), model="tiny-rgb", steps=2))
+    assert view.status_code == 202 and "enqueue" in server_timing(view.headers["server-timing"])
+    done = poll_job(api, view.json()["url"])
+    assert {"claim_seconds", "read_seconds"} <= set(done["result"]["provenance"]["timings"])
+    assert "server-timing" not in api.get("/healthz").headers
+
+
+def test_workers_publish_their_round_trips_with_their_heartbeat(service_stack, api, make_image):
+    resp = api.post("/v1/classify", **upload(make_image("PNG", "RGB", seed=1903), model="tiny-rgb"))
+    assert resp.status_code == 200, resp.text
+    conn = connect(service_stack.redis_url)
+    try:
+        workers = [k.decode() for k in conn.smembers("rq:workers")]
+        counts = [int(conn.hget(k, "aex_redis_round_trips") or 0) for k in workers]
+    finally:
+        conn.close()
+    assert workers and all(c > 0 for c in counts), counts
