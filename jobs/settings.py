@@ -28,7 +28,16 @@ MIB = 1024 * 1024
 # whose "secret" would be the public key).
 ASYMMETRIC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 # List settings whose items are separated by commas (the others are paths: os.pathsep).
-COMMA_LISTS = ("callback_allowed_hosts", "oidc_algorithms", "cors_origins", "trusted_hosts", "trusted_proxies")
+COMMA_LISTS = (
+    "callback_allowed_hosts",
+    "oidc_algorithms",
+    "cors_origins",
+    "trusted_hosts",
+    "trusted_proxies",
+    "queues",
+)
+# The queues a worker may serve, by job kind, in the order it serves them (jobs.queues.QUEUE_NAMES).
+QUEUE_KINDS = ("classify", "explain")
 
 
 def bundled_checkpoint_dir() -> Path:
@@ -165,6 +174,9 @@ class Settings(BaseSettings):
 
     # Workers.
     workers: int = Field(1, ge=0)
+    # The queues a worker takes jobs from (classify, explain; classify first when both):
+    # separate worker pools per queue, each scaled on its own backlog (deploy/).
+    queues: Annotated[list[Literal["classify", "explain"]], NoDecode] = Field(default_factory=lambda: list(QUEUE_KINDS))
     device: str | None = None
     torch_threads: int | None = Field(None, ge=1)
     worker_ttl: int = Field(30, ge=3)
@@ -247,6 +259,15 @@ class Settings(BaseSettings):
                 f"AEX_BODY_TIMEOUT_SECONDS ({self.body_timeout_seconds:g})"
             )
         return self
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _split_queues(cls, value):
+        items = value.split(",") if isinstance(value, str) else list(value or [])
+        kinds = {str(k).strip().lower() for k in items if str(k).strip()}
+        if not kinds or kinds - set(QUEUE_KINDS):
+            raise ValueError(f"AEX_QUEUES takes one or both of {', '.join(QUEUE_KINDS)}, separated by a comma")
+        return [k for k in QUEUE_KINDS if k in kinds]  # the order a worker serves them in
 
     @field_validator("oidc_algorithms", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ import socket
 
 from jobs.callbacks import CallbackPolicy
 from jobs.crypto import cipher_from_settings
-from jobs.queues import check_store_policy, connect
+from jobs.queues import QUEUE_NAMES, JobKind, check_store_policy, connect
 from jobs.settings import Settings
 from models.errors import BadParameterError
 from worker.context import WorkerContext
@@ -69,6 +69,7 @@ def run_worker(settings: Settings, burst: bool = False) -> bool:
         default_result_ttl=settings.result_ttl,
         job_heartbeat_ttl=settings.job_heartbeat_ttl,
         catalogue=served.catalogue(),
+        queue_names=[QUEUE_NAMES[JobKind(kind)] for kind in settings.queues],
         reuse_results=settings.reuse_results,
         job_retries=settings.job_retries,
         callback_policy=policy,

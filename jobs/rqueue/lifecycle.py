@@ -25,7 +25,7 @@ transaction ended the job.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,10 +235,10 @@ def queue_named(conn: Redis, name: str) -> Queue:
     return Queue(name, connection=conn, serializer=SERIALIZER)
 
 
-def queues_by_priority(conn: Redis) -> list[Queue]:
-    """Every queue in the order a worker serves them: classify first, so a worker takes an
-    explain job only when no classify job waits."""
-    return [queue_named(conn, name) for name in QUEUE_NAMES.values()]
+def queues_by_priority(conn: Redis, names: Collection[str] | None = None) -> list[Queue]:
+    """Every queue (or those of ``names``) in the order a worker serves them: classify first,
+    so a worker takes an explain job only when no classify job waits."""
+    return [queue_named(conn, name) for name in QUEUE_NAMES.values() if names is None or name in names]
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,15 +58,22 @@ def current_job() -> Job:
 class QueueWorker(SimpleWorker):
     """See the module docstring. ``name``, ``connection`` and the settings as rq's worker;
     ``catalogue``: what it serves, published in its registration; ``job_heartbeat_ttl``: the
-    lease of a job in hand."""
+    lease of a job in hand; ``queue_names``: the queues it takes jobs from (None: every one)."""
 
     # rq's dequeue loop waits this long at most between two tries to reach Redis (rq: 60 s).
     max_connection_wait_time = 2.0
 
     def __init__(
-        self, connection, *, catalogue: list[dict[str, Any]] | None = None, job_heartbeat_ttl: int = 20, **kwargs
+        self,
+        connection,
+        *,
+        catalogue: list[dict[str, Any]] | None = None,
+        job_heartbeat_ttl: int = 20,
+        queue_names: Collection[str] | None = None,
+        **kwargs,
     ):
-        super().__init__(queues_by_priority(connection), connection=connection, serializer=SERIALIZER, **kwargs)
+        queues = queues_by_priority(connection, queue_names)
+        super().__init__(queues, connection=connection, serializer=SERIALIZER, **kwargs)
         self.catalogue = catalogue or []
         self.job_heartbeat_ttl = job_heartbeat_ttl
 
