@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from aex.commands import admin, explain, science, service, train, watch
+from aex.commands import admin, checkpoint, explain, science, service, train, watch
 
 app = typer.Typer(
     name="aex",
@@ -27,6 +27,7 @@ app.command()(science.evaluate)
 app.command()(explain.explain)
 app.command()(service.classify)
 app.command()(train.train)
+app.add_typer(checkpoint.checkpoint_app)
 app.command()(service.serve)
 app.command("worker")(service.worker_cmd)
 app.add_typer(admin.keys_app)

@@ -97,6 +97,7 @@ def secondary_capture_files(
         kwargs,
         Provenance(served.name, served.checkpoint_sha256),
         _derivation(served, summary, parameters),
+        class_codes=served.meta.class_codes,  # the SR codes findings in SNOMED CT etc. where it has one
     )
     out = {obj.name: obj.data for obj in derived.objects}
     summary["dicom_files"] = list(out)

@@ -89,6 +89,13 @@ def train(
     download: Annotated[bool, typer.Option("--download", help="download torchvision CIFAR-10 into --data")] = False,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="torch deterministic algorithms")] = False,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
+    class_code: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="the standard concept of a class, NAME=SCHEME:VALUE:MEANING (repeatable; SCT, DCM, LN or "
+            "RADLEX), e.g. pneumonia=SCT:233604007:Pneumonia; the SR codes that class's findings with it"
+        ),
+    ] = None,
 ) -> None:
     """Train a classifier (standard, --robust, --adv-train); checkpoints every epoch; under
     torchrun it trains with DistributedDataParallel. Ends with test accuracy and ARA."""

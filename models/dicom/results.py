@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from pydicom.dataset import Dataset
 
+from models.dicom.class_codes import stored_codes
 from models.dicom.equipment import Provenance
 from models.dicom.parametric_map import parametric_map
 from models.dicom.sanitize import usable_source
@@ -67,6 +68,7 @@ def explanation_objects(
     parameters: Mapping[str, Any],
     provenance: Provenance,
     derivation: str,
+    class_codes: Mapping[str, Mapping[str, str]] | None = None,
 ) -> DerivedObjects:
     """Every DICOM object of one explanation of ``source``, in three new series of its study
     (Parametric Map, Secondary Capture, SR: a series holds one modality), with UIDs derived
@@ -77,7 +79,9 @@ def explanation_objects(
     ``models.data.geometry.map_to_source``); images: (name, role, image) of each Secondary
     Capture (the overlay, each explanation and its difference; see
     ``secondary_capture.secondary_captures``); summary, metrics: see ``sr.measurement_report``;
-    derivation: the free text of how they were made. The PM comes first, the SR last. Each
+    derivation: the free text of how they were made; class_codes: the checkpoint's class ->
+    code map (``CheckpointMeta.class_codes``: the SR codes those classes' findings with them,
+    the others in 99AEX). The PM comes first, the SR last. Each
     malformed attribute of the source is left out or emptied first (``sanitize.usable_source``),
     and said so in the warnings; ``sanitize.UnusableSourceError`` when no object can reference
     the source."""
@@ -93,7 +97,8 @@ def explanation_objects(
             usable, [(name, image) for name, _role, image in images], derivation, provenance=provenance, uid=uid
         )
         roles = {name: role for name, role, _image in images}
-        sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid)
+        codes = stored_codes(class_codes or {}, list(summary["probs"]))
+        sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid, codes)
         objects = [
             _object(PARAMETRIC_MAP, PARAMETRIC_MAP, pm),
             *(_object(name, roles[name], sc) for name, sc in captures),

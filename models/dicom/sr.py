@@ -11,6 +11,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
+from models.dicom.class_codes import ClassCode
 from models.dicom.dates import dated_by_source
 from models.dicom.equipment import MANUFACTURER, Provenance
 from models.dicom.uids import UidFor
@@ -18,8 +19,10 @@ from models.dicom.uids import UidFor
 # Codes: DICOM's (DCM 130403 "Gradient-weighted class activation", 122157 "Probability", 121415
 # "Percentile Ranking of measurement", SCT 363679005 "Imaging procedure") where PS3.16 has one;
 # otherwise the private coding scheme 99AEX, declared in the SR's Coding Scheme Identification
-# Sequence. Its code values are fixed (``AEX``); a class of the classifier is the code (99AEX,
-# its name, its name), the same for every model that names a class alike.
+# Sequence. Its code values are fixed (``AEX``). A class of the classifier is the standard
+# concept its checkpoint's class -> code map gives it (``class_codes``: SNOMED CT for the
+# bundled pneumonia model), else the code (99AEX, its name, its name), the same for every model
+# that names a class alike.
 SCHEME = "99AEX"
 SERIES_OFFSET = 902  # the source's Series Number + this
 AEX = {
@@ -53,9 +56,14 @@ def code(key: str) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value, SCHEME, meaning)
 
 
-def class_code(name: str) -> hd.sr.CodedConcept:
-    """A class of the classifier as a 99AEX concept: its name as code value and meaning (a
-    backslash, the value separator, becomes '/'; the meaning is cut at 64 characters)."""
+def class_code(name: str, standard: Mapping[str, ClassCode] | None = None) -> hd.sr.CodedConcept:
+    """A class of the classifier as a coded concept: its code in ``standard`` (the checkpoint's
+    class -> code map, ``class_codes.stored_codes``) when it has one, else a 99AEX concept with
+    its name as code value and meaning (a backslash, the value separator, becomes '/'; the
+    meaning is cut at 64 characters)."""
+    if standard and name in standard:
+        code = standard[name]
+        return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
     text = "".join(ch if ch.isprintable() and ch != "\\" else "/" for ch in str(name)) or "unnamed"
     return hd.sr.CodedConcept(text, SCHEME, text[:64])
 
@@ -108,6 +116,7 @@ def _groups(
     metrics: Mapping[str, Any],
     algorithm: hd.sr.AlgorithmIdentification,
     uid: UidFor,
+    standard: Mapping[str, ClassCode],
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
     def group(key: str, name: str, **kw) -> hd.sr.MeasurementsAndQualitativeEvaluations:
         tracking = hd.sr.TrackingIdentifier(uid=uid(f"tracking/{key}"), identifier=name[:64])
@@ -120,7 +129,7 @@ def _groups(
             "classification",
             finding_type=code("classification"),
             qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"]))
+                hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"], standard))
             ],
             measurements=[_num(codes.DCM.Probability, predicted["prob"])],
             source_images=[_ref(source)],
@@ -131,7 +140,7 @@ def _groups(
             group(
                 f"class/{i}",
                 f"class {name}",
-                finding_type=class_code(name),
+                finding_type=class_code(name, standard),
                 measurements=[_num(codes.DCM.Probability, prob)],
                 source_images=[_ref(source)],
             )
@@ -156,7 +165,7 @@ def _groups(
             "gradcam",
             "Grad-CAM",
             finding_type=codes.DCM.GradientWeightedClassActivation,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("explained"), class_code(explained))],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("explained"), class_code(explained, standard))],
             measurements=_faithfulness(summary["gradcam"].get("faithfulness")) or None,
             source_images=[_ref(ds) for ds in cam],
         )
@@ -168,7 +177,9 @@ def _groups(
                 f"target/{i}",
                 f"{target['role']} {target['class_name']}",
                 finding_type=code("adversarial"),
-                qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("target"), class_code(target["class_name"]))],
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(code("target"), class_code(target["class_name"], standard))
+                ],
                 measurements=[
                     _num(concept, target[k])
                     for k, concept in (
@@ -213,6 +224,7 @@ def measurement_report(
     parameters: Mapping[str, Any],
     provenance: Provenance,
     uid: UidFor,
+    class_codes: Mapping[str, ClassCode] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR of one explanation, in a new series of ``source``'s study.
 
@@ -231,7 +243,8 @@ def measurement_report(
     images: the Secondary Captures by name ("gradcam_overlay", each target's stems, as the
     summary names its PNGs without ".png"); summary: the explain summary (predicted, probs,
     gradcam, targets, stability); metrics: the checkpoint's recorded metrics; parameters:
-    the request's canonical parameters; uid(role): "series/sr", "instance/sr", "tracking/..."."""
+    the request's canonical parameters; uid(role): "series/sr", "instance/sr", "tracking/...";
+    class_codes: the standard concept of each class that has one (``class_code``)."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=provenance.model,
         version=f"checkpoint sha256 {provenance.checkpoint_sha256}, aex {provenance.software_version}",
@@ -253,7 +266,7 @@ def measurement_report(
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=_groups(source, pm, images, summary, metrics, algorithm, uid),
+        imaging_measurements=_groups(source, pm, images, summary, metrics, algorithm, uid, class_codes or {}),
     )
     evidence: Sequence[Dataset] = [source, pm, *images.values()]
     with warnings.catch_warnings():

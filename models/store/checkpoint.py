@@ -3,7 +3,9 @@
 One file, ``*.safetensors``. The header's ``__metadata__`` holds a single key ``aex`` with a
 JSON document: architecture name and arguments, class names, input size and channels,
 mean/std, the training recipe, the adaptive-psi state, evaluation metrics (with n and seed)
-and the sha256 of the weights. Loading never unpickles anything: safetensors is a JSON
+the sha256 of the weights, and what standard concept each class is (``class_codes``: class
+-> {scheme, value, meaning}, see ``models.dicom.class_codes``; absent in older checkpoints,
+which load as before). Loading never unpickles anything: safetensors is a JSON
 header plus raw tensor bytes. Writes go to a temporary file in the same folder, then
 ``os.replace`` (atomic on POSIX), so a crash never leaves a half-written checkpoint.
 """
@@ -23,7 +25,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.errors import CheckpointError
+from models.dicom.class_codes import stored_codes
+from models.errors import BadParameterError, CheckpointError
 from models.nn.registry import create_model
 from models.store.header import META_KEY, read_aex_metadata
 
@@ -49,6 +52,8 @@ class CheckpointMeta:
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    # class -> {scheme, value, meaning}: the standard concept of each class that has one
+    class_codes: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -59,7 +64,12 @@ class CheckpointMeta:
         if missing:
             raise CheckpointError(f"checkpoint metadata lacks {', '.join(missing)}")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        meta = cls(**{k: v for k, v in d.items() if k in known})
+        try:
+            stored_codes(meta.class_codes or {}, meta.classes)
+        except BadParameterError as exc:
+            raise CheckpointError(f"checkpoint metadata: {exc.message}") from None
+        return meta
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 from models.data.augment import AUGMENTATIONS
 from models.data.sources import portable_path
 from models.defaults import ARA_SEED, EPS_BETTER, EPS_WORSE, HHRELU_DELTA, K_PSI, PSI0, ZETA, Z
+from models.dicom.class_codes import parse_assignment
 from models.errors import BadParameterError
 from models.nn.registry import available
 from models.train.schedules import SCHEDULES
@@ -44,6 +45,7 @@ RUNTIME_FIELDS = frozenset(
         "val_n",
         "deterministic",
         "stop_after",
+        "class_code",
     }
 )
 
@@ -103,6 +105,8 @@ class TrainConfig:
     download: bool = False
     deterministic: bool = False
     stop_after: int | None = None  # epochs to train in this invocation (then stop; --resume later)
+    # NAME=SCHEME:VALUE:MEANING: the standard concept of a class (models.dicom.class_codes)
+    class_code: list[str] | None = None
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -132,6 +136,8 @@ class TrainConfig:
             raise BadParameterError(f"--class-weights must be 'balanced' (or absent), got {self.class_weights!r}")
         if self.ara_n < 0 or self.workers < 0:
             raise BadParameterError("--ara-n and --workers must be >= 0")
+        for text in self.class_code or []:
+            parse_assignment(text)  # the grammar and the scheme now; the class once the data is read
 
     def recipe(self) -> dict[str, Any]:
         """Every option as given (``portable_recipe``: as a checkpoint records them)."""

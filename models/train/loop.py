@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from models.dicom.class_codes import class_code_map
 from models.errors import BadParameterError
 from models.train.config import TrainConfig, differing_fields, metrics_path, resume_path
 from models.train.data import augmentation_kind, balanced_class_weights, data_refs, epoch_batches, load_splits
@@ -97,6 +98,7 @@ def prepare_run(cfg: TrainConfig) -> Run:
                 f"resume with --{role.replace('_', '-')} PATH"
             )
     splits = load_splits(cfg)
+    class_code_map(cfg.class_code or [], splits.train.classes)  # each --class-code names a class
     refs = data_refs(cfg, splits)
     if old_refs:
         check_same_data(refs, old_refs, cfg)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from models.data.sources import data_digest, portable_source
+from models.dicom.class_codes import class_code_map
 from models.store.checkpoint import CheckpointMeta, load_tensors, read_metadata, save_checkpoint
 from models.train.config import DATA_FIELDS, TrainConfig, portable_recipe, resume_path
 from models.train.data import Splits
@@ -70,6 +71,7 @@ def checkpoint_meta(run: Run, extra: dict[str, Any] | None = None) -> Checkpoint
         psi_state=run.psi.state_dict() if run.psi is not None else None,
         metrics=metrics,
         extra=extra or {},
+        class_codes=class_code_map(run.cfg.class_code or [], train.classes),
     )
 
 

@@ -127,3 +127,15 @@ def test_card_commands_name_the_checkpoint_they_describe():
     for name in NAMES:
         card = (BUNDLED / name / "MODEL_CARD.md").read_text()
         assert re.search(rf"models/checkpoints/{re.escape(name)}/model\.safetensors", card), name
+
+
+def test_the_pneumonia_checkpoint_codes_its_classes_in_snomed_ct():
+    """Issue 18: its findings are coded in SNOMED CT (pneumonia 233604007 |Pneumonia (disorder)|,
+    normal 17621005 |Normal|), set by `aex checkpoint codes`, and its card says so."""
+    meta = read_aex_metadata(BUNDLED / "pneumonia-robust" / "model.safetensors")
+    assert meta["class_codes"] == {
+        "normal": {"scheme": "SCT", "value": "17621005", "meaning": "Normal"},
+        "pneumonia": {"scheme": "SCT", "value": "233604007", "meaning": "Pneumonia"},
+    }
+    card = (BUNDLED / "pneumonia-robust" / "MODEL_CARD.md").read_text()
+    assert "233604007" in card and "17621005" in card and "aex checkpoint codes" in card

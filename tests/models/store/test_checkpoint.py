@@ -129,3 +129,37 @@ def test_saved_file_has_the_usual_mode_not_a_private_temporary_one(saved):
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_class_codes_are_stored_updated_and_an_older_checkpoint_loads_without_them(saved, tmp_path):
+    from models.store.checkpoint import update_metadata
+
+    _model, path = saved
+    assert read_metadata(path).class_codes == {}  # written without a map: none
+    codes = {"a": {"scheme": "SCT", "value": "233604007", "meaning": "Pneumonia"}}
+    meta = update_metadata(path, class_codes=codes)
+    assert read_metadata(path).class_codes == codes == meta.class_codes
+    load_checkpoint(path)  # the weights' sha256 still holds
+    # A checkpoint written before class codes existed (no key at all) loads as before.
+    tensors = load_file(str(path))
+    old = {k: v for k, v in json.loads(make_meta().to_json()).items() if k != "class_codes"}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"aex": json.dumps(old)})
+    assert read_metadata(tmp_path / "old.safetensors").class_codes == {}
+
+
+@pytest.mark.parametrize(
+    "codes, fault",
+    [
+        ({"z": {"scheme": "SCT", "value": "233604007", "meaning": "P"}}, "'z', which is not a class"),
+        ({"a": {"scheme": "XX", "value": "1", "meaning": "P"}}, "unknown coding scheme 'XX'"),
+        ({"a": {"scheme": "SCT", "value": "233604008", "meaning": "P"}}, "not a valid SCT code"),
+        ({"a": {"value": "233604007"}}, "is not {scheme, value, meaning}"),
+    ],
+)
+def test_a_malformed_stored_class_code_map_is_refused(saved, tmp_path, codes, fault):
+    _model, path = saved
+    tensors = load_file(str(path))
+    doc = {**json.loads(make_meta().to_json()), "class_codes": codes}
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={"aex": json.dumps(doc)})
+    with pytest.raises(CheckpointError, match=fault):
+        read_metadata(tmp_path / "bad.safetensors")
