@@ -72,7 +72,8 @@ def secondary_capture_files(
     """The DICOM objects of an explanation, each in a new series of the source's study
     (``models.dicom.results``): the Grad-CAM map as a Parametric Map on the source's own pixel
     grid, the overlay, each explanation x + delta and its amplified difference as Secondary
-    Captures (from ``pictures``, the arrays the PNGs are encoded from), and the Comprehensive
+    Captures (from ``pictures``, the arrays the PNGs are encoded from, enlarged and captioned:
+    ``models.render.capture``), and the Comprehensive
     3D SR that describes them; a malformed attribute of the source is left out or emptied in
     them, and named in ``summary["dicom_warnings"]``. Their names are added to
     ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference") and their
@@ -81,11 +82,10 @@ def secondary_capture_files(
     from models.data.geometry import map_to_source  # highdicom only when DICOM comes in
     from models.dicom.equipment import Provenance
     from models.dicom.results import explanation_objects
+    from models.render.capture import capture_pictures
 
-    images = [("gradcam_overlay", "gradcam_overlay", pictures["gradcam_overlay.png"])]
-    for target in summary["targets"]:
-        for key, role in (("image", "explanation"), ("difference", "explanation_difference")):
-            images.append((target[key][: -len(".png")], role, pictures[target[key]]))
+    # Enlarged by whole-pixel blocks to a readable size, captioned with the model's input size.
+    images = capture_pictures(pictures, summary, served.meta.input_size)
     width, height = dicom.size
     kwargs = parameters.kwargs()
     derived = explanation_objects(
@@ -98,6 +98,7 @@ def secondary_capture_files(
         Provenance(served.name, served.checkpoint_sha256),
         _derivation(served, summary, parameters),
         class_codes=served.meta.class_codes,  # the SR codes findings in SNOMED CT etc. where it has one
+        annotated=True,
     )
     out = {obj.name: obj.data for obj in derived.objects}
     summary["dicom_files"] = list(out)

@@ -69,6 +69,7 @@ def explanation_objects(
     provenance: Provenance,
     derivation: str,
     class_codes: Mapping[str, Mapping[str, str]] | None = None,
+    annotated: bool = False,
 ) -> DerivedObjects:
     """Every DICOM object of one explanation of ``source``, in three new series of its study
     (Parametric Map, Secondary Capture, SR: a series holds one modality), with UIDs derived
@@ -78,7 +79,8 @@ def explanation_objects(
     gradcam: the Grad-CAM map on the source's grid (float Rows x Columns in [0, 1],
     ``models.data.geometry.map_to_source``); images: (name, role, image) of each Secondary
     Capture (the overlay, each explanation and its difference; see
-    ``secondary_capture.secondary_captures``); summary, metrics: see ``sr.measurement_report``;
+    ``secondary_capture.secondary_captures``; annotated: they carry burned in text, as
+    ``models.render.capture.capture_pictures`` makes them); summary, metrics: see ``sr.measurement_report``;
     derivation: the free text of how they were made; class_codes: the checkpoint's class ->
     code map (``CheckpointMeta.class_codes``: the SR codes those classes' findings with them,
     the others in 99AEX). The PM comes first, the SR last. Each
@@ -94,7 +96,12 @@ def explanation_objects(
         uid = result_uids(str(usable.SOPInstanceUID), provenance.checkpoint_sha256, parameters)
         pm = parametric_map(usable, gradcam, provenance, uid, f"Grad-CAM of {summary['predicted']['class_name']}")
         captures = secondary_capture_datasets(
-            usable, [(name, image) for name, _role, image in images], derivation, provenance=provenance, uid=uid
+            usable,
+            [(name, image) for name, _role, image in images],
+            derivation,
+            provenance=provenance,
+            uid=uid,
+            annotated=annotated,
         )
         roles = {name: role for name, role, _image in images}
         codes = stored_codes(class_codes or {}, list(summary["probs"]))

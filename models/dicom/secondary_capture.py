@@ -95,12 +95,14 @@ def secondary_capture_datasets(
     *,
     provenance: Provenance | None = None,
     uid: UidFor | None = None,
+    annotated: bool = False,
 ) -> list[tuple[str, hd.sc.SCImage]]:
     """One SC data set per ``(name, image)`` in a new series of ``source``'s study (see
     ``secondary_captures``). provenance: the served model, recorded in the Contributing
     Equipment Sequence and the General Equipment Module (its series description then says
     "not for diagnostic use"); uid(role): the series' and instances' UIDs ("series/sc",
-    "instance/sc/<name>"; random UIDs without it)."""
+    "instance/sc/<name>"; random UIDs without it); annotated: whether the images carry burned
+    in text (``models.render.capture.readable``: Burned In Annotation YES, else NO)."""
     source = usable_source(source).dataset
     uid = uid or (lambda _role: generate_uid())
     if provenance is not None:
@@ -139,7 +141,7 @@ def secondary_capture_datasets(
         dated_by_source(sc, source)  # nothing from the clock: a re-run writes the same bytes
         if provenance is not None:
             provenance.stamp(sc)
-        sc.BurnedInAnnotation = "NO"
+        sc.BurnedInAnnotation = "YES" if annotated else "NO"  # aex's captions, never patient data
         copy_anatomy(source, sc, image_laterality=True)  # Laterality only where it applies
         for keyword in VOI_AND_RESCALE:
             if keyword in sc:

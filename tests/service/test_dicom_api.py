@@ -169,7 +169,9 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
         assert ref.ReferencedSOPClassUID == source.SOPClassUID
         assert "tiny-grey" in sc.DerivationDescription and "Grad-CAM" in sc.DerivationDescription
         assert "Adversarial explanations" in sc.DerivationDescription
-        assert sc.pixel_array.shape == (28, 28, 3)
+        # the 28 x 28 picture in blocks of 19 (at least 512 px), its caption band below
+        rows, columns, samples = sc.pixel_array.shape
+        assert (columns, samples, sc.BurnedInAnnotation) == (28 * 19, 3, "YES") and rows > 28 * 19
         series.add(sc.SeriesInstanceUID)
     assert len(series) == 1  # one new series of Secondary Captures beside the original
     pm = pydicom.dcmread(io.BytesIO(api.get(view["dicom"]["gradcam_parametric_map.dcm"]).content))

@@ -145,8 +145,11 @@ def _items(items):
 
 def test_the_secondary_captures_hold_the_pngs_pixels(served, xray, monkeypatch):
     """The PNGs and the DICOM objects are rendered from the same arrays: each Secondary
-    Capture's pixels are exactly its PNG's (grey repeated into RGB)."""
+    Capture's picture is exactly its PNG's pixels (grey repeated into RGB), each one a block of
+    k x k (``models.render.capture``: enlarged to a readable size, a caption band below)."""
     from PIL import Image
+
+    from models.render.capture import scale_factor
 
     monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
     _parameters, summary, files, dicom = explain(served, xray)
@@ -158,7 +161,10 @@ def test_the_secondary_captures_hold_the_pngs_pixels(served, xray, monkeypatch):
     for png, dcm in pairs:
         pixels = np.asarray(Image.open(io.BytesIO(files[png])))
         pixels = pixels if pixels.ndim == 3 else np.repeat(pixels[..., None], 3, axis=2)  # SCs are RGB
-        np.testing.assert_array_equal(pydicom.dcmread(io.BytesIO(dicom[dcm])).pixel_array, pixels, err_msg=dcm)
+        k = scale_factor(*pixels.shape[:2])
+        blocks = np.repeat(np.repeat(pixels, k, axis=0), k, axis=1)
+        picture = pydicom.dcmread(io.BytesIO(dicom[dcm])).pixel_array[: blocks.shape[0]]
+        np.testing.assert_array_equal(picture, blocks, err_msg=dcm)
 
 
 def test_malformed_patient_study_and_equipment_attributes_cost_no_object(served, tmp_path, monkeypatch, caplog):
