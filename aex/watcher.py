@@ -326,9 +326,7 @@ class Watcher:
                 continue
             if objects is None:
                 continue
-            report = store_results(self.settings.pacs, self.pacs, objects) if objects else None
-            if report:
-                log.info(
-                    "job %s: %d objects stored to %r, %d failed", job_id, report["stored"], self.pacs, report["failed"]
-                )
+            if objects:
+                log.info("job %s finished: storing its objects", job_id)
+                store_results(self.settings.pacs, self.pacs, objects)  # logs what was stored
             self.state.untrack_job(job_id)

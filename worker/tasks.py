@@ -91,7 +91,13 @@ class _Progress:
 
 
 def _keep_cache_key(job: Job, result: dict[str, Any]) -> None:
-    job.meta["cache_key"] = result["provenance"]["cache_key"]  # the worker indexes the result under it
+    """The key the worker indexes the result under (``worker.process``): the one computed from
+    the input's bytes and canonical parameters, except for an input by reference, which keeps
+    the API's (from the PACS and UIDs and ``store``: what a second request can be matched by
+    before anything is fetched), so the same request by reference is answered from this result."""
+    if job.meta.get("pacs_reference"):
+        return
+    job.meta["cache_key"] = result["provenance"]["cache_key"]
 
 
 def _classify_input(job: Job, kwargs: dict[str, Any]) -> tuple[Any, bytes, str, ClassifyParameters]:

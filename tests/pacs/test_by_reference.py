@@ -102,9 +102,12 @@ def test_an_instance_in_the_pacs_is_explained_and_its_results_stored_back(orthan
     pm = pydicom.dcmread(io.BytesIO(instance_file(orthanc, pm_uid)))
     assert (pm.Rows, pm.Columns) == (512, 640)  # the source's own grid
 
-    # The same request again: the same deterministic UIDs, so no duplicate series.
+    # The same request again: answered from the result kept (result reuse is on), which names
+    # the same objects; nothing is computed or stored twice, no series duplicated.
     resp2, view2 = explain(stack, pacs="orthanc", **uids)
     assert view2["status"] == "finished", view2
+    assert view2["result"]["reused"] is True and view2["id"] != view["id"]
+    assert view2["result"]["dicom_objects"] == view["result"]["dicom_objects"]
     again = [
         row
         for row in search_instances(settings.pacs, "orthanc", source.StudyInstanceUID)

@@ -27,11 +27,11 @@ def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     folder = tmp_path_factory.mktemp("exact")
     server = EmbeddedRedis(folder / "redis")
     server.start()
-    settings = settings_on(server, 0, pacs={"orthanc": orthanc.endpoint()}, reuse_results=False)
+    settings = settings_on(server, 0, pacs={"orthanc": orthanc.endpoint()}, reuse_results=False, log_level="INFO")
     worker = worker_process(settings, folder / "worker.log")
     try:
         wait_for_workers(settings, 1, [worker])
-        yield settings, serve_api(settings)
+        yield settings, serve_api(settings), worker
     finally:
         worker.stop(timeout=30)
         server.stop()
@@ -41,7 +41,7 @@ def job_objects(stack, view) -> dict[str, bytes]:
     """Every DICOM object of a finished job, as the API serves it, by name."""
     from tests.tokens import bearer, token_for
 
-    settings, url = stack
+    settings, url, _worker = stack
     headers = bearer(token_for(settings))
     out = {}
     for name in view["result"]["dicom_files"]:
@@ -62,10 +62,10 @@ def test_a_dx_explained_twice_by_reference_gives_the_same_bytes(orthanc, stack, 
     orthanc.store(buf.getvalue())
     uids = {"study_uid": ds.StudyInstanceUID, "series_uid": ds.SeriesInstanceUID, "instance_uid": ds.SOPInstanceUID}
 
-    _, first = explain(stack, pacs="orthanc", **uids)
+    _, first = explain(stack[:2], pacs="orthanc", **uids)
     assert first["status"] == "finished", first
     time.sleep(1.5)  # the clock's second differs between the runs
-    _, second = explain(stack, pacs="orthanc", **uids)
+    _, second = explain(stack[:2], pacs="orthanc", **uids)
     assert second["status"] == "finished", second
     assert second["id"] != first["id"] and not second["result"]["reused"]  # computed again, not reused
     a, b = job_objects(stack, first), job_objects(stack, second)
@@ -79,3 +79,6 @@ def test_a_dx_explained_twice_by_reference_gives_the_same_bytes(orthanc, stack, 
     for name, data in a.items():  # a chest (unpaired): no Laterality, not even an empty one
         assert "Laterality" not in pydicom.dcmread(io.BytesIO(data)), name
     assert check_with_dciodvfy(tmp_path, a) == {}
+    # Each stored result set is logged by the worker with its counts and the PACS's name only.
+    n = len(a)
+    assert stack[2].log().count(f"stored {n} objects (0 failed) to orthanc via stow") == 2

@@ -121,3 +121,26 @@ def test_a_jobs_store_report_keeps_the_error_instead_of_raising(pneumonia_xrays)
     settings = Settings(pacs={"down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout": 1}})
     report = store_report(settings.pacs, "down", result_objects(source, n=1))
     assert report["error"]["code"] == "pacs_unreachable" and report["stored"] == 0 and report["failed"] == 1
+
+
+def test_each_store_is_logged_with_its_counts_and_the_pacs_name_only(orthanc, pacs_settings, pneumonia_xrays, caplog):
+    import logging
+
+    from pacs.store import store_report
+
+    (source,) = pneumonia_xrays(1, size=(64, 64), start=14)
+    orthanc.store(source)
+    objects = result_objects(source, n=3)
+    settings = pacs_settings()
+    with caplog.at_level(logging.INFO, logger="aex.pacs"):
+        store_results(settings.pacs, "orthanc", objects)
+        store_report(settings.pacs, "orthanc", [b"not DICOM"])  # refused: logged, not raised
+    lines = [r.getMessage() for r in caplog.records if r.name == "aex.pacs"]
+    assert lines == [
+        "stored 3 objects (0 failed) to orthanc via stow",
+        "stored 0 objects (1 failed) to orthanc: [bad_parameter]",
+    ]
+    text = "\n".join(lines)
+    # No address, no UID, no patient attribute.
+    assert orthanc.rest.split("//")[1] not in text and uid_of(source, "StudyInstanceUID") not in text
+    assert all(uid_of(o, "SOPInstanceUID") not in text for o in objects) and "PX-PACS" not in text
