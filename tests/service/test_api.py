@@ -184,11 +184,13 @@ def test_queue_depth_limit_and_cancelling_a_queued_job(service_stack, make_image
 
     with api_client(service_stack.model_copy(update={"max_queue_depth": 1})) as client:
         image = make_image("PNG", "RGB")
+        # Two searches of different lengths: they never share a batch (worker.batching), so each
+        # worker runs one of them and neither is free to take the next job.
         long_jobs = [
-            client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=long_steps)).headers[
+            client.post("/v1/explain", **upload(image, model="tiny-rgb", targets="all", steps=steps)).headers[
                 "location"
             ]
-            for _ in range(2)
+            for steps in (long_steps, long_steps - 1)
         ]
         try:
             for url in long_jobs:
