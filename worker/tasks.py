@@ -22,6 +22,7 @@ from jobs.crypto import blob_context
 from jobs.keys import cancel_key, dicom_key, images_key, upload_key
 from jobs.params import ClassifyParameters, ExplainParameters
 from jobs.queues import JOB_FUNCTIONS, JobKind
+from jobs.rqueue.progress import save_progress
 from jobs.rqueue.worker import current_job
 from models.errors import BadParameterError, JobCancelledError
 from pacs.read import fetch_reference
@@ -76,7 +77,9 @@ def _with_stage_timings(job: Job, result: dict[str, Any]) -> dict[str, Any]:
 
 class _Progress:
     """Writes job.meta["progress"] = {done, total, phase} at most every PROGRESS_EVERY_SECONDS
-    (and at every phase change and at the end), and stops the job when it was cancelled."""
+    (and at every phase change and at the end), and stops the job when it was cancelled. Only
+    while this attempt's claim holds the job (``save_progress``): a worker fenced out (its lease
+    ran out while it was cut off) never writes over the meta of the job's later run or end."""
 
     def __init__(self, job: Job):
         self.job, self.last, self.last_phase = job, 0.0, None
@@ -87,7 +90,7 @@ class _Progress:
         if done >= total or phase != self.last_phase or t - self.last >= PROGRESS_EVERY_SECONDS:
             self.last, self.last_phase = t, phase
             self.job.meta["progress"] = {"done": int(done), "total": int(total), "phase": phase}
-            self.job.save_meta()
+            save_progress(self.job.connection, self.job)  # refused once fenced out: its lease thread stops it
 
 
 def _keep_cache_key(job: Job, result: dict[str, Any]) -> None:
