@@ -3,7 +3,9 @@ command, stopped cleanly on Ctrl-C / SIGTERM.
 
 Before anything starts, the auth settings are checked, the embedded Redis's folder is claimed
 and the data key is settled; once Redis answers, the first admin token is made when none exists
-(``aex.bootstrap``: its file's path is printed, never the token).
+(``aex.bootstrap``: its file's path is printed, never the token). Beside the token, while it
+runs, ``service.json`` says where its API and embedded Redis are (``aex.service_file``), so
+``aex watch`` on this machine needs neither ``--url`` nor ``AEX_REDIS_URL``.
 
 The embedded Redis keeps its data by default: an append-only file with ``appendfsync always``
 in ``Settings.embedded_redis_dir()`` (AEX_REDIS_DIR, else ``~/.local/state/aex/redis``), with
@@ -91,6 +93,7 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from aex.bootstrap import FirstAdmin, with_data_key
+    from aex.service_file import client_url, remove_service_file, service_file, write_service_file
     from service.app import create_app
     from service.auth import check_auth_settings
     from service.server import server_options
@@ -125,6 +128,7 @@ def serve(settings: Settings) -> None:
             redis.stop()
         raise
     pool = WorkerPool(settings, settings.workers) if settings.workers > 0 else None
+    where = None  # the service file, once written
     try:
         first_admin = FirstAdmin(settings)
         first_admin.ensure()
@@ -150,6 +154,12 @@ def serve(settings: Settings) -> None:
                 **server_options(settings),  # AEX_MAX_CONNECTIONS, keep-alive timeout
             )
         )
+        # Where this API and its embedded Redis are, for `aex watch` on this machine.
+        where = write_service_file(
+            service_file(first_admin.path),
+            client_url(settings.host, settings.port),
+            settings.redis_url if redis else None,
+        )
         # Ctrl-C / SIGTERM: uvicorn stops serving (a second Ctrl-C: at once), run() returns,
         # and the clean-up below runs.
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -158,6 +168,8 @@ def serve(settings: Settings) -> None:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, _already_stopping)
+        if where is not None:
+            remove_service_file(where)
         if pool is not None:
             log.info("stopping workers (each finishes its current job)")
             pool.stop()

@@ -87,7 +87,13 @@ def make_collect(client):
 @friendly_errors
 def watch(
     pacs: Annotated[str, typer.Option(help="the PACS to follow: a name of AEX_PACS")],
-    url: Annotated[str, typer.Option(help="the aex service, e.g. http://127.0.0.1:8000")],
+    url: Annotated[
+        Optional[str],
+        typer.Option(
+            help="the aex service, e.g. http://127.0.0.1:8000 (default: the `aex serve` running as this user, "
+            "from service.json beside the token file)"
+        ),
+    ] = None,
     model: Annotated[Optional[str], typer.Option(help="served model name (default: the service's)")] = None,
     modality: Annotated[
         Optional[str], typer.Option(help="only these modalities, separated by commas (e.g. CR,DX); default: any")
@@ -98,7 +104,11 @@ def watch(
     ] = "auto",
     interval: Annotated[float, typer.Option(help="seconds between two looks at the PACS when nothing is new")] = 5.0,
     redis_url: Annotated[
-        Optional[str], typer.Option(help="the service's Redis, where the watcher keeps its state (AEX_REDIS_URL)")
+        Optional[str],
+        typer.Option(
+            help="the service's Redis, where the watcher keeps its state (AEX_REDIS_URL; default with no --url: "
+            "the running `aex serve`'s embedded Redis)"
+        ),
     ] = None,
     token: Annotated[
         Optional[str], typer.Option(help="access token (default: AEX_TOKEN, else the token file)", show_default=False)
@@ -106,7 +116,9 @@ def watch(
     timeout: Annotated[float, typer.Option(help="seconds to wait for each HTTP request to the service")] = 60.0,
 ) -> None:
     """Follow new stable studies of a PACS and submit an explain job for each matching
-    instance, once (state in Redis: it resumes where it stopped). Ctrl-C stops it cleanly."""
+    instance, once (state in Redis: it resumes where it stopped). Ctrl-C stops it cleanly.
+    Without --url it uses the `aex serve` running as this user: its API and, unless
+    --redis-url or AEX_REDIS_URL says otherwise, its embedded Redis (``aex.service_file``)."""
     import logging
     import signal
     import threading
@@ -121,6 +133,13 @@ def watch(
     if feed not in ("auto", "orthanc", "qido"):
         raise BadParameterError(f"--feed takes auto, orthanc or qido, not {feed!r}")
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
+    if url is None:
+        from aex.service_file import running_service
+
+        found = running_service()
+        url = found.url
+        if not settings.redis_url and found.redis_url:
+            settings = settings.model_copy(update={"redis_url": found.redis_url})
     if not settings.redis_url:
         raise BadParameterError("aex watch keeps its state in the service's Redis: set AEX_REDIS_URL or --redis-url")
     endpoint(settings.pacs, pacs)  # unknown_pacs before anything is contacted
