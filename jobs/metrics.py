@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 
 from jobs.keys import duration_key, outcomes_key
 from jobs.queues import JobKind
@@ -23,15 +24,20 @@ OUTCOMES = ("finished", "failed", "cancelled", "abandoned", "reused", "retried")
 def record_job(conn: Redis, kind: str, outcome: str, seconds: float | None) -> None:
     """Count one job end, or retry (``outcome`` in OUTCOMES) and, when known, its run time."""
     with conn.pipeline(transaction=False) as pipe:
-        pipe.hincrby(outcomes_key(), f"{kind}:{outcome}", 1)
-        if seconds is not None and outcome == "finished":
-            key = duration_key(kind)
-            for le in DURATION_BUCKETS:
-                if seconds <= le:
-                    pipe.hincrby(key, f"le:{le}", 1)
-            pipe.hincrby(key, "count", 1)
-            pipe.hincrbyfloat(key, "sum", float(seconds))
+        count_job(pipe, kind, outcome, seconds)
         pipe.execute()
+
+
+def count_job(pipe: Pipeline, kind: str, outcome: str, seconds: float | None) -> None:
+    """``record_job``'s commands, added to ``pipe`` (the transaction that ends the job)."""
+    pipe.hincrby(outcomes_key(), f"{kind}:{outcome}", 1)
+    if seconds is not None and outcome == "finished":
+        key = duration_key(kind)
+        for le in DURATION_BUCKETS:
+            if seconds <= le:
+                pipe.hincrby(key, f"le:{le}", 1)
+        pipe.hincrby(key, "count", 1)
+        pipe.hincrbyfloat(key, "sum", float(seconds))
 
 
 def read_job_metrics(conn: Redis) -> dict[str, Any]:

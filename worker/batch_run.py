@@ -3,18 +3,20 @@
 The order of a batch (``worker.batching`` says which jobs may share one):
 
 1. the leader comes from rq's dequeue; its mates are taken from the same queue
-   (``jobs.rqueue.lifecycle.take``), at most ``AEX_MAX_BATCH - 1`` of them, waiting
-   ``AEX_BATCH_WAIT_MS`` at most for the next to arrive;
-2. the worker claims each (``worker.process``): refused when it is not aex's, skipped when it
-   is no longer queued, else ``running`` under its own attempt token and lease, renewed for
-   the whole batch, so a worker that dies mid-batch leaves every job of it to the same
-   retries (``AEX_JOB_RETRIES``, then ``worker_lost``) as a lone job;
+   (``jobs.rqueue.taking.take_some``: all that wait, in one round trip), at most
+   ``AEX_MAX_BATCH - 1`` of them, waiting ``AEX_BATCH_WAIT_MS`` at most for more
+   (``worker.batching.gather_mates``);
+2. the worker claims them (``worker.process``, one round trip): refused when not aex's,
+   skipped when no longer queued, else ``running`` under its own attempt token and lease,
+   renewed for the whole batch, so a worker that dies mid-batch leaves every job of it to
+   the same retries (``AEX_JOB_RETRIES``, then ``worker_lost``) as a lone job;
 3. the work of all of them is computed at once (``worker.tasks.prepare_batch``), under the
    shortest time limit of the batch; a job whose own input fails keeps its own error; a
    failure of the whole (time limit, out of memory, every job cancelled) is logged and
    leaves each job to compute alone;
 4. each job is then performed one after the other as a lone job is (its own time limit,
-   cancel flag, end, callback), taking its share of the batch.
+   cancel flag, read for all after the computation, end, callback), taking its share of the
+   batch; the ends of all of them are written in one round trip.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from jobs.failures import redacted_traceback
+from jobs.keys import cancel_key
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue.layout import refusal
 from worker import tasks
@@ -78,3 +81,13 @@ class BatchingMixin:
             "worker %s: %d jobs computed as one batch in %.3f s", self.name, len(batch), time.perf_counter() - start
         )
         self.context.hand_over(prepared)
+        # Cancelled while the batch computed? Each job's flag, read once for all of them.
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                for job in batch:
+                    pipe.exists(cancel_key(job.id))
+                flags = pipe.execute()
+        except STORE_UNAVAILABLE:
+            return  # each job reads its own flag when it starts
+        for job, flag in zip(batch, flags):
+            self.context.cancel_flags[job.id] = bool(flag)

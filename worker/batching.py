@@ -2,11 +2,12 @@
 
 rq hands a worker one job at a time. A worker that has just taken a job (the leader) takes up
 to ``AEX_MAX_BATCH - 1`` more from the same queue (its batch mates), waiting at most
-``AEX_BATCH_WAIT_MS`` after the leader for them to arrive, as Triton's dynamic batcher and
-Ray Serve's ``@serve.batch`` do. Jobs share a batch when their ``batch_signature`` is equal:
-the same job function and model and the same search settings (so their rows can run as one
-forward pass or one search): classify jobs, and explain jobs. Each job keeps its own life: it
-is taken as rq's own dequeue takes one (``jobs.rqueue.lifecycle.take``), claimed with its own attempt
+``AEX_BATCH_WAIT_MS`` after the leader for more to arrive, as Triton's dynamic batcher
+and Ray Serve's ``@serve.batch`` do. Jobs share a batch when their
+``batch_signature`` is equal: the same job function and model and the same search settings
+(so their rows can run as one forward pass or one search): classify jobs, and explain jobs.
+Each job keeps its own life: it is taken as rq's own dequeue takes one
+(``jobs.rqueue.taking.take_some``), claimed with its own attempt
 token and lease (visibly running from then on), then run, timed out, cancelled, retried and
 ended one by one by the worker (``worker.process``); only the computation is shared, done
 before the jobs run and handed to each job function (``worker.context``). A job
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 from redis import Redis
 
 from jobs.queues import JOB_FUNCTIONS, JobKind
-from jobs.rqueue.taking import take, untake
+from jobs.rqueue.taking import take_some, untake_all
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -81,26 +82,28 @@ def gather_mates(
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Job]:
     """Up to ``max_batch - 1`` jobs of ``queue`` with the leader's signature, taken in queue
-    order, waiting at most ``wait_seconds`` (from now) for the next one to arrive. The first
-    job that does not fit (another model, a job that runs alone) is put back at the head of
-    the queue and ends the gathering, so the queue's order is kept."""
+    order (as many as wait at each look, in one round trip), waiting at most ``wait_seconds``
+    (from now) for more to arrive. The first job that does not fit (another model, a job that
+    runs alone) is put back at the head of the queue with every job taken after it, and ends
+    the gathering, so the queue's order is kept."""
     signature = batch_signature(leader)
     if signature is None or max_batch <= 1:
         return []
     mates: list[Job] = []
     deadline = clock() + max(0.0, wait_seconds)
     while len(mates) < max_batch - 1:
-        job = take(conn, queue)
-        if job is None:
-            left = deadline - clock()
-            if left <= 0:
-                break
-            # Polled, not BLMOVE: Redis checks a blocked client's timeout in its cron, 10 times
-            # a second, so a 2 ms BLMOVE would hold the batch for up to 100 ms.
-            sleep(min(left, POLL_SECONDS))
+        taken = take_some(conn, queue, max_batch - 1 - len(mates))
+        for i, job in enumerate(taken):
+            if batch_signature(job) != signature:
+                untake_all(conn, queue, [j.id for j in taken[i:]])
+                return mates
+            mates.append(job)
+        if taken:
             continue
-        if batch_signature(job) != signature:
-            untake(conn, queue, job.id)
+        left = deadline - clock()
+        if left <= 0:
             break
-        mates.append(job)
+        # Polled, not BLMOVE: Redis checks a blocked client's timeout in its cron, 10 times
+        # a second, so a 2 ms BLMOVE would hold the batch for up to 100 ms.
+        sleep(min(left, POLL_SECONDS))
     return mates

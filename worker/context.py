@@ -48,6 +48,11 @@ class WorkerContext:
     # Seconds of each stage of a job before its computation (claim, gather, read), until its
     # job function puts them in its result's timings.
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What the worker read of a job with its claim (one round trip for a whole batch), until
+    # its job function takes it: its sealed upload, and whether its cancel flag was set (read
+    # again after a batch's computation).
+    uploads: dict[str, bytes] = field(default_factory=dict)
+    cancel_flags: dict[str, bool] = field(default_factory=dict)
 
     def hand_over(self, prepared: dict[str, Prepared]) -> None:
         """Make each job's share available to its job function (``take_prepared``)."""
@@ -66,11 +71,25 @@ class WorkerContext:
         """The job's stage timings noted so far, once."""
         return self.timings.pop(job_id, {})
 
+    def claimed(self, job_id: str, upload: bytes | None, cancelled: bool) -> None:
+        """Keep what the claim of job ``job_id`` read: its sealed upload, its cancel flag."""
+        if upload is not None:
+            self.uploads[job_id] = upload
+        self.cancel_flags[job_id] = cancelled
+
+    def take_upload(self, job_id: str) -> bytes | None:
+        """The job's sealed upload as its claim read it, once (None: read it now)."""
+        return self.uploads.pop(job_id, None)
+
+    def take_cancel_flag(self, job_id: str) -> bool | None:
+        """Whether the job's cancel flag was set when last read with others, once (None: read it now)."""
+        return self.cancel_flags.pop(job_id, None)
+
     def forget(self, job_ids: list[str]) -> None:
         """Drop what was not taken (a job skipped, cancelled or lost before its turn)."""
         for job_id in job_ids:
-            self.prepared.pop(job_id, None)
-            self.timings.pop(job_id, None)
+            for kept in (self.prepared, self.timings, self.uploads, self.cancel_flags):
+                kept.pop(job_id, None)
 
 
 _context: WorkerContext | None = None

@@ -7,8 +7,9 @@ are there). What it does with a job taken is here:
 
 - **claim**: every job taken (alone, or the leader and its batch mates: ``worker.batch_run``)
   is claimed with its own attempt token and lease (the leader first, leased while its mates
-  are gathered), so each shows ``running`` while its batch computes. A job no longer queued
-  (taken twice, cancelled, ended) is skipped;
+  are gathered; the mates together, in one round trip that also reads their uploads), so
+  each shows ``running`` while its batch computes. A job no longer queued (taken twice,
+  cancelled, ended) is skipped;
 - **lease**: a thread renews every claimed attempt's lease each ``job_heartbeat_ttl / 3`` s.
   An attempt that no longer holds its job (reaped after a long outage, or lost with Redis's
   data) is stopped and writes nothing. A worker that dies stops renewing: once the leases
@@ -18,10 +19,11 @@ are there). What it does with a job taken is here:
 - **run**: the job function under the job's time limit; cooperative cancellation (rq's
   stop-job command sets the context's ``stop_requested``, and the job's progress callback
   turns it into JobCancelledError between two search steps);
-- **end**: written once, under the attempt's token (``jobs.rqueue.lifecycle.finish`` / ``fail`` /
-  ``requeue``): a late writer is refused, and an end whose reply was lost is recognised.
-  The upload is deleted and the result indexed in the same transaction; the outcome is
-  counted and the callback sent (signed and pinned: ``CallbackPolicy``) after it;
+- **end**: written once, under the attempt's token (``jobs.rqueue.lifecycle.finishing`` /
+  ``failing`` / ``requeueing``), the ends of a whole batch in one round trip
+  (``lifecycle.write_ends``): a late writer is refused, and an end whose reply was lost is
+  recognised. The upload is deleted, the result indexed and the outcome counted in the same
+  transaction; the callback is sent (signed and pinned: ``CallbackPolicy``) after it;
 - **the store refusing or unreachable** (a restart, out of memory, a read-only replica, an ACL
   refusal): each command is retried for about REDIS_RETRY_SECONDS where it can be; a run cut
   short by the store is queued again like a dead worker's; an end that cannot be written is
@@ -38,8 +40,9 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jobs.callbacks import CallbackPolicy, notify_job_end
@@ -51,7 +54,7 @@ from jobs.failures import (
     redacted_traceback,
 )
 from jobs.keys import scoped_result_index_key
-from jobs.metrics import record_job
+from jobs.metrics import count_job, record_job
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue import lifecycle
 from jobs.rqueue.layout import refusal
@@ -71,6 +74,17 @@ log = logging.getLogger("aex.worker")
 # Every Redis command of a worker is retried for about this long (``jobs.queues.connect``)
 # before it fails: a Redis restart pauses the worker and its job instead of failing them.
 REDIS_RETRY_SECONDS = 20
+
+
+@dataclass
+class _Ending:
+    """A job's end to be written (``lifecycle.End``), with what follows it once written
+    (``then``: the callback) or once refused (``refused``: its attempt was fenced out)."""
+
+    end: lifecycle.End
+    what: str  # "its result", for the logs
+    then: Callable[[], None] = lambda: None
+    refused: Callable[[], None] = lambda: None
 
 
 class AexWorker(BatchingMixin, QueueWorker):
@@ -110,49 +124,66 @@ class AexWorker(BatchingMixin, QueueWorker):
 
     # --- taking and running jobs (alone, or a batch: worker.batch_run) ----------------
     def run_taken(self, job: Job, queue: Queue) -> None:
-        leader = self._claim(job, queue)
-        if leader is not None:
-            attempts = [leader]
-            # Leased from the leader's claim on: gathering its mates may take AEX_BATCH_WAIT_MS.
-            with self._leases(attempts):
-                start = time.perf_counter()
-                mates = self.gather_batch(job, queue)[1:]
-                gathered = time.perf_counter() - start
-                for mate in mates:
-                    attempt = self._claim(mate, queue)
-                    if attempt is not None:
-                        attempts.append(attempt)
+        leader = self._claim_all([job], queue)
+        if not leader:
+            return
+        attempts = leader
+        # Leased from the leader's claim on: gathering its mates may take AEX_BATCH_WAIT_MS.
+        with self._leases(attempts):
+            start = time.perf_counter()
+            mates = self.gather_batch(job, queue)[1:]
+            gathered = time.perf_counter() - start
+            attempts += self._claim_all(mates, queue)
+            for attempt in attempts:
+                self.context.note_timing(attempt.job.id, "gather_seconds", gathered)
+            endings: list[_Ending] = []
+            try:
+                if len(attempts) > 1:
+                    self.compute_batch(attempts)
                 for attempt in attempts:
-                    self.context.note_timing(attempt.job.id, "gather_seconds", gathered)
-                try:
-                    if len(attempts) > 1:
-                        self.compute_batch(attempts)
-                    for attempt in attempts:
-                        if not attempt.lost:
-                            self._run(attempt)
-                finally:
-                    self.context.forget([a.job.id for a in attempts])
+                    if not attempt.lost:
+                        endings.append(self._run(attempt))
+            finally:
+                # The ends of the whole batch in one round trip (also when a cold shutdown
+                # cuts it short: what has run is recorded, the rest is left to its lease).
+                self._end_all(endings)
+                self.context.forget([a.job.id for a in attempts])
 
-    def _claim(self, job: Job, queue: Queue) -> Attempt | None:
-        """Claim a job just taken: refused when it is not aex's, skipped when it is no longer
-        queued, left to the stranded-job clean-up when the store is away."""
-        reason = refusal(job)
-        if reason is not None:
-            self._refuse(job, queue, reason)
-            return None
+    def _claim_all(self, jobs: list[Job], queue: Queue) -> list[Attempt]:
+        """Claim jobs just taken (one round trip for all): a job that is not aex's is refused,
+        one no longer queued skipped; when the store is away, none is claimed (each waits in
+        its intermediate list to be taken again). Each claim's upload and cancel flag go to the
+        worker context for its job function."""
+        ours = []
+        for job in jobs:
+            reason = refusal(job)
+            if reason is None:
+                ours.append(job)
+            else:
+                self._refuse(job, queue, reason)
+        if not ours:
+            return []
         start = time.perf_counter()
         try:
-            attempt = lifecycle.claim(self.connection, job, queue, self.name, self.job_heartbeat_ttl)
+            claimed = lifecycle.claim_all(self.connection, ours, queue, self.name, self.job_heartbeat_ttl)
         except STORE_UNAVAILABLE as exc:
             log.warning(
-                "job %s: not claimed, the store is away (%s); it waits to be taken again", job.id, type(exc).__name__
+                "%d job(s) not claimed, the store is away (%s); they wait to be taken again",
+                len(ours),
+                type(exc).__name__,
             )
-            return None
-        if attempt is None:
-            log.warning("job %s taken from its queue but no longer queued; skipped", job.id)
-        else:
-            self.context.note_timing(job.id, "claim_seconds", time.perf_counter() - start)
-        return attempt
+            return []
+        seconds = time.perf_counter() - start
+        attempts = []
+        for job, attempt in zip(ours, claimed):
+            if attempt is None:
+                log.warning("job %s taken from its queue but no longer queued; skipped", job.id)
+                continue
+            self.context.note_timing(job.id, "claim_seconds", seconds)
+            self.context.claimed(job.id, attempt.upload, attempt.cancel_seen)
+            attempt.upload = None  # the context holds it until the job function reads it
+            attempts.append(attempt)
+        return attempts
 
     def _refuse(self, job: Job, queue: Queue, reason: str) -> None:
         """Fail a job that is not aex's without running or importing anything it names (no
@@ -165,8 +196,8 @@ class AexWorker(BatchingMixin, QueueWorker):
         if lifecycle.fail(self.connection, attempt, error, "refused"):
             record_job(self.connection, job_kind(job), "failed", None)
 
-    def _run(self, attempt: Attempt) -> None:
-        """Perform a claimed job under its own time limit, then write its end."""
+    def _run(self, attempt: Attempt) -> _Ending:
+        """Perform a claimed job under its own time limit; returns its end, to be written."""
         job = attempt.job
         self.context.stop_requested.clear()
         self._running = attempt
@@ -178,38 +209,60 @@ class AexWorker(BatchingMixin, QueueWorker):
             exc_info = sys.exc_info()
             if isinstance(exc_info[1], SystemExit | KeyboardInterrupt):
                 raise  # cold shutdown: its lease runs out and it is retried elsewhere
-            self._end(attempt, lambda: self._failed(attempt, exc_info), "its failure")
+            return self._failed(attempt, exc_info)
         else:
-            self._end(attempt, lambda: self._finished(attempt, result, time.perf_counter() - start), "its result")
+            return self._finished(attempt, result, time.perf_counter() - start)
         finally:
             self._running = None
 
-    def _end(self, attempt: Attempt, write, what: str) -> None:
-        """Write an end, trying again while the lease holds when the store is away; an end
-        that cannot be written is left to the reaper (the job is retried)."""
+    def _end_all(self, endings: list[_Ending]) -> None:
+        """Write the ends of a batch in one round trip, trying again while their leases hold
+        when the store is away; an end that cannot be written is left to the reaper (the job
+        is retried). Each end written is followed by its own (callback, log); one refused
+        (the attempt was fenced out) writes nothing more."""
+        pending = endings
         for _ in range(3):
-            if attempt.lost:
-                log.warning("job %s: no longer held by this worker; %s is not recorded", attempt.job.id, what)
-                lifecycle.discard_partial(self.connection, attempt.job)
+            for ending in pending:
+                if ending.end.attempt.lost:
+                    job = ending.end.attempt.job
+                    log.warning("job %s: no longer held by this worker; %s is not recorded", job.id, ending.what)
+                    lifecycle.discard_partial(self.connection, job)
+            pending = [e for e in pending if not e.end.attempt.lost]
+            if not pending:
                 return
             try:
-                write()
-                return
+                written = lifecycle.write_ends(self.connection, [e.end for e in pending])
             except STORE_UNAVAILABLE as exc:
-                log.warning("job %s: the store refused %s (%s); trying again", attempt.job.id, what, type(exc).__name__)
+                log.warning(
+                    "the store refused the end of %d job(s) (%s); trying again", len(pending), type(exc).__name__
+                )
                 time.sleep(1.0)
-        log.error("job %s: %s could not be recorded; left to its lease", attempt.job.id, what)
+                continue
+            for ending, ok in zip(pending, written):
+                (ending.then if ok else ending.refused)()
+            return
+        for ending in pending:
+            log.error("job %s: %s could not be recorded; left to its lease", ending.end.attempt.job.id, ending.what)
 
-    def _finished(self, attempt: Attempt, result: Any, seconds: float) -> None:
+    def _finished(self, attempt: Attempt, result: Any, seconds: float) -> _Ending:
         job = attempt.job
         ttl = job.get_result_ttl(self.default_result_ttl)
-        if lifecycle.finish(self.connection, attempt, result, ttl, also=lambda pipe: self._index(pipe, job, ttl)):
-            record_job(self.connection, job_kind(job), "finished", seconds)
-            notify_job_end(self.connection, job, ApiStatus.FINISHED, policy=self.callback_policy)
-        else:
+
+        def also(pipe) -> None:
+            self._index(pipe, job, ttl)
+            count_job(pipe, job_kind(job), "finished", seconds)
+
+        def lost() -> None:
             attempt.lost = True
             log.warning("job %s: ended elsewhere meanwhile (reaped, or lost by Redis); this result is dropped", job.id)
             lifecycle.discard_partial(self.connection, job)
+
+        return _Ending(
+            lifecycle.finishing(self.connection, attempt, result, ttl, also=also),
+            "its result",
+            then=lambda: notify_job_end(self.connection, job, ApiStatus.FINISHED, policy=self.callback_policy),
+            refused=lost,
+        )
 
     def _index(self, pipe, job: Job, ttl: int) -> None:
         """Point the job's cache key, within its submitter's reuse scope, at it, so an
@@ -219,20 +272,33 @@ class AexWorker(BatchingMixin, QueueWorker):
         if key and scope and self.reuse_results:
             pipe.set(scoped_result_index_key(scope, key), job.id, ex=ttl)
 
-    def _failed(self, attempt: Attempt, exc_info) -> None:
+    def _failed(self, attempt: Attempt, exc_info) -> _Ending:
         job, (exc_type, exc_value, _tb) = attempt.job, exc_info
         trace = redacted_traceback(*exc_info)
         log.error("worker %s: job %s failed:\n%s", self.name, job.id, trace)
         cancelled = isinstance(exc_value, JobCancelledError)
+        kind = job_kind(job)
         if cut_short(exc_type) and int(job.meta.get("retried") or 0) < self.job_retries and not cancelled:
-            if lifecycle.requeue(self.connection, attempt):
-                record_job(self.connection, job_kind(job), "retried", None)
-                log.warning("job %s: run cut short (%s); queued again", job.id, exc_type.__name__)
-            return
-        if lifecycle.fail(self.connection, attempt, error_of(exc_type, exc_value), trace, stopped=cancelled):
-            record_job(self.connection, job_kind(job), "cancelled" if cancelled else "failed", None)
-            status = ApiStatus.CANCELLED if cancelled else ApiStatus.FAILED
-            notify_job_end(self.connection, job, status, policy=self.callback_policy)
+            return _Ending(
+                lifecycle.requeueing(
+                    self.connection, attempt, also=lambda pipe: count_job(pipe, kind, "retried", None)
+                ),
+                "its retry",
+                then=lambda: log.warning("job %s: run cut short (%s); queued again", job.id, exc_type.__name__),
+            )
+        status = ApiStatus.CANCELLED if cancelled else ApiStatus.FAILED
+        return _Ending(
+            lifecycle.failing(
+                self.connection,
+                attempt,
+                error_of(exc_type, exc_value),
+                trace,
+                stopped=cancelled,
+                also=lambda pipe: count_job(pipe, kind, "cancelled" if cancelled else "failed", None),
+            ),
+            "its failure",
+            then=lambda: notify_job_end(self.connection, job, status, policy=self.callback_policy),
+        )
 
     # --- leases --------------------------------------------------------------------------
     @contextmanager

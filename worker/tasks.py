@@ -47,8 +47,13 @@ def _current_job() -> Job:
     return current_job()
 
 
-def _check_cancelled(job: Job) -> None:
-    if current().stop_requested.is_set() or job.connection.exists(cancel_key(job.id)):
+def _check_cancelled(job: Job, starting: bool = False) -> None:
+    """Raise JobCancelledError when the job was cancelled; ``starting``: at the job's start,
+    where its flag as the worker last read it (with its claim, or after its batch) stands."""
+    flag = current().take_cancel_flag(job.id) if starting else None
+    if flag is None:
+        flag = bool(job.connection.exists(cancel_key(job.id)))
+    if current().stop_requested.is_set() or flag:
         raise JobCancelledError(f"job {job.id} was cancelled")
 
 
@@ -60,7 +65,9 @@ def _read_upload(job: Job) -> bytes:
     if ref:
         data = fetch_reference(current().settings.pacs, ref, current().settings.max_upload_bytes)
     else:
-        sealed = job.connection.get(upload_key(job.id))
+        sealed = current().take_upload(job.id)  # read with its claim
+        if sealed is None:
+            sealed = job.connection.get(upload_key(job.id))
         if sealed is None:
             raise BadParameterError("the uploaded image expired before a worker took the job (raise AEX_UPLOAD_TTL)")
         data = current().cipher.open(sealed, blob_context(upload_key(job.id)))
@@ -129,7 +136,7 @@ def classify(
     its stability score): its share of the batch it ran in (``worker.batching``), else
     computed here."""
     job = _current_job()
-    _check_cancelled(job)
+    _check_cancelled(job, starting=True)
     prepared = current().take_prepared(job.id)
     if prepared is not None:
         result = prepared.unwrap()
@@ -213,7 +220,7 @@ def explain(
     go to the hash ``images_key(job_id)``, the DICOM objects (DICOM input only) to
     ``dicom_key(job_id)``, both sealed and with ``result_ttl``; the summary is returned."""
     job = _current_job()
-    _check_cancelled(job)
+    _check_cancelled(job, starting=True)
     prepared = current().take_prepared(job.id)
     if prepared is not None:
         summary, files, dicom_files = prepared.unwrap()

@@ -17,9 +17,13 @@ compare-and-set on the job's hash (WATCH, check, MULTI ... EXEC):
   refused at its next write (fencing).
 
 What happens once a job has ended for good (its upload deleted, its quota freed, its result
-indexed) is written in the same transaction as the end, so it happens exactly when the job
-ends and only once; the callback and the outcome count follow the transaction, by whoever's
+indexed, its outcome counted) is written in the same transaction as the end, so it happens
+exactly when the job ends and only once; the callback follows the transaction, by whoever's
 transaction ended the job.
+
+The claim and the ends are Lua scripts (``jobs.rqueue.atomic``: rq's commands, run where the
+check holds), one round trip for a whole batch of jobs (``claim_all``, ``write_ends``); the
+reaper, rare, keeps WATCH and MULTI/EXEC.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from rq.utils import current_timestamp, now, parse_composite_key, utcformat
 
 from jobs.keys import cancel_key, upload_key
 from jobs.queues import QUEUE_NAMES
+from jobs.rqueue.atomic import RUN, Script, framed, recorded
 from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.taking import requeue_stranded, wake
 
@@ -66,6 +71,8 @@ class Attempt:
     token: int
     execution: Execution
     lost: bool = field(default=False)  # fenced out (reaped, or Redis lost the job): stop, write nothing
+    cancel_seen: bool = field(default=False)  # its cancel flag was set when it was claimed
+    upload: bytes | None = field(default=None, repr=False)  # its upload (sealed) as it was when claimed
 
 
 def _compare_and_set(
@@ -91,24 +98,67 @@ def _compare_and_set(
 
 
 # --- claiming and leasing ----------------------------------------------------------------
+# KEYS: the jobs' hashes; ARGV per job: its queue's intermediate list, its id, the key of the
+# new execution, its cancel flag's key, its upload's key, then rq's commands that start it
+# (framed). A queued job gets the next attempt token and those commands; a started one whose
+# execution is this claim's (the reply of a first send was lost) keeps its token; any other is
+# not claimed. Each leaves the intermediate list. Returns {token or 0, cancel flag set, the
+# upload} per job (the upload only with a token: the job's input, read in the same step).
+CLAIM = Script(
+    RUN
+    + f"""
+local out = {{}}
+local a = 1
+for i = 1, #KEYS do
+  local inter, id, execution, cancel, upload = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  local first, last = a + 6, a + 5 + tonumber(ARGV[a + 5])
+  a = last + 1
+  local status = redis.call('HGET', KEYS[i], 'status')
+  local token = 0
+  if status == '{JobStatus.QUEUED.value}' then
+    token = redis.call('HINCRBY', KEYS[i], '{ATTEMPT_FIELD}', 1)
+    run(ARGV, first, last)
+  elseif status == '{JobStatus.STARTED.value}' and redis.call('EXISTS', execution) == 1 then
+    token = tonumber(redis.call('HGET', KEYS[i], '{ATTEMPT_FIELD}'))
+  end
+  redis.call('LREM', inter, 1, id)
+  out[i] = {{token, redis.call('EXISTS', cancel), token ~= 0 and redis.call('GET', upload)}}
+end
+return out
+"""
+)
+
+
 def claim(conn: Redis, job: Job, queue: Queue, worker_name: str, lease_seconds: int) -> Attempt | None:
     """Start ``job`` (taken from ``queue`` into its intermediate list) under a new attempt
     token and a lease of ``lease_seconds``; None when it is no longer queued (it leaves the
     intermediate list either way)."""
-    made: dict[str, Any] = {}
+    return claim_all(conn, [job], queue, worker_name, lease_seconds)[0]
 
-    def write(pipe: Pipeline, attempt: int) -> None:
-        pipe.hset(job.key, ATTEMPT_FIELD, attempt + 1)
-        job.prepare_for_execution(worker_name, pipe)  # status started, started_at, worker_name
-        made["execution"] = Execution.create(job, lease_seconds, pipeline=pipe, worker_name=worker_name)
-        pipe.persist(job.key)
-        pipe.lrem(queue.intermediate_queue_key, 1, job.id)
-        made["token"] = attempt + 1
 
-    if _compare_and_set(conn, job.key, lambda status, _a, _e: status == JobStatus.QUEUED.value, write):
-        return Attempt(job, queue, made["token"], made["execution"])
-    conn.lrem(queue.intermediate_queue_key, 1, job.id)
-    return None
+def claim_all(conn: Redis, jobs: list[Job], queue: Queue, worker_name: str, lease_seconds: int) -> list[Attempt | None]:
+    """``claim`` of each job of ``jobs`` (all taken from ``queue``), in one round trip."""
+    if not jobs:
+        return []
+    executions: list[Execution] = []
+    args: list[bytes | str | int] = []
+    for job in jobs:
+
+        def start(pipe: Pipeline, job: Job = job) -> None:
+            job.prepare_for_execution(worker_name, pipe)  # status started, started_at, worker_name
+            executions.append(Execution.create(job, lease_seconds, pipeline=pipe, worker_name=worker_name))
+            pipe.persist(job.key)
+
+        written = recorded(conn, start)
+        keys = [queue.intermediate_queue_key, job.id, executions[-1].key, cancel_key(job.id), upload_key(job.id)]
+        args += [*keys, *framed(written)]
+    replies = CLAIM(conn, [job.key for job in jobs], args)
+    return [
+        Attempt(job, queue, int(token), execution, cancel_seen=bool(cancelled), upload=upload or None)
+        if int(token)
+        else None
+        for job, execution, (token, cancelled, upload) in zip(jobs, executions, replies)
+    ]
 
 
 def holds(conn: Redis, attempt: Attempt) -> bool:
@@ -163,14 +213,64 @@ def ended_by(conn: Redis, attempt: Attempt) -> bool:
     return int(conn.hget(attempt.job.key, ENDED_FIELD) or -1) == attempt.token
 
 
-def finish(
-    conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also: Callable[[Pipeline], None] | None = None
-) -> bool:
-    """Record ``result`` as the job's end (finished), with ``also(pipe)`` in the same
-    transaction (the result's index); False when the attempt no longer holds the job."""
+@dataclass(frozen=True)
+class End:
+    """A write fenced by ``attempt``'s token: its commands (``jobs.rqueue.atomic``), and whether
+    it ends the job (an end written once is recognised when sent again; a requeue is not an end)."""
+
+    attempt: Attempt
+    commands: list[bytes]
+    final: bool = True
+
+
+# KEYS: the jobs' hashes; ARGV per job: the attempt's token, "1" for an end, its commands
+# (framed). Each job's commands run only while it is started under that token. Returns per
+# job 1 (written), 2 (an end this token had written already) or 0 (refused: fenced out).
+ENDS = Script(
+    RUN
+    + f"""
+local out = {{}}
+local a = 1
+for i = 1, #KEYS do
+  local token, final = ARGV[a], ARGV[a + 1]
+  local first, last = a + 3, a + 2 + tonumber(ARGV[a + 2])
+  a = last + 1
+  local status = redis.call('HGET', KEYS[i], 'status')
+  if status == '{JobStatus.STARTED.value}' and redis.call('HGET', KEYS[i], '{ATTEMPT_FIELD}') == token then
+    run(ARGV, first, last)
+    out[i] = 1
+  elseif final == '1' and redis.call('HGET', KEYS[i], '{ENDED_FIELD}') == token then
+    out[i] = 2
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+)
+
+
+def write_ends(conn: Redis, ends: list[End]) -> list[bool]:
+    """Write every fenced write of ``ends`` (of several jobs) in one round trip; per end,
+    whether it holds (written now, or an end written before under the same token)."""
+    if not ends:
+        return []
+    args: list[bytes | str | int] = []
+    for end in ends:
+        args += [end.attempt.token, "1" if end.final else "0", *framed(end.commands)]
+    replies = ENDS(conn, [end.attempt.job.key for end in ends], args)
+    return [int(r) > 0 for r in replies]
+
+
+Also = Callable[[Pipeline], None] | None
+
+
+def finishing(conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also: Also = None) -> End:
+    """The end of ``attempt`` as finished with ``result``, with ``also(pipe)`` (the result's
+    index, the outcome count) in the same transaction."""
     job = attempt.job
 
-    def write(pipe: Pipeline, _attempt: int) -> None:
+    def write(pipe: Pipeline) -> None:
         _end_common(pipe, attempt, JobStatus.FINISHED)
         Result.create(job, Result.Type.SUCCESSFUL, result_ttl, return_value=result, pipeline=pipe)
         job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
@@ -178,20 +278,50 @@ def finish(
         if also is not None:
             also(pipe)
 
-    return _compare_and_set(conn, job.key, _ours(attempt), write) or ended_by(conn, attempt)
+    return End(attempt, recorded(conn, write))
+
+
+def failing(
+    conn: Redis, attempt: Attempt, error: dict[str, str], trace: str, stopped: bool = False, also: Also = None
+) -> End:
+    """The end of ``attempt`` as failed (or, ``stopped``, cancelled while it ran) with
+    ``error`` ({"code", "message"}) in its meta and ``trace`` (redacted) as rq's failure."""
+    job = attempt.job
+
+    def write(pipe: Pipeline) -> None:
+        job.meta["error"] = error
+        _end_common(pipe, attempt, JobStatus.STOPPED if stopped else JobStatus.FAILED)
+        _record_failure(pipe, job, trace)
+        if also is not None:
+            also(pipe)
+
+    return End(attempt, recorded(conn, write))
+
+
+def requeueing(conn: Redis, attempt: Attempt, also: Also = None) -> End:
+    """The job of ``attempt`` queued again at the front of its queue (a run cut short, retries left)."""
+    job = attempt.job
+
+    def write(pipe: Pipeline) -> None:
+        _back_in_queue(pipe, job, attempt.queue)
+        attempt.execution.delete(job=job, pipeline=pipe)
+        pipe.hset(job.key, ATTEMPT_FIELD, attempt.token + 1)
+        if also is not None:
+            also(pipe)
+
+    return End(attempt, recorded(conn, write), final=False)
+
+
+def finish(conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also: Also = None) -> bool:
+    """Record ``result`` as the job's end (finished), with ``also(pipe)`` in the same
+    transaction (the result's index); False when the attempt no longer holds the job."""
+    return write_ends(conn, [finishing(conn, attempt, result, result_ttl, also)])[0]
 
 
 def fail(conn: Redis, attempt: Attempt, error: dict[str, str], trace: str, stopped: bool = False) -> bool:
     """Record the job's end as failed (or, ``stopped``, cancelled while it ran) with
     ``error`` ({"code", "message"}) in its meta and ``trace`` (redacted) as rq's failure."""
-    job = attempt.job
-
-    def write(pipe: Pipeline, _attempt: int) -> None:
-        job.meta["error"] = error
-        _end_common(pipe, attempt, JobStatus.STOPPED if stopped else JobStatus.FAILED)
-        _record_failure(pipe, job, trace)
-
-    return _compare_and_set(conn, job.key, _ours(attempt), write) or ended_by(conn, attempt)
+    return write_ends(conn, [failing(conn, attempt, error, trace, stopped)])[0]
 
 
 def _record_failure(pipe: Pipeline, job: Job, trace: str) -> None:
@@ -203,14 +333,7 @@ def _record_failure(pipe: Pipeline, job: Job, trace: str) -> None:
 
 def requeue(conn: Redis, attempt: Attempt) -> bool:
     """Queue the job again at the front of its queue (a run cut short, retries left)."""
-    job = attempt.job
-
-    def write(pipe: Pipeline, attempt_no: int) -> None:
-        _back_in_queue(pipe, job, attempt.queue)
-        attempt.execution.delete(job=job, pipeline=pipe)
-        pipe.hset(job.key, ATTEMPT_FIELD, attempt_no + 1)
-
-    return _compare_and_set(conn, job.key, _ours(attempt), write)
+    return write_ends(conn, [requeueing(conn, attempt)])[0]
 
 
 def _back_in_queue(pipe: Pipeline, job: Job, queue: Queue) -> None:

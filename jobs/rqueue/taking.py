@@ -7,11 +7,11 @@ import time
 
 from redis import Redis
 from redis.client import Pipeline
-from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 from jobs.keys import wake_key
+from jobs.rqueue.atomic import Script
 from jobs.rqueue.layout import SERIALIZER
 
 # A worker claims what it took within its batch wait: an entry of an intermediate list older
@@ -25,31 +25,80 @@ def _text(value) -> str | None:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# KEYS: a queue and its intermediate list, for each queue in priority order; ARGV[1]: rq's job
+# key prefix, ARGV[2]: how many jobs at most, ARGV[3]: the wake list. Moves up to that many ids
+# from the first queue that has one to its intermediate list, each with its job's hash (an id
+# whose job is gone, expired or deleted, is dropped), and takes one wake-up per job off the
+# wake list (it was pushed for that job: left there, it would wake an idle worker for
+# nothing). Returns {queue number, {{id, hash}, ...}}, or nil.
+TAKE = Script(
+    """
+local most = tonumber(ARGV[2])
+for q = 1, #KEYS, 2 do
+  local out = {}
+  while #out < most do
+    local id = redis.call('LMOVE', KEYS[q], KEYS[q + 1], 'LEFT', 'RIGHT')
+    if not id then break end
+    local data = redis.call('HGETALL', ARGV[1] .. id)
+    if #data == 0 then
+      redis.call('LREM', KEYS[q + 1], 1, id)
+    else
+      out[#out + 1] = {id, data}
+    end
+  end
+  if #out > 0 then
+    redis.call('LPOP', ARGV[3], #out)
+    return {(q + 1) / 2, out}
+  end
+end
+return false
+"""
+)
+
+
+def _taken(conn: Redis, queues: list[Queue], most: int) -> tuple[Queue, list[Job]] | None:
+    """Up to ``most`` jobs of the first non-empty queue of ``queues``, moved atomically (with
+    their data) to that queue's intermediate list as rq's dequeue moves one: one round trip."""
+    keys = [k for queue in queues for k in (queue.key, queue.intermediate_queue_key)]
+    reply = TAKE(conn, keys, [Job.redis_job_namespace_prefix, most, wake_key()])
+    if not reply:
+        return None
+    number, rows = reply
+    jobs = []
+    for raw_id, flat in rows:
+        job = Job(_text(raw_id), connection=conn, serializer=SERIALIZER)
+        job.restore(dict(zip(flat[::2], flat[1::2])))
+        jobs.append(job)
+    return queues[int(number) - 1], jobs
+
+
 def take(conn: Redis, queue: Queue) -> Job | None:
     """The next job of ``queue``, moved atomically to its intermediate list as rq's dequeue
     moves one (None when the queue is empty). An id whose job is gone is dropped."""
-    while True:
-        raw = conn.lmove(queue.key, queue.intermediate_queue_key, "LEFT", "RIGHT")
-        if raw is None:
-            return None
-        job = _fetch_taken(conn, queue, _text(raw))
-        if job is not None:
-            return job
+    taken = _taken(conn, [queue], 1)
+    return taken[1][0] if taken else None
 
 
-def _fetch_taken(conn: Redis, queue: Queue, job_id: str) -> Job | None:
-    try:
-        return Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
-    except NoSuchJobError:
-        conn.lrem(queue.intermediate_queue_key, 1, job_id)  # expired or deleted meanwhile
-        return None
+def take_some(conn: Redis, queue: Queue, most: int) -> list[Job]:
+    """Up to ``most`` next jobs of ``queue``, in queue order, each moved to its intermediate
+    list (``take``), in one round trip."""
+    taken = _taken(conn, [queue], most) if most > 0 else None
+    return taken[1] if taken else []
 
 
 def untake(conn: Redis, queue: Queue, job_id: str) -> None:
     """Put a job taken but not claimed back at the head of its queue, where it was."""
+    untake_all(conn, queue, [job_id])
+
+
+def untake_all(conn: Redis, queue: Queue, job_ids: list[str]) -> None:
+    """Put jobs taken but not claimed back at the head of their queue, in their order."""
+    if not job_ids:
+        return
     with conn.pipeline() as pipe:
-        pipe.lrem(queue.intermediate_queue_key, 1, job_id)
-        pipe.lpush(queue.key, job_id)
+        for job_id in job_ids:
+            pipe.lrem(queue.intermediate_queue_key, 1, job_id)
+        pipe.lpush(queue.key, *reversed(job_ids))
         wake(pipe)
         pipe.execute()
 
@@ -64,10 +113,9 @@ def take_any(conn: Redis, queues: list[Queue], wait_seconds: float) -> tuple[Job
     queue again; a wake-up that finds nothing (another worker was faster) costs one look."""
     deadline = time.monotonic() + max(0.0, wait_seconds)
     while True:
-        for queue in queues:
-            job = take(conn, queue)
-            if job is not None:
-                return job, queue
+        taken = _taken(conn, queues, 1)
+        if taken is not None:
+            return taken[1][0], taken[0]
         left = deadline - time.monotonic()
         if left <= 0:
             return None

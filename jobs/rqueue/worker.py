@@ -6,10 +6,12 @@ how it stops the job in hand (``stop_running``).
 - jobs run in the worker process itself (models loaded once serve every job; CUDA works);
 - the dequeue is aex's (``taking.take_any``): a job taken is always in a list until claimed;
 - short registrations (``worker_ttl``) with the worker's catalogue, made again when Redis lost
-  them, so /readyz sees a dead worker within seconds;
-- the store refusing or away (``jobs.queues.STORE_UNAVAILABLE``): heartbeats, maintenance and
-  state changes are skipped and done again at the next turn; registering and dequeueing wait
-  with a growing pause; the worker never quits over it;
+  them, so /readyz sees a dead worker within seconds; one heartbeat a second at most, in one
+  round trip with the check that the registration is still there, carrying the worker's
+  state (rq would write it with a round trip of its own twice per job);
+- the store refusing or away (``jobs.queues.STORE_UNAVAILABLE``): heartbeats and maintenance
+  are skipped and done again at the next turn; registering and dequeueing wait with a
+  growing pause; the worker never quits over it;
 - the maintenance cleans aex's way (``clean``: reaping under the attempt tokens);
 - rq's stop-job command for the job in hand calls ``stop_running``.
 """
@@ -42,6 +44,8 @@ log = logging.getLogger("aex.worker")
 REREGISTER_WITHIN_SECONDS = 5
 # The longest pause between two tries when the store refuses a worker's writes.
 MAX_BACKOFF_SECONDS = 5.0
+# A worker sends at most one heartbeat (and looks whether it is suspended at most once) a second.
+HEARTBEAT_EVERY_SECONDS = 1.0
 # The field of a worker's registration holding the Redis round trips it had sent at its last
 # heartbeat (``jobs.roundtrips``; written with the heartbeat, no round trip of its own).
 ROUND_TRIPS_FIELD = "aex_redis_round_trips"
@@ -76,6 +80,7 @@ class QueueWorker(SimpleWorker):
         super().__init__(queues, connection=connection, serializer=SERIALIZER, **kwargs)
         self.catalogue = catalogue or []
         self.job_heartbeat_ttl = job_heartbeat_ttl
+        self._beat_at = self._suspension_checked_at = float("-inf")
 
     # --- what the runtime implements ----------------------------------------------------
     def run_taken(self, job: Job, queue: Queue) -> None:
@@ -130,19 +135,33 @@ class QueueWorker(SimpleWorker):
 
     def heartbeat(self, timeout: int | None = None, pipeline=None):
         # rq adds 60 s to every registration; ours expire after worker_ttl so a dead worker
-        # leaves /readyz and the catalogue quickly.
+        # leaves /readyz and the catalogue quickly. rq's loop beats several times per job; one
+        # a second (HEARTBEAT_EVERY_SECONDS) keeps a registration of worker_ttl >= 3 s alive.
         ttl = min(timeout or self.worker_ttl, self.worker_ttl)
         if pipeline is not None:
             self._beat(pipeline, ttl)
             return
+        if time.monotonic() - self._beat_at < HEARTBEAT_EVERY_SECONDS:
+            return
         with self._outage("sending its heartbeat"):
-            self._ensure_registered()
-            self._beat(self.connection, ttl)
+            with self.connection.pipeline(transaction=False) as pipe:
+                pipe.hexists(self.key, "birth")
+                pipe.sismember(self.redis_workers_keys, self.key)
+                self._beat(pipe, ttl)
+                born, listed, *_ = pipe.execute()
+            self._beat_at = time.monotonic()
+            if not (born and listed):
+                self._register_again()
 
     def _beat(self, conn, ttl: int) -> None:
-        """rq's heartbeat (its registration's time and TTL), with this process's round trips so far."""
+        """rq's heartbeat (its registration's time and TTL), with its state (``set_state``) and
+        this process's round trips so far."""
         self.last_heartbeat = now()
-        beat = {"last_heartbeat": utcformat(self.last_heartbeat), ROUND_TRIPS_FIELD: process_total()}
+        beat = {
+            "last_heartbeat": utcformat(self.last_heartbeat),
+            "state": self.get_state(),
+            ROUND_TRIPS_FIELD: process_total(),
+        }
         conn.hset(self.key, mapping=beat)
         conn.expire(self.key, ttl)
         conn.expire(self.executions_key, ttl)
@@ -158,8 +177,10 @@ class QueueWorker(SimpleWorker):
             pipe.hexists(self.key, "birth")
             pipe.sismember(self.redis_workers_keys, self.key)
             born, listed = pipe.execute()
-        if born and listed:
-            return
+        if not (born and listed):
+            self._register_again()
+
+    def _register_again(self) -> None:
         log.warning("worker %s: Redis lost its registration (restarted?); registering again", self.name)
         self.last_heartbeat = now()
         with self.connection.pipeline() as pipe:
@@ -221,11 +242,15 @@ class QueueWorker(SimpleWorker):
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
             return super().set_state(state, pipeline=pipeline)
-        self._state = state  # published again with the next registration if Redis is away
-        with self._outage(f"setting its state to {state}"):
-            super().set_state(state)
+        # Kept here (a SIGTERM reads it: busy, let the jobs in hand finish) and published with
+        # the next heartbeat: rq would write it twice per job.
+        self._state = state
 
     def check_for_suspension(self, burst: bool):
+        # rq looks (with a heartbeat) before every job; once a second is soon enough for `rq suspend`.
+        if time.monotonic() - self._suspension_checked_at < HEARTBEAT_EVERY_SECONDS:
+            return
+        self._suspension_checked_at = time.monotonic()
         with self._outage("checking for suspension"):
             super().check_for_suspension(burst)
 

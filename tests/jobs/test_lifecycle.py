@@ -122,3 +122,58 @@ def test_a_job_taken_but_never_claimed_is_put_back(conn, queue):
     conn.set(queue.intermediate_queue.get_first_seen_key(job.id), time.time() - 120)
     assert taking.requeue_stranded(conn, queue) == [job.id]
     assert conn.lrange(queue.key, 0, -1) == [job.id.encode()]
+
+
+def test_a_batch_is_taken_claimed_and_ended_in_one_round_trip_each(conn, queue):
+    from jobs.keys import wake_key
+    from jobs.roundtrips import Tally, tallying
+
+    ids = []
+    for i in range(4):
+        job_id = new_job_id(conn)
+        conn.set(upload_key(job_id), f"sealed {i}".encode(), ex=60)
+        queue.enqueue(JOB_FUNCTIONS[JobKind.CLASSIFY], kwargs={"model": "m"}, job_id=job_id, meta={"kind": "classify"})
+        conn.rpush(wake_key(), 1)  # as the API's enqueue does
+        ids.append(job_id)
+    conn.set(cancel_key(ids[2]), 1)
+    with tallying(Tally()) as trips:
+        jobs = taking.take_some(conn, queue, 3)
+    assert [j.id for j in jobs] == ids[:3] and trips.count == 1 and jobs[1].kwargs == {"model": "m"}
+    assert conn.llen(wake_key()) == 1  # one wake-up taken per job taken
+    # Put back in order at the head (a job that does not fit, and those taken after it).
+    taking.untake_all(conn, queue, [ids[1], ids[2]])
+    assert conn.lrange(queue.key, 0, -1) == [i.encode() for i in (ids[1], ids[2], ids[3])]
+    jobs = [jobs[0], *taking.take_some(conn, queue, 3)]
+    conn.hset(jobs[3].key, "status", JobStatus.CANCELED.value)  # cancelled meanwhile: not claimed
+    with tallying(Tally()) as trips:
+        attempts = lifecycle.claim_all(conn, jobs, queue, "w1", 5)
+    assert trips.count == 1 and attempts[3] is None and conn.llen(queue.intermediate_queue_key) == 0
+    assert [a.upload for a in attempts[:3]] == [b"sealed 0", b"sealed 1", b"sealed 2"]
+    assert [a.cancel_seen for a in attempts[:3]] == [False, False, True]
+    assert all(status(conn, i) == JobStatus.STARTED.value for i in ids[:3])
+    stale = lifecycle.Attempt(attempts[2].job, queue, attempts[2].token + 5, attempts[2].execution)
+    ends = [
+        lifecycle.finishing(conn, attempts[0], {"probs": [1.0]}, 60),
+        lifecycle.failing(conn, attempts[1], {"code": "job_failed", "message": "no"}, "trace"),
+        lifecycle.finishing(conn, stale, {"probs": [0.0]}, 60),  # another token: refused
+    ]
+    with tallying(Tally()) as trips:
+        assert lifecycle.write_ends(conn, ends) == [True, True, False]
+    assert trips.count == 1
+    assert [status(conn, i) for i in ids[:3]] == ["finished", "failed", "started"]
+    assert not conn.exists(upload_key(ids[0])) and not conn.exists(upload_key(ids[1]))
+    assert lifecycle.write_ends(conn, ends[:2]) == [True, True]  # sent again: recognised, not rewritten
+    assert conn.xlen(f"rq:results:{ids[0]}") == 1
+
+
+def test_a_claim_sent_twice_keeps_its_token(conn, queue):
+    """A claim whose reply was lost (the command sent again) is recognised by its execution."""
+    job = queued(conn, queue)
+    attempt = lifecycle.claim(conn, job, queue, "w1", 5)
+    replay = lifecycle.CLAIM(
+        conn,
+        [job.key],
+        [queue.intermediate_queue_key, job.id, attempt.execution.key, cancel_key(job.id), upload_key(job.id), 0],
+    )
+    assert [int(x) for x in replay[0][:2]] == [attempt.token, 0]
+    assert int(conn.hget(job.key, lifecycle.ATTEMPT_FIELD)) == attempt.token

@@ -1,0 +1,107 @@
+"""Checked writes in one round trip: the commands rq would send in a transaction, recorded, then run by a Lua script
+only where its check holds (part of the adapter over rq, ``jobs.rqueue``).
+
+A compare-and-set with WATCH costs three round trips (WATCH, the read, MULTI/EXEC) per job; a
+script reads, checks and writes in one, atomically (Redis runs nothing else meanwhile), for a
+whole batch of jobs at once. What to write stays rq's: ``recorded`` runs rq's own functions
+(``Job.prepare_for_execution``, ``Execution.create``, ``Result.create``, ``Queue.enqueue_job``
+...) against a pipeline that is never sent, and hands their commands to the script as
+arguments: ``<n> <arg 1> ... <arg n>`` per command (``commands``). A
+refusal of the store inside a script comes back as the error a command would have raised (a
+script's first write refused, out of memory or on a read-only replica, writes nothing; Redis
+6 wraps the refusal in its script error, ``refusal`` unwraps it), so the callers see
+``jobs.queues.STORE_UNAVAILABLE`` as for any command. A script runs its checked writes after
+its reads, the first write being the one an ACL is likeliest to refuse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis import Redis
+from redis._parsers.base import BaseParser
+from redis.client import Pipeline
+from redis.exceptions import NoPermissionError, NoScriptError, ResponseError
+
+# The Lua helper every script starts with: run(argv, i, j) runs the commands encoded in
+# argv[i..j] (each: its argument count, then its arguments).
+RUN = """
+local function run(argv, i, j)
+  while i <= j do
+    local n = tonumber(argv[i])
+    redis.call(unpack(argv, i + 1, i + n))
+    i = i + n + 1
+  end
+end
+"""
+
+
+def recorded(conn: Redis, fill: Callable[[Pipeline], None]) -> list[bytes]:
+    """The commands ``fill(pipe)`` adds to a transaction on ``conn`` (sent nowhere), encoded
+    for a script (``commands``)."""
+    pipe = conn.pipeline(transaction=True)
+    try:
+        fill(pipe)
+        return commands(conn, [args for args, _options in pipe.command_stack])
+    finally:
+        pipe.reset()
+
+
+def commands(conn: Redis, stack: Sequence[Sequence]) -> list[bytes]:
+    """Commands (each a sequence: its name, then its arguments) as a script's arguments."""
+    encode = conn.get_encoder().encode
+    out: list[bytes] = []
+    for args in stack:
+        out.append(str(len(args)).encode())
+        out.extend(encode(a) for a in args)
+    return out
+
+
+def framed(parts: Sequence[bytes | str | int]) -> list[bytes | str | int]:
+    """``parts`` preceded by their count: a variable-length group of a script's arguments."""
+    return [len(parts), *parts]
+
+
+class Script:
+    """A Lua script sent by its SHA-1 (EVALSHA), loaded once more when Redis does not know it
+    (a restart, a flush)."""
+
+    def __init__(self, source: str):
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest()
+
+    def __call__(self, conn: Redis, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        try:
+            try:
+                return conn.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                conn.script_load(self.source)
+                return conn.evalsha(self.sha, len(keys), *keys, *args)
+        except ResponseError as exc:
+            raise refusal(exc) from None
+
+
+# Redis 6: "Error running script (...): @user_script:1: @user_script: 1: -OOM command not allowed ..."
+WRAPPED = re.compile(r"@user_script: ?\d+: -([A-Z]+) (.*)$", re.S)
+# An ACL refusal inside a script (Redis 6 and 7 alike) names no error code.
+ACL_REFUSALS = ("can't run this command", "can't access at least one of the keys")
+
+
+def refusal(exc: ResponseError) -> ResponseError:
+    """The error a command refused inside a script raises as a command of its own: the class
+    redis-py gives its code (OutOfMemoryError, ReadOnlyError, ...), NoPermissionError for an
+    ACL refusal; ``exc`` itself for anything else."""
+    if type(exc) is not ResponseError:
+        return exc  # Redis 7 passes the code on: redis-py has already classed it
+    text = str(exc)
+    match = WRAPPED.search(text)
+    if match:
+        cls = BaseParser.EXCEPTION_CLASSES.get(match.group(1))
+        if isinstance(cls, type) and issubclass(cls, ResponseError):
+            return cls(match.group(2).strip())
+    if any(phrase in text for phrase in ACL_REFUSALS):
+        return NoPermissionError(f"the user may not run a command of this script ({text.split(' script:')[0]})")
+    return exc
