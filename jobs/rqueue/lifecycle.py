@@ -21,7 +21,7 @@ indexed, its outcome counted) is written in the same transaction as the end, so 
 exactly when the job ends and only once; the callback follows the transaction, by whoever's
 transaction ended the job.
 
-The claim and the ends are Lua scripts (``jobs.rqueue.atomic``: rq's commands, run where the
+The claim and the ends are Lua scripts (``jobs.scripts``: rq's commands, run where the
 check holds), one round trip for a whole batch of jobs (``claim_all``, ``write_ends``); the
 reaper, rare, keeps WATCH and MULTI/EXEC.
 """
@@ -46,9 +46,9 @@ from rq.utils import current_timestamp, now, parse_composite_key, utcformat
 
 from jobs.keys import cancel_key, upload_key
 from jobs.queues import QUEUE_NAMES
-from jobs.rqueue.atomic import RUN, Script, framed, recorded
 from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.taking import requeue_stranded, wake
+from jobs.scripts import RUN, Script, framed, recorded
 
 log = logging.getLogger("aex.jobs")
 
@@ -215,7 +215,7 @@ def ended_by(conn: Redis, attempt: Attempt) -> bool:
 
 @dataclass(frozen=True)
 class End:
-    """A write fenced by ``attempt``'s token: its commands (``jobs.rqueue.atomic``), and whether
+    """A write fenced by ``attempt``'s token: its commands (``jobs.scripts``), and whether
     it ends the job (an end written once is recognised when sent again; a requeue is not an end)."""
 
     attempt: Attempt

@@ -11,8 +11,8 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 from jobs.keys import wake_key
-from jobs.rqueue.atomic import Script
 from jobs.rqueue.layout import SERIALIZER
+from jobs.scripts import Script
 
 # A worker claims what it took within its batch wait: an entry of an intermediate list older
 # than this is a dead worker's (rq's own clean-up waits a minute, then fails the job).

