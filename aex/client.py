@@ -2,12 +2,14 @@
 
     from aex.client import AexClient
 
-    with AexClient("http://127.0.0.1:8000") as client:  # token: AEX_TOKEN or the token file
+    with AexClient() as client:  # the service: aex.address; token: AEX_TOKEN or the token file
         view = client.classify("cat.png", model="cifar10-robust", top_k=3)
         job = client.explain("cat.png", targets=["predicted", "runner-up"], steps=35,
                              on_progress=lambda v: print(v["status"], v.get("progress")))
         client.download_images(job, "out/")
 
+With no ``url``, the client talks to the service ``aex.address`` finds (``AEX_URL``, else the
+``aex serve`` running as this user, else ``http://AEX_HOST:AEX_PORT``), as every command does.
 Every request carries ``Authorization: Bearer <token>``: the ``token`` given, else
 ``AEX_TOKEN``, else the token file (``AEX_TOKEN_FILE``, default ``~/.config/aex/token``, where
 ``aex serve`` writes its first admin token); the token is never sent to another address than
@@ -32,6 +34,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from aex.address import service_url
 from aex.credentials import resolve_token
 from models.errors import AexError, BadParameterError, JobFailedError, ServiceUnavailableError, error_class_for
 
@@ -92,18 +95,20 @@ def _safe_file_name(name: str) -> str:
 
 
 class AexClient:
-    """Client of one aex service. ``url``: its base (``http://host:8000``); ``timeout``:
-    seconds for each HTTP request (not for a job: see ``wait``); ``token``: the bearer token
-    (None: AEX_TOKEN, else the token file; see the module docstring)."""
+    """Client of one aex service. ``url``: its base (``http://host:8000``; None: the one
+    ``aex.address`` finds); ``timeout``: seconds for each HTTP request (not for a job: see
+    ``wait``); ``token``: the bearer token (None: AEX_TOKEN, else the token file; see the
+    module docstring)."""
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         timeout: float = 60.0,
         poll_interval: float = 0.2,
         transport: httpx.BaseTransport | None = None,
         token: str | None = None,
     ):
+        url = service_url(url)
         if not re.match(r"^https?://", url or ""):
             raise BadParameterError(f"--url must be an http:// or https:// address, got {url!r}")
         self.url = url.rstrip("/")

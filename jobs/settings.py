@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     oidc_jwks_cache_seconds: int = Field(300, ge=0)
     # Where `aex serve` writes its first admin token (None: ~/.config/aex/token).
     token_file: Path | None = None
+    # The service the CLI and the Python client talk to (None: the `aex serve` running as this
+    # user, from its service.json, else http://AEX_HOST:AEX_PORT; aex/address.py).
+    url: str | None = None
     # At most this many queued or running jobs per principal (429 beyond).
     max_jobs_per_principal: int = Field(20, ge=1)
     # The audit trail (a Redis stream): records older than this are trimmed, and at most
@@ -244,6 +247,14 @@ class Settings(BaseSettings):
                 ) from None
         return networks
 
+    @field_validator("url")
+    @classmethod
+    def _service_address(cls, value):
+        if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).hostname):
+            # Not echoed: an address may carry credentials.
+            raise ValueError("AEX_URL takes the service's http:// or https:// address, such as http://127.0.0.1:8000")
+        return value
+
     @model_validator(mode="after")
     def _limits_in_order(self):
         # One client may never fill the server alone, and a head (a few KiB at most) may not
@@ -296,6 +307,7 @@ class Settings(BaseSettings):
         "device",
         "default_model",
         "public_url",
+        "url",
         "oidc_issuer",
         "oidc_audience",
         "oidc_jwks_url",

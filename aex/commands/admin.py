@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from aex.commands.common import friendly_errors, print_json
+from aex.commands.common import UrlOpt, friendly_errors, print_json
 
 keys_app = typer.Typer(
     name="keys",
@@ -20,8 +20,6 @@ keys_app = typer.Typer(
     no_args_is_help=True,
 )
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-UrlOpt = Annotated[str, typer.Option(help="the aex service")]
 TokenOpt = Annotated[
     Optional[str], typer.Option(help="an admin token (default: AEX_TOKEN, else the token file)", show_default=False)
 ]
@@ -33,7 +31,7 @@ RedisOpt = Annotated[
 DIRECT = "redis:aex-cli"
 
 
-def _client(url: str, token: str | None):
+def _client(url: str | None, token: str | None):
     from aex.client import AexClient
 
     return AexClient(url, token=token)
@@ -59,7 +57,7 @@ def create_key(
     save: Annotated[
         Optional[Path], typer.Option(help="write the token to this file (mode 0600) instead of printing it")
     ] = None,
-    url: UrlOpt = DEFAULT_URL,
+    url: UrlOpt = None,
     token: TokenOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:
@@ -85,7 +83,7 @@ def create_key(
 
 @keys_app.command("list")
 @friendly_errors
-def list_keys(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, redis_url: RedisOpt = None) -> None:
+def list_keys(url: UrlOpt = None, token: TokenOpt = None, redis_url: RedisOpt = None) -> None:
     """List the API keys: name, scopes, creation time (never a token)."""
     if redis_url:
         store, audit = _store(redis_url)
@@ -101,7 +99,7 @@ def list_keys(url: UrlOpt = DEFAULT_URL, token: TokenOpt = None, redis_url: Redi
 @friendly_errors
 def revoke_key(
     name: Annotated[str, typer.Argument(help="the key to revoke")],
-    url: UrlOpt = DEFAULT_URL,
+    url: UrlOpt = None,
     token: TokenOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:
@@ -123,7 +121,7 @@ def audit(
     ] = "24h",
     until: Annotated[Optional[str], typer.Option(help="the same forms as --since (default: now)")] = None,
     limit: Annotated[int, typer.Option(help="most records to print (1 to 10000)")] = 1000,
-    url: UrlOpt = DEFAULT_URL,
+    url: UrlOpt = None,
     token: TokenOpt = None,
     redis_url: RedisOpt = None,
 ) -> None:

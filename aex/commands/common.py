@@ -6,10 +6,21 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from typing import Annotated, Optional
 
 import typer
 
 from models.errors import AexError
+
+# --url of every command that talks to a service; None is resolved by aex.address.
+UrlOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="the aex service (default: AEX_URL, else the `aex serve` running as this user, from service.json "
+        "beside the token file, else http://AEX_HOST:AEX_PORT)",
+        show_default=False,
+    ),
+]
 
 
 def friendly_errors(fn):

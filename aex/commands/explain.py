@@ -17,23 +17,30 @@ from models.explain.targets import split_specs
 @friendly_errors
 def explain(
     ctx: typer.Context,
-    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...; with --url also DICOM .dcm)")],
+    image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, ...; through the service also DICOM .dcm)")],
     out: Annotated[Path, typer.Option(help="output folder")],
     checkpoint: Annotated[
-        Optional[Path], typer.Option(help="run offline with this aex .safetensors checkpoint (or use --url)")
+        Optional[Path],
+        typer.Option(help="run offline with this aex .safetensors checkpoint (default: through the service)"),
     ] = None,
     url: Annotated[
         Optional[str],
-        typer.Option(help="use the aex service at this address, e.g. http://127.0.0.1:8000 (or use --checkpoint)"),
+        typer.Option(
+            help="the aex service, without --checkpoint (default: AEX_URL, else the `aex serve` running as this "
+            "user, from service.json beside the token file, else http://AEX_HOST:AEX_PORT)",
+            show_default=False,
+        ),
     ] = None,
-    model: Annotated[Optional[str], typer.Option(help="with --url: served model name (default: the service's)")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="through the service: served model name (default: the service's)")
+    ] = None,
     targets: Annotated[
         Optional[list[str]],
         typer.Option(
             "--targets",
             "-t",
             help="predicted, runner-up, all, a class index or name; repeat or separate by commas "
-            "(default offline: predicted, runner-up, all; with --url: the service's, predicted, runner-up)",
+            "(default offline: predicted, runner-up, all; through the service: the service's, predicted, runner-up)",
         ),
     ] = None,
     rho: Annotated[float, typer.Option(help="perturbation budget (RMS)")] = D.EXPLAIN_RHO,
@@ -44,14 +51,14 @@ def explain(
         Optional[int],
         typer.Option(
             help=f"steps of each stability search (default: {D.ARA_STEPS} offline, the ARA setting; the "
-            "service's AEX_STABILITY_STEPS with --url)"
+            "service's AEX_STABILITY_STEPS through the service)"
         ),
     ] = None,
     stability_mode: Annotated[
         Optional[str],
         typer.Option(
             help="fast (an estimate of the 450-step searches' radii) or exact (the ARA's searches); default: "
-            f"{D.STABILITY_MODE} offline, the service's AEX_STABILITY_MODE with --url"
+            f"{D.STABILITY_MODE} offline, the service's AEX_STABILITY_MODE through the service"
         ),
     ] = None,
     clamp: Annotated[
@@ -64,7 +71,7 @@ def explain(
         Optional[str], typer.Option(help="cpu, cuda ... (offline only; default: CUDA if present)")
     ] = None,
     progress: Annotated[bool, typer.Option(help="progress bar on stderr")] = True,
-    timeout: Annotated[float, typer.Option(help="with --url: seconds to wait for each HTTP request")] = 60.0,
+    timeout: Annotated[float, typer.Option(help="through the service: seconds to wait for each HTTP request")] = 60.0,
 ) -> None:
     """Adversarial explanations and Grad-CAM for one image; writes PNGs and a summary.
     Offline (--checkpoint) and through the service (--url) alike: every PNG, the DICOM
@@ -72,15 +79,15 @@ def explain(
     service); offline, the result is also printed."""
     from models.errors import BadParameterError
 
-    if (checkpoint is None) == (url is None):
-        raise BadParameterError("give exactly one of --checkpoint (run offline) and --url (use the service)")
-    if url is not None:
+    if checkpoint is not None and url is not None:
+        raise BadParameterError("give one of --checkpoint (run offline) and --url (use the service), not both")
+    if checkpoint is None:
         offline_only = [
             f"--{n.replace('_', '-')}" for n in ("overshoot", "clamp", "bound_check", "device") if typed(ctx, n)
         ]
         if offline_only:
             raise BadParameterError(
-                f"offline-only options given with --url: {', '.join(offline_only)} (they need --checkpoint)"
+                f"offline-only options given without --checkpoint: {', '.join(offline_only)} (they need --checkpoint)"
             )
         _explain_via_service(
             image,
@@ -144,7 +151,7 @@ def explain(
 def _explain_via_service(
     image: Path,
     out: Path,
-    url: str,
+    url: str | None,
     *,
     model,
     targets,

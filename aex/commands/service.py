@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from aex.commands.common import JobProgress, friendly_errors, print_json
+from aex.commands.common import JobProgress, UrlOpt, friendly_errors, print_json
 
 
 @friendly_errors
 def classify(
     image: Annotated[Path, typer.Argument(help="an image file (PNG, JPEG, TIFF, BMP, WebP) or DICOM .dcm")],
-    url: Annotated[str, typer.Option(help="the aex service, e.g. http://127.0.0.1:8000")],
+    url: UrlOpt = None,
     model: Annotated[Optional[str], typer.Option(help="served model name (default: the service's)")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="how many of the most probable classes to list")] = None,
     stability: Annotated[bool, typer.Option("--stability", help="also the stability score (slower)")] = False,

@@ -6,7 +6,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from aex.commands.common import friendly_errors
+from aex.commands.common import UrlOpt, friendly_errors
 
 TERMINAL = ("finished", "failed", "cancelled")
 
@@ -87,13 +87,7 @@ def make_collect(client):
 @friendly_errors
 def watch(
     pacs: Annotated[str, typer.Option(help="the PACS to follow: a name of AEX_PACS")],
-    url: Annotated[
-        Optional[str],
-        typer.Option(
-            help="the aex service, e.g. http://127.0.0.1:8000 (default: the `aex serve` running as this user, "
-            "from service.json beside the token file)"
-        ),
-    ] = None,
+    url: UrlOpt = None,
     model: Annotated[Optional[str], typer.Option(help="served model name (default: the service's)")] = None,
     modality: Annotated[
         Optional[str], typer.Option(help="only these modalities, separated by commas (e.g. CR,DX); default: any")
@@ -106,8 +100,8 @@ def watch(
     redis_url: Annotated[
         Optional[str],
         typer.Option(
-            help="the service's Redis, where the watcher keeps its state (AEX_REDIS_URL; default with no --url: "
-            "the running `aex serve`'s embedded Redis)"
+            help="the service's Redis, where the watcher keeps its state (AEX_REDIS_URL; default when the service "
+            "is the `aex serve` running as this user: its embedded Redis)"
         ),
     ] = None,
     token: Annotated[
@@ -117,12 +111,13 @@ def watch(
 ) -> None:
     """Follow new stable studies of a PACS and submit an explain job for each matching
     instance, once (state in Redis: it resumes where it stopped). Ctrl-C stops it cleanly.
-    Without --url it uses the `aex serve` running as this user: its API and, unless
-    --redis-url or AEX_REDIS_URL says otherwise, its embedded Redis (``aex.service_file``)."""
+    Without --url or AEX_URL it uses the `aex serve` running as this user: its API and, unless
+    --redis-url or AEX_REDIS_URL says otherwise, its embedded Redis (``aex.address``)."""
     import logging
     import signal
     import threading
 
+    from aex.address import find_service
     from aex.client import AexClient
     from aex.watcher import Watcher, WatchState
     from jobs.queues import connect
@@ -133,15 +128,15 @@ def watch(
     if feed not in ("auto", "orthanc", "qido"):
         raise BadParameterError(f"--feed takes auto, orthanc or qido, not {feed!r}")
     settings = Settings(**({"redis_url": redis_url} if redis_url else {}))
-    if url is None:
-        from aex.service_file import running_service
-
-        found = running_service()
-        url = found.url
-        if not settings.redis_url and found.redis_url:
-            settings = settings.model_copy(update={"redis_url": found.redis_url})
+    where = find_service(url, settings)
+    url = where.url
+    if not settings.redis_url and where.running is not None and where.running.redis_url:
+        settings = settings.model_copy(update={"redis_url": where.running.redis_url})
     if not settings.redis_url:
-        raise BadParameterError("aex watch keeps its state in the service's Redis: set AEX_REDIS_URL or --redis-url")
+        raise BadParameterError(
+            "aex watch keeps its state in the service's Redis: set AEX_REDIS_URL or --redis-url (the `aex serve` "
+            "running as this user with its embedded Redis needs neither)"
+        )
     endpoint(settings.pacs, pacs)  # unknown_pacs before anything is contacted
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     modalities = frozenset(m.strip().upper() for m in (modality or "").split(",") if m.strip())
