@@ -1,26 +1,42 @@
-"""The README's tables stay equal to the code: the settings table to ``Settings`` (every field,
-its variable and default), the API tables to the OpenAPI schema (every route and multipart
-form field) and to ``service.errors.HTTP_STATUS`` (every error code and its status).
+"""The README and the pages of docs/ stay true: the README is short, opens with the two commands
+and links pages that exist; each table follows the code it describes: the settings table
+(docs/configuration.md) to ``Settings`` (every field, its variable and default), the API tables
+(docs/api.md) to the OpenAPI schema (every route and multipart form field) and to
+``service.errors.HTTP_STATUS`` (every error code and its status), the layout tables
+(docs/development.md) to the modules on disk.
 
 Each table is the first markdown table after its marker comment (``<!-- settings-table -->``,
-``<!-- api-routes-table -->``, ``<!-- api-fields-table -->``, ``<!-- api-errors-table -->``).
+``<!-- api-routes-table -->``, ``<!-- api-fields-table -->``, ``<!-- api-errors-table -->``,
+``<!-- layout-table -->``, ``<!-- models-layout-table -->``).
 A default cell is compared by its first code span (``...``), or its whole text without one.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from aex.credentials import default_token_file
 from jobs.crypto import generate_data_key
 from jobs.settings import Settings
 from service.app import HTTP_CODES, create_app
 from service.errors import HTTP_STATUS
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+API_PAGE = DOCS / "api.md"
+SETTINGS_PAGE = DOCS / "configuration.md"
+LAYOUT_PAGE = DOCS / "development.md"
+README_MAX_LINES = 150
+# The two commands the README opens with: install and serve, install and test.
+SERVE_COMMAND = "python3 -m venv .venv && .venv/bin/pip install -c constraints.txt -e . && .venv/bin/aex serve"
+TEST_COMMAND = "bash scripts/test.sh"
 FORM_ROUTES = {"classify": "/v1/classify", "explain": "/v1/explain"}
 # Codes the app answers with for errors that are not ours (service/app.py): the framework's
 # 404 and 405 (HTTP_CODES), any other HTTP error, and an unhandled exception.
@@ -29,13 +45,15 @@ APP_CODES: dict[str, int | str] = {
     "http_error": "any other",
     "internal_error": 500,
 }
+LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
-def table_rows(marker: str) -> list[list[str]]:
-    """The body rows (cells stripped) of the first table after ``<!-- marker -->``."""
-    lines = README.read_text(encoding="utf-8").splitlines()
+def table_rows(page: Path, marker: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the first table after ``<!-- marker -->`` in ``page``."""
+    lines = page.read_text(encoding="utf-8").splitlines()
     tag = f"<!-- {marker} -->"
-    assert tag in (line.strip() for line in lines), f"README.md has no {tag} marker before its table"
+    name = page.relative_to(ROOT)
+    assert tag in (line.strip() for line in lines), f"{name} has no {tag} marker before its table"
     i = next(n for n, line in enumerate(lines) if line.strip() == tag) + 1
     while i < len(lines) and not lines[i].strip():
         i += 1
@@ -43,7 +61,7 @@ def table_rows(marker: str) -> list[list[str]]:
     while i < len(lines) and lines[i].startswith("|"):
         rows.append([cell.strip() for cell in lines[i].strip().strip("|").split("|")])
         i += 1
-    assert len(rows) > 2, f"no table follows {tag} in README.md"
+    assert len(rows) > 2, f"no table follows {tag} in {name}"
     return rows[2:]  # after the header and the --- row
 
 
@@ -80,37 +98,43 @@ def openapi() -> dict[str, Any]:
 
 
 def test_settings_table_lists_every_field_once():
-    rows = table_rows("settings-table")
+    rows = table_rows(SETTINGS_PAGE, "settings-table")
     variables = [code_text(row[0]) for row in rows]
     expected = {f"AEX_{name.upper()}" for name in Settings.model_fields}
     missing = sorted(expected - set(variables))
     extra = sorted(set(variables) - expected)
     repeated = sorted({v for v in variables if variables.count(v) > 1})
-    assert not missing, f"README settings table lacks rows for {missing} (fields of jobs.settings.Settings)"
-    assert not extra, f"README settings table names {extra}, which are not fields of jobs.settings.Settings"
-    assert not repeated, f"README settings table repeats {repeated}"
+    assert not missing, (
+        f"docs/configuration.md settings table lacks rows for {missing} (fields of jobs.settings.Settings)"
+    )
+    assert not extra, (
+        f"docs/configuration.md settings table names {extra}, which are not fields of jobs.settings.Settings"
+    )
+    assert not repeated, f"docs/configuration.md settings table repeats {repeated}"
 
 
 def test_settings_table_defaults_match_the_code():
     wrong = []
-    for row in table_rows("settings-table"):
+    for row in table_rows(SETTINGS_PAGE, "settings-table"):
         variable = code_text(row[0])
         name = variable.removeprefix("AEX_").lower()
         if name not in Settings.model_fields:
             continue  # reported by the test above
         want, got = setting_default(name), code_text(row[1])
         if got != want:
-            wrong.append(f"{variable}: README says {got!r}, Settings has {want!r}")
-    assert not wrong, "README settings table defaults differ from jobs.settings.Settings:\n" + "\n".join(wrong)
+            wrong.append(f"{variable}: the page says {got!r}, Settings has {want!r}")
+    assert not wrong, "docs/configuration.md settings table defaults differ from jobs.settings.Settings:\n" + "\n".join(
+        wrong
+    )
 
 
 def test_routes_table_equals_the_openapi_schema(openapi):
     in_schema = {f"{method.upper()} {path}" for path, ops in openapi["paths"].items() for method in ops}
-    in_readme = [code_text(row[0]) for row in table_rows("api-routes-table")]
+    in_readme = [code_text(row[0]) for row in table_rows(API_PAGE, "api-routes-table")]
     missing = sorted(in_schema - set(in_readme))
     extra = sorted(set(in_readme) - in_schema)
-    assert not missing, f"README API table lacks routes {missing} (in the OpenAPI schema)"
-    assert not extra, f"README API table lists routes {extra} that the OpenAPI schema does not have"
+    assert not missing, f"docs/api.md API table lacks routes {missing} (in the OpenAPI schema)"
+    assert not extra, f"docs/api.md API table lists routes {extra} that the OpenAPI schema does not have"
 
 
 def test_fields_table_equals_the_multipart_forms(openapi):
@@ -123,24 +147,24 @@ def test_fields_table_equals_the_multipart_forms(openapi):
         for name, prop in schema["properties"].items():
             default = "required" if name in schema.get("required", []) else spelled(prop.get("default"))
             expected.setdefault(name, {})[route] = default
-    rows = {code_text(row[0]): row for row in table_rows("api-fields-table")}
+    rows = {code_text(row[0]): row for row in table_rows(API_PAGE, "api-fields-table")}
     missing = sorted(set(expected) - set(rows))
     extra = sorted(set(rows) - set(expected))
-    assert not missing, f"README form-field table lacks {missing} (fields of the multipart forms)"
-    assert not extra, f"README form-field table lists {extra}, which no multipart form has"
+    assert not missing, f"docs/api.md form-field table lacks {missing} (fields of the multipart forms)"
+    assert not extra, f"docs/api.md form-field table lists {extra}, which no multipart form has"
     wrong = []
     for name, by_route in expected.items():
         routes = {r.strip() for r in rows[name][1].split(",")}
         if routes != set(by_route):
-            wrong.append(f"{name}: README says routes {sorted(routes)}, the schema {sorted(by_route)}")
+            wrong.append(f"{name}: the page says routes {sorted(routes)}, the schema {sorted(by_route)}")
         for default in set(by_route.values()):
             if code_text(rows[name][2]) != default:
-                wrong.append(f"{name}: README says default {code_text(rows[name][2])!r}, the schema {default!r}")
-    assert not wrong, "README form-field table differs from the OpenAPI schema:\n" + "\n".join(wrong)
+                wrong.append(f"{name}: the page says default {code_text(rows[name][2])!r}, the schema {default!r}")
+    assert not wrong, "docs/api.md form-field table differs from the OpenAPI schema:\n" + "\n".join(wrong)
 
 
 def test_errors_table_equals_the_status_table():
-    rows = table_rows("api-errors-table")
+    rows = table_rows(API_PAGE, "api-errors-table")
     in_readme: dict[str, int | str] = {}
     for row in rows:
         code, status = code_text(row[0]), row[1]
@@ -148,7 +172,130 @@ def test_errors_table_equals_the_status_table():
     expected = {**HTTP_STATUS, **APP_CODES}
     missing = sorted(set(expected) - set(in_readme))
     extra = sorted(set(in_readme) - set(expected))
-    assert not missing, f"README error table lacks codes {missing} (service.errors.HTTP_STATUS or service.app)"
-    assert not extra, f"README error table lists codes {extra} that the service does not have"
-    wrong = [f"{c}: README says {in_readme[c]}, the service {s}" for c, s in expected.items() if in_readme[c] != s]
-    assert not wrong, "README error statuses differ from service.errors.HTTP_STATUS:\n" + "\n".join(wrong)
+    assert not missing, f"docs/api.md error table lacks codes {missing} (service.errors.HTTP_STATUS or service.app)"
+    assert not extra, f"docs/api.md error table lists codes {extra} that the service does not have"
+    wrong = [f"{c}: the page says {in_readme[c]}, the service {s}" for c, s in expected.items() if in_readme[c] != s]
+    assert not wrong, "docs/api.md error statuses differ from service.errors.HTTP_STATUS:\n" + "\n".join(wrong)
+
+
+def code_blocks(text: str) -> list[str]:
+    """The contents of the fenced code blocks of a markdown text, in order."""
+    return [m.group(1).strip() for m in re.finditer(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M)]
+
+
+def test_readme_is_short():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines, over {README_MAX_LINES}: move the rest to docs/"
+    )
+
+
+def test_readme_opens_with_the_two_commands():
+    text = README.read_text(encoding="utf-8")
+    blocks = code_blocks(text)
+    assert blocks[:2] == [SERVE_COMMAND, TEST_COMMAND], f"README.md's first two code blocks are {blocks[:2]}"
+    # Nothing but the title comes before them.
+    before = text[: text.index("```")].strip().splitlines()
+    assert len(before) == 1 and before[0].startswith("# "), f"README.md has {before} before its two commands"
+
+
+def markdown_pages() -> list[Path]:
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_local_link_resolves(page):
+    """Every relative link (and image) of README.md and docs/*.md names a file or folder of the
+    repository; README.md links at least every page of docs/."""
+    broken = []
+    for target in LINK.findall(page.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+://", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#")[0]).resolve()
+        if not path.exists():
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)} links to {broken}, which do not exist"
+    if page == README:
+        linked = {(ROOT / t.split("#")[0]).resolve() for t in LINK.findall(README.read_text(encoding="utf-8"))}
+        unlinked = sorted(p.name for p in DOCS.glob("*.md") if p.resolve() not in linked)
+        assert not unlinked, f"README.md does not link docs/{unlinked}"
+
+
+@pytest.mark.parametrize("page", markdown_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pages_name_no_issue_and_no_outside_document(page):
+    """Pages name modules and commands: never an issue of the tracker, never a document outside
+    the repository (``../shared/...`` other than its data)."""
+    text = page.read_text(encoding="utf-8")
+    issues = sorted(set(re.findall(r"\bissues?[- ]#?\d+", text, re.I)))
+    assert not issues, f"{page.relative_to(ROOT)} names {issues}: say what was built instead"
+    outside = sorted(set(re.findall(r"\.\./shared/docs/\S+", text)))
+    assert not outside, f"{page.relative_to(ROOT)} refers to {outside}, outside the repository"
+
+
+def test_readme_token_path_is_where_aex_serve_writes_it(tmp_path):
+    """The README's first request reads the token where ``aex serve`` writes it
+    (``aex.credentials.default_token_file``), with and without XDG_CONFIG_HOME."""
+    text = README.read_text(encoding="utf-8")
+    m = re.search(r'TOKEN=\$\(cat "([^"]+)"\)', text)
+    assert m, 'README.md\'s first requests read no token file (TOKEN=$(cat "..."))'
+    expression = m.group(1)
+    home = tmp_path / "home"
+    for env in ({"HOME": str(home)}, {"HOME": str(home), "XDG_CONFIG_HOME": str(tmp_path / "config")}):
+        shell = subprocess.run(
+            ["bash", "-c", f'printf %s "{expression}"'],
+            env={"PATH": os.environ["PATH"], **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        expected = default_token_file(env) if "XDG_CONFIG_HOME" in env else home / ".config" / "aex" / "token"
+        assert Path(shell) == expected, f"README reads {shell}, aex serve writes {expected} (env {env})"
+    assert "Authorization: Bearer $TOKEN" in text
+
+
+def python_modules(folder: Path) -> list[str]:
+    """The module files of a package folder, without ``__init__.py``/``__main__.py``."""
+    return sorted(p.name for p in folder.glob("*.py") if not p.name.startswith("__"))
+
+
+def test_layout_rows_name_every_module():
+    """Each folder row of the layout table names every module of that package, and the models
+    table has a row for every package and module of ``models/``."""
+    wrong = []
+    models_rows = {code_text(row[0]).rstrip("/"): row[1] for row in table_rows(LAYOUT_PAGE, "models-layout-table")}
+    for row in table_rows(LAYOUT_PAGE, "layout-table"):
+        folder = ROOT / code_text(row[0]).rstrip("/")
+        assert folder.is_dir(), f"docs/development.md's layout table lists {code_text(row[0])}, which is no folder"
+        if not (folder / "__init__.py").exists() or folder.name in ("tests", "models"):
+            continue  # not a package (deploy/, docs/), the mirror of the tree, or the models table's
+        missing = [name for name in python_modules(folder) if name not in row[1]]
+        if missing:
+            wrong.append(f"{code_text(row[0])} row lacks {missing}")
+    models = ROOT / "models"
+    for package in sorted(p for p in models.iterdir() if (p / "__init__.py").exists()):
+        key = f"models/{package.name}"
+        if key not in models_rows:
+            wrong.append(f"the models table has no row for {key}/")
+            continue
+        missing = [name for name in python_modules(package) if name not in models_rows[key]]
+        if missing:
+            wrong.append(f"{key}/ row lacks {missing}")
+    for name in python_modules(models):
+        if f"models/{name}" not in models_rows:
+            wrong.append(f"the models table has no row for models/{name}")
+    for key in models_rows:
+        if not (ROOT / key).exists():
+            wrong.append(f"the models table lists {key}, which does not exist")
+    assert not wrong, "docs/development.md's layout tables differ from the code:\n" + "\n".join(wrong)
+
+
+def test_metrics_row_names_every_metric():
+    """The ``GET /metrics`` row of docs/api.md names every metric family ``service/metrics.py``
+    defines (a counter as Prometheus exposes it, with ``_total``)."""
+    source = (ROOT / "service" / "metrics.py").read_text(encoding="utf-8")
+    names = sorted(set(re.findall(r'"(aex_[a-z_]+)"', source)))
+    assert len(names) >= 5, f"service/metrics.py defines too few metrics to be read this way: {names}"
+    rows = [row for row in table_rows(API_PAGE, "api-routes-table") if code_text(row[0]) == "GET /metrics"]
+    assert rows, "docs/api.md's routes table has no GET /metrics row"
+    missing = [name for name in names if not re.search(rf"`{name}(_total)?[`{{]", rows[0][1])]
+    assert not missing, f"docs/api.md's /metrics row does not name {missing} (service/metrics.py)"

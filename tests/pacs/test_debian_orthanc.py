@@ -26,7 +26,7 @@ from tests.pacs.test_store import result_objects
 
 pytestmark = pytest.mark.e2e
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = Path(__file__).resolve().parents[2] / "docs" / "pacs.md"
 ETC = Path("/etc/orthanc")
 ORTHANC = Path("/usr/sbin/Orthanc")
 PASSWORD = "debian-test-password"
@@ -36,7 +36,7 @@ def readme_block(name: str) -> str:
     """The JSON block the README shows for /etc/orthanc/<name>."""
     text = README.read_text()
     marker = f"<!-- tests/pacs/test_debian_orthanc.py: {name} -->"
-    assert marker in text, f"the README lost its {name} snippet"
+    assert marker in text, f"docs/pacs.md lost its {name} snippet"
     match = re.search(r"```json\n(.*?)```", text[text.index(marker) :], re.S)
     return match.group(1)
 

@@ -1,6 +1,6 @@
 """The queue gauges an autoscaler scales workers on (``service.metrics``): jobs waiting, jobs
 running (live leases) and the age of the oldest waiting job, per queue, read from a real Redis
-as a scrape of /metrics renders them; and the README's /metrics row names each of them."""
+as a scrape of /metrics renders them; and the /metrics row of docs/api.md names each of them."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from jobs.rqueue.layout import SERIALIZER
 from service.metrics import Metrics
 
 DB = 9  # shared with tests/jobs/test_lifecycle.py: both flush it around each test
-README = Path(__file__).resolve().parents[2] / "README.md"
+API_PAGE = Path(__file__).resolve().parents[2] / "docs" / "api.md"
 QUEUE_GAUGES = ("aex_queue_depth", "aex_jobs_running", "aex_queue_oldest_age_seconds")
 
 
@@ -76,7 +76,9 @@ def test_waiting_running_and_the_oldest_wait_per_queue(redis_db):
     assert scrape(metrics)[("aex_queue_oldest_age_seconds", "explain")] < 30.0
 
 
-def test_the_readme_names_every_queue_gauge():
-    row = next(line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("| `GET /metrics`"))
+def test_the_api_page_names_every_queue_gauge():
+    row = next(
+        line for line in API_PAGE.read_text(encoding="utf-8").splitlines() if line.startswith("| `GET /metrics`")
+    )
     missing = [name for name in (*QUEUE_GAUGES, "aex_workers") if f"`{name}{{queue}}`" not in row]
-    assert not missing, f"README's /metrics row does not name {missing}"
+    assert not missing, f"docs/api.md's /metrics row does not name {missing}"
