@@ -48,7 +48,7 @@ def bundled_checkpoint_dir() -> Path:
 class Settings(BaseSettings):
     """Settings shared by ``aex serve``, the API and ``aex worker``.
 
-    Durations are seconds; sizes are bytes. The README's settings table lists every field
+    Durations are seconds; sizes are bytes. The settings table of docs/configuration.md lists every field
     with its variable, default and meaning (tests/test_readme.py keeps the two equal).
     """
 
