@@ -13,12 +13,18 @@ A default cell is compared by its first code span (``...``), or its whole text w
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from aex.credentials import default_token_file
@@ -299,3 +305,66 @@ def test_metrics_row_names_every_metric():
     assert rows, "docs/api.md's routes table has no GET /metrics row"
     missing = [name for name in names if not re.search(rf"`{name}(_total)?[`{{]", rows[0][1])]
     assert not missing, f"docs/api.md's /metrics row does not name {missing} (service/metrics.py)"
+
+
+def readme_quick_start() -> list[str]:
+    """The bash blocks of the README's section "A first classify and explanation"."""
+    text = README.read_text(encoding="utf-8")
+    m = re.search(r"^## A first classify and explanation\n(.*?)^## ", text, re.S | re.M)
+    assert m, 'README.md has no section "A first classify and explanation"'
+    return code_blocks(m.group(1))
+
+
+@pytest.mark.e2e
+def test_the_readme_quick_start_works_as_printed(tmp_path):
+    """The README's first requests, run as printed (only the port changed) by bash in a folder
+    beside the installed ``.venv``, against ``aex serve`` with the bundled checkpoints and its
+    token where it writes it: the classify answers a finished classification, the explanation
+    finishes with both targets, and its overlay is a PNG."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AEX_", "XDG_"))}
+    env.update(
+        HOME=str(tmp_path / "home"),
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
+        XDG_STATE_HOME=str(tmp_path / "state"),
+        AEX_PORT=str(port),
+        AEX_WORKERS="1",
+        AEX_TORCH_THREADS="1",
+    )
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        serve = subprocess.Popen([sys.executable, "-m", "aex.cli", "serve"], cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert serve.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.3)
+        folder = tmp_path / "user"
+        folder.mkdir()
+        (folder / ".venv").symlink_to(ROOT / ".venv")
+        script = "\n".join(readme_quick_start()).replace("http://127.0.0.1:8000", base)
+        assert script.count(base) >= 4, "the README's quick start no longer talks to http://127.0.0.1:8000"
+        run = subprocess.run(
+            ["bash", "-e", "-c", script], cwd=folder, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, f"{run.stdout}\n{run.stderr}"
+        classified, end = json.JSONDecoder().raw_decode(run.stdout)
+        assert classified["status"] == "finished" and classified["kind"] == "classify", classified
+        assert classified["result"]["predicted"]["class_name"] in classified["result"]["probs"]
+        explained = json.loads(run.stdout[end:])
+        assert explained["status"] == "finished" and explained["kind"] == "explain", explained.get("error")
+        assert [t["role"] for t in explained["result"]["targets"]] == ["predicted", "runner-up"]
+        assert (folder / "overlay.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        code = serve.wait(60)
+    assert code == 0, log.read_text()
