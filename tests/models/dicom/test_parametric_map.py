@@ -12,7 +12,7 @@ from models.dicom.equipment import Provenance
 from models.dicom.parametric_map import geometry_source, parametric_map
 from models.dicom.secondary_capture import part10
 from models.dicom.uids import device_uid, result_uids
-from tests.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
 
 SHA = "c0ffee" * 10 + "beef"
 PARAMETERS = {

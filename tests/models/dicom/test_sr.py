@@ -12,7 +12,7 @@ from models.data.geometry import map_to_source
 from models.dicom.equipment import Provenance
 from models.dicom.results import PARAMETRIC_MAP, REPORT, explanation_objects
 from models.dicom.uids import derived_uid, device_uid
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 
 SHA = "5eed" * 16
 CLASSES = ["normal", "pneumonia", "effusion"]
