@@ -15,9 +15,9 @@ import warnings
 import pydicom
 import pytest
 
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
-from tests.models.dicom.malformed import CANARY, EVERYTHING, malformed, source_file
 from tests.pacs.test_by_reference import PM_CLASS, SR_CLASS, instance_file
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.malformed import CANARY, EVERYTHING, malformed, source_file
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     """(settings, API URL, worker): an API (uvicorn) and one worker of their own that know the
     Orthanc as "orthanc"; the worker's log is read by the tests."""
     from aex.embedded_redis import EmbeddedRedis
-    from tests.conftest import wait_for_workers
+    from tests.support.stack import wait_for_workers
 
     folder = tmp_path_factory.mktemp("malformed-source")
     server = EmbeddedRedis(folder / "redis")
@@ -51,7 +51,7 @@ def submit(stack, files=None, **fields):
     """(the submission's response, the job's final view) of an explain job."""
     import httpx
 
-    from tests.tokens import bearer, token_for
+    from tests.support.tokens import bearer, token_for
 
     settings, url, _worker = stack
     headers = bearer(token_for(settings))
@@ -72,7 +72,7 @@ def dicom_objects(stack, view) -> dict[str, bytes]:
     """The job's DICOM objects as the API serves them, by name."""
     import httpx
 
-    from tests.tokens import bearer, token_for
+    from tests.support.tokens import bearer, token_for
 
     settings, url, _worker = stack
     headers = bearer(token_for(settings))

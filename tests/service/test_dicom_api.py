@@ -14,7 +14,8 @@ import torch
 
 from models.data.tensors import load_dicom_for_model
 from models.store.checkpoint import load_checkpoint
-from tests.dciodvfy import SKIP_REASON, dciodvfy_errors, have_dciodvfy
+from tests.support.dciodvfy import SKIP_REASON, dciodvfy_errors, have_dciodvfy
+from tests.support.require import missing
 
 pytestmark = pytest.mark.e2e
 
@@ -180,7 +181,7 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.VerificationFlag == "UNVERIFIED"
     assert "Test^Patient" not in str(view) and "PX-001" not in str(view)  # no patient data in the job's JSON
     if not have_dciodvfy():
-        pytest.skip(f"{SKIP_REASON}: the objects were checked with pydicom only")
+        missing(f"{SKIP_REASON}: the objects were checked with pydicom only")
 
 
 def test_no_dicom_outputs_for_image_input(api, make_image, poll):

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 
 from models.dicom.dates import CLOCK_ATTRIBUTES, NO_SOURCE_DATE, content_date_time
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
 from tests.models.dicom.test_sr import derived
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 
 REPO = Path(__file__).resolve().parents[3]
 # Builds every object of one explanation of the source file argv[1] (the fixed summary, map

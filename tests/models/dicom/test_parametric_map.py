@@ -12,7 +12,7 @@ from models.dicom.equipment import Provenance
 from models.dicom.parametric_map import geometry_source, parametric_map
 from models.dicom.secondary_capture import part10
 from models.dicom.uids import device_uid, result_uids
-from tests.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
 
 SHA = "c0ffee" * 10 + "beef"
 PARAMETERS = {
@@ -183,7 +183,7 @@ def test_the_fused_maps_labels_say_not_for_diagnostic_use():
     """What OHIF shows of the fused map (the series' description in the study browser, the
     layer's content label and description) carries the warning, whole."""
     from tests.models.dicom.test_sr import derived
-    from tests.pacs.conftest import xray
+    from tests.support.dicom import xray
 
     pixels = (np.mgrid[0:64, 0:80].sum(0) * 40).clip(0, 4095).astype(np.uint16)
     source = pydicom.dcmread(io.BytesIO(xray(pixels)))

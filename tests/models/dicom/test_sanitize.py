@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset
 from models.dicom.reading import read_dicom
 from models.dicom.sanitize import Finding, UnusableSourceError, usable_source
 from models.dicom.uids import unusable_uid
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
-from tests.models.dicom.malformed import CANARY, CASES, EVERYTHING, malformed, source_file
 from tests.models.dicom.test_sr import derived
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.malformed import CANARY, CASES, EVERYTHING, malformed, source_file
 
 NAMES = {
     "gradcam_parametric_map.dcm",

@@ -13,7 +13,7 @@ from models.dicom.equipment import Provenance
 from models.dicom.results import PARAMETRIC_MAP, REPORT, REPORT_PDF, explanation_objects
 from models.dicom.uids import derived_uid, device_uid
 from models.explain.region import salient_box
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 
 SHA = "5eed" * 16
 CLASSES = ["normal", "pneumonia", "effusion"]
