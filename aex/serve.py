@@ -127,7 +127,8 @@ def serve(settings: Settings) -> None:
         if redis is not None:
             redis.stop()
         raise
-    pool = WorkerPool(settings, settings.workers) if settings.workers > 0 else None
+    # The workers leave a core to the API and Redis, which work while batches compute.
+    pool = WorkerPool(settings, settings.workers, reserve_cores=1) if settings.workers > 0 else None
     where = None  # the service file, once written
     try:
         first_admin = FirstAdmin(settings)

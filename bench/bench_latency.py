@@ -5,8 +5,8 @@ Run: ``.venv/bin/python bench/bench_latency.py [--checkpoint C] [--clients 1,8,3
 [--budget 1,8] [--duration S] [--warmup S] [--keys K]``.
 
 1. In process, before the service starts (nothing competes for the cores): decode the PNG
-   and run the model on it, batch 1, one image after another, with the torch threads a worker
-   gets (``bench_service.in_process``): images/s and latency.
+   and run the model on it, batch 1, one image after another, with torch's threads (one per
+   core, or ``--threads``) (``bench_service.in_process``): images/s and latency.
 2. ``aex serve`` with its defaults (the embedded Redis, persistent: append-only, fsync before
    each answer; one worker; dynamic batching as configured by default) on a free loopback
    port, its log at WARNING; ``--keys`` API keys (submit, read) made with the admin token.
@@ -62,10 +62,10 @@ API_STAGES = [
     ("authentication", "api:auth"),
     ("audit, pending record", "api:audit"),
     ("admission (decode, checks)", "api:admission"),
-    ("result reuse lookup", "api:reuse"),
-    ("capacity, job id, quota", "api:quota"),
-    ("seal, store the upload", "api:seal"),
-    ("enqueue", "api:enqueue"),
+    ("lookup: earlier result, depth, epoch", "api:lookup"),
+    ("capacity, job id", "api:capacity"),
+    ("seal the upload", "api:seal"),
+    ("enqueue: share, upload, job, wake-up", "api:enqueue"),
     ("wait for the end", "api:wait"),
 ]
 WAIT_PARTS = [
@@ -296,7 +296,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per client count")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--keys", type=int, default=8, help="API keys the clients spread over")
-    ap.add_argument("--threads", type=int, help="torch threads of the worker and in process (default: all cores)")
+    ap.add_argument("--threads", type=int, help="torch threads in process (default: one per core)")
+    ap.add_argument("--worker-threads", type=int, help="AEX_TORCH_THREADS of the worker (default: aex serve's)")
     args = ap.parse_args()
     print(json.dumps(run(args)))
 
@@ -311,7 +312,8 @@ def run(args: argparse.Namespace) -> dict:
         checkpoint = pick_checkpoint(args.checkpoint, scratch)
         meta = load_checkpoint(checkpoint)[1]
         local = in_process(checkpoint, test_png(meta.input_size, meta.in_channels), threads, args.duration)
-        proc, url, admin = start_service(checkpoint, "bench", 1, threads, scratch, None, loose_limits=False)
+        load = os.getloadavg()[0]
+        proc, url, admin = start_service(checkpoint, "bench", 1, args.worker_threads, scratch, None, loose_limits=False)
         try:
             tokens = make_keys(url, admin, args.keys)
             store = Redis(scratch / f"redis-{url.rsplit(':', 1)[1]}")
@@ -337,8 +339,9 @@ def run(args: argparse.Namespace) -> dict:
     label = checkpoint.parent.name if checkpoint.stem == "model" else checkpoint.name
     print(
         f"checkpoint {label}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}; "
-        f"{os.cpu_count()} cores; aex serve defaults, 1 worker, {threads} torch threads; {args.keys} API keys; "
-        f"load average before the run {os.getloadavg()[0]:.2f}"
+        f"{os.cpu_count()} cores; in process {threads} torch threads; aex serve defaults, 1 worker"
+        f"{f', AEX_TORCH_THREADS={args.worker_threads}' if args.worker_threads else ''}; {args.keys} API keys; "
+        f"load average {load:.2f} when the service started"
     )
     print(f"{'':34s}{'per s':>9s}{'p50 ms':>9s}{'p95 ms':>9s}{'x in-proc':>10s}{'batch':>7s}  answers")
     print(f"{'in process, one by one':34s}{local['images_per_s']:9.1f}{local['p50_ms']:9.2f}{local['p95_ms']:9.2f}")

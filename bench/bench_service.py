@@ -136,13 +136,13 @@ def start_service(
     checkpoint: Path,
     name: str,
     workers: int,
-    threads: int,
+    threads: int | None,
     scratch: Path,
     max_batch: int | None,
     loose_limits: bool = True,
 ) -> tuple[subprocess.Popen, str, str]:
     """``aex serve`` on a free loopback port; returns (process, URL, the admin token it made).
-    ``max_batch`` None: the default AEX_MAX_BATCH; ``loose_limits`` False: the default queue
+    ``threads`` None: the workers' default torch threads; ``max_batch`` None: the default AEX_MAX_BATCH; ``loose_limits`` False: the default queue
     depth and jobs per principal (the clients then spread over several keys)."""
     models = scratch / "models"
     models.mkdir(exist_ok=True)
@@ -156,13 +156,14 @@ def start_service(
         AEX_BUNDLED_MODELS="false",
         AEX_PORT=str(port),
         AEX_WORKERS=str(workers),
-        AEX_TORCH_THREADS=str(threads),
         AEX_LOG_LEVEL="WARNING",
         AEX_TOKEN_FILE=str(scratch / f"token-{port}"),
         # The default's persistence (append-only, fsync always) in a folder of this run: a
         # folder kept from an earlier run would hold its keys, and no new token would be written.
         AEX_REDIS_DIR=str(scratch / f"redis-{port}"),
     )
+    if threads is not None:
+        env["AEX_TORCH_THREADS"] = str(threads)
     if loose_limits:
         env.update(AEX_MAX_QUEUE_DEPTH="10000", AEX_MAX_JOBS_PER_PRINCIPAL="100000")
     if max_batch is not None:

@@ -46,9 +46,12 @@ def checked(text: str) -> bool:
     return len(text) > CHECK_DIGITS and check_digits(body) == check
 
 
-def new_job_id(conn: Redis) -> str:
-    """A new job id: the store's epoch, random hex digits, check digits."""
-    body = store_epoch(conn) + secrets.token_hex((JOB_ID_DIGITS - EPOCH_DIGITS - CHECK_DIGITS) // 2)
+def new_job_id(conn: Redis, epoch: bytes | str | None = None) -> str:
+    """A new job id: the store's epoch (``epoch``, as a read of ``store_epoch_key()`` gave it
+    with others; read here when None), random hex digits, check digits."""
+    if isinstance(epoch, bytes):
+        epoch = epoch.decode()
+    body = (epoch or store_epoch(conn)) + secrets.token_hex((JOB_ID_DIGITS - EPOCH_DIGITS - CHECK_DIGITS) // 2)
     return body + check_digits(body)
 
 

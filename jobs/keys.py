@@ -76,6 +76,12 @@ def api_key_names_key() -> str:
     return f"{PREFIX}:apikeys"
 
 
+def api_keys_revision_key() -> str:
+    """A counter of the API keys' changes (each creation and revocation adds one, in the same
+    transaction): the API's key cache is good only while it is unchanged."""
+    return f"{PREFIX}:apikeys:revision"
+
+
 def audit_key() -> str:
     """The audit trail: a stream of access records, trimmed to AEX_AUDIT_RETENTION_SECONDS."""
     return f"{PREFIX}:audit"

@@ -44,6 +44,7 @@ def recorded(conn: Redis, fill: Callable[[Pipeline], None]) -> list[bytes]:
     """The commands ``fill(pipe)`` adds to a transaction on ``conn`` (sent nowhere), encoded
     for a script (``commands``)."""
     pipe = conn.pipeline(transaction=True)
+    pipe.multi()  # explicit from the start: code that opens the transaction itself (rq's enqueue) skips it
     try:
         fill(pipe)
         return commands(conn, [args for args, _options in pipe.command_stack])

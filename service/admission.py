@@ -25,11 +25,17 @@ from service.schemas import CommonParams, ExplainParams
 from service.uploads import check_dicom, check_image, is_dicom_upload
 
 
-def check_capacity(conn: Redis, kind: JobKind, settings: Settings) -> None:
-    """503 when no live worker serves the queue of lane ``kind``, 429 when it is at its depth."""
-    if not live_worker_keys(conn, QUEUE_NAMES[kind]):
+def check_capacity(
+    conn: Redis, kind: JobKind, settings: Settings, depth: int | None = None, served: bool | None = None
+) -> None:
+    """503 when no live worker serves the queue of lane ``kind``, 429 when it is at its depth
+    (``depth`` and ``served``: as read with other things, else read here)."""
+    if served is None:
+        served = bool(live_worker_keys(conn, QUEUE_NAMES[kind]))
+    if not served:
         raise ServiceUnavailableError(f"no worker is serving the {kind.value} queue; start one with `aex worker`")
-    depth = queue_depth(conn, kind)
+    if depth is None:
+        depth = queue_depth(conn, kind)
     if depth >= settings.max_queue_depth:
         raise QueueFullError(
             f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = {settings.max_queue_depth}); retry later"

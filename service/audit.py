@@ -48,7 +48,8 @@ from typing import Any
 from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
-from jobs.keys import audit_key
+from jobs.keys import api_keys_revision_key, audit_key
+from jobs.scripts import Script
 from models.errors import BadParameterError
 from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.metrics import method_label, route_label
@@ -82,6 +83,17 @@ if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+# KEYS[1]: the API keys' revision, KEYS[2]: the pending records; ARGV: the revision expected,
+# the record's id, the record. Writes it only while the revision is the one expected.
+BEGIN_IF_KEYS_UNCHANGED = Script(
+    """
+if (redis.call('GET', KEYS[1]) or '') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+"""
+)
 
 
 def pending_key() -> str:
@@ -164,14 +176,24 @@ class AuditLog:
         self._sweep_now_and_then()
         return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
 
-    def begin(self, principal: Any, action: str, job_id: str | None = None) -> str:
+    def begin(self, principal: Any, action: str, job_id: str | None = None, revision: str | None = None) -> str | None:
         """Write the pending record of a mutating request before it acts; returns its id.
-        Raises the Redis error when the store refuses it (the request must not act then)."""
+        Raises the Redis error when the store refuses it (the request must not act then).
+        ``revision``: the API keys' revision the request's principal was looked up at (a
+        cached lookup, ``service.auth.apikeys``), confirmed in the same round trip: None, and
+        nothing written, when the keys have changed since."""
         now_ms = int(time.time() * 1000)
         pending = uuid.uuid4().hex
-        fields = _fields(now_ms, principal, action, PENDING_STATUS, job_id, None, None)
-        self.conn.hset(pending_key(), pending, json.dumps({"ms": now_ms, "fields": fields}))
-        return pending
+        record = json.dumps(
+            {"ms": now_ms, "fields": _fields(now_ms, principal, action, PENDING_STATUS, job_id, None, None)}
+        )
+        if revision is None:
+            self.conn.hset(pending_key(), pending, record)
+            return pending
+        written = BEGIN_IF_KEYS_UNCHANGED(
+            self.conn, [api_keys_revision_key(), pending_key()], [revision, pending, record]
+        )
+        return pending if written else None
 
     def probe(self) -> None:
         """Raise the Redis error when the trail cannot be written now (``/readyz``): a field
@@ -310,16 +332,20 @@ def action_of(scope) -> str:
     return f"{method_label(scope.get('method', ''))} {route_label(scope)}"
 
 
-def before_acting(request) -> None:
+def before_acting(request, revision: str | None = None) -> bool | None:
     """Write the pending record of a mutating request before it acts (the guard calls it once
     the principal holds the scope); a refusal raises, and the request is answered 503 without
-    acting. Nothing for a read, or outside the audited paths."""
+    acting. Nothing for a read, or outside the audited paths (None). ``revision``: the API
+    keys' revision to confirm with it (``AuditLog.begin``): False, and nothing written, when
+    the keys changed; True when written."""
     state = request.state
     audit: AuditLog | None = getattr(state, "audit_log", None)
     if audit is None or request.method not in MUTATING or getattr(state, "audit_pending", None):
-        return
+        return None
     job_id = (request.scope.get("path_params") or {}).get("job_id")
-    state.audit_pending = audit.begin(getattr(state, "principal", None), action_of(request.scope), job_id=job_id)
+    pending = audit.begin(getattr(state, "principal", None), action_of(request.scope), job_id=job_id, revision=revision)
+    state.audit_pending = pending
+    return pending is not None
 
 
 class AuditMiddleware:

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis import Redis
 
-from jobs.rqueue.layout import published_catalogue
+from jobs.rqueue.layout import live_worker_keys, published_catalogue
 from jobs.settings import Settings
 from models.errors import CheckpointError, ServiceUnavailableError, UnknownModelError
 from models.store.discovery import catalogue_entry, discover_checkpoints
@@ -28,6 +28,20 @@ class Catalogue:
         self._lock = threading.Lock()
         self._at = 0.0
         self._models: dict[str, dict[str, Any]] = {}
+        self._served_at: dict[str, float] = {}  # queue name -> when a live worker was last seen on it
+
+    def served(self, conn: Redis, queue_name: str) -> bool:
+        """Whether a live worker serves the queue ``queue_name``. A worker seen is believed for
+        AEX_CATALOGUE_CACHE_SECONDS (a dead one's registration outlives it by AEX_WORKER_TTL
+        anyway); none seen is looked up again at every call, so a worker that starts is used
+        at once."""
+        seen = self._served_at.get(queue_name)
+        if seen is not None and time.monotonic() - seen <= self.settings.catalogue_cache_seconds:
+            return True
+        if not live_worker_keys(conn, queue_name):
+            return False
+        self._served_at[queue_name] = time.monotonic()
+        return True
 
     def models(self, conn: Redis) -> dict[str, dict[str, Any]]:
         with self._lock:

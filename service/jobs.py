@@ -11,7 +11,6 @@ Blocking Redis calls: the routes run these methods in the thread pool.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -25,9 +24,9 @@ from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.crypto import DataCipher, blob_context
 from jobs.epoch import lost_in_restart, new_job_id
 from jobs.failures import reap_abandoned
-from jobs.keys import cancel_key, dicom_key, images_key, upload_key
+from jobs.keys import cancel_key, dicom_key, images_key, store_epoch_key, upload_key
 from jobs.params import classify_parameters, explain_parameters, result_cache_key
-from jobs.queues import JobKind, lane_of
+from jobs.queues import QUEUE_NAMES, JobKind, lane_of
 from jobs.rqueue import JobRecord
 from jobs.settings import Settings
 from jobs.states import TERMINAL, ApiStatus
@@ -40,7 +39,7 @@ from service import admission, quota
 from service.auth.principal import Principal, can_access, owner_meta, owner_of_meta, reuse_scope
 from service.catalogue import Catalogue
 from service.multipart import Upload
-from service.reuse import fetch_reused, reuse_result
+from service.reuse import fetch_reused, reuse_index_key, reuse_result
 from service.schemas import ClassifyParams, ExplainParams, JobView
 from service.timing import stage
 from service.views import job_view
@@ -82,43 +81,50 @@ class JobService:
         timeout: int | None = None,
         lane: JobKind | None = None,
         principal: Principal | None = None,
+        *,
+        depth: int | None = None,
+        epoch: bytes | None = None,
     ) -> str:
         """Count the job against ``principal``'s share (429 ``too_many_jobs`` beyond
         AEX_MAX_JOBS_PER_PRINCIPAL), store the upload sealed (with its TTL) and enqueue the job
-        by dotted path on the queue of ``lane`` (default: its kind's). Returns its id."""
+        by dotted path on the queue of ``lane`` (default: its kind's): the share, the upload
+        and the job in one step, written together or not at all. ``depth`` and ``epoch``: the
+        queue's length and the store's epoch as ``_start`` read them (read here when None).
+        Returns its id."""
         lane = lane or kind
-        with stage("quota"):
-            admission.check_capacity(self.conn, lane, self.settings)
-            job_id = new_job_id(self.conn)
-            if timeout is None:
-                timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
-            if principal is not None:
-                # The longest a job can wait and run (every retry included): the share's set lives that long.
-                ttl = self.settings.upload_ttl + timeout * (self.settings.job_retries + 1)
-                quota.reserve(self.conn, principal, job_id, self.settings.max_jobs_per_principal, ttl)
-        try:
-            if not (meta or {}).get("pacs_reference"):  # by reference, the worker fetches it
-                with stage("seal"):
-                    sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
-                    self.conn.set(upload_key(job_id), sealed, ex=self.settings.upload_ttl)
-            with stage("enqueue"):
-                rqueue.enqueue(
-                    self.conn,
-                    lane,
-                    kind,
-                    job_id,
-                    kwargs={"model": model, **kwargs},
-                    meta={"kind": kind.value, "model": model, **(meta or {})},
-                    timeout=timeout,
-                    result_ttl=self.settings.result_ttl,
-                    wait_ttl=self.settings.upload_ttl,
-                    description=f"{kind.value} {model}",
-                )
-        except BaseException:
-            if principal is not None:
-                with contextlib.suppress(Exception):  # Redis may be what failed
-                    quota.release(self.conn, principal, job_id)
-            raise
+        with stage("capacity"):
+            served = self.catalogue.served(self.conn, QUEUE_NAMES[lane])
+            admission.check_capacity(self.conn, lane, self.settings, depth=depth, served=served)
+            job_id = new_job_id(self.conn, epoch)
+        if timeout is None:
+            timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
+        share = None
+        if principal is not None:
+            # The longest a job can wait and run (every retry included): the share's set lives that long.
+            ttl = self.settings.upload_ttl + timeout * (self.settings.job_retries + 1)
+            share = quota.share_of(principal, self.settings.max_jobs_per_principal, ttl)
+        upload = []
+        if not (meta or {}).get("pacs_reference"):  # by reference, the worker fetches it
+            with stage("seal"):
+                sealed = self.cipher.seal(image, blob_context(upload_key(job_id)))
+                upload.append(["SET", upload_key(job_id), sealed, "EX", self.settings.upload_ttl])
+        with stage("enqueue"):
+            queued = rqueue.enqueue(
+                self.conn,
+                lane,
+                kind,
+                job_id,
+                kwargs={"model": model, **kwargs},
+                meta={"kind": kind.value, "model": model, **(meta or {})},
+                timeout=timeout,
+                result_ttl=self.settings.result_ttl,
+                wait_ttl=self.settings.upload_ttl,
+                description=f"{kind.value} {model}",
+                share=share,
+                also=upload,
+            )
+        if not queued:
+            raise quota.too_many(self.settings.max_jobs_per_principal)
         return job_id
 
     def wait(self, job_id: str, seconds: float) -> None:
@@ -150,14 +156,26 @@ class JobService:
         digest = upload.sha256 if ref is None else hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()
         meta = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
         key = self._cache_key(kind, entry, digest, {**kwargs, "store": meta.get("store")} if ref else kwargs)
-        with stage("reuse"):
-            job_id = reuse_result(self.conn, self.settings, kind, entry["name"], key, meta, scope, self.policy)
+        with stage("lookup"):
+            # What the request needs to know before it acts, in one round trip: an earlier
+            # result, the queue's length, the store's epoch (the new job id carries it).
+            with self.conn.pipeline(transaction=False) as pipe:
+                pipe.get(reuse_index_key(scope, key))
+                pipe.llen(rqueue.queue_key(lane))
+                pipe.get(store_epoch_key())
+                source_id, depth, epoch = pipe.execute()
+            job_id = reuse_result(
+                self.conn, self.settings, kind, entry["name"], key, meta, scope, self.policy, source_id=source_id
+            )
         if job_id is not None:
             return job_id, True
         if kind is JobKind.EXPLAIN:
             kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
         meta = {**meta, "cache_key": key}
-        return self.submit(kind, upload.data, entry["name"], kwargs, meta, lane=lane, principal=principal), False
+        job_id = self.submit(
+            kind, upload.data, entry["name"], kwargs, meta, lane=lane, principal=principal, depth=depth, epoch=epoch
+        )
+        return job_id, False
 
     # --- the two kinds of job ----------------------------------------------------------
     def classify(self, principal: Principal, upload: Upload, params: ClassifyParams) -> JobView:

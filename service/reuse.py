@@ -48,13 +48,16 @@ def reuse_result(
     meta: dict[str, Any],
     scope: str,
     policy: CallbackPolicy | None = None,
+    source_id: bytes | None | object = ...,
 ) -> str | None:
     """When a finished result for ``key`` is still kept within reuse scope ``scope``, the id
     of a new job (its meta: ``meta``, the requester's owner included) that is finished at once
-    with a copy of it (``reused: true``) and shares its images; else None."""
+    with a copy of it (``reused: true``) and shares its images; else None. ``source_id``: what
+    ``reuse_index_key(scope, key)`` held, read with other things (read here when not given)."""
     if not settings.reuse_results:
         return None
-    source_id = conn.get(scoped_result_index_key(scope, key))
+    if source_id is ...:
+        source_id = conn.get(reuse_index_key(scope, key))
     if not source_id:
         return None
     source = fetch_job(conn, source_id.decode())
@@ -101,6 +104,11 @@ def reuse_result(
     notify_job_end(conn, record, ApiStatus.FINISHED, policy=policy)
     log.info("job %s answered from the result of job %s", job_id, source.id)
     return job_id
+
+
+def reuse_index_key(scope: str, key: str) -> str:
+    """Where the result of cache key ``key`` within reuse scope ``scope`` is indexed."""
+    return scoped_result_index_key(scope, key)
 
 
 def fetch_reused(conn: Redis, job_id: str) -> JobRecord | None:

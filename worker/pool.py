@@ -29,13 +29,23 @@ CONFIG_ERROR_STATUS = 2  # `python -m worker` exits with 2 on an AexError (setti
 
 class WorkerPool:
     """``count`` worker processes with the given settings. ``gpus``: one CUDA device index
-    per worker (sets CUDA_VISIBLE_DEVICES), or None to let each pick its device."""
+    per worker (sets CUDA_VISIBLE_DEVICES), or None to let each pick its device.
+    ``reserve_cores``: cores the CPU workers leave to other work of this machine (``aex
+    serve``'s API) when AEX_TORCH_THREADS is not set."""
 
-    def __init__(self, settings: Settings, count: int, gpus: Sequence[int] | None = None, restart: bool = True):
+    def __init__(
+        self,
+        settings: Settings,
+        count: int,
+        gpus: Sequence[int] | None = None,
+        restart: bool = True,
+        reserve_cores: int = 0,
+    ):
         if gpus is not None and len(gpus) != count:
             raise ValueError("need one GPU index per worker")
         self.settings = settings
         self.count = count
+        self.reserve_cores = reserve_cores
         self.gpus = list(gpus) if gpus is not None else None
         self.restart = restart
         self.procs: list[subprocess.Popen | None] = [None] * count
@@ -48,7 +58,12 @@ class WorkerPool:
         env.update(self.settings.as_env())
         if self.settings.torch_threads is None and self.settings.device in (None, "cpu"):
             # N CPU workers on one machine: share the cores instead of oversubscribing them.
-            env["AEX_TORCH_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, self.count)))
+            # torch's threads wait for one another spinning: with more runnable threads than
+            # cores (the API answering while a batch computes), a pass slows down severalfold
+            # (2 cores, one kept busy: cifar10-robust, a batch of 8, 150 ms on two threads,
+            # 25 ms on one; alone, 17 and 24 ms).
+            cores = max(1, (os.cpu_count() or 1) - self.reserve_cores)
+            env["AEX_TORCH_THREADS"] = str(max(1, cores // max(1, self.count)))
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpus[index])
         env["AEX_PARENT_PID"] = str(os.getpid())  # Settings.parent_pid of the child

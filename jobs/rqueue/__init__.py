@@ -13,6 +13,8 @@ from __future__ import annotations
 # (success, failure, stop) appends to its stream ``rq:results:<id>``; a started job has a
 # lease, its score in ``rq:wip:<queue>``.
 import contextlib
+import functools
+import time
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
+from redis.client import Pipeline
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, parse_job_id
@@ -30,6 +33,7 @@ from rq.utils import current_timestamp, utcparse
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.rqueue.taking import wake
+from jobs.scripts import RUN, Script, framed, recorded
 from jobs.states import ApiStatus
 
 
@@ -54,6 +58,10 @@ class JobRecord:
     origin: str | None = None
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def kind_of_meta(meta: Mapping[str, Any]) -> JobKind | None:
     """The kind a job's meta names (None for a job that is not one of aex's)."""
     value = meta.get("kind")
@@ -64,12 +72,76 @@ def _utc(dt: datetime | None) -> datetime | None:
     return None if dt is None else (dt if dt.tzinfo else dt.replace(tzinfo=UTC))
 
 
+@functools.lru_cache(maxsize=64)
 def _queue(conn: Redis, name: str) -> Queue:
+    # One per connection and name: rq asks a new Queue for the server's version (INFO) at its
+    # first enqueue.
     return Queue(name, connection=conn, serializer=SERIALIZER)
 
 
 def _ours(origin: str | None) -> bool:
     return origin in QUEUE_NAMES.values()
+
+
+@dataclass(frozen=True)
+class Share:
+    """An owner's share of the queues: the sorted set ``key`` of the ids of its jobs that may
+    still wait or run (scored by when each was reserved), at most ``limit`` of them active; the
+    set lives ``ttl`` seconds after its last reservation. An id whose job is not (or no
+    longer) in Redis counts while it is younger than ``reservation_seconds``."""
+
+    key: str
+    limit: int
+    ttl: int
+    reservation_seconds: float
+
+
+# The rq statuses of a job that waits or runs (its owner's share counts it).
+ACTIVE_STATUSES = tuple(s.value for s, api in STATUS_FROM_RQ.items() if api in (ApiStatus.QUEUED, ApiStatus.RUNNING))
+
+# KEYS[1]: the share's set; ARGV: the new id, now (s), limit, ttl, reservation seconds, rq's job
+# key prefix, the active statuses (framed), then the commands to run once the id holds a place
+# (framed). Ids of jobs that ended or expired leave the set; when the active others reach the
+# limit nothing is written (returns 0), else the id takes its place and the commands run
+# (returns 1): a place and its job appear together, so two requests racing for the last place
+# cannot both get it.
+WITHIN_SHARE = Script(
+    RUN
+    + """
+local id, now, limit, ttl, reservation, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
+  tonumber(ARGV[5]), ARGV[6]
+local active, a = {}, 8 + tonumber(ARGV[7])
+for i = 8, a - 1 do active[ARGV[i]] = true end
+local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local count, ended = 0, {}
+for i = 1, #entries, 2 do
+  local other = entries[i]
+  if other ~= id then
+    local status = redis.call('HGET', prefix .. other, 'status')
+    if (status and active[status]) or (not status and now - tonumber(entries[i + 1]) < reservation) then
+      count = count + 1
+    else
+      ended[#ended + 1] = other
+    end
+  end
+end
+if #ended > 0 then redis.call('ZREM', KEYS[1], unpack(ended)) end
+if count >= limit then return 0 end
+redis.call('ZADD', KEYS[1], now, id)
+redis.call('EXPIRE', KEYS[1], ttl)
+run(ARGV, a + 1, a + tonumber(ARGV[a]))
+return 1
+"""
+)
+RUN_ALL = Script(RUN + "run(ARGV, 2, 1 + tonumber(ARGV[1]))\nreturn 1")
+
+
+def within_share(conn: Redis, share: Share, job_id: str, commands: list[bytes]) -> bool:
+    """Reserve ``job_id`` a place in ``share`` and run ``commands`` (``jobs.scripts``) with it,
+    in one step; False (nothing written) when the share is full."""
+    args = [job_id, time.time(), share.limit, max(1, int(share.ttl)), share.reservation_seconds]
+    args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES)), *framed(commands)]
+    return bool(WITHIN_SHARE(conn, [share.key], args))
 
 
 def enqueue(
@@ -83,24 +155,38 @@ def enqueue(
     result_ttl: int,
     wait_ttl: int,
     description: str,
-) -> None:
+    *,
+    share: Share | None = None,
+    also: list[list[Any]] | None = None,
+) -> bool:
     """Put job ``job_id`` of ``kind`` (its function by dotted path) at the tail of the queue
-    of ``lane``; it waits at most ``wait_ttl`` seconds, runs at most ``timeout``, and its
-    result (or failure) is kept ``result_ttl``."""
-    _queue(conn, QUEUE_NAMES[lane]).enqueue(
-        JOB_FUNCTIONS[kind],
-        kwargs=kwargs,
-        job_id=job_id,
-        job_timeout=timeout,
-        result_ttl=result_ttl,
-        failure_ttl=result_ttl,
-        ttl=wait_ttl,
-        meta=meta,
-        description=description,
-    )
-    with conn.pipeline(transaction=False) as pipe:
+    of ``lane``, and wake an idle worker; it waits at most ``wait_ttl`` seconds, runs at most
+    ``timeout``, and its result (or failure) is kept ``result_ttl``. ``also``: commands written
+    with it (its upload). With ``share``, only within its owner's share: False, and nothing
+    written, when it is full. One round trip."""
+
+    def write(pipe: Pipeline) -> None:
+        for command in also or ():
+            pipe.execute_command(*command)
+        _queue(conn, QUEUE_NAMES[lane]).enqueue(
+            JOB_FUNCTIONS[kind],
+            kwargs=kwargs,
+            job_id=job_id,
+            job_timeout=timeout,
+            result_ttl=result_ttl,
+            failure_ttl=result_ttl,
+            ttl=wait_ttl,
+            meta=meta,
+            description=description,
+            pipeline=pipe,
+        )
         wake(pipe)  # an idle worker takes it now, not at its next look
-        pipe.execute()
+
+    commands = recorded(conn, write)
+    if share is not None:
+        return within_share(conn, share, job_id, commands)
+    RUN_ALL(conn, [], framed(commands))
+    return True
 
 
 def _record(job: Job) -> JobRecord:
@@ -129,11 +215,20 @@ def _record(job: Job) -> JobRecord:
 
 
 def fetch_job(conn: Redis, job_id: str) -> JobRecord | None:
-    """The queued job ``job_id`` as a record (None when Redis has no such job)."""
-    try:
-        return _record(Job.fetch(job_id, connection=conn, serializer=SERIALIZER))
-    except NoSuchJobError:
+    """The queued job ``job_id`` as a record (None when Redis has no such job): its hash and
+    its latest result in one round trip."""
+    job = Job(parse_job_id(job_id), connection=conn, serializer=SERIALIZER)
+    with conn.pipeline(transaction=False) as pipe:
+        pipe.hgetall(job.key)
+        pipe.xrevrange(Result.get_key(job.id), "+", "-", count=1)
+        data, latest = pipe.execute()
+    if not data:
         return None
+    job.restore(data)
+    if latest:
+        result_id, payload = latest[0]
+        job._cached_result = Result.restore(job.id, _text(result_id), payload, connection=conn, serializer=SERIALIZER)
+    return _record(job)
 
 
 def job_statuses(conn: Redis, job_ids: list[str]) -> list[ApiStatus | None]:
@@ -147,6 +242,11 @@ def queue_position(conn: Redis, record: JobRecord) -> int | None:
     if not _ours(record.origin):
         return None
     return conn.lpos(_queue(conn, record.origin).key, record.id)  # rq's own get_job_position, without its INFO
+
+
+def queue_key(lane: JobKind) -> str:
+    """The list of the queue of ``lane`` (its length is how many jobs wait on it)."""
+    return Queue.redis_queue_namespace_prefix + QUEUE_NAMES[lane]
 
 
 def queue_depth(conn: Redis, lane: JobKind) -> int:

@@ -12,7 +12,14 @@ Redis holds, per key, the hash ``api_key_key(name)`` (digest, scopes,
 created_at, a random uid that tells this key from a later one of the same name) and the index ``api_key_digest_key(digest) -> name`` that each request looks its
 token up by; the digest of a 256-bit random token cannot be turned back into the token, so
 a Redis dump holds nothing to authenticate with. The final check compares digests in
-constant time. Torch-free.
+constant time.
+
+Lookups are cached (``authenticate_cached``) for AUTH_CACHE_SECONDS, each with the keys'
+revision (``api_keys_revision_key``: +1 in the same transaction as every creation and
+revocation) read before it: a cached principal serves a request only once that revision is
+confirmed unchanged in the request's first round trip (the guard's: with the pending audit
+record of a mutating request, alone for a read), so a revoked key is refused from the very
+next request on, and an unchanged one costs no lookup. Torch-free.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
 
 from jobs.epoch import CHECK_DIGITS, EPOCH_DIGITS, check_digits, checked, store_epoch
-from jobs.keys import api_key_digest_key, api_key_key, api_key_names_key
+from jobs.keys import api_key_digest_key, api_key_key, api_key_names_key, api_keys_revision_key
 from models.errors import BadParameterError, KeyExistsError, KeyLostError, UnauthenticatedError, UnknownKeyError
 from service.auth.principal import ALL_SCOPES, Principal, Scope
 
@@ -89,11 +98,18 @@ def _text(value: bytes | str | None) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
+# How long a looked-up key serves requests from memory (each still confirms the revision).
+AUTH_CACHE_SECONDS = 5.0
+AUTH_CACHE_ENTRIES = 10_000
+
+
 class ApiKeyStore:
-    """API keys on one Redis connection."""
+    """API keys on one Redis connection, with the cache of this process's lookups."""
 
     def __init__(self, conn: Redis):
         self.conn = conn
+        self._cache: dict[str, tuple[Principal, str, float]] = {}  # digest -> (principal, revision, until)
+        self._lock = threading.Lock()
 
     def create(self, name: str, scopes) -> tuple[dict[str, Any], str]:
         """Create key ``name`` with ``scopes``; returns (its listing, the token). The token is
@@ -113,6 +129,7 @@ class ApiKeyStore:
             )
             pipe.set(api_key_digest_key(digest), name)
             pipe.sadd(api_key_names_key(), name)
+            pipe.incr(api_keys_revision_key())
             pipe.execute()
         return {"name": name, "scopes": values, "created_at": created}, token
 
@@ -138,7 +155,10 @@ class ApiKeyStore:
         with self.conn.pipeline() as pipe:
             pipe.delete(api_key_key(name), api_key_digest_key(_text(digest)))
             pipe.srem(api_key_names_key(), name)
+            pipe.incr(api_keys_revision_key())  # every cached lookup is checked again
             pipe.execute()
+        with self._lock:
+            self._cache.clear()
 
     def exists(self) -> bool:
         """Whether any key exists."""
@@ -147,17 +167,49 @@ class ApiKeyStore:
     def authenticate(self, token: str) -> Principal:
         """The principal of an API key token; UnauthenticatedError for an unknown or revoked
         one, KeyLostError (a subclass) for one of an earlier store epoch."""
+        return self.authenticate_cached(token, cached=False)[0]
+
+    def authenticate_cached(self, token: str, cached: bool = True) -> tuple[Principal, str | None]:
+        """``authenticate``, answered from this process's cache when the token was looked up
+        in the last AUTH_CACHE_SECONDS: (principal, the keys' revision the caller must confirm
+        unchanged before serving the request: ``revision_holds``), or (principal, None) when it
+        was looked up now (nothing to confirm)."""
         if not TOKEN_PATTERN.match(token or ""):
             raise UnauthenticatedError("the bearer token is not a valid API key or OIDC token")
         digest = token_digest(token)
-        name = self.conn.get(api_key_digest_key(digest))
+        now = time.monotonic()
+        hit = self._cache.get(digest) if cached else None
+        if hit is not None and hit[2] > now:
+            return hit[0], hit[1]
+        with self.conn.pipeline(transaction=False) as pipe:
+            pipe.get(api_keys_revision_key())  # read first: a change after it is seen later
+            pipe.get(api_key_digest_key(digest))
+            revision, name = pipe.execute()
         if name is None:
             self._refuse(token)
         name = _text(name)
         stored, scopes, uid = self.conn.hmget(api_key_key(name), ["digest", "scopes", "uid"])
         if stored is None or not hmac.compare_digest(_text(stored).encode(), digest.encode()):
             self._refuse(token)
-        return Principal("key", name, None, frozenset(_text(scopes).split()), uid=_text(uid) or None)
+        principal = Principal("key", name, None, frozenset(_text(scopes).split()), uid=_text(uid) or None)
+        with self._lock:
+            if len(self._cache) >= AUTH_CACHE_ENTRIES:
+                self._cache.clear()
+            self._cache[digest] = (principal, _text(revision), now + AUTH_CACHE_SECONDS)
+        return principal, None
+
+    def revision_holds(self, revision: str) -> bool:
+        """Whether the keys are unchanged since ``revision`` (one round trip); when they are
+        not, every cached lookup is dropped."""
+        if _text(self.conn.get(api_keys_revision_key())) == revision:
+            return True
+        self.forget()
+        return False
+
+    def forget(self) -> None:
+        """Drop every cached lookup (the keys changed)."""
+        with self._lock:
+            self._cache.clear()
 
     def _refuse(self, token: str) -> None:
         """Raise for a token no key answers to: ``key_lost`` when it was made in an earlier

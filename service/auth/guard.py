@@ -92,8 +92,13 @@ class Authenticator:
         return cls(settings.auth == "on", ApiKeyStore(conn), oidc)
 
     def authenticate(self, authorization: str | None) -> Principal:
+        return self.authenticate_cached(authorization, cached=False)[0]
+
+    def authenticate_cached(self, authorization: str | None, cached: bool = True) -> tuple[Principal, str | None]:
+        """(principal, the API keys' revision to confirm before serving: a cached API key
+        lookup's, ``ApiKeyStore.authenticate_cached``; None when there is nothing to confirm)."""
         if not self.enabled:
-            return LOCAL
+            return LOCAL, None
         if not authorization:
             raise UnauthenticatedError(NO_TOKEN)
         if len(authorization) > MAX_AUTHORIZATION_LENGTH:
@@ -103,20 +108,22 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token:
             raise UnauthenticatedError("the Authorization header must be 'Bearer <token>'")
         if token.startswith(TOKEN_PREFIX) and self.keys is not None:
-            return self.keys.authenticate(token)
+            return self.keys.authenticate_cached(token, cached=cached)
         if self.oidc is not None and token.count(".") == 2:
-            return self.oidc.authenticate(token)
+            return self.oidc.authenticate(token), None
         raise UnauthenticatedError("the bearer token is not a valid API key or OIDC token")
 
 
-def current_principal(request: Request) -> Principal:
-    """The request's principal, authenticated once (kept in ``request.state.principal``)."""
+def current_principal(request: Request, cached: bool = True) -> Principal:
+    """The request's principal, authenticated once (kept in ``request.state.principal``;
+    ``request.state.auth_revision``: the API keys' revision a cached lookup must be confirmed
+    at, ``requires``)."""
     principal = getattr(request.state, "principal", None)
     if principal is None:
         auth: Authenticator = request.app.state.auth
         try:
             with stage("auth"):
-                principal = auth.authenticate(request.headers.get("authorization"))
+                principal, revision = auth.authenticate_cached(request.headers.get("authorization"), cached=cached)
         except KeyLostError:
             # Its owner polling a job lost with the key learns that the job is lost: the id
             # alone says so (its check digits hold, its epoch is not the store's), so this
@@ -128,18 +135,31 @@ def current_principal(request: Request) -> Principal:
                     "(restarted without persistence, or emptied), and the key that submitted it with it"
                 ) from None
             raise
-        request.state.principal = principal
+        request.state.principal, request.state.auth_revision = principal, revision
     return principal
 
 
 def requires(scope: Scope | str):
-    """The FastAPI dependency of a route that needs ``scope``: answers with the Principal."""
+    """The FastAPI dependency of a route that needs ``scope``: answers with the Principal.
+    A principal from the key cache is confirmed before the route runs: in the same round trip
+    as a mutating request's pending audit record, else on its own; when the keys changed, the
+    key is looked up again (a revoked one is refused now)."""
     value = scope.value if isinstance(scope, Scope) else Scope(scope).value
 
     def principal_with_scope(request: Request) -> Principal:
         principal = require(current_principal(request), value)
+        revision = getattr(request.state, "auth_revision", None)
         with stage("audit"):
-            before_acting(request)  # a mutating request's audit record, before it acts
+            # A mutating request's audit record, before it acts (with the revision, if any).
+            held = before_acting(request, revision)
+        if revision is not None and held is None:
+            with stage("auth"):
+                held = request.app.state.auth.keys.revision_holds(revision)
+        if held is False:
+            request.state.principal = request.state.auth_revision = None
+            principal = require(current_principal(request, cached=False), value)
+            with stage("audit"):
+                before_acting(request)
         return principal
 
     principal_with_scope.__name__ = f"requires_{value}"

@@ -16,7 +16,7 @@ import pytest
 
 from pacs.read import search_instances
 from tests.aex.test_serve import REPO_ROOT, start_serve, stop_serve
-from tests.support.dicom import xray
+from tests.pacs.conftest import xray
 
 pytestmark = pytest.mark.e2e
 

@@ -15,20 +15,20 @@ from typing import Annotated
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 from jobs.epoch import store_epoch
 from jobs.keys import store_epoch_key
 from jobs.settings import Settings
 from models.errors import (
+    AexError,
     BadParameterError,
     ForbiddenError,
     KeyExistsError,
     UnauthenticatedError,
     UnknownKeyError,
 )
-from service.app import install_error_handlers
 from service.auth import (
     LOCAL,
     ApiKeyStore,
@@ -37,16 +37,22 @@ from service.auth import (
     Principal,
     Scope,
     can_access,
+    challenge,
     check_auth_settings,
     require,
     requires,
     reuse_scope,
 )
 from service.auth.principal import owner_meta
-from service.errors import status_of
-from tests.support.oidc import AUDIENCE, Issuer
+from service.errors import error_response, status_of
+from tests.oidc import AUDIENCE, Issuer
 
 DB = 11
+
+
+@pytest.fixture
+def conn(redis_db):
+    return redis_db(DB)
 
 
 def every_key_and_value(conn) -> bytes:
@@ -94,7 +100,8 @@ def test_keys_are_unique_checked_and_revoked_at_once(conn):
         store.authenticate(token)
     with pytest.raises(UnknownKeyError):
         store.revoke("viewer")
-    assert store.list() == [] and conn.keys() == [store_epoch_key().encode()]  # only the store's epoch is left
+    # Only the store's epoch is left, and the keys' revision (every cached lookup is checked again).
+    assert store.list() == [] and sorted(conn.keys()) == sorted([store_epoch_key().encode(), b"aex:apikeys:revision"])
     # A new key of the revoked one's name is another principal: it gets none of its jobs.
     _, first = store.create("viewer", ["read"])
     before = store.authenticate(first)
@@ -170,7 +177,13 @@ def guarded_app(conn):
     """A tiny app with the guard as the routes will declare it, and the 401 challenge."""
     app = FastAPI()
     app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
-    install_error_handlers(app)  # the production handlers: the 401 challenge included
+
+    @app.exception_handler(AexError)
+    async def aex_error(request: Request, exc: AexError):
+        resp = error_response(status_of(exc.code), exc.code, exc.message)
+        if exc.code == UnauthenticatedError.code:
+            resp.headers["WWW-Authenticate"] = challenge(request)
+        return resp
 
     @app.post("/v1/submit")
     def submit(principal: Annotated[Principal, requires(Scope.SUBMIT)]) -> dict:
@@ -338,3 +351,37 @@ def test_each_principal_has_at_most_its_share_of_jobs(conn):
     release(conn, alice, "e" * 32)
     assert active_jobs(conn, alice) == [queued[1].id]
     assert b"alice" not in b"".join(conn.keys("aex:principal-jobs:*"))  # no identity in key names
+
+
+# --- the key cache -----------------------------------------------------------------------
+def test_a_cached_key_is_refused_at_the_next_request_after_its_revocation(service_stack, make_image):
+    """A key looked up once serves the next requests from memory (no lookup: the keys'
+    revision confirmed in the request's first round trip), yet a revocation made elsewhere
+    (another connection, as ``aex keys revoke`` makes it) refuses the very next request, a
+    read and a submission alike."""
+    from jobs.queues import connect
+    from tests.tokens import api_client
+
+    def trips(resp) -> int:
+        return int(dict(p.split(";desc=") for p in resp.headers["server-timing"].split(", ") if ";desc=" in p)["redis"])
+
+    def png(seed: int) -> dict:
+        return {"files": {"image": ("x.png", make_image("PNG", "RGB", seed=seed), "image/png")}}
+
+    other = ApiKeyStore(connect(service_stack.redis_url))
+    for request in ("read", "submit"):
+        with api_client(service_stack, f"cached-{request}", ("read", "submit")) as client:
+            first = client.get("/v1/models")
+            again = client.get("/v1/models")
+            assert first.status_code == again.status_code == 200
+            assert trips(again) < trips(first)  # served from the cache: one round trip, not the lookup
+            submitted = client.post("/v1/classify", **png(1901), data={"model": "tiny-rgb"})
+            assert submitted.status_code in (200, 202), submitted.text
+            other.revoke(f"cached-{request}")
+            if request == "read":
+                refused = client.get("/v1/models")
+            else:
+                refused = client.post("/v1/classify", **png(1902), data={"model": "tiny-rgb"})
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "unauthenticated"
+    other.conn.close()
