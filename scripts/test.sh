@@ -1,48 +1,65 @@
 #!/usr/bin/env bash
-# Install the project with its test extras into .venv, check lint, format and import contracts,
-# and run the whole test suite.
+# Install the project with its test extras into .venv, install the system tools the tests use,
+# check lint, format and import contracts, and run the whole test suite.
+#
+# A system tool that cannot be installed stops the run with the reason (exit 1) where the tests
+# must not skip: under AEX_REQUIRE_ALL=1, which .ci/run sets. Elsewhere (a developer's machine,
+# not root) it is said loudly on stderr and the tests that need it skip, each with the reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # The versions CI ran (constraints.txt): a fresh clone installs exactly what was tested.
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
-# System tools some tests use: dciodvfy (DICOM validator). Installed when we may (root with
-# apt); the tests that need it skip with a reason otherwise.
-if ! command -v dciodvfy >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools) >/dev/null 2>&1 \
-    || echo "warning: could not install dicom3tools; DICOM validation tests will skip" >&2
-fi
-# Orthanc and its DICOMweb plugin for the PACS tests (tests/pacs start one on loopback
-# ports): installed when we may; those tests skip with a reason otherwise.
-if { ! command -v Orthanc >/dev/null 2>&1 || ! dpkg -s orthanc-dicomweb >/dev/null 2>&1; } \
-  && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq orthanc orthanc-dicomweb) >/dev/null 2>&1 \
-    || echo "warning: could not install orthanc and orthanc-dicomweb; the PACS tests will skip" >&2
-fi
+
+missing_tools=()
+# need WHAT CHECK PACKAGE...: when CHECK fails, apt-get install PACKAGE... (root with apt only),
+# then CHECK again; still failing, WHAT is recorded as missing.
+need() {
+  local what=$1 check=$2
+  shift 2
+  eval "$check" >/dev/null 2>&1 && return 0
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    local log
+    log=$(mktemp)
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } >"$log" 2>&1; then
+      echo "error: apt-get install $* failed:" >&2
+      tail -n 20 "$log" >&2
+    fi
+    rm -f "$log"
+  else
+    echo "error: $what is missing and cannot be installed here (needs root and apt-get: apt-get install $*)" >&2
+  fi
+  eval "$check" >/dev/null 2>&1 || missing_tools+=("$what ($*)")
+}
+# dciodvfy, the DICOM validator (tests/models/dicom, tests/worker, tests/pacs).
+need "dciodvfy" "command -v dciodvfy" dicom3tools
+# Orthanc and its DICOMweb plugin for the PACS tests (tests/pacs start one on loopback ports).
+need "Orthanc with its DICOMweb plugin" "command -v Orthanc && dpkg -s orthanc-dicomweb" orthanc orthanc-dicomweb
 # iproute2 and a Redis with TLS for the multi-host fault test and the test of deploy/'s Redis
 # (tests/deploy): redis-tools brings the server binary (redis-check-rdb, which runs as a server
-# under the name redis-server) without starting any service. Installed when we may; those tests
-# skip with a reason otherwise, except under .ci/run (AEX_REQUIRE_NETNS=1), where they fail.
-if { ! command -v ip >/dev/null 2>&1 || ! command -v redis-check-rdb >/dev/null 2>&1; } \
-  && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 redis-tools) >/dev/null 2>&1 \
-    || echo "warning: could not install iproute2 and redis-tools; the multi-host test will say why" >&2
+# under the name redis-server) without starting any service.
+need "iproute2 and a Redis server with TLS" "command -v ip && command -v redis-check-rdb" iproute2 redis-tools
+# Chromium for the viewer tests (driven by the playwright package with this executable; no
+# browser download).
+need "Chromium" "test -x /usr/bin/chromium" chromium
+# npm, to fetch the pinned OHIF Viewer build for the OHIF test (tests/pacs/test_ohif.py).
+need "npm" "command -v npm" npm
+# The OHIF Viewer: the pinned @ohif/app build from the npm registry, its integrity checked, into
+# ~/.cache/aex/ohif (scripts/install-ohif; the test runs it too).
+if ! bash scripts/install-ohif >/dev/null; then
+  echo "error: scripts/install-ohif could not install the OHIF Viewer" >&2
+  missing_tools+=("the OHIF Viewer (scripts/install-ohif)")
 fi
-# Chromium for the viewer test (driven by the playwright package with this executable; no
-# browser download); the test skips with a reason without it.
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || echo "warning: could not install chromium; the viewer test will skip" >&2
+if [ "${#missing_tools[@]}" -gt 0 ]; then
+  printf 'missing for the tests: %s\n' "${missing_tools[@]}" >&2
+  if [ "${AEX_REQUIRE_ALL:-}" = 1 ]; then
+    echo "AEX_REQUIRE_ALL=1: no test may skip for a missing tool; stopping here" >&2
+    exit 1
+  fi
+  echo "WARNING: the tests that need them will skip (AEX_REQUIRE_ALL=1 makes that a failure)" >&2
 fi
-# The OHIF Viewer for the OHIF test (tests/pacs/test_ohif.py): npm from apt when we may, then the
-# pinned @ohif/app build from the npm registry, its integrity checked, into ~/.cache/aex/ohif
-# (scripts/install-ohif; the test runs it too and skips without it, or fails under .ci/run).
-if ! command -v npm >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm) >/dev/null 2>&1 \
-    || echo "warning: could not install npm; the OHIF test cannot install the viewer" >&2
-fi
-bash scripts/install-ohif >/dev/null || echo "warning: could not install the OHIF Viewer; the OHIF test will say why" >&2
+
 # Lint, format and the import contracts first: any of them failing fails the run.
 echo "ruff check" && .venv/bin/ruff check .
 echo "ruff format --check" && .venv/bin/ruff format --check .

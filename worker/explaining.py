@@ -73,7 +73,7 @@ def secondary_capture_files(
     (``models.dicom.results``): the Grad-CAM map as a Parametric Map on the source's own pixel
     grid, the overlay, each explanation x + delta and its amplified difference as Secondary
     Captures (from ``pictures``, the arrays the PNGs are encoded from, enlarged and captioned:
-    ``models.render.capture``), and the Comprehensive
+    ``models.render.capture``), the report as an Encapsulated PDF and the Comprehensive
     3D SR that describes them; a malformed attribute of the source is left out or emptied in
     them, and named in ``summary["dicom_warnings"]``. Their names are added to
     ``summary`` ("dicom_files", each target's "dicom" and "dicom_difference") and their
@@ -82,15 +82,17 @@ def secondary_capture_files(
     from models.data.geometry import map_to_source  # highdicom only when DICOM comes in
     from models.dicom.equipment import Provenance
     from models.dicom.results import explanation_objects
+    from models.explain.region import salient_box
     from models.render.capture import capture_pictures
 
     # Enlarged by whole-pixel blocks to a readable size, captioned with the model's input size.
     images = capture_pictures(pictures, summary, served.meta.input_size)
     width, height = dicom.size
     kwargs = parameters.kwargs()
+    on_source = map_to_source(gradcam.numpy(), width, height)
     derived = explanation_objects(
         dicom.dataset,
-        map_to_source(gradcam.numpy(), width, height),
+        on_source,
         images,
         summary,
         served.meta.metrics,
@@ -99,6 +101,8 @@ def secondary_capture_files(
         _derivation(served, summary, parameters),
         class_codes=served.meta.class_codes,  # the SR codes findings in SNOMED CT etc. where it has one
         annotated=True,
+        input_size=served.meta.input_size,  # the PDF report says what the model saw
+        salient=salient_box(on_source),  # the SR's finding: the region OHIF draws with its words
     )
     out = {obj.name: obj.data for obj in derived.objects}
     summary["dicom_files"] = list(out)

@@ -12,7 +12,7 @@ from pydicom.sr.codedict import codes
 
 from models.dicom.anatomy import copy_anatomy
 from models.dicom.dates import dated_by_source
-from models.dicom.equipment import Provenance
+from models.dicom.equipment import NOT_FOR_DIAGNOSIS, Provenance
 from models.dicom.uids import UidFor, nominal_frame_of_reference_uid
 
 # PS3.16 CID 217 "Visual Explanation": DCM 130403; values are fractions of the map's maximum,
@@ -20,6 +20,7 @@ from models.dicom.uids import UidFor, nominal_frame_of_reference_uid
 QUANTITY = codes.DCM.GradientWeightedClassActivation
 UNIT = codes.UCUM.NoUnits
 LUT_LABEL = "GRADCAM"  # SH, at most 16 characters
+CONTENT_LABEL = "GRADCAM_NO_DIAG"  # CS, at most 16 characters: a Grad-CAM map, not for diagnosis
 SERIES_OFFSET = 901  # the source's Series Number + this (the SC series uses + 900, the SR + 902)
 
 
@@ -191,8 +192,11 @@ def parametric_map(
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
-            content_label=LUT_LABEL,
-            content_description=description[:64],
+            # What a viewer shows of the fused map (OHIF: the series' description in the study
+            # browser, the content label and description of the layer) says it is not for
+            # diagnostic use, the warning always kept whole within LO's 64 characters.
+            content_label=CONTENT_LABEL,
+            content_description=description[: 64 - len(NOT_FOR_DIAGNOSIS) - 2] + f", {NOT_FOR_DIAGNOSIS}",
             contributing_equipment=[provenance.contributing_equipment("Grad-CAM map of the served model")],
         )
     # Nothing from the clock, no random UID: a re-run writes the same bytes (``dates``).

@@ -25,6 +25,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
+from models.dicom.dates import content_date_time
 from models.dicom.equipment import MANUFACTURER, NOT_FOR_DIAGNOSIS, Provenance
 from models.dicom.uids import UidFor
 
@@ -136,7 +137,7 @@ def encapsulated_pdf(source: Dataset, pdf: bytes, provenance: Provenance, uid: U
 
     source: the source as the derived objects copy it (checked by the caller, as
     ``results.explanation_objects`` does); it gives the patient and study modules, the dates
-    (Content Date and Time: the source's, else its study's) and the Source Instance Sequence.
+    (Content Date and Time: ``dates.content_date_time``, as the SR's) and the Source Instance Sequence.
     uid(role): "series/pdf", "instance/pdf". Conversion Type SYN, Burned In Annotation YES
     (the PDF names the findings, not the patient)."""
     with warnings.catch_warnings():
@@ -159,8 +160,8 @@ def encapsulated_pdf(source: Dataset, pdf: bytes, provenance: Provenance, uid: U
     provenance.stamp(ds)
     ds.SeriesDescription = provenance.series_description("report")
     ds.ConversionType = "SYN"
-    ds.ContentDate = source.get("ContentDate") or source.get("StudyDate") or ""
-    ds.ContentTime = source.get("ContentTime") or source.get("StudyTime") or ""
+    # The same Content Date and Time as the SR and the map (``dates``): the source's, never the clock's.
+    ds.ContentDate, ds.ContentTime = content_date_time(source, required=True)
     ds.AcquisitionDateTime = ""
     ds.BurnedInAnnotation = "YES"
     ds.DocumentTitle = title[:64]

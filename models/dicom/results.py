@@ -1,4 +1,4 @@
-"""The DICOM objects of one explanation: Parametric Map, Secondary Captures and the SR that describes them."""
+"""The DICOM objects of one explanation: Parametric Map, Secondary Captures, the PDF report and the SR that describes them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from models.dicom.class_codes import stored_codes
 from models.dicom.equipment import Provenance
 from models.dicom.parametric_map import parametric_map
+from models.dicom.report_pdf import report_pdf
 from models.dicom.sanitize import usable_source
 from models.dicom.secondary_capture import part10, secondary_capture_datasets
 from models.dicom.sr import measurement_report
@@ -20,6 +21,7 @@ from models.dicom.uids import result_uids
 
 PARAMETRIC_MAP = "gradcam_parametric_map"  # names of the files (".dcm" added) and roles
 REPORT = "structured_report"
+REPORT_PDF = "report_pdf"
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,11 @@ def explanation_objects(
     derivation: str,
     class_codes: Mapping[str, Mapping[str, str]] | None = None,
     annotated: bool = False,
+    input_size: int | None = None,
+    salient: tuple[int, int, int, int] | None = None,
 ) -> DerivedObjects:
-    """Every DICOM object of one explanation of ``source``, in three new series of its study
-    (Parametric Map, Secondary Capture, SR: a series holds one modality), with UIDs derived
+    """Every DICOM object of one explanation of ``source``, in four new series of its study
+    (Parametric Map, Secondary Capture, Encapsulated PDF report, SR: a series holds one modality), with UIDs derived
     from (source SOP Instance UID, checkpoint sha256, ``parameters``, role), so the same request
     on the same input gives the same UIDs and a re-store replaces instead of duplicating.
 
@@ -83,7 +87,12 @@ def explanation_objects(
     ``models.render.capture.capture_pictures`` makes them); summary, metrics: see ``sr.measurement_report``;
     derivation: the free text of how they were made; class_codes: the checkpoint's class ->
     code map (``CheckpointMeta.class_codes``: the SR codes those classes' findings with them,
-    the others in 99AEX). The PM comes first, the SR last. Each
+    the others in 99AEX); input_size: the side of the model's square input in pixels (the PDF
+    report says it, ``report_pdf.report_lines``); salient: the map's most salient area
+    (left, top, right, bottom, half-open, in the source's pixels:
+    ``models.explain.region.salient_box`` of ``gradcam``), where the SR's finding lies (None:
+    the whole image). The PM comes first, then the Secondary
+    Captures, the PDF report and the SR last. Each
     malformed attribute of the source is left out or emptied first (``sanitize.usable_source``),
     and said so in the warnings; ``sanitize.UnusableSourceError`` when no object can reference
     the source."""
@@ -105,10 +114,14 @@ def explanation_objects(
         )
         roles = {name: role for name, role, _image in images}
         codes = stored_codes(class_codes or {}, list(summary["probs"]))
-        sr = measurement_report(usable, pm, dict(captures), summary, metrics, parameters, provenance, uid, codes)
+        report = report_pdf(usable, summary, provenance, uid, input_size)
+        sr = measurement_report(
+            usable, pm, dict(captures), summary, metrics, parameters, provenance, uid, codes, salient
+        )
         objects = [
             _object(PARAMETRIC_MAP, PARAMETRIC_MAP, pm),
             *(_object(name, roles[name], sc) for name, sc in captures),
+            _object(REPORT_PDF, REPORT_PDF, report),
             _object(REPORT, REPORT, sr),
         ]
     return DerivedObjects(objects, checked.warnings)

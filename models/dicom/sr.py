@@ -8,12 +8,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from models.dicom.class_codes import ClassCode
 from models.dicom.dates import dated_by_source
 from models.dicom.equipment import MANUFACTURER, Provenance
+from models.dicom.report_pdf import WARNING
 from models.dicom.uids import UidFor
 
 # Codes: DICOM's (DCM 130403 "Gradient-weighted class activation", 122157 "Probability", 121415
@@ -48,6 +50,7 @@ AEX = {
 }
 FAITHFULNESS = ("deletion_auc", "insertion_auc", "random_deletion_auc", "random_insertion_auc")
 NO_UNITS = codes.UCUM.NoUnits
+COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")  # OHIF shows these TEXT items beside the region
 
 
 def code(key: str) -> hd.sr.CodedConcept:
@@ -81,10 +84,11 @@ def _num(key: str | hd.sr.CodedConcept, value: float, unit=NO_UNITS, **kw) -> hd
     return hd.sr.Measurement(name=code(key) if isinstance(key, str) else key, value=float(value), unit=unit, **kw)
 
 
-def _faithfulness(figures: Mapping[str, Any] | None) -> list[hd.sr.Measurement]:
-    """A map's deletion and insertion AUCs and the random order's (``models.explain.faithfulness``)."""
+def _faithfulness(figures: Mapping[str, Any] | None, region) -> list[hd.sr.Measurement]:
+    """A map's deletion and insertion AUCs and the random order's (``models.explain.faithfulness``),
+    each inferred from ``region``."""
     figures = figures or {}
-    return [_num(k, figures[k]) for k in FAITHFULNESS if _is_number(figures.get(k))]
+    return [_num(k, figures[k], referenced_coordinates=region) for k in FAITHFULNESS if _is_number(figures.get(k))]
 
 
 def _ref(ds: Dataset) -> hd.sr.SourceImageForMeasurementGroup:
@@ -108,6 +112,43 @@ def _percentile(value: float | None, n: int) -> hd.sr.MeasurementProperties | No
     )
 
 
+def _rectangle(ds: Dataset, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The closed POLYLINE (5 points, column/row pixel coordinates: (0, 0) is the top left corner
+    of the top left pixel) around ``box`` (left, top, right, bottom; half-open pixel ranges) on
+    ``ds``, or around its whole picture."""
+    left, top, right, bottom = box or (0, 0, int(ds.Columns), int(ds.Rows))
+    return np.array(
+        [[left, top], [right, top], [right, bottom], [left, bottom], [left, top]],
+        dtype=np.float32,
+    )
+
+
+def _region(ds: Dataset, box: tuple[int, int, int, int] | None = None) -> hd.sr.CoordinatesForMeasurement:
+    """The image region a measurement is INFERRED FROM (TID 320): ``_rectangle`` on ``ds``."""
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_rectangle(ds, box),
+        source_image=hd.sr.SourceImageForRegion(str(ds.SOPClassUID), str(ds.SOPInstanceUID)),
+    )
+
+
+def finding_texts(summary: Mapping[str, Any], provenance: Provenance) -> list[str]:
+    """The Comment lines of the finding, as OHIF shows them next to its region (at most four,
+    one line each): the predicted class with its probability, the stability statement (when
+    the summary has one), the model, and that it is not for diagnostic use."""
+    predicted = summary["predicted"]
+    lines = [f"Predicted class: {predicted['class_name']} (probability {100.0 * float(predicted['prob']):.1f} %)"]
+    stability = (summary.get("stability") or {}).get("summary")
+    if stability:
+        lines.append(f"Stability: {stability}")
+    lines.append(
+        f"Model: {provenance.model_name} (checkpoint sha256 {provenance.checkpoint_sha256[:12]}), "
+        f"aex {provenance.software_version}"
+    )
+    lines.append(WARNING)
+    return [line[:1024] for line in lines]
+
+
 def _groups(
     source: Dataset,
     pm: Dataset,
@@ -117,31 +158,50 @@ def _groups(
     algorithm: hd.sr.AlgorithmIdentification,
     uid: UidFor,
     standard: Mapping[str, ClassCode],
+    salient: tuple[int, int, int, int],
+    texts: Sequence[str],
 ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    # OHIF 3.13 reads every TID 1501 group as a measurement and fails ("Something went wrong")
+    # on one without an image region: each measurement here is INFERRED FROM a region. The
+    # finding's is the map's most salient area on the source, which OHIF draws with the
+    # finding's Comment lines; every other group's is the whole picture of the Secondary
+    # Capture it describes (the Grad-CAM overlay, the model's input as the model saw it, for
+    # the image-level figures; each target's explanation), so OHIF draws nothing else over
+    # the source.
     def group(key: str, name: str, **kw) -> hd.sr.MeasurementsAndQualitativeEvaluations:
         tracking = hd.sr.TrackingIdentifier(uid=uid(f"tracking/{key}"), identifier=name[:64])
         return hd.sr.MeasurementsAndQualitativeEvaluations(tracking_identifier=tracking, algorithm_id=algorithm, **kw)
 
+    overlay = images.get("gradcam_overlay", pm)
+    whole = [_region(overlay)]
     predicted = summary["predicted"]
-    out = [
-        group(
-            "classification",
-            "classification",
-            finding_type=code("classification"),
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"], standard))
-            ],
-            measurements=[_num(codes.DCM.Probability, predicted["prob"])],
-            source_images=[_ref(source)],
+    explained = list(summary["probs"])[summary["gradcam"]["class_index"]]
+    cam = [pm] + ([images["gradcam_overlay"]] if "gradcam_overlay" in images else [])
+    finding = group(
+        "classification",
+        "Grad-CAM most salient area",
+        finding_type=code("classification"),
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(code("predicted"), class_code(predicted["class_name"], standard)),
+            hd.sr.QualitativeEvaluation(code("explained"), class_code(explained, standard)),
+        ],
+        measurements=[
+            _num(codes.DCM.Probability, predicted["prob"], referenced_coordinates=[_region(source, salient)])
+        ],
+        source_images=[_ref(source), *(_ref(ds) for ds in cam)],
+    )
+    for text in texts:
+        finding[0].ContentSequence.append(
+            hd.sr.TextContentItem(name=COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         )
-    ]
+    out = [finding]
     for i, (name, prob) in enumerate(summary["probs"].items()):
         out.append(
             group(
                 f"class/{i}",
                 f"class {name}",
                 finding_type=class_code(name, standard),
-                measurements=[_num(codes.DCM.Probability, prob)],
+                measurements=[_num(codes.DCM.Probability, prob, referenced_coordinates=whole)],
                 source_images=[_ref(source)],
             )
         )
@@ -149,29 +209,52 @@ def _groups(
     if stability:
         n = int(stability.get("reference_n") or 0)
         radii = [
-            _num(k, stability[k], properties=_percentile(stability.get(k.replace("_rms", "_percentile")), n))
+            _num(
+                k,
+                stability[k],
+                properties=_percentile(stability.get(k.replace("_rms", "_percentile")), n),
+                referenced_coordinates=whole,
+            )
             for k in ("attack_rms", "btr_rms")
             if stability.get(k) is not None
         ]
         if radii:
             out.append(group("stability", "stability", finding_type=code("stability"), measurements=radii))
-    recorded = [_num(k, metrics[k]) for k in ("test_accuracy", "ara_attack", "ara_btr") if _is_number(metrics.get(k))]
+    recorded = [
+        _num(k, metrics[k], referenced_coordinates=whole)
+        for k in ("test_accuracy", "ara_attack", "ara_btr")
+        if _is_number(metrics.get(k))
+    ]
     if recorded:
         out.append(group("model", "model metrics", finding_type=code("model"), measurements=recorded))
-    cam = [pm] + ([images["gradcam_overlay"]] if "gradcam_overlay" in images else [])
-    explained = list(summary["probs"])[summary["gradcam"]["class_index"]]
-    out.append(
-        group(
-            "gradcam",
-            "Grad-CAM",
-            finding_type=codes.DCM.GradientWeightedClassActivation,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(code("explained"), class_code(explained, standard))],
-            measurements=_faithfulness(summary["gradcam"].get("faithfulness")) or None,
-            source_images=[_ref(ds) for ds in cam],
+    faithful = _faithfulness(summary["gradcam"].get("faithfulness"), whole)
+    if faithful:
+        out.append(
+            group(
+                "gradcam",
+                "Grad-CAM",
+                finding_type=codes.DCM.GradientWeightedClassActivation,
+                qualitative_evaluations=[
+                    hd.sr.QualitativeEvaluation(code("explained"), class_code(explained, standard))
+                ],
+                measurements=faithful,
+                source_images=[_ref(ds) for ds in cam],
+            )
         )
-    )
     for i, target in enumerate(summary["targets"]):
         refs = [images[s] for s in (_stem(target["image"]), _stem(target["difference"])) if s in images]
+        anchor = [_region(refs[0])] if refs else whole
+        measurements = [
+            _num(concept, target[k], referenced_coordinates=anchor)
+            for k, concept in (
+                ("rms", "delta_rms"),
+                ("prob_before", "prob_before"),
+                ("prob_after", "prob_after"),
+            )
+            if _is_number(target.get(k))
+        ] + _faithfulness(target.get("faithfulness"), anchor)
+        if not measurements:
+            continue  # nothing measured: a group OHIF cannot place
         out.append(
             group(
                 f"target/{i}",
@@ -180,16 +263,7 @@ def _groups(
                 qualitative_evaluations=[
                     hd.sr.QualitativeEvaluation(code("target"), class_code(target["class_name"], standard))
                 ],
-                measurements=[
-                    _num(concept, target[k])
-                    for k, concept in (
-                        ("rms", "delta_rms"),
-                        ("prob_before", "prob_before"),
-                        ("prob_after", "prob_after"),
-                    )
-                    if _is_number(target.get(k))
-                ]
-                + _faithfulness(target.get("faithfulness")),
+                measurements=measurements,
                 source_images=[_ref(ds) for ds in refs],
             )
         )
@@ -225,26 +299,36 @@ def measurement_report(
     provenance: Provenance,
     uid: UidFor,
     class_codes: Mapping[str, ClassCode] | None = None,
+    salient: tuple[int, int, int, int] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The Comprehensive 3D SR of one explanation, in a new series of ``source``'s study.
 
     Content: the observer (the served model as a device), then TID 1501 measurement groups,
     each with the algorithm identification (TID 4019: model name; checkpoint sha256 and aex
-    version; the canonical parameters as JSON): the classification (predicted class and its
-    probability, referencing the source image), one group per class with its probability, the
-    decision's stability radii with their percentile among the checkpoint's evaluation images
-    (TID 311), the model's recorded metrics (test accuracy, attack and BTR ARA), the Grad-CAM
-    map (referencing the Parametric Map and the overlay) and each adversarial explanation
-    (rms(delta), the target's probability before and after, referencing its two Secondary
-    Captures), each map with its deletion and insertion AUCs and the random order's
-    (``models.explain.faithfulness``, defined in the algorithm's parameters). Completion COMPLETE, Preliminary, Verification Flag UNVERIFIED.
+    version; the canonical parameters as JSON), every measurement INFERRED FROM an image
+    region (TID 320, a POLYLINE rectangle; OHIF 3.13 shows none of the SR without one). First
+    the finding, the one OHIF draws on the source: the predicted and the explained class, the
+    predicted class's probability inferred from ``salient`` (the Grad-CAM map's most salient
+    area, ``models.explain.region.salient_box``, in the source's pixels) and the Comment lines
+    OHIF writes beside it (``finding_texts``: class and probability, stability statement,
+    model, not for diagnostic use), referencing the source, the Parametric Map and the overlay.
+    Then, each inferred from the whole overlay Secondary Capture (the model's input with the
+    map): one group per class with its probability, the decision's stability radii with their
+    percentile among the checkpoint's evaluation images (TID 311), the model's recorded
+    metrics (test accuracy, attack and BTR ARA), the Grad-CAM map's deletion and insertion AUCs
+    and the random order's (``models.explain.faithfulness``, defined in the algorithm's
+    parameters; when computed); then each adversarial explanation (rms(delta), the target's
+    probability before and after, its map's AUCs, inferred from its explanation's Secondary
+    Capture, referencing its two). Completion COMPLETE, Preliminary, Verification Flag
+    UNVERIFIED.
 
     source: the source (``sanitize.usable_source``); pm: the Parametric Map;
     images: the Secondary Captures by name ("gradcam_overlay", each target's stems, as the
     summary names its PNGs without ".png"); summary: the explain summary (predicted, probs,
     gradcam, targets, stability); metrics: the checkpoint's recorded metrics; parameters:
     the request's canonical parameters; uid(role): "series/sr", "instance/sr", "tracking/...";
-    class_codes: the standard concept of each class that has one (``class_code``)."""
+    class_codes: the standard concept of each class that has one (``class_code``); salient:
+    (left, top, right, bottom) in the source's pixels, half-open (None: the whole image)."""
     algorithm = hd.sr.AlgorithmIdentification(
         name=provenance.model,
         version=f"checkpoint sha256 {provenance.checkpoint_sha256}, aex {provenance.software_version}",
@@ -266,7 +350,18 @@ def measurement_report(
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=_groups(source, pm, images, summary, metrics, algorithm, uid, class_codes or {}),
+        imaging_measurements=_groups(
+            source,
+            pm,
+            images,
+            summary,
+            metrics,
+            algorithm,
+            uid,
+            class_codes or {},
+            salient or (0, 0, int(source.Columns), int(source.Rows)),
+            finding_texts(summary, provenance),
+        ),
     )
     evidence: Sequence[Dataset] = [source, pm, *images.values()]
     with warnings.catch_warnings():

@@ -29,11 +29,6 @@ def _no_aex_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
 
 
-@pytest.fixture
-def conn(redis_db):
-    return redis_db(DB)
-
-
 def test_the_folder_of_the_embedded_redis(tmp_path, monkeypatch):
     """Persistent by default, in the per-user state folder; ephemeral only when asked, and
     never together with a folder."""

@@ -25,7 +25,7 @@ import yaml
 
 from jobs.queues import QUEUE_NAMES, JobKind
 from jobs.settings import Settings
-from tests.deploy.conftest import NAMESPACE, OVERLAYS, of_kind, one
+from tests.support.kube import NAMESPACE, OVERLAYS, of_kind, one
 
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}

@@ -22,7 +22,8 @@ from jobs.crypto import cipher_from_settings
 from jobs.queues import QUEUE_NAMES, JobKind
 from jobs.settings import Settings
 from jobs.webhooks import parse_callback_secret
-from tests.deploy.conftest import DEPLOY, NAMESPACE, OVERLAYS, REPO_ROOT, kustomize, of_kind, one, read_env_file
+from tests.support import REPO_ROOT
+from tests.support.kube import DEPLOY, NAMESPACE, OVERLAYS, kustomize, of_kind, one, read_env_file
 
 # The oldest Kubernetes aex's manifests are checked against, and the newest kubernetes-validate
 # (constraints.txt) knows: docs/deploy.md states the same range.

@@ -1,6 +1,6 @@
 """aex across hosts: Redis with TLS and its ACL user on one host, the API on another, two
 workers on two more, a client on a fifth, each a network namespace made by the test
-(``tests.netns``) and every Redis connection ``rediss://`` over the namespace network, with the
+(``tests.support.netns``) and every Redis connection ``rediss://`` over the namespace network, with the
 README's multi-machine commands (redis-server's flags, ``aex serve --workers 0``,
 ``python -m worker``).
 
@@ -13,7 +13,7 @@ README's multi-machine commands (redis-server's flags, ``aex serve --workers 0``
 
 Bounded in time (each wait has its limit); the namespaces and every process in them are
 removed at the end, also after a failure (and those of earlier runs whose process is gone,
-at the start). Needs root: skips without it, except under .ci/run (AEX_REQUIRE_NETNS=1).
+at the start). Needs root: skips without it, except under .ci/run (AEX_REQUIRE_ALL=1).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from rq.job import Job
 
 from jobs.queues import QUEUE_NAMES, JobKind, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
-from tests.netns import Network, check_can_make_namespaces, make_tls, redis_server
-from tests.tokens import bearer
+from tests.support.netns import Network, check_can_make_namespaces, make_tls, redis_server
+from tests.support.tokens import bearer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -83,7 +83,7 @@ def cluster(tmp_path, service_models):
 
 def _start(net: Network, tmp_path: Path, models: Path, logs: dict[str, Path], server: str):
     from jobs.crypto import generate_data_key
-    from tests.conftest import stack_settings
+    from tests.support.stack import stack_settings
 
     tls = make_tls(tmp_path, net.address["redis"], "redis")
     password = secrets.token_urlsafe(24)

@@ -20,8 +20,8 @@ from jobs.queues import QUEUE_NAMES, JobKind, check_store_policy, connect
 from jobs.rqueue import enqueue, lifecycle, running_count, taking
 from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.progress import save_progress
-from tests.deploy.conftest import one, read_env_file
-from tests.netns import redis_server
+from tests.support.kube import one, read_env_file
+from tests.support.netns import redis_server
 
 pytestmark = pytest.mark.e2e
 

@@ -27,11 +27,6 @@ JOB_A, JOB_B = "a" * 32, "b" * 32
 
 
 @pytest.fixture
-def conn(redis_db):
-    return redis_db(DB)
-
-
-@pytest.fixture
 def cipher():
     return DataCipher.from_text(generate_data_key())
 

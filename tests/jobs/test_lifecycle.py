@@ -21,11 +21,6 @@ DB = 9
 
 
 @pytest.fixture
-def conn(redis_db):
-    return redis_db(DB)
-
-
-@pytest.fixture
 def queue(conn):
     return Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
 

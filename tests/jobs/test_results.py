@@ -22,7 +22,8 @@ from jobs.settings import Settings
 from models.errors import NonFiniteResultError
 from service.app import create_app
 from service.schemas import JobView, Timings
-from tests.conftest import _tiny_checkpoint, write_dicom
+from tests.support.checkpoints import tiny_checkpoint
+from tests.support.dicom import write_dicom
 from worker.compute import JobInput, classify_result, classify_results
 from worker.explaining import explain_result
 from worker.served import ServedModel
@@ -33,7 +34,7 @@ RESULT = TypeAdapter(JobResult)
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> ServedModel:
     path = tmp_path_factory.mktemp("results") / "tiny-grey.safetensors"
-    _tiny_checkpoint(path, 1, 28, ["normal", "pneumonia"], seed=1)
+    tiny_checkpoint(path, 1, 28, ["normal", "pneumonia"], seed=1)
     return ServedModel.load("tiny-grey", path, torch.device("cpu"))
 
 

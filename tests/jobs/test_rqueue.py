@@ -7,7 +7,6 @@ import json
 import time
 from datetime import UTC
 
-import pytest
 from rq.command import PUBSUB_CHANNEL_TEMPLATE
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -21,11 +20,6 @@ from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.states import TERMINAL, ApiStatus
 
 DB = 8  # shared with tests/jobs/test_crypto.py: both flush it around each test
-
-
-@pytest.fixture
-def conn(redis_db):
-    return redis_db(DB)
 
 
 def enqueue(conn, kind=JobKind.CLASSIFY, lane=JobKind.CLASSIFY, **meta) -> str:

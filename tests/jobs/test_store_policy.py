@@ -127,7 +127,7 @@ def test_a_worker_exits_2_on_an_evicting_redis(redis_with, settings_on, worker_p
 
 
 def test_a_worker_starts_on_noeviction(redis_with, settings_on, worker_process, tmp_path: Path):
-    from tests.conftest import wait_for_workers
+    from tests.support.stack import wait_for_workers
 
     settings = settings_on(SimpleNamespace(url=redis_with("noeviction")), 0)
     worker = worker_process(settings, tmp_path / "worker.log")

@@ -1,4 +1,4 @@
-"""Tiny networks for the science-core tests (CPU, milliseconds per forward)."""
+"""Fixtures of the science-core tests: tiny networks (CPU, milliseconds per forward; ``tests.support.checkpoints``), random images, one torch thread."""
 
 from __future__ import annotations
 
@@ -6,31 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.nn.resnet import PreActResNet
-
-
-def make_tiny_model(activation: str = "relu", seed: int = 0, num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    """Depth-8, width-4 PreActResNet on 32x32 inputs with random BN statistics (so the
-    residual branches and the head are not trivial), in eval mode."""
-    torch.manual_seed(seed)
-    model = PreActResNet(
-        depth=8,
-        width=4,
-        num_classes=num_classes,
-        in_channels=in_channels,
-        input_size=32,
-        activation=activation,
-        zero_init_residual=False,
-    )
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-    return model.eval()
+from tests.support.checkpoints import make_tiny_model
 
 
 @pytest.fixture(autouse=True)

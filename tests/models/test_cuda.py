@@ -16,8 +16,9 @@ from models.store.checkpoint import load_checkpoint
 from models.train.config import TrainConfig
 from models.train.loop import train
 from tests.models.train.test_loop import TINY, make_folder
+from tests.support.require import cuda
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = cuda()
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "checkpoints"
 
 

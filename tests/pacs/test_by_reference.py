@@ -21,7 +21,7 @@ SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR Storage
 def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     """An API (uvicorn) and one worker of their own that know the Orthanc as "orthanc"."""
     from aex.embedded_redis import EmbeddedRedis
-    from tests.conftest import wait_for_workers
+    from tests.support.stack import wait_for_workers
 
     folder = tmp_path_factory.mktemp("by-reference")
     server = EmbeddedRedis(folder / "redis")
@@ -40,7 +40,7 @@ def instance_file(orthanc, sop_instance_uid: str) -> bytes:
     """The Part 10 file Orthanc holds for ``sop_instance_uid`` (REST: lookup, then the file)."""
     import httpx
 
-    from tests.pacs.conftest import ORTHANC_PASSWORD, ORTHANC_USER
+    from tests.support.orthanc import ORTHANC_PASSWORD, ORTHANC_USER
 
     (hit,) = [h for h in orthanc.request("POST", "/tools/lookup", content=sop_instance_uid) if h["Type"] == "Instance"]
     resp = httpx.get(f"{orthanc.rest}/instances/{hit['ID']}/file", auth=(ORTHANC_USER, ORTHANC_PASSWORD), timeout=30)
@@ -51,7 +51,7 @@ def instance_file(orthanc, sop_instance_uid: str) -> bytes:
 def explain(stack, **fields):
     import httpx
 
-    from tests.tokens import bearer, token_for
+    from tests.support.tokens import bearer, token_for
 
     settings, url = stack
     headers = bearer(token_for(settings))

@@ -21,8 +21,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.pacs.conftest import free_port, xray
 from tests.pacs.test_store import result_objects
+from tests.support.dicom import xray
+from tests.support.require import missing
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +53,7 @@ def set_value(text: str, key: str, value) -> str:
 @pytest.fixture(scope="module")
 def debian_orthanc(tmp_path_factory):
     if not (ORTHANC.is_file() and (ETC / "orthanc.json").is_file() and (ETC / "dicomweb.json").is_file()):
-        pytest.skip("the Debian packages orthanc and orthanc-dicomweb are not installed (/etc/orthanc)")
+        missing("the Debian packages orthanc and orthanc-dicomweb are not installed (/etc/orthanc)")
     folder = tmp_path_factory.mktemp("debian-orthanc")
     etc, storage = folder / "etc", folder / "storage"
     etc.mkdir()

@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
-from tests.pacs.conftest import xray
 from tests.pacs.test_by_reference import explain, instance_file
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.dicom import xray
 
 pytestmark = pytest.mark.e2e
 
@@ -22,7 +22,7 @@ def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     """An API and one worker that know the Orthanc as "orthanc", result reuse off: the same
     request twice is computed twice."""
     from aex.embedded_redis import EmbeddedRedis
-    from tests.conftest import wait_for_workers
+    from tests.support.stack import wait_for_workers
 
     folder = tmp_path_factory.mktemp("exact")
     server = EmbeddedRedis(folder / "redis")
@@ -39,7 +39,7 @@ def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
 
 def job_objects(stack, view) -> dict[str, bytes]:
     """Every DICOM object of a finished job, as the API serves it, by name."""
-    from tests.tokens import bearer, token_for
+    from tests.support.tokens import bearer, token_for
 
     settings, url, _worker = stack
     headers = bearer(token_for(settings))
@@ -70,6 +70,7 @@ def test_a_dx_explained_twice_by_reference_gives_the_same_bytes(orthanc, stack, 
     assert second["id"] != first["id"] and not second["result"]["reused"]  # computed again, not reused
     a, b = job_objects(stack, first), job_objects(stack, second)
     assert len(a) >= 5 and set(a) == set(b)
+    assert {"report_pdf.dcm", "structured_report.dcm"} <= set(a)  # the PDF report is one of them
     for name in a:
         assert a[name] == b[name], name
     assert second["result"]["stored"] == {**first["result"]["stored"]}

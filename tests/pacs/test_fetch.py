@@ -93,7 +93,7 @@ def test_wrong_credentials_are_a_pacs_error_not_retried(orthanc, pacs_settings, 
 
 
 def test_an_unreachable_pacs_fails_after_bounded_retries():
-    from tests.pacs.conftest import free_port
+    from tests.support.servers import free_port
 
     settings = Settings(pacs={"gone": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout": 2}})
     started = time.monotonic()

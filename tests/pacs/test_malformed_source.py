@@ -15,9 +15,9 @@ import warnings
 import pydicom
 import pytest
 
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
-from tests.models.dicom.malformed import CANARY, EVERYTHING, malformed, source_file
 from tests.pacs.test_by_reference import PM_CLASS, SR_CLASS, instance_file
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.malformed import CANARY, EVERYTHING, malformed, source_file
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def stack(orthanc, tmp_path_factory, settings_on, worker_process, serve_api):
     """(settings, API URL, worker): an API (uvicorn) and one worker of their own that know the
     Orthanc as "orthanc"; the worker's log is read by the tests."""
     from aex.embedded_redis import EmbeddedRedis
-    from tests.conftest import wait_for_workers
+    from tests.support.stack import wait_for_workers
 
     folder = tmp_path_factory.mktemp("malformed-source")
     server = EmbeddedRedis(folder / "redis")
@@ -51,7 +51,7 @@ def submit(stack, files=None, **fields):
     """(the submission's response, the job's final view) of an explain job."""
     import httpx
 
-    from tests.tokens import bearer, token_for
+    from tests.support.tokens import bearer, token_for
 
     settings, url, _worker = stack
     headers = bearer(token_for(settings))
@@ -72,7 +72,7 @@ def dicom_objects(stack, view) -> dict[str, bytes]:
     """The job's DICOM objects as the API serves them, by name."""
     import httpx
 
-    from tests.tokens import bearer, token_for
+    from tests.support.tokens import bearer, token_for
 
     settings, url, _worker = stack
     headers = bearer(token_for(settings))
@@ -102,7 +102,7 @@ def test_an_upload_with_every_malformed_attribute_has_every_object(stack, tmp_pa
     assert "dicom_error" not in result
     assert sorted(w.split(" ", 1)[0] for w in result["dicom_warnings"]) == sorted(EVERYTHING)
     objects = dicom_objects(stack, view)
-    assert set(objects) == set(result["dicom_files"]) and len(objects) == 5  # PM, 3 SCs, SR
+    assert set(objects) == set(result["dicom_files"]) and len(objects) == 6  # PM, 3 SCs, PDF, SR
     assert not [n for n, blob in objects.items() if CANARY_PIECE.encode() in blob]
     assert check_with_dciodvfy(tmp_path, objects) == {}
     assert_no_canary(stack, view, caplog)
@@ -128,7 +128,7 @@ def test_by_reference_the_results_are_stored_back_into_the_source_study(orthanc,
     result = view["result"]
     assert sorted(w.split(" ", 1)[0] for w in result["dicom_warnings"]) == sorted(BY_REFERENCE)
     stored = result["stored"]
-    assert stored["pacs"] == "orthanc" and stored["failed"] == 0 and stored["stored"] == 5, stored
+    assert stored["pacs"] == "orthanc" and stored["failed"] == 0 and stored["stored"] == 6, stored
 
     settings, _url, _worker = stack
     found = [
@@ -138,7 +138,7 @@ def test_by_reference_the_results_are_stored_back_into_the_source_study(orthanc,
     ]
     assert {PM_CLASS, SR_CLASS} <= {row["sop_class_uid"] for row in found}, found
     back = {row["instance_uid"]: instance_file(orthanc, row["instance_uid"]) for row in found}
-    assert len(back) == 5 and not [u for u, blob in back.items() if CANARY_PIECE.encode() in blob]
+    assert len(back) == 6 and not [u for u, blob in back.items() if CANARY_PIECE.encode() in blob]
     assert check_with_dciodvfy(tmp_path, {f"{u}.dcm": blob for u, blob in back.items()}) == {}
     pm = pydicom.dcmread(io.BytesIO(next(back[r["instance_uid"]] for r in found if r["sop_class_uid"] == PM_CLASS)))
     assert pm.StudyInstanceUID == source.StudyInstanceUID and pm.PatientSex == "" and "PatientAge" not in pm

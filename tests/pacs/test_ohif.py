@@ -29,8 +29,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.ohif import OhifServer, artifacts_dir, chromium, install_ohif, missing
-from tests.pacs.conftest import ORTHANC_PASSWORD, ORTHANC_USER, dicomweb_plugin, xray
+from tests.support.dicom import xray
+from tests.support.ohif import OhifServer, artifacts_dir, chromium, install_ohif, missing
+from tests.support.orthanc import ORTHANC_PASSWORD, ORTHANC_USER, dicomweb_plugin
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 

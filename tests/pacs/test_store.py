@@ -92,7 +92,7 @@ def test_c_store_to_orthanc_when_asked_to(orthanc, pacs_settings, pneumonia_xray
 
 
 def test_a_peer_that_is_down_is_unreachable_after_retries(pneumonia_xrays):
-    from tests.pacs.conftest import free_port
+    from tests.support.servers import free_port
 
     (source,) = pneumonia_xrays(1, size=(512, 512), start=14)
     objects = result_objects(source, n=1)
@@ -115,7 +115,7 @@ def test_a_refused_association_is_a_pacs_error(storage_scp, pneumonia_xrays):
 
 def test_a_jobs_store_report_keeps_the_error_instead_of_raising(pneumonia_xrays):
     from pacs.store import store_report
-    from tests.pacs.conftest import free_port
+    from tests.support.servers import free_port
 
     (source,) = pneumonia_xrays(1, size=(512, 512), start=16)
     settings = Settings(pacs={"down": {"url": f"http://127.0.0.1:{free_port()}/dicom-web", "timeout": 1}})

@@ -13,6 +13,8 @@ from pydicom.uid import generate_uid
 from aex.watcher import Watcher, WatchState, wanted
 from models.errors import QueueFullError, UndecodableImageError
 
+DB = 13  # the conn fixture's database (tests/conftest.py), shared with tests/service/test_client_limits.py
+
 WAIT_SECONDS = 30.0
 
 
@@ -26,18 +28,6 @@ def wait_until(condition, timeout: float = WAIT_SECONDS, what: str = "condition"
 
 def uid_of(data: bytes, keyword: str) -> str:
     return str(getattr(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True), keyword))
-
-
-@pytest.fixture
-def conn(redis_server):
-    from jobs.queues import connect
-    from tests.conftest import redis_url
-
-    client = connect(redis_url(redis_server, 13))
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 class Recorder:
@@ -215,7 +205,7 @@ def test_aex_watch_explains_a_new_study_once_and_stores_the_results_back(
     come back into the study as their own series, and Ctrl-C stops it cleanly."""
 
     from aex.embedded_redis import EmbeddedRedis
-    from tests.tokens import token_for
+    from tests.support.tokens import token_for
 
     server = EmbeddedRedis(tmp_path / "redis")
     server.start()
@@ -241,7 +231,7 @@ def _watch_once(orthanc, service_stack, live_api, pneumonia_xrays, tmp_path, tok
     from jobs.queues import connect
     from jobs.settings import Settings
     from pacs.read import search_instances
-    from tests.conftest import REPO_ROOT
+    from tests.support import REPO_ROOT
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AEX_")}
     env.update(

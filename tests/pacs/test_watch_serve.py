@@ -16,7 +16,7 @@ import pytest
 
 from pacs.read import search_instances
 from tests.aex.test_serve import REPO_ROOT, start_serve, stop_serve
-from tests.pacs.conftest import xray
+from tests.support.dicom import xray
 
 pytestmark = pytest.mark.e2e
 

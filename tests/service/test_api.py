@@ -15,7 +15,7 @@ from PIL import Image
 from models.data.tensors import load_image_for_model
 from models.render.png import to_uint8_image
 from models.store.checkpoint import load_checkpoint
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

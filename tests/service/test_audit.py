@@ -16,19 +16,14 @@ from fastapi.testclient import TestClient
 
 from jobs.keys import audit_key
 from jobs.queues import connect
-from models.errors import AexError, BadParameterError
+from models.errors import BadParameterError
+from service.app import install_error_handlers
 from service.audit import AuditLog, AuditMiddleware, note, parse_since, pending_key, to_json_lines
 from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
-from service.errors import error_response, status_of
 
 DB = 12
 JOB = "0123456789abcdef0123456789abcdef"
 SHA = "ab" * 32
-
-
-@pytest.fixture
-def conn(redis_db):
-    return redis_db(DB)
 
 
 def test_records_are_written_and_read_back(conn):
@@ -133,10 +128,7 @@ def app(conn):
     app = FastAPI()
     app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
     log = AuditLog(conn, known_models=lambda: {"tiny-rgb"})
-
-    @app.exception_handler(AexError)
-    async def aex_error(_request: Request, exc: AexError):
-        return error_response(status_of(exc.code), exc.code, exc.message)
+    install_error_handlers(app)
 
     @app.get("/v1/jobs/{job_id}")
     def view(job_id: str, request: Request, principal: Annotated[Principal, requires(Scope.READ)]) -> dict:
@@ -192,10 +184,6 @@ def small_app(conn, audit_conn, acted: list) -> FastAPI:
     app = FastAPI()
     app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
 
-    @app.exception_handler(AexError)
-    async def aex_error(_request: Request, exc: AexError):
-        return error_response(status_of(exc.code), exc.code, exc.message)
-
     @app.post("/v1/jobs/{job_id}")
     def act(job_id: str, principal: Annotated[Principal, requires(Scope.SUBMIT)]) -> dict:
         acted.append(job_id)
@@ -204,8 +192,6 @@ def small_app(conn, audit_conn, acted: list) -> FastAPI:
     @app.get("/v1/jobs/{job_id}")
     def view(job_id: str, principal: Annotated[Principal, requires(Scope.READ)]) -> dict:
         return {"id": job_id}
-
-    from service.app import install_error_handlers
 
     install_error_handlers(app)
     app.add_middleware(AuditMiddleware, audit=AuditLog(audit_conn))

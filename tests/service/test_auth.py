@@ -15,20 +15,20 @@ from typing import Annotated
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from jobs.epoch import store_epoch
 from jobs.keys import store_epoch_key
 from jobs.settings import Settings
 from models.errors import (
-    AexError,
     BadParameterError,
     ForbiddenError,
     KeyExistsError,
     UnauthenticatedError,
     UnknownKeyError,
 )
+from service.app import install_error_handlers
 from service.auth import (
     LOCAL,
     ApiKeyStore,
@@ -37,22 +37,16 @@ from service.auth import (
     Principal,
     Scope,
     can_access,
-    challenge,
     check_auth_settings,
     require,
     requires,
     reuse_scope,
 )
 from service.auth.principal import owner_meta
-from service.errors import error_response, status_of
-from tests.oidc import AUDIENCE, Issuer
+from service.errors import status_of
+from tests.support.oidc import AUDIENCE, Issuer
 
 DB = 11
-
-
-@pytest.fixture
-def conn(redis_db):
-    return redis_db(DB)
 
 
 def every_key_and_value(conn) -> bytes:
@@ -177,13 +171,7 @@ def guarded_app(conn):
     """A tiny app with the guard as the routes will declare it, and the 401 challenge."""
     app = FastAPI()
     app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
-
-    @app.exception_handler(AexError)
-    async def aex_error(request: Request, exc: AexError):
-        resp = error_response(status_of(exc.code), exc.code, exc.message)
-        if exc.code == UnauthenticatedError.code:
-            resp.headers["WWW-Authenticate"] = challenge(request)
-        return resp
+    install_error_handlers(app)  # the production handlers: the 401 challenge included
 
     @app.post("/v1/submit")
     def submit(principal: Annotated[Principal, requires(Scope.SUBMIT)]) -> dict:
@@ -360,7 +348,7 @@ def test_a_cached_key_is_refused_at_the_next_request_after_its_revocation(servic
     (another connection, as ``aex keys revoke`` makes it) refuses the very next request, a
     read and a submission alike."""
     from jobs.queues import connect
-    from tests.tokens import api_client
+    from tests.support.tokens import api_client
 
     def trips(resp) -> int:
         return int(dict(p.split(";desc=") for p in resp.headers["server-timing"].split(", ") if ";desc=" in p)["redis"])

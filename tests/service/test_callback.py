@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from jobs.webhooks import parse_callback_secret, verify_signature
-from tests.tokens import CALLBACK_SECRET, api_client
+from tests.support.tokens import CALLBACK_SECRET, api_client
 
 pytestmark = pytest.mark.e2e
 

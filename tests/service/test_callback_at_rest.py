@@ -14,10 +14,10 @@ import pytest
 
 from jobs import rqueue
 from jobs.queues import connect
-from tests.conftest import WorkerProcess, stack_settings, wait_for_workers
 from tests.service.test_callback import Receiver
 from tests.service.test_phi import every_value, openings
-from tests.tokens import api_client
+from tests.support.stack import WorkerProcess, stack_settings, wait_for_workers
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

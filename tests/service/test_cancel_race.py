@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

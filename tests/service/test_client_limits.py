@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.rawhttp import read_response
-from tests.tokens import token_for
+from tests.support.rawhttp import read_response
+from tests.support.tokens import token_for
 
 pytestmark = pytest.mark.e2e
 

@@ -14,7 +14,8 @@ import torch
 
 from models.data.tensors import load_dicom_for_model
 from models.store.checkpoint import load_checkpoint
-from tests.dciodvfy import SKIP_REASON, dciodvfy_errors, have_dciodvfy
+from tests.support.dciodvfy import SKIP_REASON, dciodvfy_errors, have_dciodvfy
+from tests.support.require import missing
 
 pytestmark = pytest.mark.e2e
 
@@ -144,8 +145,8 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
     names = set(view["dicom"])
     stems = [t["image"][:-4] for t in result["targets"]]
     captures = {"gradcam_overlay.dcm"} | {f"{s}.dcm" for s in stems} | {f"{s}_diff.dcm" for s in stems}
-    # The Secondary Captures, the Grad-CAM Parametric Map and the SR that describes them.
-    assert names == captures | {"gradcam_parametric_map.dcm", "structured_report.dcm"}
+    # The Secondary Captures, the Grad-CAM Parametric Map, the PDF report and the SR that describes them.
+    assert names == captures | {"gradcam_parametric_map.dcm", "report_pdf.dcm", "structured_report.dcm"}
     roles = {o["name"]: o["role"] for o in result["dicom_objects"]}
     assert {n for n, r in roles.items() if r in SC_ROLES} == captures
     assert all(t["dicom_url"] in view["dicom"].values() for t in result["targets"])
@@ -180,7 +181,7 @@ def test_explain_returns_secondary_captures_in_the_source_study(api, service_mod
     assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.VerificationFlag == "UNVERIFIED"
     assert "Test^Patient" not in str(view) and "PX-001" not in str(view)  # no patient data in the job's JSON
     if not have_dciodvfy():
-        pytest.skip(f"{SKIP_REASON}: the objects were checked with pydicom only")
+        missing(f"{SKIP_REASON}: the objects were checked with pydicom only")
 
 
 def test_no_dicom_outputs_for_image_input(api, make_image, poll):

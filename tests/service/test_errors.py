@@ -8,7 +8,7 @@ import zlib
 import pytest
 
 from service.metrics import KNOWN_METHODS, method_label
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 
@@ -128,7 +128,7 @@ def test_redis_gone(tmp_path, service_models, make_image):
 
     from jobs.settings import Settings
     from service.app import create_app
-    from tests.tokens import DATA_KEY, bearer
+    from tests.support.tokens import DATA_KEY, bearer
 
     gone = Settings(
         redis_url=f"unix://{tmp_path / 'no-redis.sock'}",

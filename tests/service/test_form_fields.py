@@ -9,7 +9,7 @@ import pytest
 from jobs.keys import store_epoch_key
 from jobs.queues import connect
 from service.schemas import ClassifyParams, ExplainParams, repeatable_fields
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

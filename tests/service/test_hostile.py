@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.hostile import OK, Case, corpus
+from tests.support.hostile import OK, Case, corpus
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 
 from jobs.queues import JobKind, lane_of
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

@@ -20,7 +20,7 @@ from models.errors import KeyLostError, UnauthenticatedError
 from service.app import create_app
 from service.auth import ApiKeyStore, token_digest
 from service.auth.apikeys import token_epoch
-from tests.tokens import bearer
+from tests.support.tokens import bearer
 
 
 def earlier_form_key(conn, name: str) -> str:

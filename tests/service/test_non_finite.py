@@ -14,9 +14,9 @@ import pytest
 
 from models.data import imaging
 from models.dicom import pixels
-from tests.conftest import write_dicom
-from tests.edge_images import F32_MAX, F32_TINY, bands, nan_checkpoint, raw_tiff, unexpected_nulls
-from tests.tokens import api_client
+from tests.support.dicom import write_dicom
+from tests.support.edge_images import F32_MAX, F32_TINY, bands, nan_checkpoint, raw_tiff, unexpected_nulls
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from models.errors import UnauthenticatedError
 from service.auth.oidc import OidcVerifier
-from tests.oidc import AUDIENCE, Issuer
+from tests.support.oidc import AUDIENCE, Issuer
 
 HELD_AT_MOST = 30.0  # how long the slow provider holds an answer when the test never releases it
 

@@ -22,7 +22,7 @@ import pytest
 from jobs.crypto import MAGIC
 from jobs.keys import dicom_key, images_key, upload_key
 from jobs.queues import connect
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

@@ -16,8 +16,9 @@ from models.defaults import ARA_EPS, ARA_MOMENTUM, ARA_OVERSHOOT, ARA_STEPS
 from models.perturb.stability import percentile_of
 from models.render.png import to_png_bytes
 from models.store.header import read_checkpoint_metadata
-from tests.conftest import poll_job
-from tests.tokens import api_client
+from tests.support.checkpoints import stability_reference_images
+from tests.support.stack import poll_job
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 
@@ -179,13 +180,13 @@ def test_the_same_request_computed_twice_gives_the_same_numbers(service_stack, m
             assert client.get(views[0]["images"][name]).content == client.get(views[1]["images"][name]).content
 
 
-def test_stability_equals_the_ara_radius_of_a_test_image(service_stack, service_models, stability_images):
+def test_stability_equals_the_ara_radius_of_a_test_image(service_stack, service_models):
     """tiny-grey records the ARA radii of six images (tests/conftest.py); classifying one of
     them with stability=true gives back its own radius, ranked among the six."""
     radii = read_checkpoint_metadata(service_models / "tiny-grey.safetensors")["metrics"]["ara_radii"]
     assert radii["settings"]["steps"] == ARA_STEPS == Settings().stability_steps  # the default is the ARA's
     index = 2
-    png = to_png_bytes(stability_images[index])
+    png = to_png_bytes(stability_reference_images()[index])
     with api_client(service_stack.model_copy(update={"classify_wait_seconds": 0.0})) as client:
         resp = client.post(
             "/v1/classify",
@@ -228,7 +229,7 @@ def test_stability_with_fewer_steps_is_marked_not_comparable(api, make_image):
     assert np.isfinite(score["attack_rms"]) and score["attack_rms"] >= 0
 
 
-def test_a_fast_score_estimates_the_ara_radius_and_says_what_it_ranks_against(api, service_models, stability_images):
+def test_a_fast_score_estimates_the_ara_radius_and_says_what_it_ranks_against(api, service_models):
     """The default mode at the ARA's 450 steps: the fast search, within 15% of the radius the
     exact search recorded for this image; tiny-grey records no fast radii, so its percentiles
     rank against the exact ones and the report says they are not like against like."""
@@ -236,7 +237,12 @@ def test_a_fast_score_estimates_the_ara_radius_and_says_what_it_ranks_against(ap
     index = 3
     resp = api.post(
         "/v1/classify",
-        **upload(to_png_bytes(stability_images[index]), model="tiny-grey", stability="true", stability_steps=ARA_STEPS),
+        **upload(
+            to_png_bytes(stability_reference_images()[index]),
+            model="tiny-grey",
+            stability="true",
+            stability_steps=ARA_STEPS,
+        ),
     )
     view = poll_job(api, resp.headers["location"]) if resp.status_code == 202 else resp.json()
     assert view["status"] == "finished", view

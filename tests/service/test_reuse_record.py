@@ -11,7 +11,7 @@ import pytest
 from jobs.keys import reused_job_key
 from jobs.queues import connect
 from jobs.rqueue import result_ttl_left
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

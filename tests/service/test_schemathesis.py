@@ -12,7 +12,7 @@ from schemathesis.checks import not_a_server_error
 
 from jobs.settings import Settings
 from service.app import create_app
-from tests.tokens import DATA_KEY, auth_headers
+from tests.support.tokens import DATA_KEY, auth_headers
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from jobs.keys import api_key_names_key, audit_key
 from service.app import create_app
 from service.audit import AuditLog, pending_key
-from tests.tokens import bearer, token_for
+from tests.support.tokens import bearer, token_for
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.queues import connect
-from tests.conftest import poll_job
+from tests.support.stack import poll_job
 
 pytestmark = pytest.mark.e2e
 

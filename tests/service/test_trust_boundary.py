@@ -21,8 +21,8 @@ from jobs.queues import connect
 from models.errors import BadParameterError
 from service.app import create_app
 from service.audit import AuditLog
-from tests.oidc import AUDIENCE, Issuer
-from tests.tokens import bearer, token_for
+from tests.support.oidc import AUDIENCE, Issuer
+from tests.support.tokens import bearer, token_for
 
 pytestmark = pytest.mark.e2e
 

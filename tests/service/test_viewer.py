@@ -11,6 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.support.require import missing
+
 pytestmark = pytest.mark.e2e
 
 STATIC = Path(__file__).resolve().parents[2] / "service" / "static"
@@ -46,12 +48,9 @@ def test_the_page_and_its_files_are_served(api):
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
-        pytest.skip(
-            f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; scripts/test.sh does it as root)"
-        )
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="the playwright package is not installed (pip install -e '.[test]')"
-    )
+        missing(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; scripts/test.sh does it as root)")
+    from playwright import sync_api
+
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser

@@ -5,9 +5,6 @@ cannot send it) — against a small guarded app that serves the real page."""
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -16,10 +13,11 @@ from fastapi import FastAPI, Request, Response
 from PIL import Image
 
 from jobs.queues import connect
-from models.errors import AexError, UnauthenticatedError
-from service.auth import ApiKeyStore, Authenticator, Principal, Scope, challenge, requires
-from service.errors import error_response, status_of
+from service.app import install_error_handlers
+from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
 from service.viewer import install_viewer
+from tests.support.require import missing
+from tests.support.servers import serve_app
 
 pytestmark = pytest.mark.e2e
 
@@ -35,21 +33,13 @@ def png() -> bytes:
 
 @pytest.fixture
 def guarded_site(redis_server):
-    import uvicorn
-
     conn = connect(f"{redis_server.url}?db={DB}")
     conn.flushdb()
     _, token = ApiKeyStore(conn).create("viewer", ["read"])
     seen: list[str | None] = []
     app = FastAPI()
     app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
-
-    @app.exception_handler(AexError)
-    async def aex_error(request: Request, exc: AexError):
-        resp = error_response(status_of(exc.code), exc.code, exc.message)
-        if exc.code == UnauthenticatedError.code:
-            resp.headers["WWW-Authenticate"] = challenge(request)
-        return resp
+    install_error_handlers(app)  # the production handlers: the 401 challenge included
 
     @app.get("/v1/models")
     def models(request: Request, _p: Annotated[Principal, requires(Scope.READ)]) -> dict:
@@ -62,27 +52,17 @@ def guarded_site(redis_server):
         return Response(png(), media_type="image/png")
 
     install_viewer(app)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", token, seen
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve_app(app) as url:
+        yield url, token, seen
     conn.flushdb()
     conn.close()
 
 
 def test_the_token_is_kept_for_the_tab_and_sent_with_every_request(guarded_site):
     if not CHROMIUM.exists():
-        pytest.skip(f"Chromium is not installed at {CHROMIUM}")
-    sync_api = pytest.importorskip("playwright.sync_api")
+        missing(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium; scripts/test.sh does it as root)")
+    from playwright import sync_api
+
     url, token, seen = guarded_site
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox"])

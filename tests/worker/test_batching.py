@@ -18,7 +18,7 @@ from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.taking import requeue_stranded
 from models.data.tensors import load_image_for_model
 from models.store.checkpoint import load_checkpoint
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 from worker.batching import batch_signature
 
 pytestmark = pytest.mark.e2e

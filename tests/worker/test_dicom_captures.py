@@ -12,7 +12,7 @@ from PIL import Image
 
 from jobs.params import ExplainParameters
 from models.render.capture import MIN_LONG_SIDE, scale_factor
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 from worker.explaining import explain_result
 from worker.served import ServedModel
 

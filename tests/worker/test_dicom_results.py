@@ -15,8 +15,8 @@ from jobs.params import ExplainParameters
 from models.data.geometry import map_to_source
 from models.data.tensors import load_dicom_for_model
 from models.explain.gradcam import gradcam
-from tests.conftest import _tiny_checkpoint
-from tests.dciodvfy import check_with_dciodvfy, have_dciodvfy
+from tests.support.checkpoints import tiny_checkpoint
+from tests.support.dciodvfy import check_with_dciodvfy, have_dciodvfy
 from worker.explaining import explain_result
 from worker.served import ServedModel
 
@@ -27,7 +27,7 @@ MARKERS = ("Test^Patient", "PX-001", "ACC-1", "19700101")
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> ServedModel:
     path = tmp_path_factory.mktemp("dicom-results") / "tiny-grey.safetensors"
-    _tiny_checkpoint(path, 1, 28, ["normal", "pneumonia"], seed=1)
+    tiny_checkpoint(path, 1, 28, ["normal", "pneumonia"], seed=1)
     return ServedModel.load("tiny-grey", path, torch.device("cpu"))
 
 
@@ -54,7 +54,7 @@ def test_explain_result_lists_the_pm_scs_and_sr(served, xray, tmp_path, monkeypa
     parameters, summary, files, dicom = explain(served, xray)
     stems = [t["image"][:-4] for t in summary["targets"]]
     expected = (
-        {"gradcam_parametric_map.dcm", "gradcam_overlay.dcm", "structured_report.dcm"}
+        {"gradcam_parametric_map.dcm", "gradcam_overlay.dcm", "report_pdf.dcm", "structured_report.dcm"}
         | {f"{s}.dcm" for s in stems}
         | {f"{s}_diff.dcm" for s in stems}
     )
@@ -168,18 +168,18 @@ def test_the_secondary_captures_hold_the_pngs_pixels(served, xray, monkeypatch):
 
 
 def test_malformed_patient_study_and_equipment_attributes_cost_no_object(served, tmp_path, monkeypatch, caplog):
-    """Every malformed attribute of ``tests.models.dicom.malformed`` at once: the explanation
+    """Every malformed attribute of ``tests.support.malformed`` at once: the explanation
     still has every DICOM object, each accepted by dciodvfy, and the result names each
     attribute in ``dicom_warnings``; the canary in the values is nowhere in the result's JSON,
     the objects or the logs."""
-    from tests.models.dicom.malformed import CANARY, EVERYTHING, malformed, source_file
+    from tests.support.malformed import CANARY, EVERYTHING, malformed, source_file
 
     monkeypatch.setattr("worker.compute.upload_limits", lambda: LIMITS)
     data = malformed(source_file(), [(k, raw, vr) for k, (raw, vr) in EVERYTHING.items()])
     caplog.set_level(logging.DEBUG)
     _parameters, summary, _files, dicom = explain(served, data)
     stems = [t["image"][:-4] for t in summary["targets"]]
-    expected = {"gradcam_parametric_map.dcm", "gradcam_overlay.dcm", "structured_report.dcm"}
+    expected = {"gradcam_parametric_map.dcm", "gradcam_overlay.dcm", "report_pdf.dcm", "structured_report.dcm"}
     assert set(dicom) == expected | {f"{s}.dcm" for s in stems} | {f"{s}_diff.dcm" for s in stems}
     assert "dicom_error" not in summary
     assert sorted(w.split(" ", 1)[0] for w in summary["dicom_warnings"]) == sorted(EVERYTHING)

@@ -25,7 +25,7 @@ from rq.job import Job
 from jobs.keys import upload_key
 from jobs.queues import QUEUE_NAMES, JobKind, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
-from tests.tokens import auth_headers
+from tests.support.tokens import auth_headers
 
 pytestmark = pytest.mark.e2e
 

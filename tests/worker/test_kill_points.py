@@ -22,8 +22,8 @@ from rq.job import Job
 from jobs.keys import upload_key
 from jobs.queues import QUEUE_NAMES, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
-from tests.conftest import encode_image
-from tests.tokens import api_client
+from tests.support.images import encode_image
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

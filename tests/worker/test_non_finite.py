@@ -17,8 +17,9 @@ from PIL import Image
 
 from jobs.params import ClassifyParameters, ExplainParameters
 from models.errors import NonFiniteResultError, UnsupportedMediaError
-from tests.conftest import _tiny_checkpoint, write_dicom
-from tests.edge_images import F32_MAX, F32_TINY, bands, nan_checkpoint, raw_tiff, unexpected_nulls
+from tests.support.checkpoints import tiny_checkpoint
+from tests.support.dicom import write_dicom
+from tests.support.edge_images import F32_MAX, F32_TINY, bands, nan_checkpoint, raw_tiff, unexpected_nulls
 from worker.compute import JobInput, classify_result, classify_results
 from worker.explaining import explain_result, explain_results
 from worker.served import ServedModel
@@ -34,13 +35,13 @@ def _limits(monkeypatch):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> ServedModel:
     path = tmp_path_factory.mktemp("non-finite") / "tiny-grey.safetensors"
-    _tiny_checkpoint(path, 1, 28, GREY, seed=1)
+    tiny_checkpoint(path, 1, 28, GREY, seed=1)
     return ServedModel.load("tiny-grey", path, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
-    """broken(kind) -> a ServedModel of ``tests.edge_images.nan_checkpoint(kind)``."""
+    """broken(kind) -> a ServedModel of ``tests.support.edge_images.nan_checkpoint(kind)``."""
     folder = tmp_path_factory.mktemp("nan-models")
     return lambda kind: ServedModel.load(
         kind, nan_checkpoint(folder / f"{kind}.safetensors", kind), torch.device("cpu")

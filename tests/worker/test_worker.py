@@ -18,7 +18,7 @@ from rq.job import Job
 from jobs.keys import upload_key
 from jobs.queues import QUEUE_NAMES, JobKind, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
-from tests.tokens import api_client
+from tests.support.tokens import api_client
 
 pytestmark = pytest.mark.e2e
 

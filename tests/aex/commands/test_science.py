@@ -14,7 +14,7 @@ from aex.cli import app
 from models.data.datasets import load_dataset
 from models.data.splits import seeded_subset
 from models.store.checkpoint import CheckpointMeta, save_checkpoint
-from tests.models.conftest import make_tiny_model
+from tests.support.checkpoints import make_tiny_model
 
 runner = CliRunner()
 
@@ -146,7 +146,6 @@ def test_evaluate_record_stores_the_whole_split_accuracy(tiny_checkpoint, folder
 
 
 def test_evaluate_autoattack_and_sanity_are_recorded_with_n_seed_and_eps(tiny_checkpoint, folder):
-    pytest.importorskip("pyautoattack", reason="pyautoattack is not installed (pip install -e .)")
     ckpt, _ = tiny_checkpoint
     from models.store.checkpoint import read_metadata
 

@@ -17,7 +17,7 @@ from models.data import imaging
 from models.data.imaging import check_model_input, open_image, prepare_region
 from models.data.tensors import load_image_for_model
 from models.errors import ModelInputError, NonFinitePixelsError, UnsupportedMediaError
-from tests.edge_images import F32_MAX, F32_TINY, band_means, bands, raw_tiff
+from tests.support.edge_images import F32_MAX, F32_TINY, band_means, bands, raw_tiff
 
 # (name, the three band values left to right, dtype, what the network sees of each band)
 EDGES = [

@@ -8,12 +8,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
 from tests.models.dicom.test_sr import derived
-from tests.pacs.conftest import xray
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.dicom import xray
 
 # Attributes a derived object may carry empty: Type 2 (or 2C with its condition met) in its IOD.
 TYPE2 = {
+    "AcquisitionDateTime",  # the Encapsulated PDF's (Type 2): when aex ran is not recorded
     "PatientName",
     "PatientID",
     "PatientBirthDate",
@@ -33,7 +34,7 @@ TYPE2 = {
 
 
 def source(**attributes) -> pydicom.Dataset:
-    """A 48 x 40 DX (tests.pacs.conftest.xray: Body Part Examined CHEST) with ``attributes``
+    """A 48 x 40 DX (tests.support.dicom.xray: Body Part Examined CHEST) with ``attributes``
     set (None: left out)."""
     yy, xx = np.mgrid[0:48, 0:40]
     ds = pydicom.dcmread(io.BytesIO(xray(((xx * 50 + yy * 30) % 4096).astype(np.uint16))))

@@ -13,8 +13,8 @@ from models.dicom.class_codes import ClassCode, class_code_map, parse_assignment
 from models.dicom.equipment import Provenance
 from models.dicom.results import explanation_objects
 from models.errors import BadParameterError
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
 from tests.models.dicom.test_sr import CLASSES, METRICS, PARAMETERS, SHA, concept, content_items, images, summary
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 
 PNEUMONIA = "SCT:233604007:Pneumonia"  # SNOMED CT 233604007 |Pneumonia (disorder)|
 NORMAL = "SCT:17621005:Normal"  # SNOMED CT 17621005 |Normal| (PS3.16's concept for a normal finding)

@@ -23,8 +23,8 @@ from models.errors import (
     NonFinitePixelsError,
     UnsupportedMediaError,
 )
-from tests.dciodvfy import check_with_dciodvfy, have_dciodvfy, require_dciodvfy
-from tests.hostile import OK, deflated, dicom, dicom_cases, set_raw
+from tests.support.dciodvfy import check_with_dciodvfy, have_dciodvfy, require_dciodvfy
+from tests.support.hostile import OK, deflated, dicom, dicom_cases, set_raw
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pydicom
 import pytest
 
 from models.dicom.dates import CLOCK_ATTRIBUTES, NO_SOURCE_DATE, content_date_time
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
 from tests.models.dicom.test_sr import derived
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 
 REPO = Path(__file__).resolve().parents[3]
 # Builds every object of one explanation of the source file argv[1] (the fixed summary, map
@@ -64,6 +64,7 @@ def test_two_processes_a_second_apart_write_the_same_bytes(tmp_path, dicom_file)
     time.sleep(1.5)  # the clock's second differs: any date or time taken from it shows
     second = build_in_a_process(source, tmp_path / "second")
     assert len(first) >= 5 and set(first) == set(second)
+    assert "report_pdf.dcm" in first  # the Encapsulated PDF report too
     for name in first:
         assert first[name] == second[name], name
 
@@ -78,8 +79,8 @@ def test_dates_come_from_the_source_and_nothing_records_the_clock(dicom_file):
             assert elem.keyword not in (*CLOCK_ATTRIBUTES, "ContributionDateTime"), (obj.name, elem.keyword)
             if elem.VR in ("DA", "DT") and elem.value:
                 assert not str(elem.value).startswith(today), (obj.name, elem.keyword)
-        if obj.role == "structured_report":
-            assert ds.ContentDate == "20240102"
+        if obj.role in ("structured_report", "report_pdf"):
+            assert (ds.ContentDate, ds.ContentTime) == ("20240102", "101733")
         if obj.role == "gradcam_parametric_map":
             uids = {item.DimensionOrganizationUID for item in ds.DimensionOrganizationSequence}
             assert uids == {item.DimensionOrganizationUID for item in ds.DimensionIndexSequence}

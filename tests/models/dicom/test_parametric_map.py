@@ -12,7 +12,7 @@ from models.dicom.equipment import Provenance
 from models.dicom.parametric_map import geometry_source, parametric_map
 from models.dicom.secondary_capture import part10
 from models.dicom.uids import device_uid, result_uids
-from tests.dciodvfy import dciodvfy_errors, require_dciodvfy
+from tests.support.dciodvfy import dciodvfy_errors, require_dciodvfy
 
 SHA = "c0ffee" * 10 + "beef"
 PARAMETERS = {
@@ -177,3 +177,17 @@ def test_dciodvfy_finds_no_error_in_the_parametric_map(tmp_path, xray16, pydicom
     path = tmp_path / "pm.dcm"
     pm.save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+def test_the_fused_maps_labels_say_not_for_diagnostic_use():
+    """What OHIF shows of the fused map (the series' description in the study browser, the
+    layer's content label and description) carries the warning, whole."""
+    from tests.models.dicom.test_sr import derived
+    from tests.support.dicom import xray
+
+    pixels = (np.mgrid[0:64, 0:80].sum(0) * 40).clip(0, 4095).astype(np.uint16)
+    source = pydicom.dcmread(io.BytesIO(xray(pixels)))
+    (pm,) = [pydicom.dcmread(io.BytesIO(o.data)) for o in derived(source).objects if o.role == "gradcam_parametric_map"]
+    assert pm.SeriesDescription.endswith("not for diagnostic use")
+    assert pm.ContentDescription == "Grad-CAM of pneumonia, not for diagnostic use"
+    assert pm.ContentLabel == "GRADCAM_NO_DIAG"

@@ -1,5 +1,5 @@
 """DICOM pixels at the edges of their ranges through the real display pipeline
-(``models.data.tensors.load_dicom_for_model`` on files written by ``tests.conftest.write_dicom``):
+(``models.data.tensors.load_dicom_for_model`` on files written by ``tests.support.dicom.write_dicom``):
 Rescale Slope/Intercept of +-1e308 and subnormal slopes give the network finite values in [0, 1]
 in the order the modality values have (the image's own min-max, in float64), an image whose
 values are all equal is 0 (1 when MONOCHROME1), a window as wide as float64 allows stays finite,
@@ -16,8 +16,8 @@ import pytest
 from models.data.tensors import load_dicom_for_model
 from models.dicom.pixels import window_linear
 from models.errors import NonFinitePixelsError
-from tests.conftest import write_dicom
-from tests.edge_images import band_means, bands
+from tests.support.dicom import write_dicom
+from tests.support.edge_images import band_means, bands
 
 UNSIGNED = bands((2, 0, 1), np.uint16)  # 24 x 24: the model's size, no resize
 SIGNED = bands((2047, -2048, 0), np.int16)

@@ -13,8 +13,8 @@ from models.dicom.equipment import Provenance
 from models.dicom.report_pdf import MAX_LINES, WRAP, pdf_document, report_lines, report_pdf
 from models.dicom.secondary_capture import part10
 from models.dicom.uids import result_uids
-from tests.dciodvfy import dciodvfy_report, require_dciodvfy
-from tests.pacs.conftest import xray
+from tests.support.dciodvfy import dciodvfy_report, require_dciodvfy
+from tests.support.dicom import xray
 
 SHA = "0e71a08bd2cdaac6562b952451cf1c3a8c497dfeaad3cd172704f565f7f214c6"
 SUMMARY = {

@@ -14,9 +14,9 @@ from pydicom.dataset import Dataset
 from models.dicom.reading import read_dicom
 from models.dicom.sanitize import Finding, UnusableSourceError, usable_source
 from models.dicom.uids import unusable_uid
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
-from tests.models.dicom.malformed import CANARY, CASES, EVERYTHING, malformed, source_file
 from tests.models.dicom.test_sr import derived
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from tests.support.malformed import CANARY, CASES, EVERYTHING, malformed, source_file
 
 NAMES = {
     "gradcam_parametric_map.dcm",
@@ -25,6 +25,7 @@ NAMES = {
     "00_predicted_pneumonia_diff.dcm",
     "01_runner-up_normal.dcm",
     "01_runner-up_normal_diff.dcm",
+    "report_pdf.dcm",
     "structured_report.dcm",
 }
 CANARY_BYTES = CANARY[:8].encode()

@@ -10,9 +10,10 @@ import pytest
 
 from models.data.geometry import map_to_source
 from models.dicom.equipment import Provenance
-from models.dicom.results import PARAMETRIC_MAP, REPORT, explanation_objects
+from models.dicom.results import PARAMETRIC_MAP, REPORT, REPORT_PDF, explanation_objects
 from models.dicom.uids import derived_uid, device_uid
-from tests.dciodvfy import check_with_dciodvfy, require_dciodvfy
+from models.explain.region import salient_box
+from tests.support.dciodvfy import check_with_dciodvfy, require_dciodvfy
 
 SHA = "5eed" * 16
 CLASSES = ["normal", "pneumonia", "effusion"]
@@ -84,7 +85,9 @@ def derived(source, parameters=PARAMETERS, sha=SHA):
     s = summary()
     cam = np.random.default_rng(1).random((28, 28)).astype(np.float32)
     values = map_to_source(cam, int(source.Columns), int(source.Rows))
-    return explanation_objects(source, values, images(s), s, METRICS, parameters, Provenance("tiny", sha), "how")
+    return explanation_objects(
+        source, values, images(s), s, METRICS, parameters, Provenance("tiny", sha), "how", salient=salient_box(values)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +138,15 @@ def test_objects_roles_and_listing(built, source):
         "gradcam_overlay",
         "explanation",
         "explanation_difference",
+        REPORT_PDF,
         REPORT,
     }
     classes = {o.role: ds[o.name].SOPClassUID for o in objs}
     assert classes[PARAMETRIC_MAP] == pydicom.uid.ParametricMapStorage
     assert classes["explanation"] == pydicom.uid.SecondaryCaptureImageStorage
     assert classes[REPORT] == pydicom.uid.Comprehensive3DSRStorage
-    assert len({o.series_instance_uid for o in objs}) == 3  # PM, SC and SR series: one modality each
+    assert classes[REPORT_PDF] == pydicom.uid.EncapsulatedPDFStorage
+    assert len({o.series_instance_uid for o in objs}) == 4  # PM, SC, DOC and SR series: one modality each
     for o in objs:
         d = ds[o.name]
         assert (d.SOPInstanceUID, d.SeriesInstanceUID, d.SOPClassUID) == (
@@ -164,7 +169,7 @@ def test_sr_references_the_parametric_map_and_every_secondary_capture(built, sou
         for i in content_items(sr.ContentSequence)
         if i.ValueType == "IMAGE"
     }
-    described = {(o.sop_class_uid, o.sop_instance_uid) for o in objs if o.role != REPORT}
+    described = {(o.sop_class_uid, o.sop_instance_uid) for o in objs if o.role not in (REPORT, REPORT_PDF)}
     assert described <= referenced
     assert (source.SOPClassUID, source.SOPInstanceUID) in referenced
     evidence = {
@@ -212,6 +217,53 @@ def test_sr_holds_the_classification_stability_and_model(built):
     assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99AEX"
     aex = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == "aex"]
     assert aex and aex[0].DeviceUID == device_uid(SHA) and aex[0].ManufacturerModelName == "tiny"
+
+
+def scoords(item) -> list:
+    """The SCOORD items a NUM is INFERRED FROM."""
+    return [i for i in item.get("ContentSequence", []) if i.ValueType == "SCOORD"]
+
+
+def test_every_measurement_is_inferred_from_an_image_region_and_the_finding_from_the_salient_area(built, source):
+    """OHIF 3.13 shows an SR only when every measurement group has an image region (it fails
+    with "Something went wrong" otherwise): each NUM is INFERRED FROM a SCOORD rectangle; the
+    first group's is the Grad-CAM map's most salient area on the source, with the Comment lines
+    OHIF writes beside it."""
+    objs, ds = built
+    sr = ds["structured_report.dcm"]
+    found = groups(sr)
+    for group in found:
+        measured = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+        assert measured, finding(group)
+        for num in measured:
+            (region,) = scoords(num)
+            assert region.RelationshipType == "INFERRED FROM" and region.GraphicType == "POLYLINE"
+            points = np.asarray(region.GraphicData, dtype=float).reshape(-1, 2)
+            assert len(points) == 5 and (points[0] == points[-1]).all()  # a closed rectangle
+    first = found[0]
+    assert finding(first) == ("99AEX", "CLASSIFICATION")
+    (probability,) = [i for i in first.ContentSequence if i.ValueType == "NUM"]
+    assert float(probability.MeasuredValueSequence[0].NumericValue) == pytest.approx(0.7)
+    (region,) = scoords(probability)
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    cam = np.random.default_rng(1).random((28, 28)).astype(np.float32)  # as derived() makes it
+    left, top, right, bottom = salient_box(map_to_source(cam, int(source.Columns), int(source.Rows)))
+    assert [float(v) for v in region.GraphicData] == [left, top, right, top, right, bottom, left, bottom, left, top]
+    comments = [i.TextValue for i in first.ContentSequence if concept(i) == ("DCM", "121106")]
+    assert comments[0] == "Predicted class: pneumonia (probability 70.0 %)"
+    assert comments[1].startswith("Model: tiny (checkpoint sha256 5eed5eed5eed), aex ")
+    assert comments[-1].startswith("NOT FOR DIAGNOSTIC USE")
+    assert len(comments) <= 4  # with the probability, at most the five lines OHIF shows in full
+    # Only the finding is drawn on the source: the other regions lie on the Secondary Captures.
+    on_source = [
+        g
+        for g in found
+        for i in g.ContentSequence
+        if i.ValueType == "NUM"
+        for r in scoords(i)
+        if r.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    ]
+    assert on_source == [first]
 
 
 def test_uids_are_deterministic(source, built):

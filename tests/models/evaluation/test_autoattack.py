@@ -7,9 +7,7 @@ import pytest
 
 from models.errors import BadParameterError
 from models.evaluation.autoattack import autoattack_accuracy, l2_eps, parse_attacks
-from tests.models.conftest import make_tiny_model
-
-pytest.importorskip("pyautoattack", reason="pyautoattack is not installed (pip install -e .)")
+from tests.support.checkpoints import make_tiny_model
 
 
 def test_the_budget_is_cifar10s_rms_on_every_input_size():

@@ -2,13 +2,13 @@
 
 import numpy as np
 import pytest
+import scipy.stats as stats
 import torch
 
 from models.explain.similarity import average_ranks, normalise, spearman, ssim
 
 
 def test_spearman_equals_scipys_with_ties():
-    stats = pytest.importorskip("scipy.stats")
     rng = np.random.default_rng(0)
     a = rng.integers(0, 5, size=(12, 12)).astype(np.float32)  # many ties
     b = a + rng.normal(0, 2, size=a.shape).astype(np.float32)

@@ -252,7 +252,6 @@ def test_half_and_half_adversarial_batches_perturb_only_the_affected_rows(tmp_pa
 
 
 def test_final_metrics_include_attack_and_btr_ara(npz, tmp_path):
-    pytest.importorskip("models.perturb.ara", reason="models/perturb/ara.py is not in this tree yet")
     out = tmp_path / "ara.safetensors"
     train(cfg_for(npz, out, epochs=1, ara_n=4, ara_seed=1776))
     m = read_metadata(out).metrics

@@ -11,8 +11,9 @@ deployment guide asks for when Cornerstone's volume loader uses SharedArrayBuffe
 the page is cross-origin isolated. The test records any request that leaves the origin.
 OHIF's guided tour (an overlay that would catch the test's clicks) is configured away.
 
-Missing parts skip with the reason, except where ``AEX_REQUIRE_OHIF=1`` (``.ci/run`` sets
-it): there a missing part fails, so CI cannot pass with the viewer test skipped.
+Missing parts skip with the reason, except where ``AEX_REQUIRE_ALL=1`` (``.ci/run`` sets
+it; ``tests.support.require``): there a missing part fails, so CI cannot pass with the viewer
+test skipped.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
+from tests.support import REPO_ROOT
+from tests.support.require import missing
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INSTALL_SCRIPT = REPO_ROOT / "scripts" / "install-ohif"
 CHROMIUM = Path("/usr/bin/chromium")
 # No GPU here: WebGL, which Cornerstone renders with, runs on ANGLE's SwiftShader, which
@@ -51,18 +52,6 @@ INSTALL_SECONDS = 300
 PROXY_SECONDS = 30
 # Headers of Orthanc's answers passed on to the browser (the rest are hop-by-hop or its own).
 PASSED_HEADERS = ("content-type", "etag", "last-modified", "content-location")
-
-
-def required() -> bool:
-    """Whether a missing part fails instead of skipping (``AEX_REQUIRE_OHIF=1``, set by .ci/run)."""
-    return os.environ.get("AEX_REQUIRE_OHIF", "") == "1"
-
-
-def missing(reason: str):
-    """Skip with ``reason``, or fail with it where the viewer test is required."""
-    if required():
-        pytest.fail(f"{reason} (AEX_REQUIRE_OHIF=1: the OHIF test may not skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 def install_ohif() -> Path:

@@ -86,7 +86,7 @@ def unexpected_nulls(result: dict) -> list[str]:
 
 
 def nan_checkpoint(path: Path, kind: str, seed: int = 1) -> Path:
-    """A tiny 28 x 28 grey, 2-class checkpoint (``tests.conftest._tiny_checkpoint``) altered so
+    """A tiny 28 x 28 grey, 2-class checkpoint (``tests.support.checkpoints.tiny_checkpoint``) altered so
     that its computation goes non-finite, saved by ``models.store.checkpoint.save_checkpoint``:
 
     - "inf-weights": its first convolution's weights are +inf, so its logits are NaN for any
@@ -100,10 +100,10 @@ def nan_checkpoint(path: Path, kind: str, seed: int = 1) -> Path:
     import torch
 
     from models.store.checkpoint import load_checkpoint, save_checkpoint
-    from tests.conftest import _tiny_checkpoint
+    from tests.support.checkpoints import tiny_checkpoint
 
     base = path.with_name(path.stem + "-base.safetensors")
-    _tiny_checkpoint(base, 1, 28, ["normal", "pneumonia"], seed=seed)
+    tiny_checkpoint(base, 1, 28, ["normal", "pneumonia"], seed=seed)
     model, meta = load_checkpoint(base)
     base.unlink()
     with torch.no_grad():

@@ -11,8 +11,8 @@ name (``aexmh<pid>-...``): ``Network.clean_leftovers`` removes those of runs who
 gone, and ``close`` removes this run's, processes first, also after a failure.
 
 Needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN) and iproute2. Where a part is missing the test
-skips with the reason, except where ``AEX_REQUIRE_NETNS=1`` (``.ci/run`` sets it): there it
-fails, so CI cannot pass with the multi-host test skipped.
+skips with the reason, except where ``AEX_REQUIRE_ALL=1`` (``.ci/run`` sets it;
+``tests.support.require``): there it fails, so CI cannot pass with the multi-host test skipped.
 """
 
 from __future__ import annotations
@@ -29,25 +29,13 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.support import REPO_ROOT
+from tests.support.require import missing
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "aexmh"
 SUBNET = ipaddress.ip_network("198.18.0.0/24")
 CLONE_NEWNET = 0x40000000
 IP_SECONDS = 20
-
-
-def required() -> bool:
-    """Whether a missing part fails instead of skipping (``AEX_REQUIRE_NETNS=1``, set by .ci/run)."""
-    return os.environ.get("AEX_REQUIRE_NETNS", "") == "1"
-
-
-def missing(reason: str):
-    """Skip with ``reason``, or fail with it where the multi-host tests are required."""
-    if required():
-        pytest.fail(f"{reason} (AEX_REQUIRE_NETNS=1, set by .ci/run: this test may not skip)", pytrace=False)
-    pytest.skip(reason)
 
 
 def redis_server(folder: Path) -> str:
@@ -68,7 +56,7 @@ def redis_server(folder: Path) -> str:
 
 
 def check_can_make_namespaces() -> None:
-    """Skip (or fail, ``required``) unless this process may make network namespaces."""
+    """Skip (or fail under ``AEX_REQUIRE_ALL=1``) unless this process may make network namespaces."""
     if shutil.which("ip") is None:
         missing("iproute2's ip command is not installed")
     if os.geteuid() != 0:
