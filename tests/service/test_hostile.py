@@ -1,4 +1,4 @@
-"""The hostile corpus (tests/hostile.py) through the service: every file sent to /v1/classify
+"""The hostile corpus (tests/support/hostile.py) through the service: every file sent to /v1/classify
 and /v1/explain is answered with a JSON 4xx carrying one of the codes its case expects (and
 no patient data in the message), or, for a file that is legitimately fine, with a finished
 result whose every number is finite; never a 5xx. Afterwards a good image still classifies

@@ -181,7 +181,7 @@ def test_the_same_request_computed_twice_gives_the_same_numbers(service_stack, m
 
 
 def test_stability_equals_the_ara_radius_of_a_test_image(service_stack, service_models):
-    """tiny-grey records the ARA radii of six images (tests/conftest.py); classifying one of
+    """tiny-grey records the ARA radii of six images (tests/support/checkpoints.py); classifying one of
     them with stability=true gives back its own radius, ranked among the six."""
     radii = read_checkpoint_metadata(service_models / "tiny-grey.safetensors")["metrics"]["ara_radii"]
     assert radii["settings"]["steps"] == ARA_STEPS == Settings().stability_steps  # the default is the ARA's
