@@ -2,14 +2,13 @@
 
 A 1024 x 1024 DX is stored in Orthanc; the bundled pneumonia-robust checkpoint explains it
 through the worker's own path (``worker.explaining.explain_result``: Parametric Map,
-Secondary Captures, SR) and the report is added as an Encapsulated PDF
-(``models.dicom.report_pdf``; until the worker writes it with the other objects); the
-objects are stored by STOW-RS (``pacs.store``). OHIF opens the study in its default mode, as a
-reader would, and the test finds, in order: the X-ray in the viewport, the Parametric Map fused
-over it (a colour map), the PDF report shown in the viewport (the very bytes aex wrote, saying
-the class, its probability and "not for diagnostic use"), and the SR's viewport. Every derived
-series is labelled "not for diagnostic use" in the study browser, and nothing is fetched from
-outside the loopback origin.
+Secondary Captures, the Encapsulated PDF report, SR) and the objects it returns are stored by
+STOW-RS (``pacs.store``), as they are. OHIF opens the study in its default mode, as a reader
+would, and the test finds, in order: the X-ray in the viewport, the Parametric Map fused over it
+(a colour map), the SR shown over the X-ray (no error, the finding's region drawn, its text
+saying the class, its probability and "not for diagnostic use"), and the PDF report in the
+viewport (the very bytes aex wrote, saying the same). Every derived series is labelled "not for
+diagnostic use" in the study browser, and nothing is fetched from outside the loopback origin.
 
 Screenshots of each view go to ``$AEX_TEST_ARTIFACTS/ohif/`` (``.ci/run``: test-artifacts/ohif/
 in the checkout), else to the test's tmp_path; the page's console is saved beside them.
@@ -39,7 +38,11 @@ CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "checkpoints" / "p
 LOAD_SECONDS = 90  # the viewer's first load (its bundles, the study's metadata)
 VIEW_SECONDS = 60  # each view after a click
 VIEWPORT = "[data-cy=viewport-pane]"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"  # Parametric Map Storage
 NOT_FOR_DIAGNOSIS = "not for diagnostic use"
+# What OHIF 3.13.2 writes where it cannot show something (lower case): its error boundary
+# ("Something went wrong") and its messages for a display set it cannot load or render.
+OHIF_ERRORS = ("something went wrong", "an error occurred", "failed to load", "not supported", "cannot be displayed")
 
 
 @pytest.fixture(scope="module")
@@ -71,22 +74,18 @@ def chest_dx() -> bytes:
 @dataclass
 class Study:
     uid: str
-    descriptions: dict[str, str]  # modality -> Series Description of each derived series
+    descriptions: dict[str, str]  # OHIF's modality label -> Series Description of each derived series
     predicted: dict
-    report_pdf: bytes  # the PDF inside the Encapsulated PDF aex stored
+    report_pdf: bytes  # the PDF inside the Encapsulated PDF the worker wrote
 
 
 @pytest.fixture(scope="module")
 def study(pacs) -> Study:
-    """The DX and aex's objects for it (the worker's DICOM outputs and the PDF report), in Orthanc."""
+    """The DX and aex's objects for it (the worker's DICOM outputs as it returns them), in Orthanc."""
     import torch
 
     from jobs.params import ExplainParameters
     from jobs.settings import Settings
-    from models.dicom.equipment import Provenance
-    from models.dicom.report_pdf import report_pdf
-    from models.dicom.secondary_capture import part10
-    from models.dicom.uids import result_uids
     from pacs.store import store_results
     from worker.explaining import explain_result
     from worker.served import ServedModel
@@ -98,20 +97,20 @@ def study(pacs) -> Study:
         targets=["predicted"], rho=0.1, steps=5, layer=served.gradcam_layer, stability_steps=5
     )
     out = explain_result(served, dx, "dicom", parameters, bound_check=False)
-    summary = out.result.dump()
-    source = pydicom.dcmread(io.BytesIO(dx))
-    uid = result_uids(str(source.SOPInstanceUID), served.checkpoint_sha256, parameters.kwargs())
-    provenance = Provenance(served.name, served.checkpoint_sha256)
-    report = report_pdf(source, summary, provenance, uid, input_size=served.meta.input_size)
-    objects = [*out.dicom_files.values(), part10(report)]
+    objects = list(out.dicom_files.values())
     stored = store_results(Settings(pacs={"orthanc": pacs.endpoint()}).pacs, "orthanc", objects)
     assert (stored["stored"], stored["failed"]) == (len(objects), 0), stored
-    descriptions = {}
+    descriptions, pdfs = {}, []
     for data in objects:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        descriptions[str(ds.Modality)] = str(ds.SeriesDescription)
-    pdf = bytes(report.EncapsulatedDocument[: report.EncapsulatedDocumentLength])
-    return Study(str(source.StudyInstanceUID), descriptions, summary["predicted"], pdf)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        # OHIF labels a Parametric Map "PMAP" (its Modality is OT, as highdicom writes it).
+        label = "PMAP" if ds.SOPClassUID == PARAMETRIC_MAP else str(ds.Modality)
+        descriptions[label] = str(ds.SeriesDescription)
+        if "EncapsulatedDocument" in ds:
+            pdfs.append(bytes(ds.EncapsulatedDocument[: ds.EncapsulatedDocumentLength]))
+    assert len(pdfs) == 1 and {"PMAP", "OT", "DOC", "SR"} <= set(descriptions), (len(pdfs), descriptions)
+    source = pydicom.dcmread(io.BytesIO(dx), stop_before_pixels=True)
+    return Study(str(source.StudyInstanceUID), descriptions, out.result.dump()["predicted"], pdfs[0])
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +170,53 @@ def wait_for_view(page, name: str, shots: Path, shows, what: str, seconds: float
         time.sleep(0.5)
 
 
+def viewport_text(page) -> str:
+    """What the first viewport says: its HTML text (overlays, prompts, error boundaries) and the
+    text Cornerstone draws in its SVG annotation layer (an SR's measurements and comments)."""
+    viewport = page.locator(VIEWPORT).first
+    drawn = viewport.evaluate("v => Array.from(v.querySelectorAll('svg text')).map(t => t.textContent)")
+    return viewport.inner_text() + "\n" + "\n".join(drawn)
+
+
+def ohif_error(text: str) -> str | None:
+    """The first error OHIF writes in ``text`` (its error boundary, a display set it cannot load), if any."""
+    return next((e for e in OHIF_ERRORS if e in text.lower()), None)
+
+
+def wait_for_text(page, name: str, shots: Path, wanted: list[str], seconds: float = VIEW_SECONDS) -> str:
+    """The viewport's text (``viewport_text``) once it holds every string of ``wanted``; fails at
+    once on an OHIF error (the page's text), or after ``seconds``, screenshots saved as ``shots/name``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        text = viewport_text(page)
+        error = ohif_error(page.locator("body").inner_text())
+        if error is None and all(w in text for w in wanted):
+            page.locator(VIEWPORT).first.screenshot(path=str(shots / name))
+            page.screenshot(path=str(shots / f"page-{name}"))
+            (shots / f"{Path(name).stem}.viewport-text.txt").write_text(text)
+            return text
+        if error is not None or time.monotonic() > deadline:
+            page.screenshot(path=str(shots / f"failed-page-{name}"))
+            (shots / f"failed-{Path(name).stem}.viewport-text.txt").write_text(text)
+            missing_ = [w for w in wanted if w not in text]
+            raise AssertionError(f"OHIF shows {error!r}; the viewport lacks {missing_} (see {shots}): {text!r}")
+        time.sleep(0.5)
+
+
+def drawn_regions(page) -> list[dict]:
+    """The shapes Cornerstone draws in the first viewport's annotation layer (an SR's regions),
+    each its tag and its box in page pixels (x, y, width, height), with the viewport's box."""
+    return page.locator(VIEWPORT).first.evaluate(
+        """v => {
+            const own = v.getBoundingClientRect();
+            return Array.from(v.querySelectorAll('svg.svg-layer polyline, svg.svg-layer path, svg.svg-layer rect'))
+                .map(s => { const b = s.getBoundingClientRect();
+                    return {tag: s.tagName, x: b.x, y: b.y, width: b.width, height: b.height,
+                            viewport: [own.x, own.y, own.width, own.height]}; });
+        }"""
+    )
+
+
 def thumbnail(page, modality: str):
     """The study browser's entry of the series with this modality."""
     label = page.locator("[data-cy=series-modality-label]", has_text=re.compile(rf"^\s*{modality}\s*$"))
@@ -212,9 +258,17 @@ def test_a_reader_sees_the_xray_the_fused_map_and_the_report_in_ohif(study, ohif
         # 1. The default layout shows the X-ray.
         wait_for_view(page, "1-source.png", shots, grey_image, "the X-ray", LOAD_SECONDS)
 
-        # 2. The Parametric Map, opened from the study browser, fused over the X-ray.
-        thumbnail(page, "PMAP").dblclick()
-        wait_for_view(page, "2-parametric-map-fused.png", shots, colour_map, "the Grad-CAM map in colour")
+        # 2. The SR over the X-ray: no error, the finding's region (the Grad-CAM map's most
+        # salient area) drawn, and beside it the class with its probability and the warning.
+        thumbnail(page, "SR").dblclick()
+        finding = f"{study.predicted['class_name']} (probability {100 * study.predicted['prob']:.1f} %)"
+        text = wait_for_text(page, "2-structured-report.png", shots, [finding, NOT_FOR_DIAGNOSIS.upper()])
+        assert "Predicted class: " + finding in text, text
+        regions = [r for r in drawn_regions(page) if r["width"] > 4 and r["height"] > 4]
+        (shots / "2-structured-report.regions.txt").write_text("\n".join(map(str, regions)))
+        # A region, not the whole image: inside the viewport and smaller than it.
+        _, _, width, height = regions[0]["viewport"] if regions else (0, 0, 0, 0)
+        assert any(r["width"] < width and r["height"] < height for r in regions), regions
 
         # 3. The report (Encapsulated PDF) in the viewport: the browser's PDF viewer shows what
         # aex wrote, byte for byte.
@@ -229,13 +283,11 @@ def test_a_reader_sees_the_xray_the_fused_map_and_the_report_in_ohif(study, ohif
         assert f"Predicted class: {study.predicted['class_name']}, probability" in text
         assert f"{100 * study.predicted['prob']:.1f} %" in text and NOT_FOR_DIAGNOSIS.upper() in text
         wait_for_view(page, "3-report-pdf.png", shots, pdf_page, "the PDF page")
+        assert ohif_error(page.locator("body").inner_text()) is None
 
-        # 4. The SR's viewport, as OHIF shows it (for a person to look at; see the report of
-        # issue 18 for what each kind of SR shows).
-        thumbnail(page, "SR").dblclick()
-        page.locator(VIEWPORT).first.locator("object").wait_for(state="detached", timeout=VIEW_SECONDS * 1000)
-        page.wait_for_load_state("networkidle", timeout=VIEW_SECONDS * 1000)
-        page.locator(VIEWPORT).first.screenshot(path=str(shots / "4-structured-report.png"))
+        # 4. The Parametric Map, opened from the study browser, fused over the X-ray.
+        thumbnail(page, "PMAP").dblclick()
+        wait_for_view(page, "4-parametric-map-fused.png", shots, colour_map, "the Grad-CAM map in colour")
 
         assert outside == []
         failed = [(path, status) for path, status in ohif.proxied if status >= 400]
