@@ -298,6 +298,7 @@ def main() -> None:
     ap.add_argument("--keys", type=int, default=8, help="API keys the clients spread over")
     ap.add_argument("--threads", type=int, help="torch threads in process (default: one per core)")
     ap.add_argument("--worker-threads", type=int, help="AEX_TORCH_THREADS of the worker (default: aex serve's)")
+    ap.add_argument("--set", action="append", default=[], metavar="AEX_X=V", help="a setting of aex serve (repeat)")
     args = ap.parse_args()
     print(json.dumps(run(args)))
 
@@ -313,7 +314,10 @@ def run(args: argparse.Namespace) -> dict:
         meta = load_checkpoint(checkpoint)[1]
         local = in_process(checkpoint, test_png(meta.input_size, meta.in_channels), threads, args.duration)
         load = os.getloadavg()[0]
-        proc, url, admin = start_service(checkpoint, "bench", 1, args.worker_threads, scratch, None, loose_limits=False)
+        extra = dict(item.split("=", 1) for item in args.set)
+        proc, url, admin = start_service(
+            checkpoint, "bench", 1, args.worker_threads, scratch, None, loose_limits=False, extra_env=extra
+        )
         try:
             tokens = make_keys(url, admin, args.keys)
             store = Redis(scratch / f"redis-{url.rsplit(':', 1)[1]}")
@@ -340,7 +344,8 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"checkpoint {label}: {meta.arch}, {meta.input_size}x{meta.input_size}x{meta.in_channels}; "
         f"{os.cpu_count()} cores; in process {threads} torch threads; aex serve defaults, 1 worker"
-        f"{f', AEX_TORCH_THREADS={args.worker_threads}' if args.worker_threads else ''}; {args.keys} API keys; "
+        f"{f', AEX_TORCH_THREADS={args.worker_threads}' if args.worker_threads else ''}"
+        f"{''.join(f', {item}' for item in args.set)}; {args.keys} API keys; "
         f"load average {load:.2f} when the service started"
     )
     print(f"{'':34s}{'per s':>9s}{'p50 ms':>9s}{'p95 ms':>9s}{'x in-proc':>10s}{'batch':>7s}  answers")

@@ -140,10 +140,12 @@ def start_service(
     scratch: Path,
     max_batch: int | None,
     loose_limits: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen, str, str]:
     """``aex serve`` on a free loopback port; returns (process, URL, the admin token it made).
     ``threads`` None: the workers' default torch threads; ``max_batch`` None: the default AEX_MAX_BATCH; ``loose_limits`` False: the default queue
-    depth and jobs per principal (the clients then spread over several keys)."""
+    depth and jobs per principal (the clients then spread over several keys); ``extra_env``:
+    more settings (AEX_...)."""
     models = scratch / "models"
     models.mkdir(exist_ok=True)
     link = models / f"{name}.safetensors"
@@ -168,6 +170,7 @@ def start_service(
         env.update(AEX_MAX_QUEUE_DEPTH="10000", AEX_MAX_JOBS_PER_PRINCIPAL="100000")
     if max_batch is not None:
         env["AEX_MAX_BATCH"] = str(max_batch)
+    env.update(extra_env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "aex.cli", "serve"],
         cwd=REPO,

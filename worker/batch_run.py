@@ -2,14 +2,16 @@
 
 The order of a batch (``worker.batching`` says which jobs may share one):
 
-1. the leader comes from rq's dequeue; its mates are taken from the same queue
-   (``jobs.rqueue.taking.take_some``: all that wait, in one round trip), at most
-   ``AEX_MAX_BATCH - 1`` of them, waiting ``AEX_BATCH_WAIT_MS`` at most for more
+1. the leader comes from rq's dequeue with the jobs waiting behind it in its queue
+   (``jobs.rqueue.taking.take_any``: up to ``AEX_MAX_BATCH`` in one round trip); those that
+   share its batch are its mates (``worker.batching.fitting``), the others go back to the
+   head of the queue; more are taken as they arrive, waiting ``AEX_BATCH_WAIT_MS`` at most
    (``worker.batching.gather_mates``);
-2. the worker claims them (``worker.process``, one round trip): refused when not aex's,
-   skipped when no longer queued, else ``running`` under its own attempt token and lease,
-   renewed for the whole batch, so a worker that dies mid-batch leaves every job of it to
-   the same retries (``AEX_JOB_RETRIES``, then ``worker_lost``) as a lone job;
+2. the worker claims them (``worker.process``, one round trip for those taken together):
+   refused when not aex's, skipped when no longer queued, else ``running`` under its own
+   attempt token and lease, renewed for the whole batch, so a worker that dies mid-batch
+   leaves every job of it to the same retries (``AEX_JOB_RETRIES``, then ``worker_lost``)
+   as a lone job;
 3. the work of all of them is computed at once (``worker.tasks.prepare_batch``), under the
    shortest time limit of the batch; a job whose own input fails keeps its own error; a
    failure of the whole (time limit, out of memory, every job cancelled) is logged and
@@ -30,8 +32,9 @@ from jobs.failures import redacted_traceback
 from jobs.keys import cancel_key
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue.layout import refusal
+from jobs.rqueue.taking import untake_all
 from worker import tasks
-from worker.batching import gather_mates
+from worker.batching import fitting, gather_mates
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -48,17 +51,29 @@ class BatchingMixin:
     max_batch: int = 1
     batch_wait_seconds: float = 0.0
 
-    def gather_batch(self, job: Job, queue: Queue) -> list[Job]:
-        """The leader and the mates taken for it (just the leader when batching is off, or the
-        leader runs alone)."""
-        if self.max_batch <= 1 or refusal(job) is not None:
-            return [job]
+    def batch_of(self, job: Job, taken_with: list[Job], queue: Queue) -> list[Job]:
+        """The leader and those of the jobs taken with it (``QueueWorker.taken_with``) that
+        share its batch; the others go back to the head of the queue, in their order (left in
+        the intermediate list, for the stranded-job clean-up, when the store is away)."""
+        fit = 0 if refusal(job) is not None else fitting(job, taken_with, self.max_batch)
+        back = [j.id for j in taken_with[fit:]]
+        if back:
+            try:
+                untake_all(self.connection, queue, back)
+            except STORE_UNAVAILABLE as exc:
+                log.warning("worker %s: %d job(s) not put back, the store is away (%s)", self.name, len(back), exc)
+        return [job, *taken_with[:fit]]
+
+    def gather_more(self, job: Job, queue: Queue, have: int) -> list[Job]:
+        """More mates for a batch of ``have`` jobs led by ``job``, waiting AEX_BATCH_WAIT_MS at
+        most (none without a wait: every job that waited was taken with the leader)."""
+        if self.max_batch <= have or self.batch_wait_seconds <= 0 or refusal(job) is not None:
+            return []
         try:
-            mates = gather_mates(self.connection, queue, job, self.max_batch, self.batch_wait_seconds)
+            return gather_mates(self.connection, queue, job, self.max_batch - have, self.batch_wait_seconds)
         except STORE_UNAVAILABLE as exc:
-            log.warning("worker %s: the store is away while gathering a batch (%s); running one job", self.name, exc)
-            return [job]
-        return [job, *mates]
+            log.warning("worker %s: the store is away while gathering a batch (%s)", self.name, exc)
+            return []
 
     def compute_batch(self, attempts: list[Attempt]) -> None:
         """Compute the work of every claimed job as one batch and hand each its share (a

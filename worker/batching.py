@@ -71,33 +71,46 @@ def batch_signature(job: Job) -> tuple | None:
     return None
 
 
+def fitting(leader: Job, taken: list[Job], max_batch: int) -> int:
+    """How many of ``taken`` (the jobs taken behind the leader, in queue order) share its
+    batch: the longest prefix of them with its signature, ``max_batch - 1`` at most (none for
+    a leader that runs alone)."""
+    signature = batch_signature(leader)
+    if signature is None or max_batch <= 1:
+        return 0
+    n = 0
+    while n < min(len(taken), max_batch - 1) and batch_signature(taken[n]) == signature:
+        n += 1
+    return n
+
+
 def gather_mates(
     conn: Redis,
     queue: Queue,
     leader: Job,
-    max_batch: int,
+    room: int,
     wait_seconds: float,
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[Job]:
-    """Up to ``max_batch - 1`` jobs of ``queue`` with the leader's signature, taken in queue
+    """Up to ``room`` more jobs of ``queue`` with the leader's signature, taken in queue
     order (as many as wait at each look, in one round trip), waiting at most ``wait_seconds``
     (from now) for more to arrive. The first job that does not fit (another model, a job that
     runs alone) is put back at the head of the queue with every job taken after it, and ends
     the gathering, so the queue's order is kept."""
     signature = batch_signature(leader)
-    if signature is None or max_batch <= 1:
+    if signature is None or room <= 0:
         return []
     mates: list[Job] = []
     deadline = clock() + max(0.0, wait_seconds)
-    while len(mates) < max_batch - 1:
-        taken = take_some(conn, queue, max_batch - 1 - len(mates))
-        for i, job in enumerate(taken):
-            if batch_signature(job) != signature:
-                untake_all(conn, queue, [j.id for j in taken[i:]])
-                return mates
-            mates.append(job)
+    while len(mates) < room:
+        taken = take_some(conn, queue, room - len(mates))
+        fit = fitting(leader, taken, len(taken) + 1)
+        mates += taken[:fit]
+        if fit < len(taken):
+            untake_all(conn, queue, [j.id for j in taken[fit:]])
+            break
         if taken:
             continue
         left = deadline - clock()

@@ -106,6 +106,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         super().__init__(connection, **kwargs)
         self.context = context
         self.max_batch, self.batch_wait_seconds = max_batch, batch_wait_seconds
+        self.take_at_once = max(1, max_batch)  # a batch's leader and its mates that wait, in one look
         self.callback_policy = callback_policy
         self.reuse_results = reuse_results
         self.job_retries = job_retries
@@ -124,16 +125,17 @@ class AexWorker(BatchingMixin, QueueWorker):
 
     # --- taking and running jobs (alone, or a batch: worker.batch_run) ----------------
     def run_taken(self, job: Job, queue: Queue) -> None:
-        leader = self._claim_all([job], queue)
-        if not leader:
+        taken_with, self.taken_with = self.taken_with, []
+        first = self.batch_of(job, taken_with, queue)
+        attempts = self._claim_all(first, queue)
+        if not attempts:
             return
-        attempts = leader
-        # Leased from the leader's claim on: gathering its mates may take AEX_BATCH_WAIT_MS.
+        # Leased from the first claim on: gathering more mates may take AEX_BATCH_WAIT_MS.
         with self._leases(attempts):
             start = time.perf_counter()
-            mates = self.gather_batch(job, queue)[1:]
+            more = self.gather_more(job, queue, len(first))
             gathered = time.perf_counter() - start
-            attempts += self._claim_all(mates, queue)
+            attempts += self._claim_all(more, queue)
             for attempt in attempts:
                 self.context.note_timing(attempt.job.id, "gather_seconds", gathered)
             endings: list[_Ending] = []

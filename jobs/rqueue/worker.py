@@ -5,6 +5,8 @@ how it stops the job in hand (``stop_running``).
 
 - jobs run in the worker process itself (models loaded once serve every job; CUDA works);
 - the dequeue is aex's (``taking.take_any``): a job taken is always in a list until claimed;
+  up to ``take_at_once`` jobs of one queue are taken in one round trip (a batch's leader and
+  the jobs waiting behind it);
 - short registrations (``worker_ttl``) with the worker's catalogue, made again when Redis lost
   them, so /readyz sees a dead worker within seconds; one heartbeat a second at most, in one
   round trip with the check that the registration is still there, carrying the worker's
@@ -35,7 +37,7 @@ from jobs.keys import CATALOGUE_FIELD
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.roundtrips import process_total
 from jobs.rqueue.layout import SERIALIZER, TIME_LIMIT_EXCEEDED, time_limit_of
-from jobs.rqueue.lifecycle import queues_by_priority
+from jobs.rqueue.reaping import queues_by_priority
 from jobs.rqueue.taking import take_any
 
 log = logging.getLogger("aex.worker")
@@ -81,10 +83,15 @@ class QueueWorker(SimpleWorker):
         self.catalogue = catalogue or []
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self._beat_at = self._suspension_checked_at = float("-inf")
+        # The jobs taken with the one rq's loop hands to ``run_taken`` (at most
+        # ``take_at_once`` in all, from the same queue; the runtime claims or puts them back).
+        self.take_at_once = 1
+        self.taken_with: list[Job] = []
 
     # --- what the runtime implements ----------------------------------------------------
     def run_taken(self, job: Job, queue: Queue) -> None:
-        """Claim and run ``job``, just taken from ``queue`` (and whatever it batches with)."""
+        """Claim and run ``job``, just taken from ``queue`` (and whatever it batches with: the
+        jobs taken with it, ``taken_with``, are the runtime's to claim or put back)."""
         raise NotImplementedError
 
     def stop_running(self) -> None:
@@ -233,11 +240,15 @@ class QueueWorker(SimpleWorker):
                 self.run_maintenance_tasks()
             wait = 0.0 if timeout is None else float(timeout)
             taken = self._until_accepted(
-                "taking a job", lambda wait=wait: take_any(self.connection, self._ordered_queues, wait)
+                "taking a job",
+                lambda wait=wait: take_any(self.connection, self._ordered_queues, wait, self.take_at_once),
             )
             if taken is not None or timeout is None:
                 self.heartbeat()
-                return taken
+                if taken is None:
+                    return None
+                (job, *self.taken_with), queue = taken
+                return job, queue
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:

@@ -19,7 +19,7 @@ from jobs.rqueue.taking import requeue_stranded
 from models.data.tensors import load_image_for_model
 from models.store.checkpoint import load_checkpoint
 from tests.support.tokens import api_client
-from worker.batching import batch_signature
+from worker.batching import batch_signature, fitting
 
 pytestmark = pytest.mark.e2e
 
@@ -133,6 +133,12 @@ def test_batch_signature_separates_models_stability_and_references(redis_of_modu
     assert explain != batch_signature(job(model="a", func="worker.tasks.explain", targets=["cat"], rho=0.2, steps=35))
     assert explain != batch_signature(job(model="a", func="worker.tasks.explain", targets=["cat"], rho=0.1, steps=9))
     assert batch_signature(job(model="a", func="os.getpid")) is None
+    # Jobs taken behind a leader: its mates are the prefix that shares its signature.
+    a, b = job(model="a"), job(model="b")
+    assert fitting(job(model="a"), [a, a, b, a], max_batch=16) == 2
+    assert fitting(job(model="a"), [a, a, a], max_batch=3) == 2  # the leader and two mates
+    assert fitting(job(model="a"), [a], max_batch=1) == 0  # batching off
+    assert fitting(job(model="a", meta={"pacs_reference": {"pacs": "x"}}), [a], max_batch=16) == 0
 
 
 def test_explain_jobs_share_their_searches_and_each_gets_its_own_explanation(
