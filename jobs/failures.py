@@ -22,7 +22,7 @@ from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.keys import upload_key
 from jobs.metrics import record_job
 from jobs.queues import QUEUE_NAMES, STORE_UNAVAILABLE
-from jobs.rqueue import lifecycle
+from jobs.rqueue import reaping
 from jobs.rqueue.layout import TIME_LIMIT_EXCEEDED
 from jobs.states import ApiStatus
 from models.errors import (
@@ -112,10 +112,10 @@ LOST = {
 
 
 def clean_queue(conn: Redis, name: str, retries: int, policy: CallbackPolicy | None = None) -> None:
-    """The clean-up of the queue ``name`` (``jobs.rqueue.lifecycle.clean``, by whoever holds
+    """The clean-up of the queue ``name`` (``jobs.rqueue.reaping.clean``, by whoever holds
     its lock), then what follows each job it reaped: the outcome counted and, at its end, its
     callback."""
-    for reaped in lifecycle.clean(conn, name, retries, LOST):
+    for reaped in reaping.clean(conn, name, retries, LOST):
         kind = job_kind(reaped.job)
         if reaped.outcome == "requeued":
             record_job(conn, kind, "retried", None)

@@ -14,7 +14,7 @@ from jobs.epoch import new_job_id
 from jobs.failures import LOST
 from jobs.keys import cancel_key, upload_key
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
-from jobs.rqueue import lifecycle, taking
+from jobs.rqueue import lifecycle, reaping, taking
 from jobs.rqueue.layout import SERIALIZER
 
 DB = 9
@@ -79,7 +79,7 @@ def test_the_reaper_requeues_then_fails_worker_lost_and_fences_the_old_worker(co
     job = queued(conn, queue)
     first = lifecycle.claim(conn, job, queue, "w1", 1)
     time.sleep(1.2)  # its lease runs out: the worker died
-    (reaped,) = lifecycle.reap(conn, queue, retries=1, lost_error=LOST)
+    (reaped,) = reaping.reap(conn, queue, retries=1, lost_error=LOST)
     assert reaped.outcome == "requeued" and status(conn, job.id) == JobStatus.QUEUED.value
     assert conn.lrange(queue.key, 0, -1) == [job.id.encode()] and conn.exists(upload_key(job.id))
     # The first worker comes back: its renewal and its end are refused.
@@ -90,12 +90,12 @@ def test_the_reaper_requeues_then_fails_worker_lost_and_fences_the_old_worker(co
     second = lifecycle.claim(conn, taking.take(conn, queue), queue, "w2", 1)
     assert second.token > first.token
     time.sleep(1.2)
-    (reaped,) = lifecycle.reap(conn, queue, retries=1, lost_error=LOST)
+    (reaped,) = reaping.reap(conn, queue, retries=1, lost_error=LOST)
     assert reaped.outcome == "failed" and status(conn, job.id) == JobStatus.FAILED.value
     meta = Job.fetch(job.id, connection=conn, serializer=SERIALIZER).meta
     assert meta["error"]["code"] == "worker_lost" and meta["retried"] == 1
     assert not conn.exists(upload_key(job.id)) and conn.zcard(f"rq:wip:{queue.name}") == 0
-    assert lifecycle.reap(conn, queue, retries=1, lost_error=LOST) == []  # nothing twice
+    assert reaping.reap(conn, queue, retries=1, lost_error=LOST) == []  # nothing twice
 
 
 def test_a_live_lease_is_not_reaped_and_a_cancelled_job_ends_cancelled(conn, queue):
@@ -104,10 +104,10 @@ def test_a_live_lease_is_not_reaped_and_a_cancelled_job_ends_cancelled(conn, que
     time.sleep(0.6)
     assert lifecycle.renew(conn, attempt, 5)
     time.sleep(0.6)
-    assert lifecycle.reap(conn, queue, retries=2, lost_error=LOST) == []  # renewed: still its worker's
+    assert reaping.reap(conn, queue, retries=2, lost_error=LOST) == []  # renewed: still its worker's
     conn.set(cancel_key(job.id), 1)
     conn.zadd(f"rq:wip:{queue.name}", {f"{job.id}:{attempt.execution.id}": time.time() - 1})
-    (reaped,) = lifecycle.reap(conn, queue, retries=2, lost_error=LOST)
+    (reaped,) = reaping.reap(conn, queue, retries=2, lost_error=LOST)
     assert reaped.outcome == "cancelled" and status(conn, job.id) == JobStatus.STOPPED.value
 
 

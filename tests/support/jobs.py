@@ -27,9 +27,9 @@ def finish_next(conn, lane: JobKind, result: Any, result_ttl: int = 600, index: 
     """Take the next job of the queue of ``lane``, claim it and finish it with ``result`` as a
     worker does, and (``index``) point its cache key within its reuse scope at it, as a worker
     does when AEX_REUSE_RESULTS is on. Returns its id."""
-    from jobs.rqueue import lifecycle, taking
+    from jobs.rqueue import lifecycle, reaping, taking
 
-    queue = lifecycle.queue_named(conn, QUEUE_NAMES[lane])
+    queue = reaping.queue_named(conn, QUEUE_NAMES[lane])
     job = taking.take(conn, queue)
     assert job is not None, f"nothing queued on {queue.name}"
     attempt = lifecycle.claim(conn, job, queue, "test-worker", 30)
