@@ -133,3 +133,27 @@ def test_the_builders_are_in_tests_support_not_beside_the_tests():
         if not p.name.startswith("test_") and p.name != "conftest.py" and TESTS / "support" not in p.parents
     ]
     assert not stray, f"helper modules outside tests/support/: {stray}"
+
+
+def test_a_missing_tool_skips_and_fails_under_the_switch(tmp_path):
+    """A test that needs dciodvfy, run with dciodvfy hidden from PATH: skipped with the reason,
+    and a failure naming it under AEX_REQUIRE_ALL=1 (as .ci/run runs the suite)."""
+    import os
+    import subprocess
+
+    (tmp_path / "test_needs_a_tool.py").write_text(
+        "from tests.support.dciodvfy import require_dciodvfy\n\n\ndef test_it():\n    require_dciodvfy()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "AEX_REQUIRE_ALL"}
+    env.update(PATH=str(Path(sys.executable).parent), PYTHONPATH=str(REPO_ROOT))
+    command = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    command.append(str(tmp_path / "test_needs_a_tool.py"))
+    run = lambda **extra: subprocess.run(
+        command, env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    skipped = run()
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout + skipped.stderr
+    assert "dciodvfy is not installed" in skipped.stdout
+    failed = run(AEX_REQUIRE_ALL="1")
+    assert failed.returncode == 1 and "1 failed" in failed.stdout, failed.stdout + failed.stderr
+    assert "dciodvfy is not installed" in failed.stdout and "AEX_REQUIRE_ALL=1" in failed.stdout
