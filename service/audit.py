@@ -42,7 +42,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Collection
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs.keys import api_keys_revision_key, audit_key
 from jobs.scripts import Script
-from models.errors import BadParameterError
+from service.audit_since import parse_since, position
 from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.metrics import method_label, route_label
 from service.timing import stage
@@ -61,12 +61,8 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 MODEL = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 ACTION = re.compile(r"^[A-Za-z]{3,7} [A-Za-z0-9_./{}-]{1,120}$|^[a-z_.]{1,60}$")
-STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
-RELATIVE = re.compile(r"^(\d{1,9})\s*([smhd])$")
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_PRINCIPAL = 200
 MAX_READ = 10_000
-MAX_STREAM_PART = 2**64 - 1
 ANONYMOUS = "anonymous"
 UNKNOWN_MODEL = "unknown"  # recorded for a model name the service does not serve
 AUDITED_PREFIXES = ("/v1/", "/metrics")
@@ -237,7 +233,7 @@ class AuditLog:
         # Trimming is approximate (whole stream nodes): older records are not read either.
         cutoff = f"{max(0, int(time.time() * 1000) - self.retention_seconds * 1000)}-0"
         start = parse_since(since) if since else cutoff
-        if _position(start) < _position(cutoff):
+        if position(start) < position(cutoff):
             start = cutoff
         end = parse_since(until) if until else "+"
         rows = self.conn.xrange(audit_key(), min=start, max=end, count=limit)
@@ -281,38 +277,6 @@ def _decode(stream_id: bytes | str, fields: dict) -> dict[str, Any]:
         "input_sha256": text.get("input_sha256") or None,
         "status": int(status) if status.isdigit() else None,
     }
-
-
-def _position(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.lstrip("(").partition("-")
-    return int(ms), int(seq or 0)
-
-
-def parse_since(text: str, now: datetime | None = None) -> str:
-    """A stream position from ``text``: a duration back from now (``90s``, ``15m``, ``1h``,
-    ``7d``), an ISO 8601 time (UTC when it names no zone), or a record id (``<ms>-<n>``,
-    exclusive: the records after it)."""
-    text = (text or "").strip()
-    if STREAM_ID.match(text):
-        if any(int(part) > MAX_STREAM_PART for part in text.split("-")):
-            raise BadParameterError("a record id is <milliseconds>-<sequence>, each at most 2**64 - 1")
-        return f"({text}"
-    m = RELATIVE.match(text)
-    if m:
-        try:
-            when = (now or datetime.now(UTC)) - timedelta(seconds=int(m.group(1)) * UNITS[m.group(2)])
-        except OverflowError:  # before year 1: from the start
-            return "0-0"
-    else:
-        try:
-            when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-        except ValueError:
-            raise BadParameterError(
-                f"since/until must be a duration (15m, 1h, 7d), an ISO 8601 time or a record id, not {text[:40]!r}"
-            ) from None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-    return f"{max(0, int(when.timestamp() * 1000))}-0"
 
 
 def to_json_lines(records: list[dict[str, Any]]) -> str:
