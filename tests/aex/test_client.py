@@ -160,9 +160,9 @@ def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_fil
     assert res.exit_code == 0, res.output
     job = json.loads((out / "result.json").read_text())
     # The overlay, each explanation and each difference (Secondary Captures), the Grad-CAM
-    # Parametric Map and the SR.
+    # Parametric Map, the PDF report and the SR.
     assert job["dicom"], job
-    assert len(job["dicom"]) == 1 + 2 * len(job["result"]["targets"]) + 2
+    assert len(job["dicom"]) == 1 + 2 * len(job["result"]["targets"]) + 3
     assert {p.name for p in out.iterdir()} == set(job["images"]) | set(job["dicom"]) | {"result.json"}
     for name in job["dicom"]:
         ds = pydicom.dcmread(out / name)
@@ -170,7 +170,8 @@ def test_aex_explain_of_a_dicom_file_saves_the_dicom_objects(live_api, dicom_fil
         assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.SOPInstanceUID != src.SOPInstanceUID
         if ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage:
             assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
-            assert ds.pixel_array.shape[:2] == (28, 28)
+            # The model's 28 x 28 pixels as blocks, at least 512 px, captioned on the image.
+            assert max(ds.pixel_array.shape[:2]) >= 512 and ds.BurnedInAnnotation == "YES"
     pm = pydicom.dcmread(out / "gradcam_parametric_map.dcm")
     assert pm.pixel_array.shape == (60, 50)  # the source's own grid
     assert set(json.loads(res.stdout)["files"]) == set(job["images"]) | set(job["dicom"]) | {"result.json"}

@@ -173,7 +173,7 @@ def test_viewer_explains_an_uploaded_image_in_chromium(browser, live_api, api_to
     job = httpx.get(f"{live_api}{job_url}", headers=auth).json()
     links = page.eval_on_selector_all("#dicom a", "as => as.map((a) => new URL(a.href).pathname)")
     # The overlay, each explanation and its difference, the Grad-CAM Parametric Map and the SR.
-    assert links == list(job["dicom"].values()) and len(links) == 1 + 2 * len(job["result"]["targets"]) + 2
+    assert links == list(job["dicom"].values()) and len(links) == 1 + 2 * len(job["result"]["targets"]) + 3
     assert httpx.get(f"{live_api}{links[0]}", headers=auth).headers["content-type"] == "application/dicom"
     assert httpx.get(f"{live_api}{links[0]}").status_code == 401  # never without the token
     assert "DICOM input: DX, MONOCHROME2, 50×60" in page.inner_text("#headline")
