@@ -24,8 +24,10 @@ The trail is a security control, so it fails closed:
   principal holds the route's scope, the guard calls ``before_acting``, which writes a
   pending record (principal, action, the job of the path; status 503) to the hash
   ``audit_key() + ":pending"``. When that write is refused, so is the request (503), before
-  anything was done. The final record replaces the pending one in one transaction (XADD and
-  HDEL). A pending record whose request never wrote its final one (the store refused it after
+  anything was done. A submission (classify, explain) sends it instead as the first command
+  of its own first write (``owed_record``: the same step as its job or its reused result), so
+  it costs no round trip of its own and still comes before anything the request does. The
+  final record replaces the pending one in one transaction (XADD and HDEL). A pending record whose request never wrote its final one (the store refused it after
   the job was queued, or the process died) is moved into the stream as it is, status 503 (what
   the client was answered), by the next write ``ORPHAN_AFTER_SECONDS`` later or more: the
   trail never misses an access that acted, at the price of such a record coming after later
@@ -172,17 +174,20 @@ class AuditLog:
         self._sweep_now_and_then()
         return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
 
+    def pending_record(self, principal: Any, action: str, job_id: str | None = None) -> tuple[str, str]:
+        """(id, record) of a mutating request's pending record, for ``begin`` or for the
+        request's first write (``pending_command``)."""
+        now_ms = int(time.time() * 1000)
+        fields = _fields(now_ms, principal, action, PENDING_STATUS, job_id, None, None)
+        return uuid.uuid4().hex, json.dumps({"ms": now_ms, "fields": fields})
+
     def begin(self, principal: Any, action: str, job_id: str | None = None, revision: str | None = None) -> str | None:
         """Write the pending record of a mutating request before it acts; returns its id.
         Raises the Redis error when the store refuses it (the request must not act then).
         ``revision``: the API keys' revision the request's principal was looked up at (a
         cached lookup, ``service.auth.apikeys``), confirmed in the same round trip: None, and
         nothing written, when the keys have changed since."""
-        now_ms = int(time.time() * 1000)
-        pending = uuid.uuid4().hex
-        record = json.dumps(
-            {"ms": now_ms, "fields": _fields(now_ms, principal, action, PENDING_STATUS, job_id, None, None)}
-        )
+        pending, record = self.pending_record(principal, action, job_id)
         if revision is None:
             self.conn.hset(pending_key(), pending, record)
             return pending
@@ -294,6 +299,25 @@ def note(request, job_id: str | None = None, model: str | None = None, input_sha
 def action_of(scope) -> str:
     """A request's action: its method and the route template (``GET /v1/jobs/{job_id}``)."""
     return f"{method_label(scope.get('method', ''))} {route_label(scope)}"
+
+
+def pending_command(pending: str, record: str) -> list[str]:
+    """The command that writes a pending record (``AuditLog.pending_record``)."""
+    return ["HSET", pending_key(), pending, record]
+
+
+def owed_record(request) -> list[str] | None:
+    """The pending record a mutating request owes before it acts, as the command that writes
+    it (``pending_command``), for a route that sends it first in its first write (its id is
+    kept for the final record, which replaces it); None when it owes none."""
+    state = request.state
+    audit: AuditLog | None = getattr(state, "audit_log", None)
+    if audit is None or request.method not in MUTATING or getattr(state, "audit_pending", None):
+        return None
+    job_id = (request.scope.get("path_params") or {}).get("job_id")
+    pending, record = audit.pending_record(getattr(state, "principal", None), action_of(request.scope), job_id=job_id)
+    state.audit_pending = pending
+    return pending_command(pending, record)
 
 
 def before_acting(request, revision: str | None = None) -> bool | None:

@@ -24,7 +24,7 @@ from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.crypto import DataCipher, blob_context
 from jobs.epoch import lost_in_restart, new_job_id
 from jobs.failures import reap_abandoned
-from jobs.keys import cancel_key, dicom_key, images_key, store_epoch_key, upload_key
+from jobs.keys import api_keys_revision_key, cancel_key, dicom_key, images_key, store_epoch_key, upload_key
 from jobs.params import classify_parameters, explain_parameters, result_cache_key
 from jobs.queues import QUEUE_NAMES, JobKind, lane_of
 from jobs.rqueue import JobRecord
@@ -36,6 +36,7 @@ from models.errors import (
 )
 from models.version import __version__
 from service import admission, quota
+from service.auth.guard import Acting
 from service.auth.principal import Principal, can_access, owner_meta, owner_of_meta, reuse_scope
 from service.catalogue import Catalogue
 from service.multipart import Upload
@@ -49,6 +50,10 @@ log = logging.getLogger("aex.service")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.png$")
 DICOM_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}\.dcm$")
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
 
 
 def unknown_job(job_id: str) -> str:
@@ -84,12 +89,14 @@ class JobService:
         *,
         depth: int | None = None,
         epoch: bytes | None = None,
+        lead: list[list[str]] | None = None,
     ) -> str:
         """Count the job against ``principal``'s share (429 ``too_many_jobs`` beyond
         AEX_MAX_JOBS_PER_PRINCIPAL), store the upload sealed (with its TTL) and enqueue the job
         by dotted path on the queue of ``lane`` (default: its kind's): the share, the upload
         and the job in one step, written together or not at all. ``depth`` and ``epoch``: the
-        queue's length and the store's epoch as ``_start`` read them (read here when None).
+        queue's length and the store's epoch as ``_start`` read them (read here when None);
+        ``lead``: commands written first in the same step (the request's pending audit record).
         Returns its id."""
         lane = lane or kind
         with stage("capacity"):
@@ -122,6 +129,7 @@ class JobService:
                 description=f"{kind.value} {model}",
                 share=share,
                 also=upload,
+                lead=lead,
             )
         if not queued:
             raise quota.too_many(self.settings.max_jobs_per_principal)
@@ -145,44 +153,69 @@ class JobService:
         kwargs: dict[str, Any],
         meta: dict[str, Any],
         lane: JobKind,
-    ) -> tuple[str, bool]:
-        """The id of a job of ``principal`` answering the request, and whether it is a reused
+        acting: Acting | None = None,
+    ) -> tuple[str, bool, Principal]:
+        """The id of a job of ``principal`` answering the request, whether it is a reused
         result (of the same principal or tenant, finished already) rather than a newly queued
-        job on the queue of ``lane``."""
+        job on the queue of ``lane``, and the principal (looked up again when the API keys
+        changed since its cached lookup). ``acting``: what the request owes before it acts
+        (``service.auth.Acting``): its cached principal confirmed with the first reads, its
+        pending audit record written first with its job."""
         scope = reuse_scope(principal)
         # An input by reference is named by its PACS and UIDs (a SOP Instance UID names one
         # object for good): the key of its result, until the worker has its bytes.
         ref = meta.get("pacs_reference")
         digest = upload.sha256 if ref is None else hashlib.sha256(json.dumps(ref, sort_keys=True).encode()).hexdigest()
-        meta = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
+        owned = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
         key = self._cache_key(kind, entry, digest, {**kwargs, "store": meta.get("store")} if ref else kwargs)
+        confirm = acting is not None and acting.revision is not None
+        # What the request needs to know before it acts, in one round trip: an earlier result,
+        # the queue's length, the store's epoch (the new job id carries it), and whether the
+        # API keys are as its cached principal was looked up.
+        with stage("lookup"), self.conn.pipeline(transaction=False) as pipe:
+            pipe.get(reuse_index_key(scope, key))
+            pipe.llen(rqueue.queue_key(lane))
+            pipe.get(store_epoch_key())
+            if confirm:
+                pipe.get(api_keys_revision_key())
+            source_id, depth, epoch, *revision = pipe.execute()
+        if confirm:
+            again = acting.confirmed(_text(revision[0]))
+            if again is not None:  # the keys changed: looked up again (a revoked key is refused there)
+                return self._start(again, kind, upload, entry, kwargs, meta, lane, acting)
+        first = [acting.pending] if acting is not None and acting.pending else []
         with stage("lookup"):
-            # What the request needs to know before it acts, in one round trip: an earlier
-            # result, the queue's length, the store's epoch (the new job id carries it).
-            with self.conn.pipeline(transaction=False) as pipe:
-                pipe.get(reuse_index_key(scope, key))
-                pipe.llen(rqueue.queue_key(lane))
-                pipe.get(store_epoch_key())
-                source_id, depth, epoch = pipe.execute()
             job_id = reuse_result(
-                self.conn, self.settings, kind, entry["name"], key, meta, scope, self.policy, source_id=source_id
+                self.conn, self.settings, kind, entry["name"], key, owned, scope, self.policy, source_id, first
             )
         if job_id is not None:
-            return job_id, True
+            return job_id, True, principal
         if kind is JobKind.EXPLAIN:
             kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
-        meta = {**meta, "cache_key": key}
+        owned = {**owned, "cache_key": key}
         job_id = self.submit(
-            kind, upload.data, entry["name"], kwargs, meta, lane=lane, principal=principal, depth=depth, epoch=epoch
+            kind,
+            upload.data,
+            entry["name"],
+            kwargs,
+            owned,
+            lane=lane,
+            principal=principal,
+            depth=depth,
+            epoch=epoch,
+            lead=first,
         )
-        return job_id, False
+        return job_id, False, principal
 
     # --- the two kinds of job ----------------------------------------------------------
-    def classify(self, principal: Principal, upload: Upload, params: ClassifyParams) -> JobView:
+    def classify(
+        self, principal: Principal, upload: Upload, params: ClassifyParams, acting: Acting | None = None
+    ) -> JobView:
         """Check the upload, queue a classify job (or answer from an identical earlier one)
         and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
         high-priority classify queue; one with the stability score (seconds of searches, the
-        explain time limit) waits on the explain queue, behind every plain classify."""
+        explain time limit) waits on the explain queue, behind every plain classify.
+        ``acting``: what the request owes before it acts (``_start``)."""
         with stage("admission"):
             entry = self.catalogue.resolve(self.conn, params.model)
             input_format = admission.check_input(upload, params, self.settings, entry)
@@ -197,15 +230,18 @@ class JobService:
             )
             meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
-        job_id, reused = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane)
+        job_id, reused, principal = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane, acting)
         if not reused:
             self.wait(job_id, self.settings.classify_wait_seconds)
         with stage("view"):
             return self.view(principal, job_id)
 
-    def explain(self, principal: Principal, upload: Upload, params: ExplainParams) -> JobView:
+    def explain(
+        self, principal: Principal, upload: Upload, params: ExplainParams, acting: Acting | None = None
+    ) -> JobView:
         """Check the upload and the parameters, queue an explain job (or answer from an
-        identical earlier one); returns at once."""
+        identical earlier one); returns at once. ``acting``: what the request owes before it
+        acts (``_start``)."""
         with stage("admission"):
             entry = self.catalogue.resolve(self.conn, params.model)
             input_format = admission.check_input(upload, params, self.settings, entry)
@@ -220,7 +256,7 @@ class JobService:
             params.window_width,
             stability_mode=admission.stability_mode(params, self.settings),
         )
-        job_id, _ = self._start(
+        job_id, _, principal = self._start(
             principal,
             JobKind.EXPLAIN,
             upload,
@@ -228,6 +264,7 @@ class JobService:
             kwargs,
             admission.job_meta(input_format, params, self.settings),
             lane_of(JobKind.EXPLAIN),
+            acting,
         )
         return self.view(principal, job_id)
 

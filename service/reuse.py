@@ -49,11 +49,14 @@ def reuse_result(
     scope: str,
     policy: CallbackPolicy | None = None,
     source_id: bytes | None | object = ...,
+    first: list[list[str]] | None = None,
 ) -> str | None:
     """When a finished result for ``key`` is still kept within reuse scope ``scope``, the id
     of a new job (its meta: ``meta``, the requester's owner included) that is finished at once
     with a copy of it (``reused: true``) and shares its images; else None. ``source_id``: what
-    ``reuse_index_key(scope, key)`` held, read with other things (read here when not given)."""
+    ``reuse_index_key(scope, key)`` held, read with other things (read here when not given);
+    ``first``: commands written first in the same transaction as the new job (the request's
+    pending audit record)."""
     if not settings.reuse_results:
         return None
     if source_id is ...:
@@ -88,6 +91,8 @@ def reuse_result(
         result={**{k: v for k, v in source.result.items() if k != "reused_from"}, "reused": True},
     )
     with conn.pipeline() as pipe:  # MULTI: the record appears whole, with its TTL
+        for command in first or ():
+            pipe.execute_command(*command)
         pipe.hset(
             reused_job_key(job_id),
             mapping={

@@ -34,6 +34,7 @@ from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.rqueue.taking import wake
 from jobs.scripts import RUN, Script, framed, recorded
+from jobs.scripts import commands as encoded
 from jobs.states import ApiStatus
 
 
@@ -99,19 +100,25 @@ class Share:
 # The rq statuses of a job that waits or runs (its owner's share counts it).
 ACTIVE_STATUSES = tuple(s.value for s, api in STATUS_FROM_RQ.items() if api in (ApiStatus.QUEUED, ApiStatus.RUNNING))
 
-# KEYS[1]: the share's set; ARGV: the new id, now (s), limit, ttl, reservation seconds, rq's job
-# key prefix, the active statuses (framed), then the commands to run once the id holds a place
+# KEYS[1]: the share's set, KEYS[2]: the new job's hash (there already: this very step was done,
+# its reply lost and the command sent again; nothing is done twice); ARGV: the new id, now
+# (s), limit, ttl, reservation seconds, rq's job
+# key prefix, the active statuses (framed), the commands to run first whatever the share says
+# (framed: the request's pending audit record), then those to run once the id holds a place
 # (framed). Ids of jobs that ended or expired leave the set; when the active others reach the
-# limit nothing is written (returns 0), else the id takes its place and the commands run
+# limit nothing more is written (returns 0), else the id takes its place and the commands run
 # (returns 1): a place and its job appear together, so two requests racing for the last place
 # cannot both get it.
 WITHIN_SHARE = Script(
     RUN
     + """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 local id, now, limit, ttl, reservation, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
 local active, a = {}, 8 + tonumber(ARGV[7])
 for i = 8, a - 1 do active[ARGV[i]] = true end
+run(ARGV, a + 1, a + tonumber(ARGV[a]))
+a = a + tonumber(ARGV[a]) + 1
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 local count, ended = 0, {}
 for i = 1, #entries, 2 do
@@ -133,15 +140,22 @@ run(ARGV, a + 1, a + tonumber(ARGV[a]))
 return 1
 """
 )
-RUN_ALL = Script(RUN + "run(ARGV, 2, 1 + tonumber(ARGV[1]))\nreturn 1")
+# KEYS[1]: the new job's hash (there already: done once, nothing is done twice); ARGV: the commands (framed).
+ENQUEUE_ONCE = Script(
+    RUN + "if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end\nrun(ARGV, 2, 1 + tonumber(ARGV[1]))\nreturn 1"
+)
 
 
-def within_share(conn: Redis, share: Share, job_id: str, commands: list[bytes]) -> bool:
+def within_share(
+    conn: Redis, share: Share, job_id: str, commands: list[bytes], lead: list[bytes] | None = None
+) -> bool:
     """Reserve ``job_id`` a place in ``share`` and run ``commands`` (``jobs.scripts``) with it,
-    in one step; False (nothing written) when the share is full."""
+    in one step, ``lead`` first whatever the share says; False (nothing but ``lead``
+    written) when the share is full. Nothing is done when the job exists already (the same
+    step sent again after its reply was lost)."""
     args = [job_id, time.time(), share.limit, max(1, int(share.ttl)), share.reservation_seconds]
-    args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES)), *framed(commands)]
-    return bool(WITHIN_SHARE(conn, [share.key], args))
+    args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES)), *framed(lead or [])]
+    return bool(WITHIN_SHARE(conn, [share.key, Job.key_for(job_id)], [*args, *framed(commands)]))
 
 
 def enqueue(
@@ -158,12 +172,14 @@ def enqueue(
     *,
     share: Share | None = None,
     also: list[list[Any]] | None = None,
+    lead: list[list[Any]] | None = None,
 ) -> bool:
     """Put job ``job_id`` of ``kind`` (its function by dotted path) at the tail of the queue
     of ``lane``, and wake an idle worker; it waits at most ``wait_ttl`` seconds, runs at most
     ``timeout``, and its result (or failure) is kept ``result_ttl``. ``also``: commands written
-    with it (its upload). With ``share``, only within its owner's share: False, and nothing
-    written, when it is full. One round trip."""
+    with it (its upload); ``lead``: commands written before anything else, whatever happens
+    (the request's pending audit record). With ``share``, only within its owner's share:
+    False, and nothing but ``lead`` written, when it is full. One round trip."""
 
     def write(pipe: Pipeline) -> None:
         for command in also or ():
@@ -182,10 +198,11 @@ def enqueue(
         )
         wake(pipe)  # an idle worker takes it now, not at its next look
 
-    commands = recorded(conn, write)
+    first = encoded(conn, lead or [])
+    written = recorded(conn, write)
     if share is not None:
-        return within_share(conn, share, job_id, commands)
-    RUN_ALL(conn, [], framed(commands))
+        return within_share(conn, share, job_id, written, lead=first)
+    ENQUEUE_ONCE(conn, [Job.key_for(job_id)], framed([*first, *written]))
     return True
 
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from service.auth.apikeys import ApiKeyStore, new_token, token_digest
 from service.auth.guard import (
+    Acting,
     Authenticator,
+    acting,
     challenge,
     check_auth_settings,
+    confirm_before_answering,
     current_principal,
     requires,
 )
@@ -30,14 +33,17 @@ from service.auth.principal import (
 __all__ = [
     "ALL_SCOPES",
     "LOCAL",
+    "Acting",
     "ApiKeyStore",
     "Authenticator",
     "OidcVerifier",
     "Principal",
     "Scope",
+    "acting",
     "can_access",
     "challenge",
     "check_auth_settings",
+    "confirm_before_answering",
     "current_principal",
     "new_token",
     "owner_of_meta",

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, Request
 from redis import Redis
+from starlette.concurrency import run_in_threadpool
 
 from jobs.epoch import lost_in_restart
 from models.errors import BadParameterError, JobLostError, KeyLostError, UnauthenticatedError
-from service.audit import before_acting
+from service.audit import before_acting, owed_record
 from service.auth.apikeys import TOKEN_PREFIX, ApiKeyStore
 from service.auth.oidc import OidcVerifier, check_fetch_url
 from service.auth.principal import LOCAL, Principal, Scope, require
@@ -139,16 +142,72 @@ def current_principal(request: Request, cached: bool = True) -> Principal:
     return principal
 
 
-def requires(scope: Scope | str):
+@dataclass
+class Acting:
+    """What a request still owes the store before it acts, for a route that sends it with its
+    own first round trips (``requires(..., with_first_write=True)``): ``revision``, the API
+    keys' revision its cached principal must be confirmed at (None: nothing, or confirmed
+    already), read with the route's first reads; ``pending``, the command writing its pending
+    audit record (``service.audit.owed_record``; None: none owed), the first of its first
+    write. When the keys changed, ``keys_changed`` looks the key up again (a revoked one
+    raises the 401). A request answered before its first reads (a refused upload) confirms
+    its principal on its own first (``confirm``): nothing is answered to a revoked key."""
+
+    revision: str | None
+    pending: list[str] | None
+    keys_changed: Callable[[], Principal]
+    holds: Callable[[str], bool]
+
+    def confirmed(self, revision: str | None) -> Principal | None:
+        """After the keys' revision was read (``revision``): None when it is the one
+        expected, else the principal looked up again (or its 401)."""
+        expected, self.revision = self.revision, None
+        return None if expected is None or revision == expected else self.keys_changed()
+
+    def confirm(self) -> None:
+        """Confirm the cached principal on its own (one round trip; nothing when confirmed)."""
+        if self.revision is not None and not self.holds(self.revision):
+            self.revision = None
+            self.keys_changed()
+        self.revision = None
+
+
+async def confirm_before_answering(request: Request) -> None:
+    """For a route that confirms its cached principal itself (``Acting``) and answers before
+    it did (an error): confirm it now, in the thread pool; a revoked key's 401 replaces the
+    answer."""
+    owed = acting(request)
+    if owed is not None and owed.revision is not None:
+        await run_in_threadpool(owed.confirm)
+
+
+def acting(request: Request) -> Acting | None:
+    """What the request owes before it acts (``Acting``), when its route's guard left it to the route."""
+    return getattr(request.state, "acting", None)
+
+
+def requires(scope: Scope | str, with_first_write: bool = False):
     """The FastAPI dependency of a route that needs ``scope``: answers with the Principal.
     A principal from the key cache is confirmed before the route runs: in the same round trip
     as a mutating request's pending audit record, else on its own; when the keys changed, the
-    key is looked up again (a revoked one is refused now)."""
+    key is looked up again (a revoked one is refused now). ``with_first_write``: the route
+    confirms the principal with its first reads and writes the pending record with its first
+    write itself (``acting``), saving both round trips."""
     value = scope.value if isinstance(scope, Scope) else Scope(scope).value
 
     def principal_with_scope(request: Request) -> Principal:
         principal = require(current_principal(request), value)
         revision = getattr(request.state, "auth_revision", None)
+        if with_first_write:
+
+            def keys_changed() -> Principal:
+                request.state.principal = request.state.auth_revision = None
+                return require(current_principal(request, cached=False), value)
+
+            keys = request.app.state.auth.keys
+            holds = keys.revision_holds if keys is not None else (lambda _revision: True)
+            request.state.acting = Acting(revision, owed_record(request), keys_changed, holds)
+            return principal
         with stage("audit"):
             # A mutating request's audit record, before it acts (with the revision, if any).
             held = before_acting(request, revision)

@@ -147,3 +147,28 @@ def test_each_end_appends_to_the_result_stream(conn):
     failed = rqueue.fetch_job(conn, bad.id)
     assert failed.status is ApiStatus.FAILED and failed.result is None
     assert "ValueError: math domain error" in failed.failure
+
+
+def test_an_enqueue_sent_again_after_its_reply_was_lost_does_nothing_twice(conn):
+    """The enqueue step (share, upload, job, wake-up) run a second time, as a command resent
+    after a lost reply would: the job is queued once, its place held once, nothing rewritten."""
+    from jobs.rqueue import Share
+
+    share = Share("aex:test-share", limit=5, ttl=60, reservation_seconds=30)
+    args = dict(
+        lane=JobKind.CLASSIFY,
+        kind=JobKind.CLASSIFY,
+        kwargs={"model": "m"},
+        meta={"kind": "classify"},
+        timeout=60,
+        result_ttl=60,
+        wait_ttl=60,
+        description="classify m",
+        share=share,
+        also=[["SET", "aex:test-upload", "sealed"]],
+    )
+    job_id = new_job_id(conn)
+    assert rqueue.enqueue(conn, job_id=job_id, **args)
+    assert rqueue.enqueue(conn, job_id=job_id, **args)
+    assert conn.lrange("rq:queue:aex-classify", 0, -1) == [job_id.encode()]
+    assert conn.zcard("aex:test-share") == 1 and conn.get("aex:test-upload") == b"sealed"

@@ -346,7 +346,7 @@ def test_a_cached_key_is_refused_at_the_next_request_after_its_revocation(servic
     """A key looked up once serves the next requests from memory (no lookup: the keys'
     revision confirmed in the request's first round trip), yet a revocation made elsewhere
     (another connection, as ``aex keys revoke`` makes it) refuses the very next request, a
-    read and a submission alike."""
+    read and a submission alike, and one whose upload would be refused too."""
     from jobs.queues import connect
     from tests.support.tokens import api_client
 
@@ -370,6 +370,9 @@ def test_a_cached_key_is_refused_at_the_next_request_after_its_revocation(servic
                 refused = client.get("/v1/models")
             else:
                 refused = client.post("/v1/classify", **png(1902), data={"model": "tiny-rgb"})
+                # Nor is a refusal of its upload answered to it: the key is confirmed first.
+                bad = client.post("/v1/classify", files={"image": ("x.png", b"not an image", "image/png")})
+                assert bad.status_code == 401, bad.text
             assert refused.status_code == 401, refused.text
             assert refused.json()["error"]["code"] == "unauthenticated"
     other.conn.close()

@@ -282,14 +282,17 @@ def test_redis_killed_while_busy(stack, make_image, capsys):
         )
         for i in range(2)
     ]
-    run_in_background = threading.Thread(target=run_clients, args=(explains,))
-    run_in_background.start()
+    # One after the other: the second is submitted once the first runs, so it goes to the
+    # other worker (two queued together would share one worker's batch).
+    for started, explain in enumerate(explains, start=1):
+        explain.start()
+        deadline = time.monotonic() + 60
+        while len(tally.ids) < started:
+            assert time.monotonic() < deadline, "the explain job was not accepted"
+            time.sleep(0.05)
+        running_with_progress(stack, tally.ids[started - 1])
+    # Both workers busy.
     deadline = time.monotonic() + 60
-    while len(tally.ids) < 2:
-        assert time.monotonic() < deadline, "the explain jobs were not accepted"
-        time.sleep(0.05)
-    for job_id in list(tally.ids):
-        running_with_progress(stack, job_id)  # both workers busy
     classifies = [
         threading.Thread(
             target=client,
@@ -307,8 +310,9 @@ def test_redis_killed_while_busy(stack, make_image, capsys):
     killed = stack.kill_redis()
     readyz = stack.readyz_back(killed)
     classify_clients.join(JOB_DEADLINE + 60)
-    run_in_background.join(JOB_DEADLINE + 60)
-    assert not classify_clients.is_alive() and not run_in_background.is_alive()
+    for explain in explains:
+        explain.join(JOB_DEADLINE + 60)
+    assert not classify_clients.is_alive() and not any(e.is_alive() for e in explains)
     tally.report(capsys, "Redis SIGKILLed while busy", readyz)
 
 
