@@ -11,11 +11,12 @@ from jobs.settings import Settings
 from service.jobs import JobService
 
 
-def get_settings(request: Request) -> Settings:
+# Coroutines: FastAPI runs a plain function dependency in its thread pool (a hop per request).
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_jobs(request: Request) -> JobService:
+async def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
 

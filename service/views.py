@@ -38,8 +38,9 @@ def job_view(conn: Redis, job: JobRecord, position: int | None) -> JobView:
 
     result = images = dicom = error = None
     if api_status is ApiStatus.FINISHED:
-        result = copy.deepcopy(job.result)  # the URLs are added to the copy, never to the record
-        if isinstance(result, dict):
+        result = job.result
+        if isinstance(result, dict) and (kind is JobKind.EXPLAIN or "reused_from" in result):
+            result = copy.deepcopy(result)  # the URLs are added to the copy, never to the record
             result.pop("reused_from", None)  # never another job's id (older results carried it)
         if isinstance(result, dict) and kind is JobKind.EXPLAIN:
             images = {}

@@ -100,8 +100,9 @@ class Share:
 # The rq statuses of a job that waits or runs (its owner's share counts it).
 ACTIVE_STATUSES = tuple(s.value for s, api in STATUS_FROM_RQ.items() if api in (ApiStatus.QUEUED, ApiStatus.RUNNING))
 
-# KEYS[1]: the share's set, KEYS[2]: the new job's hash (there already: this very step was done,
-# its reply lost and the command sent again; nothing is done twice); ARGV: the new id, now
+# KEYS[1]: the share's set, KEYS[2] (when enqueueing): the new job's hash (there already: this
+# very step was done, its reply lost and the command sent again; nothing is done twice); ARGV:
+# the new id, now
 # (s), limit, ttl, reservation seconds, rq's job
 # key prefix, the active statuses (framed), the commands to run first whatever the share says
 # (framed: the request's pending audit record), then those to run once the id holds a place
@@ -112,7 +113,7 @@ ACTIVE_STATUSES = tuple(s.value for s, api in STATUS_FROM_RQ.items() if api in (
 WITHIN_SHARE = Script(
     RUN
     + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+if #KEYS > 1 and redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 local id, now, limit, ttl, reservation, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
   tonumber(ARGV[5]), ARGV[6]
 local active, a = {}, 8 + tonumber(ARGV[7])
@@ -147,15 +148,21 @@ ENQUEUE_ONCE = Script(
 
 
 def within_share(
-    conn: Redis, share: Share, job_id: str, commands: list[bytes], lead: list[bytes] | None = None
+    conn: Redis,
+    share: Share,
+    job_id: str,
+    commands: list[bytes],
+    lead: list[bytes] | None = None,
+    once: bool = False,
 ) -> bool:
     """Reserve ``job_id`` a place in ``share`` and run ``commands`` (``jobs.scripts``) with it,
     in one step, ``lead`` first whatever the share says; False (nothing but ``lead``
-    written) when the share is full. Nothing is done when the job exists already (the same
-    step sent again after its reply was lost)."""
+    written) when the share is full. ``once`` (the commands create the job): nothing is done
+    when the job exists already (the same step sent again after its reply was lost)."""
     args = [job_id, time.time(), share.limit, max(1, int(share.ttl)), share.reservation_seconds]
     args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES)), *framed(lead or [])]
-    return bool(WITHIN_SHARE(conn, [share.key, Job.key_for(job_id)], [*args, *framed(commands)]))
+    keys = [share.key, Job.key_for(job_id)] if once else [share.key]
+    return bool(WITHIN_SHARE(conn, keys, [*args, *framed(commands)]))
 
 
 def enqueue(
@@ -201,7 +208,7 @@ def enqueue(
     first = encoded(conn, lead or [])
     written = recorded(conn, write)
     if share is not None:
-        return within_share(conn, share, job_id, written, lead=first)
+        return within_share(conn, share, job_id, written, lead=first, once=True)
     ENQUEUE_ONCE(conn, [Job.key_for(job_id)], framed([*first, *written]))
     return True
 

@@ -30,7 +30,7 @@ from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
 from jobs.epoch import lost_in_restart
-from models.errors import BadParameterError, JobLostError, KeyLostError, UnauthenticatedError
+from models.errors import BadParameterError, ForbiddenError, JobLostError, KeyLostError, UnauthenticatedError
 from service.audit import before_acting, owed_record
 from service.auth.apikeys import TOKEN_PREFIX, ApiKeyStore
 from service.auth.oidc import OidcVerifier, check_fetch_url
@@ -96,6 +96,16 @@ class Authenticator:
 
     def authenticate(self, authorization: str | None) -> Principal:
         return self.authenticate_cached(authorization, cached=False)[0]
+
+    def from_cache(self, authorization: str | None) -> tuple[Principal, str | None] | None:
+        """``authenticate_cached``'s answer when it needs no I/O (authentication off, an API
+        key in the cache): for the event loop; None when it needs a lookup (or an error)."""
+        if not self.enabled:
+            return LOCAL, None
+        scheme, _, token = (authorization or "").strip().partition(" ")
+        if self.keys is None or scheme.lower() != "bearer" or len(authorization or "") > MAX_AUTHORIZATION_LENGTH:
+            return None
+        return self.keys.from_cache(token.strip())
 
     def authenticate_cached(self, authorization: str | None, cached: bool = True) -> tuple[Principal, str | None]:
         """(principal, the API keys' revision to confirm before serving: a cached API key
@@ -195,19 +205,48 @@ def requires(scope: Scope | str, with_first_write: bool = False):
     write itself (``acting``), saving both round trips."""
     value = scope.value if isinstance(scope, Scope) else Scope(scope).value
 
-    def principal_with_scope(request: Request) -> Principal:
-        principal = require(current_principal(request), value)
-        revision = getattr(request.state, "auth_revision", None)
-        if with_first_write:
+    async def principal_with_scope(request: Request) -> Principal:
+        # A submission whose key is in the cache owes nothing before its route runs: answered
+        # here, in the event loop (no thread of the pool for a dependency that does no I/O).
+        if with_first_write and getattr(request.state, "principal", None) is None:
+            with stage("auth"):
+                known = request.app.state.auth.from_cache(request.headers.get("authorization"))
+            if known is not None and known[0].has(value):
+                request.state.principal, request.state.auth_revision = known
+                return owing(request, known[0])
+        return await run_in_threadpool(looked_up, request)
 
-            def keys_changed() -> Principal:
+    def scoped(request: Request, principal: Principal) -> Principal:
+        """``principal`` when it holds the scope; a 403 only once a cached one is confirmed
+        (a revoked key is answered 401, never told what it may not do)."""
+        try:
+            return require(principal, value)
+        except ForbiddenError:
+            revision = getattr(request.state, "auth_revision", None)
+            if revision is not None and not request.app.state.auth.keys.revision_holds(revision):
                 request.state.principal = request.state.auth_revision = None
                 return require(current_principal(request, cached=False), value)
+            raise
 
-            keys = request.app.state.auth.keys
-            holds = keys.revision_holds if keys is not None else (lambda _revision: True)
-            request.state.acting = Acting(revision, owed_record(request), keys_changed, holds)
-            return principal
+    def owing(request: Request, principal: Principal) -> Principal:
+        """Leave to the route what the request owes before it acts (``Acting``)."""
+
+        def keys_changed() -> Principal:
+            request.state.principal = request.state.auth_revision = None
+            return require(current_principal(request, cached=False), value)
+
+        keys = request.app.state.auth.keys
+        holds = keys.revision_holds if keys is not None else (lambda _revision: True)
+        revision = getattr(request.state, "auth_revision", None)
+        request.state.acting = Acting(revision, owed_record(request), keys_changed, holds)
+        return principal
+
+    def looked_up(request: Request) -> Principal:
+        principal = scoped(request, current_principal(request))
+        revision = getattr(request.state, "auth_revision", None)
+        if with_first_write:
+            return owing(request, principal)
+
         with stage("audit"):
             # A mutating request's audit record, before it acts (with the revision, if any).
             held = before_acting(request, revision)
