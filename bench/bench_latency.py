@@ -307,7 +307,10 @@ def print_budget(phases: dict[int, dict], counts: list[int]) -> None:
         print(f"{label:40s}{cells}")
 
     line("client: request to answer", "client")
-    for label, key in API_STAGES + WAIT_PARTS + AFTER:
+    named = {key for _, key in API_STAGES + WAIT_PARTS + AFTER} | {"api:total"}
+    # Stages of another version of the API (its own names), after the ones named here.
+    other = sorted({key for k in counts for key in phases[k]["stages"] if key.startswith("api:")} - named)
+    for label, key in API_STAGES + [(key.removeprefix("api:"), key) for key in other] + WAIT_PARTS + AFTER:
         line(label, key)
     api = "".join(
         f"{phases[k]['api_round_trips']['mean']:11.1f}{'':11s}" if phases[k]["api_round_trips"]["mean"] else ""
