@@ -14,6 +14,7 @@ from jobs.settings import Settings
 from models.data.sources import file_sha256
 from models.errors import CheckpointError, UnknownModelError
 from models.explain.gradcam import default_gradcam_layer, layer_name
+from models.nn.inference import inference_copy
 from models.nn.runtime import pick_device
 from models.store.checkpoint import CheckpointMeta, load_checkpoint
 from models.store.discovery import catalogue_entry, discover_checkpoints
@@ -37,11 +38,16 @@ class ServedModel:
     def load(cls, name: str, path: Path, device: torch.device) -> ServedModel:
         """Load one checkpoint for serving: eval mode, no parameter gradients (explanations
         need input gradients only), and one forward pass so the first job does not pay
-        torch's warm-up."""
+        torch's warm-up (on the CPU, also through the fused copy classify runs, which it builds:
+        ``models.nn.inference``)."""
         model, meta = load_checkpoint(path, device=device)
         model.requires_grad_(False)
+        x = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device)
         with torch.no_grad():
-            model(torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device))
+            model(x)
+        if device.type == "cpu":
+            with torch.inference_mode():
+                inference_copy(model)(x.contiguous(memory_format=torch.channels_last))
         return cls(name, Path(path), model, meta, device, file_sha256(path))
 
     @property
