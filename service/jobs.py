@@ -41,9 +41,9 @@ from service.auth.principal import Principal, can_access, owner_meta, owner_of_m
 from service.catalogue import Catalogue
 from service.multipart import Upload
 from service.reuse import fetch_reused, reuse_index_key, reuse_result
-from service.schemas import ClassifyParams, ExplainParams, JobView
+from service.schemas import ClassifyParams, ExplainParams
 from service.timing import stage
-from service.views import job_view
+from service.views import ShownJob, job_view
 
 log = logging.getLogger("aex.service")
 
@@ -210,7 +210,7 @@ class JobService:
     # --- the two kinds of job ----------------------------------------------------------
     def classify(
         self, principal: Principal, upload: Upload, params: ClassifyParams, acting: Acting | None = None
-    ) -> JobView:
+    ) -> ShownJob:
         """Check the upload, queue a classify job (or answer from an identical earlier one)
         and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
         high-priority classify queue; one with the stability score (seconds of searches, the
@@ -238,7 +238,7 @@ class JobService:
 
     def explain(
         self, principal: Principal, upload: Upload, params: ExplainParams, acting: Acting | None = None
-    ) -> JobView:
+    ) -> ShownJob:
         """Check the upload and the parameters, queue an explain job (or answer from an
         identical earlier one); returns at once. ``acting``: what the request owes before it
         acts (``_start``)."""
@@ -293,7 +293,7 @@ class JobService:
             raise UnknownJobError(unknown_job(job_id))
         return job
 
-    def view(self, principal: Principal, job_id: str) -> JobView:
+    def view(self, principal: Principal, job_id: str) -> ShownJob:
         job = self.fetch_for(principal, job_id)
         if job.kind is not None and rqueue.lease_expired(self.conn, job):
             # Its worker died: fail it now rather than at the next worker maintenance.
@@ -337,7 +337,7 @@ class JobService:
         return data
 
     # --- cancelling --------------------------------------------------------------------
-    def cancel(self, principal: Principal, job_id: str) -> JobView:
+    def cancel(self, principal: Principal, job_id: str) -> ShownJob:
         """Cancel a queued job at once; ask a running one to stop at its next step (it then
         shows "cancelled"). A job already over is left as it is.
 

@@ -1,22 +1,62 @@
 """Job views: a job as GET /v1/jobs/{id} shows it (status, queue position, progress, timings,
-result with its image and DICOM URLs, callback delivery, error)."""
+result with its image and DICOM URLs, callback delivery, error).
+
+A view's result is sent as the worker stored it (``ShownJob``): the worker validated it and
+checked every number finite when it stored it (``jobs.results``: ``ResultModel.dump``), and its
+JSON validated and written out again is the very same JSON (tests/jobs/test_results.py). Doing
+that again for every view cost the API about a millisecond of CPU per classify (a result is
+some 700 values: each model's finite check, field validation, its serialiser). The view's own
+small fields (status, timings, progress, error, callback) are validated as before.
+"""
 
 from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
+from typing import Any
 
+from pydantic import TypeAdapter
+from pydantic.json_schema import SkipJsonSchema
 from redis import Redis
 
 from jobs.callbacks import delivery_record
 from jobs.queues import JobKind
+from jobs.results import JobResult
 from jobs.rqueue import JobRecord
 from jobs.states import ApiStatus
 from service.schemas import ErrorBody, JobView, Progress, Timings
 
+_RESULT = TypeAdapter(JobResult)
 
-def job_view(conn: Redis, job: JobRecord, position: int | None) -> JobView:
-    """The view of ``job`` (as fetched); ``position``: where it waits in its queue, if queued."""
+
+class ShownJob(JobView):
+    """A job view as the API answers it: ``result`` is the result's JSON as the worker stored it
+    (a dict, the URLs of an explain job's files added; None without one), passed through as it
+    is. ``content()`` is the JSON value of the view, exactly what ``JobView`` writes out;
+    ``typed()`` the view with its result validated (a ``JobView``)."""
+
+    result: SkipJsonSchema[Any] = None
+
+    def content(self) -> dict[str, Any]:
+        """The view as JSON values (``JobView.model_dump(mode="json")``, fields in their order),
+        its result the stored dict itself (not copied: do not change it). A NaN or an infinity
+        in it, which the worker never stores, stays one: the encoder refuses it (``typed``)."""
+        fields = self.model_dump(mode="json", exclude={"result"})
+        return {name: self.result if name == "result" else fields[name] for name in JobView.model_fields}
+
+    def typed(self) -> JobView:
+        """The view with its result validated: raises NonFiniteResultError (naming where) for a
+        result that holds a NaN or an infinity, as every result model does."""
+        result = None if self.result is None else _RESULT.validate_python(self.result)
+        return JobView(
+            **{name: getattr(self, name) for name in JobView.model_fields if name != "result"}, result=result
+        )
+
+
+def job_view(conn: Redis, job: JobRecord, position: int | None) -> ShownJob:
+    """The view of ``job`` (as fetched); ``position``: where it waits in its queue, if queued.
+    Its result is the stored one (``ShownJob``), never changed: an explain job's URLs are added
+    to a copy."""
     kind = job.kind
     api_status = job.status
     url = f"/v1/jobs/{job.id}"
@@ -65,7 +105,7 @@ def job_view(conn: Redis, job: JobRecord, position: int | None) -> JobView:
     elif api_status is ApiStatus.CANCELLED:
         error = ErrorBody(code="job_cancelled", message="the job was cancelled")
 
-    return JobView(
+    return ShownJob(
         id=job.id,
         url=url,
         kind=kind,

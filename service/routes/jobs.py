@@ -4,6 +4,7 @@ rest), and each noted in the audit trail with the job, the model and the input's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
@@ -11,13 +12,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs.states import TERMINAL, ApiStatus
-from service.audit import note
+from service.audit import note, record_answer
 from service.auth import Principal, Scope, acting, confirm_before_answering, requires
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
-from service.multipart import read_upload
+from service.jobs import JobService
+from service.multipart import Upload, read_upload
 from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
 from service.timing import stage
+from service.views import ShownJob
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -27,9 +30,51 @@ Submitter = Annotated[Principal, requires(Scope.SUBMIT, with_first_write=True)]
 Reader = Annotated[Principal, requires(Scope.READ)]
 
 
-def _job_response(view: JobView, status_code: int) -> JSONResponse:
+def _json(content: dict, status_code: int, view: ShownJob, headers: dict[str, str] | None = None) -> JSONResponse:
+    try:
+        return JSONResponse(content, status_code=status_code, headers=headers)
+    except ValueError:  # a NaN or an infinity in a stored result (a worker never stores one)
+        view.typed()  # NonFiniteResultError naming where, as the result's model refuses it
+        raise
+
+
+def _job_response(view: ShownJob, status_code: int) -> JSONResponse:
+    """The view as the answer (``Location`` on a 202), its result as stored (``ShownJob``)."""
     headers = {"Location": view.url} if status_code == 202 else None
-    return JSONResponse(view.model_dump(mode="json"), status_code=status_code, headers=headers)
+    return _json(view.content(), status_code, view, headers)
+
+
+def _classify_response(view: ShownJob) -> JSONResponse:
+    """A classify's answer: 200 with the result, the job's own error when it failed or was
+    cancelled, else 202 (still running: poll the Location)."""
+    if view.status is ApiStatus.FINISHED:
+        return _job_response(view, 200)
+    if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
+        body = {"error": view.error.model_dump(), "job": view.content()}
+        return _json(body, status_of(view.error.code), view)
+    return _job_response(view, 202)
+
+
+def _answer(request: Request, view: ShownJob, respond: Callable[[ShownJob], Response]) -> Response:
+    """The answer ``respond`` makes of ``view``, its final audit record written (``record_answer``:
+    in this thread of the pool, no trip of its own). Blocking."""
+    note(request, job_id=view.id, model=view.model)
+    with stage("respond"):
+        response = respond(view)
+    return record_answer(request, response)
+
+
+def _shown(status_code: int) -> Callable[[ShownJob], Response]:
+    return lambda view: _job_response(view, status_code)
+
+
+def _classify(request: Request, jobs: JobService, principal: Principal, upload: Upload, params) -> Response:
+    return _answer(request, jobs.classify(principal, upload, params, acting(request)), _classify_response)
+
+
+def _explain(request: Request, jobs: JobService, principal: Principal, upload: Upload, params) -> Response:
+    view = jobs.explain(principal, upload, params, acting(request))
+    return _answer(request, view, _shown(200 if view.status is ApiStatus.FINISHED else 202))
 
 
 @router.post(
@@ -47,19 +92,11 @@ async def classify(request: Request, principal: Submitter, settings: SettingsDep
             upload = await read_upload(request, settings)
             params = parse_params(ClassifyParams, upload.fields)
             note(request, model=params.model, input_sha256=upload.sha256)
-        view = await run_in_threadpool(jobs.classify, principal, upload, params, acting(request))
+        # The job, its answer and the answer's audit record: one trip into the thread pool.
+        return await run_in_threadpool(_classify, request, jobs, principal, upload, params)
     except Exception:
         await confirm_before_answering(request)
         raise
-    note(request, job_id=view.id, model=view.model)
-    with stage("respond"):
-        if view.status is ApiStatus.FINISHED:
-            return _job_response(view, 200)
-        if view.status in (ApiStatus.FAILED, ApiStatus.CANCELLED) and view.error is not None:
-            status = status_of(view.error.code)
-            body = {"error": view.error.model_dump(), "job": view.model_dump(mode="json")}
-            return JSONResponse(body, status_code=status)
-        return _job_response(view, 202)
 
 
 @router.post(
@@ -81,21 +118,16 @@ async def explain(request: Request, principal: Submitter, settings: SettingsDep,
             upload = await read_upload(request, settings)
             params = parse_params(ExplainParams, upload.fields)
             note(request, model=params.model, input_sha256=upload.sha256)
-        view = await run_in_threadpool(jobs.explain, principal, upload, params, acting(request))
+        return await run_in_threadpool(_explain, request, jobs, principal, upload, params)
     except Exception:
         await confirm_before_answering(request)
         raise
-    note(request, job_id=view.id, model=view.model)
-    with stage("respond"):
-        return _job_response(view, 200 if view.status is ApiStatus.FINISHED else 202)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)
-def get_job(request: Request, job_id: str, principal: Reader, jobs: JobsDep) -> JobView:
+def get_job(request: Request, job_id: str, principal: Reader, jobs: JobsDep) -> Response:
     """Status, queue position, progress, timings and, when finished, the result."""
-    view = jobs.view(principal, job_id)
-    note(request, model=view.model)
-    return view
+    return _answer(request, jobs.view(principal, job_id), _shown(200))
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {"model": JobView}, **ERRORS})
@@ -103,8 +135,7 @@ def cancel_job(request: Request, job_id: str, principal: Reader, jobs: JobsDep) 
     """Cancel a job: at once when queued (200, ``cancelled``), at its next search step when
     running or being taken by a worker (202); a job already over is shown as it is (200)."""
     view = jobs.cancel(principal, job_id)
-    note(request, model=view.model)
-    return _job_response(view, 200 if view.status in TERMINAL else 202)
+    return _answer(request, view, _shown(200 if view.status in TERMINAL else 202))
 
 
 @router.get(

@@ -12,6 +12,7 @@ import pytest
 from jobs.queues import JobKind
 from jobs.rqueue import JobRecord
 from jobs.states import ApiStatus
+from service.schemas import JobView
 from service.views import job_view
 from tests.support.dicom import write_dicom
 
@@ -72,8 +73,11 @@ def test_a_finished_explanation_lists_its_image_and_dicom_urls_on_a_copy(conn, e
     assert job.result == kept  # the record is never written to
     base = f"/v1/jobs/{JOB}"
     assert view.timings.run_seconds == 3.0 and view.timings.queued_seconds == 2.0
-    result = view.result.model_dump(mode="json")
+    result = view.result  # as stored, the URLs added
     assert "reused_from" not in result  # never another job's id
+    # Sent as stored, it is exactly what the validated view writes out.
+    assert view.content() == view.typed().model_dump(mode="json")
+    assert view.typed().result.targets[0].image_url == result["targets"][0]["image_url"]
     names = set(stored["files"].values()) | {t[k] for t in stored["targets"] for k in ("image", "difference")}
     assert view.images == {name: f"{base}/images/{name}" for name in names}
     assert view.dicom == {name: f"{base}/dicom/{name}" for name in stored["dicom_files"]}
@@ -81,6 +85,39 @@ def test_a_finished_explanation_lists_its_image_and_dicom_urls_on_a_copy(conn, e
         assert target["image_url"] == f"{base}/images/{target['image']}"
         assert target["difference_url"] == f"{base}/images/{target['difference']}"
         assert target["dicom_url"] == f"{base}/dicom/{target['dicom']}"
+
+
+def test_a_finished_classify_is_sent_as_stored_and_reads_as_its_validated_view(conn, service_models):
+    import torch
+
+    from jobs.params import ClassifyParameters
+    from tests.support.images import encode_image
+    from worker.compute import classify_result
+    from worker.served import ServedModel
+
+    served = ServedModel.load("tiny-rgb", service_models / "tiny-rgb" / "model.safetensors", torch.device("cpu"))
+    stored = classify_result(
+        served, encode_image("PNG", "RGB", seed=3), "image", ClassifyParameters.build(top_k=3)
+    ).dump()
+    view = job_view(conn, record(ApiStatus.FINISHED, result=stored), None)
+    assert view.result is stored  # not copied, not validated again
+    content = view.content()
+    assert list(content) == list(JobView.model_fields)  # the view's fields, in their order
+    assert content == view.typed().model_dump(mode="json") and content["result"] == stored
+    assert json.loads(json.dumps(content)) == content
+
+
+def test_a_stored_result_that_is_not_finite_is_refused_as_its_model_refuses_it(conn):
+    from fastapi.responses import JSONResponse
+
+    from models.errors import NonFiniteResultError
+
+    stored = {"top": [{"class_index": 0, "class_name": "cat", "prob": float("nan")}]}
+    view = job_view(conn, record(ApiStatus.FINISHED, result=stored), None)
+    with pytest.raises(ValueError):  # never written out as null, nor as NaN
+        JSONResponse(view.content())
+    with pytest.raises(NonFiniteResultError, match=r"top\[0\]\.prob"):
+        view.typed()
 
 
 @pytest.mark.parametrize(
