@@ -2,7 +2,7 @@
 
 ``inference_copy(model)`` is a frozen copy (``models.nn.runtime.frozen_copy``: eval mode,
 parameters without grad) in channels-last layout, cached per model and rebuilt when its
-weights change (``weights_key``), with two rewrites that leave its function unchanged up to
+weights change (``weights_key``), with three rewrites that leave its function unchanged up to
 float rounding:
 
 - every ``Conv2d`` directly followed by a ``BatchNorm2d`` with running statistics inside an
@@ -10,14 +10,19 @@ float rounding:
   convolution with a bias: W' = W * s, b' = (b - mean) * s + beta with
   s = gamma / sqrt(var + eps), computed in float64 and cast to the weights' dtype; the BN
   becomes an ``nn.Identity`` (so the Sequential's indices, e.g. ``gradcam_layer``, stay);
-- every ``HalfHuberReLU`` whose input is a temporary (it follows a Conv2d or a BatchNorm2d
-  in an ``nn.Sequential``, whose output only it reads) computes in place
+- every other eval-mode ``BatchNorm2d`` (a PreActBlock's ``pre``, the head BN) becomes an
+  affine map x * scale + shift in one ``addcmul`` pass (``_ChannelAffine``);
+- every ``HalfHuberReLU`` whose input is a temporary (it follows a Conv2d, a BatchNorm2d or
+  its affine map in an ``nn.Sequential``, whose output only it reads) computes in place
   (``_HalfHuberReLUInPlace``): one temporary instead of three, the values bit for bit those
   of ``_HalfHuberReLUFn.forward``. Where autograd records (an input that needs grad), it
-  runs ``_HalfHuberReLUFn`` itself, so the copy also serves an input-gradient step.
+  runs that Function with a forward of two temporaries and the same backward, so the copy
+  also serves the searches' input-gradient steps (``models.nn.layout``).
 
-Measured on the 2-core machine (``bench/bench_inference.py``, CPU ms/image of
-``cifar10-robust``, NHWC copy -> this copy): see that script's docstring.
+classify's forward pass in the worker runs this copy (``worker.compute.forward_checked``).
+CPU ms per image of ``cifar10-robust`` on the 2-core machine, one torch thread, plain model
+-> this copy (``bench/bench_inference.py``): batch 1 4.66 -> 3.55, 4 3.31 -> 2.21,
+16 3.16 -> 2.00, 32 3.28 -> 2.24 (indicative: a shared machine).
 """
 
 from __future__ import annotations
@@ -33,6 +38,21 @@ from models.nn.runtime import frozen_copy, weights_key
 _CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, nn.Module]] = weakref.WeakKeyDictionary()
 
 
+class _HalfHuberReLUFnLean(_HalfHuberReLUFn):
+    """``_HalfHuberReLUFn`` (its backward, first order and double) with a forward of two
+    temporaries instead of three: relu(x - d) takes c * c [* k] in place."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, delta: float) -> torch.Tensor:
+        c = x.clamp(0.0, delta)
+        out = x.sub(delta).clamp_min_(0.0)
+        k = 0.5 / delta
+        out = out.addcmul_(c, c) if k == 1.0 else out.add_(c.mul(c).mul_(k))
+        ctx.save_for_backward(x, c)
+        ctx.delta = delta
+        return out
+
+
 class _HalfHuberReLUInPlace(nn.Module):
     """HHReLU that overwrites its input (N x C x H x W, any float dtype) when no graph is
     recorded: for an input that is a temporary nothing else reads."""
@@ -44,7 +64,7 @@ class _HalfHuberReLUInPlace(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.delta
         if x.requires_grad and torch.is_grad_enabled():
-            return _HalfHuberReLUFn.apply(x, d)
+            return _HalfHuberReLUFnLean.apply(x, d)
         # The float operations of _HalfHuberReLUFn.forward in its order, c * c [* k] + relu(x - d)
         # with c = clamp(x, 0, d): relu(x - d) is the one temporary, c is x clamped in place.
         t = x.sub(d).clamp_min_(0.0)

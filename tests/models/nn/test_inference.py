@@ -147,6 +147,15 @@ def test_the_in_place_hhrelu_is_bit_for_bit_the_formula(delta):
         with torch.inference_mode():
             got = _HalfHuberReLUInPlace(delta)(t.clone())
         assert torch.equal(got, want) and got.dtype == t.dtype
+        # Recording autograd (the searches): the input is left alone, values and input
+        # gradients are the Function's, bit for bit.
+        a, b = t.clone().requires_grad_(True), t.clone().requires_grad_(True)
+        got = _HalfHuberReLUInPlace(delta)(a)
+        assert torch.equal(got, want) and torch.equal(a.detach(), t)
+        seed = torch.rand(t.shape, generator=g, dtype=t.dtype)
+        (got * seed).sum().backward()
+        (_HalfHuberReLUFn.apply(b, delta) * seed).sum().backward()
+        assert torch.equal(a.grad, b.grad)
 
 
 class _Ctx:

@@ -1,0 +1,57 @@
+"""classify's forward pass (``worker.compute.forward_checked``) on the CPU runs the fused inference copy (``models.nn.inference``): a batch's probabilities equal the served model's own to float rounding, with and without the stability search, and the served model is left as it was."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from jobs.params import ClassifyParameters
+from models.nn.inference import inference_copy
+from tests.support.checkpoints import tiny_checkpoint
+from worker.compute import JobInput, classify_results, decode_batch
+from worker.served import ServedModel
+
+CLASSES = ["a", "b", "c", "d"]
+
+
+@pytest.fixture(autouse=True)
+def _limits(monkeypatch):
+    monkeypatch.setattr("worker.compute.upload_limits", lambda: (50_000_000, 20))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> ServedModel:
+    path = tmp_path_factory.mktemp("compute") / "tiny-rgb.safetensors"
+    tiny_checkpoint(path, 3, 32, CLASSES, seed=3)
+    return ServedModel.load("tiny-rgb", path, torch.device("cpu"))
+
+
+def png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((32, 32, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("stability", [False, True])
+def test_a_batch_classifies_through_the_fused_copy_as_the_model_does(served, stability):
+    model = served.model
+    flags = [p.requires_grad for p in model.parameters()]
+    copy = inference_copy(model)  # built by ServedModel.load's warm-up, and kept
+    parameters = ClassifyParameters(top_k=2, stability=stability, stability_steps=40 if stability else None)
+    inputs = [JobInput(png(i), "image", parameters) for i in range(5)]
+    out = classify_results(served, inputs)
+    assert inference_copy(model) is copy
+    _, decoded = decode_batch(served, inputs)
+    with torch.no_grad():
+        want = model(torch.stack([d.x for d in decoded])).softmax(1)
+    for result, row in zip(out, want, strict=True):
+        got = torch.tensor([result.probs[c] for c in CLASSES])
+        torch.testing.assert_close(got, row, rtol=0, atol=1e-5)
+        assert result.predicted.class_index == int(row.argmax())
+        assert (result.stability is not None) == stability
+    assert not model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.is_contiguous() for p in model.parameters())  # still NCHW
