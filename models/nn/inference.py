@@ -155,6 +155,10 @@ def inference_copy(model: nn.Module) -> nn.Module:
     key = weights_key(model)
     hit = _CACHE.get(model)
     if hit is None or hit[0] != key:
-        copy = fuse(frozen_copy(model)).to(memory_format=torch.channels_last)
+        # Built outside inference mode even when asked for inside it (classify's forward pass,
+        # the worker's warm-up): tensors made in inference mode could never take part in the
+        # searches' autograd afterwards.
+        with torch.inference_mode(False):
+            copy = fuse(frozen_copy(model)).to(memory_format=torch.channels_last)
         _CACHE[model] = hit = (key, copy)
     return hit[1]

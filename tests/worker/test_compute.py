@@ -1,4 +1,4 @@
-"""classify's forward pass (``worker.compute.forward_checked``) on the CPU runs the fused inference copy (``models.nn.inference``): a batch's probabilities equal the served model's own to float rounding, with and without the stability search, and the served model is left as it was."""
+"""classify's forward pass (``worker.compute.forward_checked``) on the CPU runs the fused inference copy (``models.nn.inference``): a batch's probabilities equal the served model's own to float rounding, with and without the stability search, and the served model is left as it was; the copy, first made in inference mode, still serves an explanation's searches."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from jobs.params import ClassifyParameters
+from jobs.params import ClassifyParameters, ExplainParameters
 from models.nn.inference import inference_copy
 from tests.support.checkpoints import tiny_checkpoint
 from worker.compute import JobInput, classify_results, decode_batch
+from worker.explaining import explain_result
 from worker.served import ServedModel
 
 CLASSES = ["a", "b", "c", "d"]
@@ -55,3 +56,12 @@ def test_a_batch_classifies_through_the_fused_copy_as_the_model_does(served, sta
         assert (result.stability is not None) == stability
     assert not model.training and [p.requires_grad for p in model.parameters()] == flags
     assert all(p.is_contiguous() for p in model.parameters())  # still NCHW
+
+
+def test_an_explanation_searches_through_the_copy_classify_made(served):
+    # The copy classify's forward pass (and the worker's warm-up) made under inference_mode
+    # is the one the explanation's search takes (models.nn.layout): it must support autograd.
+    classify_results(served, [JobInput(png(9), "image", ClassifyParameters())])
+    parameters = ExplainParameters.build(targets=["predicted", "runner-up"], rho=0.1, steps=3, stability_steps=4)
+    out = explain_result(served, png(9), "image", parameters)
+    assert [t.class_index for t in out.result.targets][:1] == [out.result.predicted.class_index]

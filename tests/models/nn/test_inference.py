@@ -180,7 +180,10 @@ def test_hhrelu_is_not_run_in_place_on_an_input_others_read():
 def test_an_input_gradient_through_the_copy_equals_the_models(tiny_hh_model, images):
     # Autograd recording: the in-place activation runs the Function (first order is enough
     # for the searches), the folded convolutions and affine maps are differentiable.
-    copy = inference_copy(tiny_hh_model)
+    with torch.inference_mode():  # first asked for in inference mode (classify's forward pass)
+        copy = inference_copy(tiny_hh_model)
+        copy(images)
+    assert not any(t.is_inference() for t in (*copy.parameters(), *copy.buffers()))
     a = images.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     b = images.clone().requires_grad_(True)
     copy(a)[:, 3].sum().backward()
