@@ -12,13 +12,14 @@ from typing import Annotated
 
 import pytest
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
 
 from jobs.keys import audit_key
 from jobs.queues import connect
 from models.errors import BadParameterError
 from service.app import install_error_handlers
-from service.audit import AuditLog, AuditMiddleware, note, pending_key, to_json_lines
+from service.audit import AuditLog, AuditMiddleware, note, pending_key, record_answer, to_json_lines
 from service.audit_since import parse_since
 from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
 
@@ -220,6 +221,57 @@ def test_no_answer_leaves_without_its_record_and_nothing_acts_before_its_record(
     assert acted == [JOB] and not conn.exists(pending_key())
     (record,) = AuditLog(conn).read()
     assert (record["principal"], record["action"], record["status"]) == ("key:writer", "POST /v1/jobs/{job_id}", 200)
+
+
+def recording_app(conn, audit_conn, acted: list, then_fail: bool = False) -> FastAPI:
+    """A mutating route that writes its own final record (``record_answer``), as the job
+    routes do; ``then_fail``: it raises after that write."""
+    app = FastAPI()
+    app.state.auth = Authenticator(True, ApiKeyStore(conn), None)
+
+    @app.post("/v1/jobs/{job_id}")
+    def act(request: Request, job_id: str, principal: Annotated[Principal, requires(Scope.SUBMIT)]):
+        acted.append(job_id)
+        note(request, model="tiny-rgb")
+        answer = record_answer(request, JSONResponse({"id": job_id}, status_code=202))
+        if then_fail:
+            raise BadParameterError("failed after its record")
+        return answer
+
+    install_error_handlers(app)
+    app.add_middleware(AuditMiddleware, audit=AuditLog(audit_conn, known_models=lambda: {"tiny-rgb"}))
+    return app
+
+
+def test_a_route_that_writes_its_own_record_gets_exactly_one_and_fails_closed_too(redis_server, conn):
+    _, token = ApiKeyStore(conn).create("writer", ["submit"])
+    headers = {"Authorization": "Bearer " + token}
+    acted: list[str] = []
+    with TestClient(recording_app(conn, conn, acted)) as client:
+        assert client.post(f"/v1/jobs/{JOB}", headers=headers).status_code == 202
+    (record,) = AuditLog(conn).read()  # the route's, not one more from the middleware
+    assert (record["action"], record["status"], record["model"]) == ("POST /v1/jobs/{job_id}", 202, "tiny-rgb")
+    assert not conn.exists(pending_key())
+    # An answer with another status than the one recorded (an error after the write) gets its own.
+    with TestClient(recording_app(conn, conn, acted, then_fail=True)) as client:
+        assert client.post(f"/v1/jobs/{JOB}", headers=headers).status_code == 400
+    assert [r["status"] for r in AuditLog(conn).read()] == [202, 202, 400]
+    # The final record refused after the route acted (a user that may write anything but add to
+    # a stream: its pending record is written): the answer is the 503, nothing more is written,
+    # and the pending record stays for the sweep (status 503, what the client got).
+    conn.delete(audit_key())
+    conn.execute_command("ACL", "SETUSER", "no-xadd", "on", ">pw", "~*", "&*", "+@all", "-xadd")
+    no_xadd = connect(f"unix://no-xadd:pw@{redis_server.socket}?db={DB}")
+    try:
+        with TestClient(recording_app(conn, no_xadd, acted)) as client:
+            resp = client.post(f"/v1/jobs/{JOB}", headers=headers)
+    finally:
+        no_xadd.close()
+        conn.execute_command("ACL", "DELUSER", "no-xadd")
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "store_unavailable", resp.text
+    assert acted == [JOB, JOB, JOB] and not conn.exists(audit_key())
+    (pending,) = conn.hvals(pending_key())
+    assert json.loads(pending)["fields"]["status"] == "503"
 
 
 def test_a_pending_record_left_behind_is_moved_into_the_trail_once(conn):
