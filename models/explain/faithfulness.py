@@ -15,7 +15,8 @@ order's (the class's probability falls faster when its pixels go first) and an i
 above it.
 
 Every image of every curve (x and b once, then K - 1 intermediate steps per curve and order)
-goes through the model in one batched forward pass (in chunks of ``batch`` rows).
+goes through the model in one batched forward pass (in chunks of ``batch`` rows; on the CPU
+through its fused channels-last copy, ``models.nn.inference``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import nn
 
 from models.defaults import FAITHFULNESS_BATCH, FAITHFULNESS_BLUR_SIGMA, FAITHFULNESS_SEED, FAITHFULNESS_STEPS
 from models.errors import BadParameterError
+from models.nn.inference import inference_copy
 from models.nn.runtime import eval_mode, model_device
 
 
@@ -98,8 +100,11 @@ def auc(probs: Sequence[float] | torch.Tensor) -> float:
 
 
 def _forward_probs(model: nn.Module, batch: torch.Tensor, rows: int) -> torch.Tensor:
+    # On the CPU through the fused channels-last copy (models.nn.inference: 0.65x the CPU time
+    # at 32 rows; the same probabilities to float rounding).
+    net = inference_copy(model) if batch.device.type == "cpu" else model
     with eval_mode(model), torch.no_grad():
-        parts = [model(batch[i : i + rows]).float().softmax(1) for i in range(0, batch.shape[0], rows)]
+        parts = [net(batch[i : i + rows]).float().softmax(1) for i in range(0, batch.shape[0], rows)]
     return torch.cat(parts).cpu()
 
 
