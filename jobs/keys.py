@@ -21,6 +21,12 @@ def wake_key() -> str:
     return f"{PREFIX}:wake"
 
 
+def claim_record_key(take_id: str) -> str:
+    """What one take of a worker claimed (a list: the queue's number, then the job ids; kept a
+    minute), so that the take sent again after its reply was lost claims nothing twice."""
+    return f"{PREFIX}:claimed:{take_id}"
+
+
 def cancel_key(job_id: str) -> str:
     """Set by DELETE /v1/jobs/{id}; a running job checks it between steps."""
     return f"{PREFIX}:cancel:{job_id}"

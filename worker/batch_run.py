@@ -2,16 +2,16 @@
 
 The order of a batch (``worker.batching`` says which jobs may share one):
 
-1. the leader comes from rq's dequeue with the jobs waiting behind it in its queue
-   (``jobs.rqueue.taking.take_any``: up to ``AEX_MAX_BATCH`` in one round trip); those that
-   share its batch are its mates (``worker.batching.fitting``), the others go back to the
-   head of the queue; more are taken as they arrive, waiting ``AEX_BATCH_WAIT_MS`` at most
-   (``worker.batching.gather_mates``);
-2. the worker claims them (``worker.process``, one round trip for those taken together):
-   refused when not aex's, skipped when no longer queued, else ``running`` under its own
-   attempt token and lease, renewed for the whole batch, so a worker that dies mid-batch
-   leaves every job of it to the same retries (``AEX_JOB_RETRIES``, then ``worker_lost``)
-   as a lone job;
+1. the leader comes from rq's dequeue with the jobs waiting behind it in its queue that share
+   its batch (the signature written with each job, ``jobs.batches``), up to ``AEX_MAX_BATCH``,
+   each taken and claimed in the same round trip (``jobs.rqueue.lifecycle.claim_next``):
+   ``running`` under its own attempt token and lease, renewed for the whole batch, so a
+   worker that dies mid-batch leaves every job of it to the same retries
+   (``AEX_JOB_RETRIES``, then ``worker_lost``) as a lone job; a job that is not aex's is
+   failed without running, and one whose data does not give the leader's signature computes
+   alone (``batch_of``);
+2. more are taken as they arrive, waiting ``AEX_BATCH_WAIT_MS`` at most
+   (``worker.batching.gather_mates``), and claimed together in one round trip;
 3. the work of all of them is computed at once (``worker.tasks.prepare_batch``), under the
    shortest time limit of the batch; a job whose own input fails keeps its own error; a
    failure of the whole (time limit, out of memory, every job cancelled) is logged and
@@ -32,9 +32,8 @@ from jobs.failures import redacted_traceback
 from jobs.keys import cancel_key
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue.layout import refusal
-from jobs.rqueue.taking import untake_all
 from worker import tasks
-from worker.batching import fitting, gather_mates
+from worker.batching import batch_signature, gather_mates
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -51,18 +50,15 @@ class BatchingMixin:
     max_batch: int = 1
     batch_wait_seconds: float = 0.0
 
-    def batch_of(self, job: Job, taken_with: list[Job], queue: Queue) -> list[Job]:
-        """The leader and those of the jobs taken with it (``QueueWorker.taken_with``) that
-        share its batch; the others go back to the head of the queue, in their order (left in
-        the intermediate list, for the stranded-job clean-up, when the store is away)."""
-        fit = 0 if refusal(job) is not None else fitting(job, taken_with, self.max_batch)
-        back = [j.id for j in taken_with[fit:]]
-        if back:
-            try:
-                untake_all(self.connection, queue, back)
-            except STORE_UNAVAILABLE as exc:
-                log.warning("worker %s: %d job(s) not put back, the store is away (%s)", self.name, len(back), exc)
-        return [job, *taken_with[:fit]]
+    def batch_of(self, attempts: list[Attempt]) -> list[Attempt]:
+        """Those of ``attempts`` (claimed together, the leader first) computed as one batch:
+        the leader and the others whose own data gives the leader's signature (the signature
+        a job was claimed by is written with it; one that does not match its data, or any job
+        when batching is off, computes alone)."""
+        signature = batch_signature(attempts[0].job)
+        if signature is None or self.max_batch <= 1:
+            return attempts[:1]
+        return [a for a in attempts if batch_signature(a.job) == signature][: self.max_batch]
 
     def gather_more(self, job: Job, queue: Queue, have: int) -> list[Job]:
         """More mates for a batch of ``have`` jobs led by ``job``, waiting AEX_BATCH_WAIT_MS at

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from redis import Redis
 
-from jobs.queues import JOB_FUNCTIONS, JobKind
+from jobs.batches import batch_signature_of
 from jobs.rqueue.taking import take_some, untake_all
 
 if TYPE_CHECKING:
@@ -37,38 +37,14 @@ POLL_SECONDS = 0.0005
 
 
 def batch_signature(job: Job) -> tuple | None:
-    """What must be equal for two jobs to share a batch, or None for a job that always runs
-    alone: an input by reference (fetched from its PACS, with its own retries) and any job
-    whose data cannot be read. A classify job batches with classify jobs of the same model and
-    the same stability settings (their stability searches then run as rows of one search); an
-    explain job with explain jobs of the same model, search settings, Grad-CAM layer and
-    stability settings (their explanation rows, whatever their targets, run as one search)."""
+    """What must be equal for two jobs to share a batch (``jobs.batches.batch_signature_of``),
+    from the job's own data; None for a job that always runs alone, and for any job whose data
+    cannot be read."""
     try:
         name, kwargs, meta = job.func_name, job.kwargs, job.meta
     except Exception:
         return None
-    if meta.get("pacs_reference"):
-        return None
-    if name == JOB_FUNCTIONS[JobKind.CLASSIFY]:
-        stability = bool(kwargs.get("stability"))
-        return (
-            name,
-            kwargs.get("model"),
-            stability,
-            int(kwargs.get("stability_steps") or 0) if stability else 0,
-            kwargs.get("stability_mode") if stability else None,
-        )
-    if name == JOB_FUNCTIONS[JobKind.EXPLAIN]:
-        return (
-            name,
-            kwargs.get("model"),
-            kwargs.get("rho"),
-            kwargs.get("steps"),
-            kwargs.get("layer"),
-            kwargs.get("stability_steps"),
-            kwargs.get("stability_mode"),
-        )
-    return None
+    return batch_signature_of(name, kwargs, meta)
 
 
 def fitting(leader: Job, taken: list[Job], max_batch: int) -> int:

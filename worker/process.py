@@ -5,11 +5,11 @@ the worker process itself, so the models loaded before the loop serve every job,
 works; the dequeue, the registration, the maintenance and riding out the store's refusals
 are there). What it does with a job taken is here:
 
-- **claim**: every job taken (alone, or the leader and its batch mates: ``worker.batch_run``)
-  is claimed with its own attempt token and lease (the leader first, leased while its mates
-  are gathered; the mates together, in one round trip that also reads their uploads), so
-  each shows ``running`` while its batch computes. A job no longer queued (taken twice,
-  cancelled, ended) is skipped;
+- **claim**: every job (alone, or the leader and its batch mates: ``worker.batch_run``) is
+  taken and claimed in one round trip that also reads its upload and cancel flag
+  (``jobs.rqueue.lifecycle.claim_next``; mates gathered later, together, the same way), each
+  with its own attempt token and lease, so each shows ``running`` while its batch computes.
+  A job no longer queued (taken twice, cancelled, ended) is skipped;
 - **lease**: a thread renews every claimed attempt's lease each ``job_heartbeat_ttl / 3`` s.
   An attempt that no longer holds its job (reaped after a long outage, or lost with Redis's
   data) is stopped and writes nothing. A worker that dies stops renewing: once the leases
@@ -125,23 +125,23 @@ class AexWorker(BatchingMixin, QueueWorker):
 
     # --- taking and running jobs (alone, or a batch: worker.batch_run) ----------------
     def run_taken(self, job: Job, queue: Queue) -> None:
-        taken_with, self.taken_with = self.taken_with, []
-        first = self.batch_of(job, taken_with, queue)
-        attempts = self._claim_all(first, queue)
+        claimed, self.claimed = self.claimed, []
+        attempts = self._accept(claimed, self.claim_seconds)
         if not attempts:
             return
         # Leased from the first claim on: gathering more mates may take AEX_BATCH_WAIT_MS.
         with self._leases(attempts):
             start = time.perf_counter()
-            more = self.gather_more(job, queue, len(first))
+            more = self.gather_more(job, queue, len(attempts))
             gathered = time.perf_counter() - start
             attempts += self._claim_all(more, queue)
             for attempt in attempts:
                 self.context.note_timing(attempt.job.id, "gather_seconds", gathered)
             endings: list[_Ending] = []
             try:
-                if len(attempts) > 1:
-                    self.compute_batch(attempts)
+                batch = self.batch_of(attempts)
+                if len(batch) > 1:
+                    self.compute_batch(batch)
                 for attempt in attempts:
                     if not attempt.lost:
                         endings.append(self._run(attempt))
@@ -152,34 +152,35 @@ class AexWorker(BatchingMixin, QueueWorker):
                 self.context.forget([a.job.id for a in attempts])
 
     def _claim_all(self, jobs: list[Job], queue: Queue) -> list[Attempt]:
-        """Claim jobs just taken (one round trip for all): a job that is not aex's is refused,
-        one no longer queued skipped; when the store is away, none is claimed (each waits in
-        its intermediate list to be taken again). Each claim's upload and cancel flag go to the
-        worker context for its job function."""
-        ours = []
-        for job in jobs:
-            reason = refusal(job)
-            if reason is None:
-                ours.append(job)
-            else:
-                self._refuse(job, queue, reason)
-        if not ours:
-            return []
+        """Claim jobs just taken into the queue's intermediate list (a batch's mates gathered
+        while AEX_BATCH_WAIT_MS runs; one round trip for all): one no longer queued is
+        skipped; when the store is away, none is claimed (each waits in its intermediate list
+        to be taken again). Then ``_accept``."""
         start = time.perf_counter()
         try:
-            claimed = lifecycle.claim_all(self.connection, ours, queue, self.name, self.job_heartbeat_ttl)
+            claimed = lifecycle.claim_all(self.connection, jobs, queue, self.name, self.job_heartbeat_ttl)
         except STORE_UNAVAILABLE as exc:
             log.warning(
                 "%d job(s) not claimed, the store is away (%s); they wait to be taken again",
-                len(ours),
+                len(jobs),
                 type(exc).__name__,
             )
             return []
-        seconds = time.perf_counter() - start
-        attempts = []
-        for job, attempt in zip(ours, claimed):
+        for job, attempt in zip(jobs, claimed):
             if attempt is None:
                 log.warning("job %s taken from its queue but no longer queued; skipped", job.id)
+        return self._accept([a for a in claimed if a is not None], time.perf_counter() - start)
+
+    def _accept(self, claimed: list[Attempt], seconds: float) -> list[Attempt]:
+        """The attempts of ``claimed`` (claimed in ``seconds``) that run: one whose job is not
+        aex's is failed without running (``_refuse``); each other's upload and cancel flag,
+        read with its claim, go to the worker context for its job function."""
+        attempts = []
+        for attempt in claimed:
+            job = attempt.job
+            reason = refusal(job)
+            if reason is not None:
+                self._refuse(attempt, reason)
                 continue
             self.context.note_timing(job.id, "claim_seconds", seconds)
             self.context.claimed(job.id, attempt.upload, attempt.cancel_seen)
@@ -187,16 +188,17 @@ class AexWorker(BatchingMixin, QueueWorker):
             attempts.append(attempt)
         return attempts
 
-    def _refuse(self, job: Job, queue: Queue, reason: str) -> None:
-        """Fail a job that is not aex's without running or importing anything it names (no
-        callback: its URL came from whoever forged it)."""
+    def _refuse(self, attempt: Attempt, reason: str) -> None:
+        """Fail a job that is not aex's, claimed, without running or importing anything it
+        names (no callback: its URL came from whoever forged it)."""
+        job = attempt.job
         log.error("job %s refused without running it: %s", job.id, reason)
-        attempt = lifecycle.claim(self.connection, job, queue, self.name, self.job_heartbeat_ttl)
-        if attempt is None:
-            return
         error = {"code": JobRefusedError.code, "message": f"the worker refused this job: {reason}"}
-        if lifecycle.fail(self.connection, attempt, error, "refused"):
-            record_job(self.connection, job_kind(job), "failed", None)
+        try:
+            if lifecycle.fail(self.connection, attempt, error, "refused"):
+                record_job(self.connection, job_kind(job), "failed", None)
+        except STORE_UNAVAILABLE as exc:
+            log.warning("job %s: its refusal could not be written (%s); left to its lease", job.id, exc)
 
     def _run(self, attempt: Attempt) -> _Ending:
         """Perform a claimed job under its own time limit; returns its end, to be written."""

@@ -30,6 +30,7 @@ from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp, utcparse
 
+from jobs.batches import BATCH_FIELD, batch_signature_of, signature_text
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.rqueue.taking import wake
@@ -188,6 +189,8 @@ def enqueue(
     (the request's pending audit record). With ``share``, only within its owner's share:
     False, and nothing but ``lead`` written, when it is full. One round trip."""
 
+    batch = signature_text(batch_signature_of(JOB_FUNCTIONS[kind], kwargs, meta))
+
     def write(pipe: Pipeline) -> None:
         for command in also or ():
             pipe.execute_command(*command)
@@ -203,6 +206,8 @@ def enqueue(
             description=description,
             pipeline=pipe,
         )
+        if batch is not None:  # a worker takes the jobs that share a batch in one step (lifecycle.claim_next)
+            pipe.hset(Job.key_for(job_id), BATCH_FIELD, batch)
         wake(pipe)  # an idle worker takes it now, not at its next look
 
     first = encoded(conn, lead or [])

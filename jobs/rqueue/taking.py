@@ -121,7 +121,13 @@ def take_any(conn: Redis, queues: list[Queue], wait_seconds: float, most: int = 
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        conn.blpop([wake_key()], timeout=max(0.01, left))
+        wait_for_wake(conn, left)
+
+
+def wait_for_wake(conn: Redis, seconds: float) -> bool:
+    """Block until a job is put in a queue (an entry of the wake list, taken off), at most
+    ``seconds``; whether one came."""
+    return conn.blpop([wake_key()], timeout=max(0.01, seconds)) is not None
 
 
 def wake(pipe: Redis | Pipeline) -> None:

@@ -4,9 +4,10 @@
 how it stops the job in hand (``stop_running``).
 
 - jobs run in the worker process itself (models loaded once serve every job; CUDA works);
-- the dequeue is aex's (``taking.take_any``): a job taken is always in a list until claimed;
-  up to ``take_at_once`` jobs of one queue are taken in one round trip (a batch's leader and
-  the jobs waiting behind it);
+- the dequeue is aex's: the next job and the jobs waiting behind it that share its batch (up
+  to ``take_at_once``) are taken and claimed in one round trip (``lifecycle.claim_next``): a
+  job is in its queue until a worker holds it under its attempt token and lease; the
+  worker is busy from the claim on (a SIGTERM lets the jobs it claimed run);
 - short registrations (``worker_ttl``) with the worker's catalogue, made again when Redis lost
   them, so /readyz sees a dead worker within seconds; one heartbeat a second at most, in one
   round trip with the check that the registration is still there, carrying the worker's
@@ -26,6 +27,7 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
+from uuid import uuid4
 
 from rq import get_current_job, worker_registration
 from rq.job import Job
@@ -37,8 +39,9 @@ from jobs.keys import CATALOGUE_FIELD
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.roundtrips import process_total
 from jobs.rqueue.layout import SERIALIZER, TIME_LIMIT_EXCEEDED, time_limit_of
+from jobs.rqueue.lifecycle import Attempt, Taken, claim_next, execution_ids_for
 from jobs.rqueue.reaping import queues_by_priority
-from jobs.rqueue.taking import take_any
+from jobs.rqueue.taking import wait_for_wake
 
 log = logging.getLogger("aex.worker")
 
@@ -83,15 +86,18 @@ class QueueWorker(SimpleWorker):
         self.catalogue = catalogue or []
         self.job_heartbeat_ttl = job_heartbeat_ttl
         self._beat_at = self._suspension_checked_at = float("-inf")
-        # The jobs taken with the one rq's loop hands to ``run_taken`` (at most
-        # ``take_at_once`` in all, from the same queue; the runtime claims or puts them back).
+        # The attempts claimed with the job rq's loop hands to ``run_taken`` (it first: at most
+        # ``take_at_once`` in all, from the same queue, sharing its batch signature), and how
+        # long their take and claim took (seconds).
         self.take_at_once = 1
-        self.taken_with: list[Job] = []
+        self.claimed: list[Attempt] = []
+        self.claim_seconds = 0.0
+        self._look_first = True  # jobs may wait (at start, and after a take that left some)
 
     # --- what the runtime implements ----------------------------------------------------
     def run_taken(self, job: Job, queue: Queue) -> None:
-        """Claim and run ``job``, just taken from ``queue`` (and whatever it batches with: the
-        jobs taken with it, ``taken_with``, are the runtime's to claim or put back)."""
+        """Run ``job``, just taken from ``queue`` and claimed (its attempt is ``claimed[0]``,
+        followed by those of the jobs claimed with it, the runtime's to run)."""
         raise NotImplementedError
 
     def stop_running(self) -> None:
@@ -229,8 +235,8 @@ class QueueWorker(SimpleWorker):
                 pause = min(MAX_BACKOFF_SECONDS, pause * 2)
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
-        """rq's loop of heartbeat, maintenance and dequeue, with aex's dequeue: every job taken
-        is in an intermediate list until it is claimed (``taking.take_any``), and the
+        """rq's loop of heartbeat, maintenance and dequeue, with aex's dequeue: the next jobs
+        taken and claimed in one round trip (``lifecycle.claim_next``; ``claimed``), and the
         store refusing is waited out. ``timeout`` None (burst): None once the queues are empty."""
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
@@ -239,16 +245,54 @@ class QueueWorker(SimpleWorker):
             if self.should_run_maintenance_tasks:
                 self.run_maintenance_tasks()
             wait = 0.0 if timeout is None else float(timeout)
-            taken = self._until_accepted(
-                "taking a job",
-                lambda wait=wait: take_any(self.connection, self._ordered_queues, wait, self.take_at_once),
-            )
+            # One take's names, kept while it is tried again: a take whose reply was lost,
+            # sent again, returns what it claimed.
+            take_id = uuid4().hex
+            take = (take_id, execution_ids_for(take_id, max(1, self.take_at_once)))
+            taken = self._until_accepted("taking a job", lambda wait=wait, take=take: self._claim_next(wait, *take))
             if taken is not None or timeout is None:
                 self.heartbeat()
                 if taken is None:
                     return None
-                (job, *self.taken_with), queue = taken
-                return job, queue
+                self.claimed = taken.attempts
+                return self.claimed[0].job, taken.queue
+
+    def _claim_next(self, wait: float, take_id: str, execution_ids: list[str]) -> Taken | None:
+        """The next jobs claimed (``claim_next``), waiting at most ``wait`` seconds for one.
+        Each job put in a queue pushes a wake-up (``taking.wake``): after a take that left no
+        job waiting, the worker blocks on the wake list first (a wake-up pushed meanwhile
+        answers at once) and looks once it is woken, so an idle worker costs no empty look per
+        job; a wake-up that finds nothing (another worker was faster) costs one look, and the
+        end of each wait one more. Busy from the claim on."""
+        deadline = time.monotonic() + max(0.0, wait)
+        woken, look = 0, self._look_first or wait <= 0
+        while True:
+            if look:
+                self.set_state(WorkerStatus.BUSY)  # a SIGTERM from the claim on lets the jobs claimed run
+                taken = None
+                try:
+                    start = time.perf_counter()
+                    taken = claim_next(
+                        self.connection,
+                        self._ordered_queues,
+                        self.name,
+                        self.job_heartbeat_ttl,
+                        self.take_at_once,
+                        take_id,
+                        execution_ids,
+                        woken,
+                    )
+                    self.claim_seconds = time.perf_counter() - start
+                finally:
+                    if not (taken and taken.attempts):
+                        self.set_state(WorkerStatus.IDLE)
+                self._look_first = bool(taken and taken.more)
+                if taken and taken.attempts:
+                    return taken
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            woken, look = int(wait_for_wake(self.connection, left)), True
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
