@@ -3,10 +3,12 @@ as the model itself (NCHW), its channels-last frozen copy (``models.nn.layout``)
 fused inference copy (``models.nn.inference``), at several batch sizes and torch thread counts.
 
 Run: ``.venv/bin/python bench/bench_inference.py [--checkpoint cifar10-robust]
-[--batches 1,4,16,32] [--threads 1,2] [--repeats 7]``.
+[--batches 1,4,16,32] [--threads 1,2] [--repeats 7] [--clock process|wall]``.
 
-CPU time (``time.process_time``: every thread of the process), not wall time, so that other
-processes on a shared machine move the figures less; the variants are measured in turn,
+CPU time by default (``time.process_time``: every thread of the process), not wall time, so
+that other processes on a shared machine move the figures less; with two threads on a busy
+2-core machine it also counts the OpenMP threads' spinning while they wait for a core (figures
+many times the one-thread ones), so ``--clock wall`` on a quiet machine says more there; the variants are measured in turn,
 ``--repeats`` times each, and the median of each is reported. Inputs are random images in
 [0, 1]; the copies take theirs in NHWC, under ``torch.inference_mode()`` as the worker runs.
 """
@@ -29,14 +31,14 @@ from models.nn.runtime import frozen_copy
 from models.store.checkpoint import load_checkpoint
 
 
-def ms_per_image(net, x: torch.Tensor, budget: float) -> float:
-    """CPU ms per image of ``net(x)`` over about ``budget`` CPU seconds."""
-    start = time.process_time()
+def ms_per_image(net, x: torch.Tensor, budget: float, clock=time.process_time) -> float:
+    """ms per image of ``net(x)`` by ``clock`` over about ``budget`` seconds of it."""
+    start = clock()
     calls = 0
-    while time.process_time() - start < budget:
+    while clock() - start < budget:
         net(x)
         calls += 1
-    return (time.process_time() - start) / calls / x.shape[0] * 1000
+    return (clock() - start) / calls / x.shape[0] * 1000
 
 
 def main() -> None:
@@ -45,15 +47,17 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,16,32")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--budget", type=float, default=0.25, help="CPU seconds per measurement")
+    ap.add_argument("--budget", type=float, default=0.25, help="seconds per measurement")
+    ap.add_argument("--clock", choices=("process", "wall"), default="process")
     args = ap.parse_args()
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     model, meta = load_checkpoint(REPO / "models" / "checkpoints" / args.checkpoint / "model.safetensors")
     variants = {
         "plain": (model, False),
         "nhwc": (frozen_copy(model).to(memory_format=torch.channels_last), True),
         "fused": (inference_copy(model), True),
     }
-    print(f"{args.checkpoint}: CPU ms/image, median of {args.repeats}")
+    print(f"{args.checkpoint}: {args.clock} ms/image, median of {args.repeats}")
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         for batch in map(int, args.batches.split(",")):
@@ -66,7 +70,7 @@ def main() -> None:
                         net(xs[nhwc])
                 for _ in range(args.repeats):
                     for name, (net, nhwc) in variants.items():
-                        times[name].append(ms_per_image(net, xs[nhwc], args.budget))
+                        times[name].append(ms_per_image(net, xs[nhwc], args.budget, clock))
             med = {name: statistics.median(t) for name, t in times.items()}
             row = "  ".join(f"{name} {ms:6.3f}" for name, ms in med.items())
             print(
