@@ -28,6 +28,7 @@ CPU ms per image of ``cifar10-robust`` on the 2-core machine, one torch thread, 
 from __future__ import annotations
 
 import weakref
+from collections import Counter
 
 import torch
 from torch import nn
@@ -126,11 +127,13 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def fuse(model: nn.Module) -> nn.Module:
     """Rewrite ``model`` (a frozen copy, modified in place) as described above; returns it."""
+    # A convolution used in more than one place keeps its weights (its other uses have no BN).
+    uses = Counter(id(m) for m in model.modules(remove_duplicate=False))
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         names = list(seq._modules)
         for i, name in enumerate(names):
             child = seq._modules[name]
-            if i + 1 < len(names) and _foldable(child, seq._modules[names[i + 1]]):
+            if i + 1 < len(names) and uses[id(child)] == 1 and _foldable(child, seq._modules[names[i + 1]]):
                 _fold(child, seq._modules[names[i + 1]])
                 seq._modules[names[i + 1]] = nn.Identity()
             elif type(child) is HalfHuberReLU and i > 0:

@@ -177,6 +177,21 @@ def test_hhrelu_is_not_run_in_place_on_an_input_others_read():
     assert torch.equal(x, kept)
 
 
+def test_a_convolution_used_twice_is_not_folded():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    shared = nn.Sequential(nn.Sequential(conv, bn), conv)
+    copy = inference_copy(shared)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), shared(x), rtol=1e-5, atol=1e-5)
+    once = nn.Sequential(nn.Conv2d(3, 3, 3), nn.BatchNorm2d(3))
+    assert type(inference_copy(once)[1]) is nn.Identity  # folded where used once
+
+
 def test_an_input_gradient_through_the_copy_equals_the_models(tiny_hh_model, images):
     # Autograd recording: the in-place activation runs the Function (first order is enough
     # for the searches), the folded convolutions and affine maps are differentiable.
