@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer, model_validator
@@ -27,6 +28,8 @@ from jobs.params import ClassifyParameters, ExplainParameters, StabilityMode
 from models.errors import NonFiniteResultError
 
 SHOWN_PATHS = 5  # of the non-finite numbers, how many a message names
+# Set while a model validates what an outer model checked already (``ResultModel._finite``).
+_CHECKED: ContextVar[bool] = ContextVar("aex_result_checked", default=False)
 
 
 def _all_finite(value: Any) -> bool:
@@ -88,12 +91,20 @@ class ResultModel(BaseModel):
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _finite(cls, data: Any) -> Any:
-        # Before the fields are validated: the whole input, the keys no field names included.
+    def _finite(cls, data: Any, handler: Any) -> Any:
+        # Before the fields are validated: the whole input, the keys no field names included;
+        # once, by the outermost model (the nested ones' inputs are parts of its input: each
+        # checked again walked the result once per level, ~700 values a classify, 11 times).
+        if _CHECKED.get():
+            return handler(data)
         check_finite(data, f"the {cls.__name__}")
-        return data
+        token = _CHECKED.set(True)
+        try:
+            return handler(data)
+        finally:
+            _CHECKED.reset(token)
 
     @model_serializer(mode="wrap")
     def _as_computed(self, handler):

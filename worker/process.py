@@ -111,6 +111,10 @@ class AexWorker(BatchingMixin, QueueWorker):
         self.reuse_results = reuse_results
         self.job_retries = job_retries
         self._running: Attempt | None = None  # the attempt being performed now
+        # The attempts whose leases the lease thread renews (one list per batch in hand).
+        self._leased: list[list[Attempt]] = []
+        self._lease_lock = threading.Lock()
+        self._lease_thread: threading.Thread | None = None
 
     # --- the hooks of the rq shell ----------------------------------------------------
     def running_job_id(self) -> str | None:
@@ -307,21 +311,31 @@ class AexWorker(BatchingMixin, QueueWorker):
     # --- leases --------------------------------------------------------------------------
     @contextmanager
     def _leases(self, attempts: list[Attempt]) -> Iterator[None]:
-        """Renew the lease of every attempt in ``attempts`` (a list that may grow) in a thread
-        while the block runs."""
-        done = threading.Event()
-        beat = threading.Thread(target=self._renew_leases, args=(attempts, done), daemon=True, name="aex-job-lease")
-        beat.start()
+        """Renew the lease of every attempt in ``attempts`` (a list that may grow) while the
+        block runs, in the worker's lease thread (started once: a thread started and joined
+        per batch cost each lone job about 0.2 ms)."""
+        with self._lease_lock:
+            self._leased.append(attempts)
+            if self._lease_thread is None or not self._lease_thread.is_alive():
+                self._lease_thread = threading.Thread(target=self._renew_leases, daemon=True, name="aex-job-lease")
+                self._lease_thread.start()
         try:
             yield
         finally:
-            done.set()
-            beat.join()
+            with self._lease_lock:
+                self._leased = [held for held in self._leased if held is not attempts]
 
-    def _renew_leases(self, attempts: list[Attempt], done: threading.Event) -> None:
+    def _renew_leases(self) -> None:
+        """Each ``job_heartbeat_ttl / 3`` s, renew the lease of every attempt held (a batch's
+        first renewal comes within that interval of its claim, well inside its lease)."""
         interval = max(0.2, self.job_heartbeat_ttl / 3.0)
-        while not done.wait(interval):
-            for attempt in list(attempts):  # mates join the list while the batch gathers
+        while True:
+            time.sleep(interval)
+            with self._lease_lock:
+                held = [attempt for attempts in self._leased for attempt in list(attempts)]
+            if not held:
+                continue
+            for attempt in held:  # mates join a batch's list while it gathers
                 if attempt.lost:
                     continue
                 try:
@@ -331,5 +345,8 @@ class AexWorker(BatchingMixin, QueueWorker):
                             self.kill_horse()
                 except Exception as exc:
                     log.warning("could not renew the lease of job %s (%s)", attempt.job.id, type(exc).__name__)
-            with self._outage("renewing its registration"):
-                self._ensure_registered()  # seen by /readyz even while one long job runs
+            try:
+                with self._outage("renewing its registration"):
+                    self._ensure_registered()  # seen by /readyz even while one long job runs
+            except Exception as exc:  # the thread serves every later batch: it must not die of it
+                log.warning("could not renew the registration of worker %s (%s)", self.name, type(exc).__name__)

@@ -1,0 +1,48 @@
+"""The worker process's own machinery (``worker.process.AexWorker``) on a real redis-server, without a model: the lease
+thread, started once, renews the leases of every batch in hand and of none once its batch is done."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from jobs.epoch import new_job_id
+from jobs.queues import JobKind
+from jobs.rqueue import enqueue, lifecycle
+from jobs.rqueue.reaping import queues_by_priority
+from worker.process import AexWorker
+
+DB = 5  # no other test uses it
+
+
+def lease_end(conn, attempt) -> float:
+    """When the lease of ``attempt`` runs out (its score in its queue's started registry)."""
+    return conn.zscore(f"rq:wip:{attempt.queue.name}", attempt.execution.composite_key)
+
+
+def renewed(conn, attempt, after: float, within: float = 30.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if lease_end(conn, attempt) > after:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_one_lease_thread_renews_each_batch_in_hand_and_none_after(conn):
+    worker = AexWorker(conn, context=None, name="lease-test", job_heartbeat_ttl=1, worker_ttl=60)
+    worker.register_birth()
+    for _ in range(2):
+        enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, new_job_id(conn), {"model": "a"}, {}, 60, 60, 60, "t")
+    (first,) = lifecycle.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
+    (second,) = lifecycle.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
+    with worker._leases([first]):
+        thread = worker._lease_thread
+        assert renewed(conn, first, lease_end(conn, first))
+    with worker._leases([second]):
+        assert worker._lease_thread is thread and thread.is_alive()  # the same thread, not one per batch
+        assert renewed(conn, second, lease_end(conn, second))
+        done_at = lease_end(conn, first)  # a turn since the first batch ended: no renewal of it in flight
+        assert renewed(conn, second, lease_end(conn, second))
+    assert lease_end(conn, first) == done_at  # the first batch's lease was not renewed once it was done
+    assert [t for t in threading.enumerate() if t.name == "aex-job-lease"] == [thread]
