@@ -1,7 +1,7 @@
 """Tiny checkpoints and networks for the tests, built in a temporary folder by the project's own writer (never taken from models/checkpoints or ../shared).
 
 ``tiny_checkpoint`` writes a depth-8, width-4 PreActResNet with random batch-norm statistics
-(so its outputs depend on the image); ``service_models`` a model folder as the test stacks
+(so its outputs depend on the image), ``tiny_served`` loads one as a worker serves it; ``service_models`` a model folder as the test stacks
 serve it; ``make_tiny_model`` the same network in memory on 32 x 32 inputs.
 """
 
@@ -52,6 +52,17 @@ def tiny_checkpoint(path: Path, in_channels: int, size: int, classes: list[str],
         metrics={"test_accuracy": 0.1, "n": 10, "seed": seed},
     )
     save_checkpoint(path, model, meta)
+
+
+def tiny_served(folder: Path, name: str, in_channels: int, size: int, classes: list[str], seed: int):
+    """A worker's ``ServedModel`` named ``name`` of a ``tiny_checkpoint`` written in ``folder``, on the CPU."""
+    import torch
+
+    from worker.served import ServedModel
+
+    path = folder / f"{name}.safetensors"
+    tiny_checkpoint(path, in_channels, size, classes, seed)
+    return ServedModel.load(name, path, torch.device("cpu"))
 
 
 def make_tiny_model(activation: str = "relu", seed: int = 0, num_classes: int = 10, in_channels: int = 3):

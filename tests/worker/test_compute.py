@@ -11,7 +11,7 @@ from PIL import Image
 
 from jobs.params import ClassifyParameters, ExplainParameters
 from models.nn.inference import inference_copy
-from tests.support.checkpoints import tiny_checkpoint
+from tests.support.checkpoints import tiny_served
 from worker.compute import JobInput, classify_results, decode_batch
 from worker.explaining import explain_result
 from worker.served import ServedModel
@@ -26,9 +26,7 @@ def _limits(monkeypatch):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> ServedModel:
-    path = tmp_path_factory.mktemp("compute") / "tiny-rgb.safetensors"
-    tiny_checkpoint(path, 3, 32, CLASSES, seed=3)
-    return ServedModel.load("tiny-rgb", path, torch.device("cpu"))
+    return tiny_served(tmp_path_factory.mktemp("compute"), "tiny-rgb", 3, 32, CLASSES, seed=3)
 
 
 def png(seed: int) -> bytes:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.params import ClassifyParameters, ExplainParameters
 from models.errors import NonFiniteResultError, UnsupportedMediaError
-from tests.support.checkpoints import tiny_checkpoint
+from tests.support.checkpoints import tiny_served
 from tests.support.dicom import write_dicom
 from tests.support.edge_images import F32_MAX, F32_TINY, bands, nan_checkpoint, raw_tiff, unexpected_nulls
 from worker.compute import JobInput, classify_result, classify_results
@@ -34,9 +34,7 @@ def _limits(monkeypatch):
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> ServedModel:
-    path = tmp_path_factory.mktemp("non-finite") / "tiny-grey.safetensors"
-    tiny_checkpoint(path, 1, 28, GREY, seed=1)
-    return ServedModel.load("tiny-grey", path, torch.device("cpu"))
+    return tiny_served(tmp_path_factory.mktemp("non-finite"), "tiny-grey", 1, 28, GREY, seed=1)
 
 
 @pytest.fixture(scope="module")
