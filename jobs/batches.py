@@ -2,7 +2,7 @@
 
 The signature is written with the job (``jobs.rqueue.enqueue``: the job hash's ``BATCH_FIELD``,
 as text) so that a worker takes a batch's leader and the jobs that share its batch, and claims
-them, in one step in Redis (``jobs.rqueue.lifecycle.claim_next``); the worker checks it again
+them, in one step in Redis (``jobs.rqueue.claiming.claim_next``); the worker checks it again
 from the job's own data (``worker.batching``) before it computes them together. Torch-free.
 """
 

@@ -39,7 +39,8 @@ from jobs.queues import REDIS_OUTAGE, check_store_policy, connect
 from jobs.settings import Settings
 from models.errors import AexError, BadParameterError, UnauthenticatedError
 from models.version import __version__
-from service.audit import AuditLog, AuditMiddleware
+from service.audit import AuditLog
+from service.audit_answer import AuditMiddleware
 from service.auth import Authenticator, challenge, check_auth_settings
 from service.docs import install_docs
 from service.errors import error_response, status_of, store_refusal, store_unavailable

@@ -21,8 +21,9 @@ The trail is a security control, so it fails closed:
   answer instead of after it; it used to be written after the response and its failures only
   logged, which served requests whose records were lost. A route that runs in the thread pool
   anyway (the job routes) writes it itself as its last step, with the status of the answer it
-  returns (``record_answer``), and the middleware lets that answer go as it is: the same record
-  at the same point, without a trip into the pool of its own. It is not moved after the answer
+  returns (``record_answer``; it and the middleware live in ``service.audit_answer``), and the
+  middleware lets that answer go as it is: the same record at the same point, without a trip
+  into the pool of its own. It is not moved after the answer
   to save its round trip: a process that died between the answer and the record would leave
   the pending record (status 503) as the only record of a request whose client was answered
   (200, say), and the trail would tell another status than the client got.
@@ -54,14 +55,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
-from starlette.concurrency import run_in_threadpool
 
 from jobs.keys import api_keys_revision_key, audit_key
 from jobs.scripts import Script
 from service.audit_since import parse_since, position
-from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.metrics import method_label, route_label
-from service.timing import stage
 
 log = logging.getLogger("aex.audit")
 
@@ -340,90 +338,3 @@ def before_acting(request, revision: str | None = None) -> bool | None:
     pending = audit.begin(getattr(state, "principal", None), action_of(request.scope), job_id=job_id, revision=revision)
     state.audit_pending = pending
     return pending is not None
-
-
-RECORDED = "audit_recorded"  # request state: the status whose final record the route wrote itself
-
-
-def write_final(audit: AuditLog, scope, status: int):
-    """Write the final record of the request of ``scope`` with ``status`` (replacing its pending
-    one); None when written, else the answer that replaces the app's (503 ``store_unavailable``,
-    or 500 for an error that is not the store refusing). Blocking."""
-    state = scope.get("state") or {}
-    facts = state.get("audit") or {}
-    params = scope.get("path_params") or {}
-    try:
-        audit.record(
-            state.get("principal"),
-            action_of(scope),
-            status,
-            job_id=facts.get("job_id") or params.get("job_id"),
-            model=facts.get("model"),
-            input_sha256=facts.get("input_sha256"),
-            pending=state.get("audit_pending"),
-        )
-        return None
-    except Exception as exc:  # fail closed: no answer leaves without its record
-        what = store_refusal(exc)
-        log.error(
-            "the audit record of %s could not be written (%s): the request is refused",
-            action_of(scope),
-            what or type(exc).__name__,
-        )
-        if what is None:
-            return error_response(500, "internal_error", "the audit record of this request could not be written")
-        err = store_unavailable(what)
-        return error_response(status_of(err.code), err.code, err.message)
-
-
-def record_answer(request, response):
-    """Write the final record of ``request`` now, with the status of ``response``, its answer,
-    in the calling thread: for a route that runs in the thread pool anyway, which spares the
-    middleware's own trip into the pool and back (and the event loop's turns around it) just
-    before the answer leaves. Returns ``response``, or the answer that replaces it when the
-    record cannot be written (``write_final``); ``AuditMiddleware`` then sends either as it is.
-    Outside the audited paths (no ``AuditMiddleware``), ``response`` untouched. Blocking."""
-    state = request.scope.get("state")
-    audit: AuditLog | None = (state or {}).get("audit_log")
-    if audit is None:
-        return response
-    with stage("audit-end"):
-        refusal = write_final(audit, request.scope, response.status_code)
-    answer = response if refusal is None else refusal
-    state[RECORDED] = answer.status_code
-    return answer
-
-
-class AuditMiddleware:
-    """Pure ASGI middleware: one audit record per request under ``/v1/`` and ``/metrics``,
-    written with the final status before the response starts; a request whose record cannot
-    be written is answered 503 ``store_unavailable`` instead (the app's answer is dropped).
-    The action is the method and the route template, never the raw path. An answer whose
-    record its route wrote already (``record_answer``: the same status) is sent as it is; one
-    with another status (an error raised after that write) gets a record of its own."""
-
-    def __init__(self, app, audit: AuditLog, prefixes: tuple[str, ...] = AUDITED_PREFIXES):
-        self.app, self.audit, self.prefixes = app, audit, prefixes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope.get("path", "").startswith(self.prefixes):
-            await self.app(scope, receive, send)
-            return
-        state = scope.setdefault("state", {})
-        state["audit_log"] = self.audit  # for before_acting and record_answer
-        refused = False
-
-        async def send_recorded(message):
-            nonlocal refused
-            if refused:
-                return  # the app's answer, replaced by the refusal
-            if message["type"] == "http.response.start" and state.get(RECORDED) != message["status"]:
-                with stage("audit-end"):
-                    refusal = await run_in_threadpool(write_final, self.audit, scope, message["status"])
-                if refusal is not None:
-                    refused = True
-                    await refusal(scope, receive, send)
-                    return
-            await send(message)
-
-        await self.app(scope, receive, send_recorded)

@@ -4,7 +4,7 @@ The order of a batch (``worker.batching`` says which jobs may share one):
 
 1. the leader comes from rq's dequeue with the jobs waiting behind it in its queue that share
    its batch (the signature written with each job, ``jobs.batches``), up to ``AEX_MAX_BATCH``,
-   each taken and claimed in the same round trip (``jobs.rqueue.lifecycle.claim_next``):
+   each taken and claimed in the same round trip (``jobs.rqueue.claiming.claim_next``):
    ``running`` under its own attempt token and lease, renewed for the whole batch, so a
    worker that dies mid-batch leaves every job of it to the same retries
    (``AEX_JOB_RETRIES``, then ``worker_lost``) as a lone job; a job that is not aex's is

@@ -7,7 +7,7 @@ are there). What it does with a job taken is here:
 
 - **claim**: every job (alone, or the leader and its batch mates: ``worker.batch_run``) is
   taken and claimed in one round trip that also reads its upload and cancel flag
-  (``jobs.rqueue.lifecycle.claim_next``; mates gathered later, together, the same way), each
+  (``jobs.rqueue.claiming.claim_next``; mates gathered later, together, the same way), each
   with its own attempt token and lease, so each shows ``running`` while its batch computes.
   A job no longer queued (taken twice, cancelled, ended) is skipped;
 - **lease**: a thread renews every claimed attempt's lease each ``job_heartbeat_ttl / 3`` s.

@@ -206,7 +206,7 @@ def enqueue(
             description=description,
             pipeline=pipe,
         )
-        if batch is not None:  # a worker takes the jobs that share a batch in one step (lifecycle.claim_next)
+        if batch is not None:  # a worker takes the jobs that share a batch in one step (claiming.claim_next)
             pipe.hset(Job.key_for(job_id), BATCH_FIELD, batch)
         wake(pipe)  # an idle worker takes it now, not at its next look
 

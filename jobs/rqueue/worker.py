@@ -5,7 +5,7 @@ how it stops the job in hand (``stop_running``).
 
 - jobs run in the worker process itself (models loaded once serve every job; CUDA works);
 - the dequeue is aex's: the next job and the jobs waiting behind it that share its batch (up
-  to ``take_at_once``) are taken and claimed in one round trip (``lifecycle.claim_next``): a
+  to ``take_at_once``) are taken and claimed in one round trip (``claiming.claim_next``): a
   job is in its queue until a worker holds it under its attempt token and lease; the
   worker is busy from the claim on (a SIGTERM lets the jobs it claimed run);
 - short registrations (``worker_ttl``) with the worker's catalogue, made again when Redis lost
@@ -38,8 +38,9 @@ from rq.worker import SimpleWorker, WorkerStatus
 from jobs.keys import CATALOGUE_FIELD
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.roundtrips import process_total
+from jobs.rqueue.claiming import Taken, claim_next, execution_ids_for
 from jobs.rqueue.layout import SERIALIZER, TIME_LIMIT_EXCEEDED, time_limit_of
-from jobs.rqueue.lifecycle import Attempt, Taken, claim_next, execution_ids_for
+from jobs.rqueue.lifecycle import Attempt
 from jobs.rqueue.reaping import queues_by_priority
 from jobs.rqueue.taking import wait_for_wake
 
@@ -236,7 +237,7 @@ class QueueWorker(SimpleWorker):
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         """rq's loop of heartbeat, maintenance and dequeue, with aex's dequeue: the next jobs
-        taken and claimed in one round trip (``lifecycle.claim_next``; ``claimed``), and the
+        taken and claimed in one round trip (``claiming.claim_next``; ``claimed``), and the
         store refusing is waited out. ``timeout`` None (burst): None once the queues are empty."""
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))

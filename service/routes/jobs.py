@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobs.states import TERMINAL, ApiStatus
-from service.audit import note, record_answer
+from service.audit import note
+from service.audit_answer import record_answer
 from service.auth import Principal, Scope, acting, confirm_before_answering, requires
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of

@@ -19,7 +19,8 @@ from jobs.keys import audit_key
 from jobs.queues import connect
 from models.errors import BadParameterError
 from service.app import install_error_handlers
-from service.audit import AuditLog, AuditMiddleware, note, pending_key, record_answer, to_json_lines
+from service.audit import AuditLog, note, pending_key, to_json_lines
+from service.audit_answer import AuditMiddleware, record_answer
 from service.audit_since import parse_since
 from service.auth import ApiKeyStore, Authenticator, Principal, Scope, requires
 

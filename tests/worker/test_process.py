@@ -8,7 +8,7 @@ import time
 
 from jobs.epoch import new_job_id
 from jobs.queues import JobKind
-from jobs.rqueue import enqueue, lifecycle
+from jobs.rqueue import claiming, enqueue
 from jobs.rqueue.reaping import queues_by_priority
 from worker.process import AexWorker
 
@@ -34,8 +34,8 @@ def test_one_lease_thread_renews_each_batch_in_hand_and_none_after(conn):
     worker.register_birth()
     for _ in range(2):
         enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, new_job_id(conn), {"model": "a"}, {}, 60, 60, 60, "t")
-    (first,) = lifecycle.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
-    (second,) = lifecycle.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
+    (first,) = claiming.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
+    (second,) = claiming.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
     with worker._leases([first]):
         thread = worker._lease_thread
         assert renewed(conn, first, lease_end(conn, first))

@@ -1,0 +1,106 @@
+"""Taking and claiming a worker's next batch in one round trip (``jobs.rqueue.claiming``) against a real redis-server: the leader and the jobs behind it that share its batch, a take sent again claims nothing more, ids no longer queued are dropped, classify before explain."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from rq.job import Job, JobStatus
+from rq.queue import Queue
+
+from jobs.epoch import new_job_id
+from jobs.keys import cancel_key, upload_key
+from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
+from jobs.rqueue import claiming, lifecycle, reaping
+from jobs.rqueue.layout import SERIALIZER
+
+DB = 9  # shared with tests/jobs/test_lifecycle.py: both flush it around each test
+
+
+@pytest.fixture
+def queue(conn):
+    return Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
+
+
+def status(conn, job_id: str) -> str:
+    return conn.hget(Job.key_for(job_id), "status").decode()
+
+
+def submitted(conn, model: str, **meta) -> str:
+    """A classify job of ``model`` queued as the API queues one (its upload, its batch
+    signature, a wake-up)."""
+    from jobs.rqueue import enqueue
+
+    job_id = new_job_id(conn)
+    kwargs, job_meta = {"model": model}, {"kind": "classify", "model": model, **meta}
+    upload = [["SET", upload_key(job_id), f"sealed {job_id}", "EX", 60]]
+    enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, job_id, kwargs, job_meta, 60, 600, 600, "test", also=upload)
+    return job_id
+
+
+def test_the_next_batch_is_taken_and_claimed_in_one_round_trip_and_a_resend_claims_nothing_more(conn):
+    from jobs.keys import wake_key
+    from jobs.roundtrips import Tally, tallying
+
+    queues = reaping.queues_by_priority(conn)
+    ids = [submitted(conn, m) for m in ("a", "a", "b", "a")]
+    conn.set(cancel_key(ids[1]), 1)
+    executions = [f"e{i}" for i in range(16)]
+    conn.script_load(claiming.CLAIM_NEXT.source)  # as after a worker's first take
+    with tallying(Tally()) as trips:
+        taken = claiming.claim_next(conn, queues, "w1", 5, most=16, take_id="t1", execution_ids=executions)
+    queue, attempts = taken.queue, taken.attempts
+    assert trips.count == 1 and queue.name == QUEUE_NAMES[JobKind.CLASSIFY] and taken.more
+    # The leader and the job behind it with its signature; "b" ends the batch, and the "a" after it waits.
+    assert [a.job.id for a in attempts] == ids[:2] and [a.token for a in attempts] == [1, 1]
+    assert [a.upload for a in attempts] == [f"sealed {i}".encode() for i in ids[:2]]
+    assert [a.cancel_seen for a in attempts] == [False, True]
+    assert conn.lrange(queue.key, 0, -1) == [i.encode() for i in ids[2:]]
+    assert conn.llen(queue.intermediate_queue_key) == 0 and conn.llen(wake_key()) == 2  # a wake-up per job claimed
+    for attempt in attempts:  # started as rq starts a job, leased, and the copy in hand says so
+        assert status(conn, attempt.job.id) == JobStatus.STARTED.value and attempt.job.worker_name == "w1"
+        assert attempt.job.get_status(refresh=False) == JobStatus.STARTED and attempt.job.started_at is not None
+        assert conn.hget(attempt.job.key, "worker_name") == b"w1" and conn.ttl(attempt.job.key) == -1
+        (score,) = [
+            s
+            for e, s in conn.zrange(f"rq:wip:{queue.name}", 0, -1, withscores=True)
+            if e.decode() == attempt.execution.composite_key
+        ]
+        assert score > time.time() and conn.exists(attempt.execution.key)
+        assert lifecycle.holds(conn, attempt) and lifecycle.renew(conn, attempt, 5)
+    # Sent again (its reply lost): the same attempts, nothing more claimed.
+    again = claiming.claim_next(conn, queues, "w1", 5, most=16, take_id="t1", execution_ids=executions).attempts
+    assert [(a.job.id, a.token, a.execution.id) for a in again] == [
+        (a.job.id, a.token, a.execution.id) for a in attempts
+    ]
+    assert conn.llen(queue.key) == 2
+    assert lifecycle.finish(conn, attempts[0], {"probs": [1.0]}, 60) and status(conn, ids[0]) == "finished"
+    alone, last = (claiming.claim_next(conn, queues, "w1", 5, most=16) for _ in range(2))
+    assert [a.job.id for a in alone.attempts] == [ids[2]] and [a.job.id for a in last.attempts] == [ids[3]]
+    assert alone.more and not last.more and conn.llen(wake_key()) == 0
+    assert claiming.claim_next(conn, queues, "w1", 5, most=16) is None
+
+
+def test_a_take_skips_ids_that_are_no_longer_queued_and_a_job_without_signature_runs_alone(conn, queue):
+    queues = reaping.queues_by_priority(conn)
+    gone, cancelled, plain, other, last = (submitted(conn, "a") for _ in range(5))
+    conn.delete(Job.key_for(gone))  # expired while it waited
+    conn.hset(Job.key_for(cancelled), "status", JobStatus.CANCELED.value)
+    conn.hdel(Job.key_for(plain), "aex_batch")  # queued before signatures were written: alone
+    attempts = claiming.claim_next(conn, queues, "w1", 5, most=16).attempts
+    assert [a.job.id for a in attempts] == [plain]
+    assert status(conn, cancelled) == JobStatus.CANCELED.value and conn.lrange(queue.key, 0, -1) == [
+        other.encode(),
+        last.encode(),
+    ]
+    attempts = claiming.claim_next(conn, queues, "w1", 5, most=1).attempts  # batching off: one at a time
+    assert [a.job.id for a in attempts] == [other]
+    # Classify jobs come first; an explain job is taken once none waits.
+    explain = Queue(QUEUE_NAMES[JobKind.EXPLAIN], connection=conn, serializer=SERIALIZER)
+    explain_id = new_job_id(conn)
+    explain.enqueue(JOB_FUNCTIONS[JobKind.EXPLAIN], kwargs={"model": "a"}, job_id=explain_id, meta={})
+    taken = [claiming.claim_next(conn, queues, "w1", 5, most=16) for _ in range(2)]
+    assert [(t.queue.name, [a.job.id for a in t.attempts]) for t in taken] == [
+        (queue.name, [last]),
+        (explain.name, [explain_id]),
+    ]
