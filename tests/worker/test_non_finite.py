@@ -27,9 +27,7 @@ from worker.served import ServedModel
 GREY = ["normal", "pneumonia"]
 
 
-@pytest.fixture(autouse=True)
-def _limits(monkeypatch):
-    monkeypatch.setattr("worker.compute.upload_limits", lambda: (50_000_000, 20))
+pytestmark = pytest.mark.usefixtures("loose_upload_limits")
 
 
 @pytest.fixture(scope="module")
