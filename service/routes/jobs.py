@@ -78,6 +78,21 @@ def _explain(request: Request, jobs: JobService, principal: Principal, upload: U
     return _answer(request, view, _shown(200 if view.status is ApiStatus.FINISHED else 202))
 
 
+async def _submission(request: Request, principal, settings, jobs, params_model, work) -> Response:
+    """A submission's upload read and its parameters parsed (noted for the audit record), then
+    ``work`` (the job, its answer and the answer's audit record) in one trip into the thread
+    pool; a submission refused on the way still confirms its key first."""
+    try:
+        with stage("parse"):
+            upload = await read_upload(request, settings)
+            params = parse_params(params_model, upload.fields)
+            note(request, model=params.model, input_sha256=upload.sha256)
+        return await run_in_threadpool(work, request, jobs, principal, upload, params)
+    except Exception:
+        await confirm_before_answering(request)
+        raise
+
+
 @router.post(
     "/classify",
     response_model=JobView,
@@ -88,16 +103,7 @@ async def classify(request: Request, principal: Submitter, settings: SettingsDep
     """Classify an image or a DICOM file (optionally with its stability score). Answers 200
     with the result when the job ends within AEX_CLASSIFY_WAIT_SECONDS (at once when an
     identical request's result is still kept), else 202 with ``Location: /v1/jobs/{id}``."""
-    try:
-        with stage("parse"):
-            upload = await read_upload(request, settings)
-            params = parse_params(ClassifyParams, upload.fields)
-            note(request, model=params.model, input_sha256=upload.sha256)
-        # The job, its answer and the answer's audit record: one trip into the thread pool.
-        return await run_in_threadpool(_classify, request, jobs, principal, upload, params)
-    except Exception:
-        await confirm_before_answering(request)
-        raise
+    return await _submission(request, principal, settings, jobs, ClassifyParams, _classify)
 
 
 @router.post(
@@ -114,15 +120,7 @@ async def explain(request: Request, principal: Submitter, settings: SettingsDep,
     """Queue adversarial explanations, Grad-CAM and the stability score for an image or a
     DICOM file; answers 202 with ``Location: /v1/jobs/{id}``, or 200 with the finished job
     when an identical request's result is still kept."""
-    try:
-        with stage("parse"):
-            upload = await read_upload(request, settings)
-            params = parse_params(ExplainParams, upload.fields)
-            note(request, model=params.model, input_sha256=upload.sha256)
-        return await run_in_threadpool(_explain, request, jobs, principal, upload, params)
-    except Exception:
-        await confirm_before_answering(request)
-        raise
+    return await _submission(request, principal, settings, jobs, ExplainParams, _explain)
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, responses=ERRORS)
