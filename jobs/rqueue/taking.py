@@ -103,27 +103,6 @@ def untake_all(conn: Redis, queue: Queue, job_ids: list[str]) -> None:
         pipe.execute()
 
 
-def take_any(conn: Redis, queues: list[Queue], wait_seconds: float, most: int = 1) -> tuple[list[Job], Queue] | None:
-    """The next jobs (one at least, ``most`` at most, in queue order: a batch's leader and
-    those waiting behind it, in one round trip) of the first non-empty queue of ``queues``
-    (priority order), moved atomically to that queue's intermediate list, waiting at most
-    ``wait_seconds`` for one (None then). rq's own dequeue pops from several queues with
-    BLPOP, which leaves nothing behind: a worker killed between that pop and the claim would
-    lose the job. Here a job is always in a list, so a dead worker's jobs are found
-    (``requeue_stranded``). Waiting blocks on the wake list (``wake``: an entry with every job
-    put in a queue, taken off with the job), then looks at every queue again; a wake-up that
-    finds nothing (another worker was faster) costs one look."""
-    deadline = time.monotonic() + max(0.0, wait_seconds)
-    while True:
-        taken = _taken(conn, queues, max(1, most))
-        if taken is not None:
-            return taken[1], taken[0]
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        wait_for_wake(conn, left)
-
-
 def wait_for_wake(conn: Redis, seconds: float) -> bool:
     """Block until a job is put in a queue (an entry of the wake list, taken off), at most
     ``seconds``; whether one came."""
