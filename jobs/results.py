@@ -234,7 +234,9 @@ class Provenance(ResultModel):
     checkpoint_file: str
     checkpoint_sha256: str
     weights_sha256: str | None
-    checkpoint_metrics: dict[str, Any] = Field(description="the checkpoint's public metrics")
+    checkpoint_metrics: dict[str, Any] = Field(
+        description="the checkpoint's scalar metrics; its full record is GET /v1/models/{model} for this checkpoint_sha256"
+    )
     architecture: Architecture
     parameters: RecordedParameters = Field(description="the canonical parameters (the cache key's)")
     method: dict[str, Any] = Field(description="every setting the computation used, defaults included")

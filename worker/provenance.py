@@ -16,7 +16,7 @@ import torch
 
 from jobs.params import JobParameters
 from jobs.results import Provenance
-from models.store.discovery import public_metrics
+from models.store.discovery import headline_metrics
 from models.version import __version__
 from worker.served import ServedModel
 
@@ -85,7 +85,7 @@ def build_provenance(
             "checkpoint_file": served.path.name,
             "checkpoint_sha256": served.checkpoint_sha256,
             "weights_sha256": served.meta.weights_sha256,
-            "checkpoint_metrics": public_metrics(served.meta.metrics),
+            "checkpoint_metrics": headline_metrics(served.meta.metrics),
             "architecture": {
                 "arch": served.meta.arch,
                 "input_size": served.meta.input_size,

@@ -26,13 +26,15 @@ def configure_torch(settings: Settings) -> None:
     before CUDA starts; ops without a deterministic kernel only warn)."""
     import torch
 
+    from models.nn.runtime import deterministic_kernels
+
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     if settings.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_kernels(True)
 
 
 def cuda_devices() -> list[int]:

@@ -70,6 +70,16 @@ def public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's scalar metrics (accuracies, ARA, AutoAttack, sanity and faithfulness
+    figures, n, seeds, sources): what every result's provenance carries. The nested records
+    (curves, settings, per-class accuracy, radii summaries) stay in the model list
+    (``public_metrics``, GET /v1/models/{name}) and the model card, for the same
+    ``checkpoint_sha256``: repeated in each result they were three quarters of a classify
+    result's JSON (6.2 of 8.5 KB), paid by the worker, Redis, the API and the client."""
+    return {k: v for k, v in public_metrics(metrics).items() if v is None or isinstance(v, (bool, int, float, str))}
+
+
 def catalogue_entry(name: str, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The public description of one served checkpoint (GET /v1/models), JSON-safe."""
     return {

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from models.nn.runtime import deterministic_kernels
+
 
 def flushing_denormals() -> bool:
     """Whether the CPU flushes subnormal floats to zero now (FTZ/DAZ set). torch has no getter,
@@ -32,14 +34,16 @@ def training_settings(*, threads: int | None = None, deterministic: bool = False
     old_threads = torch.get_num_threads()
     old_det = torch.are_deterministic_algorithms_enabled()
     old_det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
         torch.set_flush_denormal(True)
         if threads:
             torch.set_num_threads(threads)
         if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            deterministic_kernels(True)
         yield
     finally:
         torch.set_flush_denormal(old_flush)
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_det, warn_only=old_det_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill

@@ -11,9 +11,11 @@ def test_settings_hold_inside_and_come_back_after():
         assert flushing_denormals()
         assert torch.get_num_threads() == 1
         assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.utils.deterministic.fill_uninitialized_memory
     assert not flushing_denormals()
     assert torch.get_num_threads() == threads
     assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.utils.deterministic.fill_uninitialized_memory  # torch's default, back
 
 
 def test_settings_come_back_after_an_exception():
