@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 
 from jobs.params import ClassifyParameters, JobParameters, result_cache_key
-from jobs.results import ClassifyResult, ClassScore, Stability, check_finite
+from jobs.results import ClassifyResult
 from jobs.settings import Settings
 from models.data.imaging import open_image, source_size
 from models.data.tensors import image_to_tensor, load_dicom_for_model
@@ -259,19 +259,21 @@ def _classify_summary(
     worker: str | None,
 ) -> ClassifyResult:
     """One job's classify result from its probabilities (C) and stability report; seconds:
-    the batch's whole time."""
+    the batch's whole time. Built as JSON values and validated once, as a whole (its finite
+    check included: ``jobs.results.ResultModel``); each part built as a model of its own was
+    checked and validated again, nine walks of the result per job."""
     classes, top_k = served.meta.classes, parameters.top_k
-    check_finite({"probs": probs.tolist(), "stability": stability}, "the classify result")
+    values = probs.tolist()
     order = probs.argsort(descending=True).tolist()
     top = [
-        ClassScore(class_index=i, class_name=classes[i], prob=float(probs[i]))
+        {"class_index": i, "class_name": classes[i], "prob": values[i]}
         for i in order[: max(1, min(top_k, len(classes)))]
     ]
     # batch_size: the jobs that shared this one's forward pass (and searches).
     method: dict[str, Any] = {"top_k": top_k, "batch_size": batch_size}
     scored: dict[str, Any] = {}
     if stability is not None:
-        scored["stability"] = Stability.model_validate(stability)
+        scored["stability"] = stability
         method["stability"] = stability_method(parameters.stability_steps, parameters.stability_mode.value)
     provenance = build_provenance(
         served,
@@ -284,13 +286,15 @@ def _classify_summary(
         timings={**decoded.timings, "total_seconds": seconds},
         worker=worker,
     )
-    return ClassifyResult(
-        model=served.name,
-        predicted=top[0],
-        top=top,
-        probs={c: float(p) for c, p in zip(classes, probs.tolist())},
-        **scored,
-        reused=False,
-        provenance=provenance,
-        seconds=seconds,
+    return ClassifyResult.model_validate(
+        {
+            "model": served.name,
+            "predicted": top[0],
+            "top": top,
+            "probs": dict(zip(classes, values)),
+            **scored,
+            "reused": False,
+            "provenance": provenance,
+            "seconds": seconds,
+        }
     )

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from jobs.params import JobParameters
-from jobs.results import Provenance
 from models.store.discovery import headline_metrics
 from models.version import __version__
 from worker.served import ServedModel
@@ -73,35 +72,34 @@ def build_provenance(
     cache_key: str,
     timings: dict[str, float],
     worker: str | None,
-) -> Provenance:
-    """The "provenance" block of a result.
+) -> dict[str, Any]:
+    """The "provenance" block of a result, as JSON values: validated (``jobs.results.Provenance``)
+    with the result it is part of, once.
 
     parameters: the request's canonical parameters (the cache key's); method: every setting
     the computation used, defaults included (search settings, layer, clamping, ...)."""
-    return Provenance.model_validate(
-        {
-            "kind": kind,
-            "model": served.name,
-            "checkpoint_file": served.path.name,
-            "checkpoint_sha256": served.checkpoint_sha256,
-            "weights_sha256": served.meta.weights_sha256,
-            "checkpoint_metrics": headline_metrics(served.meta.metrics),
-            "architecture": {
-                "arch": served.meta.arch,
-                "input_size": served.meta.input_size,
-                "in_channels": served.meta.in_channels,
-                "num_classes": len(served.meta.classes),
-            },
-            "parameters": parameters.kwargs(),
-            "method": method,
-            "input_sha256": input_sha256,
-            "input": input_info,
-            "software": software_versions(),
-            "device": device_description(served.device),
-            "determinism": determinism(),
-            "timings": {k: round(float(v), 6) for k, v in timings.items()},
-            "cache_key": cache_key,
-            "computed_at": datetime.now(UTC).isoformat(),
-            "worker": worker,
-        }
-    )
+    return {
+        "kind": kind,
+        "model": served.name,
+        "checkpoint_file": served.path.name,
+        "checkpoint_sha256": served.checkpoint_sha256,
+        "weights_sha256": served.meta.weights_sha256,
+        "checkpoint_metrics": headline_metrics(served.meta.metrics),
+        "architecture": {
+            "arch": served.meta.arch,
+            "input_size": served.meta.input_size,
+            "in_channels": served.meta.in_channels,
+            "num_classes": len(served.meta.classes),
+        },
+        "parameters": parameters.kwargs(),
+        "method": method,
+        "input_sha256": input_sha256,
+        "input": input_info,
+        "software": software_versions(),
+        "device": device_description(served.device),
+        "determinism": determinism(),
+        "timings": {k: round(float(v), 6) for k, v in timings.items()},
+        "cache_key": cache_key,
+        "computed_at": datetime.now(UTC).isoformat(),
+        "worker": worker,
+    }
