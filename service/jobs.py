@@ -135,10 +135,11 @@ class JobService:
             raise quota.too_many(self.settings.max_jobs_per_principal)
         return job_id
 
-    def wait(self, job_id: str, seconds: float) -> None:
-        """Block until the job has a result (success, failure or stop), at most ``seconds``."""
+    def wait(self, job_id: str, seconds: float) -> JobRecord | None:
+        """Block until the job has a result (success, failure or stop), at most ``seconds``;
+        then its record, read in the same round trip (None when Redis has no such job)."""
         with stage("wait"):
-            rqueue.wait_for_end(self.conn, job_id, seconds)
+            return rqueue.wait_for_end(self.conn, job_id, seconds)
 
     def _cache_key(self, kind: JobKind, entry: dict[str, Any], digest: str, parameters: dict[str, Any]) -> str:
         checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
@@ -231,10 +232,9 @@ class JobService:
             meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
         job_id, reused, principal = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane, acting)
-        if not reused:
-            self.wait(job_id, self.settings.classify_wait_seconds)
+        waited = None if reused else self.wait(job_id, self.settings.classify_wait_seconds)
         with stage("view"):
-            return self.view(principal, job_id)
+            return self.view(principal, job_id, waited)
 
     def explain(
         self, principal: Principal, upload: Upload, params: ExplainParams, acting: Acting | None = None
@@ -269,12 +269,13 @@ class JobService:
         return self.view(principal, job_id)
 
     # --- reading -----------------------------------------------------------------------
-    def fetch(self, job_id: str) -> JobRecord:
+    def fetch(self, job_id: str, fetched: JobRecord | None = None) -> JobRecord:
         """The job ``job_id``, whoever owns it (internal: the routes use ``fetch_for``): a
-        queued one, or one answered from an earlier result (``service.reuse``)."""
+        queued one, or one answered from an earlier result (``service.reuse``); ``fetched``:
+        its record if read already (``wait``)."""
         if not JOB_ID.match(job_id):
             raise UnknownJobError(f"unknown job {job_id!r}")
-        job = rqueue.fetch_job(self.conn, job_id) or fetch_reused(self.conn, job_id)
+        job = fetched or rqueue.fetch_job(self.conn, job_id) or fetch_reused(self.conn, job_id)
         if job is not None:
             return job
         if lost_in_restart(self.conn, job_id):
@@ -284,17 +285,17 @@ class JobService:
             )
         raise UnknownJobError(unknown_job(job_id))
 
-    def fetch_for(self, principal: Principal, job_id: str) -> JobRecord:
+    def fetch_for(self, principal: Principal, job_id: str, fetched: JobRecord | None = None) -> JobRecord:
         """The job ``job_id`` if ``principal`` may see it (its own; every job for ``admin``).
         Another principal's job is answered exactly as a job that does not exist: nothing
         tells one from the other."""
-        job = self.fetch(job_id)
+        job = self.fetch(job_id, fetched)
         if not can_access(principal, owner_of_meta(job.meta)):
             raise UnknownJobError(unknown_job(job_id))
         return job
 
-    def view(self, principal: Principal, job_id: str) -> ShownJob:
-        job = self.fetch_for(principal, job_id)
+    def view(self, principal: Principal, job_id: str, fetched: JobRecord | None = None) -> ShownJob:
+        job = self.fetch_for(principal, job_id, fetched)
         if job.kind is not None and rqueue.lease_expired(self.conn, job):
             # Its worker died: fail it now rather than at the next worker maintenance.
             reap_abandoned(self.conn, self.settings.job_retries, self.policy)

@@ -246,17 +246,29 @@ def _record(job: Job) -> JobRecord:
 def fetch_job(conn: Redis, job_id: str) -> JobRecord | None:
     """The queued job ``job_id`` as a record (None when Redis has no such job): its hash and
     its latest result in one round trip."""
-    job = Job(parse_job_id(job_id), connection=conn, serializer=SERIALIZER)
     with conn.pipeline(transaction=False) as pipe:
-        pipe.hgetall(job.key)
-        pipe.xrevrange(Result.get_key(job.id), "+", "-", count=1)
-        data, latest = pipe.execute()
+        job = _fetching(conn, pipe, job_id)
+        return _fetched(job, *pipe.execute())
+
+
+def _fetching(conn: Redis, pipe, job_id: str) -> Job:
+    """Queue on ``pipe`` (of ``conn``) the reads of ``fetch_job``: the job's hash, its latest result."""
+    job = Job(parse_job_id(job_id), connection=conn, serializer=SERIALIZER)
+    pipe.hgetall(job.key)
+    pipe.xrevrange(Result.get_key(job.id), "+", "-", count=1)
+    return job
+
+
+def _fetched(job: Job, data: dict, latest: list) -> JobRecord | None:
+    """The record of ``job`` from the replies of its ``_fetching`` reads."""
     if not data:
         return None
     job.restore(data)
     if latest:
         result_id, payload = latest[0]
-        job._cached_result = Result.restore(job.id, _text(result_id), payload, connection=conn, serializer=SERIALIZER)
+        job._cached_result = Result.restore(
+            job.id, _text(result_id), payload, connection=job.connection, serializer=SERIALIZER
+        )
     return _record(job)
 
 
@@ -347,10 +359,16 @@ def stop_running(conn: Redis, job_id: str) -> None:
         send_stop_job_command(conn, job_id, serializer=SERIALIZER)
 
 
-def wait_for_end(conn: Redis, job_id: str, seconds: float) -> None:
-    """Block until job ``job_id`` has ended (succeeded, failed or stopped), at most ``seconds``."""
-    if seconds > 0:
-        conn.xread({Result.get_key(job_id): "0-0"}, block=max(1, int(seconds * 1000)))
+def wait_for_end(conn: Redis, job_id: str, seconds: float) -> JobRecord | None:
+    """Block until job ``job_id`` has ended (succeeded, failed or stopped), at most ``seconds``;
+    then its record as ``fetch_job`` reads it, ended or not (None when Redis has no such job).
+    One round trip: the reads are pipelined behind the blocking XREAD, and Redis runs them
+    once it returns."""
+    with conn.pipeline(transaction=False) as pipe:
+        if seconds > 0:
+            pipe.xread({Result.get_key(job_id): "0-0"}, block=max(1, int(seconds * 1000)))
+        job = _fetching(conn, pipe, job_id)
+        return _fetched(job, *pipe.execute()[-2:])
 
 
 def result_ttl_left(conn: Redis, job_id: str) -> int:

@@ -139,7 +139,7 @@ def test_each_end_appends_to_the_result_stream(conn):
     SimpleWorker([queue], connection=conn, serializer=SERIALIZER).work(burst=True)
 
     assert conn.xlen(Result.get_key(ok.id)) == 1 and conn.xlen(Result.get_key(bad.id)) == 1
-    rqueue.wait_for_end(conn, ok.id, 30)  # returns at once: the stream has an entry
+    assert rqueue.wait_for_end(conn, ok.id, 30) == rqueue.fetch_job(conn, ok.id)  # at once: the stream has an entry
     done = rqueue.fetch_job(conn, ok.id)
     assert done.status is ApiStatus.FINISHED and done.result == 4.0 and done.failure is None
     assert done.started_at <= done.ended_at and done.ended_at.tzinfo is UTC
@@ -172,3 +172,34 @@ def test_an_enqueue_sent_again_after_its_reply_was_lost_does_nothing_twice(conn)
     assert rqueue.enqueue(conn, job_id=job_id, **args)
     assert conn.lrange("rq:queue:aex-classify", 0, -1) == [job_id.encode()]
     assert conn.zcard("aex:test-share") == 1 and conn.get("aex:test-upload") == b"sealed"
+
+
+def test_waiting_for_an_end_reads_the_job_in_the_same_round_trip(conn):
+    """``wait_for_end`` blocks on the Result stream and returns the job's record read right
+    after the end, in one round trip: still queued when the wait runs out, ended once a worker
+    wrote its end while the wait blocked, None for a job Redis does not have."""
+    import threading
+
+    from jobs.roundtrips import Tally, tallying
+
+    queue = Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
+    job = queue.enqueue("math.sqrt", 25.0, meta={"kind": "classify"}, result_ttl=100)
+    tally = Tally()
+    with tallying(tally):
+        record = rqueue.wait_for_end(conn, job.id, 0.05)
+    assert record.status is ApiStatus.QUEUED and record.result is None and tally.count == 1
+
+    tally, records = Tally(), []
+
+    def wait() -> None:
+        with tallying(tally):
+            records.append(rqueue.wait_for_end(conn, job.id, 30))
+
+    waiting = threading.Thread(target=wait)
+    waiting.start()
+    time.sleep(0.3)  # the wait is blocked by now; rq's worker wants the main thread
+    SimpleWorker([queue], connection=conn, serializer=SERIALIZER).work(burst=True)
+    waiting.join(30)
+    [record] = records
+    assert record.status is ApiStatus.FINISHED and record.result == 5.0 and tally.count == 1
+    assert rqueue.wait_for_end(conn, new_job_id(conn), 0.01) is None
