@@ -139,6 +139,39 @@ def refusal_bytes() -> bytes:
     return head.encode("ascii") + body
 
 
+class CoalescedWrites:
+    """A connection's transport whose writes within one turn of the event loop leave as one.
+    uvicorn's h11 cycle writes a response's head and its body apart: two sends and two TCP
+    segments (on loopback each send also runs the receiver's side of the stack) where one
+    does, at every answer. Everything else is the transport's own; ``close`` sends what is
+    pending first."""
+
+    __slots__ = ("_transport", "_loop", "_parts")
+
+    def __init__(self, transport, loop) -> None:
+        self._transport, self._loop, self._parts = transport, loop, []
+
+    def write(self, data: bytes) -> None:
+        if not self._parts:
+            self._loop.call_soon(self._flush)
+        self._parts.append(data)
+
+    def _flush(self) -> None:
+        parts, self._parts = self._parts, []
+        if parts and not self._transport.is_closing():
+            self._transport.write(b"".join(parts))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + sum(map(len, self._parts))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class LimitedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a head deadline, a limit per client and ``/healthz`` always
     answered (see the module docstring). ``server_options`` makes a subclass per server that
@@ -177,7 +210,7 @@ class LimitedH11Protocol(H11Protocol):
                 self._refuse(transport, group)
                 return
             self._group = group  # given back in connection_lost, whatever happens next
-        super().connection_made(transport)
+        super().connection_made(CoalescedWrites(transport, self.loop))
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:

@@ -102,3 +102,39 @@ def test_each_server_has_its_own_count_table():
     first, second = server_options(settings)["http"], server_options(settings)["http"]
     assert first.counts is not second.counts
     assert first.counts.per_client == 2 and first.head_timeout == settings.head_timeout_seconds
+
+
+def test_writes_of_one_loop_turn_leave_the_connection_as_one():
+    """``CoalescedWrites`` over a real socket transport: a response's head and body written in
+    one turn of the event loop reach the peer together when the turn ends, not one by one;
+    ``close`` sends what is pending first."""
+    import asyncio
+    import socket
+
+    from service.server import CoalescedWrites
+
+    async def scenario() -> tuple[bool, bytes, bytes]:
+        loop = asyncio.get_running_loop()
+        ours, peer = socket.socketpair()
+        peer.setblocking(False)
+        transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+        writes = CoalescedWrites(transport, loop)
+        writes.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        writes.write(b"{}")
+        try:
+            peer.recv(1024)
+            early = True
+        except BlockingIOError:
+            early = False  # nothing sent yet: the turn is not over
+        assert writes.get_write_buffer_size() == 40
+        await asyncio.sleep(0.05)
+        together = peer.recv(1024)
+        writes.write(b"last")
+        writes.close()
+        await asyncio.sleep(0.05)
+        last = peer.recv(1024)
+        peer.close()
+        return early, together, last
+
+    early, together, last = asyncio.run(scenario())
+    assert not early and together == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}" and last == b"last"
