@@ -103,12 +103,6 @@ def untake_all(conn: Redis, queue: Queue, job_ids: list[str]) -> None:
         pipe.execute()
 
 
-def wait_for_wake(conn: Redis, seconds: float) -> bool:
-    """Block until a job is put in a queue (an entry of the wake list, taken off), at most
-    ``seconds``; whether one came."""
-    return conn.blpop([wake_key()], timeout=max(0.01, seconds)) is not None
-
-
 def wake(pipe: Redis | Pipeline) -> None:
     """Wake an idle worker: a job was put in a queue (bounded: a wake-up only makes a worker look)."""
     pipe.rpush(wake_key(), 1)

@@ -30,6 +30,7 @@ from typing import Any
 from uuid import uuid4
 
 from rq import get_current_job, worker_registration
+from rq.exceptions import StopRequested
 from rq.job import Job
 from rq.queue import Queue
 from rq.utils import now, utcformat
@@ -38,11 +39,10 @@ from rq.worker import SimpleWorker, WorkerStatus
 from jobs.keys import CATALOGUE_FIELD
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.roundtrips import process_total
-from jobs.rqueue.claiming import Taken, claim_next, execution_ids_for
+from jobs.rqueue.claiming import Taken, claim_next, execution_ids_for, take_recorded, wait_and_claim_next
 from jobs.rqueue.layout import SERIALIZER, TIME_LIMIT_EXCEEDED, time_limit_of
 from jobs.rqueue.lifecycle import Attempt
 from jobs.rqueue.reaping import queues_by_priority
-from jobs.rqueue.taking import wait_for_wake
 
 log = logging.getLogger("aex.worker")
 
@@ -261,39 +261,68 @@ class QueueWorker(SimpleWorker):
     def _claim_next(self, wait: float, take_id: str, execution_ids: list[str]) -> Taken | None:
         """The next jobs claimed (``claim_next``), waiting at most ``wait`` seconds for one.
         Each job put in a queue pushes a wake-up (``taking.wake``): after a take that left no
-        job waiting, the worker blocks on the wake list first (a wake-up pushed meanwhile
-        answers at once) and looks once it is woken, so an idle worker costs no empty look per
-        job; a wake-up that finds nothing (another worker was faster) costs one look, and the
-        end of each wait one more. Busy from the claim on."""
+        job waiting, the worker blocks on the wake list with its next take pipelined behind
+        (``wait_and_claim_next``: woken and claimed in one round trip, made durable by the
+        enqueue's own fsync), so an idle worker costs no empty look per job; a wake-up that
+        finds nothing (another worker was faster) costs one look, and the end of each wait
+        one more. Busy from the claim on: a SIGTERM while blocked stops the worker, after
+        running what its take had claimed by then if anything (``_claimed_before_stop``)."""
         deadline = time.monotonic() + max(0.0, wait)
-        woken, look = 0, self._look_first or wait <= 0
+        take = (self.name, self.job_heartbeat_ttl)
+        look = self._look_first or wait <= 0
         while True:
             if look:
                 self.set_state(WorkerStatus.BUSY)  # a SIGTERM from the claim on lets the jobs claimed run
-                taken = None
+                start = time.perf_counter()
+                taken = claim_next(
+                    self.connection, self._ordered_queues, *take, self.take_at_once, take_id, execution_ids
+                )
+                self.claim_seconds = time.perf_counter() - start
+            else:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
                 try:
-                    start = time.perf_counter()
-                    taken = claim_next(
-                        self.connection,
-                        self._ordered_queues,
-                        self.name,
-                        self.job_heartbeat_ttl,
-                        self.take_at_once,
-                        take_id,
-                        execution_ids,
-                        woken,
+                    taken = wait_and_claim_next(
+                        self.connection, self._ordered_queues, *take, left, self.take_at_once, take_id, execution_ids
                     )
-                    self.claim_seconds = time.perf_counter() - start
-                finally:
-                    if not (taken and taken.attempts):
-                        self.set_state(WorkerStatus.IDLE)
-                self._look_first = bool(taken and taken.more)
-                if taken and taken.attempts:
-                    return taken
-            left = deadline - time.monotonic()
-            if left <= 0:
+                    if taken and taken.attempts:
+                        self.set_state(WorkerStatus.BUSY)
+                except StopRequested:
+                    taken = self._claimed_before_stop(take_id, execution_ids)
+                    if taken is None:
+                        raise
+                # Claimed as it was woken: no time of its own (its reply waited for the
+                # enqueue's fsync, which the queue wait counts).
+                self.claim_seconds = 0.0
+            self._look_first = bool(taken and taken.more)
+            if taken and taken.attempts:
+                return taken
+            self.set_state(WorkerStatus.IDLE)
+            if wait <= 0:
                 return None
-            woken, look = int(wait_for_wake(self.connection, left)), True
+            look = False
+
+    def _claimed_before_stop(self, take_id: str, execution_ids: list[str]) -> Taken | None:
+        """A SIGTERM came while blocked in ``wait_and_claim_next`` (its connection is closed,
+        so Redis drops a take it has not run yet): what the take claimed if Redis ran it
+        first (its reply was then on its way), marked busy to be run before the worker stops,
+        as a warm shutdown runs what it holds; None when it claimed nothing."""
+        if not take_recorded(self.connection, take_id):
+            return None
+        self._stop_requested = True
+        self.set_state(WorkerStatus.BUSY)
+        # The same take sent again returns what it claimed and claims nothing more.
+        taken = claim_next(
+            self.connection,
+            self._ordered_queues,
+            self.name,
+            self.job_heartbeat_ttl,
+            self.take_at_once,
+            take_id,
+            execution_ids,
+        )
+        return taken if taken and taken.attempts else None
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -104,3 +105,98 @@ def test_a_take_skips_ids_that_are_no_longer_queued_and_a_job_without_signature_
         (queue.name, [last]),
         (explain.name, [explain_id]),
     ]
+
+
+def test_a_take_pipelined_behind_the_wake_up_claims_the_job_that_woke_it_in_one_round_trip(conn):
+    """``wait_and_claim_next``: blocked on the wake list with its take behind, the worker gets
+    the job enqueued meanwhile claimed, in one round trip, its start stamped when it was
+    claimed (not when the take was recorded, before it blocked); the wake-up it took off is
+    counted; when the time runs out it claims nothing, and a take recorded is known as one."""
+    import threading
+    from datetime import UTC, datetime, timedelta
+
+    from jobs.keys import wake_key
+    from jobs.roundtrips import Tally, tallying
+
+    queues = reaping.queues_by_priority(conn)
+    conn.script_load(claiming.CLAIM_NEXT.source)
+    assert claiming.wait_and_claim_next(conn, queues, "w1", 5, 0.05, take_id="idle") is None
+    assert not claiming.take_recorded(conn, "idle")
+
+    tally, out = Tally(), []
+
+    def blocked() -> None:
+        with tallying(tally):
+            out.append(claiming.wait_and_claim_next(conn, queues, "w1", 20, 30, most=4, take_id="t2"))
+
+    waiting = threading.Thread(target=blocked)
+    waiting.start()
+    time.sleep(0.6)  # the take is recorded by now, and blocked
+    job_id = submitted(conn, "a")
+    waiting.join(30)
+    [taken] = out
+    assert tally.count == 1 and [a.job.id for a in taken.attempts] == [job_id] and not taken.more
+    attempt = taken.attempts[0]
+    assert status(conn, job_id) == JobStatus.STARTED.value and lifecycle.holds(conn, attempt)
+    job = Job.fetch(job_id, connection=conn, serializer=SERIALIZER)
+    enqueued, started = (d if d.tzinfo else d.replace(tzinfo=UTC) for d in (job.enqueued_at, job.started_at))
+    assert enqueued <= started <= datetime.now(UTC) + timedelta(seconds=1)
+    assert attempt.job.started_at == job.started_at  # the copy in hand says the same
+    assert conn.llen(wake_key()) == 0 and claiming.take_recorded(conn, "t2")
+    # The same take sent again (a reply lost, or a SIGTERM while blocked): the same attempt.
+    again = claiming.claim_next(conn, queues, "w1", 20, most=4, take_id="t2")
+    assert [(a.job.id, a.token) for a in again.attempts] == [(job_id, attempt.token)]
+
+
+def test_a_pipelined_take_loads_its_script_when_redis_lost_it(conn):
+    """After a restart or a flush Redis knows no script: the take behind the wake-up loads it
+    and takes (the wake-up it took off still counted)."""
+    from jobs.keys import wake_key
+
+    queues = reaping.queues_by_priority(conn)
+    job_id = submitted(conn, "a")
+    conn.script_flush()
+    taken = claiming.wait_and_claim_next(conn, queues, "w1", 5, 5, take_id="t3")
+    assert [a.job.id for a in taken.attempts] == [job_id] and conn.llen(wake_key()) == 0
+
+
+def test_a_sigterm_while_blocked_stops_the_worker_or_hands_it_what_its_take_had_claimed(conn):
+    """A warm shutdown (SIGTERM) that comes while the worker blocks with its take pipelined
+    behind: with nothing claimed it stops at once (rq's StopRequested); when Redis had run
+    the take already (here: the same take sent just before), the worker keeps the jobs it
+    claimed, marked busy and to stop once they have run, and claims nothing more."""
+    import signal
+
+    from rq.exceptions import StopRequested
+
+    from jobs.keys import wake_key
+    from jobs.rqueue.worker import QueueWorker
+
+    worker = QueueWorker(conn, name="sigterm-test", job_heartbeat_ttl=20, worker_ttl=60)
+    worker._install_signal_handlers()
+    try:
+        worker._look_first = False
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        start = time.monotonic()
+        with pytest.raises(StopRequested):
+            worker._claim_next(5, "idle-take", claiming.execution_ids_for("idle-take", 1))
+        assert time.monotonic() - start < 3 and not worker._stop_requested
+
+        worker = QueueWorker(conn, name="sigterm-test-2", job_heartbeat_ttl=20, worker_ttl=60)
+        worker._install_signal_handlers()
+        worker._look_first = False
+        job_ids = [submitted(conn, "a"), submitted(conn, "b")]
+        ids = claiming.execution_ids_for("ran", 1)
+        first = claiming.claim_next(conn, worker._ordered_queues, worker.name, 20, 1, "ran", ids)
+        conn.delete(wake_key())  # so the worker blocks until the signal
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        taken = worker._claim_next(5, "ran", ids)
+        assert [a.job.id for a in taken.attempts] == [a.job.id for a in first.attempts] == job_ids[:1]
+        assert worker._stop_requested and worker.get_state() == "busy"
+        assert conn.lrange(worker._ordered_queues[0].key, 0, -1) == [job_ids[1].encode()]  # nothing more claimed
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
