@@ -273,11 +273,16 @@ class QueueWorker(SimpleWorker):
         while True:
             if look:
                 self.set_state(WorkerStatus.BUSY)  # a SIGTERM from the claim on lets the jobs claimed run
-                start = time.perf_counter()
-                taken = claim_next(
-                    self.connection, self._ordered_queues, *take, self.take_at_once, take_id, execution_ids
-                )
-                self.claim_seconds = time.perf_counter() - start
+                taken = None
+                try:
+                    start = time.perf_counter()
+                    taken = claim_next(
+                        self.connection, self._ordered_queues, *take, self.take_at_once, take_id, execution_ids
+                    )
+                    self.claim_seconds = time.perf_counter() - start
+                finally:
+                    if not (taken and taken.attempts):
+                        self.set_state(WorkerStatus.IDLE)
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -292,13 +297,17 @@ class QueueWorker(SimpleWorker):
                     taken = self._claimed_before_stop(take_id, execution_ids)
                     if taken is None:
                         raise
+                except STORE_UNAVAILABLE:
+                    # Its reply lost, the take may have claimed: tried again (by the caller,
+                    # the same take), it looks at once and gets what it claimed.
+                    self._look_first = True
+                    raise
                 # Claimed as it was woken: no time of its own (its reply waited for the
                 # enqueue's fsync, which the queue wait counts).
                 self.claim_seconds = 0.0
             self._look_first = bool(taken and taken.more)
             if taken and taken.attempts:
                 return taken
-            self.set_state(WorkerStatus.IDLE)
             if wait <= 0:
                 return None
             look = False
@@ -308,21 +317,26 @@ class QueueWorker(SimpleWorker):
         so Redis drops a take it has not run yet): what the take claimed if Redis ran it
         first (its reply was then on its way), marked busy to be run before the worker stops,
         as a warm shutdown runs what it holds; None when it claimed nothing."""
-        if not take_recorded(self.connection, take_id):
+        try:
+            if not take_recorded(self.connection, take_id):
+                return None
+            # The same take sent again returns what it claimed and claims nothing more.
+            taken = claim_next(
+                self.connection,
+                self._ordered_queues,
+                self.name,
+                self.job_heartbeat_ttl,
+                self.take_at_once,
+                take_id,
+                execution_ids,
+            )
+        except STORE_UNAVAILABLE:
+            return None  # it stops now; what the take claimed waits out its lease, then runs again
+        if not (taken and taken.attempts):
             return None
         self._stop_requested = True
         self.set_state(WorkerStatus.BUSY)
-        # The same take sent again returns what it claimed and claims nothing more.
-        taken = claim_next(
-            self.connection,
-            self._ordered_queues,
-            self.name,
-            self.job_heartbeat_ttl,
-            self.take_at_once,
-            take_id,
-            execution_ids,
-        )
-        return taken if taken and taken.attempts else None
+        return taken
 
     def set_state(self, state: str, pipeline=None):
         if pipeline is not None:
