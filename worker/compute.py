@@ -27,7 +27,6 @@ from models.data.tensors import image_to_tensor, load_dicom_for_model
 from models.dicom.pixels import DicomImage
 from models.dicom.reading import attribute, first_number
 from models.errors import BadParameterError, NonFiniteResultError
-from models.nn.inference import inference_copy
 from models.nn.runtime import eval_mode
 from models.perturb.stability import stability_method, stability_reports
 from models.version import __version__
@@ -171,12 +170,12 @@ def forward_checked(
     not mix, so one input's NaN leaves the others' logits as they are)."""
     xs = torch.stack([d.x for d in decoded])
     # The logits feed only softmax and the result (no graph is ever built on them), so the
-    # pass runs under inference_mode; on the CPU through the fused channels-last copy
-    # (models.nn.inference: BN folded, HHReLU in place; the same logits to float rounding).
+    # pass runs under inference_mode; on the CPU through the fused channels-last copy made at
+    # load (ServedModel.classifier, models.nn.inference: BN folded, HHReLU in place; the same
+    # logits to float rounding).
     with torch.inference_mode():
         if served.device.type == "cpu":
-            net = inference_copy(served.model)
-            logits = net(xs.contiguous(memory_format=torch.channels_last)).float()
+            logits = served.classifier(xs.contiguous(memory_format=torch.channels_last)).float()
         else:
             with eval_mode(served.model):
                 logits = served.model(xs.to(served.device)).float().cpu()

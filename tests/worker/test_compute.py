@@ -1,4 +1,4 @@
-"""classify's forward pass (``worker.compute.forward_checked``) on the CPU runs the fused inference copy (``models.nn.inference``): a batch's probabilities equal the served model's own to float rounding, with and without the stability search, and the served model is left as it was; the copy, first made in inference mode, still serves an explanation's searches."""
+"""classify's forward pass (``worker.compute.forward_checked``) on the CPU runs the fused inference copy (``models.nn.inference``) made once at load (``ServedModel.classifier``): a batch's probabilities equal the served model's own to float rounding, with and without the stability search, and the served model is left as it was; the copy, first made in inference mode, still serves an explanation's searches."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def png(seed: int) -> bytes:
 def test_a_batch_classifies_through_the_fused_copy_as_the_model_does(served, stability):
     model = served.model
     flags = [p.requires_grad for p in model.parameters()]
-    copy = inference_copy(model)  # built by ServedModel.load's warm-up, and kept
+    copy = inference_copy(model)  # built by ServedModel.load, and kept: its classifier
+    assert served.classifier is copy
     parameters = ClassifyParameters(top_k=2, stability=stability, stability_steps=40 if stability else None)
     inputs = [JobInput(png(i), "image", parameters) for i in range(5)]
     out = classify_results(served, inputs)
