@@ -39,6 +39,29 @@ local function run(argv, i, j)
 end
 """
 
+# The Lua helper every script that stamps a time starts with: utc_now() gives Redis's clock
+# (TIME) as the UTC year, month, day, hour, minute, second and microsecond; the date from the
+# days since 1970 (Howard Hinnant's civil_from_days). Calling TIME before a script's writes
+# is allowed: Redis replicates a script's effects, not the script.
+UTC_NOW = """
+local function utc_now()
+  local t = redis.call('TIME')
+  local sec, usec = tonumber(t[1]), tonumber(t[2])
+  local days = math.floor(sec / 86400)
+  local rest = sec - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return year, month, day, math.floor(rest / 3600), math.floor(rest % 3600 / 60), rest % 60, usec
+end
+"""
+
 
 def recorded(conn: Redis, fill: Callable[[Pipeline], None]) -> list[bytes]:
     """The commands ``fill(pipe)`` adds to a transaction on ``conn`` (sent nowhere), encoded

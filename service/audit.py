@@ -23,7 +23,11 @@ The trail is a security control, so it fails closed:
   anyway (the job routes) writes it itself as its last step, with the status of the answer it
   returns (``record_answer``; it and the middleware live in ``service.audit_answer``), and the
   middleware lets that answer go as it is: the same record at the same point, without a trip
-  into the pool of its own. It is not moved after the answer
+  into the pool of its own. A classify goes one step further: the record of its 200 is sent
+  with its wait for the job's end and written by Redis only if the job finished
+  (``AnswerAhead``; its time Redis's clock then), without a round trip or a sync to disk of
+  its own; an answer that turns out otherwise is recorded with its own status, which
+  replaces the record written first in the same transaction. It is not moved after the answer
   to save its round trip: a process that died between the answer and the record would leave
   the pending record (status 503) as the only record of a request whose client was answered
   (200, say), and the trail would tell another status than the client got.
@@ -160,23 +164,55 @@ class AuditLog:
         model: str | None = None,
         input_sha256: str | None = None,
         pending: str | None = None,
+        replaces: str | None = None,
     ) -> str:
         """Append one record; returns its stream id. ``principal``: a Principal, its label,
         or None (a refused request: ``anonymous``). ``model``: recorded only when served
         (``served_model``). ``pending``: the id ``begin`` gave this
-        request's pending record, removed in the same transaction. Raises the Redis error
-        when the store refuses it."""
+        request's pending record, removed in the same transaction. ``replaces``: the id of a
+        record of this request written ahead (``writing``) with a status it was not answered,
+        removed in the same transaction. Raises the Redis error when the store refuses it."""
+        with self.conn.pipeline(transaction=True) as pipe:
+            self.writing(principal, action, status, job_id, model, input_sha256, pending, replaces)(pipe)
+            stream_id = pipe.execute()[0]
+        self.written()
+        return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+
+    def writing(
+        self,
+        principal: Any,
+        action: str,
+        status: int,
+        job_id: str | None = None,
+        model: str | None = None,
+        input_sha256: str | None = None,
+        pending: str | None = None,
+        replaces: str | None = None,
+        time_text: str | None = None,
+    ) -> Callable[[Any], None]:
+        """The writes of ``record`` as ``fill(pipe)``, for a record written in another
+        round trip (the first command, the XADD, replies with its id); call ``written`` once
+        they are. ``time_text``: the record's time as written (a stand-in the writing script
+        replaces with its clock, ``jobs.rqueue.wait_for_end``); None: now."""
         now_ms = int(time.time() * 1000)
         fields = _fields(now_ms, principal, action, status, job_id, self.served_model(model), input_sha256)
+        if time_text is not None:
+            fields["time"] = time_text
         cutoff = max(0, now_ms - self.retention_seconds * 1000)
-        with self.conn.pipeline(transaction=True) as pipe:
+
+        def fill(pipe) -> None:
             pipe.xadd(audit_key(), fields, minid=f"{cutoff}-0", approximate=True)
             pipe.xtrim(audit_key(), maxlen=self.max_records, approximate=True)
             if pending:
                 pipe.hdel(pending_key(), pending)
-            stream_id = pipe.execute()[0]
+            if replaces:
+                pipe.xdel(audit_key(), replaces)
+
+        return fill
+
+    def written(self) -> None:
+        """After a record was written: the orphaned pending records moved now and then."""
         self._sweep_now_and_then()
-        return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
 
     def pending_record(self, principal: Any, action: str, job_id: str | None = None) -> tuple[str, str]:
         """(id, record) of a mutating request's pending record, for ``begin`` or for the

@@ -9,7 +9,7 @@ import logging
 
 from starlette.concurrency import run_in_threadpool
 
-from service.audit import AUDITED_PREFIXES, AuditLog, action_of
+from service.audit import AUDITED_PREFIXES, AuditLog, action_of, note
 from service.errors import error_response, status_of, store_refusal, store_unavailable
 from service.timing import stage
 
@@ -17,6 +17,7 @@ log = logging.getLogger("aex.audit")
 
 
 RECORDED = "audit_recorded"  # request state: the status whose final record the route wrote itself
+RECORDED_ID = "audit_record_id"  # request state: the stream id of that record
 
 
 def write_final(audit: AuditLog, scope, status: int):
@@ -27,7 +28,9 @@ def write_final(audit: AuditLog, scope, status: int):
     facts = state.get("audit") or {}
     params = scope.get("path_params") or {}
     try:
-        audit.record(
+        # A record of this request written already with another status (by its route,
+        # ``record_answer``, or ahead, ``AnswerAhead``) gives way to this one.
+        state[RECORDED_ID] = audit.record(
             state.get("principal"),
             action_of(scope),
             status,
@@ -35,6 +38,7 @@ def write_final(audit: AuditLog, scope, status: int):
             model=facts.get("model"),
             input_sha256=facts.get("input_sha256"),
             pending=state.get("audit_pending"),
+            replaces=state.get(RECORDED_ID),
         )
         return None
     except Exception as exc:  # fail closed: no answer leaves without its record
@@ -50,6 +54,57 @@ def write_final(audit: AuditLog, scope, status: int):
         return error_response(status_of(err.code), err.code, err.message)
 
 
+class AnswerAhead:
+    """The final record of a request whose answer will be 200 once its job has finished (a
+    classify: the result), written ahead, in the round trip of its wait for the job's end and
+    only if the job finished (``jobs.rqueue.wait_for_end``): the record, its time Redis's
+    clock at the write, replaces the pending one atomically with the read of the job's end,
+    and costs neither a round trip nor a sync to disk of its own (it shares the wait's, and
+    Redis writes it to its log with the worker's end). ``record_answer`` then lets the 200
+    go as it is; an answer with another status after all (an error raised while the answer
+    was built) is recorded with its own status, the record written ahead removed in the same
+    transaction, so the trail still tells the status the client got."""
+
+    STATUS = 200
+
+    def __init__(self, request, audit: AuditLog):
+        self.request, self.state, self.scope, self.audit = request, request.state, request.scope, audit
+
+    def writes(self, job_id: str, clock: str):
+        """``fill(pipe)``: the writes of the record for job ``job_id``, its time ``clock``
+        (the stand-in the writing script replaces). The job is noted for the request's
+        record from now on: one that replaces this one names it too."""
+        note(self.request, job_id=job_id)
+        facts = self.state.audit
+        return self.audit.writing(
+            getattr(self.state, "principal", None),
+            action_of(self.scope),
+            self.STATUS,
+            job_id=job_id,
+            model=facts.get("model"),
+            input_sha256=facts.get("input_sha256"),
+            pending=getattr(self.state, "audit_pending", None),
+            time_text=clock,
+        )
+
+    def written(self, stream_id) -> None:
+        """After the wait: ``stream_id``, the record's id when it was written (None: the job
+        had not finished, nothing was written)."""
+        if stream_id is None:
+            return
+        state = self.scope["state"]
+        state[RECORDED] = self.STATUS
+        state[RECORDED_ID] = stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
+        self.audit.written()
+
+
+def answer_ahead(request) -> AnswerAhead | None:
+    """The final record ``request`` may write ahead (``AnswerAhead``); None outside the
+    audited paths."""
+    audit: AuditLog | None = (request.scope.get("state") or {}).get("audit_log")
+    return None if audit is None else AnswerAhead(request, audit)
+
+
 def record_answer(request, response):
     """Write the final record of ``request`` now, with the status of ``response``, its answer,
     in the calling thread: for a route that runs in the thread pool anyway, which spares the
@@ -59,7 +114,7 @@ def record_answer(request, response):
     Outside the audited paths (no ``AuditMiddleware``), ``response`` untouched. Blocking."""
     state = request.scope.get("state")
     audit: AuditLog | None = (state or {}).get("audit_log")
-    if audit is None:
+    if audit is None or state.get(RECORDED) == response.status_code:  # none, or written ahead
         return response
     with stage("audit-end"):
         refusal = write_final(audit, request.scope, response.status_code)
@@ -74,7 +129,9 @@ class AuditMiddleware:
     be written is answered 503 ``store_unavailable`` instead (the app's answer is dropped).
     The action is the method and the route template, never the raw path. An answer whose
     record its route wrote already (``record_answer``: the same status) is sent as it is; one
-    with another status (an error raised after that write) gets a record of its own."""
+    with another status (an error raised after that write) gets a record of its own, which
+    replaces the route's in the same transaction (one record per request, with the status its
+    client got)."""
 
     def __init__(self, app, audit: AuditLog, prefixes: tuple[str, ...] = AUDITED_PREFIXES):
         self.app, self.audit, self.prefixes = app, audit, prefixes

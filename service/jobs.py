@@ -36,6 +36,7 @@ from models.errors import (
 )
 from models.version import __version__
 from service import admission, quota
+from service.audit_answer import AnswerAhead
 from service.auth.guard import Acting
 from service.auth.principal import Principal, can_access, owner_meta, owner_of_meta, reuse_scope
 from service.catalogue import Catalogue
@@ -135,11 +136,17 @@ class JobService:
             raise quota.too_many(self.settings.max_jobs_per_principal)
         return job_id
 
-    def wait(self, job_id: str, seconds: float) -> JobRecord | None:
+    def wait(self, job_id: str, seconds: float, ahead: AnswerAhead | None = None) -> JobRecord | None:
         """Block until the job has a result (success, failure or stop), at most ``seconds``;
-        then its record, read in the same round trip (None when Redis has no such job)."""
+        then its record, read in the same round trip (None when Redis has no such job).
+        ``ahead``: the request's final audit record, written in that round trip when the job
+        has finished (``service.audit_answer.AnswerAhead``)."""
+        fill = ahead.writes(job_id, rqueue.CLOCK_STAND_IN) if ahead is not None else None
         with stage("wait"):
-            return rqueue.wait_for_end(self.conn, job_id, seconds)
+            record, written = rqueue.wait_for_end(self.conn, job_id, seconds, fill)
+        if ahead is not None:
+            ahead.written(written)
+        return record
 
     def _cache_key(self, kind: JobKind, entry: dict[str, Any], digest: str, parameters: dict[str, Any]) -> str:
         checkpoint = entry.get("checkpoint_sha256") or entry.get("weights_sha256") or ""
@@ -210,13 +217,19 @@ class JobService:
 
     # --- the two kinds of job ----------------------------------------------------------
     def classify(
-        self, principal: Principal, upload: Upload, params: ClassifyParams, acting: Acting | None = None
+        self,
+        principal: Principal,
+        upload: Upload,
+        params: ClassifyParams,
+        acting: Acting | None = None,
+        ahead: AnswerAhead | None = None,
     ) -> ShownJob:
         """Check the upload, queue a classify job (or answer from an identical earlier one)
         and wait up to AEX_CLASSIFY_WAIT_SECONDS for it. A plain classify goes to the
         high-priority classify queue; one with the stability score (seconds of searches, the
         explain time limit) waits on the explain queue, behind every plain classify.
-        ``acting``: what the request owes before it acts (``_start``)."""
+        ``acting``: what the request owes before it acts (``_start``); ``ahead``: its final
+        audit record, written with the wait when the job finished (``wait``)."""
         with stage("admission"):
             entry = self.catalogue.resolve(self.conn, params.model)
             input_format = admission.check_input(upload, params, self.settings, entry)
@@ -232,7 +245,7 @@ class JobService:
             meta = admission.job_meta(input_format, params, self.settings)
         lane = lane_of(JobKind.CLASSIFY, params.stability)
         job_id, reused, principal = self._start(principal, JobKind.CLASSIFY, upload, entry, kwargs, meta, lane, acting)
-        waited = None if reused else self.wait(job_id, self.settings.classify_wait_seconds)
+        waited = None if reused else self.wait(job_id, self.settings.classify_wait_seconds, ahead)
         with stage("view"):
             return self.view(principal, job_id, waited)
 

@@ -16,16 +16,17 @@ import contextlib
 import functools
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError, ResponseError
 from rq.command import send_stop_job_command
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job, parse_job_id
+from rq.job import Job, JobStatus, parse_job_id
 from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp, utcparse
@@ -34,7 +35,7 @@ from jobs.batches import BATCH_FIELD, batch_signature_of, signature_text
 from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.rqueue.taking import wake
-from jobs.scripts import RUN, Script, framed, recorded
+from jobs.scripts import RUN, UTC_NOW, Script, framed, recorded, refusal
 from jobs.scripts import commands as encoded
 from jobs.states import ApiStatus
 
@@ -359,16 +360,67 @@ def stop_running(conn: Redis, job_id: str) -> None:
         send_stop_job_command(conn, job_id, serializer=SERIALIZER)
 
 
-def wait_for_end(conn: Redis, job_id: str, seconds: float) -> JobRecord | None:
+# A stand-in in the writes of ``wait_for_end``'s ``when_finished``: each becomes the time of
+# Redis's clock when they are made (letters and digits only: nothing special to Lua's gsub).
+CLOCK_STAND_IN = "aexstoreclock0"
+
+# KEYS[1]: a job's hash. ARGV[1]: rq's status of a finished job, ARGV[2]: the clock's stand-in,
+# then commands (``RUN``'s encoding). When the job has finished: runs them, the stand-in in
+# any of their arguments replaced by the time of Redis's clock (ISO 8601, UTC, milliseconds:
+# 2026-12-06T09:26:05.123+00:00), and returns the first one's reply; else false.
+IF_FINISHED = Script(
+    UTC_NOW
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return false end
+local y, mo, d, h, mi, s, us = utc_now()
+local now = string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03d+00:00', y, mo, d, h, mi, s, math.floor(us / 1000))
+local i, first = 3, false
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local command = {}
+  for k = 1, n do command[k] = (ARGV[i + k]:gsub(ARGV[2], now)) end
+  local reply = redis.call(unpack(command))
+  if i == 3 then first = reply end
+  i = i + n + 1
+end
+return first
+"""
+)
+
+
+def wait_for_end(
+    conn: Redis, job_id: str, seconds: float, when_finished: Callable[[Pipeline], None] | None = None
+) -> tuple[JobRecord | None, Any]:
     """Block until job ``job_id`` has ended (succeeded, failed or stopped), at most ``seconds``;
     then its record as ``fetch_job`` reads it, ended or not (None when Redis has no such job).
     One round trip: the reads are pipelined behind the blocking XREAD, and Redis runs them
-    once it returns."""
+    once it returns.
+
+    ``when_finished``: writes to make in the same round trip, right after the reads, only if
+    the job has finished by then (``fill(pipe)`` adds them to a pipeline that is never sent,
+    ``jobs.scripts.recorded``; ``CLOCK_STAND_IN`` in an argument becomes the time they are
+    made). Returns (the record, the first write's reply; None when the job had not finished
+    and nothing was written)."""
+    guarded = recorded(conn, when_finished) if when_finished is not None else None
     with conn.pipeline(transaction=False) as pipe:
         if seconds > 0:
             pipe.xread({Result.get_key(job_id): "0-0"}, block=max(1, int(seconds * 1000)))
         job = _fetching(conn, pipe, job_id)
-        return _fetched(job, *pipe.execute()[-2:])
+        args = [JobStatus.FINISHED.value, CLOCK_STAND_IN, *(guarded or [])]
+        if guarded is not None:
+            pipe.evalsha(IF_FINISHED.sha, 1, job.key, *args)
+        replies = pipe.execute(raise_on_error=False)
+    for reply in replies[:-1] if guarded is not None else replies:
+        if isinstance(reply, Exception):
+            raise reply
+    if guarded is None:
+        return _fetched(job, *replies[-2:]), None
+    data, latest, written = replies[-3:]
+    if isinstance(written, NoScriptError):  # Redis restarted or was flushed: loaded, then run
+        written = IF_FINISHED(conn, [job.key], args)
+    elif isinstance(written, ResponseError):
+        raise refusal(written)
+    return _fetched(job, data, latest), written
 
 
 def result_ttl_left(conn: Redis, job_id: str) -> int:

@@ -21,7 +21,7 @@ from jobs.batches import BATCH_FIELD
 from jobs.keys import cancel_key, claim_record_key, upload_key, wake_key
 from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.lifecycle import ATTEMPT_FIELD, Attempt, _text
-from jobs.scripts import Script, framed, recorded, refusal
+from jobs.scripts import UTC_NOW, Script, framed, recorded, refusal
 
 # Stand-ins in the claim commands recorded once per take (``claim_next``): the script puts
 # each claimed job's id and its queue's name in their place, and the execution id recorded
@@ -51,7 +51,8 @@ CLAIM_RECORD_SECONDS = 60
 # Returns {queue number, {{id, token (0: not held), cancel flag set, upload, hash}, ...},
 # whether a job still waits in a queue}, or false when no queue has a queued job.
 CLAIM_NEXT = Script(
-    """
+    UTC_NOW
+    + """
 local prefix, most, wake, record, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local batch_field, cancel, upload, execution_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local job_in, queue_in, execution_in, woken = ARGV[10], ARGV[11], ARGV[12], tonumber(ARGV[13])
@@ -93,23 +94,8 @@ if redis.call('EXISTS', record) == 1 then
 end
 
 local function now_utc()
-  -- rq's format of a UTC time (YYYY-MM-DDTHH:MM:SS.ffffffZ) of Redis's clock; the date from
-  -- the days since 1970 (Howard Hinnant's civil_from_days).
-  local t = redis.call('TIME')
-  local sec, usec = tonumber(t[1]), tonumber(t[2])
-  local days = math.floor(sec / 86400)
-  local rest = sec - days * 86400
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local day = doy - math.floor((153 * mp + 2) / 5) + 1
-  local month = mp < 10 and mp + 3 or mp - 9
-  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
-  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06dZ', year, month, day,
-    math.floor(rest / 3600), math.floor(rest % 3600 / 60), rest % 60, usec)
+  -- rq's format of a UTC time: YYYY-MM-DDTHH:MM:SS.ffffffZ
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06dZ', utc_now())
 end
 local function claim(id, queue, execution)
   local token = redis.call('HINCRBY', prefix .. id, 'ATTEMPT', 1)

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from jobs.states import TERMINAL, ApiStatus
 from service.audit import note
-from service.audit_answer import record_answer
+from service.audit_answer import answer_ahead, record_answer
 from service.auth import Principal, Scope, acting, confirm_before_answering, requires
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
@@ -70,7 +70,9 @@ def _shown(status_code: int) -> Callable[[ShownJob], Response]:
 
 
 def _classify(request: Request, jobs: JobService, principal: Principal, upload: Upload, params) -> Response:
-    return _answer(request, jobs.classify(principal, upload, params, acting(request)), _classify_response)
+    # Its 200's audit record written with the wait when the job finished (answer_ahead).
+    view = jobs.classify(principal, upload, params, acting(request), answer_ahead(request))
+    return _answer(request, view, _classify_response)
 
 
 def _explain(request: Request, jobs: JobService, principal: Principal, upload: Upload, params) -> Response:

@@ -139,7 +139,7 @@ def test_each_end_appends_to_the_result_stream(conn):
     SimpleWorker([queue], connection=conn, serializer=SERIALIZER).work(burst=True)
 
     assert conn.xlen(Result.get_key(ok.id)) == 1 and conn.xlen(Result.get_key(bad.id)) == 1
-    assert rqueue.wait_for_end(conn, ok.id, 30) == rqueue.fetch_job(conn, ok.id)  # at once: the stream has an entry
+    assert rqueue.wait_for_end(conn, ok.id, 30) == (rqueue.fetch_job(conn, ok.id), None)  # at once: the stream has an entry
     done = rqueue.fetch_job(conn, ok.id)
     assert done.status is ApiStatus.FINISHED and done.result == 4.0 and done.failure is None
     assert done.started_at <= done.ended_at and done.ended_at.tzinfo is UTC
@@ -186,14 +186,14 @@ def test_waiting_for_an_end_reads_the_job_in_the_same_round_trip(conn):
     job = queue.enqueue("math.sqrt", 25.0, meta={"kind": "classify"}, result_ttl=100)
     tally = Tally()
     with tallying(tally):
-        record = rqueue.wait_for_end(conn, job.id, 0.05)
+        record, _ = rqueue.wait_for_end(conn, job.id, 0.05)
     assert record.status is ApiStatus.QUEUED and record.result is None and tally.count == 1
 
     tally, records = Tally(), []
 
     def wait() -> None:
         with tallying(tally):
-            records.append(rqueue.wait_for_end(conn, job.id, 30))
+            records.append(rqueue.wait_for_end(conn, job.id, 30)[0])
 
     waiting = threading.Thread(target=wait)
     waiting.start()
@@ -202,4 +202,45 @@ def test_waiting_for_an_end_reads_the_job_in_the_same_round_trip(conn):
     waiting.join(30)
     [record] = records
     assert record.status is ApiStatus.FINISHED and record.result == 5.0 and tally.count == 1
-    assert rqueue.wait_for_end(conn, new_job_id(conn), 0.01) is None
+    assert rqueue.wait_for_end(conn, new_job_id(conn), 0.01) == (None, None)
+
+
+def test_writes_made_with_the_wait_only_once_the_job_finished(conn):
+    """``wait_for_end``'s ``when_finished``: made in the wait's own round trip, right after the
+    reads, only when the job has finished (not while queued, not for a failed job), the clock's
+    stand-in replaced by Redis's time (ISO 8601, UTC, milliseconds), the first write's reply
+    returned; a script Redis lost (a flush) is loaded again."""
+    from datetime import datetime
+
+    from jobs.roundtrips import Tally, tallying
+
+    queue = Queue(QUEUE_NAMES[JobKind.CLASSIFY], connection=conn, serializer=SERIALIZER)
+    ok = queue.enqueue("math.sqrt", 25.0, meta={"kind": "classify"}, result_ttl=100)
+    bad = queue.enqueue("math.sqrt", -1.0, meta={"kind": "classify"}, failure_ttl=100)
+
+    def note(pipe) -> None:
+        pipe.set("aex:test-noted", rqueue.CLOCK_STAND_IN)
+        pipe.rpush("aex:test-notes", f"at {rqueue.CLOCK_STAND_IN}.")
+
+    record, written = rqueue.wait_for_end(conn, ok.id, 0.05, note)
+    assert record.status is ApiStatus.QUEUED and written is None and not conn.exists("aex:test-noted")
+    SimpleWorker([queue], connection=conn, serializer=SERIALIZER).work(burst=True)
+
+    record, written = rqueue.wait_for_end(conn, bad.id, 30, note)
+    assert record.status is ApiStatus.FAILED and written is None and not conn.exists("aex:test-noted")
+    before = datetime.now(UTC)
+    tally = Tally()
+    with tallying(tally):
+        record, written = rqueue.wait_for_end(conn, ok.id, 30, note)
+    after = datetime.now(UTC)
+    assert record.status is ApiStatus.FINISHED and record.result == 5.0 and tally.count == 1
+    assert written == b"OK"
+    stamp = conn.get("aex:test-noted").decode()
+    assert len(stamp) == len("2026-12-06T09:26:05.123+00:00") and stamp.endswith("+00:00")
+    at = datetime.fromisoformat(stamp)
+    assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= at <= after
+    assert conn.lrange("aex:test-notes", 0, -1) == [f"at {stamp}.".encode()]
+
+    conn.script_flush()
+    conn.delete("aex:test-noted")
+    assert rqueue.wait_for_end(conn, ok.id, 30, note)[1] == b"OK" and conn.exists("aex:test-noted")

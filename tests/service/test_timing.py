@@ -3,9 +3,12 @@ round trips each side sends (real Redis, real workers; marker e2e)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from jobs.queues import connect
+from service.audit import AuditLog, pending_key
 from tests.support.stack import poll_job
 
 pytestmark = pytest.mark.e2e
@@ -29,7 +32,8 @@ def test_a_classify_answer_times_each_stage_and_counts_its_round_trips(api, make
     assert resp.status_code == 200, resp.text
     stages = server_timing(resp.headers["server-timing"])
     expected = {"parse", "auth", "admission", "lookup", "capacity", "seal", "enqueue", "wait", "view"}
-    assert expected | {"respond", "audit-end", "redis", "total"} <= set(stages), stages
+    # No "audit-end": the final record of a 200 is written with the wait (AnswerAhead).
+    assert expected | {"respond", "redis", "total"} <= set(stages) and "audit-end" not in stages, stages
     durations = {k: float(v) for k, v in stages.items() if k != "redis"}
     assert all(v >= 0 for v in durations.values())
     # Stages are parts of the whole (each measured inside the middleware's span).
@@ -63,3 +67,32 @@ def test_workers_publish_their_round_trips_with_their_heartbeat(service_stack, a
     finally:
         conn.close()
     assert workers and all(c > 0 for c in counts), counts
+
+
+def test_a_classify_answered_200_has_its_final_record_written_with_its_wait(service_stack, api, make_image):
+    """The audit record of a classify whose job finished within the wait is written in the
+    wait's own round trip (``service.audit_answer.AnswerAhead``): exactly one record, status
+    200, the job, the model and the input's digest, its time Redis's clock at the end (between
+    the request and its answer), the pending record gone; three round trips in all."""
+    from datetime import UTC, datetime
+
+    before = datetime.now(UTC)
+    image = make_image("PNG", "RGB", seed=1904)
+    resp = api.post("/v1/classify", **upload(image, model="tiny-rgb"))
+    after = datetime.now(UTC)
+    assert resp.status_code == 200, resp.text
+    job = resp.json()
+    conn = connect(service_stack.redis_url)
+    try:
+        records = [r for r in AuditLog(conn).read(limit=10_000) if r["job_id"] == job["id"]]
+        pending = conn.hvals(pending_key())
+    finally:
+        conn.close()
+    (record,) = records
+    assert (record["action"], record["status"], record["model"]) == ("POST /v1/classify", 200, "tiny-rgb")
+    assert record["input_sha256"] == hashlib.sha256(image).hexdigest()
+    at = datetime.fromisoformat(record["time"])
+    assert before.replace(microsecond=before.microsecond // 1000 * 1000) <= at <= after
+    assert not any(job["id"].encode() in p for p in pending)
+    # Its round trips: the lookup, the enqueue, and the wait with the reads and the record.
+    assert int(server_timing(resp.headers["server-timing"])["redis"]) == 3
