@@ -139,7 +139,10 @@ def test_each_end_appends_to_the_result_stream(conn):
     SimpleWorker([queue], connection=conn, serializer=SERIALIZER).work(burst=True)
 
     assert conn.xlen(Result.get_key(ok.id)) == 1 and conn.xlen(Result.get_key(bad.id)) == 1
-    assert rqueue.wait_for_end(conn, ok.id, 30) == (rqueue.fetch_job(conn, ok.id), None)  # at once: the stream has an entry
+    assert rqueue.wait_for_end(conn, ok.id, 30) == (
+        rqueue.fetch_job(conn, ok.id),
+        None,
+    )  # at once: the stream has an entry
     done = rqueue.fetch_job(conn, ok.id)
     assert done.status is ApiStatus.FINISHED and done.result == 4.0 and done.failure is None
     assert done.started_at <= done.ended_at and done.ended_at.tzinfo is UTC
