@@ -264,3 +264,35 @@ def test_ephemeral_warns_and_reports_what_a_restart_lost(service_models, make_im
     finally:
         stop_serve(serve, tmp_path, "serve2.log")
     assert not (tmp_path / "home").exists()
+
+
+SETTLED = """
+import asyncio, gc
+import uvicorn
+from fastapi import FastAPI
+from aex.serve import GC_YOUNG_THRESHOLD, _quiet_server
+
+app = FastAPI()
+server = _quiet_server(uvicorn)(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+before = gc.get_freeze_count()
+
+async def main():
+    serving = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    print(before, gc.get_freeze_count(), gc.get_threshold()[0] == GC_YOUNG_THRESHOLD)
+    server.should_exit = True
+    await serving
+
+asyncio.run(main())
+"""
+
+
+def test_the_served_api_settles_its_heap_once_started():
+    """``aex serve``'s uvicorn server, once started, freezes the objects made so far out of the
+    cyclic collector's reach and raises its young generation's threshold (``settle_heap``);
+    run in a process of its own: the test process is not frozen."""
+    out = subprocess.run([sys.executable, "-c", SETTLED], capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr
+    before, after, threshold = out.stdout.split()
+    assert int(before) == 0 and int(after) > 10_000 and threshold == "True"
