@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -47,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_latency import multipart
 from bench_service import free_port, in_process, pick_checkpoint, test_png
 
+from aex.embedded_redis import EmbeddedRedis
 from models.data.tensors import load_image_for_model
 from models.nn.inference import inference_copy
 from models.store.checkpoint import load_checkpoint
@@ -68,6 +70,53 @@ BARE_APP = textwrap.dedent(
         form = await request.form()
         data = await form["image"].read()
         return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": len(data), "filler": FILLER}})
+
+    # The same, with what the service's route does besides: one trip into the thread pool
+    # (Starlette's run_in_threadpool), where three Redis round trips run on redis-py's
+    # blocking client (the service's lookup, enqueue and wait), the upload written once.
+    import os
+    from redis import Redis
+    from starlette.concurrency import run_in_threadpool
+
+    REDIS = Redis(unix_socket_path=os.environ["BARE_REDIS"]) if os.environ.get("BARE_REDIS") else None
+
+    def trips(data):
+        with REDIS.pipeline(transaction=False) as pipe:
+            pipe.get("bare:index")
+            pipe.llen("bare:queue")
+            pipe.execute()
+        REDIS.set("bare:upload", data, ex=60)
+        with REDIS.pipeline(transaction=False) as pipe:
+            pipe.xread({{"bare:stream": "0-0"}}, block=1)
+            pipe.get("bare:upload")
+            return len(pipe.execute()[1])
+
+    # The same round trips on redis-py's asyncio client, in the event loop (no thread pool).
+    from redis.asyncio import Redis as AsyncRedis
+
+    AREDIS = AsyncRedis(unix_socket_path=os.environ["BARE_REDIS"]) if os.environ.get("BARE_REDIS") else None
+
+    @app.post("/v1/classify-async")
+    async def classify_async(request: Request):
+        form = await request.form()
+        data = await form["image"].read()
+        async with AREDIS.pipeline(transaction=False) as pipe:
+            pipe.get("bare:index")
+            pipe.llen("bare:queue")
+            await pipe.execute()
+        await AREDIS.set("bare:upload", data, ex=60)
+        async with AREDIS.pipeline(transaction=False) as pipe:
+            pipe.xread({{"bare:stream": "0-0"}}, block=1)
+            pipe.get("bare:upload")
+            size = len((await pipe.execute())[1])
+        return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
+
+    @app.post("/v1/classify-pool")
+    async def classify_pool(request: Request):
+        form = await request.form()
+        data = await form["image"].read()
+        size = await run_in_threadpool(trips, data)
+        return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
     """
 )
 
@@ -100,8 +149,9 @@ def model_per_image(checkpoint: Path, batches: list[int], duration: float) -> di
     return out
 
 
-def bare_server(clients: int, duration: float, size: int, channels: int) -> dict:
-    """The bare application under ``clients`` keep-alive clients for ``duration`` s."""
+def bare_server(clients: int, duration: float, size: int, channels: int, route: str, redis_socket: str) -> dict:
+    """The bare application under ``clients`` keep-alive clients posting to ``route`` for
+    ``duration`` s (the Redis at ``redis_socket`` for the route that uses one)."""
     port = free_port()
     app_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"aex-bench-floor-{os.getpid()}"
     app_dir.mkdir(exist_ok=True)
@@ -121,6 +171,7 @@ def bare_server(clients: int, duration: float, size: int, channels: int) -> dict
             "--no-access-log",
         ],
         cwd=app_dir,
+        env={**os.environ, "BARE_REDIS": redis_socket},
     )
     try:
         for _ in range(200):
@@ -141,7 +192,7 @@ def bare_server(clients: int, duration: float, size: int, channels: int) -> dict
             k = 0
             while time.monotonic() < stop:
                 body, ctype = bodies[(i + k) % len(bodies)]
-                conn.request("POST", "/v1/classify", body, {"Content-Type": ctype})
+                conn.request("POST", route, body, {"Content-Type": ctype})
                 resp = conn.getresponse()
                 resp.read()
                 assert resp.status == 200, resp.status
@@ -184,7 +235,20 @@ def main() -> None:
     runs = [in_process(checkpoint, png, t, args.duration) for t in sorted({cores, 1}, reverse=True)]
     baseline = max(runs, key=lambda r: r["images_per_s"])
     model = model_per_image(checkpoint, [1, 4, 16, 32], args.duration / 2)
-    bare = bare_server(args.clients, args.duration, meta.input_size, meta.in_channels)
+    with tempfile.TemporaryDirectory() as scratch:
+        redis = EmbeddedRedis(Path(scratch) / "redis")  # not persistent: no fsync (the service's has one)
+        redis.start()
+        socket_path = str(redis.socket)
+        try:
+            bare = bare_server(args.clients, args.duration, meta.input_size, meta.in_channels, "/v1/classify", "")
+            pooled = bare_server(
+                args.clients, args.duration, meta.input_size, meta.in_channels, "/v1/classify-pool", socket_path
+            )
+            in_loop = bare_server(
+                args.clients, args.duration, meta.input_size, meta.in_channels, "/v1/classify-async", socket_path
+            )
+        finally:
+            redis.stop()
     floor_ms = model[16] + bare["server_cpu_ms"] + bare["client_cpu_ms"]
     ceiling = cores / floor_ms * 1e3
     print(f"checkpoint {checkpoint}: {meta.arch}; {cores} cores")
@@ -199,6 +263,16 @@ def main() -> None:
         f"server {bare['server_cpu_ms']:.2f}, clients {bare['client_cpu_ms']:.2f}"
     )
     print(
+        f"the same with a trip into the thread pool and 3 Redis round trips (redis-py, blocking): "
+        f"{pooled['requests_per_s']:.1f}/s, CPU ms per request: server {pooled['server_cpu_ms']:.2f}, "
+        f"clients {pooled['client_cpu_ms']:.2f}"
+    )
+    print(
+        f"the same round trips on redis-py's asyncio client, in the event loop: "
+        f"{in_loop['requests_per_s']:.1f}/s, CPU ms per request: server {in_loop['server_cpu_ms']:.2f}, "
+        f"clients {in_loop['client_cpu_ms']:.2f}"
+    )
+    print(
         f"floor per request: model at batch 16 {model[16]:.2f} + bare server {bare['server_cpu_ms']:.2f} + clients "
         f"{bare['client_cpu_ms']:.2f} = {floor_ms:.2f} CPU ms -> at most {ceiling:.0f}/s on {cores} cores, "
         f"{ceiling / baseline['images_per_s']:.2f}x the baseline ({baseline['images_per_s']:.1f}/s; issue 19 asks 2.0x)"
@@ -209,6 +283,8 @@ def main() -> None:
                 "in_process": runs,
                 "model_cpu_ms_per_image": model,
                 "bare_server": bare,
+                "bare_server_pool_redis": pooled,
+                "bare_server_async_redis": in_loop,
                 "floor_cpu_ms": floor_ms,
                 "ceiling_per_s": ceiling,
                 "ceiling_ratio": ceiling / baseline["images_per_s"],
