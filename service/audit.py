@@ -155,25 +155,13 @@ class AuditLog:
             known = ()
         return model if isinstance(model, str) and model in known else UNKNOWN_MODEL
 
-    def record(
-        self,
-        principal: Any,
-        action: str,
-        status: int,
-        job_id: str | None = None,
-        model: str | None = None,
-        input_sha256: str | None = None,
-        pending: str | None = None,
-        replaces: str | None = None,
-    ) -> str:
+    def record(self, principal: Any, action: str, status: int, **facts: Any) -> str:
         """Append one record; returns its stream id. ``principal``: a Principal, its label,
-        or None (a refused request: ``anonymous``). ``model``: recorded only when served
-        (``served_model``). ``pending``: the id ``begin`` gave this
-        request's pending record, removed in the same transaction. ``replaces``: the id of a
-        record of this request written ahead (``writing``) with a status it was not answered,
-        removed in the same transaction. Raises the Redis error when the store refuses it."""
+        or None (a refused request: ``anonymous``); ``facts``: the job id, model, input
+        sha256, pending and replaced records of ``writing``. Raises the Redis error when the
+        store refuses it."""
         with self.conn.pipeline(transaction=True) as pipe:
-            self.writing(principal, action, status, job_id, model, input_sha256, pending, replaces)(pipe)
+            self.writing(principal, action, status, **facts)(pipe)
             stream_id = pipe.execute()[0]
         self.written()
         return stream_id.decode() if isinstance(stream_id, bytes) else str(stream_id)
@@ -190,10 +178,14 @@ class AuditLog:
         replaces: str | None = None,
         time_text: str | None = None,
     ) -> Callable[[Any], None]:
-        """The writes of ``record`` as ``fill(pipe)``, for a record written in another
-        round trip (the first command, the XADD, replies with its id); call ``written`` once
-        they are. ``time_text``: the record's time as written (a stand-in the writing script
-        replaces with its clock, ``jobs.rqueue.wait_for_end``); None: now."""
+        """The writes of one record as ``fill(pipe)`` (``record`` runs them in a
+        transaction; the first command, the XADD, replies with the record's id); call
+        ``written`` once they are. ``model``: recorded only when served (``served_model``).
+        ``pending``: the id ``begin`` gave this request's pending record, removed with it.
+        ``replaces``: the id of a record of this request written first with a status it was
+        not answered, removed with it. ``time_text``: the record's time as written (a
+        stand-in the writing script replaces with its clock, ``jobs.rqueue.wait_for_end``);
+        None: now."""
         now_ms = int(time.time() * 1000)
         fields = _fields(now_ms, principal, action, status, job_id, self.served_model(model), input_sha256)
         if time_text is not None:
