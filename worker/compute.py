@@ -260,7 +260,8 @@ def _classify_summary(
     """One job's classify result from its probabilities (C) and stability report; seconds:
     the batch's whole time. Built as JSON values and validated once, as a whole (its finite
     check included: ``jobs.results.ResultModel``); each part built as a model of its own was
-    checked and validated again, nine walks of the result per job."""
+    checked and validated again, nine walks of the result per job. Those values are what rq
+    stores (``ResultModel.from_json``): the result is not written out again."""
     classes, top_k = served.meta.classes, parameters.top_k
     values = probs.tolist()
     order = probs.argsort(descending=True).tolist()
@@ -285,7 +286,7 @@ def _classify_summary(
         timings={**decoded.timings, "total_seconds": seconds},
         worker=worker,
     )
-    return ClassifyResult.model_validate(
+    return ClassifyResult.from_json(
         {
             "model": served.name,
             "predicted": top[0],

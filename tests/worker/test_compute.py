@@ -62,3 +62,20 @@ def test_an_explanation_searches_through_the_copy_classify_made(served):
     parameters = ExplainParameters.build(targets=["predicted", "runner-up"], rho=0.1, steps=3, stability_steps=4)
     out = explain_result(served, png(9), "image", parameters)
     assert [t.class_index for t in out.result.targets][:1] == [out.result.predicted.class_index]
+
+
+@pytest.mark.parametrize("stability", [False, True])
+def test_a_classify_result_hands_over_the_json_it_was_validated_from(served, stability):
+    """A classify result is built as JSON values, validated once and stored as they are
+    (``ResultModel.from_json``): what its first dump hands over is exactly what dumping the
+    validated model gives, and a change to the model drops it."""
+    parameters = ClassifyParameters(top_k=3, stability=stability, stability_steps=40 if stability else None)
+    [result] = classify_results(served, [JobInput(png(11), "image", parameters)])
+    handed = result.dump()
+    assert handed == result.model_dump(mode="json") == result.dump()  # the later dumps write it out
+    assert set(handed) == {"model", "predicted", "top", "probs", "reused", "provenance", "seconds"} | (
+        {"stability"} if stability else set()
+    )
+    [again] = classify_results(served, [JobInput(png(11), "image", parameters)])
+    again.reused = True
+    assert again.dump()["reused"] is True
