@@ -1,4 +1,4 @@
-"""The floor under issue 19's throughput targets: what the model and a bare HTTP stack cost per classify on this machine, and the most any service built on them could reach.
+"""The floor under the service's classify throughput: what the model and a bare HTTP stack cost per classify on this machine, and the most any service built on them could reach.
 
 Run: ``.venv/bin/python bench/bench_floor.py [--checkpoint C] [--clients 32] [--duration S]``.
 
@@ -275,7 +275,7 @@ def main() -> None:
     print(
         f"floor per request: model at batch 16 {model[16]:.2f} + bare server {bare['server_cpu_ms']:.2f} + clients "
         f"{bare['client_cpu_ms']:.2f} = {floor_ms:.2f} CPU ms -> at most {ceiling:.0f}/s on {cores} cores, "
-        f"{ceiling / baseline['images_per_s']:.2f}x the baseline ({baseline['images_per_s']:.1f}/s; issue 19 asks 2.0x)"
+        f"{ceiling / baseline['images_per_s']:.2f}x the baseline ({baseline['images_per_s']:.1f}/s; the target: 2.0x at 32 clients)"
     )
     print(
         json.dumps(

@@ -20,8 +20,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from jobs.finite import check_finite
 from jobs.params import ExplainParameters
-from jobs.results import ExplainResult, check_finite
+from jobs.results import ExplainResult
 from models.defaults import EXPLAIN_MOMENTUM, EXPLAIN_OVERSHOOT
 from models.dicom.pixels import DicomImage
 from models.dicom.sanitize import UnusableSourceError

@@ -13,8 +13,6 @@ from __future__ import annotations
 # (success, failure, stop) appends to its stream ``rq:results:<id>``; a started job has a
 # lease, its score in ``rq:wip:<queue>``.
 import contextlib
-import functools
-import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,12 +29,15 @@ from rq.queue import Queue
 from rq.results import Result
 from rq.utils import current_timestamp, utcparse
 
-from jobs.batches import BATCH_FIELD, batch_signature_of, signature_text
-from jobs.queues import JOB_FUNCTIONS, QUEUE_NAMES, JobKind
+from jobs.queues import QUEUE_NAMES, JobKind
+
+# Re-exported: the API enqueues and reserves places through this package.
+from jobs.rqueue.enqueueing import Share as Share
+from jobs.rqueue.enqueueing import enqueue as enqueue
+from jobs.rqueue.enqueueing import rq_queue
+from jobs.rqueue.enqueueing import within_share as within_share
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
-from jobs.rqueue.taking import wake
-from jobs.scripts import RUN, UTC_NOW, Script, framed, recorded, refusal
-from jobs.scripts import commands as encoded
+from jobs.scripts import UTC_NOW, Script, recorded, refusal
 from jobs.states import ApiStatus
 
 
@@ -75,148 +76,8 @@ def _utc(dt: datetime | None) -> datetime | None:
     return None if dt is None else (dt if dt.tzinfo else dt.replace(tzinfo=UTC))
 
 
-@functools.lru_cache(maxsize=64)
-def _queue(conn: Redis, name: str) -> Queue:
-    # One per connection and name: rq asks a new Queue for the server's version (INFO) at its
-    # first enqueue.
-    return Queue(name, connection=conn, serializer=SERIALIZER)
-
-
 def _ours(origin: str | None) -> bool:
     return origin in QUEUE_NAMES.values()
-
-
-@dataclass(frozen=True)
-class Share:
-    """An owner's share of the queues: the sorted set ``key`` of the ids of its jobs that may
-    still wait or run (scored by when each was reserved), at most ``limit`` of them active; the
-    set lives ``ttl`` seconds after its last reservation. An id whose job is not (or no
-    longer) in Redis counts while it is younger than ``reservation_seconds``."""
-
-    key: str
-    limit: int
-    ttl: int
-    reservation_seconds: float
-
-
-# The rq statuses of a job that waits or runs (its owner's share counts it).
-ACTIVE_STATUSES = tuple(s.value for s, api in STATUS_FROM_RQ.items() if api in (ApiStatus.QUEUED, ApiStatus.RUNNING))
-
-# KEYS[1]: the share's set, KEYS[2] (when enqueueing): the new job's hash (there already: this
-# very step was done, its reply lost and the command sent again; nothing is done twice); ARGV:
-# the new id, now
-# (s), limit, ttl, reservation seconds, rq's job
-# key prefix, the active statuses (framed), the commands to run first whatever the share says
-# (framed: the request's pending audit record), then those to run once the id holds a place
-# (framed). Ids of jobs that ended or expired leave the set; when the active others reach the
-# limit nothing more is written (returns 0), else the id takes its place and the commands run
-# (returns 1): a place and its job appear together, so two requests racing for the last place
-# cannot both get it.
-WITHIN_SHARE = Script(
-    RUN
-    + """
-if #KEYS > 1 and redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
-local id, now, limit, ttl, reservation, prefix = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4],
-  tonumber(ARGV[5]), ARGV[6]
-local active, a = {}, 8 + tonumber(ARGV[7])
-for i = 8, a - 1 do active[ARGV[i]] = true end
-run(ARGV, a + 1, a + tonumber(ARGV[a]))
-a = a + tonumber(ARGV[a]) + 1
-local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-local count, ended = 0, {}
-for i = 1, #entries, 2 do
-  local other = entries[i]
-  if other ~= id then
-    local status = redis.call('HGET', prefix .. other, 'status')
-    if (status and active[status]) or (not status and now - tonumber(entries[i + 1]) < reservation) then
-      count = count + 1
-    else
-      ended[#ended + 1] = other
-    end
-  end
-end
-if #ended > 0 then redis.call('ZREM', KEYS[1], unpack(ended)) end
-if count >= limit then return 0 end
-redis.call('ZADD', KEYS[1], now, id)
-redis.call('EXPIRE', KEYS[1], ttl)
-run(ARGV, a + 1, a + tonumber(ARGV[a]))
-return 1
-"""
-)
-# KEYS[1]: the new job's hash (there already: done once, nothing is done twice); ARGV: the commands (framed).
-ENQUEUE_ONCE = Script(
-    RUN + "if redis.call('EXISTS', KEYS[1]) == 1 then return 1 end\nrun(ARGV, 2, 1 + tonumber(ARGV[1]))\nreturn 1"
-)
-
-
-def within_share(
-    conn: Redis,
-    share: Share,
-    job_id: str,
-    commands: list[bytes],
-    lead: list[bytes] | None = None,
-    once: bool = False,
-) -> bool:
-    """Reserve ``job_id`` a place in ``share`` and run ``commands`` (``jobs.scripts``) with it,
-    in one step, ``lead`` first whatever the share says; False (nothing but ``lead``
-    written) when the share is full. ``once`` (the commands create the job): nothing is done
-    when the job exists already (the same step sent again after its reply was lost)."""
-    args = [job_id, time.time(), share.limit, max(1, int(share.ttl)), share.reservation_seconds]
-    args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES)), *framed(lead or [])]
-    keys = [share.key, Job.key_for(job_id)] if once else [share.key]
-    return bool(WITHIN_SHARE(conn, keys, [*args, *framed(commands)]))
-
-
-def enqueue(
-    conn: Redis,
-    lane: JobKind,
-    kind: JobKind,
-    job_id: str,
-    kwargs: dict[str, Any],
-    meta: dict[str, Any],
-    timeout: int,
-    result_ttl: int,
-    wait_ttl: int,
-    description: str,
-    *,
-    share: Share | None = None,
-    also: list[list[Any]] | None = None,
-    lead: list[list[Any]] | None = None,
-) -> bool:
-    """Put job ``job_id`` of ``kind`` (its function by dotted path) at the tail of the queue
-    of ``lane``, and wake an idle worker; it waits at most ``wait_ttl`` seconds, runs at most
-    ``timeout``, and its result (or failure) is kept ``result_ttl``. ``also``: commands written
-    with it (its upload); ``lead``: commands written before anything else, whatever happens
-    (the request's pending audit record). With ``share``, only within its owner's share:
-    False, and nothing but ``lead`` written, when it is full. One round trip."""
-
-    batch = signature_text(batch_signature_of(JOB_FUNCTIONS[kind], kwargs, meta))
-
-    def write(pipe: Pipeline) -> None:
-        for command in also or ():
-            pipe.execute_command(*command)
-        _queue(conn, QUEUE_NAMES[lane]).enqueue(
-            JOB_FUNCTIONS[kind],
-            kwargs=kwargs,
-            job_id=job_id,
-            job_timeout=timeout,
-            result_ttl=result_ttl,
-            failure_ttl=result_ttl,
-            ttl=wait_ttl,
-            meta=meta,
-            description=description,
-            pipeline=pipe,
-        )
-        if batch is not None:  # a worker takes the jobs that share a batch in one step (claiming.claim_next)
-            pipe.hset(Job.key_for(job_id), BATCH_FIELD, batch)
-        wake(pipe)  # an idle worker takes it now, not at its next look
-
-    first = encoded(conn, lead or [])
-    written = recorded(conn, write)
-    if share is not None:
-        return within_share(conn, share, job_id, written, lead=first, once=True)
-    ENQUEUE_ONCE(conn, [Job.key_for(job_id)], framed([*first, *written]))
-    return True
 
 
 def _record(job: Job) -> JobRecord:
@@ -283,7 +144,7 @@ def queue_position(conn: Redis, record: JobRecord) -> int | None:
     """Where a queued job is in its queue (0 = next; None when it is in none of aex's)."""
     if not _ours(record.origin):
         return None
-    return conn.lpos(_queue(conn, record.origin).key, record.id)  # rq's own get_job_position, without its INFO
+    return conn.lpos(rq_queue(conn, record.origin).key, record.id)  # rq's own get_job_position, without its INFO
 
 
 def queue_key(lane: JobKind) -> str:
@@ -293,7 +154,7 @@ def queue_key(lane: JobKind) -> str:
 
 def queue_depth(conn: Redis, lane: JobKind) -> int:
     """How many jobs wait on the queue of ``lane``."""
-    return _queue(conn, QUEUE_NAMES[lane]).count
+    return rq_queue(conn, QUEUE_NAMES[lane]).count
 
 
 # Ids at the head of a queue looked at for its oldest waiting job (an id whose job expired
@@ -305,7 +166,7 @@ def running_count(conn: Redis, lane: JobKind) -> int:
     """How many jobs of the queue of ``lane`` run now: the leases of its started registry that
     have not run out (one per claimed attempt, batch mates included; a dead worker's stop
     counting when they run out, before the reaper has seen them)."""
-    key = _queue(conn, QUEUE_NAMES[lane]).started_job_registry.key
+    key = rq_queue(conn, QUEUE_NAMES[lane]).started_job_registry.key
     return int(conn.zcount(key, f"({current_timestamp()}", "+inf"))
 
 
@@ -313,7 +174,7 @@ def oldest_wait_seconds(conn: Redis, lane: JobKind) -> float:
     """Seconds since the job at the head of the queue of ``lane`` (the next one taken, the
     longest waiting) was submitted; 0.0 when none waits. A job queued again after a cut-short
     run keeps its first submission time."""
-    ids = [i.decode() for i in conn.lrange(_queue(conn, QUEUE_NAMES[lane]).key, 0, OLDEST_LOOKAHEAD - 1)]
+    ids = [i.decode() for i in conn.lrange(rq_queue(conn, QUEUE_NAMES[lane]).key, 0, OLDEST_LOOKAHEAD - 1)]
     if not ids:
         return 0.0
     with conn.pipeline(transaction=False) as pipe:
@@ -332,7 +193,7 @@ def lease_expired(conn: Redis, record: JobRecord) -> bool:
     registry, scored by when it runs out (the worker side renews it, ``jobs.rqueue.lifecycle``)."""
     if record.status is not ApiStatus.RUNNING or not _ours(record.origin):
         return False
-    key = _queue(conn, record.origin).started_job_registry.key
+    key = rq_queue(conn, record.origin).started_job_registry.key
     ends = [
         score for entry, score in conn.zrange(key, 0, -1, withscores=True) if parse_job_id(entry.decode()) == record.id
     ]
@@ -344,7 +205,7 @@ def cancel_queued(conn: Redis, record: JobRecord) -> bool:
     LREM is atomic with a worker's dequeue: either the id was still in the queue (no worker
     has it, nor ever will: it is cancelled here) or a worker has it (False: the caller stops
     it with its flag and ``stop_running``)."""
-    if not _ours(record.origin) or not conn.lrem(_queue(conn, record.origin).key, 0, record.id):
+    if not _ours(record.origin) or not conn.lrem(rq_queue(conn, record.origin).key, 0, record.id):
         return False
     try:
         Job.fetch(record.id, connection=conn, serializer=SERIALIZER).cancel()

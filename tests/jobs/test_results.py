@@ -16,8 +16,9 @@ from PIL import Image
 from pydantic import TypeAdapter
 
 from jobs.crypto import generate_data_key
+from jobs.finite import non_finite_paths
 from jobs.params import ClassifyParameters, ExplainParameters
-from jobs.results import ClassifyResult, ExplainResult, JobResult, ResultModel, non_finite_paths
+from jobs.results import ClassifyResult, ExplainResult, JobResult, ResultModel
 from jobs.settings import Settings
 from models.errors import NonFiniteResultError
 from service.app import create_app
