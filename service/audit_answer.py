@@ -59,8 +59,8 @@ class AnswerAhead:
     classify: the result), written ahead, in the round trip of its wait for the job's end and
     only if the job finished (``jobs.rqueue.wait_for_end``): the record, its time Redis's
     clock at the write, replaces the pending one atomically with the read of the job's end,
-    and costs neither a round trip nor a sync to disk of its own (it shares the wait's, and
-    Redis writes it to its log with the worker's end). ``record_answer`` then lets the 200
+    and costs no round trip of its own, nor a sync to disk when the job ends while the wait
+    blocks (Redis writes it to its log with the worker's end). ``record_answer`` then lets the 200
     go as it is; an answer with another status after all (an error raised while the answer
     was built) is recorded with its own status, the record written ahead removed in the same
     transaction, so the trail still tells the status the client got."""
