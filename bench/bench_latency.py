@@ -24,7 +24,8 @@ Run: ``.venv/bin/python bench/bench_latency.py [--checkpoint C] [--clients 1,8,3
    the queue wait (enqueued -> claimed), the worker's run (claimed -> end stamped, less its
    timed stages) and "end written, API woken" = enqueue + wait - queue wait - run.
 5. CPU per request: the user and system CPU time of each process (the API, the worker,
-   Redis, the clients) over a phase, divided by its requests (``/proc/<pid>/stat``).
+   Redis, the clients) over a phase, from the moment its clients start (their bodies built),
+   divided by its requests (``/proc/<pid>/stat``).
 6. Redis round trips per job (a pipeline or transaction is one, ``jobs.roundtrips``): the
    API's, exactly per request (the ``redis`` entry of ``Server-Timing``); the worker's, the
    round trips it sent between the start and the end of a phase (its registration's
@@ -174,8 +175,10 @@ def make_keys(url: str, admin: str, n: int) -> list[str]:
     return tokens
 
 
-def drive(url: str, tokens: list[str], model: str, size: int, channels: int, clients: int, warmup, duration):
-    """K client threads as in the module docstring; returns every request's record."""
+def drive(url: str, tokens: list[str], model: str, size: int, channels: int, clients: int, warmup, duration, started):
+    """K client threads as in the module docstring; returns every request's record.
+    ``started()`` is called once every body is built, just before the clients start (the CPU
+    spent building them is not the clients')."""
     host, port = url.removeprefix("http://").split(":")
     records: list[dict] = []
     lock = threading.Lock()
@@ -222,6 +225,7 @@ def drive(url: str, tokens: list[str], model: str, size: int, channels: int, cli
         conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started()
     for t in threads:
         t.start()
     for t in threads:
@@ -366,8 +370,18 @@ def run(args: argparse.Namespace) -> dict:
                 time.sleep(1.0)  # the worker idle: its last heartbeat wrote its count
                 before = store.worker_round_trips()
                 pids = processes(proc.pid)
-                cpu_before = cpu_seconds(pids)
-                records = drive(url, tokens, "bench", meta.input_size, meta.in_channels, k, args.warmup, args.duration)
+                cpu_before: dict[str, float] = {}
+                records = drive(
+                    url,
+                    tokens,
+                    "bench",
+                    meta.input_size,
+                    meta.in_channels,
+                    k,
+                    args.warmup,
+                    args.duration,
+                    lambda before=cpu_before, pids=pids: before.update(cpu_seconds(pids)),
+                )
                 cpu = {name: t - cpu_before[name] for name, t in cpu_seconds(pids).items()}
                 time.sleep(1.0)
                 after = store.worker_round_trips()
