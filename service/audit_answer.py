@@ -6,6 +6,7 @@ Torch-free.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
@@ -20,26 +21,32 @@ RECORDED = "audit_recorded"  # request state: the status whose final record the 
 RECORDED_ID = "audit_record_id"  # request state: the stream id of that record
 
 
+def final_facts(scope) -> dict[str, Any]:
+    """What the final record of the request of ``scope`` says besides its status (the
+    arguments of ``AuditLog.writing``): its principal and action, the job, model and input
+    digest its route noted (the job of its path otherwise), the pending record it replaces, and
+    a record of it written already with another status (by its route, ``record_answer``, or
+    ahead, ``AnswerAhead``), which gives way to it."""
+    state = scope.get("state") or {}
+    facts = state.get("audit") or {}
+    return {
+        "principal": state.get("principal"),
+        "action": action_of(scope),
+        "job_id": facts.get("job_id") or (scope.get("path_params") or {}).get("job_id"),
+        "model": facts.get("model"),
+        "input_sha256": facts.get("input_sha256"),
+        "pending": state.get("audit_pending"),
+        "replaces": state.get(RECORDED_ID),
+    }
+
+
 def write_final(audit: AuditLog, scope, status: int):
     """Write the final record of the request of ``scope`` with ``status`` (replacing its pending
     one); None when written, else the answer that replaces the app's (503 ``store_unavailable``,
     or 500 for an error that is not the store refusing). Blocking."""
     state = scope.get("state") or {}
-    facts = state.get("audit") or {}
-    params = scope.get("path_params") or {}
     try:
-        # A record of this request written already with another status (by its route,
-        # ``record_answer``, or ahead, ``AnswerAhead``) gives way to this one.
-        state[RECORDED_ID] = audit.record(
-            state.get("principal"),
-            action_of(scope),
-            status,
-            job_id=facts.get("job_id") or params.get("job_id"),
-            model=facts.get("model"),
-            input_sha256=facts.get("input_sha256"),
-            pending=state.get("audit_pending"),
-            replaces=state.get(RECORDED_ID),
-        )
+        state[RECORDED_ID] = audit.record(status=status, **final_facts(scope))
         return None
     except Exception as exc:  # fail closed: no answer leaves without its record
         what = store_refusal(exc)
@@ -68,24 +75,14 @@ class AnswerAhead:
     STATUS = 200
 
     def __init__(self, request, audit: AuditLog):
-        self.request, self.state, self.scope, self.audit = request, request.state, request.scope, audit
+        self.request, self.scope, self.audit = request, request.scope, audit
 
     def writes(self, job_id: str, clock: str):
         """``fill(pipe)``: the writes of the record for job ``job_id``, its time ``clock``
         (the stand-in the writing script replaces). The job is noted for the request's
         record from now on: one that replaces this one names it too."""
         note(self.request, job_id=job_id)
-        facts = self.state.audit
-        return self.audit.writing(
-            getattr(self.state, "principal", None),
-            action_of(self.scope),
-            self.STATUS,
-            job_id=job_id,
-            model=facts.get("model"),
-            input_sha256=facts.get("input_sha256"),
-            pending=getattr(self.state, "audit_pending", None),
-            time_text=clock,
-        )
+        return self.audit.writing(status=self.STATUS, time_text=clock, **final_facts(self.scope))
 
     def written(self, stream_id) -> None:
         """After the wait: ``stream_id``, the record's id when it was written (None: the job
