@@ -39,6 +39,29 @@ local function run(argv, i, j)
 end
 """
 
+# The Lua helper of a script whose recorded commands carry stand-ins: run_replacing(argv, i,
+# j, swaps) runs the commands encoded in argv[i..j] as ``run`` does, in each argument every
+# stand-in swaps[k][1] replaced by swaps[k][2] (stand-ins of letters and digits only: nothing
+# special to Lua's gsub); returns the first command's reply (nil when there is none).
+RUN_REPLACING = """
+local function run_replacing(argv, i, j, swaps)
+  local first = nil
+  while i <= j do
+    local n = tonumber(argv[i])
+    local command = {}
+    for k = 1, n do
+      local arg = argv[i + k]
+      for _, swap in ipairs(swaps) do arg = (arg:gsub(swap[1], swap[2])) end
+      command[k] = arg
+    end
+    local reply = redis.call(unpack(command))
+    if first == nil then first = reply end
+    i = i + n + 1
+  end
+  return first
+end
+"""
+
 # The Lua helper every script that stamps a time starts with: utc_now() gives Redis's clock
 # (TIME) as the UTC year, month, day, hour, minute, second and microsecond; the date from the
 # days since 1970 (Howard Hinnant's civil_from_days). Calling TIME before a script's writes

@@ -37,7 +37,7 @@ from jobs.rqueue.enqueueing import enqueue as enqueue
 from jobs.rqueue.enqueueing import rq_queue
 from jobs.rqueue.enqueueing import within_share as within_share
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
-from jobs.scripts import UTC_NOW, Script, recorded, refusal
+from jobs.scripts import RUN_REPLACING, UTC_NOW, Script, recorded, refusal
 from jobs.states import ApiStatus
 
 
@@ -231,20 +231,12 @@ CLOCK_STAND_IN = "aexstoreclock0"
 # 2026-12-06T09:26:05.123+00:00), and returns the first one's reply; else false.
 IF_FINISHED = Script(
     UTC_NOW
+    + RUN_REPLACING
     + """
 if redis.call('HGET', KEYS[1], 'status') ~= ARGV[1] then return false end
 local y, mo, d, h, mi, s, us = utc_now()
 local now = string.format('%04d-%02d-%02dT%02d:%02d:%02d.%03d+00:00', y, mo, d, h, mi, s, math.floor(us / 1000))
-local i, first = 3, false
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  local command = {}
-  for k = 1, n do command[k] = (ARGV[i + k]:gsub(ARGV[2], now)) end
-  local reply = redis.call(unpack(command))
-  if i == 3 then first = reply end
-  i = i + n + 1
-end
-return first
+return run_replacing(ARGV, 3, #ARGV, {{ARGV[2], now}})
 """
 )
 

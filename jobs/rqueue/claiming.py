@@ -21,7 +21,7 @@ from jobs.batches import BATCH_FIELD
 from jobs.keys import cancel_key, claim_record_key, upload_key, wake_key
 from jobs.rqueue.layout import SERIALIZER
 from jobs.rqueue.lifecycle import ATTEMPT_FIELD, Attempt, _text
-from jobs.scripts import UTC_NOW, Script, framed, recorded, refusal
+from jobs.scripts import RUN_REPLACING, UTC_NOW, Script, framed, recorded, refusal
 
 # Stand-ins in the claim commands recorded once per take (``claim_next``): the script puts
 # each claimed job's id and its queue's name in their place, and the execution id recorded
@@ -52,6 +52,7 @@ CLAIM_RECORD_SECONDS = 60
 # whether a job still waits in a queue}, or false when no queue has a queued job.
 CLAIM_NEXT = Script(
     UTC_NOW
+    + RUN_REPLACING
     + """
 local prefix, most, wake, record, record_ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4], ARGV[5]
 local batch_field, cancel, upload, execution_prefix = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
@@ -99,16 +100,7 @@ local function now_utc()
 end
 local function claim(id, queue, execution)
   local token = redis.call('HINCRBY', prefix .. id, 'ATTEMPT', 1)
-  local i = first
-  while i <= last do
-    local n = tonumber(ARGV[i])
-    local command = {}
-    for k = 1, n do
-      command[k] = (ARGV[i + k]:gsub(job_in, id):gsub(queue_in, queue):gsub(execution_in, execution))
-    end
-    redis.call(unpack(command))
-    i = i + n + 1
-  end
+  run_replacing(ARGV, first, last, {{job_in, id}, {queue_in, queue}, {execution_in, execution}})
   if stamp then
     local started = now_utc()
     redis.call('HSET', prefix .. id, 'started_at', started, 'last_heartbeat', started)
