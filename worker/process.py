@@ -40,8 +40,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +63,7 @@ from jobs.states import ApiStatus
 from models.errors import JobCancelledError, JobRefusedError
 from worker.batch_run import BatchingMixin
 from worker.context import WorkerContext
+from worker.ending import Ender
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -115,6 +115,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         self._leased: list[list[Attempt]] = []
         self._lease_lock = threading.Lock()
         self._lease_thread: threading.Thread | None = None
+        self.ender = Ender()  # a batch's ends, written while the next one computes
 
     # --- the hooks of the rq shell ----------------------------------------------------
     def running_job_id(self) -> str | None:
@@ -133,27 +134,47 @@ class AexWorker(BatchingMixin, QueueWorker):
         attempts = self._accept(claimed, self.claim_seconds)
         if not attempts:
             return
-        # Leased from the first claim on: gathering more mates may take AEX_BATCH_WAIT_MS.
-        with self._leases(attempts):
+        # Leased from the first claim on (gathering more mates may take AEX_BATCH_WAIT_MS)
+        # until their ends are written.
+        self._hold(attempts)
+        endings: list[_Ending] = []
+        ran = False
+        try:
             start = time.perf_counter()
             more = self.gather_more(job, queue, len(attempts))
             gathered = time.perf_counter() - start
             attempts += self._claim_all(more, queue)
             for attempt in attempts:
                 self.context.note_timing(attempt.job.id, "gather_seconds", gathered)
-            endings: list[_Ending] = []
-            try:
-                batch = self.batch_of(attempts)
-                if len(batch) > 1:
-                    self.compute_batch(batch)
-                for attempt in attempts:
-                    if not attempt.lost:
-                        endings.append(self._run(attempt))
-            finally:
-                # The ends of the whole batch in one round trip (also when a cold shutdown
-                # cuts it short: what has run is recorded, the rest is left to its lease).
-                self._end_all(endings)
-                self.context.forget([a.job.id for a in attempts])
+            batch = self.batch_of(attempts)
+            if len(batch) > 1:
+                self.compute_batch(batch)
+            for attempt in attempts:
+                if not attempt.lost:
+                    endings.append(self._run(attempt))
+            ran = True
+        finally:
+            # The ends of the whole batch in one round trip, written while the next batch is
+            # taken and computed (worker.ending); when a cold shutdown cuts the batch short,
+            # at once, after those handed before: what has run is recorded, the rest is left
+            # to its lease.
+            if ran:
+                self.ender.hand(lambda: self._close(attempts, endings))
+            else:
+                self.ender.drain()
+                self._close(attempts, endings)
+
+    def _close(self, attempts: list[Attempt], endings: list[_Ending]) -> None:
+        """Write a batch's ends, then forget its jobs and stop renewing their leases."""
+        try:
+            self._end_all(endings)
+        finally:
+            self.context.forget([a.job.id for a in attempts])
+            self._release(attempts)
+
+    def teardown(self):
+        self.ender.drain()  # the ends handed over are written before the worker leaves
+        super().teardown()
 
     def _claim_all(self, jobs: list[Job], queue: Queue) -> list[Attempt]:
         """Claim jobs just taken into the queue's intermediate list (a batch's mates gathered
@@ -309,21 +330,19 @@ class AexWorker(BatchingMixin, QueueWorker):
         )
 
     # --- leases --------------------------------------------------------------------------
-    @contextmanager
-    def _leases(self, attempts: list[Attempt]) -> Iterator[None]:
-        """Renew the lease of every attempt in ``attempts`` (a list that may grow) while the
-        block runs, in the worker's lease thread (started once: a thread started and joined
+    def _hold(self, attempts: list[Attempt]) -> None:
+        """Renew the lease of every attempt in ``attempts`` (a list that may grow) until
+        ``_release``, in the worker's lease thread (started once: a thread started and joined
         per batch cost each lone job about 0.2 ms)."""
         with self._lease_lock:
             self._leased.append(attempts)
             if self._lease_thread is None or not self._lease_thread.is_alive():
                 self._lease_thread = threading.Thread(target=self._renew_leases, daemon=True, name="aex-job-lease")
                 self._lease_thread.start()
-        try:
-            yield
-        finally:
-            with self._lease_lock:
-                self._leased = [held for held in self._leased if held is not attempts]
+
+    def _release(self, attempts: list[Attempt]) -> None:
+        with self._lease_lock:
+            self._leased = [held for held in self._leased if held is not attempts]
 
     def _renew_leases(self) -> None:
         """Each ``job_heartbeat_ttl / 3`` s, renew the lease of every attempt held (a batch's

@@ -36,13 +36,17 @@ def test_one_lease_thread_renews_each_batch_in_hand_and_none_after(conn):
         enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, new_job_id(conn), {"model": "a"}, {}, 60, 60, 60, "t")
     (first,) = claiming.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
     (second,) = claiming.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=1).attempts
-    with worker._leases([first]):
-        thread = worker._lease_thread
-        assert renewed(conn, first, lease_end(conn, first))
-    with worker._leases([second]):
-        assert worker._lease_thread is thread and thread.is_alive()  # the same thread, not one per batch
-        assert renewed(conn, second, lease_end(conn, second))
-        done_at = lease_end(conn, first)  # a turn since the first batch ended: no renewal of it in flight
-        assert renewed(conn, second, lease_end(conn, second))
+    held = [first]
+    worker._hold(held)
+    thread = worker._lease_thread
+    assert renewed(conn, first, lease_end(conn, first))
+    worker._release(held)
+    held = [second]
+    worker._hold(held)
+    assert worker._lease_thread is thread and thread.is_alive()  # the same thread, not one per batch
+    assert renewed(conn, second, lease_end(conn, second))
+    done_at = lease_end(conn, first)  # a turn since the first batch ended: no renewal of it in flight
+    assert renewed(conn, second, lease_end(conn, second))
+    worker._release(held)
     assert lease_end(conn, first) == done_at  # the first batch's lease was not renewed once it was done
     assert [t for t in threading.enumerate() if t.name == "aex-job-lease"] == [thread]
