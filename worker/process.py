@@ -78,13 +78,22 @@ REDIS_RETRY_SECONDS = 20
 
 @dataclass
 class _Ending:
-    """A job's end to be written (``lifecycle.End``), with what follows it once written
+    """A job's end to be written: ``make()`` builds it (``lifecycle.End``; in the thread that
+    writes it, ``worker.ending``, not in the work loop), with what follows it once written
     (``then``: the callback) or once refused (``refused``: its attempt was fenced out)."""
 
-    end: lifecycle.End
+    attempt: Attempt
+    make: Callable[[], lifecycle.End]
     what: str  # "its result", for the logs
     then: Callable[[], None] = lambda: None
     refused: Callable[[], None] = lambda: None
+    _end: lifecycle.End | None = None
+
+    @property
+    def end(self) -> lifecycle.End:
+        if self._end is None:
+            self._end = self.make()
+        return self._end
 
 
 class AexWorker(BatchingMixin, QueueWorker):
@@ -252,11 +261,11 @@ class AexWorker(BatchingMixin, QueueWorker):
         pending = endings
         for _ in range(3):
             for ending in pending:
-                if ending.end.attempt.lost:
-                    job = ending.end.attempt.job
+                if ending.attempt.lost:
+                    job = ending.attempt.job
                     log.warning("job %s: no longer held by this worker; %s is not recorded", job.id, ending.what)
                     lifecycle.discard_partial(self.connection, job)
-            pending = [e for e in pending if not e.end.attempt.lost]
+            pending = [e for e in pending if not e.attempt.lost]
             if not pending:
                 return
             try:
@@ -271,7 +280,7 @@ class AexWorker(BatchingMixin, QueueWorker):
                 (ending.then if ok else ending.refused)()
             return
         for ending in pending:
-            log.error("job %s: %s could not be recorded; left to its lease", ending.end.attempt.job.id, ending.what)
+            log.error("job %s: %s could not be recorded; left to its lease", ending.attempt.job.id, ending.what)
 
     def _finished(self, attempt: Attempt, result: Any, seconds: float) -> _Ending:
         job = attempt.job
@@ -287,7 +296,8 @@ class AexWorker(BatchingMixin, QueueWorker):
             lifecycle.discard_partial(self.connection, job)
 
         return _Ending(
-            lifecycle.finishing(self.connection, attempt, result, ttl, also=also),
+            attempt,
+            lambda: lifecycle.finishing(self.connection, attempt, result, ttl, also=also),
             "its result",
             then=lambda: notify_job_end(self.connection, job, ApiStatus.FINISHED, policy=self.callback_policy),
             refused=lost,
@@ -309,7 +319,8 @@ class AexWorker(BatchingMixin, QueueWorker):
         kind = job_kind(job)
         if cut_short(exc_type) and int(job.meta.get("retried") or 0) < self.job_retries and not cancelled:
             return _Ending(
-                lifecycle.requeueing(
+                attempt,
+                lambda: lifecycle.requeueing(
                     self.connection, attempt, also=lambda pipe: count_job(pipe, kind, "retried", None)
                 ),
                 "its retry",
@@ -317,7 +328,8 @@ class AexWorker(BatchingMixin, QueueWorker):
             )
         status = ApiStatus.CANCELLED if cancelled else ApiStatus.FAILED
         return _Ending(
-            lifecycle.failing(
+            attempt,
+            lambda: lifecycle.failing(
                 self.connection,
                 attempt,
                 error_of(exc_type, exc_value),
