@@ -50,3 +50,36 @@ def test_one_lease_thread_renews_each_batch_in_hand_and_none_after(conn):
     worker._release(held)
     assert lease_end(conn, first) == done_at  # the first batch's lease was not renewed once it was done
     assert [t for t in threading.enumerate() if t.name == "aex-job-lease"] == [thread]
+
+
+def test_a_batch_s_ends_are_written_in_the_ending_thread_its_jobs_leased_until_then(conn):
+    """The work loop hands a batch's ends over and goes on (``worker.ending``): until they are
+    written the jobs stay running and leased (renewed), then each ends finished with its
+    result under its attempt, its lease no longer renewed; a worker that stops writes every
+    end in hand first (``teardown``)."""
+    from rq.job import Job
+
+    from jobs.rqueue.layout import SERIALIZER
+    from worker.context import WorkerContext
+
+    context = WorkerContext(settings=None, cipher=None, served=None)
+    worker = AexWorker(conn, context=context, name="ends-test", job_heartbeat_ttl=1, worker_ttl=60)
+    worker.register_birth()
+    for _ in range(2):
+        enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, new_job_id(conn), {"model": "a"}, {}, 60, 60, 60, "t")
+    attempts = claiming.claim_next(conn, queues_by_priority(conn), worker.name, 1, most=2).attempts
+    assert len(attempts) == 2
+    worker._hold(attempts)
+    endings = [worker._finished(a, {"n": i}, 0.01) for i, a in enumerate(attempts)]
+    gate = threading.Event()
+    worker.ender.hand(gate.wait)  # an earlier batch still being written
+    worker.ender.hand(lambda: worker._close(attempts, endings))
+    for attempt in attempts:  # waiting behind it: still running, and leased
+        assert Job.fetch(attempt.job.id, connection=conn, serializer=SERIALIZER).get_status() == "started"
+        assert renewed(conn, attempt, lease_end(conn, attempt))
+    gate.set()
+    worker.teardown()  # returns once the ends in hand are written
+    for i, attempt in enumerate(attempts):
+        job = Job.fetch(attempt.job.id, connection=conn, serializer=SERIALIZER)
+        assert job.get_status() == "finished" and job.return_value() == {"n": i}
+    assert not [held for held in worker._leased if held is attempts]
