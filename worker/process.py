@@ -23,8 +23,9 @@ are there). What it does with a job taken is here:
   ``failing`` / ``requeueing``), the ends of a whole batch in one round trip
   (``lifecycle.write_ends``), built and written in the worker's ending thread while the next
   batch is taken and computed (``worker.ending``; the jobs stay leased until then): a late
-  writer is refused, and an end whose reply was lost is recognised. The upload is deleted, the result indexed and the outcome counted in the same
-  transaction; the callback is sent (signed and pinned: ``CallbackPolicy``) after it;
+  writer is refused, and an end whose reply was lost is recognised. The upload is deleted,
+  the result indexed and the outcome counted in the same transaction; the callback is sent
+  (signed and pinned: ``CallbackPolicy``) after it;
 - **the store refusing or unreachable** (a restart, out of memory, a read-only replica, an ACL
   refusal): each command is retried for about REDIS_RETRY_SECONDS where it can be; a run cut
   short by the store is queued again like a dead worker's; an end that cannot be written is
