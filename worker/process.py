@@ -38,6 +38,7 @@ signal stops at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -89,13 +90,10 @@ class _Ending:
     what: str  # "its result", for the logs
     then: Callable[[], None] = lambda: None
     refused: Callable[[], None] = lambda: None
-    _end: lifecycle.End | None = None
 
-    @property
+    @functools.cached_property
     def end(self) -> lifecycle.End:
-        if self._end is None:
-            self._end = self.make()
-        return self._end
+        return self.make()
 
 
 class AexWorker(BatchingMixin, QueueWorker):
