@@ -69,17 +69,28 @@ def test_workers_publish_their_round_trips_with_their_heartbeat(service_stack, a
     assert workers and all(c > 0 for c in counts), counts
 
 
-def test_a_classify_answered_200_has_its_final_record_written_with_its_wait(service_stack, api, make_image):
+def test_a_classify_answered_200_has_its_final_record_written_with_its_wait(service_stack, make_image, monkeypatch):
     """The audit record of a classify whose job finished within the wait is written in the
     wait's own round trip (``service.audit_answer.AnswerAhead``): exactly one record, status
     200, the job, the model and the input's digest, its time Redis's clock at the end (between
-    the request and its answer), the pending record gone; three round trips in all."""
+    the request and its answer), the pending record gone; three round trips in all once the
+    API's caches are warm. A classify before it warms them (the key, the model catalogue, the
+    scripts), and they are kept for the test: on a busy machine more than their few seconds
+    may pass between two requests, and each looked up again costs round trips of its own."""
     from datetime import UTC, datetime
 
-    before = datetime.now(UTC)
-    image = make_image("PNG", "RGB", seed=1904)
-    resp = api.post("/v1/classify", **upload(image, model="tiny-rgb"))
-    after = datetime.now(UTC)
+    from service.auth import apikeys
+    from tests.support.tokens import api_client
+
+    monkeypatch.setattr(apikeys, "AUTH_CACHE_SECONDS", 3600.0)
+    kept = service_stack.model_copy(update={"catalogue_cache_seconds": 3600.0})
+    with api_client(kept, "timing-cached", ("read", "submit")) as api:
+        warm = api.post("/v1/classify", **upload(make_image("PNG", "RGB", seed=1905), model="tiny-rgb"))
+        assert warm.status_code == 200, warm.text
+        before = datetime.now(UTC)
+        image = make_image("PNG", "RGB", seed=1904)
+        resp = api.post("/v1/classify", **upload(image, model="tiny-rgb"))
+        after = datetime.now(UTC)
     assert resp.status_code == 200, resp.text
     job = resp.json()
     conn = connect(service_stack.redis_url)
