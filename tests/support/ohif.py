@@ -26,6 +26,7 @@ import mimetypes
 import os
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -156,6 +157,10 @@ class OhifServer:
         self.orthanc = (target.hostname, target.port)
         self.authorization = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         self.proxied: list[tuple[str, int]] = []  # (path, Orthanc's status) of each proxied request
+        # Each proxied request as a line (seconds since the server started, status, bytes, path):
+        # with the screenshots, what the viewer fetched and when (a view that never came).
+        self.requests: list[str] = []
+        self.started = time.monotonic()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -220,13 +225,17 @@ class OhifServer:
             body = resp.read()
             passed = {k: v for k, v in resp.getheaders() if k.lower() in PASSED_HEADERS}
         except OSError as exc:
-            self.proxied.append((req.path, 502))
+            self.record(req.path, 502, 0)
             self.send(req, 502, f"Orthanc: {exc}".encode(), "text/plain")
             return
         finally:
             conn.close()
-        self.proxied.append((req.path, resp.status))
+        self.record(req.path, resp.status, len(body))
         self.send(req, resp.status, body, passed.pop("Content-Type", None) or "application/octet-stream", passed)
+
+    def record(self, path: str, status: int, size: int) -> None:
+        self.proxied.append((path, status))
+        self.requests.append(f"{time.monotonic() - self.started:8.2f} {status} {size:>9} {path}")
 
     @staticmethod
     def send(req: BaseHTTPRequestHandler, status: int, body: bytes, kind: str, extra: dict | None = None) -> None:
