@@ -55,8 +55,13 @@ def new_job_id(conn: Redis, epoch: bytes | str | None = None) -> str:
     return body + check_digits(body)
 
 
+def epoch_of(job_id: str) -> str:
+    """The store's epoch job id ``job_id`` was made in (``new_job_id``)."""
+    return job_id[:EPOCH_DIGITS]
+
+
 def lost_in_restart(conn: Redis, job_id: str) -> bool:
     """Whether job ``job_id``, which Redis does not have, was accepted before Redis lost its
     data (restarted without persistence, or emptied): an id aex made (its check digits hold)
     that carries another epoch."""
-    return len(job_id) == JOB_ID_DIGITS and checked(job_id) and job_id[:EPOCH_DIGITS] != store_epoch(conn)
+    return len(job_id) == JOB_ID_DIGITS and checked(job_id) and epoch_of(job_id) != store_epoch(conn)

@@ -30,16 +30,21 @@ def check_capacity(
 ) -> None:
     """503 when no live worker serves the queue of lane ``kind``, 429 when it is at its depth
     (``depth`` and ``served``: as read with other things, else read here)."""
-    if served is None:
-        served = bool(live_worker_keys(conn, QUEUE_NAMES[kind]))
-    if not served:
-        raise ServiceUnavailableError(f"no worker is serving the {kind.value} queue; start one with `aex worker`")
+    check_served(conn, kind, served)
     if depth is None:
         depth = queue_depth(conn, kind)
     if depth >= settings.max_queue_depth:
         raise QueueFullError(
             f"the {kind.value} queue holds {depth} jobs (AEX_MAX_QUEUE_DEPTH = {settings.max_queue_depth}); retry later"
         )
+
+
+def check_served(conn: Redis, kind: JobKind, served: bool | None = None) -> None:
+    """503 when no live worker serves the queue of lane ``kind`` (``served``: as known, else read here)."""
+    if served is None:
+        served = bool(live_worker_keys(conn, QUEUE_NAMES[kind]))
+    if not served:
+        raise ServiceUnavailableError(f"no worker is serving the {kind.value} queue; start one with `aex worker`")
 
 
 def check_input(upload: Upload, params: CommonParams, settings: Settings, entry: dict[str, Any]) -> str:

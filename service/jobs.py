@@ -22,7 +22,7 @@ from redis import Redis
 from jobs import rqueue
 from jobs.callbacks import CallbackPolicy, notify_job_end
 from jobs.crypto import DataCipher, blob_context
-from jobs.epoch import lost_in_restart, new_job_id
+from jobs.epoch import epoch_of, lost_in_restart, new_job_id
 from jobs.failures import reap_abandoned
 from jobs.keys import api_keys_revision_key, cancel_key, dicom_key, images_key, store_epoch_key, upload_key
 from jobs.params import classify_parameters, explain_parameters, result_cache_key
@@ -76,6 +76,8 @@ class JobService:
     ):
         self.conn, self.settings, self.catalogue = conn, settings, catalogue
         self.cipher, self.policy = cipher, policy
+        # The store's epoch as the last lookup read it: a new job written under it (``_start``).
+        self.epoch: str | None = None
 
     def submit(
         self,
@@ -89,20 +91,25 @@ class JobService:
         principal: Principal | None = None,
         *,
         depth: int | None = None,
-        epoch: bytes | None = None,
+        epoch: bytes | str | None = None,
         lead: list[list[str]] | None = None,
+        conditions: list[rqueue.Condition] | None = None,
     ) -> str:
         """Count the job against ``principal``'s share (429 ``too_many_jobs`` beyond
         AEX_MAX_JOBS_PER_PRINCIPAL), store the upload sealed (with its TTL) and enqueue the job
         by dotted path on the queue of ``lane`` (default: its kind's): the share, the upload
         and the job in one step, written together or not at all. ``depth`` and ``epoch``: the
         queue's length and the store's epoch as ``_start`` read them (read here when None);
-        ``lead``: commands written first in the same step (the request's pending audit record).
-        Returns its id."""
+        ``lead``: commands written first in the same step (the request's pending audit record);
+        ``conditions``: what the step is written under, the queue's depth among them
+        (``rqueue.Moved``, nothing written, when one does not hold). Returns its id."""
         lane = lane or kind
         with stage("capacity"):
             served = self.catalogue.served(self.conn, QUEUE_NAMES[lane])
-            admission.check_capacity(self.conn, lane, self.settings, depth=depth, served=served)
+            if conditions is None:
+                admission.check_capacity(self.conn, lane, self.settings, depth=depth, served=served)
+            else:
+                admission.check_served(self.conn, lane, served)
             job_id = new_job_id(self.conn, epoch)
         if timeout is None:
             timeout = self.settings.classify_timeout if lane is JobKind.CLASSIFY else self.settings.explain_timeout
@@ -131,6 +138,7 @@ class JobService:
                 share=share,
                 also=upload,
                 lead=lead,
+                conditions=conditions,
             )
         if not queued:
             raise quota.too_many(self.settings.max_jobs_per_principal)
@@ -177,6 +185,33 @@ class JobService:
         owned = {**meta, "owner": owner_meta(principal), "input_sha256": digest, "reuse_scope": scope}
         key = self._cache_key(kind, entry, digest, {**kwargs, "store": meta.get("store")} if ref else kwargs)
         confirm = acting is not None and acting.revision is not None
+        first = [acting.pending] if acting is not None and acting.pending else []
+        job_kwargs = {**kwargs, "result_ttl": self.settings.result_ttl} if kind is JobKind.EXPLAIN else kwargs
+
+        def queue(**how: Any) -> str:
+            job_meta = {**owned, "cache_key": key}
+            return self.submit(kind, upload.data, entry["name"], job_kwargs, job_meta, None, lane, principal, **how)
+
+        # The common case in one round trip: the job written under what the lookup below would
+        # read (no earlier result, the queue below its depth, the store's epoch as last read,
+        # the API keys as the cached principal was looked up), all checked where it is written;
+        # when any of them moved, nothing is written and the lookup decides.
+        if self.epoch is not None:
+            conditions = [
+                rqueue.absent(reuse_index_key(scope, key)),
+                rqueue.shorter_than(rqueue.queue_key(lane), self.settings.max_queue_depth),
+                rqueue.holding(store_epoch_key(), self.epoch),
+            ]
+            if confirm:
+                conditions.append(rqueue.holding(api_keys_revision_key(), acting.revision))
+            try:
+                job_id = queue(lead=first, epoch=self.epoch, conditions=conditions)
+            except rqueue.Moved:
+                pass
+            else:
+                if confirm:
+                    acting.confirmed(acting.revision)
+                return job_id, False, principal
         # What the request needs to know before it acts, in one round trip: an earlier result,
         # the queue's length, the store's epoch (the new job id carries it), and whether the
         # API keys are as its cached principal was looked up.
@@ -191,28 +226,14 @@ class JobService:
             again = acting.confirmed(_text(revision[0]))
             if again is not None:  # the keys changed: looked up again (a revoked key is refused there)
                 return self._start(again, kind, upload, entry, kwargs, meta, lane, acting)
-        first = [acting.pending] if acting is not None and acting.pending else []
         with stage("lookup"):
             job_id = reuse_result(
                 self.conn, self.settings, kind, entry["name"], key, owned, scope, self.policy, source_id, first
             )
         if job_id is not None:
             return job_id, True, principal
-        if kind is JobKind.EXPLAIN:
-            kwargs = {**kwargs, "result_ttl": self.settings.result_ttl}
-        owned = {**owned, "cache_key": key}
-        job_id = self.submit(
-            kind,
-            upload.data,
-            entry["name"],
-            kwargs,
-            owned,
-            lane=lane,
-            principal=principal,
-            depth=depth,
-            epoch=epoch,
-            lead=first,
-        )
+        job_id = queue(lead=first, depth=depth, epoch=epoch)
+        self.epoch = epoch_of(job_id)  # as read, or set by new_job_id where Redis had none
         return job_id, False, principal
 
     # --- the two kinds of job ----------------------------------------------------------

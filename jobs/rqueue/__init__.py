@@ -32,9 +32,14 @@ from rq.utils import current_timestamp, utcparse
 from jobs.queues import QUEUE_NAMES, JobKind
 
 # Re-exported: the API enqueues and reserves places through this package.
+from jobs.rqueue.enqueueing import Condition as Condition
+from jobs.rqueue.enqueueing import Moved as Moved
 from jobs.rqueue.enqueueing import Share as Share
+from jobs.rqueue.enqueueing import absent as absent
 from jobs.rqueue.enqueueing import enqueue as enqueue
+from jobs.rqueue.enqueueing import holding as holding
 from jobs.rqueue.enqueueing import rq_queue
+from jobs.rqueue.enqueueing import shorter_than as shorter_than
 from jobs.rqueue.enqueueing import within_share as within_share
 from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
 from jobs.scripts import RUN_REPLACING, UTC_NOW, Script, recorded, refusal

@@ -50,14 +50,14 @@ ACTIVE_STATUSES = tuple(s.value for s, api in STATUS_FROM_RQ.items() if api in (
 
 # KEYS[1]: the share's set, KEYS[2] (when enqueueing): the new job's hash (there already: this
 # very step was done, its reply lost and the command sent again; nothing is done twice); ARGV:
-# the new id, now
-# (s), limit, ttl, reservation seconds, rq's job
-# key prefix, the active statuses (framed), the commands to run first whatever the share says
-# (framed: the request's pending audit record), then those to run once the id holds a place
-# (framed). Ids of jobs that ended or expired leave the set; when the active others reach the
-# limit nothing more is written (returns 0), else the id takes its place and the commands run
-# (returns 1): a place and its job appear together, so two requests racing for the last place
-# cannot both get it.
+# the new id, now (s), limit, ttl, reservation seconds, rq's job key prefix, the active
+# statuses (framed), the conditions the step is written under (framed triples, ``Condition``),
+# the commands to run first whatever the share says (framed: the request's pending audit
+# record), then those to run once the id holds a place (framed). When a condition no longer
+# holds nothing at all is written (returns -1). Ids of jobs that ended or expired leave the set;
+# when the active others reach the limit nothing more is written (returns 0), else the id takes
+# its place and the commands run (returns 1): a place and its job appear together, so two
+# requests racing for the last place cannot both get it.
 WITHIN_SHARE = Script(
     RUN
     + """
@@ -66,6 +66,12 @@ local id, now, limit, ttl, reservation, prefix = ARGV[1], tonumber(ARGV[2]), ton
   tonumber(ARGV[5]), ARGV[6]
 local active, a = {}, 8 + tonumber(ARGV[7])
 for i = 8, a - 1 do active[ARGV[i]] = true end
+for i = a + 1, a + tonumber(ARGV[a]), 3 do
+  local op, key, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  if (op == 'NIL' and redis.call('EXISTS', key) == 1) or (op == 'EQ' and redis.call('GET', key) ~= value)
+    or (op == 'LT' and redis.call('LLEN', key) >= tonumber(value)) then return -1 end
+end
+a = a + tonumber(ARGV[a]) + 1
 run(ARGV, a + 1, a + tonumber(ARGV[a]))
 a = a + tonumber(ARGV[a]) + 1
 local entries = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
@@ -95,6 +101,28 @@ ENQUEUE_ONCE = Script(
 )
 
 
+# A condition an enqueue is written under, checked by its script before anything is written
+# (``enqueue(..., conditions=...)``): ("NIL", key, "") the key is absent, ("EQ", key, value) it
+# holds ``value``, ("LT", key, n) the list at ``key`` is shorter than n.
+Condition = tuple[str, str, str]
+
+
+def absent(key: str) -> Condition:
+    return ("NIL", key, "")
+
+
+def holding(key: str, value: str) -> Condition:
+    return ("EQ", key, value)
+
+
+def shorter_than(key: str, length: int) -> Condition:
+    return ("LT", key, str(int(length)))
+
+
+class Moved(Exception):
+    """A condition an enqueue was to be written under no longer held: nothing was written."""
+
+
 def within_share(
     conn: Redis,
     share: Share,
@@ -102,15 +130,21 @@ def within_share(
     commands: list[bytes],
     lead: list[bytes] | None = None,
     once: bool = False,
+    conditions: list[Condition] | None = None,
 ) -> bool:
     """Reserve ``job_id`` a place in ``share`` and run ``commands`` (``jobs.scripts``) with it,
     in one step, ``lead`` first whatever the share says; False (nothing but ``lead``
     written) when the share is full. ``once`` (the commands create the job): nothing is done
-    when the job exists already (the same step sent again after its reply was lost)."""
+    when the job exists already (the same step sent again after its reply was lost).
+    ``conditions``: ``Moved`` (nothing written, ``lead`` neither) when one does not hold."""
     args = [job_id, time.time(), share.limit, max(1, int(share.ttl)), share.reservation_seconds]
-    args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES)), *framed(lead or [])]
+    args += [Job.redis_job_namespace_prefix, *framed(list(ACTIVE_STATUSES))]
+    args += [*framed([part for condition in conditions or () for part in condition]), *framed(lead or [])]
     keys = [share.key, Job.key_for(job_id)] if once else [share.key]
-    return bool(WITHIN_SHARE(conn, keys, [*args, *framed(commands)]))
+    placed = int(WITHIN_SHARE(conn, keys, [*args, *framed(commands)]))
+    if placed < 0:
+        raise Moved(job_id)
+    return bool(placed)
 
 
 def enqueue(
@@ -128,13 +162,16 @@ def enqueue(
     share: Share | None = None,
     also: list[list[Any]] | None = None,
     lead: list[list[Any]] | None = None,
+    conditions: list[Condition] | None = None,
 ) -> bool:
     """Put job ``job_id`` of ``kind`` (its function by dotted path) at the tail of the queue
     of ``lane``, and wake an idle worker; it waits at most ``wait_ttl`` seconds, runs at most
     ``timeout``, and its result (or failure) is kept ``result_ttl``. ``also``: commands written
     with it (its upload); ``lead``: commands written before anything else, whatever happens
     (the request's pending audit record). With ``share``, only within its owner's share:
-    False, and nothing but ``lead`` written, when it is full. One round trip."""
+    False, and nothing but ``lead`` written, when it is full. ``conditions`` (with ``share``):
+    what the step is written under, checked first (``Moved``, nothing written, when one does
+    not hold). One round trip."""
 
     batch = signature_text(batch_signature_of(JOB_FUNCTIONS[kind], kwargs, meta))
 
@@ -160,6 +197,8 @@ def enqueue(
     first = encoded(conn, lead or [])
     written = recorded(conn, write)
     if share is not None:
-        return within_share(conn, share, job_id, written, lead=first, once=True)
+        return within_share(conn, share, job_id, written, lead=first, once=True, conditions=conditions)
+    if conditions:
+        raise ValueError("conditions are checked with an owner's share only")
     ENQUEUE_ONCE(conn, [Job.key_for(job_id)], framed([*first, *written]))
     return True

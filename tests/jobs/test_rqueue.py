@@ -177,6 +177,54 @@ def test_an_enqueue_sent_again_after_its_reply_was_lost_does_nothing_twice(conn)
     assert conn.zcard("aex:test-share") == 1 and conn.get("aex:test-upload") == b"sealed"
 
 
+def test_an_enqueue_under_conditions_writes_nothing_at_all_when_one_of_them_moved(conn):
+    """The enqueue step written under conditions (a key absent, a key holding a value, a list
+    shorter than a length), checked where it is written: each one that does not hold raises
+    ``Moved`` with nothing written, not even the commands written first whatever the share
+    says; when they all hold the job is queued with its place, as without them."""
+    import pytest
+
+    from jobs.rqueue import Moved, Share, absent, holding, shorter_than
+
+    share = Share("aex:test-share", limit=5, ttl=60, reservation_seconds=30)
+    queue = "rq:queue:aex-classify"
+    conn.set("aex:test-epoch", "e1")
+    conn.set("aex:test-result", "an earlier job")
+    conn.rpush(queue, "waiting")
+
+    def attempt(*conditions):
+        return rqueue.enqueue(
+            conn,
+            JobKind.CLASSIFY,
+            JobKind.CLASSIFY,
+            new_job_id(conn),
+            kwargs={"model": "m"},
+            meta={"kind": "classify"},
+            timeout=60,
+            result_ttl=60,
+            wait_ttl=60,
+            description="classify m",
+            share=share,
+            also=[["SET", "aex:test-upload", "sealed"]],
+            lead=[["SET", "aex:test-pending", "audit"]],
+            conditions=list(conditions),
+        )
+
+    holds = [absent("aex:test-none"), holding("aex:test-epoch", "e1"), shorter_than(queue, 2)]
+    for moved in (absent("aex:test-result"), holding("aex:test-epoch", "e0"), holding("aex:test-none", "e1"),
+                  shorter_than(queue, 1)):  # fmt: skip
+        with pytest.raises(Moved):
+            attempt(*holds, moved)
+        assert conn.lrange(queue, 0, -1) == [b"waiting"] and not conn.exists("aex:test-share")
+        assert not conn.exists("aex:test-upload") and not conn.exists("aex:test-pending")
+    assert attempt(*holds) is True
+    assert conn.llen(queue) == 2 and conn.zcard("aex:test-share") == 1
+    assert conn.get("aex:test-upload") == b"sealed" and conn.get("aex:test-pending") == b"audit"
+    with pytest.raises(ValueError, match="share"):  # checked in the share's script only
+        rqueue.enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, new_job_id(conn), {}, {}, 60, 60, 60, "d",
+                       conditions=holds)  # fmt: skip
+
+
 def test_waiting_for_an_end_reads_the_job_in_the_same_round_trip(conn):
     """``wait_for_end`` blocks on the Result stream and returns the job's record read right
     after the end, in one round trip: still queued when the wait runs out, ended once a worker

@@ -170,3 +170,47 @@ def test_a_finished_job_is_shown_and_answers_the_same_request_of_its_principal_o
     assert service.classify(BOB, png(5), params).status == "queued"
     # With reuse off, the same request is computed again.
     assert make_service(reuse_results=False).classify(ALICE, png(5), params).status == "queued"
+
+
+def test_a_job_is_written_under_what_the_lookup_would_read_and_read_again_when_that_moved(conn, make_service, worker):
+    """Once the service knows the store's epoch, a submission writes its job in one step under
+    what its lookup would have read (no earlier result, the queue below its depth, the epoch,
+    the API keys' revision of a cached principal), checked where it is written. When one moved
+    nothing is written by that step and the lookup decides: a new epoch (Redis emptied and
+    refilled) is the one the new job's id carries; changed keys look the principal up again,
+    and a key refused there writes nothing, its pending audit record neither."""
+    from jobs.epoch import EPOCH_DIGITS
+    from jobs.keys import api_keys_revision_key, store_epoch_key
+    from service.auth.guard import Acting
+
+    service = make_service()
+    first = service.classify(ALICE, png(1), ClassifyParams(model="tiny-rgb"))
+    assert service.epoch == first.id[:EPOCH_DIGITS]
+    conn.set(store_epoch_key(), "f" * EPOCH_DIGITS)
+    moved = service.classify(ALICE, png(2), ClassifyParams(model="tiny-rgb"))
+    assert moved.id[:EPOCH_DIGITS] == "f" * EPOCH_DIGITS == service.epoch
+    assert queue_depth(conn, JobKind.CLASSIFY) == 2 and len(uploads(conn)) == 2
+
+    conn.set(api_keys_revision_key(), "7")
+    looked_up: list[str] = []
+
+    def keys_changed(principal: Principal | None):
+        looked_up.append("again")
+        if principal is None:
+            raise UnknownJobError("stands for the 401 of a revoked key")
+        return principal
+
+    def acting(principal: Principal | None) -> Acting:
+        return Acting("7", ["SET", "aex:test-pending", "audit"], lambda: keys_changed(principal), lambda r: r == "7")
+
+    held = service.classify(BOB, png(3), ClassifyParams(model="tiny-rgb"), acting(BOB))
+    assert looked_up == [] and held.status == "queued" and conn.get("aex:test-pending") == b"audit"
+    conn.delete("aex:test-pending")
+    conn.set(api_keys_revision_key(), "8")  # a key created or revoked elsewhere
+    again = service.classify(BOB, png(4), ClassifyParams(model="tiny-rgb"), acting(BOB))
+    assert looked_up == ["again"] and again.status == "queued" and conn.get("aex:test-pending") == b"audit"
+    conn.delete("aex:test-pending")
+    with pytest.raises(UnknownJobError, match="revoked"):
+        service.classify(BOB, png(5), ClassifyParams(model="tiny-rgb"), acting(None))
+    assert queue_depth(conn, JobKind.CLASSIFY) == 4 and len(uploads(conn)) == 4
+    assert not conn.exists("aex:test-pending")
