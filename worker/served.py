@@ -14,6 +14,7 @@ from jobs.settings import Settings
 from models.data.sources import file_sha256
 from models.errors import CheckpointError, UnknownModelError
 from models.explain.gradcam import default_gradcam_layer, layer_name
+from models.nn.graph import graph_forward
 from models.nn.inference import inference_copy
 from models.nn.runtime import pick_device
 from models.store.checkpoint import CheckpointMeta, load_checkpoint
@@ -28,7 +29,8 @@ class ServedModel:
     """One loaded checkpoint: the network in eval mode on ``device`` and its metadata.
     ``classifier``: the network classify's forward pass runs, made once at load (a served
     model's weights never change): on the CPU its fused channels-last copy
-    (``models.nn.inference``), elsewhere the model itself. Looking the copy up in
+    (``models.nn.inference``) as a frozen TorchScript graph (``models.nn.graph``; the eager
+    copy where the graph is not the copy bit for bit), elsewhere the model itself. Looking the copy up in
     ``inference_copy``'s cache at every batch walked the model's 306 tensors for its key
     (0.12 ms on the 2-core machine, more with its caches taken by other processes)."""
 
@@ -44,8 +46,8 @@ class ServedModel:
     def load(cls, name: str, path: Path, device: torch.device) -> ServedModel:
         """Load one checkpoint for serving: eval mode, no parameter gradients (explanations
         need input gradients only), and one forward pass so the first job does not pay
-        torch's warm-up (on the CPU, also through the fused copy classify runs, which it builds:
-        ``models.nn.inference``)."""
+        torch's warm-up (on the CPU, also through the fused copy classify runs and its graph,
+        which it builds and checks: ``models.nn.inference``, ``models.nn.graph``)."""
         model, meta = load_checkpoint(path, device=device)
         model.requires_grad_(False)
         x = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size, device=device)
@@ -53,9 +55,10 @@ class ServedModel:
             model(x)
         classifier = model
         if device.type == "cpu":
-            classifier = inference_copy(model)
-            with torch.inference_mode():
-                classifier(x.contiguous(memory_format=torch.channels_last))
+            copy = inference_copy(model)
+            classifier, why_not = graph_forward(copy, x.contiguous(memory_format=torch.channels_last))
+            if why_not is not None:
+                log.warning("model %s: classify runs the eager fused copy: %s", name, why_not)
         return cls(name, Path(path), model, meta, device, classifier, file_sha256(path))
 
     @property

@@ -37,15 +37,18 @@ def png(seed: int) -> bytes:
 def test_a_batch_classifies_through_the_fused_copy_as_the_model_does(served, stability):
     model = served.model
     flags = [p.requires_grad for p in model.parameters()]
-    copy = inference_copy(model)  # built by ServedModel.load, and kept: its classifier
-    assert served.classifier is copy
+    copy = inference_copy(model)  # built by ServedModel.load, and kept: its classifier, as a frozen graph
+    assert isinstance(served.classifier, torch.jit.ScriptModule)
     parameters = ClassifyParameters(top_k=2, stability=stability, stability_steps=40 if stability else None)
     inputs = [JobInput(png(i), "image", parameters) for i in range(5)]
     out = classify_results(served, inputs)
     assert inference_copy(model) is copy
     _, decoded = decode_batch(served, inputs)
+    xs = torch.stack([d.x for d in decoded])
+    with torch.inference_mode():  # the graph's logits are the copy's bit for bit (models.nn.graph)
+        assert torch.equal(served.classifier(xs.contiguous(memory_format=torch.channels_last)), copy(xs))
     with torch.no_grad():
-        want = model(torch.stack([d.x for d in decoded])).softmax(1)
+        want = model(xs).softmax(1)
     for result, row in zip(out, want, strict=True):
         got = torch.tensor([result.probs[c] for c in CLASSES])
         torch.testing.assert_close(got, row, rtol=0, atol=1e-5)
