@@ -10,8 +10,8 @@ reading it, all on the same cores. Measured here, side by side in one run:
 1. in process, as ``bench_latency`` measures its baseline: decode and forward pass, batch 1,
    one image after another, with torch's threads (one per core) and with one thread; the
    faster is the baseline of the targets;
-2. the model alone, batched as the worker batches (the fused channels-last copy,
-   ``ServedModel.classifier``), one thread: CPU ms per image at batch 1, 4, 16 and 32;
+2. the model alone, batched as the worker batches (the fused channels-last copy as its
+   frozen graph, ``ServedModel.classifier``), one thread: CPU ms per image at batch 1, 4, 16 and 32;
 3. a bare FastAPI application on uvicorn, started as ``aex serve`` starts its API (uvloop,
    the same HTTP implementation, one process), whose one route reads the same multipart
    upload (``request.form()``, the ``image`` part's bytes) and answers a JSON body of a
@@ -50,6 +50,7 @@ from bench_service import free_port, in_process, pick_checkpoint, test_png
 
 from aex.embedded_redis import EmbeddedRedis
 from models.data.tensors import load_image_for_model
+from models.nn.graph import graph_forward
 from models.nn.inference import inference_copy
 from models.store.checkpoint import load_checkpoint
 
@@ -128,11 +129,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 def model_per_image(checkpoint: Path, batches: list[int], duration: float) -> dict[int, float]:
-    """CPU ms per image of the forward pass through the fused copy, one thread, per batch size."""
+    """CPU ms per image of the forward pass as the worker runs it (the fused copy's frozen
+    graph, ``models.nn.graph``), one thread, per batch size."""
     torch.set_num_threads(1)
     model, meta = load_checkpoint(checkpoint)
     model.requires_grad_(False)
-    net = inference_copy(model)
+    example = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size)
+    net, _ = graph_forward(inference_copy(model), example.contiguous(memory_format=torch.channels_last))
     png = test_png(meta.input_size, meta.in_channels, 1)
     x = load_image_for_model(png, meta.input_size, meta.in_channels)
     out = {}
@@ -255,7 +258,7 @@ def main() -> None:
     for r in runs:
         print(f"in process, one by one, {r['threads']} thr   {r['images_per_s']:7.1f}/s  p50 {r['p50_ms']:.2f} ms")
     print(
-        "model alone, fused copy, 1 thread, CPU ms per image: "
+        "model alone, fused copy's graph, 1 thread, CPU ms per image: "
         + ", ".join(f"batch {n} {ms:.2f}" for n, ms in model.items())
     )
     print(

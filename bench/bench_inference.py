@@ -1,6 +1,7 @@
 """Benchmark of a classify forward pass: CPU milliseconds per image of a bundled checkpoint,
-as the model itself (NCHW), its channels-last frozen copy (``models.nn.layout``) and the
-fused inference copy (``models.nn.inference``), at several batch sizes and torch thread counts.
+as the model itself (NCHW), its channels-last frozen copy (``models.nn.layout``), the
+fused inference copy (``models.nn.inference``) and that copy as the frozen graph classify runs
+(``models.nn.graph``), at several batch sizes and torch thread counts.
 
 Run: ``.venv/bin/python bench/bench_inference.py [--checkpoint cifar10-robust]
 [--batches 1,4,16,32] [--threads 1,2] [--repeats 7] [--clock process|wall]``.
@@ -26,6 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.nn.graph import graph_forward
 from models.nn.inference import inference_copy
 from models.nn.runtime import frozen_copy
 from models.store.checkpoint import load_checkpoint
@@ -57,6 +59,11 @@ def main() -> None:
         "nhwc": (frozen_copy(model).to(memory_format=torch.channels_last), True),
         "fused": (inference_copy(model), True),
     }
+    example = torch.zeros(1, meta.in_channels, meta.input_size, meta.input_size)
+    graph, why_not = graph_forward(inference_copy(model), example.contiguous(memory_format=torch.channels_last))
+    if why_not is not None:
+        sys.exit(f"the fused copy has no graph: {why_not}")
+    variants["graph"] = (graph, True)
     print(f"{args.checkpoint}: {args.clock} ms/image, median of {args.repeats}")
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
@@ -74,7 +81,9 @@ def main() -> None:
             med = {name: statistics.median(t) for name, t in times.items()}
             row = "  ".join(f"{name} {ms:6.3f}" for name, ms in med.items())
             print(
-                f"threads {threads} batch {batch:3d}: {row}  fused/plain {med['fused'] / med['plain']:.2f}", flush=True
+                f"threads {threads} batch {batch:3d}: {row}  fused/plain {med['fused'] / med['plain']:.2f}"
+                f"  graph/fused {med['graph'] / med['fused']:.2f}",
+                flush=True,
             )
 
 

@@ -19,7 +19,8 @@ float rounding:
   runs that Function with a forward of two temporaries and the same backward, so the copy
   also serves the searches' input-gradient steps (``models.nn.layout``).
 
-classify's forward pass in the worker runs this copy (``worker.compute.forward_checked``).
+classify's forward pass in the worker runs this copy (``worker.compute.forward_checked``), as a
+frozen graph (``models.nn.graph``).
 CPU ms per image of ``cifar10-robust`` on the 2-core machine, one torch thread, plain model
 -> this copy (``bench/bench_inference.py``): batch 1 4.66 -> 3.55, 4 3.31 -> 2.21,
 16 3.16 -> 2.00, 32 3.28 -> 2.24 (indicative: a shared machine).
