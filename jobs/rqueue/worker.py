@@ -242,6 +242,10 @@ class QueueWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
         self.procline("Listening on " + ",".join(self.queue_names()))
         while True:
+            # rq looks for a stop request only between jobs: one that came while this loop was
+            # busy (a look that then claimed nothing) stops the worker here, nothing in hand.
+            if self._stop_requested:
+                raise StopRequested()
             self.heartbeat()
             if self.should_run_maintenance_tasks:
                 self.run_maintenance_tasks()
@@ -283,6 +287,10 @@ class QueueWorker(SimpleWorker):
                 finally:
                     if not (taken and taken.attempts):
                         self.set_state(WorkerStatus.IDLE)
+                if not (taken and taken.attempts) and self._stop_requested:
+                    # A SIGTERM during the look found the worker busy (rq then only notes it):
+                    # with nothing claimed it stops now instead of blocking for the next job.
+                    raise StopRequested()
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -200,3 +200,48 @@ def test_a_sigterm_while_blocked_stops_the_worker_or_hands_it_what_its_take_had_
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_a_sigterm_during_a_look_that_claims_nothing_stops_the_worker(conn, monkeypatch):
+    """A warm shutdown (SIGTERM) that comes while the worker looks for jobs finds it busy
+    (a take may claim some), so rq only notes it, and rq reads the note between jobs only:
+    a look that then claims nothing stops the worker at once (StopRequested) rather than
+    blocking for the next job, and a worker loop with a stop noted never waits again."""
+    import signal
+    import threading
+
+    from rq.exceptions import StopRequested
+
+    from jobs.rqueue import worker as worker_module
+    from jobs.rqueue.worker import QueueWorker
+
+    real = worker_module.claim_next
+
+    def sigterm_during_the_look(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # handled in this thread before the look's reply is read
+        return real(*args, **kwargs)
+
+    worker = QueueWorker(conn, name="sigterm-look", job_heartbeat_ttl=20, worker_ttl=60)
+    worker._install_signal_handlers()
+    monkeypatch.setattr(worker_module, "claim_next", sigterm_during_the_look)
+    try:
+        worker._look_first = True
+        start = time.monotonic()
+        with pytest.raises(StopRequested):
+            worker._claim_next(5, "look", claiming.execution_ids_for("look", 1))
+        assert time.monotonic() - start < 3 and worker._stop_requested
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    raised: list[BaseException] = []
+
+    def loop() -> None:
+        try:
+            worker.dequeue_job_and_maintain_ttl(1)
+        except BaseException as exc:  # what the loop raised, asserted below
+            raised.append(exc)
+
+    looping = threading.Thread(target=loop, daemon=True)
+    looping.start()
+    looping.join(10)
+    assert not looping.is_alive() and [type(e) for e in raised] == [StopRequested]
