@@ -152,13 +152,13 @@ def test_each_end_appends_to_the_result_stream(conn):
     assert "ValueError: math domain error" in failed.failure
 
 
-def test_an_enqueue_sent_again_after_its_reply_was_lost_does_nothing_twice(conn):
-    """The enqueue step (share, upload, job, wake-up) run a second time, as a command resent
-    after a lost reply would: the job is queued once, its place held once, nothing rewritten."""
+def within_a_share() -> dict:
+    """The arguments of a classify enqueued within a share (``aex:test-share``, 5 places) with
+    its upload (``aex:test-upload``), but its id."""
     from jobs.rqueue import Share
 
     share = Share("aex:test-share", limit=5, ttl=60, reservation_seconds=30)
-    args = dict(
+    return dict(
         lane=JobKind.CLASSIFY,
         kind=JobKind.CLASSIFY,
         kwargs={"model": "m"},
@@ -170,6 +170,12 @@ def test_an_enqueue_sent_again_after_its_reply_was_lost_does_nothing_twice(conn)
         share=share,
         also=[["SET", "aex:test-upload", "sealed"]],
     )
+
+
+def test_an_enqueue_sent_again_after_its_reply_was_lost_does_nothing_twice(conn):
+    """The enqueue step (share, upload, job, wake-up) run a second time, as a command resent
+    after a lost reply would: the job is queued once, its place held once, nothing rewritten."""
+    args = within_a_share()
     job_id = new_job_id(conn)
     assert rqueue.enqueue(conn, job_id=job_id, **args)
     assert rqueue.enqueue(conn, job_id=job_id, **args)
@@ -184,31 +190,16 @@ def test_an_enqueue_under_conditions_writes_nothing_at_all_when_one_of_them_move
     says; when they all hold the job is queued with its place, as without them."""
     import pytest
 
-    from jobs.rqueue import Moved, Share, absent, holding, shorter_than
+    from jobs.rqueue import Moved, absent, holding, shorter_than
 
-    share = Share("aex:test-share", limit=5, ttl=60, reservation_seconds=30)
     queue = "rq:queue:aex-classify"
     conn.set("aex:test-epoch", "e1")
     conn.set("aex:test-result", "an earlier job")
     conn.rpush(queue, "waiting")
 
     def attempt(*conditions):
-        return rqueue.enqueue(
-            conn,
-            JobKind.CLASSIFY,
-            JobKind.CLASSIFY,
-            new_job_id(conn),
-            kwargs={"model": "m"},
-            meta={"kind": "classify"},
-            timeout=60,
-            result_ttl=60,
-            wait_ttl=60,
-            description="classify m",
-            share=share,
-            also=[["SET", "aex:test-upload", "sealed"]],
-            lead=[["SET", "aex:test-pending", "audit"]],
-            conditions=list(conditions),
-        )
+        lead = [["SET", "aex:test-pending", "audit"]]
+        return rqueue.enqueue(conn, job_id=new_job_id(conn), **within_a_share(), lead=lead, conditions=list(conditions))
 
     holds = [absent("aex:test-none"), holding("aex:test-epoch", "e1"), shorter_than(queue, 2)]
     for moved in (absent("aex:test-result"), holding("aex:test-epoch", "e0"), holding("aex:test-none", "e1"),
