@@ -9,8 +9,8 @@ very operators in the same order, so its logits are the eager copy's bit for bit
 checked when it is made, on batches of other sizes than the traced one (a traced graph takes
 any batch size), and where it does not hold, or tracing fails, the eager copy is used and the
 reason given. CPU ms per image of ``cifar10-robust``, one torch thread, eager copy -> graph
-(2-core machine, 2026-12-06, indicative): batch 1 4.5-4.9 -> 3.2, batch 4 2.9-3.0 -> 2.3,
-batch 16 2.3-2.4 -> 2.0.
+(``bench/bench_inference.py``, 2-core machine, indicative): batch 1 4.30 -> 3.15, batch 4
+2.65 -> 2.13, batch 16 2.23 -> 1.97.
 
 The graph is for no-grad inference only: it was recorded with the in-place HHReLU branch that
 runs where autograd does not record (``models.nn.inference._HalfHuberReLUInPlace``). The
