@@ -190,7 +190,9 @@ class JobService:
 
         def queue(**how: Any) -> str:
             job_meta = {**owned, "cache_key": key}
-            return self.submit(kind, upload.data, entry["name"], job_kwargs, job_meta, None, lane, principal, **how)
+            return self.submit(
+                kind, upload.data, entry["name"], job_kwargs, job_meta, None, lane, principal, lead=first, **how
+            )
 
         # The common case in one round trip: the job written under what the lookup below would
         # read (no earlier result, the queue below its depth, the store's epoch as last read,
@@ -205,7 +207,7 @@ class JobService:
             if confirm:
                 conditions.append(rqueue.holding(api_keys_revision_key(), acting.revision))
             try:
-                job_id = queue(lead=first, epoch=self.epoch, conditions=conditions)
+                job_id = queue(epoch=self.epoch, conditions=conditions)
             except rqueue.Moved:
                 pass
             else:
@@ -232,7 +234,7 @@ class JobService:
             )
         if job_id is not None:
             return job_id, True, principal
-        job_id = queue(lead=first, depth=depth, epoch=epoch)
+        job_id = queue(depth=depth, epoch=epoch)
         self.epoch = epoch_of(job_id)  # as read, or set by new_job_id where Redis had none
         return job_id, False, principal
 

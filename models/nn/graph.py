@@ -46,9 +46,10 @@ def graph_forward(copy: nn.Module, example: torch.Tensor) -> tuple[nn.Module, st
             for batch in (example.shape[0], *PROBE_BATCHES):
                 probe = torch.rand((batch, *example.shape[1:]), generator=generator, dtype=example.dtype)
                 probe = probe.contiguous(memory_format=torch.channels_last) if probe.ndim == 4 else probe
+                want = copy(probe)
                 # Twice each: the graph executor optimises a graph after its first runs.
                 for _ in range(2):
-                    if not torch.equal(graph(probe), copy(probe)):
+                    if not torch.equal(graph(probe), want):
                         return copy, f"its traced graph's logits differ from the eager copy's at batch {batch}"
     except Exception as exc:
         return copy, f"it could not be traced ({type(exc).__name__}: {str(exc)[:200]})"
