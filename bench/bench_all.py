@@ -428,7 +428,9 @@ def service_figures(args: argparse.Namespace, device: torch.device) -> dict | No
     del model
     scratch = Path(tempfile.mkdtemp(prefix="aex-bench-all-"))
     threads = torch.get_num_threads()
-    proc, url, token = bench_service.start_service(checkpoint, "cifar10-robust", 1, threads, scratch, 16)
+    # aex serve's own torch threads (one per worker on 2 cores, the other core the API's): the
+    # default explain job, whose stability searches then run beside its explanations.
+    proc, url, token = bench_service.start_service(checkpoint, "cifar10-robust", 1, None, scratch, 16)
     jobs = []
     try:
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"}) as http:
@@ -449,7 +451,7 @@ def service_figures(args: argparse.Namespace, device: torch.device) -> dict | No
                         wall,
                         literal_seconds[i],
                         "literal (2 explanation rows + both 450-step searches)",
-                        0.2,
+                        0.15,
                         f"; status {view['status']}, stability mode "
                         f"{(view.get('result') or {}).get('stability', {}).get('settings', {}).get('mode')}",
                     ),

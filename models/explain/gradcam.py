@@ -7,7 +7,8 @@ bilinearly (half-pixel centres, like OpenCV's INTER_LINEAR) to the input size; s
 upsampling; bilinear upsampling commutes with that affine map, so the results agree.
 
 The forward hook that captures A is registered inside a context manager and always
-removed, even when the forward pass raises.
+removed, even when the forward pass raises; it acts on the forward passes of the thread that
+registered it only.
 
 Only the part of the network after the target layer needs a graph: the forward runs without
 autograd up to the layer, whose output the hook hands on as a fresh leaf that requires grad
@@ -17,6 +18,7 @@ are faster in that layout; the maps agree with the NCHW ones to float rounding."
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -70,11 +72,19 @@ def layer_name(model: nn.Module, layer: nn.Module) -> str:
     raise BadParameterError("the layer is not a submodule of the model")
 
 
+def _on(owner: int) -> bool:
+    """Whether this forward runs on the thread that registered the hook: a module's hooks
+    fire for every thread's forward, and another thread may be running the same model (an
+    explanation's stability searches beside its Grad-CAM, ``models.explain.beside``)."""
+    return threading.get_ident() == owner
+
+
 @contextmanager
 def capture_outputs(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect every output of ``layer`` during the block; the hook is removed on exit."""
     outputs: list[torch.Tensor] = []
-    handle = layer.register_forward_hook(lambda _m, _inp, out: outputs.append(out))
+    owner = threading.get_ident()
+    handle = layer.register_forward_hook(lambda _m, _inp, out: outputs.append(out) if _on(owner) else None)
     try:
         yield outputs
     finally:
@@ -88,8 +98,11 @@ def graph_from(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
     no_grad block restores the mode when it ends). Yields the list of those leaves; the hook
     is removed on exit."""
     outputs: list[torch.Tensor] = []
+    owner = threading.get_ident()
 
     def hook(_m, _inp, out):
+        if not _on(owner):
+            return None
         if not isinstance(out, torch.Tensor):
             outputs.append(out)
             return None

@@ -19,13 +19,14 @@ from torch import nn
 
 from models.defaults import DEFAULT_TARGETS, FAITHFULNESS_STEPS, STABILITY_MODE
 from models.explain.adversarial import Explainer, Explanation
+from models.explain.beside import Beside, PhaseProgress, side_by_side
 from models.explain.faithfulness import delta_map, faithfulness, faithfulness_method
 from models.explain.gradcam import gradcam, layer_name, resolve_layer
+from models.nn.compiled import accelerate_default
+from models.nn.inference import inference_copy
+from models.nn.runtime import eval_mode, model_device
 from models.perturb.stability import stability_evaluations, stability_reports
 from models.render.explanation import name_pictures, pictures, png_files
-
-# progress(done, total, phase): one bar over both phases ("search", then "stability").
-PhaseProgress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -108,15 +109,20 @@ def explain_images(
     extra_summary: dict | None = None,
     timings: list[dict[str, float]] | None = None,
     faithfulness_steps: int | None = FAITHFULNESS_STEPS,
+    beside: bool | None = None,
     **settings,
 ) -> list[ExplainedImage]:
     """``explain_image`` of each image of ``images`` (float N x C x H x W in [0, 1]; targets[i]
     those of image i) as one batch: the explanation rows of all images in one search, one
     Grad-CAM pass, the stability searches of all images as rows of one search (a worker's
     batch of explain jobs). ``timings``: one dict per image, filled as ``explain_image``
-    fills its own (shared phases give each image the batch's time)."""
+    fills its own (shared phases give each image the batch's time). Where the CPU has cores
+    to spare beyond torch's threads, the stability searches run on a thread of their own
+    beside the other phases (``models.explain.beside``), with the same numbers; ``beside``
+    True or False asks for it or against it whatever the CPU."""
     target_layer = resolve_layer(model, layer)  # a bad layer name fails before the search
     n = images.shape[0]
+    timings = timings if timings is not None else [{} for _ in range(n)]
     later = stability_evaluations(stability_steps) if stability_steps else 0
     searched = [0]
 
@@ -125,45 +131,85 @@ def explain_images(
         if progress is not None:
             progress(done, total + later, "search")
 
-    timings = timings if timings is not None else [{} for _ in range(n)]
-    t = time.perf_counter()
-    results = Explainer(model, classes, **settings).explain_many(images, targets, progress=search_progress)
-    cams = gradcam(model, images, [r.predicted for r in results], layer=target_layer).cpu()
-    out = []
-    for i, result in enumerate(results):
-        summary = {
-            **(extra_summary or {}),
-            "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
-            **result.summary(),
-        }
-        out.append(ExplainedImage(name_pictures(summary, result, with_map=True), result, cams[i]))
-    for i in range(n):
-        timings[i]["explain_seconds"] = time.perf_counter() - t
-    if faithfulness_steps:
-        for i, explained in enumerate(out):
-            t = time.perf_counter()
-            add_faithfulness(explained.summary, model, images[i], cams[i], results[i], int(faithfulness_steps))
-            timings[i]["faithfulness_seconds"] = time.perf_counter() - t
-    if stability_steps:
+    def stability_progress(done: int, total: int) -> None:
+        if progress is not None:
+            progress(searched[0] + done, searched[0] + total, "stability")
+
+    def explained(report: Callable[[int, int], None]) -> tuple[list[ExplainedImage], list[str]]:
+        """The explanations, Grad-CAM and faithfulness of every image, and the class names."""
         t = time.perf_counter()
+        results = Explainer(model, classes, **settings).explain_many(images, targets, progress=report)
+        cams = gradcam(model, images, [r.predicted for r in results], layer=target_layer).cpu()
+        out = []
+        for i, result in enumerate(results):
+            summary = {
+                **(extra_summary or {}),
+                "gradcam": {"layer": layer_name(model, target_layer), "class_index": result.predicted},
+                **result.summary(),
+            }
+            out.append(ExplainedImage(name_pictures(summary, result, with_map=True), result, cams[i]))
+        for i in range(n):
+            timings[i]["explain_seconds"] = time.perf_counter() - t
+        if faithfulness_steps:
+            for i, image in enumerate(out):
+                t = time.perf_counter()
+                add_faithfulness(image.summary, model, images[i], cams[i], results[i], int(faithfulness_steps))
+                timings[i]["faithfulness_seconds"] = time.perf_counter() - t
+        return out, results[0].classes
 
-        def stability_progress(done: int, total: int) -> None:
-            if progress is not None:
-                progress(searched[0] + done, searched[0] + total, "stability")
-
+    def stability(names: Sequence[str], report: Callable[[int, int], None], predicted=None) -> list[dict[str, Any]]:
+        t = time.perf_counter()
         reports = stability_reports(
             model,
             images,
-            results[0].classes,
+            names,
             metrics,
             steps=stability_steps,
             mode=stability_mode,
-            progress=stability_progress,
+            progress=report,
+            predicted=predicted,
         )
-        for i, explained in enumerate(out):
-            explained.summary["stability"] = reports[i]
+        for i in range(n):
             timings[i]["stability_seconds"] = time.perf_counter() - t
+        return reports
+
+    with eval_mode(model):  # once for both phases: neither switches the modules' modes under the other
+        apart = _apart(model, classes, images, settings, beside) if stability_steps and beside is not False else None
+        if apart is None:
+            out, names = explained(search_progress)
+            reports = stability(names, stability_progress) if stability_steps else []
+        else:
+            names, predicted = apart
+            searches = Beside(lambda report: stability(names, report, predicted), progress, later)
+            with searches:
+                out, _ = explained(searches.search)
+            reports = searches.finish()
+    for image, report in zip(out, reports):
+        image.summary["stability"] = report
     return out
+
+
+def _apart(
+    model: nn.Module,
+    classes: Sequence[str] | None,
+    images: torch.Tensor,
+    settings: dict[str, Any],
+    wanted: bool | None,
+) -> tuple[list[str], torch.Tensor] | None:
+    """(class names, each image's predicted class) for stability searches run beside the other
+    phases (``models.explain.beside``), or None where they run after them: ``side_by_side``
+    says no (unless ``wanted``), the searches are compiled (``torch.compile``d code is not called from two threads
+    at once), or the class names do not fit the model (the explanation then says so)."""
+    device = model_device(model)
+    if settings.get("accelerate") or accelerate_default() or not (wanted or side_by_side(device)):
+        return None
+    with torch.no_grad():
+        logits = model(images.to(device))
+    if classes is not None and len(classes) != logits.shape[1]:
+        return None
+    if device.type == "cpu":
+        inference_copy(model)  # the searches' copy made here, not by both threads at once
+    return (list(classes) if classes is not None else [str(i) for i in range(logits.shape[1])]), logits.argmax(1).cpu()
 
 
 def add_faithfulness(

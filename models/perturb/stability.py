@@ -75,16 +75,17 @@ def stability_scores(
     eps: float = ARA_EPS,
     mode: str = STABILITY_MODE,
     progress: ProgressFn | None = None,
+    predicted: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """``stability_score`` of each image of ``images`` (float N x C x H x W in [0, 1]), the
     searches of all images as rows of one batch (a worker's batch of classify jobs). Each
-    image's radii are those it gets alone, up to float rounding (rows never interact)."""
+    image's radii are those it gets alone, up to float rounding (rows never interact).
+    ``predicted``: the images' classes (``predicted_classes``) when the caller has them."""
     if mode not in RADIUS_MODES:
         raise BadParameterError(f"stability mode must be one of {', '.join(RADIUS_MODES)}, got {mode!r}")
     if images.ndim != 4:
         raise BadParameterError(f"images must be N x C x H x W, got {tuple(images.shape)}")
-    with eval_mode(model), torch.no_grad():
-        predicted = model(images.to(model_device(model))).argmax(1).cpu()
+    predicted = predicted_classes(model, images) if predicted is None else predicted
     total = stability_evaluations(steps)
 
     def report(done: int, of: int) -> None:
@@ -107,6 +108,13 @@ def stability_scores(
         score["settings"] = dict(settings)
         out.append(score)
     return out
+
+
+def predicted_classes(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The class ``model`` (in eval mode) gives each image of ``images`` (float N x C x H x W
+    in [0, 1]): int64 N, on the CPU."""
+    with eval_mode(model), torch.no_grad():
+        return model(images.to(model_device(model))).argmax(1).cpu()
 
 
 def stability_evaluations(steps: int) -> int:
@@ -175,12 +183,13 @@ def stability_reports(
     steps: int = ARA_STEPS,
     mode: str = STABILITY_MODE,
     progress: ProgressFn | None = None,
+    predicted: torch.Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """``stability_report`` of each image of ``images`` (float N x C x H x W in [0, 1]), all
-    searches as rows of one batch."""
+    searches as rows of one batch (``predicted``: as ``stability_scores``)."""
     radii = reference_record(metrics, mode)
     reference = {k: list(radii.get(k) or []) for k in SEARCHES} if radii else None
-    scores = stability_scores(model, images, reference, steps=steps, mode=mode, progress=progress)
+    scores = stability_scores(model, images, reference, steps=steps, mode=mode, progress=progress, predicted=predicted)
     return [_report(score, classes, radii, steps) for score in scores]
 
 

@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,14 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from models.errors import BadParameterError
-from models.explain.gradcam import default_gradcam_layer, gradcam, layer_name, resolve_layer
+from models.explain.gradcam import (
+    capture_outputs,
+    default_gradcam_layer,
+    gradcam,
+    graph_from,
+    layer_name,
+    resolve_layer,
+)
 from models.render.colormap import heatmap_rgb, overlay_rgb
 
 
@@ -75,6 +84,31 @@ def test_hooks_removed_after_use_and_after_errors(tiny_model, images):
         gradcam(Boom(tiny_model), images, 0, layer="inner.pipe.5")
     assert len(layer._forward_hooks) == 0
     assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_hooks_act_on_the_forward_passes_of_their_own_thread_only(tiny_model, images):
+    # Another thread running the same model while Grad-CAM's hooks are on (an explanation's
+    # stability searches beside its Grad-CAM): its pass is neither captured nor cut.
+    layer = tiny_model.gradcam_layer
+    with torch.no_grad():
+        alone = tiny_model(images)
+    other: dict[str, torch.Tensor] = {}
+
+    def run_other():
+        x = images.clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = tiny_model(x)
+            other["out"] = out.detach()
+            (other["grad"],) = torch.autograd.grad(out[:, 0].sum(), x)  # the whole graph, back to the input
+
+    with graph_from(layer) as leaves, capture_outputs(layer) as captured, torch.no_grad():
+        thread = threading.Thread(target=run_other)
+        thread.start()
+        thread.join()
+        assert leaves == [] and captured == []
+        tiny_model(images)
+        assert len(leaves) == 1 and len(captured) == 1
+    assert torch.equal(other["out"], alone) and other["grad"].abs().sum() > 0
 
 
 def test_heatmap_and_overlay_images():
