@@ -19,11 +19,16 @@ whichever error came first raised once both have stopped, so no search outlives 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+# Longest a waiting main thread goes without running a pending signal's handler.
+JOIN_POLL_SECONDS = 0.05
+_MAIN_THREAD_SIGNALS = {signal.SIGALRM, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
 
 # progress(done, total, phase): one bar over an explanation's phases ("search", then
 # "stability"), whether they run one after the other or side by side.
@@ -60,14 +65,23 @@ class Beside:
         self._quiet = True
         self._value: Any = None
         self._error: BaseException | None = None
+        # Set when ``work`` has returned or raised. Not the thread's own join(): on CPython
+        # 3.11 a join interrupted by a signal's exception can leave is_alive() False while
+        # the thread still runs.
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(work,), name="aex-stability", daemon=True)
 
     def _run(self, work: Callable[[Callable[[int, int], None]], Any]) -> None:
+        # The process's signals (a job's time limit is a SIGALRM, a stop a SIGTERM) go to the
+        # main thread: one taken by this thread would not wake a main thread waiting in join().
+        signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
         try:
             self._value = work(lambda done, total: self._report("stability", done, total))
         except BaseException as exc:  # handed to the caller's thread by finish()
             self._error = exc
             self._failed.set()
+        finally:
+            self._done.set()
 
     def _report(self, phase: str, done: int, total: int) -> None:
         if self._failed.is_set():
@@ -95,20 +109,25 @@ class Beside:
         if exc is None:
             return False
         self._failed.set()  # the thread stops at its next report
-        self._thread.join()
+        self._join()
         if isinstance(exc, _Abandoned) and self._error is not None:
             raise self._error from None  # the caller's phase stopped for the thread's error: that one counts
         return False
+
+    def _join(self) -> None:
+        # In short waits: Python runs a signal's handler in the main thread only once it wakes.
+        while not self._done.wait(JOIN_POLL_SECONDS):
+            pass
 
     def finish(self) -> Any:
         """``work``'s value, once its thread has ended (its error raised here)."""
         with self._lock:
             self._searching = self._quiet = False
         try:
-            self._thread.join()
+            self._join()
         except BaseException:  # a time limit's signal while waiting: the thread stops too
             self._failed.set()
-            self._thread.join()
+            self._join()
             raise
         if self._error is not None:
             raise self._error

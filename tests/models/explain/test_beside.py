@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -24,21 +26,37 @@ def explained(model, images, beside, progress=None, steps=30):
     )  # fmt: skip
 
 
-def stability_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "aex-stability"]
+class Reports:
+    """A progress callback counting the reports made from the stability searches' thread."""
+
+    def __init__(self, then=None):
+        self.then = then
+        self.searches = 0
+
+    def __call__(self, done: int, total: int, phase: str) -> None:
+        if threading.current_thread().name == "aex-stability":
+            self.searches += 1
+        if self.then is not None:
+            self.then(done, total, phase)
+
+    def stopped(self) -> bool:
+        """Whether the searches make no more reports (they report every step: a tiny model's
+        steps take about a millisecond)."""
+        before = self.searches
+        time.sleep(0.5)
+        return self.searches == before
 
 
 @pytest.mark.parametrize("count", [2, SMALL_BATCH // 2 + 1])  # 2 searches an image: the copy's rows, then the model's
 def test_side_by_side_gives_the_numbers_of_one_phase_after_the_other(tiny_hh_model, images, count):
     x = torch.cat([images] * 2)[:count]
-    after, beside = explained(tiny_hh_model, x, False), explained(tiny_hh_model, x, True)
+    after, beside = explained(tiny_hh_model, x, False), explained(tiny_hh_model, x, True, progress=Reports())
     for a, b in zip(after, beside, strict=True):
         assert json.dumps(a.summary, sort_keys=True) == json.dumps(b.summary, sort_keys=True)
         assert "stability" in b.summary and b.summary["stability"]["settings"]["mode"] == "exact"
         assert torch.equal(a.gradcam, b.gradcam)
         for name, pictures in a.pictures().items():
             assert (pictures == b.pictures()[name]).all(), name
-    assert not stability_threads()
 
 
 def test_one_bar_over_both_phases_whose_total_never_moves(tiny_hh_model, images):
@@ -62,9 +80,34 @@ def test_a_failure_of_either_phase_stops_both_and_is_raised(tiny_hh_model, image
             if calls["n"] == 3:
                 raise JobCancelledError("cancelled while searching")
 
+    reports = Reports(progress)
     with pytest.raises(JobCancelledError, match="cancelled while searching"):
-        explained(tiny_hh_model, images[:2], True, progress=progress, steps=400)
-    assert not stability_threads()  # no search outlives the call
+        explained(tiny_hh_model, images[:2], True, progress=reports, steps=200_000)
+    assert reports.stopped()  # no search outlives the call
+
+
+def test_a_time_limit_s_signal_while_waiting_for_the_searches_stops_them(tiny_hh_model, images):
+    # A worker's job time limit is a SIGALRM raised in its main thread, here while it waits
+    # for the stability searches (its own phase is over within the first tenth of a second).
+    def expire(_signum, _frame):
+        raise TimeoutError("the job's time limit")
+
+    def arm(done: int, total: int, phase: str) -> None:
+        if phase == "stability" and not armed:
+            armed.append(threading.current_thread().name)
+            signal.setitimer(signal.ITIMER_REAL, 0.5)  # the search is over: its Grad-CAM and faithfulness take ms
+
+    armed: list[str] = []
+    reports = Reports(arm)
+    # pytest-timeout's own timer and handler (the same signal), given back afterwards.
+    before, timer = signal.signal(signal.SIGALRM, expire), signal.getitimer(signal.ITIMER_REAL)
+    try:
+        with pytest.raises(TimeoutError, match="time limit"):
+            explained(tiny_hh_model, images[:2], True, progress=reports, steps=200_000)
+    finally:
+        signal.signal(signal.SIGALRM, before)
+        signal.setitimer(signal.ITIMER_REAL, *timer)
+    assert armed and reports.stopped()
 
 
 def test_it_applies_on_a_cpu_with_cores_beyond_torch_s_threads():
