@@ -28,7 +28,12 @@ import torch
 
 # Longest a waiting main thread goes without running a pending signal's handler.
 JOIN_POLL_SECONDS = 0.05
-_MAIN_THREAD_SIGNALS = {signal.SIGALRM, signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+# The process's signals a main thread handles (those this platform has).
+_MAIN_THREAD_SIGNALS = {
+    getattr(signal, name)
+    for name in ("SIGALRM", "SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+    if hasattr(signal, name)
+}
 
 # progress(done, total, phase): one bar over an explanation's phases ("search", then
 # "stability"), whether they run one after the other or side by side.
@@ -74,7 +79,8 @@ class Beside:
     def _run(self, work: Callable[[Callable[[int, int], None]], Any]) -> None:
         # The process's signals (a job's time limit is a SIGALRM, a stop a SIGTERM) go to the
         # main thread: one taken by this thread would not wake a main thread waiting in join().
-        signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
+        if hasattr(signal, "pthread_sigmask"):  # POSIX
+            signal.pthread_sigmask(signal.SIG_BLOCK, _MAIN_THREAD_SIGNALS)
         try:
             self._value = work(lambda done, total: self._report("stability", done, total))
         except BaseException as exc:  # handed to the caller's thread by finish()
