@@ -19,6 +19,10 @@ reading it, all on the same cores. Measured here, side by side in one run:
    thread pool or queue). ``--clients`` threads post to it as ``bench_latency``'s clients do
    (keep-alive connections, every body built before the clock starts): requests per
    second, the CPU ms per request of the server and of the clients (``/proc/<pid>/stat``).
+   The same route with three Redis round trips as the service's route makes them, three ways:
+   on redis-py's blocking client in one trip into the thread pool (as the service does), on its
+   asyncio client in the event loop, and the blocking client's code in a greenlet inside the
+   event loop with its socket waits awaited there (``bench/greenio.py``).
 
 The ceiling: on C cores, a service whose every request costs at least the model's CPU at
 batch 16 plus the bare server's and the clients' cannot answer more than
@@ -112,6 +116,30 @@ BARE_APP = textwrap.dedent(
             size = len((await pipe.execute())[1])
         return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
 
+    # The blocking round trips of the thread pool's route, run in a greenlet inside the event
+    # loop instead, their socket waits awaited there (bench/greenio.py): no thread.
+    from greenio import green_redis, run_green
+
+    GREDIS = green_redis(os.environ["BARE_REDIS"]) if os.environ.get("BARE_REDIS") else None
+
+    def green_trips(data):
+        with GREDIS.pipeline(transaction=False) as pipe:
+            pipe.get("bare:index")
+            pipe.llen("bare:queue")
+            pipe.execute()
+        GREDIS.set("bare:upload", data, ex=60)
+        with GREDIS.pipeline(transaction=False) as pipe:
+            pipe.xread({{"bare:stream": "0-0"}}, block=1)
+            pipe.get("bare:upload")
+            return len(pipe.execute()[1])
+
+    @app.post("/v1/classify-green")
+    async def classify_green(request: Request):
+        form = await request.form()
+        data = await form["image"].read()
+        size = await run_green(green_trips, data)
+        return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
+
     @app.post("/v1/classify-pool")
     async def classify_pool(request: Request):
         form = await request.form()
@@ -174,7 +202,7 @@ def bare_server(clients: int, duration: float, size: int, channels: int, route: 
             "--no-access-log",
         ],
         cwd=app_dir,
-        env={**os.environ, "BARE_REDIS": redis_socket},
+        env={**os.environ, "BARE_REDIS": redis_socket, "PYTHONPATH": str(Path(__file__).resolve().parent)},
     )
     try:
         for _ in range(200):
@@ -250,6 +278,9 @@ def main() -> None:
             in_loop = bare_server(
                 args.clients, args.duration, meta.input_size, meta.in_channels, "/v1/classify-async", socket_path
             )
+            green = bare_server(
+                args.clients, args.duration, meta.input_size, meta.in_channels, "/v1/classify-green", socket_path
+            )
         finally:
             redis.stop()
     floor_ms = model[16] + bare["server_cpu_ms"] + bare["client_cpu_ms"]
@@ -276,6 +307,11 @@ def main() -> None:
         f"clients {in_loop['client_cpu_ms']:.2f}"
     )
     print(
+        f"the thread pool's blocking round trips in a greenlet in the event loop (bench/greenio.py): "
+        f"{green['requests_per_s']:.1f}/s, CPU ms per request: server {green['server_cpu_ms']:.2f}, "
+        f"clients {green['client_cpu_ms']:.2f}"
+    )
+    print(
         f"floor per request: model at batch 16 {model[16]:.2f} + bare server {bare['server_cpu_ms']:.2f} + clients "
         f"{bare['client_cpu_ms']:.2f} = {floor_ms:.2f} CPU ms -> at most {ceiling:.0f}/s on {cores} cores, "
         f"{ceiling / baseline['images_per_s']:.2f}x the baseline ({baseline['images_per_s']:.1f}/s; the target: 2.0x at 32 clients)"
@@ -288,6 +324,7 @@ def main() -> None:
                 "bare_server": bare,
                 "bare_server_pool_redis": pooled,
                 "bare_server_async_redis": in_loop,
+                "bare_server_green_redis": green,
                 "floor_cpu_ms": floor_ms,
                 "ceiling_per_s": ceiling,
                 "ceiling_ratio": ceiling / baseline["images_per_s"],

@@ -44,6 +44,7 @@ from service.audit_answer import AuditMiddleware
 from service.auth import Authenticator, challenge, check_auth_settings
 from service.docs import install_docs
 from service.errors import error_response, status_of, store_refusal, store_unavailable
+from service.green import make_green
 from service.jobs import Catalogue, JobService
 from service.metrics import Metrics, MetricsMiddleware
 from service.routes import admin as admin_routes
@@ -155,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     cipher = cipher_from_settings(settings.data_key)
     policy = CallbackPolicy.from_settings(settings)
     conn = connect(settings.redis_url, socket_timeout=settings.classify_wait_seconds + 10.0)
+    green = make_green(conn)  # before its first connection: submissions then run in the loop
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -177,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     app.state.settings = settings
+    app.state.green = green
     app.state.auth = Authenticator.from_settings(settings, conn)
     catalogue = Catalogue(settings)
     app.state.audit = AuditLog.from_settings(conn, settings, catalogue)  # records served model names only

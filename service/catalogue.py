@@ -44,11 +44,16 @@ class Catalogue:
         return True
 
     def models(self, conn: Redis) -> dict[str, dict[str, Any]]:
+        # Read outside the lock: a Redis call inside run_green waits on the loop, where a
+        # request of the same thread taking the lock would deadlock (``service.green``). Two
+        # requests may then read it at once; both store what they read.
         with self._lock:
-            if time.monotonic() - self._at > self.settings.catalogue_cache_seconds or not self._models:
-                self._models = published_catalogue(conn) or self._from_files()
-                self._at = time.monotonic()
-            return self._models
+            if time.monotonic() - self._at <= self.settings.catalogue_cache_seconds and self._models:
+                return self._models
+        models = published_catalogue(conn) or self._from_files()
+        with self._lock:
+            self._models, self._at = models, time.monotonic()
+        return models
 
     def _from_files(self) -> dict[str, dict[str, Any]]:
         out = {}

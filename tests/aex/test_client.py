@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,9 @@ def test_without_a_valid_token_the_commands_say_how_to_get_one(live_api, png, tm
 
 def test_aex_keys_and_audit_through_the_running_service(live_api, png):
     name = f"cli-{int(time.time() * 1000) % 10**9}"
+    # The records from this test on: the session's other tests write more than a page of them
+    # in a few minutes, so "--since 5m" could end before this test's (the oldest come first).
+    since = datetime.now(UTC).replace(microsecond=0).isoformat()
     res = runner.invoke(app, ["keys", "create", name, "--scopes", "read", "--url", live_api])
     assert res.exit_code == 0, res.output
     key = json.loads(res.stdout)
@@ -288,7 +292,7 @@ def test_aex_keys_and_audit_through_the_running_service(live_api, png):
     assert res.exit_code == 0 and name in res.stdout and key["token"] not in res.stdout
     res = runner.invoke(app, ["keys", "revoke", name, "--url", live_api])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["audit", "--since", "5m", "--url", live_api])
+    res = runner.invoke(app, ["audit", "--since", since, "--url", live_api])
     assert res.exit_code == 0, res.output
     records = [json.loads(line) for line in res.stdout.splitlines()]
     mine = [(r["action"], r["status"]) for r in records if r["principal"] == f"key:{name}"]
