@@ -22,7 +22,8 @@ reading it, all on the same cores. Measured here, side by side in one run:
    The same route with three Redis round trips as the service's route makes them, three ways:
    on redis-py's blocking client in one trip into the thread pool (as the service does), on its
    asyncio client in the event loop, and the blocking client's code in a greenlet inside the
-   event loop with its socket waits awaited there (``bench/greenio.py``).
+   event loop with its socket waits awaited there (``service.green``, as the API runs a
+   submission's job-store work).
 
 The ceiling: on C cores, a service whose every request costs at least the model's CPU at
 batch 16 plus the bare server's and the clients' cannot answer more than
@@ -85,13 +86,13 @@ BARE_APP = textwrap.dedent(
 
     REDIS = Redis(unix_socket_path=os.environ["BARE_REDIS"]) if os.environ.get("BARE_REDIS") else None
 
-    def trips(data):
-        with REDIS.pipeline(transaction=False) as pipe:
+    def trips(client, data):
+        with client.pipeline(transaction=False) as pipe:
             pipe.get("bare:index")
             pipe.llen("bare:queue")
             pipe.execute()
-        REDIS.set("bare:upload", data, ex=60)
-        with REDIS.pipeline(transaction=False) as pipe:
+        client.set("bare:upload", data, ex=60)
+        with client.pipeline(transaction=False) as pipe:
             pipe.xread({{"bare:stream": "0-0"}}, block=1)
             pipe.get("bare:upload")
             return len(pipe.execute()[1])
@@ -117,35 +118,28 @@ BARE_APP = textwrap.dedent(
         return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
 
     # The blocking round trips of the thread pool's route, run in a greenlet inside the event
-    # loop instead, their socket waits awaited there (bench/greenio.py): no thread.
-    from greenio import green_redis, run_green
+    # loop instead, their socket waits awaited there, as aex's API runs a submission's
+    # (service/green.py): no thread.
+    from service.green import make_green, run_green
 
-    GREDIS = green_redis(os.environ["BARE_REDIS"]) if os.environ.get("BARE_REDIS") else None
+    GREDIS = Redis(unix_socket_path=os.environ["BARE_REDIS"]) if os.environ.get("BARE_REDIS") else None
+    if GREDIS is not None:
+        make_green(GREDIS)
 
-    def green_trips(data):
-        with GREDIS.pipeline(transaction=False) as pipe:
-            pipe.get("bare:index")
-            pipe.llen("bare:queue")
-            pipe.execute()
-        GREDIS.set("bare:upload", data, ex=60)
-        with GREDIS.pipeline(transaction=False) as pipe:
-            pipe.xread({{"bare:stream": "0-0"}}, block=1)
-            pipe.get("bare:upload")
-            return len(pipe.execute()[1])
+    # The upload read, then trips on client run by run (the thread pool or a greenlet).
+    async def with_trips(request, run, client):
+        form = await request.form()
+        data = await form["image"].read()
+        size = await run(trips, client, data)
+        return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
 
     @app.post("/v1/classify-green")
     async def classify_green(request: Request):
-        form = await request.form()
-        data = await form["image"].read()
-        size = await run_green(green_trips, data)
-        return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
+        return await with_trips(request, run_green, GREDIS)
 
     @app.post("/v1/classify-pool")
     async def classify_pool(request: Request):
-        form = await request.form()
-        data = await form["image"].read()
-        size = await run_in_threadpool(trips, data)
-        return JSONResponse({{"id": "0" * 32, "status": "finished", "bytes": size, "filler": FILLER}})
+        return await with_trips(request, run_in_threadpool, REDIS)
     """
 )
 
@@ -202,7 +196,7 @@ def bare_server(clients: int, duration: float, size: int, channels: int, route: 
             "--no-access-log",
         ],
         cwd=app_dir,
-        env={**os.environ, "BARE_REDIS": redis_socket, "PYTHONPATH": str(Path(__file__).resolve().parent)},
+        env={**os.environ, "BARE_REDIS": redis_socket, "PYTHONPATH": str(ROOT)},
     )
     try:
         for _ in range(200):
@@ -307,7 +301,7 @@ def main() -> None:
         f"clients {in_loop['client_cpu_ms']:.2f}"
     )
     print(
-        f"the thread pool's blocking round trips in a greenlet in the event loop (bench/greenio.py): "
+        f"the thread pool's blocking round trips in a greenlet in the event loop (service/green.py): "
         f"{green['requests_per_s']:.1f}/s, CPU ms per request: server {green['server_cpu_ms']:.2f}, "
         f"clients {green['client_cpu_ms']:.2f}"
     )

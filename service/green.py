@@ -3,8 +3,10 @@
 The API's classify and explain routes do their job-store work (admission, the enqueue script,
 the wait for the end with its audit write) with redis-py's blocking client. Run in Starlette's
 thread pool, each request pays a trip into a thread and back, and the thread's wake-ups
-contend for the GIL with the loop: about 0.16 ms of server CPU per request for three round
-trips on a bare server (``bench/bench_floor.py``: 0.67 against 0.51 ms). ``run_green`` runs the
+contend for the GIL with the loop: 0.12-0.16 ms of server CPU per request for three round
+trips on a bare server (``bench/bench_floor.py``: 0.78 against 0.66 ms, 0.67 against 0.51 in
+another run), and at 8 clients through ``aex serve`` the thread's trip back to the loop took
+2-3 ms of each request's time (``docs/benchmarks.md``). ``run_green`` runs the
 same code in a greenlet of the loop's thread instead. Its Redis connections are those of the
 app's pool, made with ``greenable`` sockets (``make_green``): outside a greenlet of
 ``run_green`` they are the blocking sockets they were (the thread pool, a callback's thread);
@@ -179,18 +181,29 @@ async def run_green(fn: Callable[..., Any], *args: Any) -> Any:
     child.aex_green = True
     child.gr_context = contextvars.copy_context()
     request = child.switch(*args)
-    thrown: BaseException | None = None
+    cancelled: BaseException | None = None
     while not child.dead:
         try:
             answer = await _answer(loop, request)
-        except BaseException as exc:  # redis-py drops the connection the exception meets
-            thrown = thrown or exc
-            request = child.throw(exc)
+        except BaseException as exc:  # the wait itself was cut short (a cancellation)
+            cancelled = cancelled or exc
+            request = child.throw(exc)  # redis-py drops the connection the exception meets
             continue
-        request = child.switch(answer)
-    if thrown is not None:  # a green call that caught it still ends with it here
-        raise thrown
+        # A call that failed in its thread (a connection refused while Redis restarts) fails
+        # in the greenlet, where redis-py's retries see it; it is theirs to raise or not.
+        request = child.throw(answer.error) if isinstance(answer, _Failed) else child.switch(answer)
+    if cancelled is not None:  # a green call that caught it still ends with it here
+        raise cancelled
     return request
+
+
+class _Failed:
+    """The answer to a ``_Call`` whose function raised ``error`` in its thread."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception):
+        self.error = error
 
 
 async def _answer(loop: asyncio.AbstractEventLoop, request: _Wait | _Call) -> Any:
@@ -198,7 +211,10 @@ async def _answer(loop: asyncio.AbstractEventLoop, request: _Wait | _Call) -> An
         if request.fn is None:
             await asyncio.sleep(request.seconds)
             return None
-        return await run_in_threadpool(request.fn)
+        try:
+            return await run_in_threadpool(request.fn)
+        except Exception as exc:
+            return _Failed(exc)
     ready = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if request.write else (loop.add_reader, loop.remove_reader)
     add(request.fd, lambda: ready.done() or ready.set_result(True))

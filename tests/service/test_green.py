@@ -37,6 +37,22 @@ class Ticker:
             self.ticks += 1
 
 
+def raising_while_the_loop_runs(error: type[BaseException], fn, *args) -> tuple[float, int]:
+    """``run_green(fn, *args)`` run to ``error``: (its seconds, the loop's turns meanwhile)."""
+
+    async def main():
+        ticker = Ticker()
+        ticking = asyncio.create_task(ticker.run())
+        start = time.monotonic()
+        with pytest.raises(error):
+            await run_green(fn, *args)
+        elapsed = time.monotonic() - start
+        ticking.cancel()
+        return elapsed, ticker.ticks
+
+    return asyncio.run(main())
+
+
 def test_outside_run_green_the_client_blocks_as_before(green):
     green.set("k", b"v")
     assert green.get("k") == b"v"
@@ -80,18 +96,8 @@ def test_many_blocking_waits_share_the_loop_thread(green, conn):
 def test_the_socket_timeout_holds_inside_and_the_loop_runs_meanwhile(redis_server, conn):
     client = connect(f"{redis_server.url}?db={DB}", socket_timeout=0.3)
     assert make_green(client)
-
-    async def main():
-        ticker = Ticker()
-        ticking = asyncio.create_task(ticker.run())
-        start = time.monotonic()
-        with pytest.raises(redis.exceptions.TimeoutError):
-            await run_green(lambda: client.blpop(["never"], timeout=0))  # blocks forever: the socket's timeout ends it
-        elapsed = time.monotonic() - start
-        ticking.cancel()
-        return elapsed, ticker.ticks
-
-    elapsed, ticks = asyncio.run(main())
+    # BLPOP 0 blocks forever: the socket's timeout ends it.
+    elapsed, ticks = raising_while_the_loop_runs(redis.exceptions.TimeoutError, client.blpop, ["never"], 0)
     assert 0.25 <= elapsed < 5
     assert ticks >= 10
     client.set("after", b"1")  # the timed-out connection was dropped, not reused half-read
@@ -108,10 +114,14 @@ def test_a_cancelled_wait_drops_its_connection(green, conn):
             await waiting
 
     asyncio.run(main())
-    # Its connection was closed with it: the value pushed now is not popped by a wait that
-    # outlived the request, and the pool's next command reads its own reply.
+    # Its connection was closed with it: Redis holds no blocked pop of this database (one
+    # left would hold it until its timeout), so the value pushed now stays; and the pool's
+    # next command reads its own reply.
+    deadline = time.monotonic() + 5
+    while any(c.get("db") == str(DB) and c.get("cmd") == "blpop" for c in conn.client_list()):
+        assert time.monotonic() < deadline, "the cancelled wait's connection is still blocked in Redis"
+        time.sleep(0.02)
     conn.rpush("list:c", b"kept")
-    time.sleep(0.1)
     assert conn.llen("list:c") == 1
     assert green.lrange("list:c", 0, -1) == [b"kept"]
 
@@ -121,18 +131,7 @@ def test_retry_pauses_are_awaited_not_slept(tmp_path):
     # (0.05, 0.1, 0.2, 0.4 s... about a second with retry_seconds=1) before the next.
     client = connect(f"unix://{tmp_path}/absent.sock", socket_timeout=1.0, retry_seconds=1)
     assert make_green(client)
-
-    async def main():
-        ticker = Ticker()
-        ticking = asyncio.create_task(ticker.run())
-        start = time.monotonic()
-        with pytest.raises(redis.exceptions.ConnectionError):
-            await run_green(client.get, "k")
-        elapsed = time.monotonic() - start
-        ticking.cancel()
-        return elapsed, ticker.ticks
-
-    elapsed, ticks = asyncio.run(main())
+    elapsed, ticks = raising_while_the_loop_runs(redis.exceptions.ConnectionError, client.get, "k")
     assert elapsed >= 0.5  # it did pause between attempts
     assert ticks >= 0.5 * elapsed / 0.01  # and the loop ran through the pauses
 
@@ -159,3 +158,28 @@ def test_tls_connections_keep_the_thread_pool():
     client = connect("rediss://localhost:6390/0")
     assert not make_green(client)
     assert "Green" not in client.connection_pool.connection_class.__name__
+
+
+def test_a_store_that_comes_back_during_the_retries_answers(tmp_path):
+    # The first attempts find no server (their connections fail in a thread, as new
+    # connections are made); the store starts meanwhile, and the command's retry succeeds:
+    # the failed attempts are the retries' business, not the request's error.
+    from aex.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "redis")
+    client = connect(server.url, socket_timeout=5.0, retry_seconds=10)
+    assert make_green(client)
+
+    async def main():
+        starting = asyncio.get_running_loop().call_later(0.3, server.start)
+        try:
+            return await run_green(client.set, "k", b"v")
+        finally:
+            starting.cancel()
+
+    try:
+        assert asyncio.run(main()) is True
+        assert client.get("k") == b"v"
+    finally:
+        client.close()
+        server.stop()

@@ -27,7 +27,9 @@ from jobs.queues import QUEUE_NAMES, JobKind, connect
 from jobs.rqueue.layout import SERIALIZER, live_worker_keys
 from tests.support.tokens import auth_headers
 
-pytestmark = pytest.mark.e2e
+# A client thread's failed assertion (a 500 where a 503 or an answer was due) fails the test,
+# not only a warning.
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
 
 READYZ_WITHIN = 30.0  # seconds: /readyz must answer 200 again this soon after Redis died
 JOB_DEADLINE = 120.0  # seconds: an accepted job must have ended by then

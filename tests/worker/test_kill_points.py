@@ -25,7 +25,9 @@ from jobs.rqueue.layout import SERIALIZER, live_worker_keys
 from tests.support.images import encode_image
 from tests.support.tokens import api_client
 
-pytestmark = pytest.mark.e2e
+# A client thread's failed assertion (a 500 where a 503 or an answer was due) fails the test,
+# not only a warning.
+pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")]
 
 TRIALS = 20  # kill points, batching on and off in turn
 JOB_DEADLINE = 150.0  # seconds: every accepted job of a trial has ended by then
