@@ -22,6 +22,10 @@ held across a Redis call on this path (two greenlets of one thread would deadloc
 waits (the server stopping) has the exception thrown into its greenlet: redis-py drops the
 connection it was using, so no half-read reply is handed to the next request.
 
+Each submission waiting for its job holds a connection of the pool, as its thread did; the
+thread pool's 40 threads no longer bound how many wait at once, ``AEX_MAX_CONNECTIONS`` does
+(each connection serves one request at a time).
+
 TLS connections (``rediss://``) keep the thread pool: an SSL socket's non-blocking reads fail
 in their own way (want-read, want-write) that this does not handle.
 """
