@@ -239,8 +239,10 @@ async def _answer(loop: asyncio.AbstractEventLoop, request: _Wait | _Call) -> An
 LOOP_UPLOAD_BYTES = 256 * 1024
 
 
-async def off_loop(green: bool, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` (blocking job-store work) in a greenlet of the loop when ``green``
-    (``make_green`` made the app's connection greenable, and the work is small), else in the
-    thread pool."""
-    return await (run_green(fn, *args) if green else run_in_threadpool(fn, *args))
+async def off_loop(green: bool, upload_bytes: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` (a submission's blocking job-store work, for an upload of
+    ``upload_bytes``) in a greenlet of the loop when ``green`` (``make_green`` made the app's
+    connection greenable) and the upload is at most ``LOOP_UPLOAD_BYTES``, else in the thread
+    pool."""
+    in_loop = green and upload_bytes <= LOOP_UPLOAD_BYTES
+    return await (run_green(fn, *args) if in_loop else run_in_threadpool(fn, *args))

@@ -16,7 +16,7 @@ from service.audit_answer import answer_ahead, record_answer
 from service.auth import Principal, Scope, acting, confirm_before_answering, requires
 from service.deps import JobsDep, SettingsDep
 from service.errors import status_of
-from service.green import LOOP_UPLOAD_BYTES, off_loop
+from service.green import off_loop
 from service.jobs import JobService
 from service.multipart import Upload, read_upload
 from service.schemas import ERRORS, ClassifyParams, ExplainParams, JobView, multipart_openapi, parse_params
@@ -83,16 +83,15 @@ def _explain(request: Request, jobs: JobService, principal: Principal, upload: U
 async def _submission(request: Request, principal, settings, jobs, params_model, work) -> Response:
     """A submission's upload read and its parameters parsed (noted for the audit record), then
     ``work`` (the job, its answer and the answer's audit record), blocking job-store work, in a
-    greenlet of the event loop (``service.green``; the thread pool for an upload over
-    ``LOOP_UPLOAD_BYTES`` or a TLS connection to the store); a submission refused on the way
-    still confirms its key first."""
+    greenlet of the event loop (``service.green.off_loop``: the thread pool for a large upload
+    or a TLS connection to the store); a submission refused on the way still confirms its key
+    first."""
     try:
         with stage("parse"):
             upload = await read_upload(request, settings)
             params = parse_params(params_model, upload.fields)
             note(request, model=params.model, input_sha256=upload.sha256)
-        green = request.app.state.green and len(upload.data) <= LOOP_UPLOAD_BYTES
-        return await off_loop(green, work, request, jobs, principal, upload, params)
+        return await off_loop(request.app.state.green, len(upload.data), work, request, jobs, principal, upload, params)
     except Exception:
         await confirm_before_answering(request)
         raise

@@ -11,7 +11,7 @@ import pytest
 import redis.exceptions
 
 from jobs.queues import connect
-from service.green import make_green, off_loop, run_green
+from service.green import LOOP_UPLOAD_BYTES, make_green, off_loop, run_green
 
 DB = 13
 
@@ -136,22 +136,27 @@ def test_retry_pauses_are_awaited_not_slept(tmp_path):
     assert ticks >= 0.5 * elapsed / 0.01  # and the loop ran through the pauses
 
 
-def test_the_callers_context_is_seen_and_errors_are_raised(green):
+def test_the_callers_context_is_seen_errors_are_raised_and_large_uploads_keep_the_pool(green):
     var = contextvars.ContextVar("var", default="unset")
+    ran_on = []
 
     def inside():
+        ran_on.append(threading.get_ident())
         green.set("ctx", var.get())
         return green.get("ctx")
 
     async def main():
         var.set("request's")
-        got = await off_loop(True, inside)
+        got = await off_loop(True, 100, inside)
         with pytest.raises(ZeroDivisionError):
-            await off_loop(True, lambda: 1 / 0)
-        pooled = await off_loop(False, inside)  # the thread pool, as for a TLS store
-        return got, pooled
+            await off_loop(True, 100, lambda: 1 / 0)
+        pooled = await off_loop(False, 100, inside)  # the thread pool, as for a TLS store
+        large = await off_loop(True, LOOP_UPLOAD_BYTES + 1, inside)  # the thread pool too
+        return got, pooled, large
 
-    assert asyncio.run(main()) == (b"request's", b"request's")
+    assert asyncio.run(main()) == (b"request's",) * 3
+    loop_thread = threading.get_ident()  # asyncio.run's loop runs on this thread
+    assert ran_on[0] == loop_thread and ran_on[1] != loop_thread and ran_on[2] != loop_thread
 
 
 def test_tls_connections_keep_the_thread_pool():
