@@ -41,7 +41,7 @@ from jobs.rqueue.enqueueing import holding as holding
 from jobs.rqueue.enqueueing import rq_queue
 from jobs.rqueue.enqueueing import shorter_than as shorter_than
 from jobs.rqueue.enqueueing import within_share as within_share
-from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
+from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ, restore_job
 from jobs.scripts import RUN_REPLACING, UTC_NOW, Script, recorded, refusal
 from jobs.states import ApiStatus
 
@@ -130,7 +130,7 @@ def _fetched(job: Job, data: dict, latest: list) -> JobRecord | None:
     """The record of ``job`` from the replies of its ``_fetching`` reads."""
     if not data:
         return None
-    job.restore(data)
+    restore_job(job, data)
     if latest:
         result_id, payload = latest[0]
         job._cached_result = Result.restore(

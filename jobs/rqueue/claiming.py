@@ -19,7 +19,7 @@ from rq.queue import Queue
 
 from jobs.batches import BATCH_FIELD
 from jobs.keys import cancel_key, claim_record_key, upload_key, wake_key
-from jobs.rqueue.layout import SERIALIZER
+from jobs.rqueue.layout import SERIALIZER, restore_job
 from jobs.rqueue.lifecycle import ATTEMPT_FIELD, Attempt, _text
 from jobs.scripts import RUN_REPLACING, UTC_NOW, Script, framed, recorded, refusal
 
@@ -279,7 +279,7 @@ class _Take:
             if not int(token):
                 continue
             job = Job(_text(raw_id), connection=self.conn, serializer=SERIALIZER)
-            job.restore(dict(zip(flat[::2], flat[1::2])))
+            restore_job(job, dict(zip(flat[::2], flat[1::2])))
             execution = Execution(execution_id, job.id, self.conn, worker_name=self.worker_name)
             attempts.append(
                 Attempt(job, queue, int(token), execution, cancel_seen=bool(cancelled), upload=upload or None)

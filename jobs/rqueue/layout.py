@@ -7,6 +7,7 @@ private fields. Torch-free: the API imports it.
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
+from rq.utils import str_to_date
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from jobs.keys import CATALOGUE_FIELD
@@ -27,6 +29,32 @@ SERIALIZER = JSONSerializer
 TIME_LIMIT_EXCEEDED = JobTimeoutException
 # A job that names no time limit gets rq's default.
 DEFAULT_TIME_LIMIT = Queue.DEFAULT_TIMEOUT
+
+
+# The stamps of a job's hash (rq's format, UTC: 2026-12-06T21:33:00.123456Z).
+DATE_FIELDS = (b"created_at", b"enqueued_at", b"started_at", b"ended_at", b"last_heartbeat")
+
+
+def _stamp(value: bytes) -> datetime.datetime:
+    """rq's ``str_to_date`` of one of its stamps, without ``strptime`` (about 10 us a stamp,
+    five a job, at each claim and each answer): a stamp in rq's one current format is read
+    by ``fromisoformat``; anything else goes to rq's parser."""
+    if len(value) == 27 and value[10:11] == b"T" and value[19:20] == b"." and value[26:27] == b"Z":
+        try:
+            return datetime.datetime.fromisoformat(value[:26].decode()).replace(tzinfo=datetime.UTC)
+        except ValueError:
+            pass
+    return str_to_date(value)
+
+
+def restore_job(job: Job, raw: dict[bytes, bytes]) -> Job:
+    """``job.restore(raw)`` (its hash as Redis gave it), its stamps read by ``_stamp``: the
+    same values as rq's own reading (``tests/jobs/test_rqueue.py``)."""
+    stamps = {name: raw[name] for name in DATE_FIELDS if raw.get(name)}
+    job.restore({k: v for k, v in raw.items() if k not in stamps} if stamps else raw)
+    for name, value in stamps.items():
+        setattr(job, name.decode(), _stamp(value))
+    return job
 
 
 def time_limit_of(job: Job) -> int:

@@ -11,7 +11,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 
 from jobs.keys import wake_key
-from jobs.rqueue.layout import SERIALIZER
+from jobs.rqueue.layout import SERIALIZER, restore_job
 from jobs.scripts import Script
 
 # A worker claims what it took within its batch wait: an entry of an intermediate list older
@@ -67,7 +67,7 @@ def _taken(conn: Redis, queues: list[Queue], most: int) -> tuple[Queue, list[Job
     jobs = []
     for raw_id, flat in rows:
         job = Job(_text(raw_id), connection=conn, serializer=SERIALIZER)
-        job.restore(dict(zip(flat[::2], flat[1::2])))
+        restore_job(job, dict(zip(flat[::2], flat[1::2])))
         jobs.append(job)
     return queues[int(number) - 1], jobs
 

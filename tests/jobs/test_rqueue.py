@@ -16,7 +16,7 @@ from rq.worker import SimpleWorker
 from jobs import rqueue
 from jobs.epoch import new_job_id
 from jobs.queues import QUEUE_NAMES, JobKind
-from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ
+from jobs.rqueue.layout import SERIALIZER, STATUS_FROM_RQ, restore_job
 from jobs.states import TERMINAL, ApiStatus
 
 DB = 8  # shared with tests/jobs/test_crypto.py: both flush it around each test
@@ -286,3 +286,21 @@ def test_writes_made_with_the_wait_only_once_the_job_finished(conn):
     conn.script_flush()
     conn.delete("aex:test-noted")
     assert rqueue.wait_for_end(conn, ok.id, 30, note)[1] == b"OK" and conn.exists("aex:test-noted")
+
+
+def test_a_job_restored_by_the_adapter_has_the_stamps_rq_reads(conn):
+    """``restore_job`` reads a job's stamps without strptime: each equal to rq's own reading,
+    an odd one (seconds only, rq's older format) handed to rq's parser."""
+    job_id = enqueue(conn)
+    key = Job.key_for(job_id)
+    conn.hset(key, mapping={"started_at": "2026-12-06T21:33:00.000001Z", "ended_at": "2026-12-06T21:33:05Z"})
+    conn.hset(key, "last_heartbeat", "2026-02-28T23:59:59.999999Z")
+    raw = conn.hgetall(key)
+    ours = restore_job(Job(job_id, connection=conn, serializer=SERIALIZER), raw)
+    theirs = Job(job_id, connection=conn, serializer=SERIALIZER)
+    theirs.restore(raw)
+    for name in ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat"):
+        assert getattr(ours, name) == getattr(theirs, name) is not None, name
+        assert getattr(ours, name).tzinfo == UTC, name
+    assert ours.ended_at.microsecond == 0 and ours.started_at.microsecond == 1
+    assert ours.to_dict() == theirs.to_dict()
