@@ -17,8 +17,10 @@ The order of a batch (``worker.batching`` says which jobs may share one):
    failure of the whole (time limit, out of memory, every job cancelled) is logged and
    leaves each job to compute alone;
 4. each job is then performed one after the other as a lone job is (its own time limit,
-   cancel flag, read for all after the computation, end, callback), taking its share of the
-   batch; the ends of all of them are written in one round trip.
+   its cancel flag as read with its claim, end, callback), taking its share of the batch;
+   the ends of all of them are written in one round trip, a result only while its job's
+   cancel flag is absent (a job cancelled while the batch computed ends cancelled:
+   ``AexWorker._finished``), so no round trip of the work loop reads the flags again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import time
 from typing import TYPE_CHECKING
 
 from jobs.failures import redacted_traceback
-from jobs.keys import cancel_key
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue.layout import refusal
 from worker import tasks
@@ -92,13 +93,3 @@ class BatchingMixin:
             "worker %s: %d jobs computed as one batch in %.3f s", self.name, len(batch), time.perf_counter() - start
         )
         self.context.hand_over(prepared)
-        # Cancelled while the batch computed? Each job's flag, read once for all of them.
-        try:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for job in batch:
-                    pipe.exists(cancel_key(job.id))
-                flags = pipe.execute()
-        except STORE_UNAVAILABLE:
-            return  # each job reads its own flag when it starts
-        for job, flag in zip(batch, flags):
-            self.context.cancel_flags[job.id] = bool(flag)

@@ -23,7 +23,9 @@ are there). What it does with a job taken is here:
   ``failing`` / ``requeueing``), the ends of a whole batch in one round trip
   (``lifecycle.write_ends``), built and written in the worker's ending thread while the next
   batch is taken and computed (``worker.ending``; the jobs stay leased until then): a late
-  writer is refused, and an end whose reply was lost is recognised. The upload is deleted,
+  writer is refused, and an end whose reply was lost is recognised. A result is written
+  only while the job's cancel flag is absent (checked by the write itself): a job cancelled
+  while it ran, or while its end waited, ends cancelled. The upload is deleted,
   the result indexed and the outcome counted in the same transaction; the callback is sent
   (signed and pinned: ``CallbackPolicy``) after it;
 - **the store refusing or unreachable** (a restart, out of memory, a read-only replica, an ACL
@@ -55,7 +57,7 @@ from jobs.failures import (
     job_kind,
     redacted_traceback,
 )
-from jobs.keys import scoped_result_index_key
+from jobs.keys import cancel_key, scoped_result_index_key
 from jobs.metrics import count_job, record_job
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue import lifecycle
@@ -257,9 +259,10 @@ class AexWorker(BatchingMixin, QueueWorker):
         """Write the ends of a batch in one round trip, trying again while their leases hold
         when the store is away; an end that cannot be written is left to the reaper (the job
         is retried). Each end written is followed by its own (callback, log); one refused
-        (the attempt was fenced out) writes nothing more."""
-        pending = endings
-        for _ in range(3):
+        (the attempt was fenced out) writes nothing more; a result refused because its job
+        was cancelled meanwhile (``_finished``) is followed by the job's end as cancelled."""
+        pending, tries = endings, 0
+        while tries < 3:
             for ending in pending:
                 if ending.attempt.lost:
                     job = ending.attempt.job
@@ -275,10 +278,17 @@ class AexWorker(BatchingMixin, QueueWorker):
                     "the store refused the end of %d job(s) (%s); trying again", len(pending), type(exc).__name__
                 )
                 time.sleep(1.0)
+                tries += 1
                 continue
+            cancelled = []
             for ending, ok in zip(pending, written):
-                (ending.then if ok else ending.refused)()
-            return
+                if ok is None:
+                    cancelled.append(self._cancelled(ending.attempt))
+                else:
+                    (ending.then if ok else ending.refused)()
+            if not cancelled:
+                return
+            pending = cancelled
         for ending in pending:
             log.error("job %s: %s could not be recorded; left to its lease", ending.attempt.job.id, ending.what)
 
@@ -295,13 +305,20 @@ class AexWorker(BatchingMixin, QueueWorker):
             log.warning("job %s: ended elsewhere meanwhile (reaped, or lost by Redis); this result is dropped", job.id)
             lifecycle.discard_partial(self.connection, job)
 
+        # Cancelled while it ran (its flag was read with its claim): the result is not
+        # written and the job ends cancelled instead, decided by the write itself, atomically.
         return _Ending(
             attempt,
-            lambda: lifecycle.finishing(self.connection, attempt, result, ttl, also=also),
+            lambda: lifecycle.finishing(self.connection, attempt, result, ttl, also=also, unless=cancel_key(job.id)),
             "its result",
             then=lambda: notify_job_end(self.connection, job, ApiStatus.FINISHED, policy=self.callback_policy),
             refused=lost,
         )
+
+    def _cancelled(self, attempt: Attempt) -> _Ending:
+        """The end of a job whose result was refused because it was cancelled meanwhile."""
+        error = JobCancelledError(f"job {attempt.job.id} was cancelled")
+        return self._failed(attempt, (JobCancelledError, error, None))
 
     def _index(self, pipe, job: Job, ttl: int) -> None:
         """Point the job's cache key, within its submitter's reuse scope, at it, so an

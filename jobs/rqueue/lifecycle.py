@@ -215,24 +215,33 @@ class End:
     attempt: Attempt
     commands: list[bytes]
     final: bool = True
+    # A key whose presence refuses this end when it is written (the job's cancel flag, for a
+    # result: a job cancelled while it ran ends cancelled, not finished): nothing is written.
+    unless: str | None = None
 
 
-# KEYS: the jobs' hashes; ARGV per job: the attempt's token, "1" for an end, its commands
-# (framed). Each job's commands run only while it is started under that token. Returns per
-# job 1 (written), 2 (an end this token had written already) or 0 (refused: fenced out).
+# KEYS: the jobs' hashes; ARGV per job: the attempt's token, "1" for an end, its ``unless``
+# key ("" for none), its commands (framed). Each job's commands run only while it is started
+# under that token, and its ``unless`` key is absent. Returns per job 1 (written), 2 (an end
+# this token had written already), 3 (its ``unless`` key was there: nothing written) or 0
+# (refused: fenced out).
 ENDS = Script(
     RUN
     + f"""
 local out = {{}}
 local a = 1
 for i = 1, #KEYS do
-  local token, final = ARGV[a], ARGV[a + 1]
-  local first, last = a + 3, a + 2 + tonumber(ARGV[a + 2])
+  local token, final, unless = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local first, last = a + 4, a + 3 + tonumber(ARGV[a + 3])
   a = last + 1
   local status = redis.call('HGET', KEYS[i], 'status')
   if status == '{JobStatus.STARTED.value}' and redis.call('HGET', KEYS[i], '{ATTEMPT_FIELD}') == token then
-    run(ARGV, first, last)
-    out[i] = 1
+    if unless ~= '' and redis.call('EXISTS', unless) == 1 then
+      out[i] = 3
+    else
+      run(ARGV, first, last)
+      out[i] = 1
+    end
   elseif final == '1' and redis.call('HGET', KEYS[i], '{ENDED_FIELD}') == token then
     out[i] = 2
   else
@@ -244,24 +253,28 @@ return out
 )
 
 
-def write_ends(conn: Redis, ends: list[End]) -> list[bool]:
+def write_ends(conn: Redis, ends: list[End]) -> list[bool | None]:
     """Write every fenced write of ``ends`` (of several jobs) in one round trip; per end,
-    whether it holds (written now, or an end written before under the same token)."""
+    whether it holds (written now, or an end written before under the same token), or None
+    when its ``unless`` key was there (nothing written; its attempt still holds the job)."""
     if not ends:
         return []
     args: list[bytes | str | int] = []
     for end in ends:
-        args += [end.attempt.token, "1" if end.final else "0", *framed(end.commands)]
+        args += [end.attempt.token, "1" if end.final else "0", end.unless or "", *framed(end.commands)]
     replies = ENDS(conn, [end.attempt.job.key for end in ends], args)
-    return [int(r) > 0 for r in replies]
+    return [None if int(r) == 3 else int(r) > 0 for r in replies]
 
 
 Also = Callable[[Pipeline], None] | None
 
 
-def finishing(conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also: Also = None) -> End:
+def finishing(
+    conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also: Also = None, unless: str | None = None
+) -> End:
     """The end of ``attempt`` as finished with ``result``, with ``also(pipe)`` (the result's
-    index, the outcome count) in the same transaction."""
+    index, the outcome count) in the same transaction; not written when the key ``unless``
+    exists then (``End.unless``)."""
     job = attempt.job
 
     def write(pipe: Pipeline) -> None:
@@ -272,7 +285,7 @@ def finishing(conn: Redis, attempt: Attempt, result: Any, result_ttl: int, also:
         if also is not None:
             also(pipe)
 
-    return End(attempt, recorded(conn, write))
+    return End(attempt, recorded(conn, write), unless=unless)
 
 
 def failing(

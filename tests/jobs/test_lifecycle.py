@@ -172,3 +172,22 @@ def test_a_claim_sent_twice_keeps_its_token(conn, queue):
     )
     assert [int(x) for x in replay[0][:2]] == [attempt.token, 0]
     assert int(conn.hget(job.key, lifecycle.ATTEMPT_FIELD)) == attempt.token
+
+
+def test_a_result_is_not_written_while_its_unless_key_is_there(conn, queue):
+    """``End.unless`` (the job's cancel flag): checked by the end's own write, atomically;
+    nothing is written, the attempt still holds the job and can end it otherwise."""
+    job = queued(conn, queue)
+    attempt = lifecycle.claim(conn, job, queue, "w1", 5)
+    conn.set(cancel_key(job.id), 1)
+    end = lifecycle.finishing(conn, attempt, {"probs": [1.0]}, 60, unless=cancel_key(job.id))
+    assert lifecycle.write_ends(conn, [end]) == [None]
+    assert status(conn, job.id) == JobStatus.STARTED.value and conn.xlen(f"rq:results:{job.id}") == 0
+    assert conn.exists(upload_key(job.id))
+    stopped = lifecycle.failing(conn, attempt, {"code": "job_cancelled", "message": "c"}, "trace", stopped=True)
+    assert lifecycle.write_ends(conn, [stopped]) == [True]
+    assert status(conn, job.id) == JobStatus.STOPPED.value
+    other = queued(conn, queue)  # without the key: written as any end
+    attempt = lifecycle.claim(conn, other, queue, "w1", 5)
+    end = lifecycle.finishing(conn, attempt, {"probs": [1.0]}, 60, unless=cancel_key(other.id))
+    assert lifecycle.write_ends(conn, [end]) == [True] and status(conn, other.id) == "finished"

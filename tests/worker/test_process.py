@@ -83,3 +83,34 @@ def test_a_batch_s_ends_are_written_in_the_ending_thread_its_jobs_leased_until_t
         job = Job.fetch(attempt.job.id, connection=conn, serializer=SERIALIZER)
         assert job.get_status() == "finished" and job.return_value() == {"n": i}
     assert not [held for held in worker._leased if held is attempts]
+
+
+def test_a_job_cancelled_before_its_result_is_written_ends_cancelled(conn):
+    """A job whose cancel flag is set while it computes (or while its end waits in the ending
+    thread) ends cancelled, not finished: its result, index and count are not written, its
+    job_cancelled error is; the others of its batch finish."""
+    from rq.job import Job
+
+    from jobs.keys import cancel_key
+    from jobs.metrics import read_job_metrics
+    from jobs.rqueue.layout import SERIALIZER
+    from worker.context import WorkerContext
+
+    context = WorkerContext(settings=None, cipher=None, served=None)
+    worker = AexWorker(conn, context=context, name="cancel-test", job_heartbeat_ttl=5, worker_ttl=60)
+    worker.register_birth()
+    for _ in range(2):
+        meta = {"kind": "classify"}
+        enqueue(conn, JobKind.CLASSIFY, JobKind.CLASSIFY, new_job_id(conn), {"model": "a"}, meta, 60, 60, 60, "t")
+    attempts = claiming.claim_next(conn, queues_by_priority(conn), worker.name, 5, most=2).attempts
+    assert len(attempts) == 2 and not any(a.cancel_seen for a in attempts)
+    worker._hold(attempts)
+    endings = [worker._finished(a, {"n": i}, 0.01) for i, a in enumerate(attempts)]
+    conn.set(cancel_key(attempts[1].job.id), 1)  # after the claim, before the end
+    worker._close(attempts, endings)
+    first, second = (Job.fetch(a.job.id, connection=conn, serializer=SERIALIZER) for a in attempts)
+    assert first.get_status() == "finished" and first.return_value() == {"n": 0}
+    assert second.get_status() == "stopped" and second.meta["error"]["code"] == "job_cancelled"
+    assert second.return_value() is None and conn.xlen(f"rq:results:{second.id}") == 1  # its failure
+    outcomes = read_job_metrics(conn)["outcomes"]
+    assert outcomes == {("classify", "finished"): 1, ("classify", "cancelled"): 1}
