@@ -162,7 +162,7 @@ def check_model_input(arr: np.ndarray) -> np.ndarray:
     what goes into the network is checked, not only what came in."""
     # Almost always in range: two reductions say so (a NaN makes both comparisons false);
     # the counts, seven passes, only for the message.
-    if arr.size and 0.0 <= arr.min() and arr.max() <= 1.0:
+    if arr.size and arr.min() >= 0.0 and arr.max() <= 1.0:
         return arr
     nan, pinf, ninf = non_finite_counts(arr)
     with np.errstate(invalid="ignore"):
