@@ -42,7 +42,10 @@ end
 # The Lua helper of a script whose recorded commands carry stand-ins: run_replacing(argv, i,
 # j, swaps) runs the commands encoded in argv[i..j] as ``run`` does, in each argument every
 # stand-in swaps[k][1] replaced by swaps[k][2] (stand-ins of letters and digits only: nothing
-# special to Lua's gsub); returns the first command's reply (nil when there is none).
+# special to Lua's gsub); returns the first command's reply (nil when there is none). An
+# argument is searched for each stand-in as plain text first: most hold none, and a gsub
+# makes a new string of every argument (a take's claim: 44 arguments and 3 stand-ins a job;
+# Redis's time in scripts per classify at 8 clients 305 -> 238 us, INFO commandstats).
 RUN_REPLACING = """
 local function run_replacing(argv, i, j, swaps)
   local first = nil
@@ -51,7 +54,9 @@ local function run_replacing(argv, i, j, swaps)
     local command = {}
     for k = 1, n do
       local arg = argv[i + k]
-      for _, swap in ipairs(swaps) do arg = (arg:gsub(swap[1], swap[2])) end
+      for _, swap in ipairs(swaps) do
+        if string.find(arg, swap[1], 1, true) then arg = (arg:gsub(swap[1], swap[2])) end
+      end
       command[k] = arg
     end
     local reply = redis.call(unpack(command))
