@@ -49,8 +49,8 @@ class WorkerContext:
     # job function puts them in its result's timings.
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
     # What the worker read of a job with its claim (one round trip for a whole batch), until
-    # its job function takes it: its sealed upload, and whether its cancel flag was set (read
-    # again after a batch's computation).
+    # its job function takes it: its sealed upload, and whether its cancel flag was set (one
+    # set later is seen by the write of the job's end: ``AexWorker._finished``).
     uploads: dict[str, bytes] = field(default_factory=dict)
     cancel_flags: dict[str, bool] = field(default_factory=dict)
 
@@ -82,7 +82,7 @@ class WorkerContext:
         return self.uploads.pop(job_id, None)
 
     def take_cancel_flag(self, job_id: str) -> bool | None:
-        """Whether the job's cancel flag was set when last read with others, once (None: read it now)."""
+        """Whether the job's cancel flag was set when its claim read it, once (None: read it now)."""
         return self.cancel_flags.pop(job_id, None)
 
     def forget(self, job_ids: list[str]) -> None:
