@@ -431,7 +431,7 @@ def run(args: argparse.Namespace) -> dict:
     print(
         "targets: "
         + ", ".join(f"{k} {v:.2f}" for k, v in targets.items())
-        + " (issue 19: >= 1.5 at 8, >= 2.0 at 32, <= 5 ms at 1)"
+        + " (wanted: >= 1.5 at 8, >= 2.0 at 32, <= 5 ms at 1)"
     )
     print()
     shown = [k for k in budget if k in phases]

@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 from jobs.settings import Settings
 from models.errors import AexError
@@ -23,10 +24,27 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="aex-parent-watch").start()
 
 
+def lower_priority(nice: int | None) -> None:
+    """Run every thread of this process at nice ``nice`` at least: those running now (Linux
+    keeps a nice value per thread; importing torch starts some) and, through the calling
+    thread, those started later. A process may raise its nice value, never lower it, without
+    privileges."""
+    if not nice:
+        return
+    tasks = Path("/proc/self/task")
+    for tid in [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
 def main() -> int:
+    settings = Settings()
+    lower_priority(settings.worker_nice)
+
     from worker.run import run_worker
 
-    settings = Settings()
     if settings.parent_pid:
         _exit_with_parent(settings.parent_pid)
     try:

@@ -27,11 +27,16 @@ RESTART_PAUSE_SECONDS = 2.0
 CONFIG_ERROR_STATUS = 2  # `python -m worker` exits with 2 on an AexError (settings, checkpoints)
 
 
+# The nice value of CPU workers that share the machine's cores with the API and Redis.
+SHARED_CORES_NICE = 10
+
+
 class WorkerPool:
     """``count`` worker processes with the given settings. ``gpus``: one CUDA device index
     per worker (sets CUDA_VISIBLE_DEVICES), or None to let each pick its device.
     ``reserve_cores``: cores the CPU workers leave to other work of this machine (``aex
-    serve``'s API) when AEX_TORCH_THREADS is not set."""
+    serve``'s API) when AEX_TORCH_THREADS is not set; with it, and AEX_WORKER_NICE not set,
+    they also run at nice SHARED_CORES_NICE."""
 
     def __init__(
         self,
@@ -64,6 +69,10 @@ class WorkerPool:
             # 25 ms on one; alone, 17 and 24 ms).
             cores = max(1, (os.cpu_count() or 1) - self.reserve_cores)
             env["AEX_TORCH_THREADS"] = str(max(1, cores // max(1, self.count)))
+        if self.settings.worker_nice is None and self.reserve_cores and self.settings.device in (None, "cpu"):
+            # Sharing the cores with the API and Redis: a forward pass yields a core to their
+            # short work, which is on every request's path (Settings.worker_nice).
+            env["AEX_WORKER_NICE"] = str(SHARED_CORES_NICE)
         if self.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpus[index])
         env["AEX_PARENT_PID"] = str(os.getpid())  # Settings.parent_pid of the child

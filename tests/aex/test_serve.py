@@ -137,6 +137,12 @@ def classify(base: str, image: bytes, token: str | None) -> httpx.Response:
     )
 
 
+def thread_nices(pid: int) -> list[int]:
+    """The nice value of each thread of process ``pid`` (Linux keeps one per thread)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return [int((t / "stat").read_text().rsplit(")", 1)[1].split()[16]) for t in tasks.iterdir()]
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image, tmp_path, stop_signal):
     serve, base = start_serve(service_models, tmp_path)
@@ -155,6 +161,11 @@ def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image
         resp = classify(base, make_image("PNG", "RGB"), token)
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "finished" and len(resp.json()["result"]["probs"]) == 10
+        # Its worker yields the shared cores to the API and Redis: every thread of it (the
+        # work loop, its ending and lease threads, torch's) at nice 10, theirs at 0.
+        (worker,) = [p for p in children if p.name().startswith("python")]
+        assert set(thread_nices(worker.pid)) == {10} and len(thread_nices(worker.pid)) >= 3
+        assert set(thread_nices(serve.pid)) == {0} and all(set(thread_nices(pid)) == {0} for pid in ours)
     finally:
         serve.send_signal(stop_signal)
         code = serve.wait(60)
