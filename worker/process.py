@@ -57,7 +57,7 @@ from jobs.failures import (
     job_kind,
     redacted_traceback,
 )
-from jobs.keys import cancel_key, scoped_result_index_key
+from jobs.keys import cancel_key, dicom_key, images_key, scoped_result_index_key
 from jobs.metrics import count_job, record_job
 from jobs.queues import STORE_UNAVAILABLE
 from jobs.rqueue import lifecycle
@@ -316,9 +316,12 @@ class AexWorker(BatchingMixin, QueueWorker):
         )
 
     def _cancelled(self, attempt: Attempt) -> _Ending:
-        """The end of a job whose result was refused because it was cancelled meanwhile."""
-        error = JobCancelledError(f"job {attempt.job.id} was cancelled")
-        return self._failed(attempt, (JobCancelledError, error, None))
+        """The end of a job whose result was refused because it was cancelled meanwhile;
+        what the job stored beside its result (an explain job's images and DICOM objects)
+        goes with it, in the same transaction."""
+        job_id = attempt.job.id
+        error = JobCancelledError(f"job {job_id} was cancelled")
+        return self._failed(attempt, (JobCancelledError, error, None), drop=(images_key(job_id), dicom_key(job_id)))
 
     def _index(self, pipe, job: Job, ttl: int) -> None:
         """Point the job's cache key, within its submitter's reuse scope, at it, so an
@@ -328,7 +331,10 @@ class AexWorker(BatchingMixin, QueueWorker):
         if key and scope and self.reuse_results:
             pipe.set(scoped_result_index_key(scope, key), job.id, ex=ttl)
 
-    def _failed(self, attempt: Attempt, exc_info) -> _Ending:
+    def _failed(self, attempt: Attempt, exc_info, drop: tuple[str, ...] = ()) -> _Ending:
+        """The end of a job whose run raised (``exc_info``): queued again when its run was cut
+        short and retries are left, else failed (cancelled for JobCancelledError); the keys of
+        ``drop`` deleted with the end."""
         job, (exc_type, exc_value, _tb) = attempt.job, exc_info
         trace = redacted_traceback(*exc_info)
         log.error("worker %s: job %s failed:\n%s", self.name, job.id, trace)
@@ -344,6 +350,12 @@ class AexWorker(BatchingMixin, QueueWorker):
                 then=lambda: log.warning("job %s: run cut short (%s); queued again", job.id, exc_type.__name__),
             )
         status = ApiStatus.CANCELLED if cancelled else ApiStatus.FAILED
+
+        def also(pipe) -> None:
+            count_job(pipe, kind, "cancelled" if cancelled else "failed", None)
+            if drop:
+                pipe.delete(*drop)
+
         return _Ending(
             attempt,
             lambda: lifecycle.failing(
@@ -352,7 +364,7 @@ class AexWorker(BatchingMixin, QueueWorker):
                 error_of(exc_type, exc_value),
                 trace,
                 stopped=cancelled,
-                also=lambda pipe: count_job(pipe, kind, "cancelled" if cancelled else "failed", None),
+                also=also,
             ),
             "its failure",
             then=lambda: notify_job_end(self.connection, job, status, policy=self.callback_policy),

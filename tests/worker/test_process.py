@@ -88,10 +88,11 @@ def test_a_batch_s_ends_are_written_in_the_ending_thread_its_jobs_leased_until_t
 def test_a_job_cancelled_before_its_result_is_written_ends_cancelled(conn):
     """A job whose cancel flag is set while it computes (or while its end waits in the ending
     thread) ends cancelled, not finished: its result, index and count are not written, its
-    job_cancelled error is; the others of its batch finish."""
+    job_cancelled error is, and what it stored beside its result is deleted; the others of its
+    batch finish."""
     from rq.job import Job
 
-    from jobs.keys import cancel_key
+    from jobs.keys import cancel_key, images_key
     from jobs.metrics import read_job_metrics
     from jobs.rqueue.layout import SERIALIZER
     from worker.context import WorkerContext
@@ -107,10 +108,13 @@ def test_a_job_cancelled_before_its_result_is_written_ends_cancelled(conn):
     worker._hold(attempts)
     endings = [worker._finished(a, {"n": i}, 0.01) for i, a in enumerate(attempts)]
     conn.set(cancel_key(attempts[1].job.id), 1)  # after the claim, before the end
+    for attempt in attempts:  # what an explain job stores beside its result
+        conn.hset(images_key(attempt.job.id), "input", b"sealed png")
     worker._close(attempts, endings)
     first, second = (Job.fetch(a.job.id, connection=conn, serializer=SERIALIZER) for a in attempts)
     assert first.get_status() == "finished" and first.return_value() == {"n": 0}
     assert second.get_status() == "stopped" and second.meta["error"]["code"] == "job_cancelled"
     assert second.return_value() is None and conn.xlen(f"rq:results:{second.id}") == 1  # its failure
+    assert conn.exists(images_key(first.id)) and not conn.exists(images_key(second.id))
     outcomes = read_job_metrics(conn)["outcomes"]
     assert outcomes == {("classify", "finished"): 1, ("classify", "cancelled"): 1}
