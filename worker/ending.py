@@ -23,15 +23,36 @@ worker that dies mid-job.
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from jobs.failures import redacted_traceback
+from jobs.rqueue import lifecycle
+from jobs.rqueue.lifecycle import Attempt
 
 log = logging.getLogger("aex.worker")
+
+
+@dataclass
+class Ending:
+    """A job's end to be written: ``make()`` builds it (``lifecycle.End``; in the thread that
+    writes it, not in the work loop), with what follows it once written (``then``: the
+    callback) or once refused (``refused``: its attempt was fenced out)."""
+
+    attempt: Attempt
+    make: Callable[[], lifecycle.End]
+    what: str  # "its result", for the logs
+    then: Callable[[], None] = lambda: None
+    refused: Callable[[], None] = lambda: None
+
+    @functools.cached_property
+    def end(self) -> lifecycle.End:
+        return self.make()
 
 
 class Ender:

@@ -40,13 +40,10 @@ signal stops at once.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from jobs.callbacks import CallbackPolicy, notify_job_end
@@ -68,7 +65,7 @@ from jobs.states import ApiStatus
 from models.errors import JobCancelledError, JobRefusedError
 from worker.batch_run import BatchingMixin
 from worker.context import WorkerContext
-from worker.ending import Ender
+from worker.ending import Ender, Ending
 
 if TYPE_CHECKING:
     from rq.job import Job
@@ -79,23 +76,6 @@ log = logging.getLogger("aex.worker")
 # Every Redis command of a worker is retried for about this long (``jobs.queues.connect``)
 # before it fails: a Redis restart pauses the worker and its job instead of failing them.
 REDIS_RETRY_SECONDS = 20
-
-
-@dataclass
-class _Ending:
-    """A job's end to be written: ``make()`` builds it (``lifecycle.End``; in the thread that
-    writes it, ``worker.ending``, not in the work loop), with what follows it once written
-    (``then``: the callback) or once refused (``refused``: its attempt was fenced out)."""
-
-    attempt: Attempt
-    make: Callable[[], lifecycle.End]
-    what: str  # "its result", for the logs
-    then: Callable[[], None] = lambda: None
-    refused: Callable[[], None] = lambda: None
-
-    @functools.cached_property
-    def end(self) -> lifecycle.End:
-        return self.make()
 
 
 class AexWorker(BatchingMixin, QueueWorker):
@@ -148,7 +128,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         # Leased from the first claim on (gathering more mates may take AEX_BATCH_WAIT_MS)
         # until their ends are written.
         self._hold(attempts)
-        endings: list[_Ending] = []
+        endings: list[Ending] = []
         ran = False
         try:
             start = time.perf_counter()
@@ -175,7 +155,7 @@ class AexWorker(BatchingMixin, QueueWorker):
                 self.ender.drain()
                 self._close(attempts, endings)
 
-    def _close(self, attempts: list[Attempt], endings: list[_Ending]) -> None:
+    def _close(self, attempts: list[Attempt], endings: list[Ending]) -> None:
         """Write a batch's ends, then forget its jobs and stop renewing their leases."""
         try:
             self._end_all(endings)
@@ -236,7 +216,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         except STORE_UNAVAILABLE as exc:
             log.warning("job %s: its refusal could not be written (%s); left to its lease", job.id, exc)
 
-    def _run(self, attempt: Attempt) -> _Ending:
+    def _run(self, attempt: Attempt) -> Ending:
         """Perform a claimed job under its own time limit; returns its end, to be written."""
         job = attempt.job
         self.context.stop_requested.clear()
@@ -255,7 +235,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         finally:
             self._running = None
 
-    def _end_all(self, endings: list[_Ending]) -> None:
+    def _end_all(self, endings: list[Ending]) -> None:
         """Write the ends of a batch in one round trip, trying again while their leases hold
         when the store is away; an end that cannot be written is left to the reaper (the job
         is retried). Each end written is followed by its own (callback, log); one refused
@@ -292,7 +272,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         for ending in pending:
             log.error("job %s: %s could not be recorded; left to its lease", ending.attempt.job.id, ending.what)
 
-    def _finished(self, attempt: Attempt, result: Any, seconds: float) -> _Ending:
+    def _finished(self, attempt: Attempt, result: Any, seconds: float) -> Ending:
         job = attempt.job
         ttl = job.get_result_ttl(self.default_result_ttl)
 
@@ -307,7 +287,7 @@ class AexWorker(BatchingMixin, QueueWorker):
 
         # Cancelled while it ran (its flag was read with its claim): the result is not
         # written and the job ends cancelled instead, decided by the write itself, atomically.
-        return _Ending(
+        return Ending(
             attempt,
             lambda: lifecycle.finishing(self.connection, attempt, result, ttl, also=also, unless=cancel_key(job.id)),
             "its result",
@@ -315,7 +295,7 @@ class AexWorker(BatchingMixin, QueueWorker):
             refused=lost,
         )
 
-    def _cancelled(self, attempt: Attempt) -> _Ending:
+    def _cancelled(self, attempt: Attempt) -> Ending:
         """The end of a job whose result was refused because it was cancelled meanwhile;
         what the job stored beside its result (an explain job's images and DICOM objects)
         goes with it, in the same transaction."""
@@ -331,7 +311,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         if key and scope and self.reuse_results:
             pipe.set(scoped_result_index_key(scope, key), job.id, ex=ttl)
 
-    def _failed(self, attempt: Attempt, exc_info, drop: tuple[str, ...] = ()) -> _Ending:
+    def _failed(self, attempt: Attempt, exc_info, drop: tuple[str, ...] = ()) -> Ending:
         """The end of a job whose run raised (``exc_info``): queued again when its run was cut
         short and retries are left, else failed (cancelled for JobCancelledError); the keys of
         ``drop`` deleted with the end."""
@@ -341,7 +321,7 @@ class AexWorker(BatchingMixin, QueueWorker):
         cancelled = isinstance(exc_value, JobCancelledError)
         kind = job_kind(job)
         if cut_short(exc_type) and int(job.meta.get("retried") or 0) < self.job_retries and not cancelled:
-            return _Ending(
+            return Ending(
                 attempt,
                 lambda: lifecycle.requeueing(
                     self.connection, attempt, also=lambda pipe: count_job(pipe, kind, "retried", None)
@@ -356,7 +336,7 @@ class AexWorker(BatchingMixin, QueueWorker):
             if drop:
                 pipe.delete(*drop)
 
-        return _Ending(
+        return Ending(
             attempt,
             lambda: lifecycle.failing(
                 self.connection,
