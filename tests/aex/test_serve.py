@@ -162,10 +162,11 @@ def test_aex_serve_answers_classify_and_stops_cleanly(service_models, make_image
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "finished" and len(resp.json()["result"]["probs"]) == 10
         # Its worker yields the shared cores to the API and Redis: every thread of it (the
-        # work loop, its ending and lease threads, torch's) at nice 10, theirs at 0.
+        # work loop, its ending and lease threads, torch's) at nice 10, theirs as started.
+        own = os.getpriority(os.PRIO_PROCESS, 0)
         (worker,) = [p for p in children if p.name().startswith("python")]
-        assert set(thread_nices(worker.pid)) == {10} and len(thread_nices(worker.pid)) >= 3
-        assert set(thread_nices(serve.pid)) == {0} and all(set(thread_nices(pid)) == {0} for pid in ours)
+        assert set(thread_nices(worker.pid)) == {max(own, 10)} and len(thread_nices(worker.pid)) >= 3
+        assert set(thread_nices(serve.pid)) == {own} and all(set(thread_nices(pid)) == {own} for pid in ours)
     finally:
         serve.send_signal(stop_signal)
         code = serve.wait(60)
