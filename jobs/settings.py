@@ -185,7 +185,7 @@ class Settings(BaseSettings):
     # A worker's nice value (0-19: a higher one yields a shared core to the API and Redis,
     # whose short, latency-bound work then waits less behind a forward pass). Unset: 10 for
     # the CPU workers of `aex serve`, which share the machine's cores with its API and Redis
-    # (worker/pool.py; bench/bench_latency.py: about +9% requests/s at 8 clients), else 0.
+    # (worker/pool.py; bench/bench_latency.py: about +7% requests/s at 8 clients), else 0.
     worker_nice: int | None = Field(None, ge=0, le=19)
     worker_ttl: int = Field(30, ge=3)
     job_heartbeat_ttl: int = Field(20, ge=1)
