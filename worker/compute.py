@@ -172,7 +172,8 @@ def forward_checked(
     # The logits feed only softmax and the result (no graph is ever built on them), so the
     # pass runs under inference_mode; on the CPU through the fused channels-last copy made at
     # load (ServedModel.classifier, models.nn.inference: BN folded, HHReLU in place; the same
-    # logits to float rounding), as a frozen graph (models.nn.graph: the copy's logits bit for bit).
+    # logits to float rounding), as a frozen graph whose convolutions all run oneDNN's kernel, batch 1
+    # included (models.nn.graph, models.nn.onednn: the copy's logits to float rounding).
     with torch.inference_mode():
         if served.device.type == "cpu":
             logits = served.classifier(xs.contiguous(memory_format=torch.channels_last)).float()

@@ -29,10 +29,11 @@ class ServedModel:
     """One loaded checkpoint: the network in eval mode on ``device`` and its metadata.
     ``classifier``: the network classify's forward pass runs, made once at load (a served
     model's weights never change): on the CPU its fused channels-last copy
-    (``models.nn.inference``) as a frozen TorchScript graph (``models.nn.graph``; the eager
-    copy where the graph is not the copy bit for bit), elsewhere the model itself. Looking the copy up in
-    ``inference_copy``'s cache at every batch walked the model's 306 tensors for its key
-    (0.12 ms on the 2-core machine, more with its caches taken by other processes)."""
+    (``models.nn.inference``) as a frozen TorchScript graph with oneDNN's convolutions
+    (``models.nn.graph``; the eager copy where the graph is not that copy to float rounding),
+    elsewhere the model itself. Looking the copy up in ``inference_copy``'s cache at every
+    batch walked the model's 306 tensors for its key (0.12 ms on the 2-core machine, more with
+    its caches taken by other processes)."""
 
     name: str
     path: Path
