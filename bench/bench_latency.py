@@ -433,6 +433,19 @@ def run(args: argparse.Namespace) -> dict:
         + ", ".join(f"{k} {v:.2f}" for k, v in targets.items())
         + " (wanted: >= 1.5 at 8, >= 2.0 at 32, <= 5 ms at 1)"
     )
+    # The utilisation law: no run answers more than the cores over a request's CPU time (every
+    # process of the service and the clients), whatever its latency; what the ratio could reach.
+    cores = os.cpu_count() or 1
+    ceilings = []
+    for k, r in phases.items():
+        cpu_ms = sum(r["cpu_ms_per_request"].values())
+        r["ceiling_per_s"] = cores * 1e3 / cpu_ms
+        r["cores_busy"] = r["requests_per_s"] * cpu_ms / (cores * 1e3)
+        ceilings.append(
+            f"{k} clients {cpu_ms:.2f} ms -> {r['ceiling_per_s']:.0f}/s "
+            f"({r['ceiling_per_s'] / local['images_per_s']:.2f}x), cores {100 * r['cores_busy']:.0f}% busy"
+        )
+    print(f"ceiling ({cores} cores / CPU ms per request): " + "; ".join(ceilings))
     print()
     shown = [k for k in budget if k in phases]
     if shown:
