@@ -22,6 +22,11 @@ def nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """``got`` equals ``want`` to float rounding, relative to the largest logit."""
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
 def assert_graph_is_the_copy(model: nn.Module, shape: tuple[int, int, int], batches=(1, 2, 5, 16)) -> None:
     copy = inference_copy(model)
     graph, why_not = graph_forward(copy, nhwc(torch.zeros(1, *shape)))
@@ -33,7 +38,7 @@ def assert_graph_is_the_copy(model: nn.Module, shape: tuple[int, int, int], batc
         with torch.inference_mode():
             got, want = graph(x), copy(x)
             assert torch.equal(got, fast(x)), n
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+            assert_logits_close(got, want)
             assert torch.equal(got.argmax(1), want.argmax(1)), n
 
 

@@ -8,11 +8,8 @@ from torch import nn
 
 from models.nn.inference import inference_copy
 from models.nn.onednn import OneDnnConv2d, onednn_copy
+from tests.models.nn.test_graph import assert_logits_close, nhwc
 from tests.models.nn.test_inference import tiny
-
-
-def nhwc(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize(
@@ -45,7 +42,7 @@ def test_the_copy_shares_the_tensors_and_replaces_every_plain_convolution():
     x = nhwc(torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     with torch.inference_mode():
         got, want = fast(x), copy(x)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    assert_logits_close(got, want)
 
 
 def test_layers_oneDNN_is_not_asked_for_are_kept():
